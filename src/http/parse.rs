@@ -1,0 +1,270 @@
+//! Sans-IO HTTP/1.1 request heads (httparse) and response heads.
+//!
+//! Owns request-head limits and framing: request-line length (414), header bytes and count
+//! (431), Content-Length (413 over the body limit, 400 when malformed); no chunked request
+//! bodies (400 with a reason: every Pusher SDK sends Content-Length). Knows nothing of routes.
+//!
+//! Invariant: `parse_head` never consumes input; it returns the head length so the caller
+//! splits it off.
+
+use http::{Method, StatusCode};
+
+/// Limits on one request head and body.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimits {
+    /// Longest request line.
+    pub request_line_bytes_max: usize,
+    /// All header bytes, request line included.
+    pub header_bytes_max: usize,
+    /// Number of headers.
+    pub headers_count_max: usize,
+    /// Body bytes.
+    pub body_bytes_max: usize,
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        let http = crate::config::HttpConfig::default();
+        HeadLimits::from(&http)
+    }
+}
+
+impl From<&crate::config::HttpConfig> for HeadLimits {
+    fn from(http: &crate::config::HttpConfig) -> Self {
+        HeadLimits {
+            request_line_bytes_max: http.request_line_bytes_max,
+            header_bytes_max: http.header_bytes_max,
+            headers_count_max: http.headers_count_max,
+            body_bytes_max: http.body_bytes_max,
+        }
+    }
+}
+
+/// A parsed request head, owning its bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestHead {
+    /// The method.
+    pub method: Method,
+    /// The path, as sent (not percent-decoded): signatures are computed over it.
+    pub path: String,
+    /// The raw query string after `?`, empty when absent.
+    pub query: String,
+    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version_minor: u8,
+    /// Headers, names lower-cased.
+    pub headers: Vec<(String, Vec<u8>)>,
+    /// Body length from Content-Length (0 when absent).
+    pub content_length: usize,
+    /// Whether the connection stays open after the response.
+    pub keep_alive: bool,
+    /// Bytes of the head, blank line included.
+    pub head_len: usize,
+}
+
+impl RequestHead {
+    /// The first header named `name` (lower-case).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// A request that is answered with an error status and then closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpError {
+    /// Status code.
+    pub status: StatusCode,
+    /// Reason for the JSON body.
+    pub reason: String,
+}
+
+impl HttpError {
+    /// An error with a status and reason.
+    pub fn new(status: StatusCode, reason: impl Into<String>) -> HttpError {
+        HttpError { status, reason: reason.into() }
+    }
+}
+
+/// Parses a request head from the front of `buf`. `Ok(None)`: need more bytes.
+pub fn parse_head(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, HttpError> {
+    // The request line is checked on its own so a huge target answers 414, not 431.
+    match buf.iter().position(|&b| b == b'\n') {
+        Some(end) if end > limits.request_line_bytes_max => return Err(uri_too_long()),
+        None if buf.len() > limits.request_line_bytes_max => return Err(uri_too_long()),
+        None => return Ok(None),
+        Some(_) => {}
+    }
+    let mut headers = vec![httparse::EMPTY_HEADER; limits.headers_count_max];
+    let mut request = httparse::Request::new(&mut headers);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > limits.header_bytes_max => return Err(header_too_large()),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HttpError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many request headers"))
+        }
+        Err(e) => return Err(HttpError::new(StatusCode::BAD_REQUEST, format!("malformed request: {e}"))),
+    };
+    if head_len > limits.header_bytes_max {
+        return Err(header_too_large());
+    }
+    build_head(&request, head_len, limits).map(Some)
+}
+
+fn build_head(request: &httparse::Request, head_len: usize, limits: &HeadLimits) -> Result<RequestHead, HttpError> {
+    let method = Method::from_bytes(request.method.unwrap_or("").as_bytes())
+        .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "invalid method"))?;
+    let target = request.path.unwrap_or("");
+    if !target.starts_with('/') {
+        return Err(HttpError::new(StatusCode::BAD_REQUEST, "request target must be an absolute path"));
+    }
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let version_minor = request.version.unwrap_or(1);
+    let headers: Vec<(String, Vec<u8>)> =
+        request.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect();
+    let mut content_length: Option<usize> = None;
+    let mut keep_alive = version_minor >= 1;
+    for (name, value) in &headers {
+        match name.as_str() {
+            "content-length" => {
+                let parsed = std::str::from_utf8(value)
+                    .ok()
+                    .map(str::trim)
+                    .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|v| v.parse::<usize>().ok());
+                match (parsed, content_length) {
+                    (None, _) => return Err(HttpError::new(StatusCode::BAD_REQUEST, "invalid Content-Length")),
+                    // RFC 9112 §6.3: differing Content-Length values are unrecoverable.
+                    (Some(n), Some(previous)) if n != previous => {
+                        return Err(HttpError::new(StatusCode::BAD_REQUEST, "conflicting Content-Length headers"))
+                    }
+                    (Some(n), _) => content_length = Some(n),
+                }
+            }
+            "transfer-encoding" => {
+                return Err(HttpError::new(
+                    StatusCode::BAD_REQUEST,
+                    "Transfer-Encoding request bodies are not supported; send Content-Length",
+                ))
+            }
+            "connection" => {
+                for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        keep_alive = false;
+                    } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                        keep_alive = true;
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let content_length = content_length.unwrap_or(0);
+    if content_length > limits.body_bytes_max {
+        return Err(HttpError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body of {content_length} bytes exceeds the limit of {}", limits.body_bytes_max),
+        ));
+    }
+    Ok(RequestHead {
+        method,
+        path: path.to_string(),
+        query: query.to_string(),
+        version_minor,
+        headers,
+        content_length,
+        keep_alive,
+        head_len,
+    })
+}
+
+fn uri_too_long() -> HttpError {
+    HttpError::new(StatusCode::URI_TOO_LONG, "request line too long")
+}
+
+fn header_too_large() -> HttpError {
+    HttpError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large")
+}
+
+/// A complete response: status line, headers, body.
+pub fn response(status: StatusCode, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::with_capacity(128 + body.len());
+    let reason = status.canonical_reason().unwrap_or("");
+    let connection = if keep_alive { "keep-alive" } else { "close" };
+    let _ = write!(
+        out,
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
+        status.as_u16(),
+        body.len()
+    );
+    out.extend_from_slice(body);
+    out
+}
+
+/// A JSON response.
+pub fn json_response(status: StatusCode, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    response(status, "application/json", body, keep_alive)
+}
+
+/// The JSON error body every error status carries: `{"error":"...","status":N}`.
+pub fn error_body(status: StatusCode, reason: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({ "error": reason, "status": status.as_u16() }))
+        .expect("serializing a JSON value cannot fail")
+}
+
+/// A full error response.
+pub fn error_response(error: &HttpError, keep_alive: bool) -> Vec<u8> {
+    json_response(error.status, &error_body(error.status, &error.reason), keep_alive)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> HeadLimits {
+        HeadLimits { request_line_bytes_max: 64, header_bytes_max: 256, headers_count_max: 4, body_bytes_max: 100 }
+    }
+
+    fn check(input: &str, expected: Result<Option<(&str, &str, usize, bool)>, u16>) {
+        let got = parse_head(input.as_bytes(), &limits())
+            .map(|h| h.map(|h| (h.path.clone(), h.query.clone(), h.content_length, h.keep_alive)))
+            .map_err(|e| e.status.as_u16());
+        let expected = expected.map(|o| o.map(|(p, q, n, k)| (p.to_string(), q.to_string(), n, k)));
+        assert_eq!(got, expected, "{input:?}");
+    }
+
+    /// Complete and partial heads.
+    #[test]
+    fn heads() {
+        check("GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n", Ok(Some(("/a", "b=1", 0, true))));
+        check("POST /a HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n", Ok(Some(("/a", "", 5, false))));
+        check("GET /a HTTP/1.0\r\n\r\n", Ok(Some(("/a", "", 0, false))));
+        check("GET /a HTTP/1.1\r\nHost:", Ok(None));
+        check("GET /a", Ok(None));
+    }
+
+    /// Each limit answers its status.
+    #[test]
+    fn limits_enforced() {
+        check(&format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(80)), Err(414));
+        check(&format!("GET /{}", "a".repeat(80)), Err(414));
+        check(&format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(300)), Err(431));
+        check(&format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300)), Err(431));
+        check("GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\n\r\n", Err(431));
+        check("POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", Err(413));
+        check("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", Err(400));
+        check("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", Err(400));
+        check("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Err(400));
+        check("GET\x01 / HTTP/1.1\r\n\r\n", Err(400));
+        check("GET * HTTP/1.1\r\n\r\n", Err(400));
+    }
+
+    /// Error responses carry a JSON body with the reason.
+    #[test]
+    fn error_response_shape() {
+        let r = error_response(&HttpError::new(StatusCode::NOT_FOUND, "no route"), true);
+        let text = String::from_utf8(r).unwrap();
+        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 33\r\n"), "{text}");
+        assert!(text.ends_with("{\"error\":\"no route\",\"status\":404}"), "{text}");
+    }
+}

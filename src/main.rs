@@ -1,0 +1,107 @@
+//! The `ringwire` binary: parse flags and config, start the shards, wait for a signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use ringwire::{Config, Server};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// ringwire — a real-time event gateway speaking the Pusher Channels protocol.
+///
+/// With no arguments it runs the embedded default config: 127.0.0.1:6001 with a demo app.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    /// TOML config file (see config/ringwire.default.toml for every key).
+    #[arg(short, long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the config and exit (0 valid, 2 invalid) without starting.
+    #[arg(long)]
+    check: bool,
+    /// Print the embedded default config and exit.
+    #[arg(long)]
+    print_default_config: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a config file and exit (0 valid, 2 invalid).
+    CheckConfig {
+        /// The file to check.
+        file: PathBuf,
+    },
+}
+
+fn load(path: Option<&PathBuf>) -> Result<Config, String> {
+    match path {
+        None => Ok(Config::embedded_default()),
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RINGWIRE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", ringwire::config::DEFAULT_CONFIG_TOML);
+        return ExitCode::SUCCESS;
+    }
+    let (path, check_only) = match &cli.command {
+        Some(Command::CheckConfig { file }) => (Some(file), true),
+        None => (cli.config.as_ref(), cli.check),
+    };
+    let config = match load(path) {
+        Ok(config) => config,
+        Err(message) => {
+            eprintln!("ringwire: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    if check_only {
+        println!("config OK: {} app(s), {} shard(s), listening on {}", config.apps.len(), config.shard_count(), config.server.bind);
+        return ExitCode::SUCCESS;
+    }
+    run(config)
+}
+
+fn run(config: Config) -> ExitCode {
+    let apps = config.apps.clone();
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("ringwire: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let server = match Server::start(config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("ringwire: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let drivers: Vec<String> = server.drivers.iter().map(|d| format!("{d:?}")).collect();
+    println!("ringwire listening on {} ({} shards: {})", server.addr, drivers.len(), drivers.join(", "));
+    println!("  WebSocket: ws://{}/app/{{key}}?protocol=7   HTTP API: http://{}/apps/{{id}}/events", server.addr, server.addr);
+    for app in &apps {
+        println!("  app id={} key={} secret={}", app.id, app.key, app.secret);
+    }
+    let mut signals = signals;
+    if let Some(signal) = signals.forever().next() {
+        tracing::info!(signal, "shutting down: closing connections with 4200");
+    }
+    server.shutdown();
+    server.join();
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,328 @@
+//! One accepted TCP connection: HTTP/1.1 requests (keep-alive) until it either closes or
+//! upgrades to a WebSocket, then the WebSocket's reader loop and writer task.
+//!
+//! Owns socket I/O and timeouts only. Requests go to `http::api`; WebSocket messages go to
+//! the shard (`shard::session`); frames come from `ws::frame`.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::StatusCode;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
+use monoio::net::TcpStream;
+
+use crate::http::parse::{self, HeadLimits, HttpError, RequestHead};
+use crate::metrics::ShardMetrics;
+use crate::net::batch::FrameBatch;
+use crate::pusher::auth::{param, parse_query};
+use crate::pusher::message;
+use crate::shard::router::ConnKey;
+use crate::shard::{ConnState, Shard};
+use crate::ws::frame::{self, close_code, Decoder, FrameLimits, Incoming};
+use crate::ws::handshake;
+
+/// Free space a WebSocket read asks for: small, because most connections mostly listen and
+/// an in-flight read pins its buffer.
+const WS_READ_SPARE: usize = 1024;
+/// Free space an HTTP read asks for.
+const HTTP_READ_SPARE: usize = 4096;
+/// A read buffer larger than this is replaced by a fresh one once it is empty again.
+const READ_BUFFER_KEEP_MAX: usize = 16 * 1024;
+
+/// Reads more bytes, appending to `buf`.
+async fn read_more<R: AsyncReadRent>(reader: &mut R, mut buf: BytesMut, spare: usize) -> (io::Result<usize>, BytesMut) {
+    if buf.capacity() - buf.len() < spare {
+        buf.reserve(spare);
+    }
+    let len = buf.len();
+    let (result, slice) = reader.read(buf.slice_mut(len..)).await;
+    (result, slice.into_inner())
+}
+
+/// How reading a request ended, when it did not produce one.
+enum ReadFailure {
+    /// The peer closed or the socket failed: just drop it.
+    Closed,
+    /// The request is refused with this error, then the connection is closed.
+    Refused(HttpError),
+}
+
+/// Serves one accepted connection to its end.
+pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let metrics = shard.metrics();
+    ShardMetrics::add(&metrics.http_connections, 1);
+    let limits = HeadLimits::from(&shard.config.http);
+    let header_timeout = Duration::from_millis(shard.config.http.header_timeout_ms);
+    let keepalive_timeout = Duration::from_millis(shard.config.http.keepalive_timeout_ms);
+    let mut buf = BytesMut::with_capacity(HTTP_READ_SPARE);
+    let mut first = true;
+    loop {
+        // An idle keep-alive connection may wait up to keepalive_timeout for its next request;
+        // once a request starts, its head and body must arrive within header_timeout.
+        if buf.is_empty() && !first {
+            match monoio::time::timeout(keepalive_timeout, read_more(&mut stream, buf, HTTP_READ_SPARE)).await {
+                Ok((Ok(n), b)) if n > 0 => buf = b,
+                _ => break,
+            }
+        }
+        first = false;
+        let request = monoio::time::timeout(header_timeout, read_request(&mut stream, buf, &limits)).await;
+        let (head, body, rest) = match request {
+            Ok((Ok((head, body)), rest)) => (head, body, rest),
+            Ok((Err(ReadFailure::Refused(error)), _)) => {
+                let _ = stream.write_all(parse::error_response(&error, false)).await;
+                break;
+            }
+            Ok((Err(ReadFailure::Closed), _)) => break,
+            Err(_elapsed) => {
+                let error = HttpError::new(StatusCode::REQUEST_TIMEOUT, "request not received in time");
+                let _ = stream.write_all(parse::error_response(&error, false)).await;
+                break;
+            }
+        };
+        buf = rest;
+        if head.path.starts_with("/app/") {
+            ShardMetrics::sub(&metrics.http_connections, 1);
+            websocket(shard, stream, head, buf).await;
+            return;
+        }
+        ShardMetrics::add(&metrics.http_requests_total, 1);
+        let keep_alive = head.keep_alive && !shard.is_shutting_down();
+        let response = crate::http::api::handle(shard, &head, &body).await;
+        let bytes = parse::response(response.status, response.content_type, &response.body, keep_alive);
+        let (result, _) = stream.write_all(bytes).await;
+        if result.is_err() || !keep_alive {
+            break;
+        }
+    }
+    ShardMetrics::sub(&metrics.http_connections, 1);
+}
+
+/// Reads one request head and its body. Returns the unconsumed bytes alongside.
+async fn read_request(stream: &mut TcpStream, mut buf: BytesMut, limits: &HeadLimits) -> (Result<(RequestHead, Bytes), ReadFailure>, BytesMut) {
+    let head = loop {
+        if !buf.is_empty() {
+            match parse::parse_head(&buf, limits) {
+                Ok(Some(head)) => break head,
+                Ok(None) => {}
+                Err(e) => return (Err(ReadFailure::Refused(e)), buf),
+            }
+        }
+        let (result, b) = read_more(stream, buf, HTTP_READ_SPARE).await;
+        buf = b;
+        if !matches!(result, Ok(n) if n > 0) {
+            return (Err(ReadFailure::Closed), buf);
+        }
+    };
+    let _ = buf.split_to(head.head_len);
+    while buf.len() < head.content_length {
+        let spare = (head.content_length - buf.len()).max(HTTP_READ_SPARE);
+        let (result, b) = read_more(stream, buf, spare).await;
+        buf = b;
+        if !matches!(result, Ok(n) if n > 0) {
+            return (Err(ReadFailure::Closed), buf);
+        }
+    }
+    let body = buf.split_to(head.content_length).freeze();
+    (Ok((head, body)), buf)
+}
+
+/// Why a WebSocket is refused right after the handshake: Pusher close code and message.
+fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppIndex, (u16, String)> {
+    let key = &head.path["/app/".len()..];
+    let params = parse_query(&head.query);
+    // Reference §1.1: clients send ?protocol=7; 5 to 7 behave identically here.
+    match param(&params, "protocol") {
+        None => return Err((4008, "No protocol version supplied".into())),
+        Some(p) => match p.parse::<u32>() {
+            Ok(5..=7) => {}
+            Ok(_) => return Err((4007, format!("Unsupported protocol version {p}; use 5 to 7"))),
+            Err(_) => return Err((4006, format!("Invalid protocol version '{p}'"))),
+        },
+    }
+    let Some(app) = shard.apps.by_key(key) else {
+        return Err((4001, format!("App key {key} does not exist")));
+    };
+    if shard.is_shutting_down() {
+        return Err((4200, "Server shutting down, reconnect".into()));
+    }
+    if !app.try_admit() {
+        return Err((4004, "Application is over connection quota".into()));
+    }
+    Ok(app.index)
+}
+
+/// Upgrades and runs a WebSocket connection to its end.
+async fn websocket(shard: &Rc<Shard>, mut stream: TcpStream, head: RequestHead, mut buf: BytesMut) {
+    let mut response = match handshake::accept(&head) {
+        Ok(response) => response,
+        Err(e) => {
+            let error = HttpError::new(StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), e.reason);
+            let mut bytes = parse::error_response(&error, false);
+            if e.status == 426 {
+                let at = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
+                bytes.splice(at..at, b"\r\nSec-WebSocket-Version: 13".iter().copied());
+            }
+            let _ = stream.write_all(bytes).await;
+            return;
+        }
+    };
+    let app = match pusher_refusal(shard, &head) {
+        Ok(app) => app,
+        Err((code, reason)) => {
+            // Protocol §1.4: pusher:error, then close with the same code.
+            response.extend_from_slice(&message::error(Some(code), &reason, None));
+            response.extend_from_slice(&frame::encode_close(code, &reason));
+            let _ = stream.write_all(response).await;
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    let (result, _) = stream.write_all(response).await;
+    if result.is_err() {
+        shard.apps.get(app).release();
+        return;
+    }
+    let (key, socket_id) = shard.register(app, stream.as_raw_fd());
+    let (mut reader, writer) = stream.into_split();
+    let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
+    shard.send(key, message::connection_established(socket_id, shard.config.websocket.activity_timeout_s));
+    if buf.capacity() > READ_BUFFER_KEEP_MAX {
+        buf = BytesMut::from(&buf[..]);
+    }
+    read_loop(shard, key, &mut reader, buf).await;
+    shard.begin_teardown(key);
+    writer.await;
+    shard.finish_teardown(key);
+}
+
+/// Reads and dispatches frames until the peer closes, the socket fails, or the close
+/// handshake completes.
+async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut TcpOwnedReadHalf, mut buf: BytesMut) {
+    let limits = FrameLimits {
+        frame_bytes_max: shard.config.websocket.frame_bytes_max,
+        message_bytes_max: shard.config.websocket.message_bytes_max,
+    };
+    let mut decoder = Decoder::default();
+    // After a protocol violation nothing more is parsed; bytes are discarded until the peer
+    // closes or the close timeout cuts the socket.
+    let mut failed = false;
+    loop {
+        if failed {
+            buf.clear();
+        }
+        while !failed {
+            let before = buf.len();
+            match decoder.decode(&mut buf, limits) {
+                Ok(Some(incoming)) => {
+                    if !dispatch(shard, key, incoming).await {
+                        return;
+                    }
+                }
+                Ok(None) if buf.len() == before => break,
+                Ok(None) => {}
+                Err(violation) => {
+                    ShardMetrics::add(&shard.metrics().protocol_closes_total, 1);
+                    shard.close(key, violation.code, violation.reason);
+                    failed = true;
+                }
+            }
+        }
+        if buf.is_empty() && buf.capacity() > READ_BUFFER_KEEP_MAX {
+            buf = BytesMut::new();
+        }
+        let (result, b) = read_more(reader, buf, WS_READ_SPARE).await;
+        buf = b;
+        if !matches!(result, Ok(n) if n > 0) {
+            return;
+        }
+    }
+}
+
+/// Handles one complete message; false when the connection is finished.
+async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
+    let metrics = shard.metrics();
+    let state = shard.state.borrow().connections[key].state;
+    match incoming {
+        Incoming::Text(text) => {
+            ShardMetrics::add(&metrics.messages_in_total, 1);
+            ShardMetrics::add(&metrics.bytes_in_total, text.len() as u64);
+            if state != ConnState::Open {
+                return true;
+            }
+            if !shard.record_activity(key, 1) {
+                ShardMetrics::add(&metrics.rate_limited_total, 1);
+                shard.send(key, message::error(Some(crate::shard::session::RATE_LIMITED), "message rate limit exceeded", None));
+                return true;
+            }
+            let text = std::str::from_utf8(&text).expect("the decoder validated UTF-8");
+            shard.on_text(key, text).await;
+        }
+        Incoming::Binary(_) => {
+            // Protocol: "Binary WebSocket frames are not supported".
+            shard.close(key, close_code::UNSUPPORTED_DATA, "binary messages are not supported");
+        }
+        Incoming::Ping(payload) => {
+            shard.record_activity(key, 1);
+            shard.send(key, frame::encode_pong(&payload));
+        }
+        Incoming::Pong => {
+            shard.record_activity(key, 1);
+        }
+        Incoming::Close(received) => {
+            if state != ConnState::Open {
+                // The peer answered our close: the handshake is complete.
+                return false;
+            }
+            // RFC 6455 §5.5.1: answer with a close frame, echoing the code.
+            let code = received.map(|(code, _)| code).unwrap_or(close_code::NORMAL);
+            shard.close(key, code, "");
+        }
+    }
+    true
+}
+
+/// Writes queued frames with one writev per batch until the connection dies or its final
+/// close frame is out.
+async fn write_loop(shard: Rc<Shard>, key: ConnKey, mut writer: TcpOwnedWriteHalf) {
+    loop {
+        let mut frames = Vec::new();
+        let Some(last) = shard.next_batch(key, &mut frames).await else { break };
+        let count = frames.len();
+        let bytes: usize = frames.iter().map(Bytes::len).sum();
+        let mut batch = FrameBatch::new(frames);
+        let ok = loop {
+            let (result, returned) = writer.writev(batch).await;
+            batch = returned;
+            match result {
+                Ok(0) => break false,
+                Ok(n) => {
+                    batch.advance(n);
+                    if batch.is_done() {
+                        break true;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break false,
+            }
+        };
+        drop(batch);
+        shard.batch_written(key, count, bytes);
+        if !ok {
+            break;
+        }
+        if last {
+            // RFC 6455 §7.1.1: after its close frame the server closes the TCP connection
+            // first; a FIN lets the client see it.
+            let _ = writer.shutdown().await;
+            break;
+        }
+    }
+    shard.writer_finished(key);
+}

@@ -1,0 +1,131 @@
+//! Starting and stopping a node: bind the listeners, start one pinned thread per shard, each
+//! with its own monoio runtime, and coordinate shutdown through the mesh.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context};
+
+use crate::apps::Apps;
+use crate::config::{Config, IoDriver};
+use crate::metrics::ShardMetrics;
+use crate::net::listener;
+use crate::shard::mesh::Mesh;
+use crate::shard::Shard;
+
+/// The io driver a shard ended up on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Driver {
+    /// io_uring.
+    IoUring,
+    /// epoll (monoio's legacy driver).
+    Epoll,
+}
+
+/// A running node.
+pub struct Server {
+    /// The address every shard listens on.
+    pub addr: SocketAddr,
+    /// The driver of each shard.
+    pub drivers: Vec<Driver>,
+    mesh: Arc<Mesh>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds and starts every shard; returns once all of them accept connections.
+    pub fn start(config: Config) -> anyhow::Result<Server> {
+        let shards = config.shard_count();
+        let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
+            .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+        let config = Arc::new(config);
+        let apps = Arc::new(Apps::new(&config.apps));
+        let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
+        let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
+        let mut threads = Vec::with_capacity(shards);
+        for (index, std_listener) in listeners.into_iter().enumerate() {
+            let (config, apps, mesh, metrics, ready) = (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("ringwire-shard-{index}"))
+                .spawn(move || {
+                    if let Err(e) = monoio::utils::bind_to_cpu_set([index % cpus]) {
+                        tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
+                    }
+                    let shard = Shard::new(index, config.clone(), apps, mesh, metrics);
+                    run_shard(shard, std_listener, config.server.io_driver, ready);
+                })
+                .context("cannot start a shard thread")?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        let mut drivers = Vec::with_capacity(shards);
+        for _ in 0..shards {
+            match ready_rx.recv() {
+                Ok(Ok(driver)) => drivers.push(driver),
+                Ok(Err(message)) => {
+                    mesh.shutdown();
+                    bail!(message)
+                }
+                Err(_) => {
+                    mesh.shutdown();
+                    bail!("a shard thread died while starting")
+                }
+            }
+        }
+        Ok(Server { addr, drivers, mesh, threads })
+    }
+
+    /// Begins graceful shutdown on every shard (returns at once).
+    pub fn shutdown(&self) {
+        self.mesh.shutdown();
+    }
+
+    /// Waits for every shard to finish.
+    pub fn join(self) {
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Builds the shard's runtime on the configured driver and runs it to shutdown.
+fn run_shard(shard: Shard, listener: std::net::TcpListener, driver: IoDriver, ready: mpsc::Sender<Result<Driver, String>>) {
+    let index = shard.index;
+    if driver != IoDriver::Epoll {
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(1024).enable_timer().build() {
+            Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready)),
+            Err(e) if driver == IoDriver::IoUring => {
+                let _ = ready.send(Err(format!("shard {index}: io_uring is unavailable ({e}) and server.io_driver = \"io_uring\"")));
+                return;
+            }
+            Err(e) => tracing::warn!(shard = index, error = %e, "io_uring is unavailable; falling back to epoll"),
+        }
+    }
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
+        Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready)),
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {index}: cannot build an epoll runtime: {e}")));
+        }
+    }
+}
+
+/// A shard's life inside its runtime: accept until shutdown, then drain connections.
+async fn shard_main(shard: Shard, listener: std::net::TcpListener, driver: Driver, ready: mpsc::Sender<Result<Driver, String>>) {
+    let listener = match monoio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let _ = ready.send(Err(format!("shard {}: cannot register the listener: {e}", shard.index)));
+            return;
+        }
+    };
+    let shard = Rc::new(shard);
+    shard.spawn_background();
+    let _ = ready.send(Ok(driver));
+    listener::accept_loop(shard.clone(), listener).await;
+    shard.drain_connections().await;
+}

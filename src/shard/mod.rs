@@ -1,0 +1,671 @@
+//! A shard: one thread, pinned to one CPU, with its own monoio runtime and listener.
+//!
+//! Owns its connections (a slab, referred to by key), its channel table, its outboxes toward
+//! other shards and its pending cross-shard queries, all in one `ShardState` behind one
+//! `RefCell` that is never borrowed across an `.await`. Other shards are reached only through
+//! the mesh (`shard::mesh`).
+//!
+//! Tasks on a shard: the acceptor (`net::listener`), one reader and one writer per
+//! WebSocket, one task per HTTP connection, the mesh pump, the outbox flusher and a one-second
+//! ticker for liveness and close timeouts.
+
+pub mod mesh;
+pub mod router;
+pub mod session;
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use slab::Slab;
+
+use crate::apps::{AppIndex, Apps};
+use crate::config::Config;
+use crate::metrics::ShardMetrics;
+use crate::pusher::message::{self, SocketId};
+use crate::ws::frame;
+use mesh::{Mesh, MeshMessage, Publication, Query, QueryReply};
+use router::{ConnKey, Router};
+
+/// Frames one writev takes from a connection's queue at most.
+pub const WRITE_BATCH_FRAMES_MAX: usize = 64;
+/// Mesh messages one pump wake-up handles before yielding to connection tasks.
+const PUMP_BATCH_MAX: usize = 256;
+/// How long a closing connection may take to finish the close handshake.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long an HTTP API query waits for the other shards.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where a WebSocket connection is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// Serving.
+    Open,
+    /// A close frame is queued; nothing else will be.
+    Closing {
+        /// When the close started (for the close timeout).
+        since_s: u64,
+    },
+    /// The reader has finished; the writer must stop.
+    Dead,
+}
+
+/// One WebSocket connection's shard-side state.
+#[derive(Debug)]
+pub struct Connection {
+    /// The app it connected to.
+    pub app: AppIndex,
+    /// Its Pusher socket_id.
+    pub socket_id: SocketId,
+    /// Raw fd, only for `shutdown(2)` when it must be torn down from outside.
+    fd: RawFd,
+    /// Life-cycle state.
+    pub state: ConnState,
+    /// Frames waiting for the writer.
+    queue: VecDeque<Bytes>,
+    /// Bytes in `queue` plus the batch being written.
+    queued_bytes: usize,
+    /// The writer task, parked until the queue has frames.
+    writer: Option<Waker>,
+    /// Set when the writer task has ended.
+    writer_done: bool,
+    /// Channels it is subscribed to.
+    pub channels: Vec<Box<str>>,
+    /// Shard clock second of the last frame received.
+    pub last_seen_s: u64,
+    /// Whether a `pusher:ping` was sent since `last_seen_s`.
+    pub pinged: bool,
+    /// Rate-limit window (a shard clock second) and messages in it.
+    pub rate_window_s: u64,
+    /// Messages received in `rate_window_s`.
+    pub rate_count: u32,
+}
+
+/// A cross-shard query waiting for replies.
+struct PendingQuery {
+    remaining: usize,
+    replies: QueryReply,
+    waker: Option<Waker>,
+}
+
+/// Everything a shard owns that changes.
+pub struct ShardState {
+    /// WebSocket connections.
+    pub connections: Slab<Connection>,
+    /// Channel → local subscribers.
+    pub router: Router,
+    /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
+    pub open_sockets: usize,
+    next_sequence: u64,
+    /// Per target shard: messages waiting for ring space, in order.
+    outbox: Vec<VecDeque<MeshMessage>>,
+    outbox_len: usize,
+    flusher: Option<Waker>,
+    outbox_waiters: Vec<Waker>,
+    queries: HashMap<u64, PendingQuery>,
+    next_query_id: u64,
+    /// Seconds since the shard started, advanced by the ticker (a coarse clock for timeouts).
+    pub now_s: u64,
+    /// Set once shutdown begins.
+    pub shutting_down: bool,
+    shutdown_waiters: Vec<Waker>,
+}
+
+/// A shard and everything its tasks share.
+pub struct Shard {
+    /// This shard's number.
+    pub index: usize,
+    /// The validated config.
+    pub config: Arc<Config>,
+    /// The apps.
+    pub apps: Arc<Apps>,
+    /// The rings to and from every shard.
+    pub mesh: Arc<Mesh>,
+    /// Every shard's metrics; this shard writes only `metrics[index]`.
+    pub all_metrics: Arc<[ShardMetrics]>,
+    /// Mutable state; borrowed briefly, never across an await.
+    pub state: RefCell<ShardState>,
+    started: Instant,
+}
+
+impl Shard {
+    /// A shard with empty state.
+    pub fn new(index: usize, config: Arc<Config>, apps: Arc<Apps>, mesh: Arc<Mesh>, all_metrics: Arc<[ShardMetrics]>) -> Shard {
+        let shards = mesh.shards();
+        let state = ShardState {
+            connections: Slab::new(),
+            router: Router::new(apps.list.len()),
+            open_sockets: 0,
+            next_sequence: 0,
+            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
+            outbox_len: 0,
+            flusher: None,
+            outbox_waiters: Vec::new(),
+            queries: HashMap::new(),
+            next_query_id: 0,
+            now_s: 0,
+            shutting_down: false,
+            shutdown_waiters: Vec::new(),
+        };
+        Shard { index, config, apps, mesh, all_metrics, state: RefCell::new(state), started: Instant::now() }
+    }
+
+    /// This shard's metrics.
+    pub fn metrics(&self) -> &ShardMetrics {
+        &self.all_metrics[self.index]
+    }
+
+    /// Starts the shard's background tasks. Call once, inside its runtime.
+    pub fn spawn_background(self: &Rc<Self>) {
+        monoio::spawn(self.clone().pump());
+        monoio::spawn(self.clone().flusher());
+        monoio::spawn(self.clone().ticker());
+    }
+
+    // ---- connections -------------------------------------------------------------------
+
+    /// Registers a new WebSocket connection and returns its key and socket_id.
+    pub fn register(&self, app: AppIndex, fd: RawFd) -> (ConnKey, SocketId) {
+        let mut state = self.state.borrow_mut();
+        let sequence = state.next_sequence * self.mesh.shards() as u64 + self.index as u64 + 1;
+        state.next_sequence += 1;
+        let socket_id = SocketId { sequence, random: fastrand::u32(..1_000_000_000) };
+        let now_s = state.now_s;
+        let key = state.connections.insert(Connection {
+            app,
+            socket_id,
+            fd,
+            state: ConnState::Open,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            writer: None,
+            writer_done: false,
+            channels: Vec::new(),
+            last_seen_s: now_s,
+            pinged: false,
+            rate_window_s: now_s,
+            rate_count: 0,
+        });
+        ShardMetrics::add(&self.metrics().connections, 1);
+        ShardMetrics::add(&self.metrics().connections_opened_total, 1);
+        (key, socket_id)
+    }
+
+    /// Queues a frame for one connection. Over the write-queue limit the connection is a slow
+    /// consumer: its queue is dropped and it is closed with 4100.
+    pub fn send(&self, key: ConnKey, frame: Bytes) {
+        let mut state = self.state.borrow_mut();
+        self.send_locked(&mut state, key, frame);
+    }
+
+    fn send_locked(&self, state: &mut ShardState, key: ConnKey, frame: Bytes) {
+        let now_s = state.now_s;
+        if let Some(conn) = state.connections.get_mut(key) {
+            self.enqueue(conn, &frame, now_s);
+        }
+    }
+
+    /// Queues a shared frame on an open connection, enforcing the write-queue limit.
+    #[inline]
+    fn enqueue(&self, conn: &mut Connection, frame: &Bytes, now_s: u64) {
+        if conn.state != ConnState::Open {
+            return;
+        }
+        if conn.queued_bytes + frame.len() > self.config.websocket.write_queue_bytes_max {
+            ShardMetrics::add(&self.metrics().slow_consumer_closes_total, 1);
+            let dropped: usize = conn.queue.drain(..).map(|f| f.len()).sum();
+            conn.queued_bytes -= dropped;
+            close_conn(conn, 4100, "slow consumer: write queue limit exceeded", now_s);
+            return;
+        }
+        conn.queued_bytes += frame.len();
+        conn.queue.push_back(frame.clone());
+        if let Some(waker) = conn.writer.take() {
+            waker.wake();
+        }
+    }
+
+    /// Starts the closing handshake with `code` (after frames already queued).
+    pub fn close(&self, key: ConnKey, code: u16, reason: &str) {
+        let mut state = self.state.borrow_mut();
+        let now_s = state.now_s;
+        if let Some(conn) = state.connections.get_mut(key) {
+            close_conn(conn, code, reason, now_s);
+        }
+    }
+
+    /// Takes up to `WRITE_BATCH_FRAMES_MAX` frames for the writer, or parks it.
+    /// `Ready(None)`: the writer must stop. The bool is true when the batch ends with the
+    /// final close frame.
+    pub async fn next_batch(&self, key: ConnKey, batch: &mut Vec<Bytes>) -> Option<bool> {
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            let conn = &mut state.connections[key];
+            if conn.state == ConnState::Dead {
+                return Poll::Ready(None);
+            }
+            if conn.queue.is_empty() {
+                conn.writer = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            let n = conn.queue.len().min(WRITE_BATCH_FRAMES_MAX);
+            batch.extend(conn.queue.drain(..n));
+            let last = conn.queue.is_empty() && matches!(conn.state, ConnState::Closing { .. });
+            Poll::Ready(Some(last))
+        })
+        .await
+    }
+
+    /// Accounts a written batch.
+    pub fn batch_written(&self, key: ConnKey, frames: usize, bytes: usize) {
+        let mut state = self.state.borrow_mut();
+        if let Some(conn) = state.connections.get_mut(key) {
+            conn.queued_bytes -= bytes;
+        }
+        ShardMetrics::add(&self.metrics().messages_out_total, frames as u64);
+        ShardMetrics::add(&self.metrics().bytes_out_total, bytes as u64);
+    }
+
+    /// Marks the writer finished (after an error or the final close frame).
+    pub fn writer_finished(&self, key: ConnKey) {
+        let mut state = self.state.borrow_mut();
+        let conn = &mut state.connections[key];
+        conn.writer_done = true;
+        if conn.state == ConnState::Open {
+            // The socket failed under the writer: nothing more can be sent.
+            conn.state = ConnState::Dead;
+        }
+    }
+
+    /// First half of teardown, when the reader ends: stop the writer, and cut the socket if
+    /// the writer is stuck on a peer that does not read. Returns whether it had to cut.
+    pub fn begin_teardown(&self, key: ConnKey) -> bool {
+        let mut state = self.state.borrow_mut();
+        let conn = &mut state.connections[key];
+        conn.state = ConnState::Dead;
+        if let Some(waker) = conn.writer.take() {
+            waker.wake();
+        }
+        if !conn.writer_done {
+            shutdown_socket(conn.fd);
+            return true;
+        }
+        false
+    }
+
+    /// Second half of teardown, after the writer task ended: unsubscribe and forget.
+    pub fn finish_teardown(&self, key: ConnKey) {
+        let mut state = self.state.borrow_mut();
+        let conn = state.connections.remove(key);
+        let subscriptions = conn.channels.len() as u64;
+        for channel in &conn.channels {
+            state.router.unsubscribe(conn.app, channel, key);
+        }
+        ShardMetrics::sub(&self.metrics().subscriptions, subscriptions);
+        ShardMetrics::sub(&self.metrics().connections, 1);
+        self.apps.get(conn.app).release();
+    }
+
+    // ---- fan-out -----------------------------------------------------------------------
+
+    /// Queues one shared frame for every local subscriber of a channel.
+    pub fn deliver_local(&self, app: AppIndex, channel: &str, frame: &Bytes, exclude: Option<SocketId>) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let Some(subscribers) = state.router.subscribers(app, channel) else { return };
+        for &key in subscribers {
+            let conn = &mut state.connections[key];
+            if Some(conn.socket_id) != exclude {
+                self.enqueue(conn, frame, state.now_s);
+            }
+        }
+    }
+
+    /// Publishes a frame on a channel: local subscribers now, other shards through the mesh.
+    /// Waits (backpressure) while this shard's outboxes are over their limit.
+    pub async fn publish(&self, app: AppIndex, channel: &str, frame: Bytes, exclude: Option<SocketId>) {
+        self.deliver_local(app, channel, &frame, exclude);
+        let shards = self.mesh.shards();
+        if shards > 1 {
+            let publication = Arc::new(Publication { app, channel: channel.into(), frame, exclude });
+            for target in (0..shards).filter(|&t| t != self.index) {
+                self.mesh_send(target, MeshMessage::Publish(publication.clone()));
+            }
+        }
+        self.outbox_room().await;
+    }
+
+    // ---- mesh --------------------------------------------------------------------------
+
+    /// Sends to another shard without blocking: straight into its ring when nothing is waiting
+    /// ahead of it, else into the outbox (order per target is kept).
+    pub fn mesh_send(&self, target: usize, message: MeshMessage) {
+        debug_assert_ne!(target, self.index, "a shard never sends to itself");
+        ShardMetrics::add(&self.metrics().mesh_sent_total, 1);
+        let mut state = self.state.borrow_mut();
+        let message = if state.outbox[target].is_empty() {
+            match self.mesh.try_send(target, message) {
+                Ok(()) => return,
+                Err(back) => back,
+            }
+        } else {
+            message
+        };
+        ShardMetrics::add(&self.metrics().mesh_full_total, 1);
+        ShardMetrics::add(&self.metrics().mesh_outbox_depth, 1);
+        state.outbox[target].push_back(message);
+        state.outbox_len += 1;
+        if let Some(waker) = state.flusher.take() {
+            waker.wake();
+        }
+    }
+
+    /// Waits while the outboxes hold more than `mesh.outbox_messages_max` messages.
+    async fn outbox_room(&self) {
+        let max = self.config.mesh.outbox_messages_max;
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if state.outbox_len <= max {
+                Poll::Ready(())
+            } else {
+                state.outbox_waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Moves outbox messages into rings as space appears, retrying on a 1 ms timer (never a
+    /// self-wake, which starves every other task in monoio 0.2.4).
+    async fn flusher(self: Rc<Self>) {
+        loop {
+            poll_fn(|cx| {
+                let mut state = self.state.borrow_mut();
+                if state.outbox_len > 0 {
+                    Poll::Ready(())
+                } else {
+                    state.flusher = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+            while self.flush_outbox() > 0 {
+                monoio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
+    /// One pass over the outboxes; returns how many messages still wait.
+    fn flush_outbox(&self) -> usize {
+        let mut state = self.state.borrow_mut();
+        let mut moved = 0;
+        for target in 0..state.outbox.len() {
+            while let Some(message) = state.outbox[target].pop_front() {
+                match self.mesh.try_send(target, message) {
+                    Ok(()) => moved += 1,
+                    Err(back) => {
+                        state.outbox[target].push_front(back);
+                        break;
+                    }
+                }
+            }
+        }
+        state.outbox_len -= moved;
+        ShardMetrics::sub(&self.metrics().mesh_outbox_depth, moved as u64);
+        if state.outbox_len <= self.config.mesh.outbox_messages_max {
+            for waker in state.outbox_waiters.drain(..) {
+                waker.wake();
+            }
+        }
+        state.outbox_len
+    }
+
+    /// Drains this shard's inbox in batches.
+    async fn pump(self: Rc<Self>) {
+        loop {
+            self.mesh.ready(self.index).await;
+            if self.mesh.is_shutting_down() {
+                self.begin_shutdown();
+            }
+            let mut handled = 0;
+            while handled < PUMP_BATCH_MAX {
+                let Some(message) = self.mesh.try_recv(self.index) else { break };
+                self.handle_mesh(message);
+                handled += 1;
+            }
+            if handled == PUMP_BATCH_MAX {
+                yield_back().await;
+            }
+        }
+    }
+
+    fn handle_mesh(&self, message: MeshMessage) {
+        match message {
+            MeshMessage::Publish(p) => self.deliver_local(p.app, &p.channel, &p.frame, p.exclude),
+            MeshMessage::Query { from, id, query } => {
+                let reply = self.answer_locally(&query);
+                self.mesh_send(from, MeshMessage::Reply { id, reply });
+            }
+            MeshMessage::Reply { id, reply } => {
+                let mut state = self.state.borrow_mut();
+                if let Some(pending) = state.queries.get_mut(&id) {
+                    pending.replies.extend(reply);
+                    pending.remaining -= 1;
+                    if pending.remaining == 0 {
+                        if let Some(waker) = pending.waker.take() {
+                            waker.wake();
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// This shard's part of a query.
+    fn answer_locally(&self, query: &Query) -> QueryReply {
+        let state = self.state.borrow();
+        match query {
+            Query::Channels { app, prefix } => state
+                .router
+                .occupied(*app)
+                .filter(|(name, _)| name.starts_with(prefix.as_str()))
+                .map(|(name, count)| (name.into(), count as u32))
+                .collect(),
+            Query::Channel { app, name } => state
+                .router
+                .subscribers(*app, name)
+                .map(|set| vec![(name.as_str().into(), set.len() as u32)])
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Asks every shard (this one included) and returns all answers, or `None` when another
+    /// shard did not answer within `QUERY_TIMEOUT` (it is shutting down).
+    pub async fn query_all(&self, query: Query) -> Option<QueryReply> {
+        let local = self.answer_locally(&query);
+        let shards = self.mesh.shards();
+        if shards == 1 {
+            return Some(local);
+        }
+        let id = {
+            let mut state = self.state.borrow_mut();
+            let id = state.next_query_id;
+            state.next_query_id += 1;
+            state.queries.insert(id, PendingQuery { remaining: shards - 1, replies: local, waker: None });
+            id
+        };
+        let query = Arc::new(query);
+        for target in (0..shards).filter(|&t| t != self.index) {
+            self.mesh_send(target, MeshMessage::Query { from: self.index, id, query: query.clone() });
+        }
+        let wait = poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            let pending = state.queries.get_mut(&id).expect("pending query exists until taken");
+            if pending.remaining == 0 {
+                Poll::Ready(())
+            } else {
+                pending.waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        });
+        let answered = monoio::time::timeout(QUERY_TIMEOUT, wait).await.is_ok();
+        let pending = self.state.borrow_mut().queries.remove(&id).expect("pending query exists until taken");
+        answered.then_some(pending.replies)
+    }
+
+    // ---- time, liveness, shutdown ------------------------------------------------------
+
+    /// Seconds since the shard started (coarse: advanced by the ticker).
+    pub fn now_s(&self) -> u64 {
+        self.state.borrow().now_s
+    }
+
+    /// Every second: advance the clock, ping silent clients, close dead ones with 4201, and
+    /// cut connections whose close handshake timed out.
+    async fn ticker(self: Rc<Self>) {
+        let activity = u64::from(self.config.websocket.activity_timeout_s);
+        let dead_after = activity + u64::from(self.config.websocket.pong_timeout_s);
+        let ping = message::ping();
+        loop {
+            monoio::time::sleep(Duration::from_secs(1)).await;
+            let now_s = self.started.elapsed().as_secs();
+            let mut state = self.state.borrow_mut();
+            state.now_s = now_s;
+            let mut to_ping = Vec::new();
+            for (key, conn) in state.connections.iter_mut() {
+                match conn.state {
+                    ConnState::Open => {
+                        let silent = now_s.saturating_sub(conn.last_seen_s);
+                        if silent >= dead_after {
+                            ShardMetrics::add(&self.metrics().liveness_closes_total, 1);
+                            close_conn(conn, 4201, "pong reply not received", now_s);
+                        } else if silent >= activity && !conn.pinged {
+                            conn.pinged = true;
+                            to_ping.push(key);
+                        }
+                    }
+                    ConnState::Closing { since_s } if now_s.saturating_sub(since_s) >= CLOSE_TIMEOUT.as_secs() => {
+                        shutdown_socket(conn.fd);
+                    }
+                    _ => {}
+                }
+            }
+            for key in to_ping {
+                self.send_locked(&mut state, key, ping.clone());
+            }
+        }
+    }
+
+    /// Records activity from a client; false when it is over its message rate (the message
+    /// must then be dropped and answered with 4301).
+    pub fn record_activity(&self, key: ConnKey, messages: u32) -> bool {
+        let max = self.config.websocket.messages_per_second_max;
+        let mut state = self.state.borrow_mut();
+        let now_s = state.now_s;
+        let conn = &mut state.connections[key];
+        conn.last_seen_s = now_s;
+        conn.pinged = false;
+        if conn.rate_window_s != now_s {
+            conn.rate_window_s = now_s;
+            conn.rate_count = 0;
+        }
+        conn.rate_count = conn.rate_count.saturating_add(messages);
+        max == 0 || conn.rate_count <= max
+    }
+
+    /// Flips to shutting down (once): readiness fails, the acceptor stops.
+    fn begin_shutdown(&self) {
+        let mut state = self.state.borrow_mut();
+        if !state.shutting_down {
+            state.shutting_down = true;
+            for waker in state.shutdown_waiters.drain(..) {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_shutting_down(&self) -> bool {
+        self.state.borrow().shutting_down
+    }
+
+    /// Resolves when shutdown begins.
+    pub async fn shutdown_requested(&self) {
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if state.shutting_down {
+                Poll::Ready(())
+            } else {
+                state.shutdown_waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Closes every WebSocket with 4200, spread evenly over `shutdown_close_window_ms` so
+    /// that clients (which reconnect without jitter) do not all return at once, then waits
+    /// up to `shutdown_grace_ms` for the connections to finish.
+    pub async fn drain_connections(&self) {
+        let keys: Vec<ConnKey> = self.state.borrow().connections.iter().map(|(k, _)| k).collect();
+        let window_ms = self.config.server.shutdown_close_window_ms.max(1);
+        let per_ms = keys.len().div_ceil(window_ms as usize).max(1);
+        for chunk in keys.chunks(per_ms) {
+            for &key in chunk {
+                self.close(key, 4200, "server shutting down, reconnect");
+            }
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let deadline = Instant::now() + Duration::from_millis(self.config.server.shutdown_grace_ms);
+        while !self.state.borrow().connections.is_empty() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Queues the close frame and marks the connection closing (no-op unless open).
+fn close_conn(conn: &mut Connection, code: u16, reason: &str, now_s: u64) {
+    if conn.state != ConnState::Open {
+        return;
+    }
+    let close = frame::encode_close(code, reason);
+    conn.queued_bytes += close.len();
+    conn.queue.push_back(close);
+    conn.state = ConnState::Closing { since_s: now_s };
+    if let Some(waker) = conn.writer.take() {
+        waker.wake();
+    }
+}
+
+/// `shutdown(fd, SHUT_RDWR)`: wakes a reader or writer parked on a peer that went silent.
+fn shutdown_socket(fd: RawFd) {
+    // SAFETY: shutdown(2) takes a plain integer and touches no memory of ours. The fd belongs
+    // to a connection still in the slab, whose read half (which owns the fd) is dropped only
+    // after the slab entry is removed, so it cannot be a reused descriptor.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}
+
+/// Yields to every other ready task, then resumes. monoio 0.2.4 puts a self-woken task at the
+/// *front* of the run queue (starving everything else); a waker fired from a fresh task puts
+/// it at the back.
+pub async fn yield_back() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            return Poll::Ready(());
+        }
+        yielded = true;
+        let waker = cx.waker().clone();
+        monoio::spawn(async move { waker.wake() });
+        Poll::Pending
+    })
+    .await
+}
