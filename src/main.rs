@@ -41,7 +41,8 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     match path {
         None => Ok(Config::embedded_default()),
         Some(path) => {
-            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
         }
     }
@@ -49,7 +50,10 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RINGWIRE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("RINGWIRE_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -69,7 +73,12 @@ fn main() -> ExitCode {
         }
     };
     if check_only {
-        println!("config OK: {} app(s), {} shard(s), listening on {}", config.apps.len(), config.shard_count(), config.server.bind);
+        println!(
+            "config OK: {} app(s), {} shard(s), listening on {}",
+            config.apps.len(),
+            config.shard_count(),
+            config.server.bind
+        );
         return ExitCode::SUCCESS;
     }
     run(config)
@@ -77,7 +86,10 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     let apps = config.apps.clone();
-    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT]) {
+    let signals = match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("ringwire: cannot install signal handlers: {e}");
@@ -92,8 +104,16 @@ fn run(config: Config) -> ExitCode {
         }
     };
     let drivers: Vec<String> = server.drivers.iter().map(|d| format!("{d:?}")).collect();
-    println!("ringwire listening on {} ({} shards: {})", server.addr, drivers.len(), drivers.join(", "));
-    println!("  WebSocket: ws://{}/app/{{key}}?protocol=7   HTTP API: http://{}/apps/{{id}}/events", server.addr, server.addr);
+    println!(
+        "ringwire listening on {} ({} shards: {})",
+        server.addr,
+        drivers.len(),
+        drivers.join(", ")
+    );
+    println!(
+        "  WebSocket: ws://{}/app/{{key}}?protocol=7   HTTP API: http://{}/apps/{{id}}/events",
+        server.addr, server.addr
+    );
     for app in &apps {
         println!("  app id={} key={} secret={}", app.id, app.key, app.secret);
     }

@@ -39,17 +39,26 @@ impl Server {
     /// Binds and starts every shard; returns once all of them accept connections.
     pub fn start(config: Config) -> anyhow::Result<Server> {
         let shards = config.shard_count();
-        let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
-            .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+        let (listeners, addr) =
+            listener::bind(config.server.bind, shards, config.server.backlog)
+                .with_context(|| format!("cannot listen on {}", config.server.bind))?;
         let config = Arc::new(config);
         let apps = Arc::new(Apps::new(&config.apps));
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
         let mut threads = Vec::with_capacity(shards);
         for (index, std_listener) in listeners.into_iter().enumerate() {
-            let (config, apps, mesh, metrics, ready) = (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
+            let (config, apps, mesh, metrics, ready) = (
+                config.clone(),
+                apps.clone(),
+                mesh.clone(),
+                metrics.clone(),
+                ready_tx.clone(),
+            );
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
@@ -77,7 +86,12 @@ impl Server {
                 }
             }
         }
-        Ok(Server { addr, drivers, mesh, threads })
+        Ok(Server {
+            addr,
+            drivers,
+            mesh,
+            threads,
+        })
     }
 
     /// Begins graceful shutdown on every shard (returns at once).
@@ -94,32 +108,58 @@ impl Server {
 }
 
 /// Builds the shard's runtime on the configured driver and runs it to shutdown.
-fn run_shard(shard: Shard, listener: std::net::TcpListener, driver: IoDriver, ready: mpsc::Sender<Result<Driver, String>>) {
+fn run_shard(
+    shard: Shard,
+    listener: std::net::TcpListener,
+    driver: IoDriver,
+    ready: mpsc::Sender<Result<Driver, String>>,
+) {
     let index = shard.index;
     if driver != IoDriver::Epoll {
-        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(1024).enable_timer().build() {
-            Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready)),
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(1024)
+            .enable_timer()
+            .build()
+        {
+            Ok(mut runtime) => {
+                return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready))
+            }
             Err(e) if driver == IoDriver::IoUring => {
                 let _ = ready.send(Err(format!("shard {index}: io_uring is unavailable ({e}) and server.io_driver = \"io_uring\"")));
                 return;
             }
-            Err(e) => tracing::warn!(shard = index, error = %e, "io_uring is unavailable; falling back to epoll"),
+            Err(e) => {
+                tracing::warn!(shard = index, error = %e, "io_uring is unavailable; falling back to epoll")
+            }
         }
     }
-    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()
+    {
         Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready)),
         Err(e) => {
-            let _ = ready.send(Err(format!("shard {index}: cannot build an epoll runtime: {e}")));
+            let _ = ready.send(Err(format!(
+                "shard {index}: cannot build an epoll runtime: {e}"
+            )));
         }
     }
 }
 
 /// A shard's life inside its runtime: accept until shutdown, then drain connections.
-async fn shard_main(shard: Shard, listener: std::net::TcpListener, driver: Driver, ready: mpsc::Sender<Result<Driver, String>>) {
+async fn shard_main(
+    shard: Shard,
+    listener: std::net::TcpListener,
+    driver: Driver,
+    ready: mpsc::Sender<Result<Driver, String>>,
+) {
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
-            let _ = ready.send(Err(format!("shard {}: cannot register the listener: {e}", shard.index)));
+            let _ = ready.send(Err(format!(
+                "shard {}: cannot register the listener: {e}",
+                shard.index
+            )));
             return;
         }
     };

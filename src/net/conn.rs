@@ -35,7 +35,11 @@ const HTTP_READ_SPARE: usize = 4096;
 const READ_BUFFER_KEEP_MAX: usize = 16 * 1024;
 
 /// Reads more bytes, appending to `buf`.
-async fn read_more<R: AsyncReadRent>(reader: &mut R, mut buf: BytesMut, spare: usize) -> (io::Result<usize>, BytesMut) {
+async fn read_more<R: AsyncReadRent>(
+    reader: &mut R,
+    mut buf: BytesMut,
+    spare: usize,
+) -> (io::Result<usize>, BytesMut) {
     if buf.capacity() - buf.len() < spare {
         buf.reserve(spare);
     }
@@ -66,13 +70,19 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
         // An idle keep-alive connection may wait up to keepalive_timeout for its next request;
         // once a request starts, its head and body must arrive within header_timeout.
         if buf.is_empty() && !first {
-            match monoio::time::timeout(keepalive_timeout, read_more(&mut stream, buf, HTTP_READ_SPARE)).await {
+            match monoio::time::timeout(
+                keepalive_timeout,
+                read_more(&mut stream, buf, HTTP_READ_SPARE),
+            )
+            .await
+            {
                 Ok((Ok(n), b)) if n > 0 => buf = b,
                 _ => break,
             }
         }
         first = false;
-        let request = monoio::time::timeout(header_timeout, read_request(&mut stream, buf, &limits)).await;
+        let request =
+            monoio::time::timeout(header_timeout, read_request(&mut stream, buf, &limits)).await;
         let (head, body, rest) = match request {
             Ok((Ok((head, body)), rest)) => (head, body, rest),
             Ok((Err(ReadFailure::Refused(error)), _)) => {
@@ -81,7 +91,8 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
             }
             Ok((Err(ReadFailure::Closed), _)) => break,
             Err(_elapsed) => {
-                let error = HttpError::new(StatusCode::REQUEST_TIMEOUT, "request not received in time");
+                let error =
+                    HttpError::new(StatusCode::REQUEST_TIMEOUT, "request not received in time");
                 let _ = stream.write_all(parse::error_response(&error, false)).await;
                 break;
             }
@@ -95,7 +106,12 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
         ShardMetrics::add(&metrics.http_requests_total, 1);
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
         let response = crate::http::api::handle(shard, &head, &body).await;
-        let bytes = parse::response(response.status, response.content_type, &response.body, keep_alive);
+        let bytes = parse::response(
+            response.status,
+            response.content_type,
+            &response.body,
+            keep_alive,
+        );
         let (result, _) = stream.write_all(bytes).await;
         if result.is_err() || !keep_alive {
             break;
@@ -105,7 +121,11 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
 }
 
 /// Reads one request head and its body. Returns the unconsumed bytes alongside.
-async fn read_request(stream: &mut TcpStream, mut buf: BytesMut, limits: &HeadLimits) -> (Result<(RequestHead, Bytes), ReadFailure>, BytesMut) {
+async fn read_request(
+    stream: &mut TcpStream,
+    mut buf: BytesMut,
+    limits: &HeadLimits,
+) -> (Result<(RequestHead, Bytes), ReadFailure>, BytesMut) {
     let head = loop {
         if !buf.is_empty() {
             match parse::parse_head(&buf, limits) {
@@ -134,7 +154,10 @@ async fn read_request(stream: &mut TcpStream, mut buf: BytesMut, limits: &HeadLi
 }
 
 /// Why a WebSocket is refused right after the handshake: Pusher close code and message.
-fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppIndex, (u16, String)> {
+fn pusher_refusal(
+    shard: &Shard,
+    head: &RequestHead,
+) -> Result<crate::apps::AppIndex, (u16, String)> {
     let key = &head.path["/app/".len()..];
     let params = parse_query(&head.query);
     // Reference §1.1: clients send ?protocol=7; 5 to 7 behave identically here.
@@ -142,7 +165,12 @@ fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppI
         None => return Err((4008, "No protocol version supplied".into())),
         Some(p) => match p.parse::<u32>() {
             Ok(5..=7) => {}
-            Ok(_) => return Err((4007, format!("Unsupported protocol version {p}; use 5 to 7"))),
+            Ok(_) => {
+                return Err((
+                    4007,
+                    format!("Unsupported protocol version {p}; use 5 to 7"),
+                ))
+            }
             Err(_) => return Err((4006, format!("Invalid protocol version '{p}'"))),
         },
     }
@@ -163,7 +191,10 @@ async fn websocket(shard: &Rc<Shard>, mut stream: TcpStream, head: RequestHead, 
     let mut response = match handshake::accept(&head) {
         Ok(response) => response,
         Err(e) => {
-            let error = HttpError::new(StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), e.reason);
+            let error = HttpError::new(
+                StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+                e.reason,
+            );
             let mut bytes = parse::error_response(&error, false);
             if e.status == 426 {
                 let at = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
@@ -192,7 +223,10 @@ async fn websocket(shard: &Rc<Shard>, mut stream: TcpStream, head: RequestHead, 
     let (key, socket_id) = shard.register(app, stream.as_raw_fd());
     let (mut reader, writer) = stream.into_split();
     let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
-    shard.send(key, message::connection_established(socket_id, shard.config.websocket.activity_timeout_s));
+    shard.send(
+        key,
+        message::connection_established(socket_id, shard.config.websocket.activity_timeout_s),
+    );
     if buf.capacity() > READ_BUFFER_KEEP_MAX {
         buf = BytesMut::from(&buf[..]);
     }
@@ -204,7 +238,12 @@ async fn websocket(shard: &Rc<Shard>, mut stream: TcpStream, head: RequestHead, 
 
 /// Reads and dispatches frames until the peer closes, the socket fails, or the close
 /// handshake completes.
-async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut TcpOwnedReadHalf, mut buf: BytesMut) {
+async fn read_loop(
+    shard: &Rc<Shard>,
+    key: ConnKey,
+    reader: &mut TcpOwnedReadHalf,
+    mut buf: BytesMut,
+) {
     let limits = FrameLimits {
         frame_bytes_max: shard.config.websocket.frame_bytes_max,
         message_bytes_max: shard.config.websocket.message_bytes_max,
@@ -258,7 +297,14 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
             }
             if !shard.record_activity(key, 1) {
                 ShardMetrics::add(&metrics.rate_limited_total, 1);
-                shard.send(key, message::error(Some(crate::shard::session::RATE_LIMITED), "message rate limit exceeded", None));
+                shard.send(
+                    key,
+                    message::error(
+                        Some(crate::shard::session::RATE_LIMITED),
+                        "message rate limit exceeded",
+                        None,
+                    ),
+                );
                 return true;
             }
             let text = std::str::from_utf8(&text).expect("the decoder validated UTF-8");
@@ -266,7 +312,11 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
         }
         Incoming::Binary(_) => {
             // Protocol: "Binary WebSocket frames are not supported".
-            shard.close(key, close_code::UNSUPPORTED_DATA, "binary messages are not supported");
+            shard.close(
+                key,
+                close_code::UNSUPPORTED_DATA,
+                "binary messages are not supported",
+            );
         }
         Incoming::Ping(payload) => {
             shard.record_activity(key, 1);
@@ -280,9 +330,11 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
                 // The peer answered our close: the handshake is complete.
                 return false;
             }
-            // RFC 6455 §5.5.1: answer with a close frame, echoing the code.
+            // RFC 6455 §5.5.1: answer with a close frame, echoing the code; the handshake is
+            // then complete and the server closes the TCP connection once the frame is out.
             let code = received.map(|(code, _)| code).unwrap_or(close_code::NORMAL);
             shard.close(key, code, "");
+            return false;
         }
     }
     true
@@ -293,7 +345,9 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
 async fn write_loop(shard: Rc<Shard>, key: ConnKey, mut writer: TcpOwnedWriteHalf) {
     loop {
         let mut frames = Vec::new();
-        let Some(last) = shard.next_batch(key, &mut frames).await else { break };
+        let Some(last) = shard.next_batch(key, &mut frames).await else {
+            break;
+        };
         let count = frames.len();
         let bytes: usize = frames.iter().map(Bytes::len).sum();
         let mut batch = FrameBatch::new(frames);

@@ -50,9 +50,15 @@ impl std::fmt::Display for ChannelNameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ChannelNameError::Empty => write!(f, "channel name is empty"),
-            ChannelNameError::TooLong => write!(f, "channel name longer than {CHANNEL_NAME_BYTES_MAX} characters"),
+            ChannelNameError::TooLong => write!(
+                f,
+                "channel name longer than {CHANNEL_NAME_BYTES_MAX} characters"
+            ),
             ChannelNameError::InvalidCharacter => {
-                write!(f, "channel name may only contain A-Z, a-z, 0-9 and _ - = @ , . ;")
+                write!(
+                    f,
+                    "channel name may only contain A-Z, a-z, 0-9 and _ - = @ , . ;"
+                )
             }
         }
     }
@@ -66,7 +72,9 @@ pub fn validate(name: &str) -> Result<(), ChannelNameError> {
     if name.len() > CHANNEL_NAME_BYTES_MAX {
         return Err(ChannelNameError::TooLong);
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';')) {
+    if !name.bytes().all(|b| {
+        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';')
+    }) {
         return Err(ChannelNameError::InvalidCharacter);
     }
     Ok(())
@@ -80,7 +88,10 @@ mod tests {
     #[test]
     fn kinds_are_anchored() {
         assert_eq!(ChannelKind::of("private-a"), ChannelKind::Private);
-        assert_eq!(ChannelKind::of("private-encrypted-a"), ChannelKind::PrivateEncrypted);
+        assert_eq!(
+            ChannelKind::of("private-encrypted-a"),
+            ChannelKind::PrivateEncrypted
+        );
         assert_eq!(ChannelKind::of("presence-a"), ChannelKind::Presence);
         assert_eq!(ChannelKind::of("my-private-a"), ChannelKind::Public);
         assert_eq!(ChannelKind::of("privatea"), ChannelKind::Public);
@@ -95,7 +106,10 @@ mod tests {
         assert_eq!(validate(&"a".repeat(200)), Ok(()));
         assert_eq!(validate(&"a".repeat(201)), Err(ChannelNameError::TooLong));
         assert_eq!(validate("a b"), Err(ChannelNameError::InvalidCharacter));
-        assert_eq!(validate("#server-to-user-1"), Err(ChannelNameError::InvalidCharacter));
+        assert_eq!(
+            validate("#server-to-user-1"),
+            Err(ChannelNameError::InvalidCharacter)
+        );
         assert_eq!(validate("é"), Err(ChannelNameError::InvalidCharacter));
     }
 }

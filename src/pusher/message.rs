@@ -35,11 +35,15 @@ impl SocketId {
     /// Parses `123.456`; `None` for anything else (the SDKs' own rule).
     pub fn parse(text: &str) -> Option<SocketId> {
         let (a, b) = text.split_once('.')?;
-        let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|c| c.is_ascii_digit());
+        let digits =
+            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|c| c.is_ascii_digit());
         if !digits(a) || !digits(b) {
             return None;
         }
-        Some(SocketId { sequence: a.parse().ok()?, random: b.parse().ok()? })
+        Some(SocketId {
+            sequence: a.parse().ok()?,
+            random: b.parse().ok()?,
+        })
     }
 }
 
@@ -103,21 +107,31 @@ pub struct MessageError(pub String);
 
 /// Parses one client text message.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, MessageError> {
-    let envelope: Envelope =
-        serde_json::from_str(text).map_err(|e| MessageError(format!("invalid JSON message: {e}")))?;
+    let envelope: Envelope = serde_json::from_str(text)
+        .map_err(|e| MessageError(format!("invalid JSON message: {e}")))?;
     let message = match envelope.event.as_ref() {
         "pusher:ping" => ClientMessage::Ping,
         "pusher:pong" => ClientMessage::Pong,
-        "pusher:subscribe" => ClientMessage::Subscribe(data_object(envelope.data, "pusher:subscribe")?),
+        "pusher:subscribe" => {
+            ClientMessage::Subscribe(data_object(envelope.data, "pusher:subscribe")?)
+        }
         "pusher:unsubscribe" => {
             let Subscribe { channel, .. } = data_object(envelope.data, "pusher:unsubscribe")?;
             ClientMessage::Unsubscribe { channel }
         }
         event if event.starts_with("client-") => {
-            let channel = envelope.channel.ok_or_else(|| MessageError("client event without a channel".into()))?;
-            ClientMessage::ClientEvent { event: envelope.event, channel, data: envelope.data }
+            let channel = envelope
+                .channel
+                .ok_or_else(|| MessageError("client event without a channel".into()))?;
+            ClientMessage::ClientEvent {
+                event: envelope.event,
+                channel,
+                data: envelope.data,
+            }
         }
-        _ => ClientMessage::Unknown { event: envelope.event },
+        _ => ClientMessage::Unknown {
+            event: envelope.event,
+        },
     };
     Ok(message)
 }
@@ -127,16 +141,18 @@ fn data_object<'a>(data: Option<&'a RawValue>, event: &str) -> Result<Subscribe<
     let raw = data.ok_or_else(|| MessageError(format!("{event} without data")))?;
     let parsed = if raw.get().starts_with('"') {
         // A string holding JSON: it must be unescaped, so it cannot borrow from the input.
-        let inner: String = serde_json::from_str(raw.get()).map_err(|e| MessageError(e.to_string()))?;
-        let owned: Subscribe<'_> =
-            serde_json::from_str(&inner).map_err(|e| MessageError(format!("invalid {event} data: {e}")))?;
+        let inner: String =
+            serde_json::from_str(raw.get()).map_err(|e| MessageError(e.to_string()))?;
+        let owned: Subscribe<'_> = serde_json::from_str(&inner)
+            .map_err(|e| MessageError(format!("invalid {event} data: {e}")))?;
         Subscribe {
             channel: Cow::Owned(owned.channel.into_owned()),
             auth: owned.auth.map(|a| Cow::Owned(a.into_owned())),
             channel_data: owned.channel_data.map(|c| Cow::Owned(c.into_owned())),
         }
     } else {
-        serde_json::from_str(raw.get()).map_err(|e| MessageError(format!("invalid {event} data: {e}")))?
+        serde_json::from_str(raw.get())
+            .map_err(|e| MessageError(format!("invalid {event} data: {e}")))?
     };
     Ok(parsed)
 }
@@ -148,7 +164,8 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
 
 /// `pusher:connection_established`, with `data` double-encoded.
 pub fn connection_established(socket_id: SocketId, activity_timeout_s: u32) -> Bytes {
-    let data = format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout_s}}}");
+    let data =
+        format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout_s}}}");
     let mut out = Vec::with_capacity(96);
     out.extend_from_slice(b"{\"event\":\"pusher:connection_established\",\"data\":");
     push_json_string(&mut out, &data);
@@ -229,10 +246,22 @@ mod tests {
     /// socket_id round-trips and rejects what the SDKs reject.
     #[test]
     fn socket_ids() {
-        let id = SocketId { sequence: 12, random: 345 };
+        let id = SocketId {
+            sequence: 12,
+            random: 345,
+        };
         assert_eq!(id.to_string(), "12.345");
         assert_eq!(SocketId::parse("12.345"), Some(id));
-        for bad in ["12", "a.1", "1.", ".1", "1.2.3", "1.-2", " 1.2", "99999999999999999999999.1"] {
+        for bad in [
+            "12",
+            "a.1",
+            "1.",
+            ".1",
+            "1.2.3",
+            "1.-2",
+            " 1.2",
+            "99999999999999999999999.1",
+        ] {
             assert_eq!(SocketId::parse(bad), None, "{bad}");
         }
     }
@@ -240,12 +269,18 @@ mod tests {
     /// The exact bytes of each server message.
     #[test]
     fn server_messages() {
-        let id = SocketId { sequence: 1, random: 2 };
+        let id = SocketId {
+            sequence: 1,
+            random: 2,
+        };
         assert_eq!(
             payload(&connection_established(id, 120)),
             r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.2\",\"activity_timeout\":120}"}"#
         );
-        assert_eq!(payload(&error(Some(4001), "no app", None)), r#"{"event":"pusher:error","data":{"code":4001,"message":"no app"}}"#);
+        assert_eq!(
+            payload(&error(Some(4001), "no app", None)),
+            r#"{"event":"pusher:error","data":{"code":4001,"message":"no app"}}"#
+        );
         assert_eq!(
             payload(&error(None, "bad \"name\"", Some("c"))),
             r#"{"event":"pusher:error","channel":"c","data":{"code":null,"message":"bad \"name\""}}"#
@@ -266,29 +301,63 @@ mod tests {
             r#"{"event":"my-event","channel":"c","data":"{\"some\":\"data\"}"}"#
         );
         let object: Box<RawValue> = serde_json::from_str(r#"{"a":1}"#).unwrap();
-        assert_eq!(payload(&channel_event("e", "c", &object)), r#"{"event":"e","channel":"c","data":"{\"a\":1}"}"#);
+        assert_eq!(
+            payload(&channel_event("e", "c", &object)),
+            r#"{"event":"e","channel":"c","data":"{\"a\":1}"}"#
+        );
     }
 
     /// What clients send, in both data encodings.
     #[test]
     fn client_messages() {
-        assert!(matches!(parse_client_message(r#"{"event":"pusher:ping","data":{}}"#), Ok(ClientMessage::Ping)));
-        let subscribe = Subscribe { channel: "c".into(), auth: Some("".into()), channel_data: None };
-        match parse_client_message(r#"{"event":"pusher:subscribe","data":{"auth":"","channel":"c"}}"#) {
+        assert!(matches!(
+            parse_client_message(r#"{"event":"pusher:ping","data":{}}"#),
+            Ok(ClientMessage::Ping)
+        ));
+        let subscribe = Subscribe {
+            channel: "c".into(),
+            auth: Some("".into()),
+            channel_data: None,
+        };
+        match parse_client_message(
+            r#"{"event":"pusher:subscribe","data":{"auth":"","channel":"c"}}"#,
+        ) {
             Ok(ClientMessage::Subscribe(s)) => assert_eq!(s, subscribe),
             other => panic!("{other:?}"),
         }
         match parse_client_message(r#"{"event":"pusher:subscribe","data":"{\"channel\":\"c\"}"}"#) {
-            Ok(ClientMessage::Subscribe(s)) => assert_eq!(s, Subscribe { channel: "c".into(), auth: None, channel_data: None }),
+            Ok(ClientMessage::Subscribe(s)) => assert_eq!(
+                s,
+                Subscribe {
+                    channel: "c".into(),
+                    auth: None,
+                    channel_data: None
+                }
+            ),
             other => panic!("{other:?}"),
         }
         match parse_client_message(r#"{"event":"pusher:unsubscribe","data":{"channel":"c"}}"#) {
             Ok(ClientMessage::Unsubscribe { channel }) => assert_eq!(channel, "c"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(parse_client_message(r#"{"event":"x"}"#), Ok(ClientMessage::Unknown { .. })));
-        assert!(matches!(parse_client_message(r#"{"event":"client-x","channel":"private-c","data":{"a":1}}"#), Ok(ClientMessage::ClientEvent { .. })));
-        for bad in ["", "{", "[]", r#"{"data":{}}"#, r#"{"event":"pusher:subscribe"}"#, r#"{"event":"pusher:subscribe","data":{}}"#, r#"{"event":"pusher:subscribe","data":"nope"}"#, r#"{"event":"client-x"}"#] {
+        assert!(matches!(
+            parse_client_message(r#"{"event":"x"}"#),
+            Ok(ClientMessage::Unknown { .. })
+        ));
+        assert!(matches!(
+            parse_client_message(r#"{"event":"client-x","channel":"private-c","data":{"a":1}}"#),
+            Ok(ClientMessage::ClientEvent { .. })
+        ));
+        for bad in [
+            "",
+            "{",
+            "[]",
+            r#"{"data":{}}"#,
+            r#"{"event":"pusher:subscribe"}"#,
+            r#"{"event":"pusher:subscribe","data":{}}"#,
+            r#"{"event":"pusher:subscribe","data":"nope"}"#,
+            r#"{"event":"client-x"}"#,
+        ] {
             assert!(parse_client_message(bad).is_err(), "{bad}");
         }
     }

@@ -100,9 +100,16 @@ impl Mesh {
     /// A mesh of `shards` inboxes holding `capacity` messages each.
     pub fn new(shards: usize, capacity: usize) -> Mesh {
         let inboxes = (0..shards)
-            .map(|_| Inbox { queue: ArrayQueue::new(capacity), waker: AtomicWaker::new(), notified: AtomicBool::new(false) })
+            .map(|_| Inbox {
+                queue: ArrayQueue::new(capacity),
+                waker: AtomicWaker::new(),
+                notified: AtomicBool::new(false),
+            })
             .collect();
-        Mesh { inboxes, shutdown: AtomicBool::new(false) }
+        Mesh {
+            inboxes,
+            shutdown: AtomicBool::new(false),
+        }
     }
 
     /// Number of shards.
@@ -131,18 +138,20 @@ impl Mesh {
         self.inboxes[shard].queue.pop()
     }
 
-    /// Waits until `shard`'s inbox has messages or shutdown was requested.
-    pub async fn ready(&self, shard: usize) {
+    /// Waits until `shard`'s inbox has messages, or until shutdown is requested if the caller
+    /// has not seen it yet (`shutdown_seen`), so a shard that has seen it is not woken again.
+    pub async fn ready(&self, shard: usize, shutdown_seen: bool) {
         let inbox = &self.inboxes[shard];
+        let shutdown_news = || !shutdown_seen && self.is_shutting_down();
         poll_fn(|cx| {
-            if !inbox.queue.is_empty() || self.is_shutting_down() {
+            if !inbox.queue.is_empty() || shutdown_news() {
                 return Poll::Ready(());
             }
             inbox.waker.register(cx.waker());
             // Re-arm only right before the final check (see the module doc).
             inbox.notified.store(false, Ordering::SeqCst);
             fence(Ordering::SeqCst);
-            if inbox.queue.is_empty() && !self.is_shutting_down() {
+            if inbox.queue.is_empty() && !shutdown_news() {
                 Poll::Pending
             } else {
                 Poll::Ready(())
@@ -176,7 +185,10 @@ mod tests {
     use super::*;
 
     fn reply(id: u64) -> MeshMessage {
-        MeshMessage::Reply { id, reply: Vec::new() }
+        MeshMessage::Reply {
+            id,
+            reply: Vec::new(),
+        }
     }
 
     /// A full ring hands the message back instead of blocking or dropping it.
@@ -190,7 +202,10 @@ mod tests {
             other => panic!("expected the message back, got {other:?}"),
         }
         assert_eq!(mesh.depth(1), 2);
-        assert!(matches!(mesh.try_recv(1), Some(MeshMessage::Reply { id: 1, .. })));
+        assert!(matches!(
+            mesh.try_recv(1),
+            Some(MeshMessage::Reply { id: 1, .. })
+        ));
         assert_eq!(mesh.depth(0), 0);
     }
 
@@ -215,11 +230,14 @@ mod tests {
                 }
             })
         };
-        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+            .enable_timer()
+            .build()
+            .unwrap();
         let received = rt.block_on(async {
             let mut next = 0u64;
             while next < 10_000 {
-                mesh.ready(0).await;
+                mesh.ready(0, false).await;
                 while let Some(MeshMessage::Reply { id, .. }) = mesh.try_recv(0) {
                     assert_eq!(id, next);
                     next += 1;

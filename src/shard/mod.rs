@@ -136,7 +136,13 @@ pub struct Shard {
 
 impl Shard {
     /// A shard with empty state.
-    pub fn new(index: usize, config: Arc<Config>, apps: Arc<Apps>, mesh: Arc<Mesh>, all_metrics: Arc<[ShardMetrics]>) -> Shard {
+    pub fn new(
+        index: usize,
+        config: Arc<Config>,
+        apps: Arc<Apps>,
+        mesh: Arc<Mesh>,
+        all_metrics: Arc<[ShardMetrics]>,
+    ) -> Shard {
         let shards = mesh.shards();
         let state = ShardState {
             connections: Slab::new(),
@@ -153,7 +159,15 @@ impl Shard {
             shutting_down: false,
             shutdown_waiters: Vec::new(),
         };
-        Shard { index, config, apps, mesh, all_metrics, state: RefCell::new(state), started: Instant::now() }
+        Shard {
+            index,
+            config,
+            apps,
+            mesh,
+            all_metrics,
+            state: RefCell::new(state),
+            started: Instant::now(),
+        }
     }
 
     /// This shard's metrics.
@@ -175,7 +189,10 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         let sequence = state.next_sequence * self.mesh.shards() as u64 + self.index as u64 + 1;
         state.next_sequence += 1;
-        let socket_id = SocketId { sequence, random: fastrand::u32(..1_000_000_000) };
+        let socket_id = SocketId {
+            sequence,
+            random: fastrand::u32(..1_000_000_000),
+        };
         let now_s = state.now_s;
         let key = state.connections.insert(Connection {
             app,
@@ -221,7 +238,12 @@ impl Shard {
             ShardMetrics::add(&self.metrics().slow_consumer_closes_total, 1);
             let dropped: usize = conn.queue.drain(..).map(|f| f.len()).sum();
             conn.queued_bytes -= dropped;
-            close_conn(conn, 4100, "slow consumer: write queue limit exceeded", now_s);
+            close_conn(
+                conn,
+                4100,
+                "slow consumer: write queue limit exceeded",
+                now_s,
+            );
             return;
         }
         conn.queued_bytes += frame.len();
@@ -283,20 +305,23 @@ impl Shard {
         }
     }
 
-    /// First half of teardown, when the reader ends: stop the writer, and cut the socket if
-    /// the writer is stuck on a peer that does not read. Returns whether it had to cut.
-    pub fn begin_teardown(&self, key: ConnKey) -> bool {
+    /// First half of teardown, when the reader ends. A closing connection keeps its writer
+    /// until the close frame is out (the ticker cuts it after the close timeout if the peer
+    /// does not read); any other is marked dead and its socket cut, so a writer stuck on a
+    /// peer that stopped reading returns at once.
+    pub fn begin_teardown(&self, key: ConnKey) {
         let mut state = self.state.borrow_mut();
         let conn = &mut state.connections[key];
+        if matches!(conn.state, ConnState::Closing { .. }) && !conn.writer_done {
+            return;
+        }
         conn.state = ConnState::Dead;
         if let Some(waker) = conn.writer.take() {
             waker.wake();
         }
         if !conn.writer_done {
             shutdown_socket(conn.fd);
-            return true;
         }
-        false
     }
 
     /// Second half of teardown, after the writer task ended: unsubscribe and forget.
@@ -315,10 +340,18 @@ impl Shard {
     // ---- fan-out -----------------------------------------------------------------------
 
     /// Queues one shared frame for every local subscriber of a channel.
-    pub fn deliver_local(&self, app: AppIndex, channel: &str, frame: &Bytes, exclude: Option<SocketId>) {
+    pub fn deliver_local(
+        &self,
+        app: AppIndex,
+        channel: &str,
+        frame: &Bytes,
+        exclude: Option<SocketId>,
+    ) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
-        let Some(subscribers) = state.router.subscribers(app, channel) else { return };
+        let Some(subscribers) = state.router.subscribers(app, channel) else {
+            return;
+        };
         for &key in subscribers {
             let conn = &mut state.connections[key];
             if Some(conn.socket_id) != exclude {
@@ -329,11 +362,22 @@ impl Shard {
 
     /// Publishes a frame on a channel: local subscribers now, other shards through the mesh.
     /// Waits (backpressure) while this shard's outboxes are over their limit.
-    pub async fn publish(&self, app: AppIndex, channel: &str, frame: Bytes, exclude: Option<SocketId>) {
+    pub async fn publish(
+        &self,
+        app: AppIndex,
+        channel: &str,
+        frame: Bytes,
+        exclude: Option<SocketId>,
+    ) {
         self.deliver_local(app, channel, &frame, exclude);
         let shards = self.mesh.shards();
         if shards > 1 {
-            let publication = Arc::new(Publication { app, channel: channel.into(), frame, exclude });
+            let publication = Arc::new(Publication {
+                app,
+                channel: channel.into(),
+                frame,
+                exclude,
+            });
             for target in (0..shards).filter(|&t| t != self.index) {
                 self.mesh_send(target, MeshMessage::Publish(publication.clone()));
             }
@@ -428,14 +472,18 @@ impl Shard {
 
     /// Drains this shard's inbox in batches.
     async fn pump(self: Rc<Self>) {
+        let mut shutdown_seen = false;
         loop {
-            self.mesh.ready(self.index).await;
-            if self.mesh.is_shutting_down() {
+            self.mesh.ready(self.index, shutdown_seen).await;
+            if !shutdown_seen && self.mesh.is_shutting_down() {
+                shutdown_seen = true;
                 self.begin_shutdown();
             }
             let mut handled = 0;
             while handled < PUMP_BATCH_MAX {
-                let Some(message) = self.mesh.try_recv(self.index) else { break };
+                let Some(message) = self.mesh.try_recv(self.index) else {
+                    break;
+                };
                 self.handle_mesh(message);
                 handled += 1;
             }
@@ -497,16 +545,33 @@ impl Shard {
             let mut state = self.state.borrow_mut();
             let id = state.next_query_id;
             state.next_query_id += 1;
-            state.queries.insert(id, PendingQuery { remaining: shards - 1, replies: local, waker: None });
+            state.queries.insert(
+                id,
+                PendingQuery {
+                    remaining: shards - 1,
+                    replies: local,
+                    waker: None,
+                },
+            );
             id
         };
         let query = Arc::new(query);
         for target in (0..shards).filter(|&t| t != self.index) {
-            self.mesh_send(target, MeshMessage::Query { from: self.index, id, query: query.clone() });
+            self.mesh_send(
+                target,
+                MeshMessage::Query {
+                    from: self.index,
+                    id,
+                    query: query.clone(),
+                },
+            );
         }
         let wait = poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            let pending = state.queries.get_mut(&id).expect("pending query exists until taken");
+            let pending = state
+                .queries
+                .get_mut(&id)
+                .expect("pending query exists until taken");
             if pending.remaining == 0 {
                 Poll::Ready(())
             } else {
@@ -515,7 +580,12 @@ impl Shard {
             }
         });
         let answered = monoio::time::timeout(QUERY_TIMEOUT, wait).await.is_ok();
-        let pending = self.state.borrow_mut().queries.remove(&id).expect("pending query exists until taken");
+        let pending = self
+            .state
+            .borrow_mut()
+            .queries
+            .remove(&id)
+            .expect("pending query exists until taken");
         answered.then_some(pending.replies)
     }
 
@@ -550,7 +620,9 @@ impl Shard {
                             to_ping.push(key);
                         }
                     }
-                    ConnState::Closing { since_s } if now_s.saturating_sub(since_s) >= CLOSE_TIMEOUT.as_secs() => {
+                    ConnState::Closing { since_s }
+                        if now_s.saturating_sub(since_s) >= CLOSE_TIMEOUT.as_secs() =>
+                    {
                         shutdown_socket(conn.fd);
                     }
                     _ => {}
@@ -613,7 +685,13 @@ impl Shard {
     /// that clients (which reconnect without jitter) do not all return at once, then waits
     /// up to `shutdown_grace_ms` for the connections to finish.
     pub async fn drain_connections(&self) {
-        let keys: Vec<ConnKey> = self.state.borrow().connections.iter().map(|(k, _)| k).collect();
+        let keys: Vec<ConnKey> = self
+            .state
+            .borrow()
+            .connections
+            .iter()
+            .map(|(k, _)| k)
+            .collect();
         let window_ms = self.config.server.shutdown_close_window_ms.max(1);
         let per_ms = keys.len().div_ceil(window_ms as usize).max(1);
         for chunk in keys.chunks(per_ms) {

@@ -22,7 +22,9 @@ pub struct Router {
 impl Router {
     /// An empty table for `apps` apps.
     pub fn new(apps: usize) -> Router {
-        Router { apps: (0..apps).map(|_| HashMap::new()).collect() }
+        Router {
+            apps: (0..apps).map(|_| HashMap::new()).collect(),
+        }
     }
 
     /// Adds a subscriber; false if it was already subscribed.
@@ -40,7 +42,9 @@ impl Router {
     /// Removes a subscriber; false if it was not subscribed. Empty channels are dropped.
     pub fn unsubscribe(&mut self, app: AppIndex, channel: &str, conn: ConnKey) -> bool {
         let table = &mut self.apps[app as usize];
-        let Some(set) = table.get_mut(channel) else { return false };
+        let Some(set) = table.get_mut(channel) else {
+            return false;
+        };
         let removed = set.swap_remove(&conn);
         if set.is_empty() {
             table.remove(channel);
@@ -55,7 +59,9 @@ impl Router {
 
     /// Channels of an app with at least one subscriber here, with their subscriber counts.
     pub fn occupied(&self, app: AppIndex) -> impl Iterator<Item = (&str, usize)> {
-        self.apps[app as usize].iter().map(|(name, set)| (name.as_ref(), set.len()))
+        self.apps[app as usize]
+            .iter()
+            .map(|(name, set)| (name.as_ref(), set.len()))
     }
 }
 

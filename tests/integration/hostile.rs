@@ -1,0 +1,234 @@
+//! Hostile input: every limit answers its documented error and the server keeps serving.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::json;
+use tungstenite::Message;
+
+use crate::support::*;
+use crate::websocket::{masked_frame, masked_text};
+
+/// Another client is still served normally.
+fn still_serving(server: &TestServer) {
+    let (mut ws, _) = connect(server.addr);
+    subscribe(&mut ws, "alive");
+    assert_eq!(http(server.addr, "GET", "/health", b"").0, 200);
+}
+
+/// Request line, header and body limits answer 414, 431 and 413 with JSON bodies.
+#[test]
+fn http_head_limits() {
+    let server = TestServer::start(|c| c.http.body_bytes_max = 1000);
+    let long_target = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+    assert_eq!(raw_http(server.addr, long_target.as_bytes()).0, 414);
+    let big_header = format!(
+        "GET /health HTTP/1.1\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(17_000)
+    );
+    let (status, body) = raw_http(server.addr, big_header.as_bytes());
+    assert_eq!(status, 431);
+    assert!(body.contains("\"status\":431"), "{body}");
+    let many: String = (0..70).map(|i| format!("X-{i}: 1\r\n")).collect();
+    assert_eq!(
+        raw_http(
+            server.addr,
+            format!("GET /health HTTP/1.1\r\n{many}\r\n").as_bytes()
+        )
+        .0,
+        431
+    );
+    assert_eq!(
+        raw_http(
+            server.addr,
+            b"POST /apps/1/events HTTP/1.1\r\nContent-Length: 1001\r\n\r\n"
+        )
+        .0,
+        413
+    );
+    assert_eq!(raw_http(server.addr, b"GARBAGE\r\n\r\n").0, 400);
+    still_serving(&server);
+}
+
+/// Slowloris: a head that trickles in is cut off at header_timeout with 408, while other
+/// clients are served meanwhile; the same holds for a WebSocket handshake.
+#[test]
+fn slowloris() {
+    let server = TestServer::start(|c| c.http.header_timeout_ms = 400);
+    let mut slow = TcpStream::connect(server.addr).unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nX-A: 1\r\n")
+        .unwrap();
+    let mut slow_ws = TcpStream::connect(server.addr).unwrap();
+    slow_ws
+        .write_all(
+            format!("GET /app/{KEY}?protocol=7 HTTP/1.1\r\nUpgrade: websocket\r\n").as_bytes(),
+        )
+        .unwrap();
+    still_serving(&server);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = slow.write_all(b"X-B: 2\r\n");
+    for stream in [&mut slow, &mut slow_ws] {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        assert_eq!(
+            parse_response(&response).0,
+            408,
+            "{}",
+            String::from_utf8_lossy(&response)
+        );
+    }
+}
+
+/// Frame-level violations close with their RFC 6455 codes; other clients are unaffected.
+#[test]
+fn frame_violations() {
+    let server = TestServer::start(|c| c.websocket.frame_bytes_max = 4096);
+    let mut bomb = vec![0x82, 0x80 | 127];
+    bomb.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    bomb.extend_from_slice(&[1, 2, 3, 4]);
+    let cases: Vec<(Vec<u8>, u16)> = vec![
+        (vec![0x81, 0x01, b'a'], 1002),            // unmasked
+        (masked_frame(0x81, &[0xff, 0xfe]), 1007), // invalid UTF-8
+        (masked_frame(0x81, &[b'a'; 5000]), 1009), // over frame_bytes_max
+        (bomb, 1009),                              // 2^62-byte declared length
+        (masked_frame(0x82, b"bin"), 1003),        // binary
+        (masked_frame(0xC1, b"a"), 1002),          // RSV1 without an extension
+    ];
+    for (bytes, code) in cases {
+        let (mut ws, _) = connect(server.addr);
+        ws.get_mut().write_all(&bytes).unwrap();
+        assert_eq!(recv_close(&mut ws), code, "{bytes:02x?}");
+    }
+    assert!(
+        metric(server.addr, "protocol_closes_total")
+            .iter()
+            .sum::<u64>()
+            >= 4
+    );
+    still_serving(&server);
+}
+
+/// Malformed JSON, unknown events and bad subscriptions get pusher:error and the connection
+/// stays open.
+#[test]
+fn bad_messages_are_non_fatal() {
+    let server = TestServer::start(|_| {});
+    let (mut ws, _) = connect(server.addr);
+    for bad in [
+        "{",
+        "[]",
+        r#"{"event":"pusher:subscribe","data":{}}"#,
+        r#"{"event":"nope"}"#,
+    ] {
+        ws.send(Message::text(bad)).unwrap();
+        assert_eq!(recv_json(&mut ws)["event"], "pusher:error", "{bad}");
+    }
+    for channel in ["", "a b", &"x".repeat(201), "#server-to-user-1"] {
+        send_json(
+            &mut ws,
+            json!({"event": "pusher:subscribe", "data": {"channel": channel}}),
+        );
+        let error = recv_json(&mut ws);
+        assert_eq!(error["event"], "pusher:error");
+        assert!(
+            error["data"]["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("invalid channel name"),
+            "{error}"
+        );
+    }
+    subscribe(&mut ws, "fine");
+}
+
+/// A subscribe flood stops at channels_per_connection_max.
+#[test]
+fn subscribe_flood() {
+    let server = TestServer::start(|c| {
+        c.websocket.channels_per_connection_max = 5;
+        c.websocket.messages_per_second_max = 0;
+    });
+    let (mut ws, _) = connect(server.addr);
+    for i in 0..5 {
+        subscribe(&mut ws, &format!("c{i}"));
+    }
+    for i in 5..50 {
+        send_json(
+            &mut ws,
+            json!({"event": "pusher:subscribe", "data": {"channel": format!("c{i}")}}),
+        );
+        let error = recv_json(&mut ws);
+        assert!(
+            error["data"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("at most 5 channels"),
+            "{error}"
+        );
+    }
+    assert_eq!(metric(server.addr, "subscriptions").iter().sum::<u64>(), 5);
+    still_serving(&server);
+}
+
+/// Over messages_per_second_max, messages are dropped with pusher:error 4301.
+#[test]
+fn message_rate_limit() {
+    let server = TestServer::start(|c| c.websocket.messages_per_second_max = 10);
+    let (mut ws, _) = connect(server.addr);
+    let mut raw = Vec::new();
+    for _ in 0..40 {
+        raw.extend(masked_text(br#"{"event":"pusher:ping","data":{}}"#));
+    }
+    ws.get_mut().write_all(&raw).unwrap();
+    let (mut pongs, mut limited) = (0, 0);
+    while pongs + limited < 40 {
+        let message = recv_json(&mut ws);
+        match message["event"].as_str().unwrap() {
+            "pusher:pong" => pongs += 1,
+            "pusher:error" if message["data"]["code"] == 4301 => limited += 1,
+            other => panic!("{other}"),
+        }
+    }
+    assert!(
+        pongs >= 10 && limited >= 1,
+        "pongs {pongs}, limited {limited}"
+    );
+}
+
+/// Over connections_per_shard_max, new connections are closed at once and counted.
+#[test]
+fn connection_limit_per_shard() {
+    let server = TestServer::start(|c| {
+        c.server.shards = 1;
+        c.server.connections_per_shard_max = 3;
+    });
+    let _held: Vec<Ws> = (0..3).map(|_| connect(server.addr).0).collect();
+    let mut extra = TcpStream::connect(server.addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /health HTTP/1.1\r\n\r\n");
+    let mut buf = [0u8; 64];
+    assert!(
+        matches!(extra.read(&mut buf), Ok(0) | Err(_)),
+        "closed without an answer"
+    );
+    drop(_held);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(metric(server.addr, "connections_refused_total"), vec![1]);
+}
+
+/// The per-app connection quota refuses with 4004.
+#[test]
+fn app_connection_quota() {
+    let server = TestServer::start(|c| c.apps[0].max_connections = 2);
+    let _a = connect(server.addr);
+    let _b = connect(server.addr);
+    let mut ws = ws_connect(server.addr, &format!("/app/{KEY}?protocol=7"));
+    assert_eq!(recv_json(&mut ws)["data"]["code"], 4004);
+    assert_eq!(recv_close(&mut ws), 4004);
+}

@@ -1,0 +1,103 @@
+//! The binary: config checking, startup output and graceful shutdown on SIGTERM.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::support::*;
+
+fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_ringwire"))
+}
+
+fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
+    let path =
+        std::env::temp_dir().join(format!("ringwire-test-{}-{name}.toml", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// check-config accepts the default, and refuses a bad file with exit 2 naming key and line.
+#[test]
+fn check_config() {
+    let good = temp_config("good", ringwire::config::DEFAULT_CONFIG_TOML);
+    assert!(binary()
+        .args(["check-config", good.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
+    let bad = temp_config("bad", "[server]\nbind = \"127.0.0.1:1\"\nshard = 2\n");
+    let output = binary()
+        .arg("--check")
+        .arg("--config")
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("line 3") && stderr.contains("shard"),
+        "{stderr}"
+    );
+}
+
+/// SIGTERM: WebSockets get close 4200, readiness turns 503 on an open keep-alive connection,
+/// and the process exits 0.
+#[test]
+fn graceful_shutdown() {
+    let config = temp_config("shutdown", "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\nshutdown_close_window_ms = 200\nshutdown_grace_ms = 2000\n");
+    let mut child = binary()
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let addr: SocketAddr = first
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("{first}"));
+    let mut rest = String::new();
+    for _ in 0..2 {
+        stdout.read_line(&mut rest).unwrap();
+    }
+    assert!(
+        rest.contains("key=ringwire-demo-key secret=ringwire-demo-secret"),
+        "{rest}"
+    );
+
+    let mut clients: Vec<Ws> = (0..6).map(|_| connect(addr).0).collect();
+    let mut keep_alive = TcpStream::connect(addr).unwrap();
+    keep_alive
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    keep_alive
+        .write_all(b"GET /ready HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let n = keep_alive.read(&mut buf).unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
+
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    for ws in &mut clients {
+        assert_eq!(recv_close(ws), 4200);
+    }
+    keep_alive
+        .write_all(b"GET /ready HTTP/1.1\r\n\r\n")
+        .unwrap();
+    let n = keep_alive.read(&mut buf).unwrap();
+    let response = String::from_utf8_lossy(&buf[..n]);
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
+}

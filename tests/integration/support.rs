@@ -1,0 +1,217 @@
+//! Shared helpers: an in-process server on 127.0.0.1:0, WebSocket and raw HTTP clients.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ringwire::config::IoDriver;
+use ringwire::{Config, Server};
+use serde_json::Value;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{Message, WebSocket};
+
+pub const APP_ID: &str = "1";
+pub const KEY: &str = "ringwire-demo-key";
+pub const SECRET: &str = "ringwire-demo-secret";
+
+/// A server that shuts down when dropped.
+pub struct TestServer {
+    server: Option<Server>,
+    pub addr: SocketAddr,
+}
+
+impl TestServer {
+    /// Two shards on a free port, with the test's changes to the default config.
+    pub fn start(change: impl FnOnce(&mut Config)) -> TestServer {
+        let mut config = Config::default();
+        config.server.bind = "127.0.0.1:0".parse().unwrap();
+        config.server.shards = 2;
+        config.server.shutdown_grace_ms = 300;
+        config.server.shutdown_close_window_ms = 10;
+        if let Ok(driver) = std::env::var("RINGWIRE_TEST_DRIVER") {
+            config.server.io_driver = if driver == "epoll" {
+                IoDriver::Epoll
+            } else {
+                IoDriver::IoUring
+            };
+        }
+        change(&mut config);
+        let server = Server::start(config).expect("server starts");
+        let addr = server.addr;
+        TestServer {
+            server: Some(server),
+            addr,
+        }
+    }
+
+    fn stop_inner(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+            server.join();
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// Opens a WebSocket to `path` (e.g. `/app/KEY?protocol=7`).
+pub fn ws_connect(addr: SocketAddr, path: &str) -> Ws {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let (ws, _) = tungstenite::client(format!("ws://{addr}{path}"), stream).expect("handshake");
+    ws
+}
+
+/// Connects to the demo app and returns the socket and its socket_id.
+pub fn connect(addr: SocketAddr) -> (Ws, String) {
+    let mut ws = ws_connect(
+        addr,
+        &format!("/app/{KEY}?protocol=7&client=js&version=8.4.0&flash=false"),
+    );
+    let established = recv_json(&mut ws);
+    assert_eq!(established["event"], "pusher:connection_established");
+    let data: Value =
+        serde_json::from_str(established["data"].as_str().expect("data is a string")).unwrap();
+    (ws, data["socket_id"].as_str().unwrap().to_string())
+}
+
+/// The next text message, as raw text.
+pub fn recv_text(ws: &mut Ws) -> String {
+    loop {
+        match ws.read().expect("message") {
+            Message::Text(text) => return text.to_string(),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+}
+
+/// The next text message, parsed.
+pub fn recv_json(ws: &mut Ws) -> Value {
+    serde_json::from_str(&recv_text(ws)).unwrap()
+}
+
+/// Sends a JSON text message.
+pub fn send_json(ws: &mut Ws, value: Value) {
+    ws.send(Message::text(value.to_string())).unwrap();
+}
+
+/// Subscribes and checks the exact subscription_succeeded bytes.
+pub fn subscribe(ws: &mut Ws, channel: &str) {
+    send_json(
+        ws,
+        serde_json::json!({"event": "pusher:subscribe", "data": {"auth": "", "channel": channel}}),
+    );
+    assert_eq!(
+        recv_text(ws),
+        format!(
+            r#"{{"event":"pusher_internal:subscription_succeeded","channel":"{channel}","data":"{{}}"}}"#
+        )
+    );
+}
+
+/// Reads until the server's close frame and returns its code (tungstenite answers it).
+pub fn recv_close(ws: &mut Ws) -> u16 {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(frame))) => return u16::from(frame.code),
+            Ok(Message::Close(None)) => return u16::from(CloseCode::Status),
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// `path?signed-query` for a request signed with the demo app's secret.
+pub fn signed_path(method: &str, path: &str, body: &[u8], extra: &[(&str, &str)]) -> String {
+    let query = ringwire::pusher::auth::signed_query(method, path, KEY, SECRET, body, now(), extra);
+    format!("{path}?{query}")
+}
+
+/// One HTTP request on its own connection; returns (status, body).
+pub fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, String) {
+    let mut request =
+        format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n").into_bytes();
+    if !body.is_empty() || method == "POST" {
+        request.extend_from_slice(
+            format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    request.extend_from_slice(b"\r\n");
+    request.extend_from_slice(body);
+    raw_http(addr, &request)
+}
+
+/// Sends raw bytes, reads to EOF, splits status and body.
+pub fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = stream.write_all(request);
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    parse_response(&response)
+}
+
+/// (status, body) of a complete response.
+pub fn parse_response(response: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(response).to_string();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// Publishes `data` (a JSON string) on channels through the signed API.
+pub fn publish(
+    addr: SocketAddr,
+    channels: &[&str],
+    event: &str,
+    data: &str,
+    socket_id: Option<&str>,
+) -> (u16, String) {
+    let mut body = serde_json::json!({"name": event, "channels": channels, "data": data});
+    if let Some(id) = socket_id {
+        body["socket_id"] = id.into();
+    }
+    let body = body.to_string();
+    let path = format!("/apps/{APP_ID}/events");
+    http(
+        addr,
+        "POST",
+        &signed_path("POST", &path, body.as_bytes(), &[]),
+        body.as_bytes(),
+    )
+}
+
+/// A metric's value summed over shards, from /metrics.
+pub fn metric(addr: SocketAddr, name: &str) -> Vec<u64> {
+    let (_, text) = http(addr, "GET", "/metrics", b"");
+    text.lines()
+        .filter(|l| l.starts_with(&format!("ringwire_{name}{{")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect()
+}
