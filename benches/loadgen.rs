@@ -1,1 +1,568 @@
-fn main() {}
+//! ringwire's load generator: Pusher-protocol fan-out with open-loop publishing.
+//!
+//! `cargo bench --bench loadgen -- fanout [options]` (see `--help`).
+//!
+//! - Subscribers: `--subscribers` WebSocket connections spread over `--channels` channels,
+//!   run as monoio tasks on `--threads` runtime threads. Each frame's payload carries the
+//!   publisher's *intended* send time; the receiver records `now - intended` into a per-thread
+//!   hdrhistogram, merged at the end. Measuring from the intended time (not the actual send)
+//!   means a stalled server cannot hide its stall: there is no coordinated omission.
+//! - Publisher: open loop at `--rate` events/s through the signed HTTP API over
+//!   `--publish-connections` keep-alive connections, round-robin over the channels. It never
+//!   waits for the server to catch up before scheduling the next event.
+//! - Output: one JSON object on stdout (for scripts/bench), a summary on stderr.
+//!
+//! The generator's own cost is reported (`generator_cpu_s`) so a run can show that the
+//! generator was not the bottleneck it measured.
+
+use std::io::{self, Write as _};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BytesMut};
+use hdrhistogram::Histogram;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+struct Options {
+    addr: SocketAddr,
+    app_id: String,
+    key: String,
+    secret: String,
+    channels: usize,
+    subscribers: usize,
+    rate: u64,
+    duration: Duration,
+    payload: usize,
+    threads: usize,
+    publish_connections: usize,
+    nchan: bool,
+}
+
+const USAGE: &str = "usage: loadgen fanout [--addr 127.0.0.1:6001] [--app-id 1] [--key K] [--secret S]
+  [--channels 10] [--subscribers 1000] [--rate 1000] [--duration 10] [--payload 100]
+  [--threads 1] [--publish-connections 4] [--nchan]
+--nchan speaks nginx+Nchan's pub/sub URLs (/sub/{channel} WebSocket, POST /pub/{channel}) instead of Pusher.";
+
+fn parse_options() -> Result<Options, String> {
+    let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
+    match args.next().as_deref() {
+        Some("fanout") => {}
+        _ => return Err(USAGE.into()),
+    }
+    let mut options = Options {
+        addr: "127.0.0.1:6001".parse().unwrap(),
+        app_id: "1".into(),
+        key: "ringwire-demo-key".into(),
+        secret: "ringwire-demo-secret".into(),
+        channels: 10,
+        subscribers: 1000,
+        rate: 1000,
+        duration: Duration::from_secs(10),
+        payload: 100,
+        threads: 1,
+        publish_connections: 4,
+        nchan: false,
+    };
+    while let Some(flag) = args.next() {
+        if flag == "--nchan" {
+            options.nchan = true;
+            continue;
+        }
+        let value = args
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let number = || {
+            value
+                .parse::<u64>()
+                .map_err(|_| format!("{flag}: not a number: {value}"))
+        };
+        match flag.as_str() {
+            "--addr" => options.addr = value.parse().map_err(|_| format!("--addr: {value}"))?,
+            "--app-id" => options.app_id = value.clone(),
+            "--key" => options.key = value.clone(),
+            "--secret" => options.secret = value.clone(),
+            "--channels" => options.channels = number()?.max(1) as usize,
+            "--subscribers" => options.subscribers = number()? as usize,
+            "--rate" => options.rate = number()?.max(1),
+            "--duration" => {
+                options.duration = Duration::from_secs_f64(
+                    value
+                        .parse::<f64>()
+                        .map_err(|_| format!("--duration: {value}"))?,
+                )
+            }
+            "--payload" => options.payload = number()? as usize,
+            "--threads" => options.threads = number()?.max(1) as usize,
+            "--publish-connections" => options.publish_connections = number()?.max(1) as usize,
+            _ => return Err(format!("unknown option {flag}\n{USAGE}")),
+        }
+    }
+    Ok(options)
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+}
+
+/// Totals shared by the subscriber threads (touched once per read batch, not per message).
+#[derive(Default)]
+struct Totals {
+    delivered: AtomicU64,
+    subscribed: AtomicU64,
+    failed: AtomicU64,
+}
+
+fn main() {
+    let options = match parse_options() {
+        Ok(options) => Arc::new(options),
+        Err(message) => {
+            eprintln!("{message}");
+            std::process::exit(2);
+        }
+    };
+    let totals = Arc::new(Totals::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let cpu_start = process_cpu_s();
+    // Subscribers connect first; the barrier releases the publisher once all are subscribed.
+    let ready = Arc::new(Barrier::new(options.threads + 1));
+    let mut handles = Vec::new();
+    for thread in 0..options.threads {
+        let (options, totals, stop, ready) =
+            (options.clone(), totals.clone(), stop.clone(), ready.clone());
+        handles.push(std::thread::spawn(move || {
+            let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .build()
+                .unwrap();
+            runtime.block_on(subscriber_thread(thread, options, totals, stop, ready))
+        }));
+    }
+    ready.wait();
+    let subscribed = totals.subscribed.load(Ordering::Relaxed);
+    eprintln!(
+        "loadgen: {subscribed}/{} subscribed; publishing {} events/s for {:?}",
+        options.subscribers, options.rate, options.duration
+    );
+    let publish_start = Instant::now();
+    let published = {
+        let options = options.clone();
+        std::thread::spawn(move || {
+            let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                .enable_timer()
+                .build()
+                .unwrap();
+            runtime.block_on(publisher(options))
+        })
+        .join()
+        .unwrap()
+    };
+    let publish_elapsed = publish_start.elapsed();
+    // Give in-flight deliveries a moment, then stop the readers.
+    let expected = expected_deliveries(&options, published.sent);
+    let drain_deadline = Instant::now() + Duration::from_secs(3);
+    while totals.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for handle in handles {
+        histogram.add(handle.join().unwrap()).unwrap();
+    }
+    let delivered = totals.delivered.load(Ordering::Relaxed);
+    let generator_cpu_s = process_cpu_s() - cpu_start;
+    let result = serde_json::json!({
+        "scenario": "fanout",
+        "target": if options.nchan { "nchan" } else { "pusher" },
+        "subscribers": options.subscribers,
+        "subscribed": subscribed,
+        "channels": options.channels,
+        "payload_bytes": options.payload,
+        "offered_rate": options.rate,
+        "duration_s": publish_elapsed.as_secs_f64(),
+        "published": published.sent,
+        "publish_errors": published.errors,
+        "expected_deliveries": expected,
+        "delivered": delivered,
+        "delivered_per_s": delivered as f64 / publish_elapsed.as_secs_f64(),
+        "failed_connections": totals.failed.load(Ordering::Relaxed),
+        "latency_us": {
+            "p50": histogram.value_at_quantile(0.50),
+            "p90": histogram.value_at_quantile(0.90),
+            "p99": histogram.value_at_quantile(0.99),
+            "p999": histogram.value_at_quantile(0.999),
+            "max": histogram.max(),
+            "samples": histogram.len(),
+        },
+        "generator_cpu_s": generator_cpu_s,
+    });
+    eprintln!(
+        "loadgen: published {} ({} errors), delivered {delivered}/{expected}, {:.0} msg/s; latency p50 {} µs p99 {} µs p99.9 {} µs max {} µs; generator CPU {generator_cpu_s:.2} s",
+        published.sent,
+        published.errors,
+        delivered as f64 / publish_elapsed.as_secs_f64(),
+        histogram.value_at_quantile(0.5),
+        histogram.value_at_quantile(0.99),
+        histogram.value_at_quantile(0.999),
+        histogram.max()
+    );
+    println!("{result}");
+}
+
+/// Subscribers per channel times events per channel.
+fn expected_deliveries(options: &Options, sent: u64) -> u64 {
+    (0..options.channels)
+        .map(|c| {
+            let subscribers = (0..options.subscribers)
+                .filter(|s| s % options.channels == c)
+                .count() as u64;
+            let events = (0..sent)
+                .filter(|e| (*e as usize) % options.channels == c)
+                .count() as u64;
+            subscribers * events
+        })
+        .sum()
+}
+
+fn process_cpu_s() -> f64 {
+    // SAFETY: getrusage fills the struct we pass and touches nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: see above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+async fn subscriber_thread(
+    thread: usize,
+    options: Arc<Options>,
+    totals: Arc<Totals>,
+    stop: Arc<AtomicBool>,
+    ready: Arc<Barrier>,
+) -> Histogram<u64> {
+    let histogram = Rc::new(std::cell::RefCell::new(
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
+    ));
+    let mine: Vec<usize> = (0..options.subscribers)
+        .filter(|s| s % options.threads == thread)
+        .collect();
+    let mut streams = Vec::with_capacity(mine.len());
+    for chunk in mine.chunks(100) {
+        let mut pending = Vec::new();
+        for &subscriber in chunk {
+            let channel = format!("bench-{}", subscriber % options.channels);
+            pending.push(monoio::spawn(subscribe(options.clone(), channel)));
+        }
+        for handle in pending {
+            match handle.await {
+                Ok(connection) => {
+                    totals.subscribed.fetch_add(1, Ordering::Relaxed);
+                    streams.push(connection);
+                }
+                Err(e) => {
+                    totals.failed.fetch_add(1, Ordering::Relaxed);
+                    eprintln!("loadgen: subscribe failed: {e}");
+                }
+            }
+        }
+    }
+    let mut readers = Vec::new();
+    for (stream, buf) in streams {
+        readers.push(monoio::spawn(receive(
+            stream,
+            buf,
+            histogram.clone(),
+            totals.clone(),
+            stop.clone(),
+        )));
+    }
+    // Let this runtime run the readers while other threads finish subscribing.
+    let ready_wait = std::thread::spawn(move || ready.wait());
+    while !ready_wait.is_finished() {
+        monoio::time::sleep(Duration::from_millis(1)).await;
+    }
+    for reader in readers {
+        reader.await;
+    }
+    Rc::try_unwrap(histogram)
+        .map(|h| h.into_inner())
+        .unwrap_or_else(|rc| rc.borrow().clone())
+}
+
+async fn read_more(stream: &mut TcpStream, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    let len = buf.len();
+    let (result, slice) = stream.read(buf.slice_mut(len..)).await;
+    (result, slice.into_inner())
+}
+
+/// Opens a WebSocket, subscribes, and returns the stream with any bytes read past the reply.
+async fn subscribe(options: Arc<Options>, channel: String) -> io::Result<(TcpStream, BytesMut)> {
+    let mut stream = TcpStream::connect(options.addr).await?;
+    stream.set_nodelay(true)?;
+    let path = if options.nchan {
+        format!("/sub/{channel}")
+    } else {
+        format!("/app/{}?protocol=7&client=loadgen", options.key)
+    };
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        options.addr
+    );
+    let (result, _) = stream.write_all(request.into_bytes()).await;
+    result?;
+    let mut buf = BytesMut::with_capacity(4096);
+    let head_end = loop {
+        let (result, b) = read_more(&mut stream, buf).await;
+        buf = b;
+        if result? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed during handshake",
+            ));
+        }
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    if !buf.starts_with(b"HTTP/1.1 101") {
+        return Err(io::Error::other(format!(
+            "handshake refused: {}",
+            String::from_utf8_lossy(&buf[..head_end])
+        )));
+    }
+    buf.advance(head_end);
+    if options.nchan {
+        return Ok((stream, buf));
+    }
+    // connection_established, then subscribe and wait for subscription_succeeded.
+    wait_for(&mut stream, &mut buf, b"pusher:connection_established").await?;
+    let subscribe =
+        format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
+    let (result, _) = stream.write_all(masked_text(subscribe.as_bytes())).await;
+    result?;
+    wait_for(
+        &mut stream,
+        &mut buf,
+        b"pusher_internal:subscription_succeeded",
+    )
+    .await?;
+    Ok((stream, buf))
+}
+
+async fn wait_for(stream: &mut TcpStream, buf: &mut BytesMut, needle: &[u8]) -> io::Result<()> {
+    loop {
+        while let Some((payload, consumed)) = next_frame(buf) {
+            let found = payload.windows(needle.len()).any(|w| w == needle);
+            buf.advance(consumed);
+            if found {
+                return Ok(());
+            }
+        }
+        let (result, b) = read_more(stream, std::mem::take(buf)).await;
+        *buf = b;
+        if result? == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "closed before subscription",
+            ));
+        }
+    }
+}
+
+/// One unmasked server frame at the front of `buf`: (payload, total length).
+fn next_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let (length, header) = match buf[1] & 0x7f {
+        126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
+        127 if buf.len() >= 10 => (
+            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
+            10,
+        ),
+        126 | 127 => return None,
+        n => (n as usize, 2),
+    };
+    (buf.len() >= header + length).then(|| (&buf[header..header + length], header + length))
+}
+
+/// The intended send time (ns) in a payload: the digits after the `t` key, either escaped
+/// inside a double-encoded Pusher data string (`\"t\":`) or plain (`"t":`, Nchan).
+fn sent_at(payload: &[u8]) -> Option<u64> {
+    let find = |needle: &[u8]| {
+        payload
+            .windows(needle.len())
+            .position(|w| w == needle)
+            .map(|p| p + needle.len())
+    };
+    let at = find(br#"\"t\":"#).or_else(|| find(br#""t":"#))?;
+    let digits = payload[at..].iter().take_while(|b| b.is_ascii_digit());
+    Some(digits.fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+async fn receive(
+    mut stream: TcpStream,
+    mut buf: BytesMut,
+    histogram: Rc<std::cell::RefCell<Histogram<u64>>>,
+    totals: Arc<Totals>,
+    stop: Arc<AtomicBool>,
+) {
+    loop {
+        let mut delivered = 0;
+        let now = now_ns();
+        while let Some((payload, consumed)) = next_frame(&buf) {
+            if let Some(sent) = sent_at(payload) {
+                let latency_us = now.saturating_sub(sent) / 1000;
+                let _ = histogram.borrow_mut().record(latency_us.max(1));
+                delivered += 1;
+            }
+            buf.advance(consumed);
+        }
+        if delivered > 0 {
+            totals.delivered.fetch_add(delivered, Ordering::Relaxed);
+        }
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let read = monoio::time::timeout(
+            Duration::from_millis(200),
+            read_more(&mut stream, std::mem::take(&mut buf)),
+        )
+        .await;
+        match read {
+            Ok((Ok(n), b)) if n > 0 => buf = b,
+            Ok(_) => return,
+            Err(_) => buf = BytesMut::new(),
+        }
+    }
+}
+
+fn masked_text(payload: &[u8]) -> Vec<u8> {
+    let mask = [0x11u8, 0x22, 0x33, 0x44];
+    let mut out = vec![0x81];
+    match payload.len() {
+        n if n < 126 => out.push(0x80 | n as u8),
+        n => {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
+
+struct Published {
+    sent: u64,
+    errors: u64,
+}
+
+/// Open-loop publisher: event i is due at start + i/rate; each connection task sends the
+/// events assigned to it when they fall due, stamping the intended time, not the actual one.
+async fn publisher(options: Arc<Options>) -> Published {
+    let total = (options.rate as f64 * options.duration.as_secs_f64()) as u64;
+    let start_ns = now_ns();
+    let start = Instant::now();
+    let sent = Rc::new(std::cell::Cell::new(0u64));
+    let errors = Rc::new(std::cell::Cell::new(0u64));
+    let mut tasks = Vec::new();
+    for connection in 0..options.publish_connections {
+        let (options, sent, errors) = (options.clone(), sent.clone(), errors.clone());
+        tasks.push(monoio::spawn(async move {
+            let Ok(mut stream) = TcpStream::connect(options.addr).await else {
+                errors.set(errors.get() + 1);
+                return;
+            };
+            let _ = stream.set_nodelay(true);
+            let mut buf = BytesMut::with_capacity(4096);
+            let mut index = connection as u64;
+            while index < total {
+                let due_ns = (index as f64 * 1e9 / options.rate as f64) as u64;
+                let due = start + Duration::from_nanos(due_ns);
+                let now = Instant::now();
+                if due > now {
+                    monoio::time::sleep(due - now).await;
+                }
+                let request = publish_request(&options, index, start_ns + due_ns);
+                let (result, _) = stream.write_all(request).await;
+                if result.is_err() || !read_response(&mut stream, &mut buf).await {
+                    errors.set(errors.get() + 1);
+                    return;
+                }
+                sent.set(sent.get() + 1);
+                index += options.publish_connections as u64;
+            }
+        }));
+    }
+    for task in tasks {
+        task.await;
+    }
+    Published {
+        sent: sent.get(),
+        errors: errors.get(),
+    }
+}
+
+fn publish_request(options: &Options, index: u64, intended_ns: u64) -> Vec<u8> {
+    let channel = format!("bench-{}", index as usize % options.channels);
+    let pad = "x".repeat(options.payload.saturating_sub(40));
+    if options.nchan {
+        let body = format!(r#"{{"t":{intended_ns},"pad":"{pad}"}}"#);
+        return format!("POST /pub/{channel} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).into_bytes();
+    }
+    let data = format!(r#"{{\"t\":{intended_ns},\"pad\":\"{pad}\"}}"#);
+    let body = format!(r#"{{"name":"bench","channel":"{channel}","data":"{data}"}}"#);
+    let path = format!("/apps/{}/events", options.app_id);
+    let timestamp = now_ns() / 1_000_000_000;
+    let query = ringwire::pusher::auth::signed_query(
+        "POST",
+        &path,
+        &options.key,
+        &options.secret,
+        body.as_bytes(),
+        timestamp,
+        &[],
+    );
+    let mut request = Vec::with_capacity(256 + body.len());
+    let _ = write!(request, "POST {path}?{query} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    request
+}
+
+/// Reads one response (head + Content-Length body); true on a 2xx.
+async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> bool {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length = head
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                })
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                let ok = head.starts_with("http/1.1 2");
+                buf.advance(end + 4 + length);
+                return ok;
+            }
+        }
+        let (result, b) = read_more(stream, std::mem::take(buf)).await;
+        *buf = b;
+        if !matches!(result, Ok(n) if n > 0) {
+            return false;
+        }
+    }
+}

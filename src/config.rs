@@ -420,7 +420,11 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
 fn line_of(text: &str, offset: usize) -> usize {
     // Bytes, not str slicing: a span offset need not fall on a char boundary.
     let end = offset.min(text.len());
-    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
 }
 
 /// Best-effort line of a dotted key path such as `server.shards` or `apps[1].key`.

@@ -1,0 +1,540 @@
+// Interoperability tests: ringwire driven by the real, unmodified official libraries —
+// pusher-js (the browser/Node client), `pusher` (the Node server SDK) and, through
+// python_sdk.py, the Python server SDK. Run by scripts/interop; needs a release build.
+//
+//   RINGWIRE_BIN     server binary (default target/release/ringwire, relative to the repo root)
+//   RINGWIRE_PYTHON  interpreter with the `pusher` package (default python3)
+
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+import { fileURLToPath } from 'node:url';
+
+import Pusher from 'pusher-js';
+import PusherServer from 'pusher';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const REPO_ROOT = path.resolve(HERE, '..', '..');
+const BIN = path.resolve(REPO_ROOT, process.env.RINGWIRE_BIN || 'target/release/ringwire');
+const PYTHON = process.env.RINGWIRE_PYTHON || 'python3';
+
+const APP_ID = '1';
+const KEY = 'ringwire-demo-key';
+const SECRET = 'ringwire-demo-secret';
+// 32 bytes, base64: lets the Node SDK encrypt and hand out per-channel shared secrets.
+const ENCRYPTION_MASTER_KEY = Buffer.alloc(32, 7).toString('base64');
+
+const CONFIG = `[server]
+bind = "127.0.0.1:0"
+shards = 2
+
+[[apps]]
+id = "${APP_ID}"
+key = "${KEY}"
+secret = "${SECRET}"
+enable_client_events = true
+`;
+
+const WAIT_MS = 5000; // bound on every single wait in this file
+
+let server; // ChildProcess
+let serverExit; // Promise<{ code, signal }>
+let serverStderr = '';
+let tmpDir;
+let host;
+let port;
+let serverSdk;
+const clients = new Set(); // every pusher-js instance, so none is left open at the end
+
+// ---- helpers --------------------------------------------------------------------------------
+
+function withTimeout(promise, ms, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** A pusher-js client aimed at the test server, configured the way a browser app would be. */
+function newClient(extra = {}) {
+  const client = new Pusher(KEY, {
+    cluster: 'mt1', // required by pusher-js 8; wsHost/wsPort override the host it implies
+    wsHost: host,
+    wsPort: port,
+    forceTLS: false,
+    enabledTransports: ['ws'],
+    disableStats: true,
+    ...extra,
+  });
+  clients.add(client);
+  return client;
+}
+
+function connected(client) {
+  if (client.connection.state === 'connected') return Promise.resolve(client);
+  return withTimeout(
+    new Promise((resolve, reject) => {
+      client.connection.bind('connected', () => resolve(client));
+      client.connection.bind('failed', () => reject(new Error('pusher-js connection failed')));
+    }),
+    WAIT_MS,
+    'pusher-js to connect',
+  );
+}
+
+async function connectedClient(extra) {
+  return connected(newClient(extra));
+}
+
+function subscribed(client, name) {
+  const channel = client.subscribe(name);
+  if (channel.subscribed) return Promise.resolve(channel);
+  return withTimeout(
+    new Promise((resolve, reject) => {
+      channel.bind('pusher:subscription_succeeded', () => resolve(channel));
+      channel.bind('pusher:subscription_error', (err) =>
+        reject(new Error(`subscription to ${name} failed: ${JSON.stringify(err)}`)),
+      );
+      channel.bind('pusher:error', (err) =>
+        reject(new Error(`server refused subscription to ${name}: ${JSON.stringify(err)}`)),
+      );
+    }),
+    WAIT_MS,
+    `subscription_succeeded on ${name}`,
+  );
+}
+
+/** Records every `event` on `channel`; until(n) resolves once n have arrived. */
+function record(channel, event) {
+  const got = [];
+  const waiters = [];
+  channel.bind(event, (data) => {
+    got.push(data);
+    for (let i = waiters.length - 1; i >= 0; i--) {
+      if (got.length >= waiters[i].n) {
+        waiters[i].resolve(got);
+        waiters.splice(i, 1);
+      }
+    }
+  });
+  return {
+    got,
+    until(n, what = `${n} × ${event} on ${channel.name}`) {
+      if (got.length >= n) return Promise.resolve(got);
+      return withTimeout(new Promise((resolve) => waiters.push({ n, resolve })), WAIT_MS, what);
+    },
+  };
+}
+
+function disconnect(client) {
+  client.disconnect();
+  clients.delete(client);
+}
+
+/** The signed-in private-channel authorizer, as an app backend would wire it. */
+const authorizeWithSdk = {
+  customHandler: (params, callback) => {
+    try {
+      callback(null, serverSdk.authorizeChannel(params.socketId, params.channelName));
+    } catch (err) {
+      callback(err, null);
+    }
+  },
+};
+
+async function metricsConnections() {
+  const res = await fetch(`http://${host}:${port}/metrics`);
+  assert.equal(res.status, 200);
+  const text = await res.text();
+  const perShard = {};
+  for (const m of text.matchAll(/^ringwire_connections\{shard="(\d+)"\} (\d+)$/gm)) {
+    perShard[m[1]] = Number(m[2]);
+  }
+  return perShard;
+}
+
+async function json(responsePromise) {
+  const res = await responsePromise;
+  assert.equal(res.status, 200);
+  return res.json();
+}
+
+// ---- server lifecycle -----------------------------------------------------------------------
+
+describe('ringwire with the official Pusher libraries', () => {
+  before(async () => {
+    tmpDir = mkdtempSync(path.join(tmpdir(), 'ringwire-interop-'));
+    const configPath = path.join(tmpDir, 'ringwire.toml');
+    writeFileSync(configPath, CONFIG);
+
+    server = spawn(BIN, ['--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+    serverExit = new Promise((resolve) =>
+      server.on('exit', (code, signal) => resolve({ code, signal })),
+    );
+    server.stderr.setEncoding('utf8');
+    server.stderr.on('data', (chunk) => {
+      serverStderr = (serverStderr + chunk).slice(-20000);
+    });
+    const spawnError = new Promise((_, reject) => server.on('error', reject));
+    const exitedEarly = serverExit.then(({ code, signal }) => {
+      throw new Error(`ringwire exited before listening (code ${code}, signal ${signal}):\n${serverStderr}`);
+    });
+
+    const lines = createInterface({ input: server.stdout });
+    const firstLine = new Promise((resolve) => lines.once('line', resolve));
+    const line = await withTimeout(
+      Promise.race([firstLine, spawnError, exitedEarly]),
+      10000,
+      `the first stdout line of ${BIN}`,
+    );
+    exitedEarly.catch(() => {}); // from here on, an exit is checked by `after`
+    lines.on('line', () => {}); // keep draining stdout
+    const words = line.trim().split(/\s+/);
+    assert.match(line, /^ringwire listening on /, `unexpected first line: ${line}`);
+    const address = words[3];
+    const colon = address.lastIndexOf(':');
+    host = address.slice(0, colon);
+    port = Number(address.slice(colon + 1));
+    assert.ok(port > 0, `no port in ${line}`);
+
+    serverSdk = new PusherServer({
+      appId: APP_ID,
+      key: KEY,
+      secret: SECRET,
+      host,
+      port: String(port),
+      useTLS: false,
+      timeout: WAIT_MS,
+      encryptionMasterKeyBase64: ENCRYPTION_MASTER_KEY,
+    });
+  });
+
+  // Graceful shutdown as pusher-js sees it: SIGTERM closes a live connection with 4200 (which
+  // pusher-js treats as "reconnect"), then the server exits 0.
+  after(async () => {
+    for (const client of clients) client.disconnect();
+    clients.clear();
+    let watcher;
+    try {
+      let closeError;
+      if (server && server.exitCode === null && server.signalCode === null) {
+        watcher = await connectedClient();
+        closeError = new Promise((resolve) => watcher.connection.bind('error', resolve));
+        server.kill('SIGTERM');
+      }
+      if (server) {
+        const { code, signal } = await withTimeout(serverExit, 10000, 'ringwire to exit on SIGTERM');
+        assert.equal(signal, null, `ringwire died of ${signal}:\n${serverStderr}`);
+        assert.equal(code, 0, `ringwire exited with ${code}:\n${serverStderr}`);
+      }
+      if (closeError) {
+        const err = await withTimeout(closeError, WAIT_MS, 'pusher-js to see the 4200 close');
+        assert.equal(err.type, 'WebSocketError');
+        assert.equal(err.error.type, 'PusherError');
+        assert.equal(err.error.data.code, 4200);
+      }
+    } finally {
+      if (watcher) disconnect(watcher);
+      if (tmpDir) rmSync(tmpDir, { recursive: true, force: true });
+    }
+  });
+
+  // ---- tests --------------------------------------------------------------------------------
+
+  // Proves fan-out across both shards: 60 pusher-js clients on one public channel, spread over
+  // both shards, each get all 5 SDK-triggered events in order with byte-exact data.
+  it('a. 60 pusher-js clients on both shards receive 5 SDK events in order', async () => {
+    const N = 60;
+    const channelName = 'fanout';
+    const group = await Promise.all(Array.from({ length: N }, () => connectedClient()));
+    const recorders = await Promise.all(
+      group.map(async (client) => record(await subscribed(client, channelName), 'tick')),
+    );
+
+    const perShard = await metricsConnections();
+    assert.deepEqual(Object.keys(perShard).sort(), ['0', '1'], `metrics: ${JSON.stringify(perShard)}`);
+    assert.ok(perShard['0'] > 0 && perShard['1'] > 0, `both shards hold connections: ${JSON.stringify(perShard)}`);
+    assert.ok(perShard['0'] + perShard['1'] >= N, `>= ${N} connections: ${JSON.stringify(perShard)}`);
+
+    const sent = Array.from({ length: 5 }, (_, i) => ({
+      seq: i,
+      text: `tick ${i} — ünïcødé ✓ "quoted" \\ back\nslash`,
+      nested: { list: [i, i * 2, null, true], empty: {} },
+    }));
+    for (const data of sent) {
+      const res = await serverSdk.trigger(channelName, 'tick', data);
+      assert.equal(res.status, 200);
+    }
+    await Promise.all(recorders.map((r, i) => r.until(5, `5 ticks on client ${i}`)));
+    for (const r of recorders) assert.deepEqual(r.got, sent);
+
+    group.forEach(disconnect);
+  });
+
+  // Proves socket_id exclusion: the client whose pusher.connection.socket_id is passed to
+  // trigger does not get that event, while another subscriber does.
+  it('b. trigger with socket_id excludes that connection', async () => {
+    const channelName = 'exclusion';
+    const [excluded, other] = await Promise.all([connectedClient(), connectedClient()]);
+    const excludedEvents = record(await subscribed(excluded, channelName), 'news');
+    const otherEvents = record(await subscribed(other, channelName), 'news');
+
+    const socketId = excluded.connection.socket_id;
+    assert.match(socketId, /^\d+\.\d+$/);
+    await serverSdk.trigger(channelName, 'news', { n: 1 }, { socket_id: socketId });
+    await otherEvents.until(1);
+    // A second, unfiltered event from the same SDK follows the first on every path; once the
+    // excluded client has it, the first would have arrived before it had it been sent.
+    await serverSdk.trigger(channelName, 'news', { n: 2 });
+    await excludedEvents.until(1);
+    await otherEvents.until(2);
+    assert.deepEqual(excludedEvents.got, [{ n: 2 }]);
+    assert.deepEqual(otherEvents.got, [{ n: 1 }, { n: 2 }]);
+
+    disconnect(excluded);
+    disconnect(other);
+  });
+
+  // Proves private-channel auth: an SDK-signed subscription succeeds; a forged signature gets a
+  // pusher:error (surfaced by pusher-js on the connection, the channel and the global emitter)
+  // and the connection stays up and usable.
+  it('c. private channel: good auth subscribes, bad auth errors without disconnecting', async () => {
+    const channelName = 'private-room';
+    const good = await connectedClient({ channelAuthorization: authorizeWithSdk });
+    const goodEvents = record(await subscribed(good, channelName), 'secret');
+
+    const bad = await connectedClient({
+      channelAuthorization: {
+        customHandler: (params, callback) => {
+          const { auth } = serverSdk.authorizeChannel(params.socketId, params.channelName);
+          const [key, signature] = auth.split(':');
+          const forged = signature.replace(/^./, (c) => (c === '0' ? '1' : '0'));
+          callback(null, { auth: `${key}:${forged}` });
+        },
+      },
+    });
+    const states = [];
+    bad.connection.bind('state_change', ({ current }) => states.push(current));
+    const connectionError = new Promise((resolve) => bad.connection.bind('error', resolve));
+    const globalError = new Promise((resolve) => bad.bind('pusher:error', resolve));
+    const badChannel = bad.subscribe(channelName);
+    const channelError = new Promise((resolve) => badChannel.bind('pusher:error', resolve));
+    let succeeded = false;
+    badChannel.bind('pusher:subscription_succeeded', () => (succeeded = true));
+
+    const [connErr, globalErr, chanErr] = await withTimeout(
+      Promise.all([connectionError, globalError, channelError]),
+      WAIT_MS,
+      'pusher:error for a forged signature',
+    );
+    assert.equal(connErr.type, 'PusherError');
+    assert.equal(connErr.data.code, null);
+    assert.match(connErr.data.message, /^Invalid signature/);
+    assert.deepEqual(globalErr, connErr.data);
+    assert.deepEqual(chanErr, connErr.data);
+
+    // Still connected, not subscribed, and the same socket still works for public channels.
+    const socketId = bad.connection.socket_id;
+    const publicEvents = record(await subscribed(bad, 'after-bad-auth'), 'ping-ish');
+    await serverSdk.trigger('after-bad-auth', 'ping-ish', { ok: true });
+    await publicEvents.until(1);
+    assert.equal(bad.connection.state, 'connected');
+    assert.equal(bad.connection.socket_id, socketId);
+    assert.deepEqual(states, [], `connection state changes after the error: ${states}`);
+    assert.equal(succeeded, false);
+    assert.equal(badChannel.subscribed, false);
+
+    // The well-authorized client does receive events on the private channel.
+    await serverSdk.trigger(channelName, 'secret', { for: 'members only' });
+    assert.deepEqual(await goodEvents.until(1), [{ for: 'members only' }]);
+
+    disconnect(good);
+    disconnect(bad);
+  });
+
+  // Proves client events: a client-* event from one authorized pusher-js client reaches the
+  // other subscriber with its data intact and is not echoed back to the sender.
+  it('d. client events on a private channel reach others, not the sender', async () => {
+    const channelName = 'private-chat';
+    const [sender, receiver] = await Promise.all([
+      connectedClient({ channelAuthorization: authorizeWithSdk }),
+      connectedClient({ channelAuthorization: authorizeWithSdk }),
+    ]);
+    const senderChannel = await subscribed(sender, channelName);
+    const receiverChannel = await subscribed(receiver, channelName);
+    const echoed = record(senderChannel, 'client-typing');
+    const senderSentinel = record(senderChannel, 'sentinel');
+    const received = record(receiverChannel, 'client-typing');
+
+    assert.equal(senderChannel.trigger('client-typing', { x: 1 }), true);
+    assert.deepEqual(await received.until(1), [{ x: 1 }]);
+    // An echo to the sender would be written before the receiver got the event; a later
+    // server event to the sender proves nothing was queued ahead of it.
+    await serverSdk.trigger(channelName, 'sentinel', {});
+    await senderSentinel.until(1);
+    assert.deepEqual(echoed.got, []);
+
+    disconnect(sender);
+    disconnect(receiver);
+  });
+
+  // Proves the channel queries the SDK makes (GET /channels with filter_by_prefix and
+  // info=subscription_count, GET /channels/{name}) count pusher-js subscriptions across shards,
+  // and that the SDK reports an over-limit trigger as a RequestError with status 413.
+  it('e. SDK channel queries count subscriptions; oversized data is rejected with 413', async () => {
+    const group = await Promise.all([1, 2, 3, 4].map(() => connectedClient()));
+    await Promise.all([
+      subscribed(group[0], 'room-a'),
+      subscribed(group[0], 'room-b'),
+      subscribed(group[1], 'room-a'),
+      subscribed(group[2], 'room-a'),
+      subscribed(group[3], 'lobby'),
+    ]);
+
+    const all = await json(
+      serverSdk.get({ path: '/channels', params: { filter_by_prefix: 'room-', info: 'subscription_count' } }),
+    );
+    assert.deepEqual(all, {
+      channels: { 'room-a': { subscription_count: 3 }, 'room-b': { subscription_count: 1 } },
+    });
+    const plain = await json(serverSdk.get({ path: '/channels', params: { filter_by_prefix: 'room-' } }));
+    assert.deepEqual(plain, { channels: { 'room-a': {}, 'room-b': {} } });
+
+    const roomA = await json(
+      serverSdk.get({ path: '/channels/room-a', params: { info: 'subscription_count' } }),
+    );
+    assert.deepEqual(roomA, { occupied: true, subscription_count: 3 });
+    const empty = await json(
+      serverSdk.get({ path: '/channels/room-nobody', params: { info: 'subscription_count' } }),
+    );
+    assert.deepEqual(empty, { occupied: false, subscription_count: 0 });
+
+    // An unsubscribe has no acknowledgement: poll until the count drops.
+    group[2].unsubscribe('room-a');
+    let count;
+    for (const deadline = Date.now() + WAIT_MS; Date.now() < deadline; await sleep(50)) {
+      count = (await json(serverSdk.get({ path: '/channels/room-a', params: { info: 'subscription_count' } })))
+        .subscription_count;
+      if (count === 2) break;
+    }
+    assert.equal(count, 2);
+
+    // Data limit: 10240 bytes is delivered, 10241 bytes is a 413 surfaced as a RequestError.
+    const bigEvents = record(group[3].channel('lobby'), 'big');
+    const atLimit = 'x'.repeat(10240);
+    const ok = await serverSdk.trigger('lobby', 'big', atLimit);
+    assert.equal(ok.status, 200);
+    assert.deepEqual(await bigEvents.until(1), [atLimit]);
+    await assert.rejects(serverSdk.trigger('lobby', 'big', 'x'.repeat(10241)), (err) => {
+      assert.ok(err instanceof PusherServer.RequestError, `not a RequestError: ${err}`);
+      assert.equal(err.status, 413);
+      assert.equal(err.message, 'Unexpected status code 413');
+      assert.match(err.body, /10241/);
+      return true;
+    });
+
+    group.forEach(disconnect);
+  });
+
+  // Proves POST /batch_events via triggerBatch: events on two channels reach one subscriber in
+  // the order of the batch, with their data.
+  it('f. triggerBatch delivers every event in order', async () => {
+    const client = await connectedClient();
+    const [one, two] = await Promise.all([subscribed(client, 'batch-1'), subscribed(client, 'batch-2')]);
+    const got = [];
+    const done = new Promise((resolve) => {
+      const push = (channel) => (data) => {
+        got.push({ channel, data });
+        if (got.length === 6) resolve();
+      };
+      one.bind('item', push('batch-1'));
+      two.bind('item', push('batch-2'));
+    });
+    const batch = [0, 1, 2, 3, 4, 5].map((i) => ({
+      channel: i % 3 === 1 ? 'batch-2' : 'batch-1',
+      name: 'item',
+      data: { i },
+    }));
+    const expected = batch.map(({ channel, data }) => ({ channel, data }));
+    const res = await serverSdk.triggerBatch(batch);
+    assert.equal(res.status, 200);
+    await withTimeout(done, WAIT_MS, '6 batch events');
+    assert.deepEqual(got, expected);
+
+    disconnect(client);
+  });
+
+  // Proves the Python SDK interoperates: its trigger reaches a pusher-js subscriber, and its
+  // channels_info / channel_info (GETs signed with body_md5) return the right counts.
+  it('g. the Python SDK triggers and queries', async () => {
+    const [a, b] = await Promise.all([connectedClient(), connectedClient()]);
+    const events = record(await subscribed(a, 'py-room'), 'from-python');
+    await subscribed(b, 'py-room');
+    await subscribed(b, 'py-other');
+
+    const data = { lang: 'python', n: 42, text: 'grüße' };
+    const child = spawn(
+      PYTHON,
+      [
+        path.join(HERE, 'python_sdk.py'),
+        '--host', host,
+        '--port', String(port),
+        '--app-id', APP_ID,
+        '--key', KEY,
+        '--secret', SECRET,
+        '--channel', 'py-room',
+        '--event', 'from-python',
+        '--data', JSON.stringify(data),
+        '--prefix', 'py-',
+      ],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (c) => (stdout += c));
+    child.stderr.setEncoding('utf8').on('data', (c) => (stderr += c));
+    const code = await withTimeout(
+      new Promise((resolve, reject) => {
+        child.on('error', reject);
+        child.on('exit', resolve);
+      }),
+      15000,
+      `${PYTHON} python_sdk.py`,
+    ).catch((err) => {
+      child.kill('SIGKILL');
+      throw err;
+    });
+    assert.equal(code, 0, `python_sdk.py failed:\n${stderr}`);
+
+    assert.deepEqual(await events.until(1), [data]);
+    const printed = JSON.parse(stdout);
+    assert.deepEqual(printed.trigger, {});
+    assert.deepEqual(printed.channels_info, {
+      channels: { 'py-other': { subscription_count: 1 }, 'py-room': { subscription_count: 2 } },
+    });
+    assert.deepEqual(printed.channel_info, { occupied: true, subscription_count: 2 });
+
+    disconnect(a);
+    disconnect(b);
+  });
+
+  // Proves end-to-end encryption passes through: the Node SDK encrypts for a
+  // private-encrypted channel, pusher-js decrypts with the shared secret from the authorizer,
+  // and the server relays the ciphertext untouched.
+  it('h. private-encrypted channel round-trips through the server', async () => {
+    const channelName = 'private-encrypted-vault';
+    const client = await connectedClient({ channelAuthorization: authorizeWithSdk });
+    const events = record(await subscribed(client, channelName), 'sealed');
+    const data = { secret: 'only the client can read this', n: [1, 2, 3] };
+    await serverSdk.trigger(channelName, 'sealed', data);
+    assert.deepEqual(await events.until(1), [data]);
+    disconnect(client);
+  });
+});
