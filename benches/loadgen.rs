@@ -155,18 +155,7 @@ fn main() {
         options.subscribers, options.rate, options.duration
     );
     let publish_start = Instant::now();
-    let published = {
-        let options = options.clone();
-        std::thread::spawn(move || {
-            let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                .enable_timer()
-                .build()
-                .unwrap();
-            runtime.block_on(publisher(options))
-        })
-        .join()
-        .unwrap()
-    };
+    let published = publisher(options.clone());
     let publish_elapsed = publish_start.elapsed();
     // Give in-flight deliveries a moment, then stop the readers.
     let expected = expected_deliveries(&options, published.sent);
@@ -470,50 +459,54 @@ struct Published {
     errors: u64,
 }
 
-/// Open-loop publisher: event i is due at start + i/rate; each connection task sends the
-/// events assigned to it when they fall due, stamping the intended time, not the actual one.
-async fn publisher(options: Arc<Options>) -> Published {
+/// Open-loop publisher: event i is due at start + i/rate. Each connection is a plain thread
+/// with a blocking socket: `thread::sleep` wakes within tens of microseconds, where a 1 ms
+/// runtime timer would add its own lateness to every measured latency. Each event carries
+/// its intended time, not the actual send time.
+fn publisher(options: Arc<Options>) -> Published {
     let total = (options.rate as f64 * options.duration.as_secs_f64()) as u64;
     let start_ns = now_ns();
     let start = Instant::now();
-    let sent = Rc::new(std::cell::Cell::new(0u64));
-    let errors = Rc::new(std::cell::Cell::new(0u64));
-    let mut tasks = Vec::new();
-    for connection in 0..options.publish_connections {
-        let (options, sent, errors) = (options.clone(), sent.clone(), errors.clone());
-        tasks.push(monoio::spawn(async move {
-            let Ok(mut stream) = TcpStream::connect(options.addr).await else {
-                errors.set(errors.get() + 1);
-                return;
-            };
-            let _ = stream.set_nodelay(true);
-            let mut buf = BytesMut::with_capacity(4096);
-            let mut index = connection as u64;
-            while index < total {
-                let due_ns = (index as f64 * 1e9 / options.rate as f64) as u64;
-                let due = start + Duration::from_nanos(due_ns);
-                let now = Instant::now();
-                if due > now {
-                    monoio::time::sleep(due - now).await;
+    let threads: Vec<_> = (0..options.publish_connections)
+        .map(|connection| {
+            let options = options.clone();
+            std::thread::spawn(move || {
+                let mut published = Published { sent: 0, errors: 0 };
+                let Ok(mut stream) = std::net::TcpStream::connect(options.addr) else {
+                    published.errors += 1;
+                    return published;
+                };
+                let _ = stream.set_nodelay(true);
+                let mut buf = Vec::with_capacity(4096);
+                let mut index = connection as u64;
+                while index < total {
+                    let due_ns = (index as f64 * 1e9 / options.rate as f64) as u64;
+                    let due = start + Duration::from_nanos(due_ns);
+                    let now = Instant::now();
+                    if due > now {
+                        std::thread::sleep(due - now);
+                    }
+                    let request = publish_request(&options, index, start_ns + due_ns);
+                    if std::io::Write::write_all(&mut stream, &request).is_err()
+                        || !read_response(&mut stream, &mut buf)
+                    {
+                        published.errors += 1;
+                        return published;
+                    }
+                    published.sent += 1;
+                    index += options.publish_connections as u64;
                 }
-                let request = publish_request(&options, index, start_ns + due_ns);
-                let (result, _) = stream.write_all(request).await;
-                if result.is_err() || !read_response(&mut stream, &mut buf).await {
-                    errors.set(errors.get() + 1);
-                    return;
-                }
-                sent.set(sent.get() + 1);
-                index += options.publish_connections as u64;
-            }
-        }));
-    }
-    for task in tasks {
-        task.await;
-    }
-    Published {
-        sent: sent.get(),
-        errors: errors.get(),
-    }
+                published
+            })
+        })
+        .collect();
+    threads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .fold(Published { sent: 0, errors: 0 }, |a, b| Published {
+            sent: a.sent + b.sent,
+            errors: a.errors + b.errors,
+        })
 }
 
 fn publish_request(options: &Options, index: u64, intended_ns: u64) -> Vec<u8> {
@@ -542,7 +535,8 @@ fn publish_request(options: &Options, index: u64, intended_ns: u64) -> Vec<u8> {
 }
 
 /// Reads one response (head + Content-Length body); true on a 2xx.
-async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> bool {
+fn read_response(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+    let mut chunk = [0u8; 4096];
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
@@ -555,14 +549,13 @@ async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> bool {
                 .unwrap_or(0);
             if buf.len() >= end + 4 + length {
                 let ok = head.starts_with("http/1.1 2");
-                buf.advance(end + 4 + length);
+                buf.drain(..end + 4 + length);
                 return ok;
             }
         }
-        let (result, b) = read_more(stream, std::mem::take(buf)).await;
-        *buf = b;
-        if !matches!(result, Ok(n) if n > 0) {
-            return false;
+        match std::io::Read::read(stream, &mut chunk) {
+            Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => return false,
         }
     }
 }
