@@ -97,6 +97,8 @@ pub struct WebSocketConfig {
     pub pong_timeout_s: u32,
     /// Messages per second one connection may send; 0 = unlimited.
     pub messages_per_second_max: u32,
+    /// Serve `/echo`: a plain WebSocket echo on the same code path, for conformance suites.
+    pub echo_enabled: bool,
 }
 
 /// `[mesh]`
@@ -186,6 +188,7 @@ impl Default for WebSocketConfig {
             activity_timeout_s: 120,
             pong_timeout_s: 30,
             messages_per_second_max: 100,
+            echo_enabled: false,
         }
     }
 }

@@ -22,9 +22,11 @@ use crate::net::batch::FrameBatch;
 use crate::pusher::auth::{param, parse_query};
 use crate::pusher::message;
 use crate::shard::router::ConnKey;
+use crate::shard::session::RATE_LIMITED;
 use crate::shard::{ConnState, Shard};
 use crate::ws::frame::{self, close_code, Decoder, FrameLimits, Incoming};
 use crate::ws::handshake;
+use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// Free space a WebSocket read asks for: small, because most connections mostly listen and
 /// an in-flight read pins its buffer.
@@ -98,9 +100,10 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
             }
         };
         buf = rest;
-        if head.path.starts_with("/app/") {
+        let echo = head.path == "/echo" && shard.config.websocket.echo_enabled;
+        if head.path.starts_with("/app/") || echo {
             ShardMetrics::sub(&metrics.http_connections, 1);
-            websocket(shard, stream, head, buf).await;
+            websocket(shard, stream, head, buf, echo).await;
             return;
         }
         ShardMetrics::add(&metrics.http_requests_total, 1);
@@ -187,7 +190,13 @@ fn pusher_refusal(
 }
 
 /// Upgrades and runs a WebSocket connection to its end.
-async fn websocket(shard: &Rc<Shard>, mut stream: TcpStream, head: RequestHead, mut buf: BytesMut) {
+async fn websocket(
+    shard: &Rc<Shard>,
+    mut stream: TcpStream,
+    head: RequestHead,
+    mut buf: BytesMut,
+    echo: bool,
+) {
     let mut response = match handshake::accept(&head) {
         Ok(response) => response,
         Err(e) => {
@@ -204,7 +213,12 @@ async fn websocket(shard: &Rc<Shard>, mut stream: TcpStream, head: RequestHead, 
             return;
         }
     };
-    let app = match pusher_refusal(shard, &head) {
+    let checked = if echo {
+        Ok(0)
+    } else {
+        pusher_refusal(shard, &head)
+    };
+    let app = match checked {
         Ok(app) => app,
         Err((code, reason)) => {
             // Protocol §1.4: pusher:error, then close with the same code.
@@ -217,16 +231,21 @@ async fn websocket(shard: &Rc<Shard>, mut stream: TcpStream, head: RequestHead, 
     };
     let (result, _) = stream.write_all(response).await;
     if result.is_err() {
-        shard.apps.get(app).release();
+        if !echo {
+            shard.apps.get(app).release();
+        }
         return;
     }
-    let (key, socket_id) = shard.register(app, stream.as_raw_fd());
+    let (key, socket_id) = shard.register(app, echo, stream.as_raw_fd());
     let (mut reader, writer) = stream.into_split();
     let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
-    shard.send(
-        key,
-        message::connection_established(socket_id, shard.config.websocket.activity_timeout_s),
-    );
+    if !echo {
+        let activity_timeout_s = shard.config.websocket.activity_timeout_s;
+        shard.send(
+            key,
+            message::connection_established(socket_id, activity_timeout_s),
+        );
+    }
     if buf.capacity() > READ_BUFFER_KEEP_MAX {
         buf = BytesMut::from(&buf[..]);
     }
@@ -287,37 +306,12 @@ async fn read_loop(
 /// Handles one complete message; false when the connection is finished.
 async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
     let metrics = shard.metrics();
-    let state = shard.state.borrow().connections[key].state;
+    let (state, echo) = {
+        let state = shard.state.borrow();
+        let conn = &state.connections[key];
+        (conn.state, conn.echo)
+    };
     match incoming {
-        Incoming::Text(text) => {
-            ShardMetrics::add(&metrics.messages_in_total, 1);
-            ShardMetrics::add(&metrics.bytes_in_total, text.len() as u64);
-            if state != ConnState::Open {
-                return true;
-            }
-            if !shard.record_activity(key, 1) {
-                ShardMetrics::add(&metrics.rate_limited_total, 1);
-                shard.send(
-                    key,
-                    message::error(
-                        Some(crate::shard::session::RATE_LIMITED),
-                        "message rate limit exceeded",
-                        None,
-                    ),
-                );
-                return true;
-            }
-            let text = std::str::from_utf8(&text).expect("the decoder validated UTF-8");
-            shard.on_text(key, text).await;
-        }
-        Incoming::Binary(_) => {
-            // Protocol: "Binary WebSocket frames are not supported".
-            shard.close(
-                key,
-                close_code::UNSUPPORTED_DATA,
-                "binary messages are not supported",
-            );
-        }
         Incoming::Ping(payload) => {
             shard.record_activity(key, 1);
             shard.send(key, frame::encode_pong(&payload));
@@ -336,8 +330,45 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
             shard.close(key, code, "");
             return false;
         }
+        Incoming::Text(payload) if echo => {
+            echo_back(shard, key, OpCode::Data(Data::Text), &payload)
+        }
+        Incoming::Binary(payload) if echo => {
+            echo_back(shard, key, OpCode::Data(Data::Binary), &payload)
+        }
+        Incoming::Binary(_) => {
+            // Protocol: "Binary WebSocket frames are not supported".
+            shard.close(
+                key,
+                close_code::UNSUPPORTED_DATA,
+                "binary messages are not supported",
+            );
+        }
+        Incoming::Text(text) => {
+            ShardMetrics::add(&metrics.messages_in_total, 1);
+            ShardMetrics::add(&metrics.bytes_in_total, text.len() as u64);
+            if state != ConnState::Open {
+                return true;
+            }
+            if !shard.record_activity(key, 1) {
+                ShardMetrics::add(&metrics.rate_limited_total, 1);
+                let error = message::error(Some(RATE_LIMITED), "message rate limit exceeded", None);
+                shard.send(key, error);
+                return true;
+            }
+            let text = std::str::from_utf8(&text).expect("the decoder validated UTF-8");
+            shard.on_text(key, text).await;
+        }
     }
     true
+}
+
+/// `/echo`: sends a message straight back, with its own opcode.
+fn echo_back(shard: &Shard, key: ConnKey, opcode: OpCode, payload: &[u8]) {
+    ShardMetrics::add(&shard.metrics().messages_in_total, 1);
+    ShardMetrics::add(&shard.metrics().bytes_in_total, payload.len() as u64);
+    shard.record_activity(key, 1);
+    shard.send(key, frame::encode(opcode, payload));
 }
 
 /// Writes queued frames with one writev per batch until the connection dies or its final

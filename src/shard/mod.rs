@@ -59,8 +59,10 @@ pub enum ConnState {
 /// One WebSocket connection's shard-side state.
 #[derive(Debug)]
 pub struct Connection {
-    /// The app it connected to.
+    /// The app it connected to (meaningless for an echo connection).
     pub app: AppIndex,
+    /// A plain echo connection (`/echo`), not a Pusher one.
+    pub echo: bool,
     /// Its Pusher socket_id.
     pub socket_id: SocketId,
     /// Raw fd, only for `shutdown(2)` when it must be torn down from outside.
@@ -185,7 +187,7 @@ impl Shard {
     // ---- connections -------------------------------------------------------------------
 
     /// Registers a new WebSocket connection and returns its key and socket_id.
-    pub fn register(&self, app: AppIndex, fd: RawFd) -> (ConnKey, SocketId) {
+    pub fn register(&self, app: AppIndex, echo: bool, fd: RawFd) -> (ConnKey, SocketId) {
         let mut state = self.state.borrow_mut();
         let sequence = state.next_sequence * self.mesh.shards() as u64 + self.index as u64 + 1;
         state.next_sequence += 1;
@@ -196,6 +198,7 @@ impl Shard {
         let now_s = state.now_s;
         let key = state.connections.insert(Connection {
             app,
+            echo,
             socket_id,
             fd,
             state: ConnState::Open,
@@ -334,7 +337,9 @@ impl Shard {
         }
         ShardMetrics::sub(&self.metrics().subscriptions, subscriptions);
         ShardMetrics::sub(&self.metrics().connections, 1);
-        self.apps.get(conn.app).release();
+        if !conn.echo {
+            self.apps.get(conn.app).release();
+        }
     }
 
     // ---- fan-out -----------------------------------------------------------------------
