@@ -58,8 +58,18 @@ enum ReadFailure {
     Refused(HttpError),
 }
 
-/// Serves one accepted connection to its end.
-pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
+/// A connection whose request asked for a WebSocket, handed from the HTTP task to its own.
+pub struct Upgrade {
+    stream: TcpStream,
+    head: RequestHead,
+    buf: BytesMut,
+    echo: bool,
+}
+
+/// Serves one accepted connection's HTTP requests until it closes, or returns it when it
+/// asks for a WebSocket. The caller runs `websocket` in a task of its own, so a long-lived
+/// WebSocket does not keep this (much larger) HTTP future's memory.
+pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> {
     let _ = stream.set_nodelay(true);
     let metrics = shard.metrics();
     ShardMetrics::add(&metrics.http_connections, 1);
@@ -103,8 +113,12 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
         let echo = head.path == "/echo" && shard.config.websocket.echo_enabled;
         if head.path.starts_with("/app/") || echo {
             ShardMetrics::sub(&metrics.http_connections, 1);
-            websocket(shard, stream, head, buf, echo).await;
-            return;
+            return Some(Upgrade {
+                stream,
+                head,
+                buf,
+                echo,
+            });
         }
         ShardMetrics::add(&metrics.http_requests_total, 1);
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
@@ -121,6 +135,7 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) {
         }
     }
     ShardMetrics::sub(&metrics.http_connections, 1);
+    None
 }
 
 /// Reads one request head and its body. Returns the unconsumed bytes alongside.
@@ -190,13 +205,13 @@ fn pusher_refusal(
 }
 
 /// Upgrades and runs a WebSocket connection to its end.
-async fn websocket(
-    shard: &Rc<Shard>,
-    mut stream: TcpStream,
-    head: RequestHead,
-    mut buf: BytesMut,
-    echo: bool,
-) {
+pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
+    let Upgrade {
+        mut stream,
+        head,
+        mut buf,
+        echo,
+    } = upgrade;
     let mut response = match handshake::accept(&head) {
         Ok(response) => response,
         Err(e) => {
@@ -236,6 +251,8 @@ async fn websocket(
         }
         return;
     }
+    // Everything from the request is used up: free its headers before the long read loop.
+    drop(head);
     let (key, socket_id) = shard.register(app, echo, stream.as_raw_fd());
     let (mut reader, writer) = stream.into_split();
     let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
@@ -246,9 +263,8 @@ async fn websocket(
             message::connection_established(socket_id, activity_timeout_s),
         );
     }
-    if buf.capacity() > READ_BUFFER_KEEP_MAX {
-        buf = BytesMut::from(&buf[..]);
-    }
+    // The HTTP buffer is sized for request heads; an idle WebSocket should not keep it.
+    buf = BytesMut::from(&buf[..]);
     read_loop(shard, key, &mut reader, buf).await;
     shard.begin_teardown(key);
     writer.await;

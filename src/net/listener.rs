@@ -60,8 +60,15 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                 }
                 let shard = shard.clone();
                 monoio::spawn(async move {
-                    crate::net::conn::serve(&shard, stream).await;
-                    shard.state.borrow_mut().open_sockets -= 1;
+                    if let Some(upgrade) = crate::net::conn::serve(&shard, stream).await {
+                        // A task of its own: see `conn::serve`.
+                        monoio::spawn(async move {
+                            crate::net::conn::websocket(&shard, upgrade).await;
+                            shard.state.borrow_mut().open_sockets -= 1;
+                        });
+                    } else {
+                        shard.state.borrow_mut().open_sockets -= 1;
+                    }
                 });
             }
             Err(e) => {
