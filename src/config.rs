@@ -136,6 +136,12 @@ pub struct AppConfig {
     /// Events per batch.
     #[serde(default = "default_batch_events_max")]
     pub batch_events_max: usize,
+    /// Members (distinct users) per presence channel.
+    #[serde(default = "default_presence_members_max")]
+    pub presence_members_max: usize,
+    /// Bytes of one member's `user_info` JSON.
+    #[serde(default = "default_presence_user_info_bytes_max")]
+    pub presence_user_info_bytes_max: usize,
 }
 
 fn default_true() -> bool {
@@ -149,6 +155,12 @@ fn default_event_channels_max() -> usize {
 }
 fn default_batch_events_max() -> usize {
     10
+}
+fn default_presence_members_max() -> usize {
+    100
+}
+fn default_presence_user_info_bytes_max() -> usize {
+    1024
 }
 
 impl Default for ServerConfig {
@@ -226,6 +238,8 @@ impl AppConfig {
             event_data_bytes_max: default_event_data_bytes_max(),
             event_channels_max: default_event_channels_max(),
             batch_events_max: default_batch_events_max(),
+            presence_members_max: default_presence_members_max(),
+            presence_user_info_bytes_max: default_presence_user_info_bytes_max(),
         }
     }
 }
@@ -390,6 +404,11 @@ impl Config {
                 ("event_data_bytes_max", app.event_data_bytes_max),
                 ("event_channels_max", app.event_channels_max),
                 ("batch_events_max", app.batch_events_max),
+                ("presence_members_max", app.presence_members_max),
+                (
+                    "presence_user_info_bytes_max",
+                    app.presence_user_info_bytes_max,
+                ),
             ] {
                 if value == 0 {
                     return err(

@@ -127,6 +127,7 @@ async fn app_request(
         ["batch_events"] => (Method::POST, Route::BatchEvents),
         ["channels"] => (Method::GET, Route::Channels),
         ["channels", name] => (Method::GET, Route::Channel(name)),
+        ["channels", name, "users"] => (Method::GET, Route::Users(name)),
         _ => return Err(Response::error(StatusCode::NOT_FOUND, "no such endpoint")),
     };
     only(head, route.0)?;
@@ -148,6 +149,7 @@ async fn app_request(
         Route::BatchEvents => batch_events(shard, app, body).await,
         Route::Channels => channels(shard, app, &params).await,
         Route::Channel(name) => channel_info(shard, app, name, &params).await,
+        Route::Users(name) => users(shard, app, name).await,
     }
 }
 
@@ -156,6 +158,7 @@ enum Route<'a> {
     BatchEvents,
     Channels,
     Channel(&'a str),
+    Users(&'a str),
 }
 
 /// One event as the SDKs send it. Unknown fields are ignored, as other servers do.
@@ -321,7 +324,11 @@ async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Option<Value> {
             attributes.insert("subscription_count".into(), count.into());
         }
         if event.info.user_count {
-            attributes.insert("user_count".into(), 0.into());
+            let count = user_ids(shard, app, channel)
+                .await
+                .map(|u| u.len())
+                .unwrap_or(0);
+            attributes.insert("user_count".into(), count.into());
         }
         channels.insert((*channel).to_string(), Value::Object(attributes));
     }
@@ -396,6 +403,20 @@ async fn channels(shard: &Shard, app: &App, params: &Params) -> ApiResult {
             "info=user_count requires filter_by_prefix=presence-",
         ));
     }
+    let user_counts: BTreeMap<Box<str>, u32> = if info.user_count {
+        let query = Query::PresenceCounts {
+            app: app.index,
+            prefix: prefix.clone(),
+        };
+        shard
+            .query_all(query)
+            .await
+            .ok_or_else(unavailable)?
+            .into_iter()
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
     let reply = shard
         .query_all(Query::Channels {
             app: app.index,
@@ -414,7 +435,8 @@ async fn channels(shard: &Shard, app: &App, params: &Params) -> ApiResult {
             attributes.insert("subscription_count".into(), count.into());
         }
         if info.user_count {
-            attributes.insert("user_count".into(), 0.into());
+            let count = user_counts.get(&name).copied().unwrap_or(0);
+            attributes.insert("user_count".into(), count.into());
         }
         channels.insert(name.into(), Value::Object(attributes));
     }
@@ -442,7 +464,32 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
         body.insert("subscription_count".into(), count.into());
     }
     if info.user_count {
-        body.insert("user_count".into(), 0.into());
+        let count = user_ids(shard, app, &name)
+            .await
+            .ok_or_else(unavailable)?
+            .len();
+        body.insert("user_count".into(), count.into());
     }
     Ok(Response::json(StatusCode::OK, &Value::Object(body)))
+}
+
+/// Members of a presence channel, from its home shard.
+async fn user_ids(shard: &Shard, app: &App, name: &str) -> Option<Vec<Box<str>>> {
+    let query = Query::PresenceUsers {
+        app: app.index,
+        name: name.to_string(),
+    };
+    let reply = shard.query_all(query).await?;
+    Some(reply.into_iter().map(|(id, _)| id).collect())
+}
+
+async fn users(shard: &Shard, app: &App, name: &str) -> ApiResult {
+    let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    channel::validate(&name).map_err(|e| bad_request(format!("invalid channel {name:?}: {e}")))?;
+    if ChannelKind::of(&name) != ChannelKind::Presence {
+        return Err(bad_request("users are only listed for presence channels"));
+    }
+    let ids = user_ids(shard, app, &name).await.ok_or_else(unavailable)?;
+    let users: Vec<Value> = ids.iter().map(|id| json!({ "id": id.as_ref() })).collect();
+    Ok(Response::json(StatusCode::OK, &json!({ "users": users })))
 }

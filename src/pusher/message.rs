@@ -203,6 +203,49 @@ pub fn subscription_succeeded(channel: &str) -> Bytes {
     frame::encode_text(&out)
 }
 
+/// `pusher_internal:subscription_succeeded` for a presence channel; `presence` is the JSON of
+/// `{"presence":{...}}`, sent double-encoded.
+pub fn presence_subscription_succeeded(channel: &str, presence: &str) -> Bytes {
+    let mut out = Vec::with_capacity(96 + channel.len() + presence.len() * 2);
+    out.extend_from_slice(b"{\"event\":\"pusher_internal:subscription_succeeded\",\"channel\":");
+    push_json_string(&mut out, channel);
+    out.extend_from_slice(b",\"data\":");
+    push_json_string(&mut out, presence);
+    out.push(b'}');
+    frame::encode_text(&out)
+}
+
+/// `pusher_internal:member_added` with `{"user_id":..,"user_info":..}` double-encoded.
+pub fn member_added(channel: &str, user_id: &str, user_info: &str) -> Bytes {
+    let data = format!(
+        "{{\"user_id\":{},\"user_info\":{user_info}}}",
+        json_string(user_id)
+    );
+    internal_event("pusher_internal:member_added", channel, &data)
+}
+
+/// `pusher_internal:member_removed` with `{"user_id":..}` double-encoded.
+pub fn member_removed(channel: &str, user_id: &str) -> Bytes {
+    let data = format!("{{\"user_id\":{}}}", json_string(user_id));
+    internal_event("pusher_internal:member_removed", channel, &data)
+}
+
+fn internal_event(event: &str, channel: &str, data: &str) -> Bytes {
+    let mut out = Vec::with_capacity(64 + channel.len() + data.len() * 2);
+    out.extend_from_slice(b"{\"event\":");
+    push_json_string(&mut out, event);
+    out.extend_from_slice(b",\"channel\":");
+    push_json_string(&mut out, channel);
+    out.extend_from_slice(b",\"data\":");
+    push_json_string(&mut out, data);
+    out.push(b'}');
+    frame::encode_text(&out)
+}
+
+fn json_string(text: &str) -> String {
+    serde_json::to_string(text).expect("strings serialize")
+}
+
 /// `pusher:pong`
 pub fn pong() -> Bytes {
     frame::encode_text(br#"{"event":"pusher:pong","data":"{}"}"#)
@@ -217,6 +260,17 @@ pub fn ping() -> Bytes {
 /// passed through byte for byte (never re-encoded); anything else is sent as its JSON text
 /// inside a string, so clients always receive `data` as a string.
 pub fn channel_event(event: &str, channel: &str, data: &RawValue) -> Bytes {
+    channel_event_from(event, channel, data, None)
+}
+
+/// A channel event with the sender's `user_id` at the top level, as a client event on a
+/// presence channel is relayed (reference §1.2).
+pub fn channel_event_from(
+    event: &str,
+    channel: &str,
+    data: &RawValue,
+    user_id: Option<&str>,
+) -> Bytes {
     let raw = data.get();
     let mut out = Vec::with_capacity(48 + event.len() + channel.len() + raw.len());
     out.extend_from_slice(b"{\"event\":");
@@ -228,6 +282,10 @@ pub fn channel_event(event: &str, channel: &str, data: &RawValue) -> Bytes {
         out.extend_from_slice(raw.as_bytes());
     } else {
         push_json_string(&mut out, raw);
+    }
+    if let Some(user_id) = user_id {
+        out.extend_from_slice(b",\"user_id\":");
+        push_json_string(&mut out, user_id);
     }
     out.push(b'}');
     frame::encode_text(&out)
@@ -299,6 +357,23 @@ mod tests {
         assert_eq!(
             payload(&channel_event("my-event", "c", &string)),
             r#"{"event":"my-event","channel":"c","data":"{\"some\":\"data\"}"}"#
+        );
+        assert_eq!(
+            payload(&channel_event_from(
+                "client-x",
+                "presence-c",
+                &string,
+                Some("7")
+            )),
+            r#"{"event":"client-x","channel":"presence-c","data":"{\"some\":\"data\"}","user_id":"7"}"#
+        );
+        assert_eq!(
+            payload(&member_added("presence-c", "7", r#"{"name":"a"}"#)),
+            r#"{"event":"pusher_internal:member_added","channel":"presence-c","data":"{\"user_id\":\"7\",\"user_info\":{\"name\":\"a\"}}"}"#
+        );
+        assert_eq!(
+            payload(&member_removed("presence-c", "7")),
+            r#"{"event":"pusher_internal:member_removed","channel":"presence-c","data":"{\"user_id\":\"7\"}"}"#
         );
         let object: Box<RawValue> = serde_json::from_str(r#"{"a":1}"#).unwrap();
         assert_eq!(

@@ -49,6 +49,20 @@ pub enum Query {
         /// Name prefix ("" for all).
         prefix: String,
     },
+    /// Presence members of one channel (answered by its home shard; others return nothing).
+    PresenceUsers {
+        /// The app.
+        app: AppIndex,
+        /// The channel.
+        name: String,
+    },
+    /// Member counts of presence channels whose names start with a prefix (from home shards).
+    PresenceCounts {
+        /// The app.
+        app: AppIndex,
+        /// Name prefix.
+        prefix: String,
+    },
     /// Subscriber count of one channel.
     Channel {
         /// The app.
@@ -61,9 +75,53 @@ pub enum Query {
 /// One shard's answer: (channel, local subscription count) pairs.
 pub type QueryReply = Vec<(Box<str>, u32)>;
 
+/// A presence subscription, sent to the channel's home shard to be counted.
+#[derive(Debug)]
+pub struct PresenceJoin {
+    /// The shard of the connection.
+    pub from: usize,
+    /// The connection's slab key on `from`.
+    pub conn: usize,
+    /// Its socket_id (guards against a reused slab key).
+    pub socket_id: SocketId,
+    /// The app.
+    pub app: AppIndex,
+    /// The presence channel.
+    pub channel: Box<str>,
+    /// The member's user id (as a string).
+    pub user_id: Box<str>,
+    /// Raw JSON `user_info` (`null` when absent).
+    pub user_info: Box<str>,
+}
+
 /// What travels between shards.
 #[derive(Debug)]
 pub enum MeshMessage {
+    /// Count a presence subscription (to the home shard).
+    PresenceJoin(Box<PresenceJoin>),
+    /// The home shard's answer to a join: the frame for the connection, and whether it is now
+    /// subscribed (`subscription_succeeded`) or refused (`pusher:error`).
+    PresenceJoined {
+        /// Slab key on the receiving shard.
+        conn: usize,
+        /// Guards against a reused slab key.
+        socket_id: SocketId,
+        /// The channel.
+        channel: Box<str>,
+        /// The frame to send.
+        frame: Bytes,
+        /// Whether the join was accepted.
+        accepted: bool,
+    },
+    /// A presence subscription ended (to the home shard).
+    PresenceLeave {
+        /// The app.
+        app: AppIndex,
+        /// The channel.
+        channel: Box<str>,
+        /// The member's user id.
+        user_id: Box<str>,
+    },
     /// Deliver to local subscribers.
     Publish(Arc<Publication>),
     /// Answer `query` and send the reply back to shard `from` under `id`.

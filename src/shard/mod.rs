@@ -10,6 +10,7 @@
 //! ticker for liveness and close timeouts.
 
 pub mod mesh;
+pub mod presence;
 pub mod router;
 pub mod session;
 
@@ -30,7 +31,8 @@ use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::pusher::message::{self, SocketId};
 use crate::ws::frame;
-use mesh::{Mesh, MeshMessage, Publication, Query, QueryReply};
+use mesh::{Mesh, MeshMessage, PresenceJoin, Publication, Query, QueryReply};
+use presence::{Joined, PresenceTable};
 use router::{ConnKey, Router};
 
 /// Frames one writev takes from a connection's queue at most.
@@ -77,8 +79,10 @@ pub struct Connection {
     writer: Option<Waker>,
     /// Set when the writer task has ended.
     writer_done: bool,
-    /// Channels it is subscribed to.
+    /// Channels it is subscribed to (presence joins count from the request on).
     pub channels: Vec<Box<str>>,
+    /// (presence channel, user id) of each presence subscription, for the leave.
+    pub presence: Vec<(Box<str>, Box<str>)>,
     /// Shard clock second of the last frame received.
     pub last_seen_s: u64,
     /// Whether a `pusher:ping` was sent since `last_seen_s`.
@@ -102,6 +106,8 @@ pub struct ShardState {
     pub connections: Slab<Connection>,
     /// Channel → local subscribers.
     pub router: Router,
+    /// Members of the presence channels this shard is home for.
+    pub presence: PresenceTable,
     /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
     pub open_sockets: usize,
     next_sequence: u64,
@@ -149,6 +155,7 @@ impl Shard {
         let state = ShardState {
             connections: Slab::new(),
             router: Router::new(apps.list.len()),
+            presence: PresenceTable::default(),
             open_sockets: 0,
             next_sequence: 0,
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
@@ -207,6 +214,7 @@ impl Shard {
             writer: None,
             writer_done: false,
             channels: Vec::new(),
+            presence: Vec::new(),
             last_seen_s: now_s,
             pinged: false,
             rate_window_s: now_s,
@@ -335,6 +343,10 @@ impl Shard {
         for channel in &conn.channels {
             state.router.unsubscribe(conn.app, channel, key);
         }
+        drop(state);
+        for (channel, user_id) in conn.presence {
+            self.presence_leave(conn.app, channel, user_id);
+        }
         ShardMetrics::sub(&self.metrics().subscriptions, subscriptions);
         ShardMetrics::sub(&self.metrics().connections, 1);
         if !conn.echo {
@@ -374,6 +386,12 @@ impl Shard {
         frame: Bytes,
         exclude: Option<SocketId>,
     ) {
+        self.broadcast(app, channel, frame, exclude);
+        self.outbox_room().await;
+    }
+
+    /// `publish` without the wait, for senders that cannot wait (the mesh pump).
+    pub fn broadcast(&self, app: AppIndex, channel: &str, frame: Bytes, exclude: Option<SocketId>) {
         self.deliver_local(app, channel, &frame, exclude);
         let shards = self.mesh.shards();
         if shards > 1 {
@@ -387,7 +405,125 @@ impl Shard {
                 self.mesh_send(target, MeshMessage::Publish(publication.clone()));
             }
         }
-        self.outbox_room().await;
+    }
+
+    // ---- presence ----------------------------------------------------------------------
+
+    /// Sends a presence join to the channel's home shard (or handles it here).
+    pub fn presence_join(&self, join: PresenceJoin) {
+        let home = presence::home(join.app, &join.channel, self.mesh.shards());
+        if home == self.index {
+            self.presence_join_at_home(join);
+        } else {
+            self.mesh_send(home, MeshMessage::PresenceJoin(Box::new(join)));
+        }
+    }
+
+    /// Home shard: counts the join, announces a new member, answers the joining shard.
+    fn presence_join_at_home(&self, join: PresenceJoin) {
+        let app = self.apps.get(join.app);
+        let (joined, snapshot) = {
+            let mut state = self.state.borrow_mut();
+            let joined = state.presence.join(
+                join.app,
+                &join.channel,
+                &join.user_id,
+                &join.user_info,
+                app.config.presence_members_max,
+            );
+            (joined, state.presence.snapshot(join.app, &join.channel))
+        };
+        let (frame, accepted) = match joined {
+            Joined::Full => {
+                let reason = format!(
+                    "presence channel is full: at most {} members",
+                    app.config.presence_members_max
+                );
+                (message::error(None, &reason, Some(&join.channel)), false)
+            }
+            Joined::NewMember | Joined::ExistingMember => {
+                if joined == Joined::NewMember {
+                    let added =
+                        message::member_added(&join.channel, &join.user_id, &join.user_info);
+                    self.broadcast(join.app, &join.channel, added, Some(join.socket_id));
+                }
+                (
+                    message::presence_subscription_succeeded(&join.channel, &snapshot),
+                    true,
+                )
+            }
+        };
+        if join.from == self.index {
+            self.presence_joined(join.conn, join.socket_id, &join.channel, frame, accepted);
+        } else {
+            let answer = MeshMessage::PresenceJoined {
+                conn: join.conn,
+                socket_id: join.socket_id,
+                channel: join.channel,
+                frame,
+                accepted,
+            };
+            self.mesh_send(join.from, answer);
+        }
+    }
+
+    /// Joining shard: the home shard's answer arrived. The connection is subscribed only now,
+    /// so it receives exactly the member events that follow its member list.
+    fn presence_joined(
+        &self,
+        key: ConnKey,
+        socket_id: SocketId,
+        channel: &str,
+        frame: Bytes,
+        accepted: bool,
+    ) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let Some(conn) = state.connections.get_mut(key) else {
+            return;
+        };
+        // Gone, replaced, or unsubscribed meanwhile: its leave (if any) is already on its way.
+        if conn.socket_id != socket_id || !conn.channels.iter().any(|c| c.as_ref() == channel) {
+            return;
+        }
+        if accepted {
+            state.router.subscribe(conn.app, channel, key);
+        } else {
+            conn.channels.retain(|c| c.as_ref() != channel);
+            conn.presence.retain(|(c, _)| c.as_ref() != channel);
+            ShardMetrics::sub(&self.metrics().subscriptions, 1);
+        }
+        let now_s = state.now_s;
+        let conn = &mut state.connections[key];
+        self.enqueue(conn, &frame, now_s);
+    }
+
+    /// Sends a presence leave to the channel's home shard (or handles it here).
+    pub fn presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
+        let home = presence::home(app, &channel, self.mesh.shards());
+        if home != self.index {
+            return self.mesh_send(
+                home,
+                MeshMessage::PresenceLeave {
+                    app,
+                    channel,
+                    user_id,
+                },
+            );
+        }
+        let removed = self
+            .state
+            .borrow_mut()
+            .presence
+            .leave(app, &channel, &user_id);
+        if removed {
+            self.broadcast(
+                app,
+                &channel,
+                message::member_removed(&channel, &user_id),
+                None,
+            );
+        }
     }
 
     // ---- mesh --------------------------------------------------------------------------
@@ -501,6 +637,19 @@ impl Shard {
     fn handle_mesh(&self, message: MeshMessage) {
         match message {
             MeshMessage::Publish(p) => self.deliver_local(p.app, &p.channel, &p.frame, p.exclude),
+            MeshMessage::PresenceJoin(join) => self.presence_join_at_home(*join),
+            MeshMessage::PresenceJoined {
+                conn,
+                socket_id,
+                channel,
+                frame,
+                accepted,
+            } => self.presence_joined(conn, socket_id, &channel, frame, accepted),
+            MeshMessage::PresenceLeave {
+                app,
+                channel,
+                user_id,
+            } => self.presence_leave(app, channel, user_id),
             MeshMessage::Query { from, id, query } => {
                 let reply = self.answer_locally(&query);
                 self.mesh_send(from, MeshMessage::Reply { id, reply });
@@ -530,6 +679,13 @@ impl Shard {
                 .filter(|(name, _)| name.starts_with(prefix.as_str()))
                 .map(|(name, count)| (name.into(), count as u32))
                 .collect(),
+            Query::PresenceUsers { app, name } => state
+                .presence
+                .users(*app, name)
+                .into_iter()
+                .map(|id| (id, 1))
+                .collect(),
+            Query::PresenceCounts { app, prefix } => state.presence.counts(*app, prefix),
             Query::Channel { app, name } => state
                 .router
                 .subscribers(*app, name)

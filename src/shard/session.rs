@@ -2,12 +2,16 @@
 //! ping, client events. Operates on shard state only; the socket side is `net::conn`.
 
 use ring::hmac;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use super::mesh::PresenceJoin;
 
 use super::router::ConnKey;
 use super::{ConnState, Shard};
 use crate::metrics::ShardMetrics;
 use crate::pusher::channel::{self, ChannelKind};
-use crate::pusher::message::{self, ClientMessage, SocketId, Subscribe};
+use crate::pusher::message::{self, ClientMessage, Subscribe};
 
 /// Pusher error code for a client over its message rate.
 pub const RATE_LIMITED: u16 = 4301;
@@ -45,60 +49,80 @@ impl Shard {
     fn subscribe(&self, key: ConnKey, subscribe: &Subscribe<'_>) {
         let name = subscribe.channel.as_ref();
         if let Err(e) = channel::validate(name) {
-            return self.send(
-                key,
-                message::error(None, &format!("invalid channel name: {e}"), Some(name)),
-            );
+            let reason = format!("invalid channel name: {e}");
+            return self.send(key, message::error(None, &reason, Some(name)));
         }
         let (app_index, socket_id, already, count) = {
             let state = self.state.borrow();
             let conn = &state.connections[key];
-            (
-                conn.app,
-                conn.socket_id,
-                conn.channels.iter().any(|c| c.as_ref() == name),
-                conn.channels.len(),
-            )
+            let already = conn.channels.iter().any(|c| c.as_ref() == name);
+            (conn.app, conn.socket_id, already, conn.channels.len())
         };
         let app = self.apps.get(app_index);
-        match ChannelKind::of(name) {
-            ChannelKind::Public => {}
+        let auth = subscribe.auth.as_deref();
+        let member = match ChannelKind::of(name) {
+            ChannelKind::Public => None,
             ChannelKind::Private | ChannelKind::PrivateEncrypted => {
-                if let Err(reason) = check_channel_auth(
-                    &app.config.key,
-                    &app.secret_key,
-                    socket_id,
-                    name,
-                    subscribe.auth.as_deref(),
-                ) {
+                let to_sign = format!("{socket_id}:{name}");
+                if let Err(reason) = check_auth(&app.config.key, &app.secret_key, &to_sign, auth) {
                     return self.send(key, message::error(None, &reason, Some(name)));
                 }
+                None
             }
             ChannelKind::Presence => {
-                return self.send(
-                    key,
-                    message::error(None, "presence channels are not supported yet", Some(name)),
-                );
+                // Reference §1.8: the signature covers channel_data exactly as received.
+                let channel_data = subscribe.channel_data.as_deref().unwrap_or("");
+                let to_sign = format!("{socket_id}:{name}:{channel_data}");
+                let member =
+                    check_auth(&app.config.key, &app.secret_key, &to_sign, auth).and_then(|()| {
+                        parse_member(channel_data, app.config.presence_user_info_bytes_max)
+                    });
+                match member {
+                    Ok(member) => Some(member),
+                    Err(reason) => {
+                        return self.send(key, message::error(None, &reason, Some(name)))
+                    }
+                }
             }
-        }
+        };
         if already {
+            if member.is_some() {
+                let reason = "already subscribed to this presence channel";
+                return self.send(key, message::error(None, reason, Some(name)));
+            }
             // Idempotent, as pusher-js may resubscribe after a reconnect race.
             return self.send(key, message::subscription_succeeded(name));
         }
-        if count >= self.config.websocket.channels_per_connection_max {
-            let reason = format!(
-                "subscription limit reached: at most {} channels per connection",
-                self.config.websocket.channels_per_connection_max
-            );
+        let limit = self.config.websocket.channels_per_connection_max;
+        if count >= limit {
+            let reason =
+                format!("subscription limit reached: at most {limit} channels per connection");
             return self.send(key, message::error(None, &reason, Some(name)));
         }
-        {
-            let mut state = self.state.borrow_mut();
-            state.router.subscribe(app_index, name, key);
-            state.connections[key].channels.push(name.into());
-        }
         ShardMetrics::add(&self.metrics().subscriptions, 1);
-        self.send(key, message::subscription_succeeded(name));
+        let mut state = self.state.borrow_mut();
+        state.connections[key].channels.push(name.into());
+        let Some((user_id, user_info)) = member else {
+            state.router.subscribe(app_index, name, key);
+            drop(state);
+            return self.send(key, message::subscription_succeeded(name));
+        };
+        // Presence: counted first on the channel's home shard, which answers with the member
+        // list; the connection joins the router when that answer arrives.
+        state.connections[key]
+            .presence
+            .push((name.into(), user_id.clone()));
+        drop(state);
+        let join = PresenceJoin {
+            from: self.index,
+            conn: key,
+            socket_id,
+            app: app_index,
+            channel: name.into(),
+            user_id,
+            user_info,
+        };
+        self.presence_join(join);
     }
 
     fn unsubscribe(&self, key: ConnKey, name: &str) {
@@ -109,32 +133,40 @@ impl Shard {
         };
         conn.channels.swap_remove(position);
         let app = conn.app;
+        let presence = conn.presence.iter().position(|(c, _)| c.as_ref() == name);
+        let left = presence.map(|i| conn.presence.swap_remove(i));
         state.router.unsubscribe(app, name, key);
+        drop(state);
         ShardMetrics::sub(&self.metrics().subscriptions, 1);
+        if let Some((channel, user_id)) = left {
+            self.presence_leave(app, channel, user_id);
+        }
     }
 
     /// Relays a `client-*` event to the channel's other subscribers on every shard.
-    async fn client_event(
-        &self,
-        key: ConnKey,
-        event: &str,
-        name: &str,
-        data: &serde_json::value::RawValue,
-    ) {
-        let (app_index, socket_id, subscribed, open) = {
+    async fn client_event(&self, key: ConnKey, event: &str, name: &str, data: &RawValue) {
+        let (app_index, socket_id, subscribed, open, user_id) = {
             let state = self.state.borrow();
             let conn = &state.connections[key];
+            let subscribed = conn.channels.iter().any(|c| c.as_ref() == name);
+            let user_id = conn
+                .presence
+                .iter()
+                .find(|(c, _)| c.as_ref() == name)
+                .map(|(_, u)| u.clone());
             (
                 conn.app,
                 conn.socket_id,
-                conn.channels.iter().any(|c| c.as_ref() == name),
+                subscribed,
                 conn.state == ConnState::Open,
+                user_id,
             )
         };
         let app = self.apps.get(app_index);
+        let kind = ChannelKind::of(name);
         let refusal = if !app.config.enable_client_events {
             Some("client events are disabled for this app")
-        } else if ChannelKind::of(name) != ChannelKind::Private {
+        } else if !matches!(kind, ChannelKind::Private | ChannelKind::Presence) {
             Some("client events are only allowed on private and presence channels, not public or encrypted ones")
         } else if !subscribed {
             Some("client event on a channel this connection is not subscribed to")
@@ -145,23 +177,60 @@ impl Shard {
             return self.send(key, message::error(None, reason, Some(name)));
         }
         if open {
-            let frame = message::channel_event(event, name, data);
+            // On presence channels the relayed event names its sender (reference §1.2).
+            let frame = message::channel_event_from(event, name, data, user_id.as_deref());
             self.publish(app_index, name, frame, Some(socket_id)).await;
         }
     }
 }
 
-/// Checks `auth` = `key:hex(HMAC-SHA256(secret, "socket_id:channel"))`, constant-time on the
-/// signature, and the key part must be the app's own (reference §1.8).
-pub fn check_channel_auth(
+/// Longest presence `user_id` accepted.
+pub const USER_ID_BYTES_MAX: usize = 128;
+
+/// `channel_data` of a presence subscription.
+#[derive(Deserialize)]
+struct ChannelData<'a> {
+    user_id: serde_json::Value,
+    #[serde(borrow, default)]
+    user_info: Option<&'a RawValue>,
+}
+
+/// Parses `channel_data` into (user id as a string, raw user_info JSON).
+fn parse_member(
+    channel_data: &str,
+    user_info_bytes_max: usize,
+) -> Result<(Box<str>, Box<str>), String> {
+    let data: ChannelData =
+        serde_json::from_str(channel_data).map_err(|e| format!("invalid channel_data: {e}"))?;
+    // pusher-js keys members by user_id, which may arrive as a number; compare as strings.
+    let user_id = match &data.user_id {
+        serde_json::Value::String(id) => id.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return Err("channel_data.user_id must be a string or a number".into()),
+    };
+    if user_id.is_empty() || user_id.len() > USER_ID_BYTES_MAX {
+        return Err(format!(
+            "channel_data.user_id must be 1 to {USER_ID_BYTES_MAX} characters"
+        ));
+    }
+    let user_info = data.user_info.map(RawValue::get).unwrap_or("null");
+    if user_info.len() > user_info_bytes_max {
+        return Err(format!(
+            "channel_data.user_info is over {user_info_bytes_max} bytes"
+        ));
+    }
+    Ok((user_id.into(), user_info.into()))
+}
+
+/// Checks `auth` = `key:hex(HMAC-SHA256(secret, to_sign))`, constant-time on the signature;
+/// the key part must be the app's own (reference §1.8: compare the whole `key:signature`).
+pub fn check_auth(
     app_key: &str,
     secret: &hmac::Key,
-    socket_id: SocketId,
-    channel: &str,
+    to_sign: &str,
     auth: Option<&str>,
 ) -> Result<(), String> {
     let auth = auth.unwrap_or("");
-    let to_sign = format!("{socket_id}:{channel}");
     let expected = || {
         format!("Invalid signature: Expected HMAC SHA256 hex digest of {to_sign}, but got {auth}")
     };
@@ -181,59 +250,65 @@ pub fn check_channel_auth(
 mod tests {
     use super::*;
 
+    const KEY: &str = "278d425bdf160c739803";
+
+    fn secret() -> hmac::Key {
+        hmac::Key::new(hmac::HMAC_SHA256, b"7ad3773142a6692b25b8")
+    }
+
     /// Pusher's documented private-channel vector verifies; tampering does not.
     #[test]
     fn private_channel_vector() {
-        let secret = hmac::Key::new(hmac::HMAC_SHA256, b"7ad3773142a6692b25b8");
-        let socket_id = SocketId {
-            sequence: 1234,
-            random: 1234,
-        };
         let good =
             "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
-        assert_eq!(
-            check_channel_auth(
-                "278d425bdf160c739803",
-                &secret,
-                socket_id,
-                "private-foobar",
-                Some(good)
-            ),
-            Ok(())
+        let to_sign = "1234.1234:private-foobar";
+        assert_eq!(check_auth(KEY, &secret(), to_sign, Some(good)), Ok(()));
+        assert!(check_auth(KEY, &secret(), to_sign, Some(&good.replace(":58", ":59"))).is_err());
+        assert!(check_auth(KEY, &secret(), to_sign, Some(&good.replace("278d", "278e"))).is_err());
+        assert!(check_auth(KEY, &secret(), "1234.1234:private-other", Some(good)).is_err());
+        assert!(check_auth(KEY, &secret(), to_sign, None).is_err());
+    }
+
+    /// Pusher's documented presence vector verifies over the exact channel_data bytes.
+    #[test]
+    fn presence_channel_vector() {
+        let channel_data = r#"{"user_id":10,"user_info":{"name":"Mr. Channels"}}"#;
+        let to_sign = format!("1234.1234:presence-foobar:{channel_data}");
+        let good =
+            "278d425bdf160c739803:31935e7d86dba64c2a90aed31fdc61869f9b22ba9d8863bba239c03ca481bc80";
+        assert_eq!(check_auth(KEY, &secret(), &to_sign, Some(good)), Ok(()));
+        let reordered = format!(
+            "1234.1234:presence-foobar:{}",
+            r#"{"user_info":{"name":"Mr. Channels"},"user_id":10}"#
         );
-        let bad_sig = good.replace(":58", ":59");
-        assert!(check_channel_auth(
-            "278d425bdf160c739803",
-            &secret,
-            socket_id,
-            "private-foobar",
-            Some(&bad_sig)
-        )
-        .is_err());
-        let bad_key = good.replace("278d", "278e");
-        assert!(check_channel_auth(
-            "278d425bdf160c739803",
-            &secret,
-            socket_id,
-            "private-foobar",
-            Some(&bad_key)
-        )
-        .is_err());
-        assert!(check_channel_auth(
-            "278d425bdf160c739803",
-            &secret,
-            socket_id,
-            "private-other",
-            Some(good)
-        )
-        .is_err());
-        assert!(check_channel_auth(
-            "278d425bdf160c739803",
-            &secret,
-            socket_id,
-            "private-foobar",
-            None
-        )
-        .is_err());
+        assert!(check_auth(KEY, &secret(), &reordered, Some(good)).is_err());
+        assert_eq!(
+            parse_member(channel_data, 1024),
+            Ok(("10".into(), r#"{"name":"Mr. Channels"}"#.into()))
+        );
+    }
+
+    /// The sign-in vector of the reference (`socket_id::user::user_data`).
+    #[test]
+    fn signin_vector() {
+        let to_sign = r#"1234.1234::user::{"id":"12345"}"#;
+        let good =
+            "278d425bdf160c739803:4708d583dada6a56435fb8bc611c77c359a31eebde13337c16ab43aa6de336ba";
+        assert_eq!(check_auth(KEY, &secret(), to_sign, Some(good)), Ok(()));
+    }
+
+    /// channel_data rules: user_id string or number, bounded; user_info bounded.
+    #[test]
+    fn member_parsing() {
+        assert_eq!(
+            parse_member(r#"{"user_id":"a"}"#, 10),
+            Ok(("a".into(), "null".into()))
+        );
+        assert!(parse_member(r#"{"user_id":""}"#, 10).is_err());
+        assert!(parse_member(r#"{"user_id":true}"#, 10).is_err());
+        assert!(parse_member(r#"{"user_info":{}}"#, 10).is_err());
+        assert!(parse_member(&format!(r#"{{"user_id":"{}"}}"#, "a".repeat(129)), 10).is_err());
+        assert!(parse_member(r#"{"user_id":"a","user_info":{"name":"abcdefghij"}}"#, 10).is_err());
+        assert!(parse_member("nope", 10).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 mod hostile;
 mod http_api;
+mod presence;
 mod process;
 mod support;
 mod websocket;
