@@ -107,8 +107,6 @@ pub struct WebSocketConfig {
 pub struct MeshConfig {
     /// Messages per cross-shard ring.
     pub ring_capacity: usize,
-    /// Messages waiting for one full ring before publishers are held back.
-    pub outbox_messages_max: usize,
 }
 
 /// `[[apps]]`
@@ -209,7 +207,6 @@ impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
             ring_capacity: 4096,
-            outbox_messages_max: 65536,
         }
     }
 }
@@ -305,7 +302,7 @@ impl Config {
                 format!("at most {MAX_SHARDS} shards are supported"),
             );
         }
-        let positive: [(&str, u64); 14] = [
+        let positive: [(&str, u64); 13] = [
             ("server.backlog", self.server.backlog.into()),
             (
                 "server.connections_per_shard_max",
@@ -340,10 +337,6 @@ impl Config {
                 self.websocket.pong_timeout_s.into(),
             ),
             ("mesh.ring_capacity", self.mesh.ring_capacity as u64),
-            (
-                "mesh.outbox_messages_max",
-                self.mesh.outbox_messages_max as u64,
-            ),
         ];
         for (key, value) in positive {
             if value == 0 {

@@ -377,8 +377,13 @@ impl Shard {
         }
     }
 
-    /// Publishes a frame on a channel: local subscribers now, other shards through the mesh.
-    /// Waits (backpressure) while this shard's outboxes are over their limit.
+    /// Publishes a frame on a channel: local subscribers now, other shards through the mesh;
+    /// returns once the frame is queued on every shard.
+    ///
+    /// Order: first this shard handles what other shards already put in its inbox. A publish
+    /// acknowledged by another shard is in this inbox by then, so events published one after
+    /// the other (each after the previous answer) arrive in that order, whichever shards
+    /// received them.
     pub async fn publish(
         &self,
         app: AppIndex,
@@ -386,8 +391,11 @@ impl Shard {
         frame: Bytes,
         exclude: Option<SocketId>,
     ) {
+        while let Some(message) = self.mesh.try_recv(self.index) {
+            self.handle_mesh(message);
+        }
         self.broadcast(app, channel, frame, exclude);
-        self.outbox_room().await;
+        self.outbox_flushed().await;
     }
 
     /// `publish` without the wait, for senders that cannot wait (the mesh pump).
@@ -551,12 +559,13 @@ impl Shard {
         }
     }
 
-    /// Waits while the outboxes hold more than `mesh.outbox_messages_max` messages.
-    async fn outbox_room(&self) {
-        let max = self.config.mesh.outbox_messages_max;
+    /// Waits until the outboxes are empty, i.e. everything this shard has sent is in the
+    /// target rings. A publish answers only then, so an event the API acknowledged is already
+    /// queued for every shard (and a later publish elsewhere cannot overtake it; see `publish`).
+    async fn outbox_flushed(&self) {
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            if state.outbox_len <= max {
+            if state.outbox_len == 0 {
                 Poll::Ready(())
             } else {
                 state.outbox_waiters.push(cx.waker().clone());
@@ -603,7 +612,7 @@ impl Shard {
         }
         state.outbox_len -= moved;
         ShardMetrics::sub(&self.metrics().mesh_outbox_depth, moved as u64);
-        if state.outbox_len <= self.config.mesh.outbox_messages_max {
+        if state.outbox_len == 0 {
             for waker in state.outbox_waiters.drain(..) {
                 waker.wake();
             }

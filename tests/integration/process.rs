@@ -101,3 +101,62 @@ fn graceful_shutdown() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// CPU seconds used so far by a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+/// A connection flood past the process's descriptor limit: accept fails with EMFILE, the
+/// server backs off instead of spinning, and serves again once the flood is gone.
+#[test]
+fn connection_flood_past_fd_limit() {
+    let config = temp_config(
+        "flood",
+        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\nshutdown_grace_ms = 200\n",
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 128 && exec {} --config {}",
+            env!("CARGO_BIN_EXE_ringwire"),
+            config.display()
+        ))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let addr: SocketAddr = first.split_whitespace().nth(3).unwrap().parse().unwrap();
+    let flood: Vec<TcpStream> = (0..400)
+        .filter_map(|_| TcpStream::connect(addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let before = cpu_seconds(child.id());
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_seconds(child.id()) - before;
+    assert!(
+        used < 0.5,
+        "server used {used:.2} s of CPU in 2 s while out of descriptors"
+    );
+    drop(flood);
+    std::thread::sleep(Duration::from_millis(500));
+    let (mut ws, _) = connect(addr);
+    subscribe(&mut ws, "after-flood");
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+}
