@@ -76,14 +76,8 @@ fn parse_options() -> Result<Options, String> {
             options.nchan = true;
             continue;
         }
-        let value = args
-            .next()
-            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let number = || {
-            value
-                .parse::<u64>()
-                .map_err(|_| format!("{flag}: not a number: {value}"))
-        };
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let number = || value.parse::<u64>().map_err(|_| format!("{flag}: not a number: {value}"));
         match flag.as_str() {
             "--addr" => options.addr = value.parse().map_err(|_| format!("--addr: {value}"))?,
             "--app-id" => options.app_id = value.clone(),
@@ -93,11 +87,8 @@ fn parse_options() -> Result<Options, String> {
             "--subscribers" => options.subscribers = number()? as usize,
             "--rate" => options.rate = number()?.max(1),
             "--duration" => {
-                options.duration = Duration::from_secs_f64(
-                    value
-                        .parse::<f64>()
-                        .map_err(|_| format!("--duration: {value}"))?,
-                )
+                options.duration =
+                    Duration::from_secs_f64(value.parse::<f64>().map_err(|_| format!("--duration: {value}"))?)
             }
             "--payload" => options.payload = number()? as usize,
             "--threads" => options.threads = number()?.max(1) as usize,
@@ -109,10 +100,7 @@ fn parse_options() -> Result<Options, String> {
 }
 
 fn now_ns() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
 
 /// Totals shared by the subscriber threads (touched once per read batch, not per message).
@@ -138,13 +126,9 @@ fn main() {
     let ready = Arc::new(Barrier::new(options.threads + 1));
     let mut handles = Vec::new();
     for thread in 0..options.threads {
-        let (options, totals, stop, ready) =
-            (options.clone(), totals.clone(), stop.clone(), ready.clone());
+        let (options, totals, stop, ready) = (options.clone(), totals.clone(), stop.clone(), ready.clone());
         handles.push(std::thread::spawn(move || {
-            let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-                .enable_timer()
-                .build()
-                .unwrap();
+            let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
             runtime.block_on(subscriber_thread(thread, options, totals, stop, ready))
         }));
     }
@@ -212,12 +196,8 @@ fn main() {
 fn expected_deliveries(options: &Options, sent: u64) -> u64 {
     (0..options.channels)
         .map(|c| {
-            let subscribers = (0..options.subscribers)
-                .filter(|s| s % options.channels == c)
-                .count() as u64;
-            let events = (0..sent)
-                .filter(|e| (*e as usize) % options.channels == c)
-                .count() as u64;
+            let subscribers = (0..options.subscribers).filter(|s| s % options.channels == c).count() as u64;
+            let events = (0..sent).filter(|e| (*e as usize) % options.channels == c).count() as u64;
             subscribers * events
         })
         .sum()
@@ -239,12 +219,8 @@ async fn subscriber_thread(
     stop: Arc<AtomicBool>,
     ready: Arc<Barrier>,
 ) -> Histogram<u64> {
-    let histogram = Rc::new(std::cell::RefCell::new(
-        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap(),
-    ));
-    let mine: Vec<usize> = (0..options.subscribers)
-        .filter(|s| s % options.threads == thread)
-        .collect();
+    let histogram = Rc::new(std::cell::RefCell::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
+    let mine: Vec<usize> = (0..options.subscribers).filter(|s| s % options.threads == thread).collect();
     let mut streams = Vec::with_capacity(mine.len());
     for chunk in mine.chunks(100) {
         let mut pending = Vec::new();
@@ -267,13 +243,7 @@ async fn subscriber_thread(
     }
     let mut readers = Vec::new();
     for (stream, buf) in streams {
-        readers.push(monoio::spawn(receive(
-            stream,
-            buf,
-            histogram.clone(),
-            totals.clone(),
-            stop.clone(),
-        )));
+        readers.push(monoio::spawn(receive(stream, buf, histogram.clone(), totals.clone(), stop.clone())));
     }
     // Let this runtime run the readers while other threads finish subscribing.
     let ready_wait = std::thread::spawn(move || ready.wait());
@@ -283,9 +253,7 @@ async fn subscriber_thread(
     for reader in readers {
         reader.await;
     }
-    Rc::try_unwrap(histogram)
-        .map(|h| h.into_inner())
-        .unwrap_or_else(|rc| rc.borrow().clone())
+    Rc::try_unwrap(histogram).map(|h| h.into_inner()).unwrap_or_else(|rc| rc.borrow().clone())
 }
 
 async fn read_more(stream: &mut TcpStream, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
@@ -317,20 +285,14 @@ async fn subscribe(options: Arc<Options>, channel: String) -> io::Result<(TcpStr
         let (result, b) = read_more(&mut stream, buf).await;
         buf = b;
         if result? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed during handshake",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during handshake"));
         }
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break end + 4;
         }
     };
     if !buf.starts_with(b"HTTP/1.1 101") {
-        return Err(io::Error::other(format!(
-            "handshake refused: {}",
-            String::from_utf8_lossy(&buf[..head_end])
-        )));
+        return Err(io::Error::other(format!("handshake refused: {}", String::from_utf8_lossy(&buf[..head_end]))));
     }
     buf.advance(head_end);
     if options.nchan {
@@ -338,16 +300,10 @@ async fn subscribe(options: Arc<Options>, channel: String) -> io::Result<(TcpStr
     }
     // connection_established, then subscribe and wait for subscription_succeeded.
     wait_for(&mut stream, &mut buf, b"pusher:connection_established").await?;
-    let subscribe =
-        format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
+    let subscribe = format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
     let (result, _) = stream.write_all(masked_text(subscribe.as_bytes())).await;
     result?;
-    wait_for(
-        &mut stream,
-        &mut buf,
-        b"pusher_internal:subscription_succeeded",
-    )
-    .await?;
+    wait_for(&mut stream, &mut buf, b"pusher_internal:subscription_succeeded").await?;
     Ok((stream, buf))
 }
 
@@ -363,10 +319,7 @@ async fn wait_for(stream: &mut TcpStream, buf: &mut BytesMut, needle: &[u8]) -> 
         let (result, b) = read_more(stream, std::mem::take(buf)).await;
         *buf = b;
         if result? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "closed before subscription",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed before subscription"));
         }
     }
 }
@@ -378,10 +331,7 @@ fn next_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
     }
     let (length, header) = match buf[1] & 0x7f {
         126 if buf.len() >= 4 => (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4),
-        127 if buf.len() >= 10 => (
-            u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize,
-            10,
-        ),
+        127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize, 10),
         126 | 127 => return None,
         n => (n as usize, 2),
     };
@@ -391,12 +341,7 @@ fn next_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
 /// The intended send time (ns) in a payload: the digits after the `t` key, either escaped
 /// inside a double-encoded Pusher data string (`\"t\":`) or plain (`"t":`, Nchan).
 fn sent_at(payload: &[u8]) -> Option<u64> {
-    let find = |needle: &[u8]| {
-        payload
-            .windows(needle.len())
-            .position(|w| w == needle)
-            .map(|p| p + needle.len())
-    };
+    let find = |needle: &[u8]| payload.windows(needle.len()).position(|w| w == needle).map(|p| p + needle.len());
     let at = find(br#"\"t\":"#).or_else(|| find(br#""t":"#))?;
     let digits = payload[at..].iter().take_while(|b| b.is_ascii_digit());
     Some(digits.fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
@@ -426,11 +371,8 @@ async fn receive(
         if stop.load(Ordering::Relaxed) {
             return;
         }
-        let read = monoio::time::timeout(
-            Duration::from_millis(200),
-            read_more(&mut stream, std::mem::take(&mut buf)),
-        )
-        .await;
+        let read =
+            monoio::time::timeout(Duration::from_millis(200), read_more(&mut stream, std::mem::take(&mut buf))).await;
         match read {
             Ok((Ok(n), b)) if n > 0 => buf = b,
             Ok(_) => return,
@@ -503,10 +445,7 @@ fn publisher(options: Arc<Options>) -> Published {
     threads
         .into_iter()
         .map(|t| t.join().unwrap())
-        .fold(Published { sent: 0, errors: 0 }, |a, b| Published {
-            sent: a.sent + b.sent,
-            errors: a.errors + b.errors,
-        })
+        .fold(Published { sent: 0, errors: 0 }, |a, b| Published { sent: a.sent + b.sent, errors: a.errors + b.errors })
 }
 
 fn publish_request(options: &Options, index: u64, intended_ns: u64) -> Vec<u8> {
@@ -542,10 +481,7 @@ fn read_response(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> bool {
             let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
             let length = head
                 .lines()
-                .find_map(|l| {
-                    l.strip_prefix("content-length:")
-                        .map(|v| v.trim().parse::<usize>().unwrap_or(0))
-                })
+                .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse::<usize>().unwrap_or(0)))
                 .unwrap_or(0);
             if buf.len() >= end + 4 + length {
                 let ok = head.starts_with("http/1.1 2");

@@ -27,10 +27,7 @@ pub struct App {
 impl std::fmt::Debug for App {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the secret.
-        f.debug_struct("App")
-            .field("id", &self.config.id)
-            .field("key", &self.config.key)
-            .finish_non_exhaustive()
+        f.debug_struct("App").field("id", &self.config.id).field("key", &self.config.key).finish_non_exhaustive()
     }
 }
 
@@ -39,9 +36,7 @@ impl App {
     pub fn try_admit(&self) -> bool {
         let max = self.config.max_connections;
         self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (max == 0 || n < max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
             .is_ok()
     }
 
@@ -79,19 +74,9 @@ impl Apps {
                 connections: AtomicU32::new(0),
             })
             .collect();
-        let by_key = list
-            .iter()
-            .map(|a| (a.config.key.clone(), a.index))
-            .collect();
-        let by_id = list
-            .iter()
-            .map(|a| (a.config.id.clone(), a.index))
-            .collect();
-        Apps {
-            list,
-            by_key,
-            by_id,
-        }
+        let by_key = list.iter().map(|a| (a.config.key.clone(), a.index)).collect();
+        let by_id = list.iter().map(|a| (a.config.id.clone(), a.index)).collect();
+        Apps { list, by_key, by_id }
     }
 
     /// The app with this public key.

@@ -140,6 +140,13 @@ pub struct AppConfig {
     /// Bytes of one member's `user_info` JSON.
     #[serde(default = "default_presence_user_info_bytes_max")]
     pub presence_user_info_bytes_max: usize,
+    /// Client events one connection may send per second; 0 = unlimited.
+    #[serde(default = "default_client_events_per_second_max")]
+    pub client_events_per_second_max: u32,
+    /// Seconds a connection may stay without signing in or joining a private or presence
+    /// channel before it is closed with 4009; 0 = no limit ("authorized connections" off).
+    #[serde(default)]
+    pub authorized_connections_timeout_s: u32,
 }
 
 fn default_true() -> bool {
@@ -152,6 +159,9 @@ fn default_event_channels_max() -> usize {
     100
 }
 fn default_batch_events_max() -> usize {
+    10
+}
+fn default_client_events_per_second_max() -> u32 {
     10
 }
 fn default_presence_members_max() -> usize {
@@ -205,9 +215,7 @@ impl Default for WebSocketConfig {
 
 impl Default for MeshConfig {
     fn default() -> Self {
-        MeshConfig {
-            ring_capacity: 4096,
-        }
+        MeshConfig { ring_capacity: 4096 }
     }
 }
 
@@ -237,6 +245,8 @@ impl AppConfig {
             batch_events_max: default_batch_events_max(),
             presence_members_max: default_presence_members_max(),
             presence_user_info_bytes_max: default_presence_user_info_bytes_max(),
+            client_events_per_second_max: default_client_events_per_second_max(),
+            authorized_connections_timeout_s: 0,
         }
     }
 }
@@ -255,11 +265,7 @@ pub struct ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.line {
-            Some(line) => write!(
-                f,
-                "config error at line {line}, key `{}`: {}",
-                self.key, self.message
-            ),
+            Some(line) => write!(f, "config error at line {line}, key `{}`: {}", self.key, self.message),
             None => write!(f, "config error, key `{}`: {}", self.key, self.message),
         }
     }
@@ -283,9 +289,7 @@ impl Config {
     /// Number of shards to start: `server.shards`, or one per available CPU.
     pub fn shard_count(&self) -> usize {
         match self.server.shards {
-            0 => std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
+            0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         }
     }
@@ -297,45 +301,21 @@ impl Config {
             Err(ConfigError { key, line, message })
         };
         if self.server.shards > MAX_SHARDS {
-            return err(
-                "server.shards".into(),
-                format!("at most {MAX_SHARDS} shards are supported"),
-            );
+            return err("server.shards".into(), format!("at most {MAX_SHARDS} shards are supported"));
         }
         let positive: [(&str, u64); 13] = [
             ("server.backlog", self.server.backlog.into()),
-            (
-                "server.connections_per_shard_max",
-                self.server.connections_per_shard_max as u64,
-            ),
-            (
-                "http.request_line_bytes_max",
-                self.http.request_line_bytes_max as u64,
-            ),
+            ("server.connections_per_shard_max", self.server.connections_per_shard_max as u64),
+            ("http.request_line_bytes_max", self.http.request_line_bytes_max as u64),
             ("http.header_bytes_max", self.http.header_bytes_max as u64),
             ("http.headers_count_max", self.http.headers_count_max as u64),
             ("http.header_timeout_ms", self.http.header_timeout_ms),
             ("http.keepalive_timeout_ms", self.http.keepalive_timeout_ms),
-            (
-                "websocket.frame_bytes_max",
-                self.websocket.frame_bytes_max as u64,
-            ),
-            (
-                "websocket.message_bytes_max",
-                self.websocket.message_bytes_max as u64,
-            ),
-            (
-                "websocket.write_queue_bytes_max",
-                self.websocket.write_queue_bytes_max as u64,
-            ),
-            (
-                "websocket.activity_timeout_s",
-                self.websocket.activity_timeout_s.into(),
-            ),
-            (
-                "websocket.pong_timeout_s",
-                self.websocket.pong_timeout_s.into(),
-            ),
+            ("websocket.frame_bytes_max", self.websocket.frame_bytes_max as u64),
+            ("websocket.message_bytes_max", self.websocket.message_bytes_max as u64),
+            ("websocket.write_queue_bytes_max", self.websocket.write_queue_bytes_max as u64),
+            ("websocket.activity_timeout_s", self.websocket.activity_timeout_s.into()),
+            ("websocket.pong_timeout_s", self.websocket.pong_timeout_s.into()),
             ("mesh.ring_capacity", self.mesh.ring_capacity as u64),
         ];
         for (key, value) in positive {
@@ -346,15 +326,11 @@ impl Config {
         if self.http.request_line_bytes_max > self.http.header_bytes_max {
             return err(
                 "http.request_line_bytes_max".into(),
-                "must not exceed http.header_bytes_max (the request line is part of the head)"
-                    .into(),
+                "must not exceed http.header_bytes_max (the request line is part of the head)".into(),
             );
         }
         if self.apps.is_empty() {
-            return err(
-                "apps".into(),
-                "at least one [[apps]] table is required".into(),
-            );
+            return err("apps".into(), "at least one [[apps]] table is required".into());
         }
         for (i, app) in self.apps.iter().enumerate() {
             for (field, value) in [("id", &app.id), ("key", &app.key), ("secret", &app.secret)] {
@@ -362,35 +338,18 @@ impl Config {
                     return err(format!("apps[{i}].{field}"), "must not be empty".into());
                 }
             }
-            if !app
-                .id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return err(
-                    format!("apps[{i}].id"),
-                    "only letters, digits, '-' and '_' are allowed".into(),
-                );
+            if !app.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return err(format!("apps[{i}].id"), "only letters, digits, '-' and '_' are allowed".into());
             }
-            if !app
-                .key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            {
-                return err(
-                    format!("apps[{i}].key"),
-                    "only letters, digits, '-' and '_' are allowed".into(),
-                );
+            if !app.key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return err(format!("apps[{i}].key"), "only letters, digits, '-' and '_' are allowed".into());
             }
             for (j, other) in self.apps[..i].iter().enumerate() {
                 if other.id == app.id {
                     return err(format!("apps[{i}].id"), format!("duplicates apps[{j}].id"));
                 }
                 if other.key == app.key {
-                    return err(
-                        format!("apps[{i}].key"),
-                        format!("duplicates apps[{j}].key"),
-                    );
+                    return err(format!("apps[{i}].key"), format!("duplicates apps[{j}].key"));
                 }
             }
             for (field, value) in [
@@ -398,16 +357,10 @@ impl Config {
                 ("event_channels_max", app.event_channels_max),
                 ("batch_events_max", app.batch_events_max),
                 ("presence_members_max", app.presence_members_max),
-                (
-                    "presence_user_info_bytes_max",
-                    app.presence_user_info_bytes_max,
-                ),
+                ("presence_user_info_bytes_max", app.presence_user_info_bytes_max),
             ] {
                 if value == 0 {
-                    return err(
-                        format!("apps[{i}].{field}"),
-                        "must be greater than 0".into(),
-                    );
+                    return err(format!("apps[{i}].{field}"), "must be greater than 0".into());
                 }
             }
         }
@@ -435,11 +388,7 @@ fn syntax_error(text: &str, error: &toml::de::Error) -> ConfigError {
 fn line_of(text: &str, offset: usize) -> usize {
     // Bytes, not str slicing: a span offset need not fall on a char boundary.
     let end = offset.min(text.len());
-    text.as_bytes()[..end]
-        .iter()
-        .filter(|&&b| b == b'\n')
-        .count()
-        + 1
+    text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count() + 1
 }
 
 /// Best-effort line of a dotted key path such as `server.shards` or `apps[1].key`.
@@ -507,12 +456,7 @@ mod tests {
     /// Unknown keys are refused with their name and line.
     #[test]
     fn unknown_key_names_key_and_line() {
-        check_error(
-            "[server]\nbind = \"127.0.0.1:1\"\nshardz = 2\n",
-            "shardz",
-            Some(3),
-            "unknown field",
-        );
+        check_error("[server]\nbind = \"127.0.0.1:1\"\nshardz = 2\n", "shardz", Some(3), "unknown field");
     }
 
     /// Bad values are refused with their key and line.
@@ -528,20 +472,11 @@ mod tests {
     /// Semantic errors name the key and find its line.
     #[test]
     fn semantic_errors_name_key() {
-        check_error(
-            "[websocket]\nframe_bytes_max = 0\n",
-            "websocket.frame_bytes_max",
-            Some(2),
-            "greater than 0",
-        );
-        let two_apps = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n\n[[apps]]\nid = \"1\"\nkey = \"k2\"\nsecret = \"s\"\n";
+        check_error("[websocket]\nframe_bytes_max = 0\n", "websocket.frame_bytes_max", Some(2), "greater than 0");
+        let two_apps =
+            "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n\n[[apps]]\nid = \"1\"\nkey = \"k2\"\nsecret = \"s\"\n";
         check_error(two_apps, "apps[1].id", Some(7), "duplicates apps[0].id");
-        check_error(
-            "[[apps]]\nid = \"1\"\nkey = \"\"\nsecret = \"s\"\n",
-            "apps[0].key",
-            Some(3),
-            "empty",
-        );
+        check_error("[[apps]]\nid = \"1\"\nkey = \"\"\nsecret = \"s\"\n", "apps[0].key", Some(3), "empty");
         check_error("apps = []\n", "apps", Some(1), "at least one");
     }
 }

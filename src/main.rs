@@ -41,8 +41,7 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
     match path {
         None => Ok(Config::embedded_default()),
         Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
             Config::from_toml(&text).map_err(|e| format!("{}: {e}", path.display()))
         }
     }
@@ -50,10 +49,7 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RINGWIRE_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RINGWIRE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -86,10 +82,8 @@ fn main() -> ExitCode {
 
 fn run(config: Config) -> ExitCode {
     let apps = config.apps.clone();
-    let signals = match signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGINT,
-    ]) {
+    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
+    {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("ringwire: cannot install signal handlers: {e}");
@@ -104,12 +98,7 @@ fn run(config: Config) -> ExitCode {
         }
     };
     let drivers: Vec<String> = server.drivers.iter().map(|d| format!("{d:?}")).collect();
-    println!(
-        "ringwire listening on {} ({} shards: {})",
-        server.addr,
-        drivers.len(),
-        drivers.join(", ")
-    );
+    println!("ringwire listening on {} ({} shards: {})", server.addr, drivers.len(), drivers.join(", "));
     println!(
         "  WebSocket: ws://{}/app/{{key}}?protocol=7   HTTP API: http://{}/apps/{{id}}/events",
         server.addr, server.addr

@@ -91,18 +91,12 @@ pub fn render(shards: &[ShardMetrics], ring_depths: &[usize], ready: bool) -> St
             }
         }
     }
-    let _ = writeln!(
-        out,
-        "# HELP ringwire_mesh_ring_depth Messages waiting in the ring into this shard."
-    );
+    let _ = writeln!(out, "# HELP ringwire_mesh_ring_depth Messages waiting in the ring into this shard.");
     let _ = writeln!(out, "# TYPE ringwire_mesh_ring_depth gauge");
     for (shard, depth) in ring_depths.iter().enumerate() {
         let _ = writeln!(out, "ringwire_mesh_ring_depth{{shard=\"{shard}\"}} {depth}");
     }
-    let _ = writeln!(
-        out,
-        "# HELP ringwire_ready 1 while accepting connections, 0 while shutting down."
-    );
+    let _ = writeln!(out, "# HELP ringwire_ready 1 while accepting connections, 0 while shutting down.");
     let _ = writeln!(out, "# TYPE ringwire_ready gauge");
     let _ = writeln!(out, "ringwire_ready {}", u8::from(ready));
     out
@@ -120,8 +114,7 @@ mod tests {
         let text = render(&shards, &[0, 5], true);
         assert!(text.contains("# TYPE ringwire_connections gauge\nringwire_connections{shard=\"0\"} 0\nringwire_connections{shard=\"1\"} 3\n"), "{text}");
         assert!(text.contains("ringwire_mesh_ring_depth{shard=\"1\"} 5\n"));
-        assert!(text
-            .contains("# HELP ringwire_slow_consumer_closes_total Connections closed with 4100"));
+        assert!(text.contains("# HELP ringwire_slow_consumer_closes_total Connections closed with 4100"));
         assert!(text.ends_with("ringwire_ready 1\n"));
     }
 }

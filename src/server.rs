@@ -39,26 +39,18 @@ impl Server {
     /// Binds and starts every shard; returns once all of them accept connections.
     pub fn start(config: Config) -> anyhow::Result<Server> {
         let shards = config.shard_count();
-        let (listeners, addr) =
-            listener::bind(config.server.bind, shards, config.server.backlog)
-                .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+        let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
+            .with_context(|| format!("cannot listen on {}", config.server.bind))?;
         let config = Arc::new(config);
         let apps = Arc::new(Apps::new(&config.apps));
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
         let mut threads = Vec::with_capacity(shards);
         for (index, std_listener) in listeners.into_iter().enumerate() {
-            let (config, apps, mesh, metrics, ready) = (
-                config.clone(),
-                apps.clone(),
-                mesh.clone(),
-                metrics.clone(),
-                ready_tx.clone(),
-            );
+            let (config, apps, mesh, metrics, ready) =
+                (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
@@ -86,12 +78,7 @@ impl Server {
                 }
             }
         }
-        Ok(Server {
-            addr,
-            drivers,
-            mesh,
-            threads,
-        })
+        Ok(Server { addr, drivers, mesh, threads })
     }
 
     /// Begins graceful shutdown on every shard (returns at once).
@@ -116,16 +103,12 @@ fn run_shard(
 ) {
     let index = shard.index;
     if driver != IoDriver::Epoll {
-        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
-            .with_entries(1024)
-            .enable_timer()
-            .build()
-        {
-            Ok(mut runtime) => {
-                return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready))
-            }
+        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(1024).enable_timer().build() {
+            Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready)),
             Err(e) if driver == IoDriver::IoUring => {
-                let _ = ready.send(Err(format!("shard {index}: io_uring is unavailable ({e}) and server.io_driver = \"io_uring\"")));
+                let _ = ready.send(Err(format!(
+                    "shard {index}: io_uring is unavailable ({e}) and server.io_driver = \"io_uring\""
+                )));
                 return;
             }
             Err(e) => {
@@ -133,15 +116,10 @@ fn run_shard(
             }
         }
     }
-    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-        .enable_timer()
-        .build()
-    {
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
         Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready)),
         Err(e) => {
-            let _ = ready.send(Err(format!(
-                "shard {index}: cannot build an epoll runtime: {e}"
-            )));
+            let _ = ready.send(Err(format!("shard {index}: cannot build an epoll runtime: {e}")));
         }
     }
 }
@@ -156,10 +134,7 @@ async fn shard_main(
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
-            let _ = ready.send(Err(format!(
-                "shard {}: cannot register the listener: {e}",
-                shard.index
-            )));
+            let _ = ready.send(Err(format!("shard {}: cannot register the listener: {e}", shard.index)));
             return;
         }
     };

@@ -46,11 +46,7 @@ impl Response {
     }
 
     fn error(status: StatusCode, reason: &str) -> Response {
-        Response {
-            status,
-            content_type: "application/json",
-            body: error_body(status, reason),
-        }
+        Response { status, content_type: "application/json", body: error_body(status, reason) }
     }
 }
 
@@ -77,10 +73,7 @@ fn only(head: &RequestHead, method: Method) -> Result<(), Response> {
     if head.method == method {
         Ok(())
     } else {
-        Err(Response::error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            &format!("use {method} on this endpoint"),
-        ))
+        Err(Response::error(StatusCode::METHOD_NOT_ALLOWED, &format!("use {method} on this endpoint")))
     }
 }
 
@@ -90,37 +83,23 @@ fn only_get(head: &RequestHead) -> Result<(), Response> {
 
 fn ready(shard: &Shard) -> Response {
     if shard.is_shutting_down() {
-        Response::json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"ready": false, "reason": "shutting down"}),
-        )
+        Response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": "shutting down"}))
     } else {
         Response::json(StatusCode::OK, &json!({"ready": true}))
     }
 }
 
 fn metrics_text(shard: &Shard) -> Response {
-    let depths: Vec<usize> = (0..shard.mesh.shards())
-        .map(|i| shard.mesh.depth(i))
-        .collect();
+    let depths: Vec<usize> = (0..shard.mesh.shards()).map(|i| shard.mesh.depth(i)).collect();
     let text = metrics::render(&shard.all_metrics, &depths, !shard.is_shutting_down());
-    Response {
-        status: StatusCode::OK,
-        content_type: "text/plain; version=0.0.4",
-        body: text.into_bytes(),
-    }
+    Response { status: StatusCode::OK, content_type: "text/plain; version=0.0.4", body: text.into_bytes() }
 }
 
-async fn app_request(
-    shard: &Shard,
-    head: &RequestHead,
-    body: &[u8],
-    app_id: &str,
-    rest: &[&str],
-) -> ApiResult {
-    let app = shard.apps.by_id(app_id).ok_or_else(|| {
-        Response::error(StatusCode::NOT_FOUND, &format!("unknown app id {app_id}"))
-    })?;
+async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &str, rest: &[&str]) -> ApiResult {
+    let app = shard
+        .apps
+        .by_id(app_id)
+        .ok_or_else(|| Response::error(StatusCode::NOT_FOUND, &format!("unknown app id {app_id}")))?;
     // Check the route and method before the signature so a wrong URL says so.
     let route = match rest {
         ["events"] => (Method::POST, Route::Events),
@@ -128,20 +107,13 @@ async fn app_request(
         ["channels"] => (Method::GET, Route::Channels),
         ["channels", name] => (Method::GET, Route::Channel(name)),
         ["channels", name, "users"] => (Method::GET, Route::Users(name)),
+        ["users", user_id, "terminate_connections"] => (Method::POST, Route::Terminate(user_id)),
         _ => return Err(Response::error(StatusCode::NOT_FOUND, "no such endpoint")),
     };
     only(head, route.0)?;
     let params = parse_query(&head.query);
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let request = SignedRequest {
-        method: head.method.as_str(),
-        path: &head.path,
-        params: &params,
-        body,
-    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let request = SignedRequest { method: head.method.as_str(), path: &head.path, params: &params, body };
     auth::verify(&request, &app.config.key, &app.secret_key, now)
         .map_err(|e| Response::error(StatusCode::UNAUTHORIZED, &e.0))?;
     match route.1 {
@@ -150,6 +122,11 @@ async fn app_request(
         Route::Channels => channels(shard, app, &params).await,
         Route::Channel(name) => channel_info(shard, app, name, &params).await,
         Route::Users(name) => users(shard, app, name).await,
+        Route::Terminate(user_id) => {
+            let user_id = percent_encoding::percent_decode_str(user_id).decode_utf8_lossy();
+            shard.terminate_user(app.index, &user_id);
+            Ok(Response::json(StatusCode::OK, &json!({})))
+        }
     }
 }
 
@@ -159,6 +136,7 @@ enum Route<'a> {
     Channels,
     Channel(&'a str),
     Users(&'a str),
+    Terminate(&'a str),
 }
 
 /// One event as the SDKs send it. Unknown fields are ignored, as other servers do.
@@ -202,19 +180,12 @@ struct Info {
 
 fn parse_info(info: Option<&str>) -> Result<Info, Response> {
     let mut parsed = Info::default();
-    for attribute in info
-        .unwrap_or("")
-        .split(',')
-        .map(str::trim)
-        .filter(|a| !a.is_empty())
-    {
+    for attribute in info.unwrap_or("").split(',').map(str::trim).filter(|a| !a.is_empty()) {
         match attribute {
             "subscription_count" => parsed.subscription_count = true,
             "user_count" => parsed.user_count = true,
             "cache" => {
-                return Err(bad_request(
-                    "info=cache applies only to cache channels, which are not supported yet",
-                ))
+                return Err(bad_request("info=cache applies only to cache channels, which are not supported yet"))
             }
             other => return Err(bad_request(format!("unknown info attribute {other}"))),
         }
@@ -222,80 +193,43 @@ fn parse_info(info: Option<&str>) -> Result<Info, Response> {
     Ok(parsed)
 }
 
-fn validate_event<'a>(
-    app: &App,
-    request: &'a EventRequest<'a>,
-    single_channel: bool,
-) -> Result<Event<'a>, Response> {
-    let name = request
-        .name
-        .as_deref()
-        .ok_or_else(|| bad_request("missing event name"))?;
+fn validate_event<'a>(app: &App, request: &'a EventRequest<'a>, single_channel: bool) -> Result<Event<'a>, Response> {
+    let name = request.name.as_deref().ok_or_else(|| bad_request("missing event name"))?;
     if name.is_empty() || name.len() > EVENT_NAME_BYTES_MAX {
-        return Err(bad_request(format!(
-            "event name must be 1 to {EVENT_NAME_BYTES_MAX} characters"
-        )));
+        return Err(bad_request(format!("event name must be 1 to {EVENT_NAME_BYTES_MAX} characters")));
     }
     let data = request.data.ok_or_else(|| bad_request("missing data"))?;
     // Pusher measures the data "in bytes within the HTTP POST body": the string's raw bytes.
     let raw = data.get();
-    let data_len = if raw.starts_with('"') {
-        raw.len() - 2
-    } else {
-        raw.len()
-    };
+    let data_len = if raw.starts_with('"') { raw.len() - 2 } else { raw.len() };
     if data_len > app.config.event_data_bytes_max {
         return Err(Response::error(
             StatusCode::PAYLOAD_TOO_LARGE,
-            &format!(
-                "event data of {data_len} bytes exceeds the limit of {} bytes",
-                app.config.event_data_bytes_max
-            ),
+            &format!("event data of {data_len} bytes exceeds the limit of {} bytes", app.config.event_data_bytes_max),
         ));
     }
     let channels: Vec<&str> = match (&request.channel, &request.channels) {
         (Some(channel), None) => vec![channel.as_ref()],
         (None, Some(channels)) if !single_channel => channels.iter().map(|c| c.as_ref()).collect(),
         (None, Some(_)) => return Err(bad_request("batch events name one `channel`")),
-        (Some(_), Some(_)) => {
-            return Err(bad_request("give either `channel` or `channels`, not both"))
-        }
+        (Some(_), Some(_)) => return Err(bad_request("give either `channel` or `channels`, not both")),
         (None, None) => return Err(bad_request("missing channel or channels")),
     };
     if channels.is_empty() || channels.len() > app.config.event_channels_max {
-        return Err(bad_request(format!(
-            "an event names 1 to {} channels",
-            app.config.event_channels_max
-        )));
+        return Err(bad_request(format!("an event names 1 to {} channels", app.config.event_channels_max)));
     }
     for channel in &channels {
-        channel::validate(channel)
-            .map_err(|e| bad_request(format!("invalid channel {channel:?}: {e}")))?;
+        channel::validate(channel).map_err(|e| bad_request(format!("invalid channel {channel:?}: {e}")))?;
     }
     let exclude = match request.socket_id.as_deref() {
         None => None,
-        Some(text) => Some(
-            SocketId::parse(text)
-                .ok_or_else(|| bad_request(format!("invalid socket_id {text:?}")))?,
-        ),
+        Some(text) => Some(SocketId::parse(text).ok_or_else(|| bad_request(format!("invalid socket_id {text:?}")))?),
     };
     let info = parse_info(request.info.as_deref())?;
-    if info.user_count
-        && channels
-            .iter()
-            .any(|c| ChannelKind::of(c) != ChannelKind::Presence)
-    {
-        return Err(bad_request(
-            "info=user_count applies only to presence channels",
-        ));
+    if info.user_count && channels.iter().any(|c| ChannelKind::of(c) != ChannelKind::Presence) {
+        return Err(bad_request("info=user_count applies only to presence channels"));
     }
-    Ok(Event {
-        name,
-        data,
-        channels,
-        exclude,
-        info,
-    })
+    Ok(Event { name, data, channels, exclude, info })
 }
 
 fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
@@ -305,14 +239,9 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
 async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Option<Value> {
     for channel in &event.channels {
         let frame = message::channel_event(event.name, channel, event.data);
-        shard
-            .publish(app.index, channel, frame, event.exclude)
-            .await;
+        shard.publish(app.index, channel, frame, event.exclude).await;
     }
-    ShardMetrics::add(
-        &shard.metrics().published_total,
-        event.channels.len() as u64,
-    );
+    ShardMetrics::add(&shard.metrics().published_total, event.channels.len() as u64);
     if !(event.info.subscription_count || event.info.user_count) {
         return None;
     }
@@ -324,10 +253,7 @@ async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Option<Value> {
             attributes.insert("subscription_count".into(), count.into());
         }
         if event.info.user_count {
-            let count = user_ids(shard, app, channel)
-                .await
-                .map(|u| u.len())
-                .unwrap_or(0);
+            let count = user_ids(shard, app, channel).await.map(|u| u.len()).unwrap_or(0);
             attributes.insert("user_count".into(), count.into());
         }
         channels.insert((*channel).to_string(), Value::Object(attributes));
@@ -339,38 +265,22 @@ async fn events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     let request: EventRequest = parse_json(body)?;
     let event = validate_event(app, &request, false)?;
     let info = publish(shard, app, &event).await;
-    Ok(Response::json(
-        StatusCode::OK,
-        &info.unwrap_or_else(|| json!({})),
-    ))
+    Ok(Response::json(StatusCode::OK, &info.unwrap_or_else(|| json!({}))))
 }
 
 async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     let request: BatchRequest = parse_json(body)?;
     if request.batch.len() > app.config.batch_events_max {
-        return Err(bad_request(format!(
-            "a batch holds at most {} events",
-            app.config.batch_events_max
-        )));
+        return Err(bad_request(format!("a batch holds at most {} events", app.config.batch_events_max)));
     }
     // Validate every event before publishing any: a batch is accepted whole or not at all.
-    let events = request
-        .batch
-        .iter()
-        .map(|e| validate_event(app, e, true))
-        .collect::<Result<Vec<_>, _>>()?;
+    let events = request.batch.iter().map(|e| validate_event(app, e, true)).collect::<Result<Vec<_>, _>>()?;
     let mut infos = Vec::with_capacity(events.len());
     for event in &events {
         let info = publish(shard, app, event).await;
-        infos.push(
-            info.map(|i| i["channels"][event.channels[0]].clone())
-                .unwrap_or_else(|| json!({})),
-        );
+        infos.push(info.map(|i| i["channels"][event.channels[0]].clone()).unwrap_or_else(|| json!({})));
     }
-    if events
-        .iter()
-        .any(|e| e.info.subscription_count || e.info.user_count)
-    {
+    if events.iter().any(|e| e.info.subscription_count || e.info.user_count) {
         Ok(Response::json(StatusCode::OK, &json!({ "batch": infos })))
     } else {
         Ok(Response::json(StatusCode::OK, &json!({})))
@@ -379,51 +289,27 @@ async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
 
 /// Subscribers of one channel across every shard.
 async fn subscription_count(shard: &Shard, app: &App, name: &str) -> Option<u64> {
-    let reply = shard
-        .query_all(Query::Channel {
-            app: app.index,
-            name: name.to_string(),
-        })
-        .await?;
+    let reply = shard.query_all(Query::Channel { app: app.index, name: name.to_string() }).await?;
     Some(reply.iter().map(|(_, n)| u64::from(*n)).sum())
 }
 
 fn unavailable() -> Response {
-    Response::error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "a shard did not answer in time; retry",
-    )
+    Response::error(StatusCode::SERVICE_UNAVAILABLE, "a shard did not answer in time; retry")
 }
 
 async fn channels(shard: &Shard, app: &App, params: &Params) -> ApiResult {
     let prefix = param(params, "filter_by_prefix").unwrap_or("").to_string();
     let info = parse_info(param(params, "info"))?;
     if info.user_count && !prefix.starts_with("presence-") {
-        return Err(bad_request(
-            "info=user_count requires filter_by_prefix=presence-",
-        ));
+        return Err(bad_request("info=user_count requires filter_by_prefix=presence-"));
     }
     let user_counts: BTreeMap<Box<str>, u32> = if info.user_count {
-        let query = Query::PresenceCounts {
-            app: app.index,
-            prefix: prefix.clone(),
-        };
-        shard
-            .query_all(query)
-            .await
-            .ok_or_else(unavailable)?
-            .into_iter()
-            .collect()
+        let query = Query::PresenceCounts { app: app.index, prefix: prefix.clone() };
+        shard.query_all(query).await.ok_or_else(unavailable)?.into_iter().collect()
     } else {
         BTreeMap::new()
     };
-    let reply = shard
-        .query_all(Query::Channels {
-            app: app.index,
-            prefix,
-        })
-        .await
-        .ok_or_else(unavailable)?;
+    let reply = shard.query_all(Query::Channels { app: app.index, prefix }).await.ok_or_else(unavailable)?;
     let mut totals: BTreeMap<Box<str>, u64> = BTreeMap::new();
     for (name, count) in reply {
         *totals.entry(name).or_default() += u64::from(count);
@@ -440,10 +326,7 @@ async fn channels(shard: &Shard, app: &App, params: &Params) -> ApiResult {
         }
         channels.insert(name.into(), Value::Object(attributes));
     }
-    Ok(Response::json(
-        StatusCode::OK,
-        &json!({ "channels": channels }),
-    ))
+    Ok(Response::json(StatusCode::OK, &json!({ "channels": channels })))
 }
 
 async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> ApiResult {
@@ -451,23 +334,16 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
     channel::validate(&name).map_err(|e| bad_request(format!("invalid channel {name:?}: {e}")))?;
     let info = parse_info(param(params, "info"))?;
     if info.user_count && ChannelKind::of(&name) != ChannelKind::Presence {
-        return Err(bad_request(
-            "info=user_count applies only to presence channels",
-        ));
+        return Err(bad_request("info=user_count applies only to presence channels"));
     }
-    let count = subscription_count(shard, app, &name)
-        .await
-        .ok_or_else(unavailable)?;
+    let count = subscription_count(shard, app, &name).await.ok_or_else(unavailable)?;
     let mut body = serde_json::Map::new();
     body.insert("occupied".into(), (count > 0).into());
     if info.subscription_count {
         body.insert("subscription_count".into(), count.into());
     }
     if info.user_count {
-        let count = user_ids(shard, app, &name)
-            .await
-            .ok_or_else(unavailable)?
-            .len();
+        let count = user_ids(shard, app, &name).await.ok_or_else(unavailable)?.len();
         body.insert("user_count".into(), count.into());
     }
     Ok(Response::json(StatusCode::OK, &Value::Object(body)))
@@ -475,10 +351,7 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
 
 /// Members of a presence channel, from its home shard.
 async fn user_ids(shard: &Shard, app: &App, name: &str) -> Option<Vec<Box<str>>> {
-    let query = Query::PresenceUsers {
-        app: app.index,
-        name: name.to_string(),
-    };
+    let query = Query::PresenceUsers { app: app.index, name: name.to_string() };
     let reply = shard.query_all(query).await?;
     Some(reply.into_iter().map(|(id, _)| id).collect())
 }

@@ -64,10 +64,7 @@ pub struct RequestHead {
 impl RequestHead {
     /// The first header named `name` (lower-case).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_slice())
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
     }
 }
 
@@ -83,10 +80,7 @@ pub struct HttpError {
 impl HttpError {
     /// An error with a status and reason.
     pub fn new(status: StatusCode, reason: impl Into<String>) -> HttpError {
-        HttpError {
-            status,
-            reason: reason.into(),
-        }
+        HttpError { status, reason: reason.into() }
     }
 }
 
@@ -103,22 +97,12 @@ pub fn parse_head(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>
     let mut request = httparse::Request::new(&mut headers);
     let head_len = match request.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > limits.header_bytes_max => {
-            return Err(header_too_large())
-        }
+        Ok(httparse::Status::Partial) if buf.len() > limits.header_bytes_max => return Err(header_too_large()),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(HttpError::new(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "too many request headers",
-            ))
+            return Err(HttpError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many request headers"))
         }
-        Err(e) => {
-            return Err(HttpError::new(
-                StatusCode::BAD_REQUEST,
-                format!("malformed request: {e}"),
-            ))
-        }
+        Err(e) => return Err(HttpError::new(StatusCode::BAD_REQUEST, format!("malformed request: {e}"))),
     };
     if head_len > limits.header_bytes_max {
         return Err(header_too_large());
@@ -126,27 +110,17 @@ pub fn parse_head(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>
     build_head(&request, head_len, limits).map(Some)
 }
 
-fn build_head(
-    request: &httparse::Request,
-    head_len: usize,
-    limits: &HeadLimits,
-) -> Result<RequestHead, HttpError> {
+fn build_head(request: &httparse::Request, head_len: usize, limits: &HeadLimits) -> Result<RequestHead, HttpError> {
     let method = Method::from_bytes(request.method.unwrap_or("").as_bytes())
         .map_err(|_| HttpError::new(StatusCode::BAD_REQUEST, "invalid method"))?;
     let target = request.path.unwrap_or("");
     if !target.starts_with('/') {
-        return Err(HttpError::new(
-            StatusCode::BAD_REQUEST,
-            "request target must be an absolute path",
-        ));
+        return Err(HttpError::new(StatusCode::BAD_REQUEST, "request target must be an absolute path"));
     }
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let version_minor = request.version.unwrap_or(1);
-    let headers: Vec<(String, Vec<u8>)> = request
-        .headers
-        .iter()
-        .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec()))
-        .collect();
+    let headers: Vec<(String, Vec<u8>)> =
+        request.headers.iter().map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())).collect();
     let mut content_length: Option<usize> = None;
     let mut keep_alive = version_minor >= 1;
     for (name, value) in &headers {
@@ -158,18 +132,10 @@ fn build_head(
                     .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
                     .and_then(|v| v.parse::<usize>().ok());
                 match (parsed, content_length) {
-                    (None, _) => {
-                        return Err(HttpError::new(
-                            StatusCode::BAD_REQUEST,
-                            "invalid Content-Length",
-                        ))
-                    }
+                    (None, _) => return Err(HttpError::new(StatusCode::BAD_REQUEST, "invalid Content-Length")),
                     // RFC 9112 §6.3: differing Content-Length values are unrecoverable.
                     (Some(n), Some(previous)) if n != previous => {
-                        return Err(HttpError::new(
-                            StatusCode::BAD_REQUEST,
-                            "conflicting Content-Length headers",
-                        ))
+                        return Err(HttpError::new(StatusCode::BAD_REQUEST, "conflicting Content-Length headers"))
                     }
                     (Some(n), _) => content_length = Some(n),
                 }
@@ -196,10 +162,7 @@ fn build_head(
     if content_length > limits.body_bytes_max {
         return Err(HttpError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body of {content_length} bytes exceeds the limit of {}",
-                limits.body_bytes_max
-            ),
+            format!("request body of {content_length} bytes exceeds the limit of {}", limits.body_bytes_max),
         ));
     }
     Ok(RequestHead {
@@ -219,10 +182,7 @@ fn uri_too_long() -> HttpError {
 }
 
 fn header_too_large() -> HttpError {
-    HttpError::new(
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-        "request headers too large",
-    )
+    HttpError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "request headers too large")
 }
 
 /// A complete response: status line, headers, body.
@@ -254,11 +214,7 @@ pub fn error_body(status: StatusCode, reason: &str) -> Vec<u8> {
 
 /// A full error response.
 pub fn error_response(error: &HttpError, keep_alive: bool) -> Vec<u8> {
-    json_response(
-        error.status,
-        &error_body(error.status, &error.reason),
-        keep_alive,
-    )
+    json_response(error.status, &error_body(error.status, &error.reason), keep_alive)
 }
 
 #[cfg(test)]
@@ -266,26 +222,12 @@ mod tests {
     use super::*;
 
     fn limits() -> HeadLimits {
-        HeadLimits {
-            request_line_bytes_max: 64,
-            header_bytes_max: 256,
-            headers_count_max: 4,
-            body_bytes_max: 100,
-        }
+        HeadLimits { request_line_bytes_max: 64, header_bytes_max: 256, headers_count_max: 4, body_bytes_max: 100 }
     }
 
     fn check(input: &str, expected: Result<Option<(&str, &str, usize, bool)>, u16>) {
         let got = parse_head(input.as_bytes(), &limits())
-            .map(|h| {
-                h.map(|h| {
-                    (
-                        h.path.clone(),
-                        h.query.clone(),
-                        h.content_length,
-                        h.keep_alive,
-                    )
-                })
-            })
+            .map(|h| h.map(|h| (h.path.clone(), h.query.clone(), h.content_length, h.keep_alive)))
             .map_err(|e| e.status.as_u16());
         let expected = expected.map(|o| o.map(|(p, q, n, k)| (p.to_string(), q.to_string(), n, k)));
         assert_eq!(got, expected, "{input:?}");
@@ -294,14 +236,8 @@ mod tests {
     /// Complete and partial heads.
     #[test]
     fn heads() {
-        check(
-            "GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n",
-            Ok(Some(("/a", "b=1", 0, true))),
-        );
-        check(
-            "POST /a HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n",
-            Ok(Some(("/a", "", 5, false))),
-        );
+        check("GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n", Ok(Some(("/a", "b=1", 0, true))));
+        check("POST /a HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\n", Ok(Some(("/a", "", 5, false))));
         check("GET /a HTTP/1.0\r\n\r\n", Ok(Some(("/a", "", 0, false))));
         check("GET /a HTTP/1.1\r\nHost:", Ok(None));
         check("GET /a", Ok(None));
@@ -310,33 +246,15 @@ mod tests {
     /// Each limit answers its status.
     #[test]
     fn limits_enforced() {
-        check(
-            &format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(80)),
-            Err(414),
-        );
+        check(&format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(80)), Err(414));
         check(&format!("GET /{}", "a".repeat(80)), Err(414));
-        check(
-            &format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(300)),
-            Err(431),
-        );
-        check(
-            &format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300)),
-            Err(431),
-        );
-        check(
-            "GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\n\r\n",
-            Err(431),
-        );
+        check(&format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(300)), Err(431));
+        check(&format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300)), Err(431));
+        check("GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\n\r\n", Err(431));
         check("POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n", Err(413));
         check("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", Err(400));
-        check(
-            "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-            Err(400),
-        );
-        check(
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
-            Err(400),
-        );
+        check("POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", Err(400));
+        check("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Err(400));
         check("GET\x01 / HTTP/1.1\r\n\r\n", Err(400));
         check("GET * HTTP/1.1\r\n\r\n", Err(400));
     }
@@ -346,10 +264,10 @@ mod tests {
     fn error_response_shape() {
         let r = error_response(&HttpError::new(StatusCode::NOT_FOUND, "no route"), true);
         let text = String::from_utf8(r).unwrap();
-        assert!(text.starts_with("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 33\r\n"), "{text}");
         assert!(
-            text.ends_with("{\"error\":\"no route\",\"status\":404}"),
+            text.starts_with("HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\nContent-Length: 33\r\n"),
             "{text}"
         );
+        assert!(text.ends_with("{\"error\":\"no route\",\"status\":404}"), "{text}");
     }
 }

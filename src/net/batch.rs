@@ -22,16 +22,9 @@ impl FrameBatch {
     pub fn new(frames: Vec<Bytes>) -> FrameBatch {
         let iov = frames
             .iter()
-            .map(|f| libc::iovec {
-                iov_base: f.as_ptr() as *mut libc::c_void,
-                iov_len: f.len(),
-            })
+            .map(|f| libc::iovec { iov_base: f.as_ptr() as *mut libc::c_void, iov_len: f.len() })
             .collect();
-        FrameBatch {
-            frames,
-            iov,
-            first: 0,
-        }
+        FrameBatch { frames, iov, first: 0 }
     }
 
     /// Marks `n` more bytes as written.
@@ -82,20 +75,15 @@ mod tests {
         batch.iov[batch.first..]
             .iter()
             // SAFETY: each iovec points to live bytes of a frame in the batch (see above).
-            .flat_map(|v| {
-                unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) }.to_vec()
-            })
+            .flat_map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) }.to_vec())
             .collect()
     }
 
     /// Partial writes advance across frame boundaries.
     #[test]
     fn advance_across_frames() {
-        let mut batch = FrameBatch::new(vec![
-            Bytes::from_static(b"abc"),
-            Bytes::from_static(b"de"),
-            Bytes::from_static(b"fgh"),
-        ]);
+        let mut batch =
+            FrameBatch::new(vec![Bytes::from_static(b"abc"), Bytes::from_static(b"de"), Bytes::from_static(b"fgh")]);
         batch.advance(2);
         assert_eq!(remaining(&batch), b"cdefgh");
         batch.advance(2);

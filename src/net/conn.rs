@@ -37,11 +37,7 @@ const HTTP_READ_SPARE: usize = 4096;
 const READ_BUFFER_KEEP_MAX: usize = 16 * 1024;
 
 /// Reads more bytes, appending to `buf`.
-async fn read_more<R: AsyncReadRent>(
-    reader: &mut R,
-    mut buf: BytesMut,
-    spare: usize,
-) -> (io::Result<usize>, BytesMut) {
+async fn read_more<R: AsyncReadRent>(reader: &mut R, mut buf: BytesMut, spare: usize) -> (io::Result<usize>, BytesMut) {
     if buf.capacity() - buf.len() < spare {
         buf.reserve(spare);
     }
@@ -82,19 +78,13 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
         // An idle keep-alive connection may wait up to keepalive_timeout for its next request;
         // once a request starts, its head and body must arrive within header_timeout.
         if buf.is_empty() && !first {
-            match monoio::time::timeout(
-                keepalive_timeout,
-                read_more(&mut stream, buf, HTTP_READ_SPARE),
-            )
-            .await
-            {
+            match monoio::time::timeout(keepalive_timeout, read_more(&mut stream, buf, HTTP_READ_SPARE)).await {
                 Ok((Ok(n), b)) if n > 0 => buf = b,
                 _ => break,
             }
         }
         first = false;
-        let request =
-            monoio::time::timeout(header_timeout, read_request(&mut stream, buf, &limits)).await;
+        let request = monoio::time::timeout(header_timeout, read_request(&mut stream, buf, &limits)).await;
         let (head, body, rest) = match request {
             Ok((Ok((head, body)), rest)) => (head, body, rest),
             Ok((Err(ReadFailure::Refused(error)), _)) => {
@@ -103,8 +93,7 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
             }
             Ok((Err(ReadFailure::Closed), _)) => break,
             Err(_elapsed) => {
-                let error =
-                    HttpError::new(StatusCode::REQUEST_TIMEOUT, "request not received in time");
+                let error = HttpError::new(StatusCode::REQUEST_TIMEOUT, "request not received in time");
                 let _ = stream.write_all(parse::error_response(&error, false)).await;
                 break;
             }
@@ -113,22 +102,12 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
         let echo = head.path == "/echo" && shard.config.websocket.echo_enabled;
         if head.path.starts_with("/app/") || echo {
             ShardMetrics::sub(&metrics.http_connections, 1);
-            return Some(Upgrade {
-                stream,
-                head,
-                buf,
-                echo,
-            });
+            return Some(Upgrade { stream, head, buf, echo });
         }
         ShardMetrics::add(&metrics.http_requests_total, 1);
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
         let response = crate::http::api::handle(shard, &head, &body).await;
-        let bytes = parse::response(
-            response.status,
-            response.content_type,
-            &response.body,
-            keep_alive,
-        );
+        let bytes = parse::response(response.status, response.content_type, &response.body, keep_alive);
         let (result, _) = stream.write_all(bytes).await;
         if result.is_err() || !keep_alive {
             break;
@@ -172,10 +151,7 @@ async fn read_request(
 }
 
 /// Why a WebSocket is refused right after the handshake: Pusher close code and message.
-fn pusher_refusal(
-    shard: &Shard,
-    head: &RequestHead,
-) -> Result<crate::apps::AppIndex, (u16, String)> {
+fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppIndex, (u16, String)> {
     let key = &head.path["/app/".len()..];
     let params = parse_query(&head.query);
     // Reference §1.1: clients send ?protocol=7; 5 to 7 behave identically here.
@@ -183,12 +159,7 @@ fn pusher_refusal(
         None => return Err((4008, "No protocol version supplied".into())),
         Some(p) => match p.parse::<u32>() {
             Ok(5..=7) => {}
-            Ok(_) => {
-                return Err((
-                    4007,
-                    format!("Unsupported protocol version {p}; use 5 to 7"),
-                ))
-            }
+            Ok(_) => return Err((4007, format!("Unsupported protocol version {p}; use 5 to 7"))),
             Err(_) => return Err((4006, format!("Invalid protocol version '{p}'"))),
         },
     }
@@ -206,19 +177,11 @@ fn pusher_refusal(
 
 /// Upgrades and runs a WebSocket connection to its end.
 pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
-    let Upgrade {
-        mut stream,
-        head,
-        mut buf,
-        echo,
-    } = upgrade;
+    let Upgrade { mut stream, head, mut buf, echo } = upgrade;
     let mut response = match handshake::accept(&head) {
         Ok(response) => response,
         Err(e) => {
-            let error = HttpError::new(
-                StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
-                e.reason,
-            );
+            let error = HttpError::new(StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST), e.reason);
             let mut bytes = parse::error_response(&error, false);
             if e.status == 426 {
                 let at = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
@@ -228,11 +191,7 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
             return;
         }
     };
-    let checked = if echo {
-        Ok(0)
-    } else {
-        pusher_refusal(shard, &head)
-    };
+    let checked = if echo { Ok(0) } else { pusher_refusal(shard, &head) };
     let app = match checked {
         Ok(app) => app,
         Err((code, reason)) => {
@@ -258,10 +217,7 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
     let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
     if !echo {
         let activity_timeout_s = shard.config.websocket.activity_timeout_s;
-        shard.send(
-            key,
-            message::connection_established(socket_id, activity_timeout_s),
-        );
+        shard.send(key, message::connection_established(socket_id, activity_timeout_s));
     }
     // The HTTP buffer is sized for request heads; an idle WebSocket should not keep it.
     buf = BytesMut::from(&buf[..]);
@@ -273,12 +229,7 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
 
 /// Reads and dispatches frames until the peer closes, the socket fails, or the close
 /// handshake completes.
-async fn read_loop(
-    shard: &Rc<Shard>,
-    key: ConnKey,
-    reader: &mut TcpOwnedReadHalf,
-    mut buf: BytesMut,
-) {
+async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut TcpOwnedReadHalf, mut buf: BytesMut) {
     let limits = FrameLimits {
         frame_bytes_max: shard.config.websocket.frame_bytes_max,
         message_bytes_max: shard.config.websocket.message_bytes_max,
@@ -346,19 +297,11 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
             shard.close(key, code, "");
             return false;
         }
-        Incoming::Text(payload) if echo => {
-            echo_back(shard, key, OpCode::Data(Data::Text), &payload)
-        }
-        Incoming::Binary(payload) if echo => {
-            echo_back(shard, key, OpCode::Data(Data::Binary), &payload)
-        }
+        Incoming::Text(payload) if echo => echo_back(shard, key, OpCode::Data(Data::Text), &payload),
+        Incoming::Binary(payload) if echo => echo_back(shard, key, OpCode::Data(Data::Binary), &payload),
         Incoming::Binary(_) => {
             // Protocol: "Binary WebSocket frames are not supported".
-            shard.close(
-                key,
-                close_code::UNSUPPORTED_DATA,
-                "binary messages are not supported",
-            );
+            shard.close(key, close_code::UNSUPPORTED_DATA, "binary messages are not supported");
         }
         Incoming::Text(text) => {
             ShardMetrics::add(&metrics.messages_in_total, 1);

@@ -13,19 +13,11 @@ use crate::shard::Shard;
 
 /// Binds `count` listeners to `addr` with SO_REUSEPORT. Port 0 picks a free port once; every
 /// shard then binds that same port. Returns the sockets and the bound address.
-pub fn bind(
-    addr: SocketAddr,
-    count: usize,
-    backlog: u32,
-) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
+pub fn bind(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<(Vec<std::net::TcpListener>, SocketAddr)> {
     let mut listeners = Vec::with_capacity(count);
     let mut bound = addr;
     for _ in 0..count {
-        let socket = Socket::new(
-            Domain::for_address(bound),
-            Type::STREAM,
-            Some(Protocol::TCP),
-        )?;
+        let socket = Socket::new(Domain::for_address(bound), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_reuse_address(true)?;
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;

@@ -17,13 +17,20 @@ pub enum ChannelKind {
     PrivateEncrypted,
     /// `presence-`
     Presence,
+    /// `#server-to-user-{user_id}`: events for one signed-in user (reference §1.7).
+    ServerToUser,
 }
+
+/// Prefix of a signed-in user's own channel.
+pub const SERVER_TO_USER_PREFIX: &str = "#server-to-user-";
 
 impl ChannelKind {
     /// The kind of a (valid) channel name. Cache variants (`private-cache-`, ...) keep the kind
     /// of their base prefix, which the anchored checks give for free.
     pub fn of(name: &str) -> ChannelKind {
-        if name.starts_with("private-encrypted-") {
+        if name.starts_with(SERVER_TO_USER_PREFIX) {
+            ChannelKind::ServerToUser
+        } else if name.starts_with("private-encrypted-") {
             ChannelKind::PrivateEncrypted
         } else if name.starts_with("private-") {
             ChannelKind::Private
@@ -50,15 +57,9 @@ impl std::fmt::Display for ChannelNameError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ChannelNameError::Empty => write!(f, "channel name is empty"),
-            ChannelNameError::TooLong => write!(
-                f,
-                "channel name longer than {CHANNEL_NAME_BYTES_MAX} characters"
-            ),
+            ChannelNameError::TooLong => write!(f, "channel name longer than {CHANNEL_NAME_BYTES_MAX} characters"),
             ChannelNameError::InvalidCharacter => {
-                write!(
-                    f,
-                    "channel name may only contain A-Z, a-z, 0-9 and _ - = @ , . ;"
-                )
+                write!(f, "channel name may only contain A-Z, a-z, 0-9 and _ - = @ , . ;")
             }
         }
     }
@@ -72,9 +73,13 @@ pub fn validate(name: &str) -> Result<(), ChannelNameError> {
     if name.len() > CHANNEL_NAME_BYTES_MAX {
         return Err(ChannelNameError::TooLong);
     }
-    if !name.bytes().all(|b| {
-        b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';')
-    }) {
+    // `#server-to-user-` is the one name with a `#`; the user id after it follows the rules.
+    let name = match name.strip_prefix(SERVER_TO_USER_PREFIX) {
+        Some("") => return Err(ChannelNameError::Empty),
+        Some(user_id) => user_id,
+        None => name,
+    };
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'=' | b'@' | b',' | b'.' | b';')) {
         return Err(ChannelNameError::InvalidCharacter);
     }
     Ok(())
@@ -88,10 +93,7 @@ mod tests {
     #[test]
     fn kinds_are_anchored() {
         assert_eq!(ChannelKind::of("private-a"), ChannelKind::Private);
-        assert_eq!(
-            ChannelKind::of("private-encrypted-a"),
-            ChannelKind::PrivateEncrypted
-        );
+        assert_eq!(ChannelKind::of("private-encrypted-a"), ChannelKind::PrivateEncrypted);
         assert_eq!(ChannelKind::of("presence-a"), ChannelKind::Presence);
         assert_eq!(ChannelKind::of("my-private-a"), ChannelKind::Public);
         assert_eq!(ChannelKind::of("privatea"), ChannelKind::Public);
@@ -106,10 +108,10 @@ mod tests {
         assert_eq!(validate(&"a".repeat(200)), Ok(()));
         assert_eq!(validate(&"a".repeat(201)), Err(ChannelNameError::TooLong));
         assert_eq!(validate("a b"), Err(ChannelNameError::InvalidCharacter));
-        assert_eq!(
-            validate("#server-to-user-1"),
-            Err(ChannelNameError::InvalidCharacter)
-        );
+        assert_eq!(validate("#server-to-user-1"), Ok(()));
+        assert_eq!(ChannelKind::of("#server-to-user-1"), ChannelKind::ServerToUser);
+        assert_eq!(validate("#server-to-user-"), Err(ChannelNameError::Empty));
+        assert_eq!(validate("#other"), Err(ChannelNameError::InvalidCharacter));
         assert_eq!(validate("é"), Err(ChannelNameError::InvalidCharacter));
     }
 }

@@ -35,15 +35,11 @@ impl SocketId {
     /// Parses `123.456`; `None` for anything else (the SDKs' own rule).
     pub fn parse(text: &str) -> Option<SocketId> {
         let (a, b) = text.split_once('.')?;
-        let digits =
-            |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|c| c.is_ascii_digit());
+        let digits = |s: &str| !s.is_empty() && s.len() <= 20 && s.bytes().all(|c| c.is_ascii_digit());
         if !digits(a) || !digits(b) {
             return None;
         }
-        Some(SocketId {
-            sequence: a.parse().ok()?,
-            random: b.parse().ok()?,
-        })
+        Some(SocketId { sequence: a.parse().ok()?, random: b.parse().ok()? })
     }
 }
 
@@ -70,11 +66,22 @@ pub enum ClientMessage<'a> {
         /// Data exactly as received.
         data: Option<&'a RawValue>,
     },
+    /// `pusher:signin`
+    Signin(Signin),
     /// Any other event (answered with a non-fatal error).
     Unknown {
         /// Event name.
         event: Cow<'a, str>,
     },
+}
+
+/// The data of `pusher:signin` (rare: owned, not borrowed).
+#[derive(Debug, PartialEq, Eq, Deserialize)]
+pub struct Signin {
+    /// `key:signature` over `socket_id::user::user_data`.
+    pub auth: String,
+    /// The user object as a JSON string, exactly as signed.
+    pub user_data: String,
 }
 
 /// The data of `pusher:subscribe`.
@@ -107,31 +114,32 @@ pub struct MessageError(pub String);
 
 /// Parses one client text message.
 pub fn parse_client_message(text: &str) -> Result<ClientMessage<'_>, MessageError> {
-    let envelope: Envelope = serde_json::from_str(text)
-        .map_err(|e| MessageError(format!("invalid JSON message: {e}")))?;
+    let envelope: Envelope =
+        serde_json::from_str(text).map_err(|e| MessageError(format!("invalid JSON message: {e}")))?;
     let message = match envelope.event.as_ref() {
         "pusher:ping" => ClientMessage::Ping,
         "pusher:pong" => ClientMessage::Pong,
-        "pusher:subscribe" => {
-            ClientMessage::Subscribe(data_object(envelope.data, "pusher:subscribe")?)
-        }
+        "pusher:subscribe" => ClientMessage::Subscribe(data_object(envelope.data, "pusher:subscribe")?),
         "pusher:unsubscribe" => {
             let Subscribe { channel, .. } = data_object(envelope.data, "pusher:unsubscribe")?;
             ClientMessage::Unsubscribe { channel }
         }
         event if event.starts_with("client-") => {
-            let channel = envelope
-                .channel
-                .ok_or_else(|| MessageError("client event without a channel".into()))?;
-            ClientMessage::ClientEvent {
-                event: envelope.event,
-                channel,
-                data: envelope.data,
-            }
+            let channel = envelope.channel.ok_or_else(|| MessageError("client event without a channel".into()))?;
+            ClientMessage::ClientEvent { event: envelope.event, channel, data: envelope.data }
         }
-        _ => ClientMessage::Unknown {
-            event: envelope.event,
-        },
+        "pusher:signin" => {
+            let raw = envelope.data.ok_or_else(|| MessageError("pusher:signin without data".into()))?;
+            let inner: Cow<str> = if raw.get().starts_with('"') {
+                Cow::Owned(serde_json::from_str(raw.get()).map_err(|e| MessageError(e.to_string()))?)
+            } else {
+                Cow::Borrowed(raw.get())
+            };
+            let signin =
+                serde_json::from_str(&inner).map_err(|e| MessageError(format!("invalid pusher:signin data: {e}")))?;
+            ClientMessage::Signin(signin)
+        }
+        _ => ClientMessage::Unknown { event: envelope.event },
     };
     Ok(message)
 }
@@ -141,18 +149,16 @@ fn data_object<'a>(data: Option<&'a RawValue>, event: &str) -> Result<Subscribe<
     let raw = data.ok_or_else(|| MessageError(format!("{event} without data")))?;
     let parsed = if raw.get().starts_with('"') {
         // A string holding JSON: it must be unescaped, so it cannot borrow from the input.
-        let inner: String =
-            serde_json::from_str(raw.get()).map_err(|e| MessageError(e.to_string()))?;
-        let owned: Subscribe<'_> = serde_json::from_str(&inner)
-            .map_err(|e| MessageError(format!("invalid {event} data: {e}")))?;
+        let inner: String = serde_json::from_str(raw.get()).map_err(|e| MessageError(e.to_string()))?;
+        let owned: Subscribe<'_> =
+            serde_json::from_str(&inner).map_err(|e| MessageError(format!("invalid {event} data: {e}")))?;
         Subscribe {
             channel: Cow::Owned(owned.channel.into_owned()),
             auth: owned.auth.map(|a| Cow::Owned(a.into_owned())),
             channel_data: owned.channel_data.map(|c| Cow::Owned(c.into_owned())),
         }
     } else {
-        serde_json::from_str(raw.get())
-            .map_err(|e| MessageError(format!("invalid {event} data: {e}")))?
+        serde_json::from_str(raw.get()).map_err(|e| MessageError(format!("invalid {event} data: {e}")))?
     };
     Ok(parsed)
 }
@@ -164,8 +170,7 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
 
 /// `pusher:connection_established`, with `data` double-encoded.
 pub fn connection_established(socket_id: SocketId, activity_timeout_s: u32) -> Bytes {
-    let data =
-        format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout_s}}}");
+    let data = format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout_s}}}");
     let mut out = Vec::with_capacity(96);
     out.extend_from_slice(b"{\"event\":\"pusher:connection_established\",\"data\":");
     push_json_string(&mut out, &data);
@@ -217,10 +222,7 @@ pub fn presence_subscription_succeeded(channel: &str, presence: &str) -> Bytes {
 
 /// `pusher_internal:member_added` with `{"user_id":..,"user_info":..}` double-encoded.
 pub fn member_added(channel: &str, user_id: &str, user_info: &str) -> Bytes {
-    let data = format!(
-        "{{\"user_id\":{},\"user_info\":{user_info}}}",
-        json_string(user_id)
-    );
+    let data = format!("{{\"user_id\":{},\"user_info\":{user_info}}}", json_string(user_id));
     internal_event("pusher_internal:member_added", channel, &data)
 }
 
@@ -246,6 +248,16 @@ fn json_string(text: &str) -> String {
     serde_json::to_string(text).expect("strings serialize")
 }
 
+/// `pusher:signin_success` with `{"user_data":"<as signed>"}` double-encoded.
+pub fn signin_success(user_data: &str) -> Bytes {
+    let data = format!("{{\"user_data\":{}}}", json_string(user_data));
+    let mut out = Vec::with_capacity(64 + data.len() * 2);
+    out.extend_from_slice(b"{\"event\":\"pusher:signin_success\",\"data\":");
+    push_json_string(&mut out, &data);
+    out.push(b'}');
+    frame::encode_text(&out)
+}
+
 /// `pusher:pong`
 pub fn pong() -> Bytes {
     frame::encode_text(br#"{"event":"pusher:pong","data":"{}"}"#)
@@ -265,12 +277,7 @@ pub fn channel_event(event: &str, channel: &str, data: &RawValue) -> Bytes {
 
 /// A channel event with the sender's `user_id` at the top level, as a client event on a
 /// presence channel is relayed (reference §1.2).
-pub fn channel_event_from(
-    event: &str,
-    channel: &str,
-    data: &RawValue,
-    user_id: Option<&str>,
-) -> Bytes {
+pub fn channel_event_from(event: &str, channel: &str, data: &RawValue, user_id: Option<&str>) -> Bytes {
     let raw = data.get();
     let mut out = Vec::with_capacity(48 + event.len() + channel.len() + raw.len());
     out.extend_from_slice(b"{\"event\":");
@@ -304,22 +311,10 @@ mod tests {
     /// socket_id round-trips and rejects what the SDKs reject.
     #[test]
     fn socket_ids() {
-        let id = SocketId {
-            sequence: 12,
-            random: 345,
-        };
+        let id = SocketId { sequence: 12, random: 345 };
         assert_eq!(id.to_string(), "12.345");
         assert_eq!(SocketId::parse("12.345"), Some(id));
-        for bad in [
-            "12",
-            "a.1",
-            "1.",
-            ".1",
-            "1.2.3",
-            "1.-2",
-            " 1.2",
-            "99999999999999999999999.1",
-        ] {
+        for bad in ["12", "a.1", "1.", ".1", "1.2.3", "1.-2", " 1.2", "99999999999999999999999.1"] {
             assert_eq!(SocketId::parse(bad), None, "{bad}");
         }
     }
@@ -327,10 +322,7 @@ mod tests {
     /// The exact bytes of each server message.
     #[test]
     fn server_messages() {
-        let id = SocketId {
-            sequence: 1,
-            random: 2,
-        };
+        let id = SocketId { sequence: 1, random: 2 };
         assert_eq!(
             payload(&connection_established(id, 120)),
             r#"{"event":"pusher:connection_established","data":"{\"socket_id\":\"1.2\",\"activity_timeout\":120}"}"#
@@ -348,6 +340,16 @@ mod tests {
             r#"{"event":"pusher_internal:subscription_succeeded","channel":"my-channel","data":"{}"}"#
         );
         assert_eq!(payload(&pong()), r#"{"event":"pusher:pong","data":"{}"}"#);
+        assert_eq!(
+            payload(&signin_success(r#"{"id":"1"}"#)),
+            r#"{"event":"pusher:signin_success","data":"{\"user_data\":\"{\\\"id\\\":\\\"1\\\"}\"}"}"#
+        );
+        match parse_client_message(r#"{"event":"pusher:signin","data":{"auth":"k:s","user_data":"{\"id\":\"1\"}"}}"#) {
+            Ok(ClientMessage::Signin(s)) => {
+                assert_eq!((s.auth.as_str(), s.user_data.as_str()), ("k:s", r#"{"id":"1"}"#))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// String data passes through verbatim; other JSON is wrapped in a string once.
@@ -359,12 +361,7 @@ mod tests {
             r#"{"event":"my-event","channel":"c","data":"{\"some\":\"data\"}"}"#
         );
         assert_eq!(
-            payload(&channel_event_from(
-                "client-x",
-                "presence-c",
-                &string,
-                Some("7")
-            )),
+            payload(&channel_event_from("client-x", "presence-c", &string, Some("7"))),
             r#"{"event":"client-x","channel":"presence-c","data":"{\"some\":\"data\"}","user_id":"7"}"#
         );
         assert_eq!(
@@ -376,49 +373,29 @@ mod tests {
             r#"{"event":"pusher_internal:member_removed","channel":"presence-c","data":"{\"user_id\":\"7\"}"}"#
         );
         let object: Box<RawValue> = serde_json::from_str(r#"{"a":1}"#).unwrap();
-        assert_eq!(
-            payload(&channel_event("e", "c", &object)),
-            r#"{"event":"e","channel":"c","data":"{\"a\":1}"}"#
-        );
+        assert_eq!(payload(&channel_event("e", "c", &object)), r#"{"event":"e","channel":"c","data":"{\"a\":1}"}"#);
     }
 
     /// What clients send, in both data encodings.
     #[test]
     fn client_messages() {
-        assert!(matches!(
-            parse_client_message(r#"{"event":"pusher:ping","data":{}}"#),
-            Ok(ClientMessage::Ping)
-        ));
-        let subscribe = Subscribe {
-            channel: "c".into(),
-            auth: Some("".into()),
-            channel_data: None,
-        };
-        match parse_client_message(
-            r#"{"event":"pusher:subscribe","data":{"auth":"","channel":"c"}}"#,
-        ) {
+        assert!(matches!(parse_client_message(r#"{"event":"pusher:ping","data":{}}"#), Ok(ClientMessage::Ping)));
+        let subscribe = Subscribe { channel: "c".into(), auth: Some("".into()), channel_data: None };
+        match parse_client_message(r#"{"event":"pusher:subscribe","data":{"auth":"","channel":"c"}}"#) {
             Ok(ClientMessage::Subscribe(s)) => assert_eq!(s, subscribe),
             other => panic!("{other:?}"),
         }
         match parse_client_message(r#"{"event":"pusher:subscribe","data":"{\"channel\":\"c\"}"}"#) {
-            Ok(ClientMessage::Subscribe(s)) => assert_eq!(
-                s,
-                Subscribe {
-                    channel: "c".into(),
-                    auth: None,
-                    channel_data: None
-                }
-            ),
+            Ok(ClientMessage::Subscribe(s)) => {
+                assert_eq!(s, Subscribe { channel: "c".into(), auth: None, channel_data: None })
+            }
             other => panic!("{other:?}"),
         }
         match parse_client_message(r#"{"event":"pusher:unsubscribe","data":{"channel":"c"}}"#) {
             Ok(ClientMessage::Unsubscribe { channel }) => assert_eq!(channel, "c"),
             other => panic!("{other:?}"),
         }
-        assert!(matches!(
-            parse_client_message(r#"{"event":"x"}"#),
-            Ok(ClientMessage::Unknown { .. })
-        ));
+        assert!(matches!(parse_client_message(r#"{"event":"x"}"#), Ok(ClientMessage::Unknown { .. })));
         assert!(matches!(
             parse_client_message(r#"{"event":"client-x","channel":"private-c","data":{"a":1}}"#),
             Ok(ClientMessage::ClientEvent { .. })

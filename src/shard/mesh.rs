@@ -113,6 +113,13 @@ pub enum MeshMessage {
         /// Whether the join was accepted.
         accepted: bool,
     },
+    /// Close every connection of a signed-in user with 4009 (from the HTTP API).
+    TerminateUser {
+        /// The app.
+        app: AppIndex,
+        /// The user id connections signed in as.
+        user_id: Box<str>,
+    },
     /// A presence subscription ended (to the home shard).
     PresenceLeave {
         /// The app.
@@ -164,10 +171,7 @@ impl Mesh {
                 notified: AtomicBool::new(false),
             })
             .collect();
-        Mesh {
-            inboxes,
-            shutdown: AtomicBool::new(false),
-        }
+        Mesh { inboxes, shutdown: AtomicBool::new(false) }
     }
 
     /// Number of shards.
@@ -243,10 +247,7 @@ mod tests {
     use super::*;
 
     fn reply(id: u64) -> MeshMessage {
-        MeshMessage::Reply {
-            id,
-            reply: Vec::new(),
-        }
+        MeshMessage::Reply { id, reply: Vec::new() }
     }
 
     /// A full ring hands the message back instead of blocking or dropping it.
@@ -260,10 +261,7 @@ mod tests {
             other => panic!("expected the message back, got {other:?}"),
         }
         assert_eq!(mesh.depth(1), 2);
-        assert!(matches!(
-            mesh.try_recv(1),
-            Some(MeshMessage::Reply { id: 1, .. })
-        ));
+        assert!(matches!(mesh.try_recv(1), Some(MeshMessage::Reply { id: 1, .. })));
         assert_eq!(mesh.depth(0), 0);
     }
 
@@ -288,10 +286,7 @@ mod tests {
                 }
             })
         };
-        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
-            .enable_timer()
-            .build()
-            .unwrap();
+        let mut rt = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
         let received = rt.block_on(async {
             let mut next = 0u64;
             while next < 10_000 {

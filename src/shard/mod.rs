@@ -87,6 +87,16 @@ pub struct Connection {
     pub last_seen_s: u64,
     /// Whether a `pusher:ping` was sent since `last_seen_s`.
     pub pinged: bool,
+    /// The user it signed in as (`pusher:signin`).
+    pub user_id: Option<Box<str>>,
+    /// Signed in, or joined a private or presence channel ("authorized connections").
+    pub authorized: bool,
+    /// Shard clock second it connected at.
+    pub opened_s: u64,
+    /// Client-event rate window (a shard clock second) and client events in it.
+    pub client_event_window_s: u64,
+    /// Client events in `client_event_window_s`.
+    pub client_event_count: u32,
     /// Rate-limit window (a shard clock second) and messages in it.
     pub rate_window_s: u64,
     /// Messages received in `rate_window_s`.
@@ -168,15 +178,7 @@ impl Shard {
             shutting_down: false,
             shutdown_waiters: Vec::new(),
         };
-        Shard {
-            index,
-            config,
-            apps,
-            mesh,
-            all_metrics,
-            state: RefCell::new(state),
-            started: Instant::now(),
-        }
+        Shard { index, config, apps, mesh, all_metrics, state: RefCell::new(state), started: Instant::now() }
     }
 
     /// This shard's metrics.
@@ -198,10 +200,7 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         let sequence = state.next_sequence * self.mesh.shards() as u64 + self.index as u64 + 1;
         state.next_sequence += 1;
-        let socket_id = SocketId {
-            sequence,
-            random: fastrand::u32(..1_000_000_000),
-        };
+        let socket_id = SocketId { sequence, random: fastrand::u32(..1_000_000_000) };
         let now_s = state.now_s;
         let key = state.connections.insert(Connection {
             app,
@@ -215,6 +214,11 @@ impl Shard {
             writer_done: false,
             channels: Vec::new(),
             presence: Vec::new(),
+            user_id: None,
+            authorized: false,
+            opened_s: now_s,
+            client_event_window_s: now_s,
+            client_event_count: 0,
             last_seen_s: now_s,
             pinged: false,
             rate_window_s: now_s,
@@ -249,12 +253,7 @@ impl Shard {
             ShardMetrics::add(&self.metrics().slow_consumer_closes_total, 1);
             let dropped: usize = conn.queue.drain(..).map(|f| f.len()).sum();
             conn.queued_bytes -= dropped;
-            close_conn(
-                conn,
-                4100,
-                "slow consumer: write queue limit exceeded",
-                now_s,
-            );
+            close_conn(conn, 4100, "slow consumer: write queue limit exceeded", now_s);
             return;
         }
         conn.queued_bytes += frame.len();
@@ -357,13 +356,7 @@ impl Shard {
     // ---- fan-out -----------------------------------------------------------------------
 
     /// Queues one shared frame for every local subscriber of a channel.
-    pub fn deliver_local(
-        &self,
-        app: AppIndex,
-        channel: &str,
-        frame: &Bytes,
-        exclude: Option<SocketId>,
-    ) {
+    pub fn deliver_local(&self, app: AppIndex, channel: &str, frame: &Bytes, exclude: Option<SocketId>) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         let Some(subscribers) = state.router.subscribers(app, channel) else {
@@ -384,13 +377,7 @@ impl Shard {
     /// acknowledged by another shard is in this inbox by then, so events published one after
     /// the other (each after the previous answer) arrive in that order, whichever shards
     /// received them.
-    pub async fn publish(
-        &self,
-        app: AppIndex,
-        channel: &str,
-        frame: Bytes,
-        exclude: Option<SocketId>,
-    ) {
+    pub async fn publish(&self, app: AppIndex, channel: &str, frame: Bytes, exclude: Option<SocketId>) {
         while let Some(message) = self.mesh.try_recv(self.index) {
             self.handle_mesh(message);
         }
@@ -403,16 +390,42 @@ impl Shard {
         self.deliver_local(app, channel, &frame, exclude);
         let shards = self.mesh.shards();
         if shards > 1 {
-            let publication = Arc::new(Publication {
-                app,
-                channel: channel.into(),
-                frame,
-                exclude,
-            });
+            let publication = Arc::new(Publication { app, channel: channel.into(), frame, exclude });
             for target in (0..shards).filter(|&t| t != self.index) {
                 self.mesh_send(target, MeshMessage::Publish(publication.clone()));
             }
         }
+    }
+
+    // ---- users -------------------------------------------------------------------------
+
+    /// Closes every connection of a signed-in user, on every shard, with 4009.
+    pub fn terminate_user(&self, app: AppIndex, user_id: &str) {
+        self.terminate_user_locally(app, user_id);
+        for target in (0..self.mesh.shards()).filter(|&t| t != self.index) {
+            self.mesh_send(target, MeshMessage::TerminateUser { app, user_id: user_id.into() });
+        }
+    }
+
+    fn terminate_user_locally(&self, app: AppIndex, user_id: &str) {
+        let keys: Vec<ConnKey> = {
+            let state = self.state.borrow();
+            state
+                .connections
+                .iter()
+                .filter(|(_, c)| c.app == app && c.user_id.as_deref() == Some(user_id))
+                .map(|(k, _)| k)
+                .collect()
+        };
+        for key in keys {
+            self.refuse(key, 4009, "Connection terminated by the server");
+        }
+    }
+
+    /// `pusher:error` with a close code, then the close itself (reference §1.4).
+    pub fn refuse(&self, key: ConnKey, code: u16, reason: &str) {
+        self.send(key, message::error(Some(code), reason, None));
+        self.close(key, code, reason);
     }
 
     // ---- presence ----------------------------------------------------------------------
@@ -443,22 +456,15 @@ impl Shard {
         };
         let (frame, accepted) = match joined {
             Joined::Full => {
-                let reason = format!(
-                    "presence channel is full: at most {} members",
-                    app.config.presence_members_max
-                );
+                let reason = format!("presence channel is full: at most {} members", app.config.presence_members_max);
                 (message::error(None, &reason, Some(&join.channel)), false)
             }
             Joined::NewMember | Joined::ExistingMember => {
                 if joined == Joined::NewMember {
-                    let added =
-                        message::member_added(&join.channel, &join.user_id, &join.user_info);
+                    let added = message::member_added(&join.channel, &join.user_id, &join.user_info);
                     self.broadcast(join.app, &join.channel, added, Some(join.socket_id));
                 }
-                (
-                    message::presence_subscription_succeeded(&join.channel, &snapshot),
-                    true,
-                )
+                (message::presence_subscription_succeeded(&join.channel, &snapshot), true)
             }
         };
         if join.from == self.index {
@@ -477,14 +483,7 @@ impl Shard {
 
     /// Joining shard: the home shard's answer arrived. The connection is subscribed only now,
     /// so it receives exactly the member events that follow its member list.
-    fn presence_joined(
-        &self,
-        key: ConnKey,
-        socket_id: SocketId,
-        channel: &str,
-        frame: Bytes,
-        accepted: bool,
-    ) {
+    fn presence_joined(&self, key: ConnKey, socket_id: SocketId, channel: &str, frame: Bytes, accepted: bool) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
         let Some(conn) = state.connections.get_mut(key) else {
@@ -510,27 +509,11 @@ impl Shard {
     pub fn presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
         let home = presence::home(app, &channel, self.mesh.shards());
         if home != self.index {
-            return self.mesh_send(
-                home,
-                MeshMessage::PresenceLeave {
-                    app,
-                    channel,
-                    user_id,
-                },
-            );
+            return self.mesh_send(home, MeshMessage::PresenceLeave { app, channel, user_id });
         }
-        let removed = self
-            .state
-            .borrow_mut()
-            .presence
-            .leave(app, &channel, &user_id);
+        let removed = self.state.borrow_mut().presence.leave(app, &channel, &user_id);
         if removed {
-            self.broadcast(
-                app,
-                &channel,
-                message::member_removed(&channel, &user_id),
-                None,
-            );
+            self.broadcast(app, &channel, message::member_removed(&channel, &user_id), None);
         }
     }
 
@@ -647,18 +630,11 @@ impl Shard {
         match message {
             MeshMessage::Publish(p) => self.deliver_local(p.app, &p.channel, &p.frame, p.exclude),
             MeshMessage::PresenceJoin(join) => self.presence_join_at_home(*join),
-            MeshMessage::PresenceJoined {
-                conn,
-                socket_id,
-                channel,
-                frame,
-                accepted,
-            } => self.presence_joined(conn, socket_id, &channel, frame, accepted),
-            MeshMessage::PresenceLeave {
-                app,
-                channel,
-                user_id,
-            } => self.presence_leave(app, channel, user_id),
+            MeshMessage::PresenceJoined { conn, socket_id, channel, frame, accepted } => {
+                self.presence_joined(conn, socket_id, &channel, frame, accepted)
+            }
+            MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
+            MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::Query { from, id, query } => {
                 let reply = self.answer_locally(&query);
                 self.mesh_send(from, MeshMessage::Reply { id, reply });
@@ -688,12 +664,9 @@ impl Shard {
                 .filter(|(name, _)| name.starts_with(prefix.as_str()))
                 .map(|(name, count)| (name.into(), count as u32))
                 .collect(),
-            Query::PresenceUsers { app, name } => state
-                .presence
-                .users(*app, name)
-                .into_iter()
-                .map(|id| (id, 1))
-                .collect(),
+            Query::PresenceUsers { app, name } => {
+                state.presence.users(*app, name).into_iter().map(|id| (id, 1)).collect()
+            }
             Query::PresenceCounts { app, prefix } => state.presence.counts(*app, prefix),
             Query::Channel { app, name } => state
                 .router
@@ -715,33 +688,16 @@ impl Shard {
             let mut state = self.state.borrow_mut();
             let id = state.next_query_id;
             state.next_query_id += 1;
-            state.queries.insert(
-                id,
-                PendingQuery {
-                    remaining: shards - 1,
-                    replies: local,
-                    waker: None,
-                },
-            );
+            state.queries.insert(id, PendingQuery { remaining: shards - 1, replies: local, waker: None });
             id
         };
         let query = Arc::new(query);
         for target in (0..shards).filter(|&t| t != self.index) {
-            self.mesh_send(
-                target,
-                MeshMessage::Query {
-                    from: self.index,
-                    id,
-                    query: query.clone(),
-                },
-            );
+            self.mesh_send(target, MeshMessage::Query { from: self.index, id, query: query.clone() });
         }
         let wait = poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            let pending = state
-                .queries
-                .get_mut(&id)
-                .expect("pending query exists until taken");
+            let pending = state.queries.get_mut(&id).expect("pending query exists until taken");
             if pending.remaining == 0 {
                 Poll::Ready(())
             } else {
@@ -750,12 +706,7 @@ impl Shard {
             }
         });
         let answered = monoio::time::timeout(QUERY_TIMEOUT, wait).await.is_ok();
-        let pending = self
-            .state
-            .borrow_mut()
-            .queries
-            .remove(&id)
-            .expect("pending query exists until taken");
+        let pending = self.state.borrow_mut().queries.remove(&id).expect("pending query exists until taken");
         answered.then_some(pending.replies)
     }
 
@@ -770,6 +721,7 @@ impl Shard {
     /// cut connections whose close handshake timed out.
     async fn ticker(self: Rc<Self>) {
         let activity = u64::from(self.config.websocket.activity_timeout_s);
+        let apps = self.apps.clone();
         let dead_after = activity + u64::from(self.config.websocket.pong_timeout_s);
         let ping = message::ping();
         loop {
@@ -778,9 +730,15 @@ impl Shard {
             let mut state = self.state.borrow_mut();
             state.now_s = now_s;
             let mut to_ping = Vec::new();
+            let mut unauthorized = Vec::new();
             for (key, conn) in state.connections.iter_mut() {
                 match conn.state {
                     ConnState::Open => {
+                        let timeout = u64::from(apps.get(conn.app).config.authorized_connections_timeout_s);
+                        let age = now_s.saturating_sub(conn.opened_s);
+                        if timeout > 0 && !conn.echo && !conn.authorized && age >= timeout {
+                            unauthorized.push(key);
+                        }
                         let silent = now_s.saturating_sub(conn.last_seen_s);
                         if silent >= dead_after {
                             ShardMetrics::add(&self.metrics().liveness_closes_total, 1);
@@ -790,9 +748,7 @@ impl Shard {
                             to_ping.push(key);
                         }
                     }
-                    ConnState::Closing { since_s }
-                        if now_s.saturating_sub(since_s) >= CLOSE_TIMEOUT.as_secs() =>
-                    {
+                    ConnState::Closing { since_s } if now_s.saturating_sub(since_s) >= CLOSE_TIMEOUT.as_secs() => {
                         shutdown_socket(conn.fd);
                     }
                     _ => {}
@@ -800,6 +756,10 @@ impl Shard {
             }
             for key in to_ping {
                 self.send_locked(&mut state, key, ping.clone());
+            }
+            drop(state);
+            for key in unauthorized {
+                self.refuse(key, 4009, "Unauthorized connection: sign in or join a private channel in time");
             }
         }
     }
@@ -855,13 +815,7 @@ impl Shard {
     /// that clients (which reconnect without jitter) do not all return at once, then waits
     /// up to `shutdown_grace_ms` for the connections to finish.
     pub async fn drain_connections(&self) {
-        let keys: Vec<ConnKey> = self
-            .state
-            .borrow()
-            .connections
-            .iter()
-            .map(|(k, _)| k)
-            .collect();
+        let keys: Vec<ConnKey> = self.state.borrow().connections.iter().map(|(k, _)| k).collect();
         let window_ms = self.config.server.shutdown_close_window_ms.max(1);
         let per_ms = keys.len().div_ceil(window_ms as usize).max(1);
         for chunk in keys.chunks(per_ms) {

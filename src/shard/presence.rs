@@ -52,14 +52,7 @@ pub struct PresenceTable {
 
 impl PresenceTable {
     /// Counts one more connection of `user_id`.
-    pub fn join(
-        &mut self,
-        app: AppIndex,
-        channel: &str,
-        user_id: &str,
-        info: &str,
-        members_max: usize,
-    ) -> Joined {
+    pub fn join(&mut self, app: AppIndex, channel: &str, user_id: &str, info: &str, members_max: usize) -> Joined {
         let members = self.channels.entry((app, channel.into())).or_default();
         if let Some(member) = members.get_mut(user_id) {
             member.connections += 1;
@@ -71,13 +64,7 @@ impl PresenceTable {
             }
             return Joined::Full;
         }
-        members.insert(
-            user_id.into(),
-            Member {
-                info: info.into(),
-                connections: 1,
-            },
-        );
+        members.insert(user_id.into(), Member { info: info.into(), connections: 1 });
         Joined::NewMember
     }
 
@@ -119,19 +106,12 @@ impl PresenceTable {
             }
         }
         hash.push('}');
-        format!(
-            "{{\"presence\":{{\"ids\":[{}],\"hash\":{hash},\"count\":{}}}}}",
-            ids.join(","),
-            ids.len()
-        )
+        format!("{{\"presence\":{{\"ids\":[{}],\"hash\":{hash},\"count\":{}}}}}", ids.join(","), ids.len())
     }
 
     /// Member user ids of a channel, in join order.
     pub fn users(&self, app: AppIndex, channel: &str) -> Vec<Box<str>> {
-        self.channels
-            .get(&(app, channel.into()))
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
+        self.channels.get(&(app, channel.into())).map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 
     /// (channel, member count) of an app's presence channels whose names start with `prefix`.
@@ -152,18 +132,9 @@ mod tests {
     #[test]
     fn dedupe_by_user() {
         let mut table = PresenceTable::default();
-        assert_eq!(
-            table.join(0, "presence-a", "u1", r#"{"n":1}"#, 100),
-            Joined::NewMember
-        );
-        assert_eq!(
-            table.join(0, "presence-a", "u1", r#"{"n":2}"#, 100),
-            Joined::ExistingMember
-        );
-        assert_eq!(
-            table.join(0, "presence-a", "u2", "null", 100),
-            Joined::NewMember
-        );
+        assert_eq!(table.join(0, "presence-a", "u1", r#"{"n":1}"#, 100), Joined::NewMember);
+        assert_eq!(table.join(0, "presence-a", "u1", r#"{"n":2}"#, 100), Joined::ExistingMember);
+        assert_eq!(table.join(0, "presence-a", "u2", "null", 100), Joined::NewMember);
         assert_eq!(
             table.snapshot(0, "presence-a"),
             r#"{"presence":{"ids":["u1","u2"],"hash":{"u1":{"n":1},"u2":null},"count":2}}"#
@@ -174,29 +145,17 @@ mod tests {
         assert_eq!(table.users(0, "presence-a"), vec![Box::from("u2")]);
         assert!(table.leave(0, "presence-a", "u2"));
         assert!(table.channels.is_empty());
-        assert_eq!(
-            table.snapshot(0, "presence-a"),
-            r#"{"presence":{"ids":[],"hash":{},"count":0}}"#
-        );
+        assert_eq!(table.snapshot(0, "presence-a"), r#"{"presence":{"ids":[],"hash":{},"count":0}}"#);
     }
 
     /// The member limit refuses new users but not new connections of members.
     #[test]
     fn member_limit() {
         let mut table = PresenceTable::default();
-        assert_eq!(
-            table.join(0, "presence-a", "u1", "null", 1),
-            Joined::NewMember
-        );
+        assert_eq!(table.join(0, "presence-a", "u1", "null", 1), Joined::NewMember);
         assert_eq!(table.join(0, "presence-a", "u2", "null", 1), Joined::Full);
-        assert_eq!(
-            table.join(0, "presence-a", "u1", "null", 1),
-            Joined::ExistingMember
-        );
-        assert_eq!(
-            table.counts(0, "presence-"),
-            vec![(Box::from("presence-a"), 1)]
-        );
+        assert_eq!(table.join(0, "presence-a", "u1", "null", 1), Joined::ExistingMember);
+        assert_eq!(table.counts(0, "presence-"), vec![(Box::from("presence-a"), 1)]);
         assert_eq!(table.counts(1, "presence-"), vec![]);
     }
 

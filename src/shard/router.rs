@@ -22,9 +22,7 @@ pub struct Router {
 impl Router {
     /// An empty table for `apps` apps.
     pub fn new(apps: usize) -> Router {
-        Router {
-            apps: (0..apps).map(|_| HashMap::new()).collect(),
-        }
+        Router { apps: (0..apps).map(|_| HashMap::new()).collect() }
     }
 
     /// Adds a subscriber; false if it was already subscribed.
@@ -59,9 +57,7 @@ impl Router {
 
     /// Channels of an app with at least one subscriber here, with their subscriber counts.
     pub fn occupied(&self, app: AppIndex) -> impl Iterator<Item = (&str, usize)> {
-        self.apps[app as usize]
-            .iter()
-            .map(|(name, set)| (name.as_ref(), set.len()))
+        self.apps[app as usize].iter().map(|(name, set)| (name.as_ref(), set.len()))
     }
 }
 

@@ -11,7 +11,7 @@ use super::router::ConnKey;
 use super::{ConnState, Shard};
 use crate::metrics::ShardMetrics;
 use crate::pusher::channel::{self, ChannelKind};
-use crate::pusher::message::{self, ClientMessage, Subscribe};
+use crate::pusher::message::{self, ClientMessage, Signin, Subscribe};
 
 /// Pusher error code for a client over its message rate.
 pub const RATE_LIMITED: u16 = 4301;
@@ -28,21 +28,16 @@ impl Shard {
             ClientMessage::Pong => {}
             ClientMessage::Subscribe(subscribe) => self.subscribe(key, &subscribe),
             ClientMessage::Unsubscribe { channel } => self.unsubscribe(key, &channel),
-            ClientMessage::ClientEvent {
-                event,
-                channel,
-                data,
-            } => {
+            ClientMessage::ClientEvent { event, channel, data } => {
                 let data = data.map(|d| d.to_owned()).unwrap_or_else(|| {
-                    serde_json::value::RawValue::from_string("null".into())
-                        .expect("null is valid JSON")
+                    serde_json::value::RawValue::from_string("null".into()).expect("null is valid JSON")
                 });
                 self.client_event(key, &event, &channel, &data).await
             }
-            ClientMessage::Unknown { event } => self.send(
-                key,
-                message::error(None, &format!("unsupported event: {event}"), None),
-            ),
+            ClientMessage::Signin(signin) => self.signin(key, &signin),
+            ClientMessage::Unknown { event } => {
+                self.send(key, message::error(None, &format!("unsupported event: {event}"), None))
+            }
         }
     }
 
@@ -62,6 +57,17 @@ impl Shard {
         let auth = subscribe.auth.as_deref();
         let member = match ChannelKind::of(name) {
             ChannelKind::Public => None,
+            ChannelKind::ServerToUser => {
+                let own = self.state.borrow().connections[key]
+                    .user_id
+                    .as_deref()
+                    .is_some_and(|id| name.strip_prefix(channel::SERVER_TO_USER_PREFIX) == Some(id));
+                if !own {
+                    let reason = "#server-to-user- channels are only for the signed-in user's own id";
+                    return self.send(key, message::error(None, reason, Some(name)));
+                }
+                None
+            }
             ChannelKind::Private | ChannelKind::PrivateEncrypted => {
                 let to_sign = format!("{socket_id}:{name}");
                 if let Err(reason) = check_auth(&app.config.key, &app.secret_key, &to_sign, auth) {
@@ -73,15 +79,11 @@ impl Shard {
                 // Reference §1.8: the signature covers channel_data exactly as received.
                 let channel_data = subscribe.channel_data.as_deref().unwrap_or("");
                 let to_sign = format!("{socket_id}:{name}:{channel_data}");
-                let member =
-                    check_auth(&app.config.key, &app.secret_key, &to_sign, auth).and_then(|()| {
-                        parse_member(channel_data, app.config.presence_user_info_bytes_max)
-                    });
+                let member = check_auth(&app.config.key, &app.secret_key, &to_sign, auth)
+                    .and_then(|()| parse_member(channel_data, app.config.presence_user_info_bytes_max));
                 match member {
                     Ok(member) => Some(member),
-                    Err(reason) => {
-                        return self.send(key, message::error(None, &reason, Some(name)))
-                    }
+                    Err(reason) => return self.send(key, message::error(None, &reason, Some(name))),
                 }
             }
         };
@@ -95,13 +97,19 @@ impl Shard {
         }
         let limit = self.config.websocket.channels_per_connection_max;
         if count >= limit {
-            let reason =
-                format!("subscription limit reached: at most {limit} channels per connection");
+            let reason = format!("subscription limit reached: at most {limit} channels per connection");
             return self.send(key, message::error(None, &reason, Some(name)));
         }
         ShardMetrics::add(&self.metrics().subscriptions, 1);
         let mut state = self.state.borrow_mut();
-        state.connections[key].channels.push(name.into());
+        let conn = &mut state.connections[key];
+        conn.channels.push(name.into());
+        // "Authorized connections": a private or presence channel counts once its signature
+        // verified (a presence join refused later for a full channel still had a valid one).
+        conn.authorized |= matches!(
+            ChannelKind::of(name),
+            ChannelKind::Private | ChannelKind::PrivateEncrypted | ChannelKind::Presence
+        );
         let Some((user_id, user_info)) = member else {
             state.router.subscribe(app_index, name, key);
             drop(state);
@@ -109,9 +117,7 @@ impl Shard {
         };
         // Presence: counted first on the channel's home shard, which answers with the member
         // list; the connection joins the router when that answer arrives.
-        state.connections[key]
-            .presence
-            .push((name.into(), user_id.clone()));
+        state.connections[key].presence.push((name.into(), user_id.clone()));
         drop(state);
         let join = PresenceJoin {
             from: self.index,
@@ -149,21 +155,17 @@ impl Shard {
             let state = self.state.borrow();
             let conn = &state.connections[key];
             let subscribed = conn.channels.iter().any(|c| c.as_ref() == name);
-            let user_id = conn
-                .presence
-                .iter()
-                .find(|(c, _)| c.as_ref() == name)
-                .map(|(_, u)| u.clone());
-            (
-                conn.app,
-                conn.socket_id,
-                subscribed,
-                conn.state == ConnState::Open,
-                user_id,
-            )
+            let user_id = conn.presence.iter().find(|(c, _)| c.as_ref() == name).map(|(_, u)| u.clone());
+            (conn.app, conn.socket_id, subscribed, conn.state == ConnState::Open, user_id)
         };
         let app = self.apps.get(app_index);
         let kind = ChannelKind::of(name);
+        let max = app.config.client_events_per_second_max;
+        if max > 0 && !self.count_client_event(key, max) {
+            ShardMetrics::add(&self.metrics().rate_limited_total, 1);
+            let error = message::error(Some(RATE_LIMITED), "Client event rejected due to rate limit", Some(name));
+            return self.send(key, error);
+        }
         let refusal = if !app.config.enable_client_events {
             Some("client events are disabled for this app")
         } else if !matches!(kind, ChannelKind::Private | ChannelKind::Presence) {
@@ -184,6 +186,60 @@ impl Shard {
     }
 }
 
+impl Shard {
+    /// Counts a client event; false when the connection is over `max` per second.
+    fn count_client_event(&self, key: ConnKey, max: u32) -> bool {
+        let mut state = self.state.borrow_mut();
+        let now_s = state.now_s;
+        let conn = &mut state.connections[key];
+        if conn.client_event_window_s != now_s {
+            conn.client_event_window_s = now_s;
+            conn.client_event_count = 0;
+        }
+        conn.client_event_count += 1;
+        conn.client_event_count <= max
+    }
+
+    /// `pusher:signin`: verifies `socket_id::user::user_data`, remembers the user id and
+    /// answers `pusher:signin_success`; a bad sign-in is refused with 4009 (reference §1.8).
+    fn signin(&self, key: ConnKey, signin: &Signin) {
+        let (app_index, socket_id) = {
+            let state = self.state.borrow();
+            let conn = &state.connections[key];
+            (conn.app, conn.socket_id)
+        };
+        let app = self.apps.get(app_index);
+        let to_sign = format!("{socket_id}::user::{}", signin.user_data);
+        let user_id = check_auth(&app.config.key, &app.secret_key, &to_sign, Some(&signin.auth))
+            .and_then(|()| parse_user(&signin.user_data));
+        match user_id {
+            Ok(user_id) => {
+                {
+                    let mut state = self.state.borrow_mut();
+                    let conn = &mut state.connections[key];
+                    conn.user_id = Some(user_id);
+                    conn.authorized = true;
+                }
+                self.send(key, message::signin_success(&signin.user_data));
+            }
+            Err(reason) => self.refuse(key, 4009, &reason),
+        }
+    }
+}
+
+/// The user id of signed `user_data`: a non-empty string `id` that can name its
+/// `#server-to-user-` channel.
+fn parse_user(user_data: &str) -> Result<Box<str>, String> {
+    let value: serde_json::Value = serde_json::from_str(user_data).map_err(|e| format!("invalid user_data: {e}"))?;
+    let Some(id) = value.get("id").and_then(|id| id.as_str()) else {
+        return Err("user_data must have a string id".into());
+    };
+    if id.len() > USER_ID_BYTES_MAX || channel::validate(&format!("{}{id}", channel::SERVER_TO_USER_PREFIX)).is_err() {
+        return Err(format!("user_data.id must be 1 to {USER_ID_BYTES_MAX} characters of A-Z a-z 0-9 _ - = @ , . ;"));
+    }
+    Ok(id.into())
+}
+
 /// Longest presence `user_id` accepted.
 pub const USER_ID_BYTES_MAX: usize = 128;
 
@@ -196,12 +252,8 @@ struct ChannelData<'a> {
 }
 
 /// Parses `channel_data` into (user id as a string, raw user_info JSON).
-fn parse_member(
-    channel_data: &str,
-    user_info_bytes_max: usize,
-) -> Result<(Box<str>, Box<str>), String> {
-    let data: ChannelData =
-        serde_json::from_str(channel_data).map_err(|e| format!("invalid channel_data: {e}"))?;
+fn parse_member(channel_data: &str, user_info_bytes_max: usize) -> Result<(Box<str>, Box<str>), String> {
+    let data: ChannelData = serde_json::from_str(channel_data).map_err(|e| format!("invalid channel_data: {e}"))?;
     // pusher-js keys members by user_id, which may arrive as a number; compare as strings.
     let user_id = match &data.user_id {
         serde_json::Value::String(id) => id.clone(),
@@ -209,31 +261,20 @@ fn parse_member(
         _ => return Err("channel_data.user_id must be a string or a number".into()),
     };
     if user_id.is_empty() || user_id.len() > USER_ID_BYTES_MAX {
-        return Err(format!(
-            "channel_data.user_id must be 1 to {USER_ID_BYTES_MAX} characters"
-        ));
+        return Err(format!("channel_data.user_id must be 1 to {USER_ID_BYTES_MAX} characters"));
     }
     let user_info = data.user_info.map(RawValue::get).unwrap_or("null");
     if user_info.len() > user_info_bytes_max {
-        return Err(format!(
-            "channel_data.user_info is over {user_info_bytes_max} bytes"
-        ));
+        return Err(format!("channel_data.user_info is over {user_info_bytes_max} bytes"));
     }
     Ok((user_id.into(), user_info.into()))
 }
 
 /// Checks `auth` = `key:hex(HMAC-SHA256(secret, to_sign))`, constant-time on the signature;
 /// the key part must be the app's own (reference §1.8: compare the whole `key:signature`).
-pub fn check_auth(
-    app_key: &str,
-    secret: &hmac::Key,
-    to_sign: &str,
-    auth: Option<&str>,
-) -> Result<(), String> {
+pub fn check_auth(app_key: &str, secret: &hmac::Key, to_sign: &str, auth: Option<&str>) -> Result<(), String> {
     let auth = auth.unwrap_or("");
-    let expected = || {
-        format!("Invalid signature: Expected HMAC SHA256 hex digest of {to_sign}, but got {auth}")
-    };
+    let expected = || format!("Invalid signature: Expected HMAC SHA256 hex digest of {to_sign}, but got {auth}");
     let Some((key, signature)) = auth.split_once(':') else {
         return Err(expected());
     };
@@ -259,8 +300,7 @@ mod tests {
     /// Pusher's documented private-channel vector verifies; tampering does not.
     #[test]
     fn private_channel_vector() {
-        let good =
-            "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
+        let good = "278d425bdf160c739803:58df8b0c36d6982b82c3ecf6b4662e34fe8c25bba48f5369f135bf843651c3a4";
         let to_sign = "1234.1234:private-foobar";
         assert_eq!(check_auth(KEY, &secret(), to_sign, Some(good)), Ok(()));
         assert!(check_auth(KEY, &secret(), to_sign, Some(&good.replace(":58", ":59"))).is_err());
@@ -274,36 +314,26 @@ mod tests {
     fn presence_channel_vector() {
         let channel_data = r#"{"user_id":10,"user_info":{"name":"Mr. Channels"}}"#;
         let to_sign = format!("1234.1234:presence-foobar:{channel_data}");
-        let good =
-            "278d425bdf160c739803:31935e7d86dba64c2a90aed31fdc61869f9b22ba9d8863bba239c03ca481bc80";
+        let good = "278d425bdf160c739803:31935e7d86dba64c2a90aed31fdc61869f9b22ba9d8863bba239c03ca481bc80";
         assert_eq!(check_auth(KEY, &secret(), &to_sign, Some(good)), Ok(()));
-        let reordered = format!(
-            "1234.1234:presence-foobar:{}",
-            r#"{"user_info":{"name":"Mr. Channels"},"user_id":10}"#
-        );
+        let reordered =
+            format!("1234.1234:presence-foobar:{}", r#"{"user_info":{"name":"Mr. Channels"},"user_id":10}"#);
         assert!(check_auth(KEY, &secret(), &reordered, Some(good)).is_err());
-        assert_eq!(
-            parse_member(channel_data, 1024),
-            Ok(("10".into(), r#"{"name":"Mr. Channels"}"#.into()))
-        );
+        assert_eq!(parse_member(channel_data, 1024), Ok(("10".into(), r#"{"name":"Mr. Channels"}"#.into())));
     }
 
     /// The sign-in vector of the reference (`socket_id::user::user_data`).
     #[test]
     fn signin_vector() {
         let to_sign = r#"1234.1234::user::{"id":"12345"}"#;
-        let good =
-            "278d425bdf160c739803:4708d583dada6a56435fb8bc611c77c359a31eebde13337c16ab43aa6de336ba";
+        let good = "278d425bdf160c739803:4708d583dada6a56435fb8bc611c77c359a31eebde13337c16ab43aa6de336ba";
         assert_eq!(check_auth(KEY, &secret(), to_sign, Some(good)), Ok(()));
     }
 
     /// channel_data rules: user_id string or number, bounded; user_info bounded.
     #[test]
     fn member_parsing() {
-        assert_eq!(
-            parse_member(r#"{"user_id":"a"}"#, 10),
-            Ok(("a".into(), "null".into()))
-        );
+        assert_eq!(parse_member(r#"{"user_id":"a"}"#, 10), Ok(("a".into(), "null".into())));
         assert!(parse_member(r#"{"user_id":""}"#, 10).is_err());
         assert!(parse_member(r#"{"user_id":true}"#, 10).is_err());
         assert!(parse_member(r#"{"user_info":{}}"#, 10).is_err());

@@ -80,21 +80,12 @@ impl Decoder {
     /// Returns `Ok(None)` when more bytes are needed (nothing consumed) or when a frame was
     /// consumed that did not complete a message (a non-final fragment): call again until it
     /// returns `Ok(None)` with nothing consumed, i.e. check `buf.len()` before and after.
-    pub fn decode(
-        &mut self,
-        buf: &mut BytesMut,
-        limits: FrameLimits,
-    ) -> Result<Option<Incoming>, FrameError> {
+    pub fn decode(&mut self, buf: &mut BytesMut, limits: FrameLimits) -> Result<Option<Incoming>, FrameError> {
         let mut cursor = Cursor::new(&buf[..]);
         let (header, length) = match FrameHeader::parse(&mut cursor) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => return Ok(None),
-            Err(_) => {
-                return Err(violation(
-                    close_code::PROTOCOL_ERROR,
-                    "malformed frame header",
-                ))
-            }
+            Err(_) => return Err(violation(close_code::PROTOCOL_ERROR, "malformed frame header")),
         };
         let header_len = cursor.position() as usize;
         check_header(&header, length, limits)?;
@@ -112,9 +103,7 @@ impl Decoder {
         match header.opcode {
             OpCode::Control(Control::Ping) => Ok(Some(Incoming::Ping(payload.freeze()))),
             OpCode::Control(Control::Pong) => Ok(Some(Incoming::Pong)),
-            OpCode::Control(Control::Close) => {
-                parse_close(&payload).map(|c| Some(Incoming::Close(c)))
-            }
+            OpCode::Control(Control::Close) => parse_close(&payload).map(|c| Some(Incoming::Close(c))),
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
                 Err(violation(close_code::PROTOCOL_ERROR, "reserved opcode"))
             }
@@ -128,18 +117,10 @@ impl Decoder {
         self.fragments.is_some()
     }
 
-    fn data(
-        &mut self,
-        kind: Data,
-        payload: BytesMut,
-        is_final: bool,
-    ) -> Result<Option<Incoming>, FrameError> {
+    fn data(&mut self, kind: Data, payload: BytesMut, is_final: bool) -> Result<Option<Incoming>, FrameError> {
         // RFC 6455 §5.4: fragments of one message must not be interleaved with another message.
         if self.fragments.is_some() {
-            return Err(violation(
-                close_code::PROTOCOL_ERROR,
-                "new message inside a fragmented message",
-            ));
+            return Err(violation(close_code::PROTOCOL_ERROR, "new message inside a fragmented message"));
         }
         if is_final {
             return complete(kind, payload).map(Some);
@@ -155,10 +136,7 @@ impl Decoder {
         limits: FrameLimits,
     ) -> Result<Option<Incoming>, FrameError> {
         let Some((kind, mut message)) = self.fragments.take() else {
-            return Err(violation(
-                close_code::PROTOCOL_ERROR,
-                "continuation without a message",
-            ));
+            return Err(violation(close_code::PROTOCOL_ERROR, "continuation without a message"));
         };
         if message.len() + payload.len() > limits.message_bytes_max {
             return Err(violation(close_code::MESSAGE_TOO_BIG, "message too big"));
@@ -180,24 +158,15 @@ fn check_header(header: &FrameHeader, length: u64, limits: FrameLimits) -> Resul
     }
     // RFC 6455 §5.1: a client MUST mask every frame; the server MUST close if it does not.
     if header.mask.is_none() {
-        return Err(violation(
-            close_code::PROTOCOL_ERROR,
-            "client frames must be masked",
-        ));
+        return Err(violation(close_code::PROTOCOL_ERROR, "client frames must be masked"));
     }
     if let OpCode::Control(_) = header.opcode {
         // RFC 6455 §5.5: control frames are never fragmented and carry at most 125 bytes.
         if !header.is_final {
-            return Err(violation(
-                close_code::PROTOCOL_ERROR,
-                "fragmented control frame",
-            ));
+            return Err(violation(close_code::PROTOCOL_ERROR, "fragmented control frame"));
         }
         if length > 125 {
-            return Err(violation(
-                close_code::PROTOCOL_ERROR,
-                "control frame too long",
-            ));
+            return Err(violation(close_code::PROTOCOL_ERROR, "control frame too long"));
         }
     }
     if length > limits.frame_bytes_max as u64 || length > limits.message_bytes_max as u64 {
@@ -211,10 +180,7 @@ fn complete(kind: Data, payload: BytesMut) -> Result<Incoming, FrameError> {
         Data::Text => {
             // RFC 6455 §8.1: text messages must be valid UTF-8 once reassembled.
             if std::str::from_utf8(&payload).is_err() {
-                return Err(violation(
-                    close_code::INVALID_PAYLOAD,
-                    "invalid UTF-8 in text message",
-                ));
+                return Err(violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in text message"));
             }
             Ok(Incoming::Text(payload.freeze()))
         }
@@ -226,10 +192,7 @@ fn complete(kind: Data, payload: BytesMut) -> Result<Incoming, FrameError> {
 fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, FrameError> {
     match payload.len() {
         0 => Ok(None),
-        1 => Err(violation(
-            close_code::PROTOCOL_ERROR,
-            "close payload of one byte",
-        )),
+        1 => Err(violation(close_code::PROTOCOL_ERROR, "close payload of one byte")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
             // RFC 6455 §7.4: only codes a peer may send on the wire.
@@ -238,10 +201,7 @@ fn parse_close(payload: &[u8]) -> Result<Option<(u16, String)>, FrameError> {
             }
             match std::str::from_utf8(&payload[2..]) {
                 Ok(reason) => Ok(Some((code, reason.to_string()))),
-                Err(_) => Err(violation(
-                    close_code::INVALID_PAYLOAD,
-                    "invalid UTF-8 in close reason",
-                )),
+                Err(_) => Err(violation(close_code::INVALID_PAYLOAD, "invalid UTF-8 in close reason")),
             }
         }
     }
@@ -262,16 +222,10 @@ pub fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 
 /// Encodes one unmasked, final server frame.
 pub fn encode(opcode: OpCode, payload: &[u8]) -> Bytes {
-    let header = FrameHeader {
-        is_final: true,
-        opcode,
-        ..FrameHeader::default()
-    };
+    let header = FrameHeader { is_final: true, opcode, ..FrameHeader::default() };
     let length = payload.len() as u64;
     let mut out = Vec::with_capacity(header.len(length) + payload.len());
-    header
-        .format(length, &mut out)
-        .expect("writing to a Vec cannot fail");
+    header.format(length, &mut out).expect("writing to a Vec cannot fail");
     out.extend_from_slice(payload);
     Bytes::from(out)
 }
@@ -302,10 +256,7 @@ pub fn encode_pong(payload: &[u8]) -> Bytes {
 pub(crate) mod tests {
     use super::*;
 
-    const LIMITS: FrameLimits = FrameLimits {
-        frame_bytes_max: 1024,
-        message_bytes_max: 2048,
-    };
+    const LIMITS: FrameLimits = FrameLimits { frame_bytes_max: 1024, message_bytes_max: 2048 };
 
     /// Builds a masked client frame, as a browser would send it.
     pub(crate) fn client_frame(first_byte: u8, payload: &[u8]) -> Vec<u8> {
@@ -349,9 +300,7 @@ pub(crate) mod tests {
     /// A masked text frame decodes to its text; RFC 6455 §5.7 "Hello" example.
     #[test]
     fn masked_hello() {
-        let rfc = [
-            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
-        ];
+        let rfc = [0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58];
         check(&rfc, Ok(vec![Incoming::Text(Bytes::from_static(b"Hello"))]));
     }
 
@@ -361,13 +310,7 @@ pub(crate) mod tests {
         let mut input = client_frame(0x01, b"Hel");
         input.extend(client_frame(0x89, b"p"));
         input.extend(client_frame(0x80, b"lo"));
-        check(
-            &input,
-            Ok(vec![
-                Incoming::Ping(Bytes::from_static(b"p")),
-                Incoming::Text(Bytes::from_static(b"Hello")),
-            ]),
-        );
+        check(&input, Ok(vec![Incoming::Ping(Bytes::from_static(b"p")), Incoming::Text(Bytes::from_static(b"Hello"))]));
     }
 
     /// Partial input is not consumed.
@@ -383,52 +326,19 @@ pub(crate) mod tests {
     #[test]
     fn violations() {
         let unmasked = [0x81, 0x01, b'a'];
-        check(
-            &unmasked,
-            Err(violation(1002, "client frames must be masked")),
-        );
-        check(
-            &client_frame(0xC1, b"a"),
-            Err(violation(1002, "reserved bits set")),
-        );
-        check(
-            &client_frame(0x83, b"a"),
-            Err(violation(1002, "malformed frame header")),
-        );
-        check(
-            &client_frame(0x09, b"a"),
-            Err(violation(1002, "fragmented control frame")),
-        );
-        check(
-            &client_frame(0x89, &[0; 126]),
-            Err(violation(1002, "control frame too long")),
-        );
-        check(
-            &client_frame(0x80, b"a"),
-            Err(violation(1002, "continuation without a message")),
-        );
-        check(
-            &client_frame(0x81, &[0xff, 0xfe]),
-            Err(violation(1007, "invalid UTF-8 in text message")),
-        );
-        check(
-            &client_frame(0x81, &[b'a'; 1025]),
-            Err(violation(1009, "frame too big")),
-        );
-        check(
-            &client_frame(0x88, &[3]),
-            Err(violation(1002, "close payload of one byte")),
-        );
-        check(
-            &client_frame(0x88, &[0x03, 0xed]),
-            Err(violation(1002, "invalid close code")),
-        );
+        check(&unmasked, Err(violation(1002, "client frames must be masked")));
+        check(&client_frame(0xC1, b"a"), Err(violation(1002, "reserved bits set")));
+        check(&client_frame(0x83, b"a"), Err(violation(1002, "malformed frame header")));
+        check(&client_frame(0x09, b"a"), Err(violation(1002, "fragmented control frame")));
+        check(&client_frame(0x89, &[0; 126]), Err(violation(1002, "control frame too long")));
+        check(&client_frame(0x80, b"a"), Err(violation(1002, "continuation without a message")));
+        check(&client_frame(0x81, &[0xff, 0xfe]), Err(violation(1007, "invalid UTF-8 in text message")));
+        check(&client_frame(0x81, &[b'a'; 1025]), Err(violation(1009, "frame too big")));
+        check(&client_frame(0x88, &[3]), Err(violation(1002, "close payload of one byte")));
+        check(&client_frame(0x88, &[0x03, 0xed]), Err(violation(1002, "invalid close code")));
         let mut two = client_frame(0x01, b"a");
         two.extend(client_frame(0x81, b"b"));
-        check(
-            &two,
-            Err(violation(1002, "new message inside a fragmented message")),
-        );
+        check(&two, Err(violation(1002, "new message inside a fragmented message")));
         let mut big = Vec::new();
         big.extend(client_frame(0x01, &[b'a'; 1000]));
         big.extend(client_frame(0x00, &[b'a'; 1000]));
@@ -450,10 +360,7 @@ pub(crate) mod tests {
     fn close_payload() {
         let mut payload = 1000u16.to_be_bytes().to_vec();
         payload.extend_from_slice(b"bye");
-        check(
-            &client_frame(0x88, &payload),
-            Ok(vec![Incoming::Close(Some((1000, "bye".into())))]),
-        );
+        check(&client_frame(0x88, &payload), Ok(vec![Incoming::Close(Some((1000, "bye".into())))]));
         check(&client_frame(0x88, b""), Ok(vec![Incoming::Close(None)]));
     }
 
@@ -463,10 +370,7 @@ pub(crate) mod tests {
         assert_eq!(&encode_text(b"hi")[..], &[0x81, 0x02, b'h', b'i']);
         let long = encode_text(&[b'x'; 300]);
         assert_eq!(&long[..4], &[0x81, 126, 0x01, 0x2c]);
-        assert_eq!(
-            &encode_close(4100, "slow")[..],
-            &[0x88, 0x06, 0x10, 0x04, b's', b'l', b'o', b'w']
-        );
+        assert_eq!(&encode_close(4100, "slow")[..], &[0x88, 0x06, 0x10, 0x04, b's', b'l', b'o', b'w']);
         assert_eq!(encode_close(1000, &"é".repeat(100)).len(), 2 + 2 + 122);
     }
 
@@ -477,11 +381,7 @@ pub(crate) mod tests {
         let original: Vec<u8> = (0..=255).collect();
         let mut data = original.clone();
         unmask(&mut data, mask);
-        let expected: Vec<u8> = original
-            .iter()
-            .enumerate()
-            .map(|(i, b)| b ^ mask[i % 4])
-            .collect();
+        let expected: Vec<u8> = original.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]).collect();
         assert_eq!(data, expected);
     }
 }

@@ -12,10 +12,7 @@ fn events_path() -> String {
 #[test]
 fn signed_publish_accepted() {
     let server = TestServer::start(|_| {});
-    assert_eq!(
-        publish(server.addr, &["a", "b"], "e", "d", None),
-        (200, "{}".into())
-    );
+    assert_eq!(publish(server.addr, &["a", "b"], "e", "d", None), (200, "{}".into()));
 }
 
 /// A wrong signature, a stale timestamp (a replay) and a wrong body are refused with 401 and
@@ -28,29 +25,15 @@ fn signature_refusals() {
     let tampered = good.replace("auth_signature=", "auth_signature=0");
     let (status, reply) = http(server.addr, "POST", &tampered, body);
     assert_eq!(status, 401, "{reply}");
-    assert!(
-        reply.contains("not hex") || reply.contains("invalid signature"),
-        "{reply}"
-    );
+    assert!(reply.contains("not hex") || reply.contains("invalid signature"), "{reply}");
 
     let old = now() - 601;
-    let query =
-        ringwire::pusher::auth::signed_query("POST", &events_path(), KEY, SECRET, body, old, &[]);
-    let (status, reply) = http(
-        server.addr,
-        "POST",
-        &format!("{}?{query}", events_path()),
-        body,
-    );
+    let query = ringwire::pusher::auth::signed_query("POST", &events_path(), KEY, SECRET, body, old, &[]);
+    let (status, reply) = http(server.addr, "POST", &format!("{}?{query}", events_path()), body);
     assert_eq!(status, 401);
     assert!(reply.contains("more than 600 s"), "{reply}");
 
-    let (status, reply) = http(
-        server.addr,
-        "POST",
-        &good,
-        br#"{"name":"e","channel":"a","data":"y"}"#,
-    );
+    let (status, reply) = http(server.addr, "POST", &good, br#"{"name":"e","channel":"a","data":"y"}"#);
     assert_eq!(status, 401);
     assert!(reply.contains("body_md5"), "{reply}");
 
@@ -65,16 +48,8 @@ fn signature_refusals() {
 fn get_with_empty_body_md5() {
     let server = TestServer::start(|_| {});
     let path = format!("/apps/{APP_ID}/channels");
-    let target = signed_path(
-        "GET",
-        &path,
-        b"",
-        &[("body_md5", "d41d8cd98f00b204e9800998ecf8427e")],
-    );
-    assert_eq!(
-        http(server.addr, "GET", &target, b""),
-        (200, r#"{"channels":{}}"#.into())
-    );
+    let target = signed_path("GET", &path, b"", &[("body_md5", "d41d8cd98f00b204e9800998ecf8427e")]);
+    assert_eq!(http(server.addr, "GET", &target, b""), (200, r#"{"channels":{}}"#.into()));
 }
 
 /// Event limits: data size → 413, channel count → 400, batch size → 400, bad names → 400.
@@ -83,41 +58,22 @@ fn event_limits() {
     let server = TestServer::start(|_| {});
     let big = "x".repeat(10_241);
     assert_eq!(publish(server.addr, &["a"], "e", &big, None).0, 413);
-    assert_eq!(
-        publish(server.addr, &["a"], "e", &"x".repeat(10_240), None).0,
-        200
-    );
+    assert_eq!(publish(server.addr, &["a"], "e", &"x".repeat(10_240), None).0, 200);
     let many: Vec<String> = (0..101).map(|i| format!("c{i}")).collect();
     let many: Vec<&str> = many.iter().map(String::as_str).collect();
     assert_eq!(publish(server.addr, &many, "e", "d", None).0, 400);
     assert_eq!(publish(server.addr, &["bad name"], "e", "d", None).0, 400);
-    assert_eq!(
-        publish(server.addr, &["a"], "e", "d", Some("not-a-socket")).0,
-        400
-    );
+    assert_eq!(publish(server.addr, &["a"], "e", "d", Some("not-a-socket")).0, 400);
 
-    let batch: Vec<Value> = (0..11)
-        .map(|i| json!({"name": "e", "channel": format!("c{i}"), "data": "d"}))
-        .collect();
+    let batch: Vec<Value> = (0..11).map(|i| json!({"name": "e", "channel": format!("c{i}"), "data": "d"})).collect();
     let body = json!({ "batch": batch }).to_string();
     let path = format!("/apps/{APP_ID}/batch_events");
-    let (status, reply) = http(
-        server.addr,
-        "POST",
-        &signed_path("POST", &path, body.as_bytes(), &[]),
-        body.as_bytes(),
-    );
+    let (status, reply) = http(server.addr, "POST", &signed_path("POST", &path, body.as_bytes(), &[]), body.as_bytes());
     assert_eq!(status, 400, "{reply}");
 
     let body = r#"{"name":"e""#;
     assert_eq!(
-        http(
-            server.addr,
-            "POST",
-            &signed_path("POST", &events_path(), body.as_bytes(), &[]),
-            body.as_bytes()
-        )
-        .0,
+        http(server.addr, "POST", &signed_path("POST", &events_path(), body.as_bytes(), &[]), body.as_bytes()).0,
         400
     );
 }
@@ -128,18 +84,11 @@ fn batch_events_delivered() {
     let server = TestServer::start(|_| {});
     let (mut ws, _) = connect(server.addr);
     subscribe(&mut ws, "b");
-    let batch: Vec<Value> = (0..10)
-        .map(|i| json!({"name": format!("e{i}"), "channel": "b", "data": "d"}))
-        .collect();
+    let batch: Vec<Value> = (0..10).map(|i| json!({"name": format!("e{i}"), "channel": "b", "data": "d"})).collect();
     let body = json!({ "batch": batch }).to_string();
     let path = format!("/apps/{APP_ID}/batch_events");
     assert_eq!(
-        http(
-            server.addr,
-            "POST",
-            &signed_path("POST", &path, body.as_bytes(), &[]),
-            body.as_bytes()
-        ),
+        http(server.addr, "POST", &signed_path("POST", &path, body.as_bytes(), &[]), body.as_bytes()),
         (200, "{}".into())
     );
     for i in 0..10 {
@@ -160,45 +109,21 @@ fn channel_queries() {
         })
         .collect();
     let path = format!("/apps/{APP_ID}/channels");
-    let target = signed_path(
-        "GET",
-        &path,
-        b"",
-        &[
-            ("filter_by_prefix", "room-"),
-            ("info", "subscription_count"),
-        ],
-    );
+    let target = signed_path("GET", &path, b"", &[("filter_by_prefix", "room-"), ("info", "subscription_count")]);
     let (status, body) = http(server.addr, "GET", &target, b"");
     assert_eq!(status, 200);
     let parsed: Value = serde_json::from_str(&body).unwrap();
-    assert_eq!(
-        parsed,
-        json!({"channels": {"room-a": {"subscription_count": 4}, "room-b": {"subscription_count": 4}}})
-    );
+    assert_eq!(parsed, json!({"channels": {"room-a": {"subscription_count": 4}, "room-b": {"subscription_count": 4}}}));
 
     let path = format!("/apps/{APP_ID}/channels/lobby");
     let target = signed_path("GET", &path, b"", &[("info", "subscription_count")]);
-    assert_eq!(
-        http(server.addr, "GET", &target, b""),
-        (200, r#"{"occupied":true,"subscription_count":8}"#.into())
-    );
+    assert_eq!(http(server.addr, "GET", &target, b""), (200, r#"{"occupied":true,"subscription_count":8}"#.into()));
     let path = format!("/apps/{APP_ID}/channels/empty");
     assert_eq!(
-        http(
-            server.addr,
-            "GET",
-            &signed_path("GET", &path, b"", &[]),
-            b""
-        ),
+        http(server.addr, "GET", &signed_path("GET", &path, b"", &[]), b""),
         (200, r#"{"occupied":false}"#.into())
     );
-    let target = signed_path(
-        "GET",
-        &format!("/apps/{APP_ID}/channels"),
-        b"",
-        &[("info", "user_count")],
-    );
+    let target = signed_path("GET", &format!("/apps/{APP_ID}/channels"), b"", &[("info", "user_count")]);
     assert_eq!(http(server.addr, "GET", &target, b"").0, 400);
 }
 
@@ -208,10 +133,7 @@ fn routing_errors() {
     let server = TestServer::start(|_| {});
     assert_eq!(http(server.addr, "POST", "/apps/999/events", b"{}").0, 404);
     let (status, body) = http(server.addr, "GET", "/nope", b"");
-    assert_eq!(
-        (status, body.as_str()),
-        (404, r#"{"error":"no such endpoint","status":404}"#)
-    );
+    assert_eq!((status, body.as_str()), (404, r#"{"error":"no such endpoint","status":404}"#));
     assert_eq!(http(server.addr, "GET", &events_path(), b"").0, 405);
     assert_eq!(http(server.addr, "POST", "/health", b"").0, 405);
 }
@@ -220,14 +142,8 @@ fn routing_errors() {
 #[test]
 fn operational_endpoints() {
     let server = TestServer::start(|_| {});
-    assert_eq!(
-        http(server.addr, "GET", "/health", b""),
-        (200, r#"{"ok":true}"#.into())
-    );
-    assert_eq!(
-        http(server.addr, "GET", "/ready", b""),
-        (200, r#"{"ready":true}"#.into())
-    );
+    assert_eq!(http(server.addr, "GET", "/health", b""), (200, r#"{"ok":true}"#.into()));
+    assert_eq!(http(server.addr, "GET", "/ready", b""), (200, r#"{"ready":true}"#.into()));
     let (status, text) = http(server.addr, "GET", "/metrics", b"");
     assert_eq!(status, 200);
     for name in [
@@ -241,10 +157,7 @@ fn operational_endpoints() {
         "mesh_full_total",
         "slow_consumer_closes_total",
     ] {
-        assert!(
-            text.contains(&format!("ringwire_{name}{{shard=\"1\"}}")),
-            "{name} missing"
-        );
+        assert!(text.contains(&format!("ringwire_{name}{{shard=\"1\"}}")), "{name} missing");
     }
 }
 
@@ -254,7 +167,11 @@ fn keep_alive() {
     use std::io::{Read, Write};
     let server = TestServer::start(|_| {});
     let mut stream = std::net::TcpStream::connect(server.addr).unwrap();
-    stream.write_all(b"GET /health HTTP/1.1\r\n\r\nGET /ready HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n").unwrap();
+    stream
+        .write_all(
+            b"GET /health HTTP/1.1\r\n\r\nGET /ready HTTP/1.1\r\n\r\nGET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
     let mut all = String::new();
     stream.read_to_string(&mut all).unwrap();
     assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 3, "{all}");

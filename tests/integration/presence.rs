@@ -24,48 +24,36 @@ fn connect_on(server: &TestServer, shard: u64) -> (Ws, String) {
 
 fn sign(to_sign: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
-    format!(
-        "{KEY}:{}",
-        hex::encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref())
-    )
+    format!("{KEY}:{}", hex::encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref()))
 }
 
 /// Subscribes to a presence channel as `user_id` and returns the decoded subscription data.
 fn join(ws: &mut Ws, socket_id: &str, channel: &str, user_id: &str) -> Value {
-    let channel_data =
-        json!({"user_id": user_id, "user_info": {"name": format!("user {user_id}")}}).to_string();
+    let channel_data = json!({"user_id": user_id, "user_info": {"name": format!("user {user_id}")}}).to_string();
     let auth = sign(&format!("{socket_id}:{channel}:{channel_data}"));
     send_json(
         ws,
         json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}),
     );
     let reply = recv_json(ws);
-    assert_eq!(
-        reply["event"], "pusher_internal:subscription_succeeded",
-        "{reply}"
-    );
+    assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
     serde_json::from_str(reply["data"].as_str().expect("data is a string")).unwrap()
 }
 
 /// Next message, or None if nothing arrives within `ms`.
 fn try_recv(ws: &mut Ws, ms: u64) -> Option<Value> {
-    ws.get_mut()
-        .set_read_timeout(Some(Duration::from_millis(ms)))
-        .unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
     let result = match ws.read() {
         Ok(tungstenite::Message::Text(text)) => Some(serde_json::from_str(&text).unwrap()),
         Ok(other) => panic!("{other:?}"),
         Err(tungstenite::Error::Io(e))
-            if e.kind() == std::io::ErrorKind::WouldBlock
-                || e.kind() == std::io::ErrorKind::TimedOut =>
+            if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::TimedOut =>
         {
             None
         }
         Err(e) => panic!("{e}"),
     };
-    ws.get_mut()
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     result
 }
 
@@ -75,10 +63,7 @@ fn member_list() {
     let server = TestServer::start(|_| {});
     let (mut a, a_id) = connect(server.addr);
     let data = join(&mut a, &a_id, "presence-room", "1");
-    assert_eq!(
-        data,
-        json!({"presence": {"ids": ["1"], "hash": {"1": {"name": "user 1"}}, "count": 1}})
-    );
+    assert_eq!(data, json!({"presence": {"ids": ["1"], "hash": {"1": {"name": "user 1"}}, "count": 1}}));
     let (mut b, b_id) = connect(server.addr);
     let data = join(&mut b, &b_id, "presence-room", "2");
     assert_eq!(data["presence"]["count"], 2);
@@ -104,31 +89,16 @@ fn one_user_on_two_shards() {
     join(&mut tab0, &tab0_id, "presence-x", "alice");
     let data = join(&mut tab1, &tab1_id, "presence-x", "alice");
     assert_eq!(data["presence"]["count"], 2, "alice counted once: {data}");
-    assert_eq!(
-        recv_json(&mut observer)["event"],
-        "pusher_internal:member_added"
-    );
-    assert!(
-        try_recv(&mut observer, 300).is_none(),
-        "second tab must be silent"
-    );
+    assert_eq!(recv_json(&mut observer)["event"], "pusher_internal:member_added");
+    assert!(try_recv(&mut observer, 300).is_none(), "second tab must be silent");
 
-    send_json(
-        &mut tab0,
-        json!({"event": "pusher:unsubscribe", "data": {"channel": "presence-x"}}),
-    );
-    assert!(
-        try_recv(&mut observer, 300).is_none(),
-        "alice still has a connection"
-    );
+    send_json(&mut tab0, json!({"event": "pusher:unsubscribe", "data": {"channel": "presence-x"}}));
+    assert!(try_recv(&mut observer, 300).is_none(), "alice still has a connection");
     drop(tab1); // abrupt: the TCP connection just goes away
     let removed = recv_json(&mut observer);
     assert_eq!(removed["event"], "pusher_internal:member_removed");
     assert_eq!(removed["data"], r#"{"user_id":"alice"}"#);
-    assert!(
-        try_recv(&mut observer, 300).is_none(),
-        "exactly one member_removed"
-    );
+    assert!(try_recv(&mut observer, 300).is_none(), "exactly one member_removed");
 }
 
 /// The member limit refuses a new user with pusher:error; the connection stays usable.
@@ -146,10 +116,7 @@ fn member_limit() {
     );
     let error = recv_json(&mut b);
     assert_eq!(error["event"], "pusher:error");
-    assert!(
-        error["data"]["message"].as_str().unwrap().contains("full"),
-        "{error}"
-    );
+    assert!(error["data"]["message"].as_str().unwrap().contains("full"), "{error}");
     subscribe(&mut b, "public-after");
 }
 
@@ -159,17 +126,11 @@ fn presence_refusals() {
     let server = TestServer::start(|c| c.apps[0].presence_user_info_bytes_max = 20);
     let (mut ws, id) = connect(server.addr);
     let channel_data = r#"{"user_id":"1","user_info":{}}"#;
-    let signed_other = sign(&format!(
-        "{id}:presence-r:{}",
-        r#"{"user_info":{},"user_id":"1"}"#
-    ));
+    let signed_other = sign(&format!("{id}:presence-r:{}", r#"{"user_info":{},"user_id":"1"}"#));
     let too_big = r#"{"user_id":"1","user_info":{"name":"aaaaaaaaaaaaaaaaaaaaaaaa"}}"#;
     for (data, auth) in [
         (channel_data.to_string(), signed_other),
-        (
-            too_big.to_string(),
-            sign(&format!("{id}:presence-r:{too_big}")),
-        ),
+        (too_big.to_string(), sign(&format!("{id}:presence-r:{too_big}"))),
         (String::new(), sign(&format!("{id}:presence-r:"))),
     ] {
         send_json(
@@ -189,10 +150,7 @@ fn presence_client_event_user_id() {
     join(&mut a, &a_id, "presence-chat", "7");
     join(&mut b, &b_id, "presence-chat", "8");
     assert_eq!(recv_json(&mut a)["event"], "pusher_internal:member_added");
-    send_json(
-        &mut b,
-        json!({"event": "client-wave", "channel": "presence-chat", "data": {"hi": 1}}),
-    );
+    send_json(&mut b, json!({"event": "client-wave", "channel": "presence-chat", "data": {"hi": 1}}));
     assert_eq!(
         recv_text(&mut a),
         r#"{"event":"client-wave","channel":"presence-chat","data":"{\"hi\":1}","user_id":"8"}"#
@@ -210,53 +168,111 @@ fn users_api() {
         clients.push(ws);
     }
     let path = format!("/apps/{APP_ID}/channels/presence-api/users");
-    let (status, body) = http(
-        server.addr,
-        "GET",
-        &signed_path("GET", &path, b"", &[]),
-        b"",
-    );
-    assert_eq!(
-        (status, body.as_str()),
-        (200, r#"{"users":[{"id":"u1"},{"id":"u2"},{"id":"u3"}]}"#)
-    );
+    let (status, body) = http(server.addr, "GET", &signed_path("GET", &path, b"", &[]), b"");
+    assert_eq!((status, body.as_str()), (200, r#"{"users":[{"id":"u1"},{"id":"u2"},{"id":"u3"}]}"#));
     let path = format!("/apps/{APP_ID}/channels/presence-api");
-    let target = signed_path(
-        "GET",
-        &path,
-        b"",
-        &[("info", "user_count,subscription_count")],
-    );
+    let target = signed_path("GET", &path, b"", &[("info", "user_count,subscription_count")]);
     assert_eq!(
         http(server.addr, "GET", &target, b""),
-        (
-            200,
-            r#"{"occupied":true,"subscription_count":4,"user_count":3}"#.into()
-        )
+        (200, r#"{"occupied":true,"subscription_count":4,"user_count":3}"#.into())
     );
     let path = format!("/apps/{APP_ID}/channels");
-    let target = signed_path(
-        "GET",
-        &path,
-        b"",
-        &[("filter_by_prefix", "presence-"), ("info", "user_count")],
-    );
+    let target = signed_path("GET", &path, b"", &[("filter_by_prefix", "presence-"), ("info", "user_count")]);
     assert_eq!(
         http(server.addr, "GET", &target, b""),
-        (
-            200,
-            r#"{"channels":{"presence-api":{"user_count":3}}}"#.into()
-        )
+        (200, r#"{"channels":{"presence-api":{"user_count":3}}}"#.into())
     );
     let path = format!("/apps/{APP_ID}/channels/public/users");
-    assert_eq!(
-        http(
-            server.addr,
-            "GET",
-            &signed_path("GET", &path, b"", &[]),
-            b""
-        )
-        .0,
-        400
+    assert_eq!(http(server.addr, "GET", &signed_path("GET", &path, b"", &[]), b"").0, 400);
+}
+
+/// Sign-in with the reference's string-to-sign, #server-to-user- delivery, and
+/// terminate_connections closing every connection of the user (on any shard) with 4009.
+#[test]
+fn signin_and_user_channel() {
+    let server = TestServer::start(|_| {});
+    let mut tabs = Vec::new();
+    for shard in [0, 1] {
+        let (mut ws, id) = connect_on(&server, shard);
+        let user_data = r#"{"id":"alice","user_info":{"name":"A"}}"#;
+        let auth = sign(&format!("{id}::user::{user_data}"));
+        send_json(&mut ws, json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}));
+        let success = recv_json(&mut ws);
+        assert_eq!(success["event"], "pusher:signin_success");
+        assert_eq!(
+            serde_json::from_str::<Value>(success["data"].as_str().unwrap()).unwrap(),
+            json!({"user_data": user_data})
+        );
+        subscribe(&mut ws, "#server-to-user-alice");
+        send_json(&mut ws, json!({"event": "pusher:subscribe", "data": {"channel": "#server-to-user-bob"}}));
+        assert_eq!(recv_json(&mut ws)["event"], "pusher:error");
+        tabs.push(ws);
+    }
+    assert_eq!(publish(server.addr, &["#server-to-user-alice"], "note", "hi", None).0, 200);
+    for ws in &mut tabs {
+        assert_eq!(recv_json(ws)["event"], "note");
+    }
+    let path = format!("/apps/{APP_ID}/users/alice/terminate_connections");
+    assert_eq!(http(server.addr, "POST", &signed_path("POST", &path, b"{}", &[]), b"{}"), (200, "{}".into()));
+    for ws in &mut tabs {
+        assert_eq!(recv_json(ws)["data"]["code"], 4009);
+        assert_eq!(recv_close(ws), 4009);
+    }
+}
+
+/// A bad sign-in signature is refused with pusher:error 4009 and close 4009.
+#[test]
+fn signin_refused() {
+    let server = TestServer::start(|_| {});
+    let (mut ws, _) = connect(server.addr);
+    send_json(
+        &mut ws,
+        json!({"event": "pusher:signin", "data": {"auth": format!("{KEY}:00"), "user_data": r#"{"id":"x"}"#}}),
     );
+    assert_eq!(recv_json(&mut ws)["data"]["code"], 4009);
+    assert_eq!(recv_close(&mut ws), 4009);
+}
+
+/// Authorized connections: a connection that neither signs in nor joins a private channel in
+/// time is closed with 4009; one that signed in stays.
+#[test]
+fn authorized_connections_timeout() {
+    let server = TestServer::start(|c| c.apps[0].authorized_connections_timeout_s = 1);
+    let (mut idle, _) = connect(server.addr);
+    let (mut signed, id) = connect(server.addr);
+    let user_data = r#"{"id":"u"}"#;
+    send_json(
+        &mut signed,
+        json!({"event": "pusher:signin", "data": {"auth": sign(&format!("{id}::user::{user_data}")), "user_data": user_data}}),
+    );
+    assert_eq!(recv_json(&mut signed)["event"], "pusher:signin_success");
+    idle.get_mut().set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(recv_json(&mut idle)["data"]["code"], 4009);
+    assert_eq!(recv_close(&mut idle), 4009);
+    assert!(try_recv(&mut signed, 500).is_none());
+}
+
+/// Client events over client_events_per_second_max are dropped with pusher:error 4301.
+#[test]
+fn client_event_rate_limit() {
+    let server = TestServer::start(|c| c.apps[0].client_events_per_second_max = 3);
+    let (mut a, a_id) = connect(server.addr);
+    let (mut b, b_id) = connect(server.addr);
+    join(&mut a, &a_id, "presence-rate", "a");
+    join(&mut b, &b_id, "presence-rate", "b");
+    recv_json(&mut a); // member_added for b
+    for i in 0..10 {
+        send_json(&mut a, json!({"event": "client-n", "channel": "presence-rate", "data": i}));
+    }
+    let mut relayed = 0;
+    while let Some(message) = try_recv(&mut b, 300) {
+        assert_eq!(message["event"], "client-n");
+        relayed += 1;
+    }
+    let mut limited = 0;
+    while let Some(message) = try_recv(&mut a, 300) {
+        assert_eq!(message["data"]["code"], 4301, "{message}");
+        limited += 1;
+    }
+    assert!((3..=6).contains(&relayed) && relayed + limited == 10, "relayed {relayed}, limited {limited}");
 }

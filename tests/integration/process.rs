@@ -12,8 +12,7 @@ fn binary() -> Command {
 }
 
 fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
-    let path =
-        std::env::temp_dir().join(format!("ringwire-test-{}-{name}.toml", std::process::id()));
+    let path = std::env::temp_dir().join(format!("ringwire-test-{}-{name}.toml", std::process::id()));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -22,79 +21,46 @@ fn temp_config(name: &str, text: &str) -> std::path::PathBuf {
 #[test]
 fn check_config() {
     let good = temp_config("good", ringwire::config::DEFAULT_CONFIG_TOML);
-    assert!(binary()
-        .args(["check-config", good.to_str().unwrap()])
-        .status()
-        .unwrap()
-        .success());
+    assert!(binary().args(["check-config", good.to_str().unwrap()]).status().unwrap().success());
     let bad = temp_config("bad", "[server]\nbind = \"127.0.0.1:1\"\nshard = 2\n");
-    let output = binary()
-        .arg("--check")
-        .arg("--config")
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let output = binary().arg("--check").arg("--config").arg(&bad).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        stderr.contains("line 3") && stderr.contains("shard"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("line 3") && stderr.contains("shard"), "{stderr}");
 }
 
 /// SIGTERM: WebSockets get close 4200, readiness turns 503 on an open keep-alive connection,
 /// and the process exits 0.
 #[test]
 fn graceful_shutdown() {
-    let config = temp_config("shutdown", "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\nshutdown_close_window_ms = 200\nshutdown_grace_ms = 2000\n");
-    let mut child = binary()
-        .arg("--config")
-        .arg(&config)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let config = temp_config(
+        "shutdown",
+        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\nshutdown_close_window_ms = 200\nshutdown_grace_ms = 2000\n",
+    );
+    let mut child = binary().arg("--config").arg(&config).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
-    let addr: SocketAddr = first
-        .split_whitespace()
-        .nth(3)
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("{first}"));
+    let addr: SocketAddr = first.split_whitespace().nth(3).unwrap().parse().unwrap_or_else(|_| panic!("{first}"));
     let mut rest = String::new();
     for _ in 0..2 {
         stdout.read_line(&mut rest).unwrap();
     }
-    assert!(
-        rest.contains("key=ringwire-demo-key secret=ringwire-demo-secret"),
-        "{rest}"
-    );
+    assert!(rest.contains("key=ringwire-demo-key secret=ringwire-demo-secret"), "{rest}");
 
     let mut clients: Vec<Ws> = (0..6).map(|_| connect(addr).0).collect();
     let mut keep_alive = TcpStream::connect(addr).unwrap();
-    keep_alive
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    keep_alive
-        .write_all(b"GET /ready HTTP/1.1\r\n\r\n")
-        .unwrap();
+    keep_alive.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    keep_alive.write_all(b"GET /ready HTTP/1.1\r\n\r\n").unwrap();
     let mut buf = [0u8; 512];
     let n = keep_alive.read(&mut buf).unwrap();
     assert!(String::from_utf8_lossy(&buf[..n]).contains("200 OK"));
 
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     for ws in &mut clients {
         assert_eq!(recv_close(ws), 4200);
     }
-    keep_alive
-        .write_all(b"GET /ready HTTP/1.1\r\n\r\n")
-        .unwrap();
+    keep_alive.write_all(b"GET /ready HTTP/1.1\r\n\r\n").unwrap();
     let n = keep_alive.read(&mut buf).unwrap();
     let response = String::from_utf8_lossy(&buf[..n]);
     assert!(response.starts_with("HTTP/1.1 503"), "{response}");
@@ -105,12 +71,7 @@ fn graceful_shutdown() {
 /// CPU seconds used so far by a process.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .collect();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
     let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
     ticks / 100.0
 }
@@ -119,17 +80,10 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// server backs off instead of spinning, and serves again once the flood is gone.
 #[test]
 fn connection_flood_past_fd_limit() {
-    let config = temp_config(
-        "flood",
-        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\nshutdown_grace_ms = 200\n",
-    );
+    let config = temp_config("flood", "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\nshutdown_grace_ms = 200\n");
     let mut child = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "ulimit -n 128 && exec {} --config {}",
-            env!("CARGO_BIN_EXE_ringwire"),
-            config.display()
-        ))
+        .arg(format!("ulimit -n 128 && exec {} --config {}", env!("CARGO_BIN_EXE_ringwire"), config.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -138,25 +92,16 @@ fn connection_flood_past_fd_limit() {
     let mut first = String::new();
     stdout.read_line(&mut first).unwrap();
     let addr: SocketAddr = first.split_whitespace().nth(3).unwrap().parse().unwrap();
-    let flood: Vec<TcpStream> = (0..400)
-        .filter_map(|_| TcpStream::connect(addr).ok())
-        .collect();
+    let flood: Vec<TcpStream> = (0..400).filter_map(|_| TcpStream::connect(addr).ok()).collect();
     std::thread::sleep(Duration::from_millis(300));
     let before = cpu_seconds(child.id());
     std::thread::sleep(Duration::from_secs(2));
     let used = cpu_seconds(child.id()) - before;
-    assert!(
-        used < 0.5,
-        "server used {used:.2} s of CPU in 2 s while out of descriptors"
-    );
+    assert!(used < 0.5, "server used {used:.2} s of CPU in 2 s while out of descriptors");
     drop(flood);
     std::thread::sleep(Duration::from_millis(500));
     let (mut ws, _) = connect(addr);
     subscribe(&mut ws, "after-flood");
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status()
-        .unwrap();
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
 }

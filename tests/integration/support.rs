@@ -29,19 +29,12 @@ impl TestServer {
         config.server.shutdown_grace_ms = 300;
         config.server.shutdown_close_window_ms = 10;
         if let Ok(driver) = std::env::var("RINGWIRE_TEST_DRIVER") {
-            config.server.io_driver = if driver == "epoll" {
-                IoDriver::Epoll
-            } else {
-                IoDriver::IoUring
-            };
+            config.server.io_driver = if driver == "epoll" { IoDriver::Epoll } else { IoDriver::IoUring };
         }
         change(&mut config);
         let server = Server::start(config).expect("server starts");
         let addr = server.addr;
-        TestServer {
-            server: Some(server),
-            addr,
-        }
+        TestServer { server: Some(server), addr }
     }
 
     fn stop_inner(&mut self) {
@@ -63,23 +56,17 @@ pub type Ws = WebSocket<TcpStream>;
 /// Opens a WebSocket to `path` (e.g. `/app/KEY?protocol=7`).
 pub fn ws_connect(addr: SocketAddr, path: &str) -> Ws {
     let stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let (ws, _) = tungstenite::client(format!("ws://{addr}{path}"), stream).expect("handshake");
     ws
 }
 
 /// Connects to the demo app and returns the socket and its socket_id.
 pub fn connect(addr: SocketAddr) -> (Ws, String) {
-    let mut ws = ws_connect(
-        addr,
-        &format!("/app/{KEY}?protocol=7&client=js&version=8.4.0&flash=false"),
-    );
+    let mut ws = ws_connect(addr, &format!("/app/{KEY}?protocol=7&client=js&version=8.4.0&flash=false"));
     let established = recv_json(&mut ws);
     assert_eq!(established["event"], "pusher:connection_established");
-    let data: Value =
-        serde_json::from_str(established["data"].as_str().expect("data is a string")).unwrap();
+    let data: Value = serde_json::from_str(established["data"].as_str().expect("data is a string")).unwrap();
     (ws, data["socket_id"].as_str().unwrap().to_string())
 }
 
@@ -106,15 +93,10 @@ pub fn send_json(ws: &mut Ws, value: Value) {
 
 /// Subscribes and checks the exact subscription_succeeded bytes.
 pub fn subscribe(ws: &mut Ws, channel: &str) {
-    send_json(
-        ws,
-        serde_json::json!({"event": "pusher:subscribe", "data": {"auth": "", "channel": channel}}),
-    );
+    send_json(ws, serde_json::json!({"event": "pusher:subscribe", "data": {"auth": "", "channel": channel}}));
     assert_eq!(
         recv_text(ws),
-        format!(
-            r#"{{"event":"pusher_internal:subscription_succeeded","channel":"{channel}","data":"{{}}"}}"#
-        )
+        format!(r#"{{"event":"pusher_internal:subscription_succeeded","channel":"{channel}","data":"{{}}"}}"#)
     );
 }
 
@@ -132,10 +114,7 @@ pub fn recv_close(ws: &mut Ws) -> u16 {
 
 /// Seconds since the epoch.
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// `path?signed-query` for a request signed with the demo app's secret.
@@ -146,15 +125,10 @@ pub fn signed_path(method: &str, path: &str, body: &[u8], extra: &[(&str, &str)]
 
 /// One HTTP request on its own connection; returns (status, body).
 pub fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, String) {
-    let mut request =
-        format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n").into_bytes();
+    let mut request = format!("{method} {target} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n").into_bytes();
     if !body.is_empty() || method == "POST" {
         request.extend_from_slice(
-            format!(
-                "Content-Type: application/json\r\nContent-Length: {}\r\n",
-                body.len()
-            )
-            .as_bytes(),
+            format!("Content-Type: application/json\r\nContent-Length: {}\r\n", body.len()).as_bytes(),
         );
     }
     request.extend_from_slice(b"\r\n");
@@ -165,9 +139,7 @@ pub fn http(addr: SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, 
 /// Sends raw bytes, reads to EOF, splits status and body.
 pub fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
     let mut stream = TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = stream.write_all(request);
     let mut response = Vec::new();
     let _ = stream.read_to_end(&mut response);
@@ -178,33 +150,19 @@ pub fn raw_http(addr: SocketAddr, request: &[u8]) -> (u16, String) {
 pub fn parse_response(response: &[u8]) -> (u16, String) {
     let text = String::from_utf8_lossy(response).to_string();
     let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     (status, body)
 }
 
 /// Publishes `data` (a JSON string) on channels through the signed API.
-pub fn publish(
-    addr: SocketAddr,
-    channels: &[&str],
-    event: &str,
-    data: &str,
-    socket_id: Option<&str>,
-) -> (u16, String) {
+pub fn publish(addr: SocketAddr, channels: &[&str], event: &str, data: &str, socket_id: Option<&str>) -> (u16, String) {
     let mut body = serde_json::json!({"name": event, "channels": channels, "data": data});
     if let Some(id) = socket_id {
         body["socket_id"] = id.into();
     }
     let body = body.to_string();
     let path = format!("/apps/{APP_ID}/events");
-    http(
-        addr,
-        "POST",
-        &signed_path("POST", &path, body.as_bytes(), &[]),
-        body.as_bytes(),
-    )
+    http(addr, "POST", &signed_path("POST", &path, body.as_bytes(), &[]), body.as_bytes())
 }
 
 /// A metric's value summed over shards, from /metrics.

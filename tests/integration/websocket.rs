@@ -23,10 +23,7 @@ fn connection_established_shape() {
     let rest = &text[prefix.len()..];
     let (socket_id, tail) = rest.split_once(r#"\""#).unwrap();
     let (a, b) = socket_id.split_once('.').unwrap();
-    assert!(
-        a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit()),
-        "{socket_id}"
-    );
+    assert!(a.bytes().all(|c| c.is_ascii_digit()) && b.bytes().all(|c| c.is_ascii_digit()), "{socket_id}");
     assert_eq!(tail, r#",\"activity_timeout\":120}"}"#);
 }
 
@@ -96,18 +93,9 @@ fn publish_exact_bytes() {
     let server = TestServer::start(|_| {});
     let (mut ws, _) = connect(server.addr);
     subscribe(&mut ws, "my-channel");
-    let (status, body) = publish(
-        server.addr,
-        &["my-channel"],
-        "my-event",
-        r#"{"message":"hello"}"#,
-        None,
-    );
+    let (status, body) = publish(server.addr, &["my-channel"], "my-event", r#"{"message":"hello"}"#, None);
     assert_eq!((status, body.as_str()), (200, "{}"));
-    assert_eq!(
-        recv_text(&mut ws),
-        r#"{"event":"my-event","channel":"my-channel","data":"{\"message\":\"hello\"}"}"#
-    );
+    assert_eq!(recv_text(&mut ws), r#"{"event":"my-event","channel":"my-channel","data":"{\"message\":\"hello\"}"}"#);
 }
 
 /// Every subscriber on every shard receives every event; connections land on both shards.
@@ -123,15 +111,9 @@ fn fan_out_across_shards() {
         .collect();
     let per_shard = metric(server.addr, "connections");
     assert_eq!(per_shard.iter().sum::<u64>(), 24);
-    assert!(
-        per_shard.iter().all(|&n| n > 0),
-        "connections on both shards: {per_shard:?}"
-    );
+    assert!(per_shard.iter().all(|&n| n > 0), "connections on both shards: {per_shard:?}");
     for i in 0..5 {
-        assert_eq!(
-            publish(server.addr, &["fan"], "tick", &i.to_string(), None).0,
-            200
-        );
+        assert_eq!(publish(server.addr, &["fan"], "tick", &i.to_string(), None).0, 200);
     }
     for ws in &mut clients {
         for i in 0..5 {
@@ -148,10 +130,7 @@ fn socket_id_exclusion() {
     let (mut b, _) = connect(server.addr);
     subscribe(&mut a, "ex");
     subscribe(&mut b, "ex");
-    assert_eq!(
-        publish(server.addr, &["ex"], "first", "1", Some(&a_id)).0,
-        200
-    );
+    assert_eq!(publish(server.addr, &["ex"], "first", "1", Some(&a_id)).0, 200);
     assert_eq!(publish(server.addr, &["ex"], "second", "2", None).0, 200);
     assert_eq!(recv_json(&mut b)["event"], "first");
     assert_eq!(recv_json(&mut b)["event"], "second");
@@ -165,10 +144,7 @@ fn unsubscribe_and_resubscribe() {
     let (mut ws, _) = connect(server.addr);
     subscribe(&mut ws, "u");
     subscribe(&mut ws, "u");
-    send_json(
-        &mut ws,
-        json!({"event": "pusher:unsubscribe", "data": {"channel": "u"}}),
-    );
+    send_json(&mut ws, json!({"event": "pusher:unsubscribe", "data": {"channel": "u"}}));
     subscribe(&mut ws, "other");
     publish(server.addr, &["u"], "gone", "1", None);
     publish(server.addr, &["other"], "here", "1", None);
@@ -188,21 +164,14 @@ fn private_channel_auth() {
     let error = recv_json(&mut ws);
     assert_eq!(error["event"], "pusher:error");
     assert_eq!(error["channel"], "private-x");
-    assert!(error["data"]["message"]
-        .as_str()
-        .unwrap()
-        .starts_with("Invalid signature"));
+    assert!(error["data"]["message"].as_str().unwrap().starts_with("Invalid signature"));
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
-    let signature =
-        hex::encode(ring::hmac::sign(&key, format!("{socket_id}:private-x").as_bytes()).as_ref());
+    let signature = hex::encode(ring::hmac::sign(&key, format!("{socket_id}:private-x").as_bytes()).as_ref());
     send_json(
         &mut ws,
         json!({"event": "pusher:subscribe", "data": {"channel": "private-x", "auth": format!("{KEY}:{signature}")}}),
     );
-    assert_eq!(
-        recv_json(&mut ws)["event"],
-        "pusher_internal:subscription_succeeded"
-    );
+    assert_eq!(recv_json(&mut ws)["event"], "pusher_internal:subscription_succeeded");
 }
 
 /// Client events on a private channel reach the other subscribers, not the sender; on a
@@ -213,33 +182,19 @@ fn client_events() {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
     let join = || {
         let (mut ws, socket_id) = connect(server.addr);
-        let signature = hex::encode(
-            ring::hmac::sign(&key, format!("{socket_id}:private-chat").as_bytes()).as_ref(),
-        );
+        let signature = hex::encode(ring::hmac::sign(&key, format!("{socket_id}:private-chat").as_bytes()).as_ref());
         send_json(
             &mut ws,
             json!({"event": "pusher:subscribe", "data": {"channel": "private-chat", "auth": format!("{KEY}:{signature}")}}),
         );
-        assert_eq!(
-            recv_json(&mut ws)["event"],
-            "pusher_internal:subscription_succeeded"
-        );
+        assert_eq!(recv_json(&mut ws)["event"], "pusher_internal:subscription_succeeded");
         ws
     };
     let (mut a, mut b) = (join(), join());
-    send_json(
-        &mut a,
-        json!({"event": "client-typing", "channel": "private-chat", "data": {"who": "a"}}),
-    );
-    assert_eq!(
-        recv_text(&mut b),
-        r#"{"event":"client-typing","channel":"private-chat","data":"{\"who\":\"a\"}"}"#
-    );
+    send_json(&mut a, json!({"event": "client-typing", "channel": "private-chat", "data": {"who": "a"}}));
+    assert_eq!(recv_text(&mut b), r#"{"event":"client-typing","channel":"private-chat","data":"{\"who\":\"a\"}"}"#);
     subscribe(&mut a, "public");
-    send_json(
-        &mut a,
-        json!({"event": "client-x", "channel": "public", "data": {}}),
-    );
+    send_json(&mut a, json!({"event": "client-x", "channel": "public", "data": {}}));
     let error = recv_json(&mut a);
     assert_eq!(error["event"], "pusher:error", "{error}");
 }
@@ -249,11 +204,7 @@ fn client_events() {
 fn close_handshake() {
     let server = TestServer::start(|_| {});
     let (mut ws, _) = connect(server.addr);
-    ws.close(Some(CloseFrame {
-        code: CloseCode::Normal,
-        reason: "bye".into(),
-    }))
-    .unwrap();
+    ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() })).unwrap();
     loop {
         match ws.read() {
             Ok(_) => continue,
@@ -273,17 +224,10 @@ fn liveness_4201() {
         c.websocket.pong_timeout_s = 1;
     });
     let (mut ws, _) = connect(server.addr);
-    ws.get_mut()
-        .set_read_timeout(Some(Duration::from_secs(6)))
-        .unwrap();
+    ws.get_mut().set_read_timeout(Some(Duration::from_secs(6))).unwrap();
     assert_eq!(recv_text(&mut ws), r#"{"event":"pusher:ping","data":"{}"}"#);
     assert_eq!(recv_close(&mut ws), 4201);
-    assert_eq!(
-        metric(server.addr, "liveness_closes_total")
-            .iter()
-            .sum::<u64>(),
-        1
-    );
+    assert_eq!(metric(server.addr, "liveness_closes_total").iter().sum::<u64>(), 1);
 }
 
 /// A client that never reads is closed with 4100 once its queue passes the limit, and the
@@ -305,15 +249,8 @@ fn slow_consumer_4100() {
         assert_eq!(publish(server.addr, &["flood"], "big", &data, None).0, 200);
         assert_eq!(recv_json(&mut fast)["event"], "big");
     }
-    assert!(
-        metric(server.addr, "slow_consumer_closes_total")
-            .iter()
-            .sum::<u64>()
-            >= 1
-    );
-    slow.get_mut()
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    assert!(metric(server.addr, "slow_consumer_closes_total").iter().sum::<u64>() >= 1);
+    slow.get_mut().set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_eq!(recv_close(&mut slow), 4100);
 }
 
@@ -322,9 +259,7 @@ fn slow_consumer_4100() {
 fn frames_pipelined_after_upgrade() {
     let server = TestServer::start(|_| {});
     let mut stream = TcpStream::connect(server.addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut request = format!("GET /app/{KEY}?protocol=7 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").into_bytes();
     request.extend(masked_text(br#"{"event":"pusher:ping","data":{}}"#));
     stream.write_all(&request).unwrap();
@@ -332,11 +267,7 @@ fn frames_pipelined_after_upgrade() {
     let mut chunk = [0u8; 4096];
     while !String::from_utf8_lossy(&received).contains("pusher:pong") {
         let n = stream.read(&mut chunk).unwrap();
-        assert!(
-            n > 0,
-            "closed early: {}",
-            String::from_utf8_lossy(&received)
-        );
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&received));
         received.extend_from_slice(&chunk[..n]);
     }
 }
