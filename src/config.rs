@@ -140,6 +140,9 @@ pub struct AppConfig {
     /// Bytes of one member's `user_info` JSON.
     #[serde(default = "default_presence_user_info_bytes_max")]
     pub presence_user_info_bytes_max: usize,
+    /// Seconds a cache channel keeps its last event.
+    #[serde(default = "default_cache_ttl_s")]
+    pub cache_ttl_s: u64,
     /// Client events one connection may send per second; 0 = unlimited.
     #[serde(default = "default_client_events_per_second_max")]
     pub client_events_per_second_max: u32,
@@ -160,6 +163,9 @@ fn default_event_channels_max() -> usize {
 }
 fn default_batch_events_max() -> usize {
     10
+}
+fn default_cache_ttl_s() -> u64 {
+    3600
 }
 fn default_client_events_per_second_max() -> u32 {
     10
@@ -245,6 +251,7 @@ impl AppConfig {
             batch_events_max: default_batch_events_max(),
             presence_members_max: default_presence_members_max(),
             presence_user_info_bytes_max: default_presence_user_info_bytes_max(),
+            cache_ttl_s: default_cache_ttl_s(),
             client_events_per_second_max: default_client_events_per_second_max(),
             authorized_connections_timeout_s: 0,
         }
@@ -358,6 +365,7 @@ impl Config {
                 ("batch_events_max", app.batch_events_max),
                 ("presence_members_max", app.presence_members_max),
                 ("presence_user_info_bytes_max", app.presence_user_info_bytes_max),
+                ("cache_ttl_s", app.cache_ttl_s as usize),
             ] {
                 if value == 0 {
                     return err(format!("apps[{i}].{field}"), "must be greater than 0".into());

@@ -176,6 +176,7 @@ struct Event<'a> {
 struct Info {
     subscription_count: bool,
     user_count: bool,
+    cache: bool,
 }
 
 fn parse_info(info: Option<&str>) -> Result<Info, Response> {
@@ -184,9 +185,7 @@ fn parse_info(info: Option<&str>) -> Result<Info, Response> {
         match attribute {
             "subscription_count" => parsed.subscription_count = true,
             "user_count" => parsed.user_count = true,
-            "cache" => {
-                return Err(bad_request("info=cache applies only to cache channels, which are not supported yet"))
-            }
+            "cache" => parsed.cache = true,
             other => return Err(bad_request(format!("unknown info attribute {other}"))),
         }
     }
@@ -229,6 +228,9 @@ fn validate_event<'a>(app: &App, request: &'a EventRequest<'a>, single_channel: 
     if info.user_count && channels.iter().any(|c| ChannelKind::of(c) != ChannelKind::Presence) {
         return Err(bad_request("info=user_count applies only to presence channels"));
     }
+    if info.cache {
+        return Err(bad_request("info=cache applies to channel queries, not to publishing"));
+    }
     Ok(Event { name, data, channels, exclude, info })
 }
 
@@ -239,6 +241,9 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
 async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Option<Value> {
     for channel in &event.channels {
         let frame = message::channel_event(event.name, channel, event.data);
+        if channel::is_cache(channel) {
+            shard.cache_store(app.index, channel, frame.clone(), event.data.get());
+        }
         shard.publish(app.index, channel, frame, event.exclude).await;
     }
     ShardMetrics::add(&shard.metrics().published_total, event.channels.len() as u64);
@@ -303,6 +308,9 @@ async fn channels(shard: &Shard, app: &App, params: &Params) -> ApiResult {
     if info.user_count && !prefix.starts_with("presence-") {
         return Err(bad_request("info=user_count requires filter_by_prefix=presence-"));
     }
+    if info.cache {
+        return Err(bad_request("info=cache applies to one channel: GET /apps/{id}/channels/{name}"));
+    }
     let user_counts: BTreeMap<Box<str>, u32> = if info.user_count {
         let query = Query::PresenceCounts { app: app.index, prefix: prefix.clone() };
         shard.query_all(query).await.ok_or_else(unavailable)?.into_iter().collect()
@@ -336,6 +344,9 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
     if info.user_count && ChannelKind::of(&name) != ChannelKind::Presence {
         return Err(bad_request("info=user_count applies only to presence channels"));
     }
+    if info.cache && !channel::is_cache(&name) {
+        return Err(bad_request("info=cache applies only to cache channels"));
+    }
     let count = subscription_count(shard, app, &name).await.ok_or_else(unavailable)?;
     let mut body = serde_json::Map::new();
     body.insert("occupied".into(), (count > 0).into());
@@ -345,6 +356,15 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
     if info.user_count {
         let count = user_ids(shard, app, &name).await.ok_or_else(unavailable)?.len();
         body.insert("user_count".into(), count.into());
+    }
+    if info.cache {
+        // Reference §1.7: "cache":{"data":"...","ttl":N}, from the channel's home shard.
+        let query = Query::Cache { app: app.index, name: name.to_string() };
+        let reply = shard.query_all(query).await.ok_or_else(unavailable)?;
+        if let Some((data, ttl)) = reply.into_iter().next() {
+            let data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
+            body.insert("cache".into(), json!({ "data": data, "ttl": ttl }));
+        }
     }
     Ok(Response::json(StatusCode::OK, &Value::Object(body)))
 }

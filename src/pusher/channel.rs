@@ -42,6 +42,12 @@ impl ChannelKind {
     }
 }
 
+/// Whether a channel is a cache channel: `cache-`, `private-cache-`,
+/// `private-encrypted-cache-` or `presence-cache-` (anchored, reference §1.7).
+pub fn is_cache(name: &str) -> bool {
+    ["cache-", "private-cache-", "private-encrypted-cache-", "presence-cache-"].iter().any(|p| name.starts_with(p))
+}
+
 /// Why a channel name is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelNameError {
@@ -98,6 +104,10 @@ mod tests {
         assert_eq!(ChannelKind::of("my-private-a"), ChannelKind::Public);
         assert_eq!(ChannelKind::of("privatea"), ChannelKind::Public);
         assert_eq!(ChannelKind::of("cache-a"), ChannelKind::Public);
+        assert_eq!(ChannelKind::of("presence-cache-a"), ChannelKind::Presence);
+        assert!(is_cache("cache-a") && is_cache("private-cache-a") && is_cache("presence-cache-a"));
+        assert!(is_cache("private-encrypted-cache-a"));
+        assert!(!is_cache("my-cache-a") && !is_cache("private-a") && !is_cache("cachea"));
     }
 
     /// The allowed alphabet and length.

@@ -258,6 +258,15 @@ pub fn signin_success(user_data: &str) -> Bytes {
     frame::encode_text(&out)
 }
 
+/// `pusher:cache_miss` on a cache channel with nothing cached (no data, as Pusher sends it).
+pub fn cache_miss(channel: &str) -> Bytes {
+    let mut out = Vec::with_capacity(48 + channel.len());
+    out.extend_from_slice(b"{\"event\":\"pusher:cache_miss\",\"channel\":");
+    push_json_string(&mut out, channel);
+    out.push(b'}');
+    frame::encode_text(&out)
+}
+
 /// `pusher:pong`
 pub fn pong() -> Bytes {
     frame::encode_text(br#"{"event":"pusher:pong","data":"{}"}"#)

@@ -63,6 +63,13 @@ pub enum Query {
         /// Name prefix.
         prefix: String,
     },
+    /// The cached event of a cache channel: (data, seconds left), from its home shard.
+    Cache {
+        /// The app.
+        app: AppIndex,
+        /// The channel.
+        name: String,
+    },
     /// Subscriber count of one channel.
     Channel {
         /// The app.
@@ -75,9 +82,10 @@ pub enum Query {
 /// One shard's answer: (channel, local subscription count) pairs.
 pub type QueryReply = Vec<(Box<str>, u32)>;
 
-/// A presence subscription, sent to the channel's home shard to be counted.
+/// A subscription that needs the channel's home shard: a presence join (to be counted) or a
+/// cache channel (whose last event the home shard keeps), or both.
 #[derive(Debug)]
-pub struct PresenceJoin {
+pub struct HomeJoin {
     /// The shard of the connection.
     pub from: usize,
     /// The connection's slab key on `from`.
@@ -86,32 +94,44 @@ pub struct PresenceJoin {
     pub socket_id: SocketId,
     /// The app.
     pub app: AppIndex,
-    /// The presence channel.
+    /// The channel.
     pub channel: Box<str>,
-    /// The member's user id (as a string).
-    pub user_id: Box<str>,
-    /// Raw JSON `user_info` (`null` when absent).
-    pub user_info: Box<str>,
+    /// For presence: the user id (as a string) and raw `user_info` JSON (`null` if absent).
+    pub member: Option<(Box<str>, Box<str>)>,
+    /// Whether it is a cache channel.
+    pub cache: bool,
 }
 
 /// What travels between shards.
 #[derive(Debug)]
 pub enum MeshMessage {
-    /// Count a presence subscription (to the home shard).
-    PresenceJoin(Box<PresenceJoin>),
-    /// The home shard's answer to a join: the frame for the connection, and whether it is now
-    /// subscribed (`subscription_succeeded`) or refused (`pusher:error`).
-    PresenceJoined {
+    /// A subscription for the home shard to count and answer.
+    HomeJoin(Box<HomeJoin>),
+    /// The home shard's answer to a join: the frames for the connection (subscription_succeeded
+    /// and, for a cache channel, the cached event or cache_miss; or a pusher:error), and
+    /// whether it is now subscribed.
+    Joined {
         /// Slab key on the receiving shard.
         conn: usize,
         /// Guards against a reused slab key.
         socket_id: SocketId,
         /// The channel.
         channel: Box<str>,
-        /// The frame to send.
-        frame: Bytes,
+        /// The frames to send, in order.
+        frames: Vec<Bytes>,
         /// Whether the join was accepted.
         accepted: bool,
+    },
+    /// Keep this event as a cache channel's last (to the home shard).
+    CacheStore {
+        /// The app.
+        app: AppIndex,
+        /// The cache channel.
+        channel: Box<str>,
+        /// The event's frame, replayed to new subscribers.
+        frame: Bytes,
+        /// The event's `data` string, for `info=cache`.
+        data: Box<str>,
     },
     /// Close every connection of a signed-in user with 4009 (from the HTTP API).
     TerminateUser {

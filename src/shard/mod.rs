@@ -31,7 +31,7 @@ use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::pusher::message::{self, SocketId};
 use crate::ws::frame;
-use mesh::{Mesh, MeshMessage, PresenceJoin, Publication, Query, QueryReply};
+use mesh::{HomeJoin, Mesh, MeshMessage, Publication, Query, QueryReply};
 use presence::{Joined, PresenceTable};
 use router::{ConnKey, Router};
 
@@ -103,6 +103,16 @@ pub struct Connection {
     pub rate_count: u32,
 }
 
+/// A cache channel's last event.
+struct CachedEvent {
+    /// Its frame, replayed as is.
+    frame: Bytes,
+    /// Its data string, for `info=cache`.
+    data: Box<str>,
+    /// When it stops being replayed.
+    expires: Instant,
+}
+
 /// A cross-shard query waiting for replies.
 struct PendingQuery {
     remaining: usize,
@@ -118,6 +128,8 @@ pub struct ShardState {
     pub router: Router,
     /// Members of the presence channels this shard is home for.
     pub presence: PresenceTable,
+    /// Last events of the cache channels this shard is home for.
+    cache: HashMap<(AppIndex, Box<str>), CachedEvent>,
     /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
     pub open_sockets: usize,
     next_sequence: u64,
@@ -166,6 +178,7 @@ impl Shard {
             connections: Slab::new(),
             router: Router::new(apps.list.len()),
             presence: PresenceTable::default(),
+            cache: HashMap::new(),
             open_sockets: 0,
             next_sequence: 0,
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
@@ -430,51 +443,59 @@ impl Shard {
 
     // ---- presence ----------------------------------------------------------------------
 
-    /// Sends a presence join to the channel's home shard (or handles it here).
-    pub fn presence_join(&self, join: PresenceJoin) {
+    /// Sends a join to the channel's home shard (or handles it here).
+    pub fn home_join(&self, join: HomeJoin) {
         let home = presence::home(join.app, &join.channel, self.mesh.shards());
         if home == self.index {
-            self.presence_join_at_home(join);
+            self.home_join_at_home(join);
         } else {
-            self.mesh_send(home, MeshMessage::PresenceJoin(Box::new(join)));
+            self.mesh_send(home, MeshMessage::HomeJoin(Box::new(join)));
         }
     }
 
-    /// Home shard: counts the join, announces a new member, answers the joining shard.
-    fn presence_join_at_home(&self, join: PresenceJoin) {
+    /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
+    /// and answers the joining shard with the frames for the connection.
+    fn home_join_at_home(&self, join: HomeJoin) {
         let app = self.apps.get(join.app);
-        let (joined, snapshot) = {
-            let mut state = self.state.borrow_mut();
-            let joined = state.presence.join(
-                join.app,
-                &join.channel,
-                &join.user_id,
-                &join.user_info,
-                app.config.presence_members_max,
-            );
-            (joined, state.presence.snapshot(join.app, &join.channel))
-        };
-        let (frame, accepted) = match joined {
-            Joined::Full => {
-                let reason = format!("presence channel is full: at most {} members", app.config.presence_members_max);
-                (message::error(None, &reason, Some(&join.channel)), false)
-            }
-            Joined::NewMember | Joined::ExistingMember => {
-                if joined == Joined::NewMember {
-                    let added = message::member_added(&join.channel, &join.user_id, &join.user_info);
-                    self.broadcast(join.app, &join.channel, added, Some(join.socket_id));
+        let mut frames = Vec::with_capacity(2);
+        let mut accepted = true;
+        match &join.member {
+            Some((user_id, user_info)) => {
+                let members_max = app.config.presence_members_max;
+                let (joined, snapshot) = {
+                    let mut state = self.state.borrow_mut();
+                    let joined = state.presence.join(join.app, &join.channel, user_id, user_info, members_max);
+                    (joined, state.presence.snapshot(join.app, &join.channel))
+                };
+                if joined == Joined::Full {
+                    let reason = format!("presence channel is full: at most {members_max} members");
+                    frames.push(message::error(None, &reason, Some(&join.channel)));
+                    accepted = false;
+                } else {
+                    if joined == Joined::NewMember {
+                        let added = message::member_added(&join.channel, user_id, user_info);
+                        self.broadcast(join.app, &join.channel, added, Some(join.socket_id));
+                    }
+                    frames.push(message::presence_subscription_succeeded(&join.channel, &snapshot));
                 }
-                (message::presence_subscription_succeeded(&join.channel, &snapshot), true)
             }
-        };
+            None => frames.push(message::subscription_succeeded(&join.channel)),
+        }
+        if accepted && join.cache {
+            // Reference §1.7: the last event comes first after subscription_succeeded.
+            match self.cached(join.app, &join.channel) {
+                Some((frame, _, _)) => frames.push(frame),
+                None => frames.push(message::cache_miss(&join.channel)),
+            }
+        }
         if join.from == self.index {
-            self.presence_joined(join.conn, join.socket_id, &join.channel, frame, accepted);
+            self.joined(join.conn, join.socket_id, &join.channel, frames, accepted);
         } else {
-            let answer = MeshMessage::PresenceJoined {
+            let answer = MeshMessage::Joined {
                 conn: join.conn,
                 socket_id: join.socket_id,
                 channel: join.channel,
-                frame,
+                frames,
                 accepted,
             };
             self.mesh_send(join.from, answer);
@@ -482,13 +503,11 @@ impl Shard {
     }
 
     /// Joining shard: the home shard's answer arrived. The connection is subscribed only now,
-    /// so it receives exactly the member events that follow its member list.
-    fn presence_joined(&self, key: ConnKey, socket_id: SocketId, channel: &str, frame: Bytes, accepted: bool) {
+    /// so it receives exactly the events that follow its member list and cached event.
+    fn joined(&self, key: ConnKey, socket_id: SocketId, channel: &str, frames: Vec<Bytes>, accepted: bool) {
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
-        let Some(conn) = state.connections.get_mut(key) else {
-            return;
-        };
+        let Some(conn) = state.connections.get_mut(key) else { return };
         // Gone, replaced, or unsubscribed meanwhile: its leave (if any) is already on its way.
         if conn.socket_id != socket_id || !conn.channels.iter().any(|c| c.as_ref() == channel) {
             return;
@@ -502,7 +521,36 @@ impl Shard {
         }
         let now_s = state.now_s;
         let conn = &mut state.connections[key];
-        self.enqueue(conn, &frame, now_s);
+        for frame in &frames {
+            self.enqueue(conn, frame, now_s);
+        }
+    }
+
+    // ---- cache channels ----------------------------------------------------------------
+
+    /// Keeps `frame` as the last event of a cache channel, on its home shard.
+    pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
+        let home = presence::home(app, channel, self.mesh.shards());
+        if home == self.index {
+            let expires = Instant::now() + Duration::from_secs(self.apps.get(app).config.cache_ttl_s);
+            let entry = CachedEvent { frame, data: data.into(), expires };
+            self.state.borrow_mut().cache.insert((app, channel.into()), entry);
+        } else {
+            self.mesh_send(home, MeshMessage::CacheStore { app, channel: channel.into(), frame, data: data.into() });
+        }
+    }
+
+    /// The live cached event of a channel this shard is home for: (frame, data, seconds left).
+    fn cached(&self, app: AppIndex, channel: &str) -> Option<(Bytes, Box<str>, u64)> {
+        let mut state = self.state.borrow_mut();
+        let key = (app, Box::<str>::from(channel));
+        let entry = state.cache.get(&key)?;
+        let now = Instant::now();
+        if entry.expires <= now {
+            state.cache.remove(&key);
+            return None;
+        }
+        Some((entry.frame.clone(), entry.data.clone(), (entry.expires - now).as_secs()))
     }
 
     /// Sends a presence leave to the channel's home shard (or handles it here).
@@ -629,10 +677,11 @@ impl Shard {
     fn handle_mesh(&self, message: MeshMessage) {
         match message {
             MeshMessage::Publish(p) => self.deliver_local(p.app, &p.channel, &p.frame, p.exclude),
-            MeshMessage::PresenceJoin(join) => self.presence_join_at_home(*join),
-            MeshMessage::PresenceJoined { conn, socket_id, channel, frame, accepted } => {
-                self.presence_joined(conn, socket_id, &channel, frame, accepted)
+            MeshMessage::HomeJoin(join) => self.home_join_at_home(*join),
+            MeshMessage::Joined { conn, socket_id, channel, frames, accepted } => {
+                self.joined(conn, socket_id, &channel, frames, accepted)
             }
+            MeshMessage::CacheStore { app, channel, frame, data } => self.cache_store(app, &channel, frame, &data),
             MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::Query { from, id, query } => {
@@ -656,8 +705,12 @@ impl Shard {
 
     /// This shard's part of a query.
     fn answer_locally(&self, query: &Query) -> QueryReply {
+        if let Query::Cache { app, name } = query {
+            return self.cached(*app, name).map(|(_, data, ttl)| vec![(data, ttl as u32)]).unwrap_or_default();
+        }
         let state = self.state.borrow();
         match query {
+            Query::Cache { .. } => unreachable!("answered above"),
             Query::Channels { app, prefix } => state
                 .router
                 .occupied(*app)

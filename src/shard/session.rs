@@ -5,7 +5,7 @@ use ring::hmac;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::mesh::PresenceJoin;
+use super::mesh::HomeJoin;
 
 use super::router::ConnKey;
 use super::{ConnState, Shard};
@@ -110,25 +110,21 @@ impl Shard {
             ChannelKind::of(name),
             ChannelKind::Private | ChannelKind::PrivateEncrypted | ChannelKind::Presence
         );
-        let Some((user_id, user_info)) = member else {
+        let cache = channel::is_cache(name);
+        if member.is_none() && !cache {
             state.router.subscribe(app_index, name, key);
             drop(state);
             return self.send(key, message::subscription_succeeded(name));
-        };
-        // Presence: counted first on the channel's home shard, which answers with the member
-        // list; the connection joins the router when that answer arrives.
-        state.connections[key].presence.push((name.into(), user_id.clone()));
+        }
+        // Presence and cache channels go to the channel's home shard first, which answers with
+        // the member list and the cached event; the connection joins the router then.
+        if let Some((user_id, _)) = &member {
+            state.connections[key].presence.push((name.into(), user_id.clone()));
+        }
         drop(state);
-        let join = PresenceJoin {
-            from: self.index,
-            conn: key,
-            socket_id,
-            app: app_index,
-            channel: name.into(),
-            user_id,
-            user_info,
-        };
-        self.presence_join(join);
+        let join =
+            HomeJoin { from: self.index, conn: key, socket_id, app: app_index, channel: name.into(), member, cache };
+        self.home_join(join);
     }
 
     fn unsubscribe(&self, key: ConnKey, name: &str) {

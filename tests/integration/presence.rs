@@ -276,3 +276,43 @@ fn client_event_rate_limit() {
     }
     assert!((3..=6).contains(&relayed) && relayed + limited == 10, "relayed {relayed}, limited {limited}");
 }
+
+/// Cache channels: cache_miss when empty; the last published event is replayed first to a
+/// new subscriber (exact bytes); info=cache reports it; it expires after cache_ttl_s.
+#[test]
+fn cache_channels() {
+    let server = TestServer::start(|c| c.apps[0].cache_ttl_s = 2);
+    let (mut first, _) = connect(server.addr);
+    subscribe(&mut first, "cache-prices");
+    assert_eq!(recv_text(&mut first), r#"{"event":"pusher:cache_miss","channel":"cache-prices"}"#);
+    assert_eq!(publish(server.addr, &["cache-prices"], "price", "1", None).0, 200);
+    assert_eq!(publish(server.addr, &["cache-prices"], "price", "2", None).0, 200);
+    assert_eq!(recv_json(&mut first)["data"], "1");
+    assert_eq!(recv_json(&mut first)["data"], "2");
+    for _ in 0..6 {
+        let (mut late, _) = connect(server.addr);
+        subscribe(&mut late, "cache-prices");
+        assert_eq!(recv_text(&mut late), r#"{"event":"price","channel":"cache-prices","data":"2"}"#);
+    }
+    let path = format!("/apps/{APP_ID}/channels/cache-prices");
+    let (status, body) = http(server.addr, "GET", &signed_path("GET", &path, b"", &[("info", "cache")]), b"");
+    assert_eq!(status, 200);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["cache"]["data"], "2", "{body}");
+    assert!(body["cache"]["ttl"].as_u64().unwrap() <= 2);
+    std::thread::sleep(Duration::from_millis(2100));
+    let (mut expired, _) = connect(server.addr);
+    subscribe(&mut expired, "cache-prices");
+    assert_eq!(recv_json(&mut expired)["event"], "pusher:cache_miss");
+}
+
+/// presence-cache channels give the member list, then the cached event.
+#[test]
+fn presence_cache_channel() {
+    let server = TestServer::start(|_| {});
+    assert_eq!(publish(server.addr, &["presence-cache-room"], "state", "s1", None).0, 200);
+    let (mut ws, id) = connect(server.addr);
+    let data = join(&mut ws, &id, "presence-cache-room", "9");
+    assert_eq!(data["presence"]["count"], 1);
+    assert_eq!(recv_json(&mut ws)["data"], "s1");
+}
