@@ -140,6 +140,9 @@ pub struct AppConfig {
     /// Bytes of one member's `user_info` JSON.
     #[serde(default = "default_presence_user_info_bytes_max")]
     pub presence_user_info_bytes_max: usize,
+    /// Send `pusher_internal:subscription_count` to subscribers of non-presence channels.
+    #[serde(default)]
+    pub subscription_count_enabled: bool,
     /// Seconds a cache channel keeps its last event.
     #[serde(default = "default_cache_ttl_s")]
     pub cache_ttl_s: u64,
@@ -251,6 +254,7 @@ impl AppConfig {
             batch_events_max: default_batch_events_max(),
             presence_members_max: default_presence_members_max(),
             presence_user_info_bytes_max: default_presence_user_info_bytes_max(),
+            subscription_count_enabled: false,
             cache_ttl_s: default_cache_ttl_s(),
             client_events_per_second_max: default_client_events_per_second_max(),
             authorized_connections_timeout_s: 0,

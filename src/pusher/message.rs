@@ -232,6 +232,11 @@ pub fn member_removed(channel: &str, user_id: &str) -> Bytes {
     internal_event("pusher_internal:member_removed", channel, &data)
 }
 
+/// `pusher_internal:subscription_count` with `{"subscription_count":N}` double-encoded.
+pub fn subscription_count(channel: &str, count: u64) -> Bytes {
+    internal_event("pusher_internal:subscription_count", channel, &format!("{{\"subscription_count\":{count}}}"))
+}
+
 fn internal_event(event: &str, channel: &str, data: &str) -> Bytes {
     let mut out = Vec::with_capacity(64 + channel.len() + data.len() * 2);
     out.extend_from_slice(b"{\"event\":");

@@ -122,6 +122,15 @@ pub enum MeshMessage {
         /// Whether the join was accepted.
         accepted: bool,
     },
+    /// A channel's subscriber count changed on the sending shard (to the home shard).
+    SubscriptionDelta {
+        /// The app.
+        app: AppIndex,
+        /// The channel.
+        channel: Box<str>,
+        /// +1 or -1.
+        delta: i32,
+    },
     /// Keep this event as a cache channel's last (to the home shard).
     CacheStore {
         /// The app.

@@ -29,6 +29,7 @@ use slab::Slab;
 use crate::apps::{AppIndex, Apps};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
+use crate::pusher::channel::ChannelKind;
 use crate::pusher::message::{self, SocketId};
 use crate::ws::frame;
 use mesh::{HomeJoin, Mesh, MeshMessage, Publication, Query, QueryReply};
@@ -130,6 +131,10 @@ pub struct ShardState {
     pub presence: PresenceTable,
     /// Last events of the cache channels this shard is home for.
     cache: HashMap<(AppIndex, Box<str>), CachedEvent>,
+    /// Subscriber counts of the channels this shard is home for (apps with
+    /// `subscription_count_enabled` only), and those changed since the last announcement.
+    subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
+    subscription_counts_changed: Vec<(AppIndex, Box<str>)>,
     /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
     pub open_sockets: usize,
     next_sequence: u64,
@@ -179,6 +184,8 @@ impl Shard {
             router: Router::new(apps.list.len()),
             presence: PresenceTable::default(),
             cache: HashMap::new(),
+            subscription_counts: HashMap::new(),
+            subscription_counts_changed: Vec::new(),
             open_sockets: 0,
             next_sequence: 0,
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
@@ -352,10 +359,12 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         let conn = state.connections.remove(key);
         let subscriptions = conn.channels.len() as u64;
-        for channel in &conn.channels {
-            state.router.unsubscribe(conn.app, channel, key);
-        }
+        let left: Vec<&str> =
+            conn.channels.iter().filter(|c| state.router.unsubscribe(conn.app, c, key)).map(|c| c.as_ref()).collect();
         drop(state);
+        for channel in left {
+            self.subscription_changed(conn.app, channel, -1);
+        }
         for (channel, user_id) in conn.presence {
             self.presence_leave(conn.app, channel, user_id);
         }
@@ -513,7 +522,9 @@ impl Shard {
             return;
         }
         if accepted {
-            state.router.subscribe(conn.app, channel, key);
+            let app = conn.app;
+            state.router.subscribe(app, channel, key);
+            self.subscription_changed(app, channel, 1);
         } else {
             conn.channels.retain(|c| c.as_ref() != channel);
             conn.presence.retain(|(c, _)| c.as_ref() != channel);
@@ -523,6 +534,48 @@ impl Shard {
         let conn = &mut state.connections[key];
         for frame in &frames {
             self.enqueue(conn, frame, now_s);
+        }
+    }
+
+    // ---- subscription_count ------------------------------------------------------------
+
+    /// Tells the channel's home shard that its subscriber count changed here, for apps that
+    /// send `subscription_count` (never for presence channels, reference §1.3).
+    pub fn subscription_changed(&self, app: AppIndex, channel: &str, delta: i32) {
+        if !self.apps.get(app).config.subscription_count_enabled || ChannelKind::of(channel) == ChannelKind::Presence {
+            return;
+        }
+        let home = presence::home(app, channel, self.mesh.shards());
+        if home != self.index {
+            return self.mesh_send(home, MeshMessage::SubscriptionDelta { app, channel: channel.into(), delta });
+        }
+        let mut state = self.state.borrow_mut();
+        let key = (app, Box::<str>::from(channel));
+        *state.subscription_counts.entry(key.clone()).or_default() += i64::from(delta);
+        if !state.subscription_counts_changed.contains(&key) {
+            state.subscription_counts_changed.push(key);
+        }
+    }
+
+    /// Announces the counts that changed since the last tick (the throttle: once a second).
+    fn announce_subscription_counts(&self) {
+        let changed: Vec<(AppIndex, Box<str>, i64)> = {
+            let mut state = self.state.borrow_mut();
+            let state = &mut *state;
+            let mut changed = Vec::new();
+            for key in state.subscription_counts_changed.drain(..) {
+                let count = state.subscription_counts.get(&key).copied().unwrap_or(0);
+                if count <= 0 {
+                    state.subscription_counts.remove(&key);
+                }
+                changed.push((key.0, key.1, count.max(0)));
+            }
+            changed
+        };
+        for (app, channel, count) in changed {
+            if count > 0 {
+                self.broadcast(app, &channel, message::subscription_count(&channel, count as u64), None);
+            }
         }
     }
 
@@ -682,6 +735,7 @@ impl Shard {
                 self.joined(conn, socket_id, &channel, frames, accepted)
             }
             MeshMessage::CacheStore { app, channel, frame, data } => self.cache_store(app, &channel, frame, &data),
+            MeshMessage::SubscriptionDelta { app, channel, delta } => self.subscription_changed(app, &channel, delta),
             MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::Query { from, id, query } => {
@@ -811,6 +865,7 @@ impl Shard {
                 self.send_locked(&mut state, key, ping.clone());
             }
             drop(state);
+            self.announce_subscription_counts();
             for key in unauthorized {
                 self.refuse(key, 4009, "Unauthorized connection: sign in or join a private channel in time");
             }

@@ -114,7 +114,8 @@ impl Shard {
         if member.is_none() && !cache {
             state.router.subscribe(app_index, name, key);
             drop(state);
-            return self.send(key, message::subscription_succeeded(name));
+            self.send(key, message::subscription_succeeded(name));
+            return self.subscription_changed(app_index, name, 1);
         }
         // Presence and cache channels go to the channel's home shard first, which answers with
         // the member list and the cached event; the connection joins the router then.
@@ -137,9 +138,12 @@ impl Shard {
         let app = conn.app;
         let presence = conn.presence.iter().position(|(c, _)| c.as_ref() == name);
         let left = presence.map(|i| conn.presence.swap_remove(i));
-        state.router.unsubscribe(app, name, key);
+        let was_routed = state.router.unsubscribe(app, name, key);
         drop(state);
         ShardMetrics::sub(&self.metrics().subscriptions, 1);
+        if was_routed {
+            self.subscription_changed(app, name, -1);
+        }
         if let Some((channel, user_id)) = left {
             self.presence_leave(app, channel, user_id);
         }

@@ -316,3 +316,29 @@ fn presence_cache_channel() {
     assert_eq!(data["presence"]["count"], 1);
     assert_eq!(recv_json(&mut ws)["data"], "s1");
 }
+
+/// subscription_count (opt-in): subscribers across shards hear the channel's total, throttled
+/// to once a second; presence channels never get it.
+#[test]
+fn subscription_count_events() {
+    let server = TestServer::start(|c| c.apps[0].subscription_count_enabled = true);
+    let (mut a, _) = connect_on(&server, 0);
+    let (mut b, _) = connect_on(&server, 1);
+    subscribe(&mut a, "counted");
+    subscribe(&mut b, "counted");
+    let wait_for = |ws: &mut Ws, count: u64| loop {
+        let message = try_recv(ws, 3000).expect("a subscription_count event");
+        assert_eq!(message["event"], "pusher_internal:subscription_count", "{message}");
+        let data: Value = serde_json::from_str(message["data"].as_str().unwrap()).unwrap();
+        if data["subscription_count"] == count {
+            break;
+        }
+    };
+    wait_for(&mut a, 2);
+    wait_for(&mut b, 2);
+    send_json(&mut b, json!({"event": "pusher:unsubscribe", "data": {"channel": "counted"}}));
+    wait_for(&mut a, 1);
+    let (mut p, p_id) = connect(server.addr);
+    join(&mut p, &p_id, "presence-uncounted", "1");
+    assert!(try_recv(&mut p, 1500).is_none(), "no subscription_count on presence channels");
+}
