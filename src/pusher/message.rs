@@ -232,6 +232,18 @@ pub fn member_removed(channel: &str, user_id: &str) -> Bytes {
     internal_event("pusher_internal:member_removed", channel, &data)
 }
 
+/// `pusher_internal:watchlist_events` with one event (`online` or `offline`), as pusher-js
+/// expects: `{"events":[{"name":"online","user_ids":[...]}]}` double-encoded.
+pub fn watchlist_event(name: &str, user_ids: &[&str]) -> Bytes {
+    let ids: Vec<String> = user_ids.iter().map(|id| json_string(id)).collect();
+    let data = format!("{{\"events\":[{{\"name\":{},\"user_ids\":[{}]}}]}}", json_string(name), ids.join(","));
+    let mut out = Vec::with_capacity(64 + data.len() * 2);
+    out.extend_from_slice(b"{\"event\":\"pusher_internal:watchlist_events\",\"data\":");
+    push_json_string(&mut out, &data);
+    out.push(b'}');
+    frame::encode_text(&out)
+}
+
 /// `pusher_internal:subscription_count` with `{"subscription_count":N}` double-encoded.
 pub fn subscription_count(channel: &str, count: u64) -> Bytes {
     internal_event("pusher_internal:subscription_count", channel, &format!("{{\"subscription_count\":{count}}}"))
@@ -354,6 +366,10 @@ mod tests {
             r#"{"event":"pusher_internal:subscription_succeeded","channel":"my-channel","data":"{}"}"#
         );
         assert_eq!(payload(&pong()), r#"{"event":"pusher:pong","data":"{}"}"#);
+        assert_eq!(
+            payload(&watchlist_event("online", &["1", "2"])),
+            r#"{"event":"pusher_internal:watchlist_events","data":"{\"events\":[{\"name\":\"online\",\"user_ids\":[\"1\",\"2\"]}]}"}"#
+        );
         assert_eq!(
             payload(&signin_success(r#"{"id":"1"}"#)),
             r#"{"event":"pusher:signin_success","data":"{\"user_data\":\"{\\\"id\\\":\\\"1\\\"}\"}"}"#

@@ -102,6 +102,17 @@ pub struct HomeJoin {
     pub cache: bool,
 }
 
+/// A connection on some shard that watches a user's online state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watcher {
+    /// Its shard.
+    pub shard: usize,
+    /// Its slab key there.
+    pub conn: usize,
+    /// Its socket_id (guards against a reused slab key).
+    pub socket_id: SocketId,
+}
+
 /// What travels between shards.
 #[derive(Debug)]
 pub enum MeshMessage {
@@ -121,6 +132,39 @@ pub enum MeshMessage {
         frames: Vec<Bytes>,
         /// Whether the join was accepted.
         accepted: bool,
+    },
+    /// A connection signed in as `user_id` (to the user's home shard).
+    UserOnline {
+        /// The app.
+        app: AppIndex,
+        /// The user.
+        user_id: Box<str>,
+    },
+    /// A signed-in connection of `user_id` ended (to the user's home shard).
+    UserOffline {
+        /// The app.
+        app: AppIndex,
+        /// The user.
+        user_id: Box<str>,
+    },
+    /// Start (`watch`) or stop telling `watcher` when `user_id` comes online or goes offline
+    /// (to the watched user's home shard).
+    Watch {
+        /// The app.
+        app: AppIndex,
+        /// The watched user.
+        user_id: Box<str>,
+        /// Who watches.
+        watcher: Watcher,
+        /// Start (true) or stop (false).
+        watch: bool,
+    },
+    /// A frame for one connection.
+    SendTo {
+        /// The connection.
+        watcher: Watcher,
+        /// The frame.
+        frame: Bytes,
     },
     /// A channel's subscriber count changed on the sending shard (to the home shard).
     SubscriptionDelta {

@@ -32,7 +32,7 @@ use crate::metrics::ShardMetrics;
 use crate::pusher::channel::ChannelKind;
 use crate::pusher::message::{self, SocketId};
 use crate::ws::frame;
-use mesh::{HomeJoin, Mesh, MeshMessage, Publication, Query, QueryReply};
+use mesh::{HomeJoin, Mesh, MeshMessage, Publication, Query, QueryReply, Watcher};
 use presence::{Joined, PresenceTable};
 use router::{ConnKey, Router};
 
@@ -90,6 +90,8 @@ pub struct Connection {
     pub pinged: bool,
     /// The user it signed in as (`pusher:signin`).
     pub user_id: Option<Box<str>>,
+    /// User ids whose online state it watches (from its signed `user_data`).
+    pub watchlist: Vec<Box<str>>,
     /// Signed in, or joined a private or presence channel ("authorized connections").
     pub authorized: bool,
     /// Shard clock second it connected at.
@@ -135,6 +137,10 @@ pub struct ShardState {
     /// `subscription_count_enabled` only), and those changed since the last announcement.
     subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
     subscription_counts_changed: Vec<(AppIndex, Box<str>)>,
+    /// Signed-in connections per user, for the users this shard is home for.
+    users_online: HashMap<(AppIndex, Box<str>), u32>,
+    /// Watchers of the users this shard is home for.
+    watchers: HashMap<(AppIndex, Box<str>), Vec<Watcher>>,
     /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
     pub open_sockets: usize,
     next_sequence: u64,
@@ -186,6 +192,8 @@ impl Shard {
             cache: HashMap::new(),
             subscription_counts: HashMap::new(),
             subscription_counts_changed: Vec::new(),
+            users_online: HashMap::new(),
+            watchers: HashMap::new(),
             open_sockets: 0,
             next_sequence: 0,
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
@@ -235,6 +243,7 @@ impl Shard {
             channels: Vec::new(),
             presence: Vec::new(),
             user_id: None,
+            watchlist: Vec::new(),
             authorized: false,
             opened_s: now_s,
             client_event_window_s: now_s,
@@ -368,6 +377,13 @@ impl Shard {
         for (channel, user_id) in conn.presence {
             self.presence_leave(conn.app, channel, user_id);
         }
+        if let Some(user_id) = conn.user_id {
+            let watcher = Watcher { shard: self.index, conn: key, socket_id: conn.socket_id };
+            for watched in conn.watchlist {
+                self.watch(conn.app, watched, watcher, false);
+            }
+            self.user_presence(conn.app, user_id, false);
+        }
         ShardMetrics::sub(&self.metrics().subscriptions, subscriptions);
         ShardMetrics::sub(&self.metrics().connections, 1);
         if !conn.echo {
@@ -441,6 +457,81 @@ impl Shard {
         };
         for key in keys {
             self.refuse(key, 4009, "Connection terminated by the server");
+        }
+    }
+
+    /// A connection signed in (`online`) or a signed-in one ended: counted on the user's home
+    /// shard, which tells the user's watchers when the first connection arrives or the last
+    /// one leaves.
+    pub fn user_presence(&self, app: AppIndex, user_id: Box<str>, online: bool) {
+        let home = presence::home(app, &user_home_key(&user_id), self.mesh.shards());
+        if home != self.index {
+            let message = if online {
+                MeshMessage::UserOnline { app, user_id }
+            } else {
+                MeshMessage::UserOffline { app, user_id }
+            };
+            return self.mesh_send(home, message);
+        }
+        let changed = {
+            let mut state = self.state.borrow_mut();
+            let key = (app, user_id.clone());
+            let count = state.users_online.entry(key.clone()).or_default();
+            if online {
+                *count += 1;
+                *count == 1
+            } else {
+                *count = count.saturating_sub(1);
+                let gone = *count == 0;
+                if gone {
+                    state.users_online.remove(&key);
+                }
+                gone
+            }
+        };
+        if changed {
+            let watchers = self.state.borrow().watchers.get(&(app, user_id.clone())).cloned().unwrap_or_default();
+            let frame = message::watchlist_event(if online { "online" } else { "offline" }, &[&user_id]);
+            for watcher in watchers {
+                self.send_to(watcher, frame.clone());
+            }
+        }
+    }
+
+    /// Starts or stops watching a user, on the user's home shard; a new watcher of a user who
+    /// is online is told so at once.
+    pub fn watch(&self, app: AppIndex, user_id: Box<str>, watcher: Watcher, watch: bool) {
+        let home = presence::home(app, &user_home_key(&user_id), self.mesh.shards());
+        if home != self.index {
+            return self.mesh_send(home, MeshMessage::Watch { app, user_id, watcher, watch });
+        }
+        let online = {
+            let mut state = self.state.borrow_mut();
+            let key = (app, user_id.clone());
+            if watch {
+                state.watchers.entry(key.clone()).or_default().push(watcher);
+            } else if let Some(list) = state.watchers.get_mut(&key) {
+                list.retain(|w| *w != watcher);
+                if list.is_empty() {
+                    state.watchers.remove(&key);
+                }
+            }
+            state.users_online.contains_key(&key)
+        };
+        if watch && online {
+            self.send_to(watcher, message::watchlist_event("online", &[&user_id]));
+        }
+    }
+
+    /// Sends a frame to one connection on any shard.
+    fn send_to(&self, watcher: Watcher, frame: Bytes) {
+        if watcher.shard != self.index {
+            return self.mesh_send(watcher.shard, MeshMessage::SendTo { watcher, frame });
+        }
+        let matches =
+            self.state.borrow().connections.get(watcher.conn).is_some_and(|c| c.socket_id == watcher.socket_id);
+        if matches {
+            self.send(watcher.conn, frame);
         }
     }
 
@@ -736,6 +827,10 @@ impl Shard {
             }
             MeshMessage::CacheStore { app, channel, frame, data } => self.cache_store(app, &channel, frame, &data),
             MeshMessage::SubscriptionDelta { app, channel, delta } => self.subscription_changed(app, &channel, delta),
+            MeshMessage::UserOnline { app, user_id } => self.user_presence(app, user_id, true),
+            MeshMessage::UserOffline { app, user_id } => self.user_presence(app, user_id, false),
+            MeshMessage::Watch { app, user_id, watcher, watch } => self.watch(app, user_id, watcher, watch),
+            MeshMessage::SendTo { watcher, frame } => self.send_to(watcher, frame),
             MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::Query { from, id, query } => {
@@ -937,6 +1032,11 @@ impl Shard {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// What a user's home shard is computed from (distinct from any channel name).
+fn user_home_key(user_id: &str) -> String {
+    format!("#user:{user_id}")
 }
 
 /// Queues the close frame and marks the connection closing (no-op unless open).

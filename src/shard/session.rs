@@ -5,7 +5,7 @@ use ring::hmac;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::mesh::HomeJoin;
+use super::mesh::{HomeJoin, Watcher};
 
 use super::router::ConnKey;
 use super::{ConnState, Shard};
@@ -210,26 +210,42 @@ impl Shard {
         };
         let app = self.apps.get(app_index);
         let to_sign = format!("{socket_id}::user::{}", signin.user_data);
-        let user_id = check_auth(&app.config.key, &app.secret_key, &to_sign, Some(&signin.auth))
+        let user = check_auth(&app.config.key, &app.secret_key, &to_sign, Some(&signin.auth))
             .and_then(|()| parse_user(&signin.user_data));
-        match user_id {
-            Ok(user_id) => {
-                {
-                    let mut state = self.state.borrow_mut();
-                    let conn = &mut state.connections[key];
-                    conn.user_id = Some(user_id);
-                    conn.authorized = true;
-                }
-                self.send(key, message::signin_success(&signin.user_data));
+        let (user_id, watchlist) = match user {
+            Ok(user) => user,
+            Err(reason) => return self.refuse(key, 4009, &reason),
+        };
+        let previous = {
+            let mut state = self.state.borrow_mut();
+            let conn = &mut state.connections[key];
+            conn.authorized = true;
+            let previous = conn.user_id.replace(user_id.clone()).map(|id| (id, std::mem::take(&mut conn.watchlist)));
+            conn.watchlist = watchlist.clone();
+            previous
+        };
+        self.send(key, message::signin_success(&signin.user_data));
+        let watcher = Watcher { shard: self.index, conn: key, socket_id };
+        // Signing in again replaces the previous identity.
+        if let Some((old_id, old_watchlist)) = previous {
+            for watched in old_watchlist {
+                self.watch(app_index, watched, watcher, false);
             }
-            Err(reason) => self.refuse(key, 4009, &reason),
+            self.user_presence(app_index, old_id, false);
+        }
+        self.user_presence(app_index, user_id, true);
+        for watched in watchlist {
+            self.watch(app_index, watched, watcher, true);
         }
     }
 }
 
-/// The user id of signed `user_data`: a non-empty string `id` that can name its
-/// `#server-to-user-` channel.
-fn parse_user(user_data: &str) -> Result<Box<str>, String> {
+/// Most user ids one connection may watch.
+pub const WATCHLIST_MAX: usize = 100;
+
+/// The user id of signed `user_data` (a non-empty string `id` that can name its
+/// `#server-to-user-` channel) and its optional `watchlist` of user ids.
+fn parse_user(user_data: &str) -> Result<(Box<str>, Vec<Box<str>>), String> {
     let value: serde_json::Value = serde_json::from_str(user_data).map_err(|e| format!("invalid user_data: {e}"))?;
     let Some(id) = value.get("id").and_then(|id| id.as_str()) else {
         return Err("user_data must have a string id".into());
@@ -237,7 +253,15 @@ fn parse_user(user_data: &str) -> Result<Box<str>, String> {
     if id.len() > USER_ID_BYTES_MAX || channel::validate(&format!("{}{id}", channel::SERVER_TO_USER_PREFIX)).is_err() {
         return Err(format!("user_data.id must be 1 to {USER_ID_BYTES_MAX} characters of A-Z a-z 0-9 _ - = @ , . ;"));
     }
-    Ok(id.into())
+    let watchlist = match value.get("watchlist") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(ids)) if ids.len() <= WATCHLIST_MAX => {
+            let ids: Option<Vec<Box<str>>> = ids.iter().map(|id| id.as_str().map(Box::from)).collect();
+            ids.ok_or("user_data.watchlist must hold user id strings")?
+        }
+        Some(_) => return Err(format!("user_data.watchlist must be an array of at most {WATCHLIST_MAX} user ids")),
+    };
+    Ok((id.into(), watchlist))
 }
 
 /// Longest presence `user_id` accepted.

@@ -342,3 +342,39 @@ fn subscription_count_events() {
     join(&mut p, &p_id, "presence-uncounted", "1");
     assert!(try_recv(&mut p, 1500).is_none(), "no subscription_count on presence channels");
 }
+
+fn signin(ws: &mut Ws, socket_id: &str, user_data: &str) {
+    let auth = sign(&format!("{socket_id}::user::{user_data}"));
+    send_json(ws, json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}));
+    assert_eq!(recv_json(ws)["event"], "pusher:signin_success");
+}
+
+fn watchlist_event(ws: &mut Ws) -> Value {
+    let message = try_recv(ws, 3000).expect("a watchlist event");
+    assert_eq!(message["event"], "pusher_internal:watchlist_events", "{message}");
+    serde_json::from_str(message["data"].as_str().unwrap()).unwrap()
+}
+
+/// Watchlist: online for watched users already online at sign-in and when they arrive (once
+/// per user, whatever shards their connections are on), offline when their last one leaves.
+#[test]
+fn watchlist_online_offline() {
+    let server = TestServer::start(|_| {});
+    let (mut carol, carol_id) = connect_on(&server, 1);
+    signin(&mut carol, &carol_id, r#"{"id":"carol"}"#);
+    let (mut bob, bob_id) = connect_on(&server, 0);
+    signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice","carol"]}"#);
+    assert_eq!(watchlist_event(&mut bob), json!({"events": [{"name": "online", "user_ids": ["carol"]}]}));
+    let (mut alice0, alice0_id) = connect_on(&server, 0);
+    signin(&mut alice0, &alice0_id, r#"{"id":"alice"}"#);
+    assert_eq!(watchlist_event(&mut bob), json!({"events": [{"name": "online", "user_ids": ["alice"]}]}));
+    let (mut alice1, alice1_id) = connect_on(&server, 1);
+    signin(&mut alice1, &alice1_id, r#"{"id":"alice"}"#);
+    assert!(try_recv(&mut bob, 300).is_none(), "a second connection of alice is not news");
+    drop(alice0);
+    assert!(try_recv(&mut bob, 300).is_none(), "alice is still online");
+    drop(alice1);
+    assert_eq!(watchlist_event(&mut bob), json!({"events": [{"name": "offline", "user_ids": ["alice"]}]}));
+    drop(carol);
+    assert_eq!(watchlist_event(&mut bob), json!({"events": [{"name": "offline", "user_ids": ["carol"]}]}));
+}
