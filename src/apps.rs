@@ -3,7 +3,7 @@
 //! once per connect and disconnect, never per message).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use ring::hmac;
 
@@ -22,6 +22,8 @@ pub struct App {
     pub secret_key: hmac::Key,
     /// Live WebSocket connections across all shards.
     connections: AtomicU32,
+    /// Backend-event rate window: `second << 32 | events in that second`, all shards.
+    backend_events: AtomicU64,
 }
 
 impl std::fmt::Debug for App {
@@ -44,6 +46,23 @@ impl App {
     pub fn release(&self) {
         let previous = self.connections.fetch_sub(1, Ordering::AcqRel);
         debug_assert!(previous > 0, "released more connections than admitted");
+    }
+
+    /// Admits `events` published events in second `now_s` unless that would pass
+    /// `backend_events_per_second_max` (a fixed one-second window shared by all shards).
+    pub fn try_publish(&self, events: u32, now_s: u64) -> bool {
+        let max = self.config.backend_events_per_second_max;
+        if max == 0 {
+            return true;
+        }
+        self.backend_events
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                let (second, used) = (word >> 32, (word & 0xffff_ffff) as u32);
+                let used = if second == now_s & 0xffff_ffff { used } else { 0 };
+                let total = used.checked_add(events).filter(|&t| t <= max)?;
+                Some(((now_s & 0xffff_ffff) << 32) | u64::from(total))
+            })
+            .is_ok()
     }
 
     /// Live connections.
@@ -72,6 +91,7 @@ impl Apps {
                 config: config.clone(),
                 secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
                 connections: AtomicU32::new(0),
+                backend_events: AtomicU64::new(0),
             })
             .collect();
         let by_key = list.iter().map(|a| (a.config.key.clone(), a.index)).collect();
@@ -92,5 +112,24 @@ impl Apps {
     /// The app at an index.
     pub fn get(&self, index: AppIndex) -> &App {
         &self.list[index as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backend-event window admits up to the limit per second, batches counted whole.
+    #[test]
+    fn backend_event_rate() {
+        let mut config = AppConfig::demo();
+        config.backend_events_per_second_max = 5;
+        let apps = Apps::new(&[config]);
+        let app = apps.get(0);
+        assert!(app.try_publish(3, 100));
+        assert!(!app.try_publish(3, 100), "3 + 3 > 5: refused whole");
+        assert!(app.try_publish(2, 100));
+        assert!(!app.try_publish(1, 100));
+        assert!(app.try_publish(5, 101), "a new second starts empty");
     }
 }

@@ -89,8 +89,6 @@ pub struct WebSocketConfig {
     pub message_bytes_max: usize,
     /// Unsent bytes queued for one connection before it is closed as a slow consumer.
     pub write_queue_bytes_max: usize,
-    /// Channels per connection.
-    pub channels_per_connection_max: usize,
     /// Advertised activity timeout in seconds.
     pub activity_timeout_s: u32,
     /// Extra seconds a silent client gets before it is closed with 4201.
@@ -143,6 +141,13 @@ pub struct AppConfig {
     /// Send `pusher_internal:subscription_count` to subscribers of non-presence channels.
     #[serde(default)]
     pub subscription_count_enabled: bool,
+    /// Channels one connection may be subscribed to at once.
+    #[serde(default = "default_channels_per_connection_max")]
+    pub channels_per_connection_max: usize,
+    /// Events per second this app may publish through the HTTP API, all shards together;
+    /// 0 = unlimited. Over it: 429.
+    #[serde(default)]
+    pub backend_events_per_second_max: u32,
     /// Seconds a cache channel keeps its last event.
     #[serde(default = "default_cache_ttl_s")]
     pub cache_ttl_s: u64,
@@ -166,6 +171,9 @@ fn default_event_channels_max() -> usize {
 }
 fn default_batch_events_max() -> usize {
     10
+}
+fn default_channels_per_connection_max() -> usize {
+    100
 }
 fn default_cache_ttl_s() -> u64 {
     3600
@@ -213,7 +221,6 @@ impl Default for WebSocketConfig {
             frame_bytes_max: 65536,
             message_bytes_max: 65536,
             write_queue_bytes_max: 1 << 20,
-            channels_per_connection_max: 100,
             activity_timeout_s: 120,
             pong_timeout_s: 30,
             messages_per_second_max: 100,
@@ -255,6 +262,8 @@ impl AppConfig {
             presence_members_max: default_presence_members_max(),
             presence_user_info_bytes_max: default_presence_user_info_bytes_max(),
             subscription_count_enabled: false,
+            channels_per_connection_max: default_channels_per_connection_max(),
+            backend_events_per_second_max: 0,
             cache_ttl_s: default_cache_ttl_s(),
             client_events_per_second_max: default_client_events_per_second_max(),
             authorized_connections_timeout_s: 0,
@@ -370,6 +379,7 @@ impl Config {
                 ("presence_members_max", app.presence_members_max),
                 ("presence_user_info_bytes_max", app.presence_user_info_bytes_max),
                 ("cache_ttl_s", app.cache_ttl_s as usize),
+                ("channels_per_connection_max", app.channels_per_connection_max),
             ] {
                 if value == 0 {
                     return err(format!("apps[{i}].{field}"), "must be greater than 0".into());

@@ -266,9 +266,24 @@ async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Option<Value> {
     Some(json!({ "channels": channels }))
 }
 
+/// Applies `backend_events_per_second_max` to `events` events (429 over it).
+fn admit(app: &App, events: usize) -> Result<(), Response> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    if app.try_publish(events as u32, now) {
+        Ok(())
+    } else {
+        let limit = app.config.backend_events_per_second_max;
+        Err(Response::error(
+            StatusCode::TOO_MANY_REQUESTS,
+            &format!("over this app's limit of {limit} events per second"),
+        ))
+    }
+}
+
 async fn events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     let request: EventRequest = parse_json(body)?;
     let event = validate_event(app, &request, false)?;
+    admit(app, event.channels.len())?;
     let info = publish(shard, app, &event).await;
     Ok(Response::json(StatusCode::OK, &info.unwrap_or_else(|| json!({}))))
 }
@@ -280,6 +295,7 @@ async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     }
     // Validate every event before publishing any: a batch is accepted whole or not at all.
     let events = request.batch.iter().map(|e| validate_event(app, e, true)).collect::<Result<Vec<_>, _>>()?;
+    admit(app, events.len())?;
     let mut infos = Vec::with_capacity(events.len());
     for event in &events {
         let info = publish(shard, app, event).await;

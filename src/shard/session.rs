@@ -95,7 +95,7 @@ impl Shard {
             // Idempotent, as pusher-js may resubscribe after a reconnect race.
             return self.send(key, message::subscription_succeeded(name));
         }
-        let limit = self.config.websocket.channels_per_connection_max;
+        let limit = app.config.channels_per_connection_max;
         if count >= limit {
             let reason = format!("subscription limit reached: at most {limit} channels per connection");
             return self.send(key, message::error(None, &reason, Some(name)));

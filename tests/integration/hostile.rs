@@ -101,7 +101,7 @@ fn bad_messages_are_non_fatal() {
 #[test]
 fn subscribe_flood() {
     let server = TestServer::start(|c| {
-        c.websocket.channels_per_connection_max = 5;
+        c.apps[0].channels_per_connection_max = 5;
         c.websocket.messages_per_second_max = 0;
     });
     let (mut ws, _) = connect(server.addr);

@@ -177,3 +177,39 @@ fn keep_alive() {
     assert_eq!(all.matches("HTTP/1.1 200 OK").count(), 3, "{all}");
     assert!(all.contains(r#"{"ready":true}"#));
 }
+
+/// Several apps: keys and channels are isolated, each app has its own secret and limits, and
+/// backend_events_per_second_max answers 429.
+#[test]
+fn multiple_apps() {
+    let server = TestServer::start(|c| {
+        let mut second = ringwire::config::AppConfig::demo();
+        second.id = "2".into();
+        second.key = "second-key".into();
+        second.secret = "second-secret".into();
+        second.backend_events_per_second_max = 3;
+        c.apps.push(second);
+    });
+    let (mut first_app, _) = connect(server.addr);
+    subscribe(&mut first_app, "shared-name");
+    let mut second_app = ws_connect(server.addr, "/app/second-key?protocol=7");
+    assert_eq!(recv_json(&mut second_app)["event"], "pusher:connection_established");
+    subscribe(&mut second_app, "shared-name");
+
+    let body = br#"{"name":"e","channel":"shared-name","data":"for-two"}"#;
+    let path = "/apps/2/events";
+    let sign_second = |body: &[u8]| {
+        let query = ringwire::pusher::auth::signed_query("POST", path, "second-key", "second-secret", body, now(), &[]);
+        format!("{path}?{query}")
+    };
+    assert_eq!(http(server.addr, "POST", &sign_second(body), body), (200, "{}".into()));
+    assert_eq!(recv_json(&mut second_app)["data"], "for-two");
+    // The first app's credentials do not open the second app.
+    assert_eq!(http(server.addr, "POST", &signed_path("POST", path, body, &[]), body).0, 401);
+    assert_eq!(publish(server.addr, &["shared-name"], "e", "for-one", None).0, 200);
+    assert_eq!(recv_json(&mut first_app)["data"], "for-one", "the first app never saw for-two");
+    // Three events a second for the second app; a burst gets 429 with a JSON reason.
+    let statuses: Vec<u16> = (0..6).map(|_| http(server.addr, "POST", &sign_second(body), body).0).collect();
+    assert!(statuses.contains(&429), "{statuses:?}");
+    assert!(statuses.iter().filter(|&&s| s == 200).count() <= 5, "{statuses:?}");
+}
