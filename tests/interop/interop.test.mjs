@@ -40,6 +40,7 @@ enable_client_events = true
 `;
 
 const WAIT_MS = 5000; // bound on every single wait in this file
+const BOUNDED = { timeout: 20000 }; // bound on each test, should a wait be missed
 
 let server; // ChildProcess
 let serverExit; // Promise<{ code, signal }>
@@ -70,7 +71,7 @@ function newClient(extra = {}) {
     wsPort: port,
     forceTLS: false,
     enabledTransports: ['ws'],
-    disableStats: true,
+    disableStats: true, // stats are off by default in 8.x; kept for older 7.x-style configs
     ...extra,
   });
   clients.add(client);
@@ -138,7 +139,8 @@ function disconnect(client) {
   clients.delete(client);
 }
 
-/** The signed-in private-channel authorizer, as an app backend would wire it. */
+/** The private-channel authorizer an app's backend would run: the Node SDK signs
+ * `socket_id:channel` (and adds the shared secret for private-encrypted channels). */
 const authorizeWithSdk = {
   customHandler: (params, callback) => {
     try {
@@ -168,42 +170,93 @@ async function json(responsePromise) {
 
 // ---- server lifecycle -----------------------------------------------------------------------
 
+/** Spawns ringwire on a free port; resolves once its first stdout line names the address. */
+async function startServer() {
+  tmpDir = mkdtempSync(path.join(tmpdir(), 'ringwire-interop-'));
+  const configPath = path.join(tmpDir, 'ringwire.toml');
+  writeFileSync(configPath, CONFIG);
+
+  server = spawn(BIN, ['--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+  // Never leave a server behind should this process end before `after` has run, even when
+  // the runner is interrupted or timed out.
+  process.on('exit', () => {
+    server.kill('SIGKILL');
+    rmSync(tmpDir, { recursive: true, force: true });
+  });
+  for (const signal of ['SIGINT', 'SIGTERM']) process.once(signal, () => process.exit(1));
+  serverExit = new Promise((resolve) => {
+    server.on('exit', (code, signal) => resolve({ code, signal }));
+    server.on('error', (error) => resolve({ error }));
+  });
+  server.stderr.setEncoding('utf8');
+  server.stderr.on('data', (chunk) => {
+    serverStderr = (serverStderr + chunk).slice(-20000);
+  });
+
+  const lines = createInterface({ input: server.stdout });
+  const firstLine = new Promise((resolve) => lines.once('line', resolve));
+  const early = serverExit.then(({ code, signal, error }) => {
+    throw error ?? new Error(`ringwire exited before listening (${code ?? signal}):\n${serverStderr}`);
+  });
+  early.catch(() => {}); // only the race below reports it
+  const line = await withTimeout(Promise.race([firstLine, early]), 10000, `the first line of ${BIN}`);
+  lines.on('line', () => {}); // keep draining stdout
+
+  // `ringwire listening on 127.0.0.1:43567 (2 shards: IoUring, IoUring)`
+  assert.match(line, /^ringwire listening on \S+:\d+ /, `unexpected first line: ${line}`);
+  const address = line.trim().split(/\s+/)[3];
+  const colon = address.lastIndexOf(':');
+  host = address.slice(0, colon);
+  port = Number(address.slice(colon + 1));
+}
+
+/** SIGTERMs the server with one pusher-js client connected: checks the 4200 close it gets and
+ * the exit status. */
+async function stopServer() {
+  for (const client of clients) client.disconnect();
+  clients.clear();
+  const running = () => server && server.exitCode === null && server.signalCode === null;
+  if (!port) {
+    // Never got as far as listening: nothing to check, only to clean up.
+    if (running()) server.kill('SIGKILL');
+    return;
+  }
+  let watcher;
+  let closeError;
+  try {
+    if (running()) {
+      watcher = await connectedClient();
+      closeError = new Promise((resolve) =>
+        watcher.connection.bind('error', (err) => {
+          // Stop pusher-js from reconnecting, as 4200 asks it to. Not from inside this
+          // handler: the socket is already closed here, and closing it again would leave
+          // a 30 s close-handshake timer in faye-websocket keeping the process alive.
+          setImmediate(() => disconnect(watcher));
+          resolve(err);
+        }),
+      );
+    }
+  } finally {
+    if (running()) server.kill('SIGTERM');
+  }
+  try {
+    const { code, signal } = await withTimeout(serverExit, 10000, 'ringwire to exit on SIGTERM');
+    assert.equal(signal, null, `ringwire died of ${signal}:\n${serverStderr}`);
+    assert.equal(code, 0, `ringwire exited with ${code}:\n${serverStderr}`);
+    if (closeError) {
+      // pusher-js reports the close code on the connection as a PusherError.
+      const err = await withTimeout(closeError, WAIT_MS, 'pusher-js to see the 4200 close');
+      assert.equal(err.type, 'PusherError', JSON.stringify(err));
+      assert.equal(err.data.code, 4200, JSON.stringify(err));
+    }
+  } finally {
+    if (watcher) disconnect(watcher);
+  }
+}
+
 describe('ringwire with the official Pusher libraries', () => {
   before(async () => {
-    tmpDir = mkdtempSync(path.join(tmpdir(), 'ringwire-interop-'));
-    const configPath = path.join(tmpDir, 'ringwire.toml');
-    writeFileSync(configPath, CONFIG);
-
-    server = spawn(BIN, ['--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
-    serverExit = new Promise((resolve) =>
-      server.on('exit', (code, signal) => resolve({ code, signal })),
-    );
-    server.stderr.setEncoding('utf8');
-    server.stderr.on('data', (chunk) => {
-      serverStderr = (serverStderr + chunk).slice(-20000);
-    });
-    const spawnError = new Promise((_, reject) => server.on('error', reject));
-    const exitedEarly = serverExit.then(({ code, signal }) => {
-      throw new Error(`ringwire exited before listening (code ${code}, signal ${signal}):\n${serverStderr}`);
-    });
-
-    const lines = createInterface({ input: server.stdout });
-    const firstLine = new Promise((resolve) => lines.once('line', resolve));
-    const line = await withTimeout(
-      Promise.race([firstLine, spawnError, exitedEarly]),
-      10000,
-      `the first stdout line of ${BIN}`,
-    );
-    exitedEarly.catch(() => {}); // from here on, an exit is checked by `after`
-    lines.on('line', () => {}); // keep draining stdout
-    const words = line.trim().split(/\s+/);
-    assert.match(line, /^ringwire listening on /, `unexpected first line: ${line}`);
-    const address = words[3];
-    const colon = address.lastIndexOf(':');
-    host = address.slice(0, colon);
-    port = Number(address.slice(colon + 1));
-    assert.ok(port > 0, `no port in ${line}`);
-
+    await startServer();
     serverSdk = new PusherServer({
       appId: APP_ID,
       key: KEY,
@@ -214,43 +267,23 @@ describe('ringwire with the official Pusher libraries', () => {
       timeout: WAIT_MS,
       encryptionMasterKeyBase64: ENCRYPTION_MASTER_KEY,
     });
-  });
+  }, BOUNDED);
 
-  // Graceful shutdown as pusher-js sees it: SIGTERM closes a live connection with 4200 (which
-  // pusher-js treats as "reconnect"), then the server exits 0.
+  // Proves graceful shutdown as a client sees it: SIGTERM closes a live pusher-js connection
+  // with 4200 (pusher-js's "reconnect" range), and the server exits 0.
   after(async () => {
-    for (const client of clients) client.disconnect();
-    clients.clear();
-    let watcher;
     try {
-      let closeError;
-      if (server && server.exitCode === null && server.signalCode === null) {
-        watcher = await connectedClient();
-        closeError = new Promise((resolve) => watcher.connection.bind('error', resolve));
-        server.kill('SIGTERM');
-      }
-      if (server) {
-        const { code, signal } = await withTimeout(serverExit, 10000, 'ringwire to exit on SIGTERM');
-        assert.equal(signal, null, `ringwire died of ${signal}:\n${serverStderr}`);
-        assert.equal(code, 0, `ringwire exited with ${code}:\n${serverStderr}`);
-      }
-      if (closeError) {
-        const err = await withTimeout(closeError, WAIT_MS, 'pusher-js to see the 4200 close');
-        assert.equal(err.type, 'WebSocketError');
-        assert.equal(err.error.type, 'PusherError');
-        assert.equal(err.error.data.code, 4200);
-      }
+      await stopServer();
     } finally {
-      if (watcher) disconnect(watcher);
       if (tmpDir) rmSync(tmpDir, { recursive: true, force: true });
     }
-  });
+  }, { timeout: 30000 });
 
   // ---- tests --------------------------------------------------------------------------------
 
   // Proves fan-out across both shards: 60 pusher-js clients on one public channel, spread over
   // both shards, each get all 5 SDK-triggered events in order with byte-exact data.
-  it('a. 60 pusher-js clients on both shards receive 5 SDK events in order', async () => {
+  it('a. 60 pusher-js clients on both shards receive 5 SDK events in order', BOUNDED, async () => {
     const N = 60;
     const channelName = 'fanout';
     const group = await Promise.all(Array.from({ length: N }, () => connectedClient()));
@@ -280,7 +313,7 @@ describe('ringwire with the official Pusher libraries', () => {
 
   // Proves socket_id exclusion: the client whose pusher.connection.socket_id is passed to
   // trigger does not get that event, while another subscriber does.
-  it('b. trigger with socket_id excludes that connection', async () => {
+  it('b. trigger with socket_id excludes that connection', BOUNDED, async () => {
     const channelName = 'exclusion';
     const [excluded, other] = await Promise.all([connectedClient(), connectedClient()]);
     const excludedEvents = record(await subscribed(excluded, channelName), 'news');
@@ -305,7 +338,7 @@ describe('ringwire with the official Pusher libraries', () => {
   // Proves private-channel auth: an SDK-signed subscription succeeds; a forged signature gets a
   // pusher:error (surfaced by pusher-js on the connection, the channel and the global emitter)
   // and the connection stays up and usable.
-  it('c. private channel: good auth subscribes, bad auth errors without disconnecting', async () => {
+  it('c. private channel: good auth subscribes, bad auth errors without disconnecting', BOUNDED, async () => {
     const channelName = 'private-room';
     const good = await connectedClient({ channelAuthorization: authorizeWithSdk });
     const goodEvents = record(await subscribed(good, channelName), 'secret');
@@ -361,7 +394,7 @@ describe('ringwire with the official Pusher libraries', () => {
 
   // Proves client events: a client-* event from one authorized pusher-js client reaches the
   // other subscriber with its data intact and is not echoed back to the sender.
-  it('d. client events on a private channel reach others, not the sender', async () => {
+  it('d. client events on a private channel reach others, not the sender', BOUNDED, async () => {
     const channelName = 'private-chat';
     const [sender, receiver] = await Promise.all([
       connectedClient({ channelAuthorization: authorizeWithSdk }),
@@ -388,7 +421,7 @@ describe('ringwire with the official Pusher libraries', () => {
   // Proves the channel queries the SDK makes (GET /channels with filter_by_prefix and
   // info=subscription_count, GET /channels/{name}) count pusher-js subscriptions across shards,
   // and that the SDK reports an over-limit trigger as a RequestError with status 413.
-  it('e. SDK channel queries count subscriptions; oversized data is rejected with 413', async () => {
+  it('e. SDK channel queries count subscriptions; oversized data is rejected with 413', BOUNDED, async () => {
     const group = await Promise.all([1, 2, 3, 4].map(() => connectedClient()));
     await Promise.all([
       subscribed(group[0], 'room-a'),
@@ -445,7 +478,7 @@ describe('ringwire with the official Pusher libraries', () => {
 
   // Proves POST /batch_events via triggerBatch: events on two channels reach one subscriber in
   // the order of the batch, with their data.
-  it('f. triggerBatch delivers every event in order', async () => {
+  it('f. triggerBatch delivers every event in order', BOUNDED, async () => {
     const client = await connectedClient();
     const [one, two] = await Promise.all([subscribed(client, 'batch-1'), subscribed(client, 'batch-2')]);
     const got = [];
@@ -473,7 +506,7 @@ describe('ringwire with the official Pusher libraries', () => {
 
   // Proves the Python SDK interoperates: its trigger reaches a pusher-js subscriber, and its
   // channels_info / channel_info (GETs signed with body_md5) return the right counts.
-  it('g. the Python SDK triggers and queries', async () => {
+  it('g. the Python SDK triggers and queries', BOUNDED, async () => {
     const [a, b] = await Promise.all([connectedClient(), connectedClient()]);
     const events = record(await subscribed(a, 'py-room'), 'from-python');
     await subscribed(b, 'py-room');
@@ -528,7 +561,7 @@ describe('ringwire with the official Pusher libraries', () => {
   // Proves end-to-end encryption passes through: the Node SDK encrypts for a
   // private-encrypted channel, pusher-js decrypts with the shared secret from the authorizer,
   // and the server relays the ciphertext untouched.
-  it('h. private-encrypted channel round-trips through the server', async () => {
+  it('h. private-encrypted channel round-trips through the server', BOUNDED, async () => {
     const channelName = 'private-encrypted-vault';
     const client = await connectedClient({ channelAuthorization: authorizeWithSdk });
     const events = record(await subscribed(client, channelName), 'sealed');
