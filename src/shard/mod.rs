@@ -476,17 +476,19 @@ impl Shard {
         let changed = {
             let mut state = self.state.borrow_mut();
             let key = (app, user_id.clone());
-            let count = state.users_online.entry(key.clone()).or_default();
             if online {
+                let count = state.users_online.entry(key).or_default();
                 *count += 1;
                 *count == 1
             } else {
-                *count = count.saturating_sub(1);
-                let gone = *count == 0;
-                if gone {
-                    state.users_online.remove(&key);
+                match state.users_online.get_mut(&key) {
+                    Some(1) => state.users_online.remove(&key).is_some(),
+                    Some(count) => {
+                        *count -= 1;
+                        false
+                    }
+                    None => false,
                 }
-                gone
             }
         };
         if changed {
@@ -605,26 +607,28 @@ impl Shard {
     /// Joining shard: the home shard's answer arrived. The connection is subscribed only now,
     /// so it receives exactly the events that follow its member list and cached event.
     fn joined(&self, key: ConnKey, socket_id: SocketId, channel: &str, frames: Vec<Bytes>, accepted: bool) {
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
-        let Some(conn) = state.connections.get_mut(key) else { return };
-        // Gone, replaced, or unsubscribed meanwhile: its leave (if any) is already on its way.
-        if conn.socket_id != socket_id || !conn.channels.iter().any(|c| c.as_ref() == channel) {
-            return;
-        }
-        if accepted {
+        let routed_app = {
+            let mut state = self.state.borrow_mut();
+            let state = &mut *state;
+            let Some(conn) = state.connections.get_mut(key) else { return };
+            // Gone, replaced, or unsubscribed meanwhile: its leave (if any) is already on its way.
+            if conn.socket_id != socket_id || !conn.channels.iter().any(|c| c.as_ref() == channel) {
+                return;
+            }
             let app = conn.app;
-            state.router.subscribe(app, channel, key);
+            if !accepted {
+                conn.channels.retain(|c| c.as_ref() != channel);
+                conn.presence.retain(|(c, _)| c.as_ref() != channel);
+                ShardMetrics::sub(&self.metrics().subscriptions, 1);
+            }
+            for frame in &frames {
+                self.enqueue(conn, frame, state.now_s);
+            }
+            accepted.then(|| state.router.subscribe(app, channel, key)).map(|_| app)
+        };
+        // After the borrow: the count may be kept on this very shard.
+        if let Some(app) = routed_app {
             self.subscription_changed(app, channel, 1);
-        } else {
-            conn.channels.retain(|c| c.as_ref() != channel);
-            conn.presence.retain(|(c, _)| c.as_ref() != channel);
-            ShardMetrics::sub(&self.metrics().subscriptions, 1);
-        }
-        let now_s = state.now_s;
-        let conn = &mut state.connections[key];
-        for frame in &frames {
-            self.enqueue(conn, frame, now_s);
         }
     }
 

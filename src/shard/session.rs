@@ -257,7 +257,10 @@ fn parse_user(user_data: &str) -> Result<(Box<str>, Vec<Box<str>>), String> {
         None | Some(serde_json::Value::Null) => Vec::new(),
         Some(serde_json::Value::Array(ids)) if ids.len() <= WATCHLIST_MAX => {
             let ids: Option<Vec<Box<str>>> = ids.iter().map(|id| id.as_str().map(Box::from)).collect();
-            ids.ok_or("user_data.watchlist must hold user id strings")?
+            let mut ids = ids.ok_or("user_data.watchlist must hold user id strings")?;
+            ids.sort();
+            ids.dedup();
+            ids
         }
         Some(_) => return Err(format!("user_data.watchlist must be an array of at most {WATCHLIST_MAX} user ids")),
     };

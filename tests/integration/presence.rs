@@ -341,6 +341,12 @@ fn subscription_count_events() {
     let (mut p, p_id) = connect(server.addr);
     join(&mut p, &p_id, "presence-uncounted", "1");
     assert!(try_recv(&mut p, 1500).is_none(), "no subscription_count on presence channels");
+    // Cache channels are counted too (their subscription completes on the home shard).
+    for ws in [&mut a, &mut b] {
+        subscribe(ws, "cache-counted");
+        assert_eq!(recv_json(ws)["event"], "pusher:cache_miss");
+    }
+    wait_for(&mut a, 2);
 }
 
 fn signin(ws: &mut Ws, socket_id: &str, user_data: &str) {
