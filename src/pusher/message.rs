@@ -163,6 +163,65 @@ fn data_object<'a>(data: Option<&'a RawValue>, event: &str) -> Result<Subscribe<
     Ok(parsed)
 }
 
+/// Most user ids one connection may watch.
+pub const WATCHLIST_MAX: usize = 100;
+
+/// The user id of signed `user_data` (a non-empty string `id` that can name its
+/// `#server-to-user-` channel) and its optional `watchlist` of user ids.
+pub fn parse_user(user_data: &str) -> Result<(Box<str>, Vec<Box<str>>), String> {
+    let value: serde_json::Value = serde_json::from_str(user_data).map_err(|e| format!("invalid user_data: {e}"))?;
+    let Some(id) = value.get("id").and_then(|id| id.as_str()) else {
+        return Err("user_data must have a string id".into());
+    };
+    if id.len() > USER_ID_BYTES_MAX
+        || crate::pusher::channel::validate(&format!("{}{id}", crate::pusher::channel::SERVER_TO_USER_PREFIX)).is_err()
+    {
+        return Err(format!("user_data.id must be 1 to {USER_ID_BYTES_MAX} characters of A-Z a-z 0-9 _ - = @ , . ;"));
+    }
+    let watchlist = match value.get("watchlist") {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(ids)) if ids.len() <= WATCHLIST_MAX => {
+            let ids: Option<Vec<Box<str>>> = ids.iter().map(|id| id.as_str().map(Box::from)).collect();
+            let mut ids = ids.ok_or("user_data.watchlist must hold user id strings")?;
+            ids.sort();
+            ids.dedup();
+            ids
+        }
+        Some(_) => return Err(format!("user_data.watchlist must be an array of at most {WATCHLIST_MAX} user ids")),
+    };
+    Ok((id.into(), watchlist))
+}
+
+/// Longest presence `user_id` accepted.
+pub const USER_ID_BYTES_MAX: usize = 128;
+
+/// `channel_data` of a presence subscription.
+#[derive(Deserialize)]
+struct ChannelData<'a> {
+    user_id: serde_json::Value,
+    #[serde(borrow, default)]
+    user_info: Option<&'a RawValue>,
+}
+
+/// Parses `channel_data` into (user id as a string, raw user_info JSON).
+pub fn parse_member(channel_data: &str, user_info_bytes_max: usize) -> Result<(Box<str>, Box<str>), String> {
+    let data: ChannelData = serde_json::from_str(channel_data).map_err(|e| format!("invalid channel_data: {e}"))?;
+    // pusher-js keys members by user_id, which may arrive as a number; compare as strings.
+    let user_id = match &data.user_id {
+        serde_json::Value::String(id) => id.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => return Err("channel_data.user_id must be a string or a number".into()),
+    };
+    if user_id.is_empty() || user_id.len() > USER_ID_BYTES_MAX {
+        return Err(format!("channel_data.user_id must be 1 to {USER_ID_BYTES_MAX} characters"));
+    }
+    let user_info = data.user_info.map(RawValue::get).unwrap_or("null");
+    if user_info.len() > user_info_bytes_max {
+        return Err(format!("channel_data.user_info is over {user_info_bytes_max} bytes"));
+    }
+    Ok((user_id.into(), user_info.into()))
+}
+
 /// Appends `text` as a JSON string literal.
 fn push_json_string(out: &mut Vec<u8>, text: &str) {
     serde_json::to_writer(&mut *out, text).expect("writing a string to a Vec cannot fail");
