@@ -142,7 +142,7 @@ fn main() {
     let published = publisher(options.clone());
     let publish_elapsed = publish_start.elapsed();
     // Give in-flight deliveries a moment, then stop the readers.
-    let expected = expected_deliveries(&options, published.sent);
+    let expected = expected_deliveries(&options, &published);
     let drain_deadline = Instant::now() + Duration::from_secs(3);
     while totals.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -192,13 +192,12 @@ fn main() {
     println!("{result}");
 }
 
-/// Subscribers per channel times events per channel.
-fn expected_deliveries(options: &Options, sent: u64) -> u64 {
+/// Subscribers per channel times the events the server accepted for that channel.
+fn expected_deliveries(options: &Options, published: &Published) -> u64 {
     (0..options.channels)
         .map(|c| {
             let subscribers = (0..options.subscribers).filter(|s| s % options.channels == c).count() as u64;
-            let events = (0..sent).filter(|e| (*e as usize) % options.channels == c).count() as u64;
-            subscribers * events
+            subscribers * published.per_channel[c]
         })
         .sum()
 }
@@ -399,6 +398,8 @@ fn masked_text(payload: &[u8]) -> Vec<u8> {
 struct Published {
     sent: u64,
     errors: u64,
+    /// Events the server accepted per channel (index = channel number).
+    per_channel: Vec<u64>,
 }
 
 /// Open-loop publisher: event i is due at start + i/rate. Each connection is a plain thread
@@ -413,12 +414,16 @@ fn publisher(options: Arc<Options>) -> Published {
         .map(|connection| {
             let options = options.clone();
             std::thread::spawn(move || {
-                let mut published = Published { sent: 0, errors: 0 };
-                let Ok(mut stream) = std::net::TcpStream::connect(options.addr) else {
+                let mut published = Published { sent: 0, errors: 0, per_channel: vec![0; options.channels] };
+                let connect = || {
+                    let stream = std::net::TcpStream::connect(options.addr).ok()?;
+                    let _ = stream.set_nodelay(true);
+                    Some(stream)
+                };
+                let Some(mut stream) = connect() else {
                     published.errors += 1;
                     return published;
                 };
-                let _ = stream.set_nodelay(true);
                 let mut buf = Vec::with_capacity(4096);
                 let mut index = connection as u64;
                 while index < total {
@@ -429,23 +434,37 @@ fn publisher(options: Arc<Options>) -> Published {
                         std::thread::sleep(due - now);
                     }
                     let request = publish_request(&options, index, start_ns + due_ns);
-                    if std::io::Write::write_all(&mut stream, &request).is_err()
-                        || !read_response(&mut stream, &mut buf)
-                    {
+                    let ok = std::io::Write::write_all(&mut stream, &request).is_ok()
+                        && read_response(&mut stream, &mut buf);
+                    if ok {
+                        published.sent += 1;
+                        published.per_channel[index as usize % options.channels] += 1;
+                    } else {
+                        // A server may close a keep-alive connection (nginx after
+                        // keepalive_requests): count it, reconnect, and go on with the next event.
                         published.errors += 1;
-                        return published;
+                        buf.clear();
+                        match connect() {
+                            Some(fresh) => stream = fresh,
+                            None => return published,
+                        }
                     }
-                    published.sent += 1;
                     index += options.publish_connections as u64;
                 }
                 published
             })
         })
         .collect();
-    threads
-        .into_iter()
-        .map(|t| t.join().unwrap())
-        .fold(Published { sent: 0, errors: 0 }, |a, b| Published { sent: a.sent + b.sent, errors: a.errors + b.errors })
+    let mut total = Published { sent: 0, errors: 0, per_channel: vec![0; options.channels] };
+    for thread in threads {
+        let part = thread.join().unwrap();
+        total.sent += part.sent;
+        total.errors += part.errors;
+        for (sum, n) in total.per_channel.iter_mut().zip(part.per_channel) {
+            *sum += n;
+        }
+    }
+    total
 }
 
 fn publish_request(options: &Options, index: u64, intended_ns: u64) -> Vec<u8> {
