@@ -230,9 +230,24 @@ fn push_json_string(out: &mut Vec<u8>, text: &str) {
 /// `pusher:connection_established`, with `data` double-encoded.
 pub fn connection_established(socket_id: SocketId, activity_timeout_s: u32) -> Bytes {
     let data = format!("{{\"socket_id\":\"{socket_id}\",\"activity_timeout\":{activity_timeout_s}}}");
-    let mut out = Vec::with_capacity(96);
-    out.extend_from_slice(b"{\"event\":\"pusher:connection_established\",\"data\":");
-    push_json_string(&mut out, &data);
+    event("pusher:connection_established", None, Some(&data))
+}
+
+/// A server message `{"event":..,"channel":..,"data":..}` with `data` (JSON text) sent as a
+/// string, as every server message but `pusher:error` is (reference §1.2). `channel` and
+/// `data` are left out when `None`.
+fn event(name: &str, channel: Option<&str>, data: Option<&str>) -> Bytes {
+    let mut out = Vec::with_capacity(48 + name.len() + channel.map_or(0, str::len) + data.map_or(0, |d| d.len() * 2));
+    out.extend_from_slice(b"{\"event\":");
+    push_json_string(&mut out, name);
+    if let Some(channel) = channel {
+        out.extend_from_slice(b",\"channel\":");
+        push_json_string(&mut out, channel);
+    }
+    if let Some(data) = data {
+        out.extend_from_slice(b",\"data\":");
+        push_json_string(&mut out, data);
+    }
     out.push(b'}');
     frame::encode_text(&out)
 }
@@ -260,35 +275,25 @@ pub fn error(code: Option<u16>, message: &str, channel: Option<&str>) -> Bytes {
 
 /// `pusher_internal:subscription_succeeded` for a non-presence channel (`data` = `"{}"`).
 pub fn subscription_succeeded(channel: &str) -> Bytes {
-    let mut out = Vec::with_capacity(96 + channel.len());
-    out.extend_from_slice(b"{\"event\":\"pusher_internal:subscription_succeeded\",\"channel\":");
-    push_json_string(&mut out, channel);
-    out.extend_from_slice(b",\"data\":\"{}\"}");
-    frame::encode_text(&out)
+    event("pusher_internal:subscription_succeeded", Some(channel), Some("{}"))
 }
 
 /// `pusher_internal:subscription_succeeded` for a presence channel; `presence` is the JSON of
 /// `{"presence":{...}}`, sent double-encoded.
 pub fn presence_subscription_succeeded(channel: &str, presence: &str) -> Bytes {
-    let mut out = Vec::with_capacity(96 + channel.len() + presence.len() * 2);
-    out.extend_from_slice(b"{\"event\":\"pusher_internal:subscription_succeeded\",\"channel\":");
-    push_json_string(&mut out, channel);
-    out.extend_from_slice(b",\"data\":");
-    push_json_string(&mut out, presence);
-    out.push(b'}');
-    frame::encode_text(&out)
+    event("pusher_internal:subscription_succeeded", Some(channel), Some(presence))
 }
 
 /// `pusher_internal:member_added` with `{"user_id":..,"user_info":..}` double-encoded.
 pub fn member_added(channel: &str, user_id: &str, user_info: &str) -> Bytes {
     let data = format!("{{\"user_id\":{},\"user_info\":{user_info}}}", json_string(user_id));
-    internal_event("pusher_internal:member_added", channel, &data)
+    event("pusher_internal:member_added", Some(channel), Some(&data))
 }
 
 /// `pusher_internal:member_removed` with `{"user_id":..}` double-encoded.
 pub fn member_removed(channel: &str, user_id: &str) -> Bytes {
     let data = format!("{{\"user_id\":{}}}", json_string(user_id));
-    internal_event("pusher_internal:member_removed", channel, &data)
+    event("pusher_internal:member_removed", Some(channel), Some(&data))
 }
 
 /// `pusher_internal:watchlist_events` with one event (`online` or `offline`), as pusher-js
@@ -296,28 +301,13 @@ pub fn member_removed(channel: &str, user_id: &str) -> Bytes {
 pub fn watchlist_event(name: &str, user_ids: &[&str]) -> Bytes {
     let ids: Vec<String> = user_ids.iter().map(|id| json_string(id)).collect();
     let data = format!("{{\"events\":[{{\"name\":{},\"user_ids\":[{}]}}]}}", json_string(name), ids.join(","));
-    let mut out = Vec::with_capacity(64 + data.len() * 2);
-    out.extend_from_slice(b"{\"event\":\"pusher_internal:watchlist_events\",\"data\":");
-    push_json_string(&mut out, &data);
-    out.push(b'}');
-    frame::encode_text(&out)
+    event("pusher_internal:watchlist_events", None, Some(&data))
 }
 
 /// `pusher_internal:subscription_count` with `{"subscription_count":N}` double-encoded.
 pub fn subscription_count(channel: &str, count: u64) -> Bytes {
-    internal_event("pusher_internal:subscription_count", channel, &format!("{{\"subscription_count\":{count}}}"))
-}
-
-fn internal_event(event: &str, channel: &str, data: &str) -> Bytes {
-    let mut out = Vec::with_capacity(64 + channel.len() + data.len() * 2);
-    out.extend_from_slice(b"{\"event\":");
-    push_json_string(&mut out, event);
-    out.extend_from_slice(b",\"channel\":");
-    push_json_string(&mut out, channel);
-    out.extend_from_slice(b",\"data\":");
-    push_json_string(&mut out, data);
-    out.push(b'}');
-    frame::encode_text(&out)
+    let data = format!("{{\"subscription_count\":{count}}}");
+    event("pusher_internal:subscription_count", Some(channel), Some(&data))
 }
 
 fn json_string(text: &str) -> String {
@@ -326,21 +316,12 @@ fn json_string(text: &str) -> String {
 
 /// `pusher:signin_success` with `{"user_data":"<as signed>"}` double-encoded.
 pub fn signin_success(user_data: &str) -> Bytes {
-    let data = format!("{{\"user_data\":{}}}", json_string(user_data));
-    let mut out = Vec::with_capacity(64 + data.len() * 2);
-    out.extend_from_slice(b"{\"event\":\"pusher:signin_success\",\"data\":");
-    push_json_string(&mut out, &data);
-    out.push(b'}');
-    frame::encode_text(&out)
+    event("pusher:signin_success", None, Some(&format!("{{\"user_data\":{}}}", json_string(user_data))))
 }
 
 /// `pusher:cache_miss` on a cache channel with nothing cached (no data, as Pusher sends it).
 pub fn cache_miss(channel: &str) -> Bytes {
-    let mut out = Vec::with_capacity(48 + channel.len());
-    out.extend_from_slice(b"{\"event\":\"pusher:cache_miss\",\"channel\":");
-    push_json_string(&mut out, channel);
-    out.push(b'}');
-    frame::encode_text(&out)
+    event("pusher:cache_miss", Some(channel), None)
 }
 
 /// `pusher:pong`
