@@ -112,6 +112,9 @@ struct Totals {
 }
 
 fn main() {
+    if std::env::args().skip(1).find(|a| a != "--bench").as_deref() == Some("connections") {
+        return connections_main();
+    }
     let options = match parse_options() {
         Ok(options) => Arc::new(options),
         Err(message) => {
@@ -513,4 +516,83 @@ fn read_response(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> bool {
             _ => return false,
         }
     }
+}
+
+// ---- connections scenario ------------------------------------------------------------------
+
+/// `loadgen connections --addr A --count N [--source-ips K] [--key K]`: opens N WebSockets
+/// (bound round-robin to source addresses 127.0.0.2 … 127.0.0.(K+1), so many connections do not
+/// exhaust one address's ports), subscribes each to one of 100 channels, prints one JSON line
+/// `{"ready":N,...}` once all are subscribed, then holds them idle until its standard input
+/// closes. Plain blocking sockets: set-up speed is measured, not the idle phase.
+fn connections_main() {
+    let mut args = std::env::args().skip(1).filter(|a| a != "--bench").skip(1);
+    let (mut addr, mut count, mut source_ips, mut key) =
+        ("127.0.0.1:6001".to_string(), 1000usize, 4u8, "ringwire-demo-key".to_string());
+    while let (Some(flag), Some(value)) = (args.next(), args.next()) {
+        match flag.as_str() {
+            "--addr" => addr = value,
+            "--count" => count = value.parse().expect("--count"),
+            "--source-ips" => source_ips = value.parse::<u8>().expect("--source-ips").clamp(1, 250),
+            "--key" => key = value,
+            other => {
+                eprintln!("unknown option {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    let addr: SocketAddr = addr.parse().expect("--addr");
+    let start = Instant::now();
+    let mut held = Vec::with_capacity(count);
+    for i in 0..count {
+        let source = SocketAddr::from(([127, 0, 0, 2 + (i % source_ips as usize) as u8], 0));
+        match open_idle(addr, source, &key, &format!("idle-{}", i % 100)) {
+            Ok(stream) => held.push(stream),
+            Err(e) => {
+                eprintln!("loadgen: connection {i} failed: {e}");
+                break;
+            }
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({"ready": held.len(), "requested": count, "seconds": elapsed, "connects_per_s": held.len() as f64 / elapsed})
+    );
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let mut sink = String::new();
+    while std::io::stdin().read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {}
+    drop(held);
+}
+
+/// One idle, subscribed WebSocket on a blocking socket bound to `source`.
+fn open_idle(addr: SocketAddr, source: SocketAddr, key: &str, channel: &str) -> io::Result<std::net::TcpStream> {
+    use std::io::{Read, Write};
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&source.into())?;
+    socket.connect(&addr.into())?;
+    let mut stream: std::net::TcpStream = socket.into();
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let request = format!(
+        "GET /app/{key}?protocol=7 HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    stream.write_all(request.as_bytes())?;
+    let mut received = Vec::new();
+    let mut chunk = [0u8; 2048];
+    let mut wait_for = |stream: &mut std::net::TcpStream, needle: &[u8]| -> io::Result<()> {
+        while !received.windows(needle.len()).any(|w| w == needle) {
+            let n = stream.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed"));
+            }
+            received.extend_from_slice(&chunk[..n]);
+        }
+        received.clear();
+        Ok(())
+    };
+    wait_for(&mut stream, b"connection_established")?;
+    let subscribe = format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
+    stream.write_all(&masked_text(subscribe.as_bytes()))?;
+    wait_for(&mut stream, b"subscription_succeeded")?;
+    Ok(stream)
 }
