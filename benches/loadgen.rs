@@ -437,15 +437,21 @@ fn publisher(options: Arc<Options>) -> Published {
                         std::thread::sleep(due - now);
                     }
                     let request = publish_request(&options, index, start_ns + due_ns);
-                    let ok = std::io::Write::write_all(&mut stream, &request).is_ok()
-                        && read_response(&mut stream, &mut buf);
+                    let (ok, close) = if std::io::Write::write_all(&mut stream, &request).is_ok() {
+                        read_response(&mut stream, &mut buf)
+                    } else {
+                        (false, true)
+                    };
                     if ok {
                         published.sent += 1;
                         published.per_channel[index as usize % options.channels] += 1;
                     } else {
-                        // A server may close a keep-alive connection (nginx after
-                        // keepalive_requests): count it, reconnect, and go on with the next event.
                         published.errors += 1;
+                    }
+                    // Some servers answer `Connection: close` (sockudo does on every API call)
+                    // or drop keep-alive connections (nginx after keepalive_requests): open a
+                    // fresh one for the next event.
+                    if close {
                         buf.clear();
                         match connect() {
                             Some(fresh) => stream = fresh,
@@ -495,8 +501,8 @@ fn publish_request(options: &Options, index: u64, intended_ns: u64) -> Vec<u8> {
     request
 }
 
-/// Reads one response (head + Content-Length body); true on a 2xx.
-fn read_response(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> bool {
+/// Reads one response (head + Content-Length body): (2xx, server asked to close).
+fn read_response(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> (bool, bool) {
     let mut chunk = [0u8; 4096];
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -507,13 +513,14 @@ fn read_response(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> bool {
                 .unwrap_or(0);
             if buf.len() >= end + 4 + length {
                 let ok = head.starts_with("http/1.1 2");
+                let close = head.lines().any(|l| l.starts_with("connection:") && l.contains("close"));
                 buf.drain(..end + 4 + length);
-                return ok;
+                return (ok, close);
             }
         }
         match std::io::Read::read(stream, &mut chunk) {
             Ok(n) if n > 0 => buf.extend_from_slice(&chunk[..n]),
-            _ => return false,
+            _ => return (false, true),
         }
     }
 }
