@@ -30,7 +30,7 @@ use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// Free space a WebSocket read asks for: small, because most connections mostly listen and
 /// an in-flight read pins its buffer.
-const WS_READ_SPARE: usize = 1024;
+const WS_READ_SPARE: usize = 512;
 /// Free space an HTTP read asks for.
 const HTTP_READ_SPARE: usize = 4096;
 /// A read buffer larger than this is replaced by a fresh one once it is empty again.
