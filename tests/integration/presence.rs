@@ -384,3 +384,19 @@ fn watchlist_online_offline() {
     drop(carol);
     assert_eq!(watchlist_event(&mut bob), json!({"events": [{"name": "offline", "user_ids": ["carol"]}]}));
 }
+
+/// Publishing with info=user_count,subscription_count reports the channel's counts.
+#[test]
+fn publish_with_info() {
+    let server = TestServer::start(|_| {});
+    let (mut a, a_id) = connect(server.addr);
+    let (mut b, b_id) = connect(server.addr);
+    join(&mut a, &a_id, "presence-info", "u1");
+    join(&mut b, &b_id, "presence-info", "u1");
+    let body = json!({"name": "e", "channels": ["presence-info"], "data": "d", "info": "user_count,subscription_count"}).to_string();
+    let path = format!("/apps/{APP_ID}/events");
+    let (status, reply) = http(server.addr, "POST", &signed_path("POST", &path, body.as_bytes(), &[]), body.as_bytes());
+    assert_eq!(status, 200);
+    let reply: Value = serde_json::from_str(&reply).unwrap();
+    assert_eq!(reply, json!({"channels": {"presence-info": {"user_count": 1, "subscription_count": 2}}}));
+}
