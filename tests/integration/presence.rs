@@ -393,7 +393,9 @@ fn publish_with_info() {
     let (mut b, b_id) = connect(server.addr);
     join(&mut a, &a_id, "presence-info", "u1");
     join(&mut b, &b_id, "presence-info", "u1");
-    let body = json!({"name": "e", "channels": ["presence-info"], "data": "d", "info": "user_count,subscription_count"}).to_string();
+    let body =
+        json!({"name": "e", "channels": ["presence-info"], "data": "d", "info": "user_count,subscription_count"})
+            .to_string();
     let path = format!("/apps/{APP_ID}/events");
     let (status, reply) = http(server.addr, "POST", &signed_path("POST", &path, body.as_bytes(), &[]), body.as_bytes());
     assert_eq!(status, 200);
