@@ -44,12 +44,14 @@ struct Options {
     threads: usize,
     publish_connections: usize,
     nchan: bool,
+    ceiling: bool,
 }
 
 const USAGE: &str = "usage: loadgen fanout [--addr 127.0.0.1:6001] [--app-id 1] [--key K] [--secret S]
   [--channels 10] [--subscribers 1000] [--rate 1000] [--duration 10] [--payload 100]
-  [--threads 1] [--publish-connections 4] [--nchan]
---nchan speaks nginx+Nchan's pub/sub URLs (/sub/{channel} WebSocket, POST /pub/{channel}) instead of Pusher.";
+  [--threads 1] [--publish-connections 4] [--nchan | --ceiling]
+--nchan speaks nginx+Nchan's pub/sub URLs (/sub/{channel} WebSocket, POST /pub/{channel}) instead of Pusher.
+--ceiling drives benches/ceiling.rs, which publishes by itself on the same schedule.";
 
 fn parse_options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
@@ -70,10 +72,15 @@ fn parse_options() -> Result<Options, String> {
         threads: 1,
         publish_connections: 4,
         nchan: false,
+        ceiling: false,
     };
     while let Some(flag) = args.next() {
         if flag == "--nchan" {
             options.nchan = true;
+            continue;
+        }
+        if flag == "--ceiling" {
+            options.ceiling = true;
             continue;
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
@@ -142,7 +149,7 @@ fn main() {
         options.subscribers, options.rate, options.duration
     );
     let publish_start = Instant::now();
-    let published = publisher(options.clone());
+    let published = if options.ceiling { start_ceiling(&options) } else { publisher(options.clone()) };
     let publish_elapsed = publish_start.elapsed();
     // Give in-flight deliveries a moment, then stop the readers.
     let expected = expected_deliveries(&options, &published);
@@ -474,6 +481,34 @@ fn publisher(options: Arc<Options>) -> Published {
         }
     }
     total
+}
+
+/// `--ceiling`: the ceiling program publishes by itself on the same schedule; ask it to start
+/// and wait out the run. Its events per channel follow from the schedule (event k on k mod C).
+fn start_ceiling(options: &Options) -> Published {
+    use std::io::{Read, Write};
+    let total = (options.rate as f64 * options.duration.as_secs_f64()) as u64;
+    let mut per_channel = vec![0u64; options.channels];
+    for k in 0..total {
+        per_channel[k as usize % options.channels] += 1;
+    }
+    let request = format!(
+        "POST /start?rate={}&duration_ms={}&channels={} HTTP/1.1\r\nHost: bench\r\n\r\n",
+        options.rate,
+        options.duration.as_millis(),
+        options.channels
+    );
+    let started = std::net::TcpStream::connect(options.addr).and_then(|mut s| {
+        s.write_all(request.as_bytes())?;
+        let mut reply = Vec::new();
+        s.read_to_end(&mut reply)?;
+        Ok(reply.starts_with(b"HTTP/1.1 200"))
+    });
+    if !matches!(started, Ok(true)) {
+        return Published { sent: 0, errors: 1, per_channel: vec![0; options.channels] };
+    }
+    std::thread::sleep(options.duration);
+    Published { sent: total, errors: 0, per_channel }
 }
 
 fn publish_request(options: &Options, index: u64, intended_ns: u64) -> Vec<u8> {
