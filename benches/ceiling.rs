@@ -190,8 +190,8 @@ async fn connection(mut stream: TcpStream, channels: Channels, run: Arc<Run>) {
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     buf.advance(head_end);
-    if head.starts_with("POST /start?") {
-        let query = head[12..].split_whitespace().next().unwrap_or("");
+    if let Some(rest) = head.strip_prefix("POST /start?") {
+        let query = rest.split_whitespace().next().unwrap_or("");
         for pair in query.split('&') {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let value: u64 = value.parse().unwrap_or(0);
