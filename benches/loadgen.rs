@@ -153,8 +153,20 @@ fn main() {
     let publish_elapsed = publish_start.elapsed();
     // Give in-flight deliveries a moment, then stop the readers.
     let expected = expected_deliveries(&options, &published);
-    let drain_deadline = Instant::now() + Duration::from_secs(3);
-    while totals.delivered.load(Ordering::Relaxed) < expected && Instant::now() < drain_deadline {
+    // Wait for the backlog of a saturated server to arrive: as long as deliveries keep coming
+    // (within 1 s of each other), up to 20 s; a server that stalls is cut off after 1 s.
+    let drain_deadline = Instant::now() + Duration::from_secs(20);
+    let (mut last_count, mut last_progress) = (0, Instant::now());
+    loop {
+        let delivered = totals.delivered.load(Ordering::Relaxed);
+        if delivered >= expected || Instant::now() >= drain_deadline {
+            break;
+        }
+        if delivered != last_count {
+            (last_count, last_progress) = (delivered, Instant::now());
+        } else if last_progress.elapsed() > Duration::from_secs(1) {
+            break;
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
     stop.store(true, Ordering::Relaxed);
