@@ -61,10 +61,16 @@ const sockets = new Set(); // every faye-websocket socket pusher-js opened (see 
 
 // ---- helpers --------------------------------------------------------------------------------
 
+/** A note for a timeout message when the cause is that the server is gone. */
+function serverGone() {
+  if (!server || (server.exitCode === null && server.signalCode === null)) return '';
+  return ` (ringwire has exited: ${server.exitCode ?? server.signalCode}; stderr:\n${serverStderr})`;
+}
+
 function withTimeout(promise, ms, what) {
   let timer;
   const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}${serverGone()}`)), ms);
   });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
@@ -76,7 +82,7 @@ async function waitFor(predicate, what) {
   for (const deadline = Date.now() + WAIT_MS; ; await sleep(10)) {
     const value = await predicate();
     if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${WAIT_MS} ms waiting for ${what}`);
+    if (Date.now() > deadline) throw new Error(`timed out after ${WAIT_MS} ms waiting for ${what}${serverGone()}`);
   }
 }
 
