@@ -9,15 +9,14 @@
 
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { rmSync } from 'node:fs';
 import path from 'node:path';
-import { createInterface } from 'node:readline';
 import { fileURLToPath } from 'node:url';
 
 import Pusher from 'pusher-js';
 import PusherServer from 'pusher';
+
+import { spawnRingwire } from './harness.mjs';
 import Echo from 'laravel-echo';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
@@ -322,43 +321,12 @@ async function sentinel(channel, name) {
 
 // ---- server lifecycle -----------------------------------------------------------------------
 
-/** Spawns ringwire on a free port; resolves once its first stdout line names the address. */
+/** Spawns ringwire on a free port (see harness.mjs). */
 async function startServer() {
-  tmpDir = mkdtempSync(path.join(tmpdir(), 'ringwire-protocol-'));
-  const configPath = path.join(tmpDir, 'ringwire.toml');
-  writeFileSync(configPath, CONFIG);
-
-  server = spawn(BIN, ['--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
-  // Never leave a server behind should this process end before `after` has run.
-  process.on('exit', () => {
-    server.kill('SIGKILL');
-    rmSync(tmpDir, { recursive: true, force: true });
-  });
-  for (const signal of ['SIGINT', 'SIGTERM']) process.once(signal, () => process.exit(1));
-  serverExit = new Promise((resolve) => {
-    server.on('exit', (code, signal) => resolve({ code, signal }));
-    server.on('error', (error) => resolve({ error }));
-  });
-  server.stderr.setEncoding('utf8');
-  server.stderr.on('data', (chunk) => {
-    serverStderr = (serverStderr + chunk).slice(-20000);
-  });
-
-  const lines = createInterface({ input: server.stdout });
-  const firstLine = new Promise((resolve) => lines.once('line', resolve));
-  const early = serverExit.then(({ code, signal, error }) => {
-    throw error ?? new Error(`ringwire exited before listening (${code ?? signal}):\n${serverStderr}`);
-  });
-  early.catch(() => {}); // only the race below reports it
-  const line = await withTimeout(Promise.race([firstLine, early]), 10000, `the first line of ${BIN}`);
-  lines.on('line', () => {}); // keep draining stdout
-
-  // `ringwire listening on 127.0.0.1:43567 (2 shards: IoUring, IoUring)`
-  assert.match(line, /^ringwire listening on \S+:\d+ /, `unexpected first line: ${line}`);
-  const address = line.trim().split(/\s+/)[3];
-  const colon = address.lastIndexOf(':');
-  host = address.slice(0, colon);
-  port = Number(address.slice(colon + 1));
+  const onStderr = (text) => {
+    serverStderr = text;
+  };
+  ({ server, exit: serverExit, tmpDir, host, port } = await spawnRingwire({ bin: BIN, config: CONFIG, prefix: 'ringwire-protocol-', onStderr }));
 }
 
 /** Disconnects every client left, SIGTERMs the server and checks it exits 0. */

@@ -1,0 +1,56 @@
+// Shared by the interop test files: start ringwire as a child process on a free port.
+// (Not a test file itself: its name matches none of node --test's patterns.)
+
+import { spawn } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { createInterface } from 'node:readline';
+
+/**
+ * Spawns `bin --config <config>` and resolves once its first stdout line names the address.
+ * `onStderr(text)` receives the last 20 000 characters of stderr whenever more arrives.
+ * Returns { server, exit, tmpDir, host, port }; `exit` resolves with { code, signal } or
+ * { error }. The server is SIGKILLed and the temp folder removed when this process exits,
+ * even when the runner is interrupted or times out.
+ */
+export async function spawnRingwire({ bin, config, prefix, onStderr }) {
+  const tmpDir = mkdtempSync(path.join(tmpdir(), prefix));
+  const configPath = path.join(tmpDir, 'ringwire.toml');
+  writeFileSync(configPath, config);
+  const server = spawn(bin, ['--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
+  process.on('exit', () => {
+    server.kill('SIGKILL');
+    rmSync(tmpDir, { recursive: true, force: true });
+  });
+  for (const signal of ['SIGINT', 'SIGTERM']) process.once(signal, () => process.exit(1));
+  const exit = new Promise((resolve) => {
+    server.on('exit', (code, signal) => resolve({ code, signal }));
+    server.on('error', (error) => resolve({ error }));
+  });
+  let stderr = '';
+  server.stderr.setEncoding('utf8');
+  server.stderr.on('data', (chunk) => {
+    stderr = (stderr + chunk).slice(-20000);
+    onStderr(stderr);
+  });
+
+  const lines = createInterface({ input: server.stdout });
+  const firstLine = new Promise((resolve) => lines.once('line', resolve));
+  const early = exit.then(({ code, signal, error }) => {
+    throw error ?? new Error(`ringwire exited before listening (${code ?? signal}):\n${stderr}`);
+  });
+  early.catch(() => {}); // only the race below reports it
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after 10000 ms waiting for the first line of ${bin}`)), 10000);
+  });
+  const line = await Promise.race([firstLine, early, timeout]).finally(() => clearTimeout(timer));
+  lines.on('line', () => {}); // keep draining stdout
+
+  // `ringwire listening on 127.0.0.1:43567 (2 shards: IoUring, IoUring)`
+  if (!/^ringwire listening on \S+:\d+ /.test(line)) throw new Error(`unexpected first line: ${line}`);
+  const address = line.trim().split(/\s+/)[3];
+  const colon = address.lastIndexOf(':');
+  return { server, exit, tmpDir, host: address.slice(0, colon), port: Number(address.slice(colon + 1)) };
+}
