@@ -13,12 +13,14 @@
 //! - `pusher`: `message` (protocol JSON), `channel` (names, kinds), `auth` (request signing).
 //! - `apps`: the applications and their admission counters.
 //! - `metrics`: per-shard counters, Prometheus text.
+//! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
 
 pub mod apps;
 pub mod config;
 pub mod metrics;
 pub mod server;
 pub mod shard;
+pub mod wal;
 
 /// Sockets and their I/O.
 pub mod net {

@@ -1,0 +1,601 @@
+//! The webhook write-ahead log of one shard (`docs/wal.md` is the format and its reasons).
+//!
+//! Owns the segments on its `Storage`, the index of live deliveries (pending or dead, with
+//! their bodies) and the group commit. Appends are synchronous and only buffer; `commit`
+//! waits until a position is durable (or written, in `batch` mode); one flusher task
+//! (`run`) writes and fsyncs batches. Only this module calls `fsync`.
+//!
+//! Invariant: a record is acknowledged (its `commit` returns) only after it is durable in a
+//! segment whose creation is durable. Segments are removed oldest first, and only when no
+//! live delivery's newest copy or newest state record is in it (those are copied forward
+//! first, with an explicit state record): an `Ack` in a removed segment can then only refer
+//! to a delivery whose records were removed before it.
+
+pub mod record;
+pub mod storage;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use record::HEADER_BYTES;
+pub use record::{Delivery, Outcome, Record, SegmentHeader};
+pub use storage::{FileStorage, SimStorage, Storage};
+
+/// When `commit` returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// After the batch is fsynced.
+    Fsync,
+    /// After the batch is written; fsync on a timer of this period.
+    Batch(Duration),
+}
+
+/// Why the WAL cannot go on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WalError {
+    /// Fsynced data is damaged: the server must not start on it.
+    #[error("WAL segment {segment:020}.wal is corrupt at byte {offset}: {reason}")]
+    Corrupt {
+        /// The segment.
+        segment: u64,
+        /// Where.
+        offset: u64,
+        /// What was found.
+        reason: String,
+    },
+    /// The storage failed; nothing more is accepted.
+    #[error("WAL storage failed: {0}")]
+    Failed(String),
+}
+
+/// A position in the log's byte stream (since this process opened it).
+pub type Lsn = u64;
+
+/// A live (pending or dead) delivery as the log knows it.
+#[derive(Debug, Clone)]
+pub struct LiveDelivery {
+    /// The delivery.
+    pub delivery: Delivery,
+    /// A dead letter (not retried until replayed).
+    pub dead: bool,
+    /// The segment holding its newest `Delivery` record (stale while a copy is buffered).
+    copy_at: Option<u64>,
+    /// The segment holding its newest `Ack dead` or `Replay` record, if any.
+    state_at: Option<u64>,
+    /// Bytes of its `Delivery` record (for compaction's arithmetic).
+    bytes: u64,
+}
+
+impl LiveDelivery {
+    fn refers_to(&self, segment: u64) -> bool {
+        self.copy_at == Some(segment) || self.state_at == Some(segment)
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct SegmentInfo {
+    /// Bytes in the segment, header included.
+    bytes: u64,
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct WalStats {
+    /// fdatasync calls on segments.
+    pub fsyncs: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Batches written.
+    pub batches: u64,
+    /// Segments on disk.
+    pub segments: u64,
+    /// Segments removed by compaction.
+    pub segments_removed: u64,
+}
+
+struct WalState {
+    log_id: u64,
+    next_seq: u64,
+    head: u64,
+    head_len: u64,
+    buffer: Vec<u8>,
+    /// Records of live deliveries in `buffer`: (seq, true for a `Delivery`, false for a state record).
+    buffered: Vec<(u64, bool)>,
+    appended: Lsn,
+    written: Lsn,
+    durable: Lsn,
+    waiters: Vec<Waker>,
+    flusher: Option<Waker>,
+    failed: Option<String>,
+    segments: BTreeMap<u64, SegmentInfo>,
+    live: HashMap<u64, LiveDelivery>,
+    live_bytes: u64,
+    /// The oldest segment, to be removed once `durable` reaches the position (its live
+    /// records were copied forward before it).
+    removable: Option<(u64, Lsn)>,
+    stats: WalStats,
+}
+
+/// One shard's write-ahead log.
+pub struct Wal<S: Storage> {
+    storage: S,
+    shard: u32,
+    segment_bytes_max: u64,
+    durability: Durability,
+    state: RefCell<WalState>,
+}
+
+impl<S: Storage> Wal<S> {
+    /// Opens the log on `storage` (creating it when empty), recovering every live delivery;
+    /// returns them in sequence order with the log.
+    pub async fn open(
+        storage: S,
+        shard: u32,
+        segment_bytes_max: u64,
+        durability: Durability,
+    ) -> Result<(Wal<S>, Vec<LiveDelivery>), WalError> {
+        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let segments = storage.list().await.map_err(failed)?;
+        let mut state = WalState {
+            log_id: 0,
+            next_seq: 0,
+            head: 0,
+            head_len: 0,
+            buffer: Vec::new(),
+            buffered: Vec::new(),
+            appended: 0,
+            written: 0,
+            durable: 0,
+            waiters: Vec::new(),
+            flusher: None,
+            failed: None,
+            segments: BTreeMap::new(),
+            live: HashMap::new(),
+            live_bytes: 0,
+            removable: None,
+            stats: WalStats::default(),
+        };
+        let mut log_id = None;
+        for (i, &segment) in segments.iter().enumerate() {
+            let last = i + 1 == segments.len();
+            let bytes = storage.read(segment).await.map_err(failed)?;
+            let corrupt = |offset: usize, reason: &str| WalError::Corrupt {
+                segment,
+                offset: offset as u64,
+                reason: reason.into(),
+            };
+            let header = match SegmentHeader::decode(&bytes) {
+                Some(header) => header,
+                // Being created when the process died: nothing in it was acknowledged.
+                None if last => {
+                    storage.remove(segment).await.map_err(failed)?;
+                    storage.sync_dir().await.map_err(failed)?;
+                    continue;
+                }
+                None => return Err(corrupt(0, "bad segment header")),
+            };
+            if header.shard != shard {
+                return Err(corrupt(12, &format!("written by shard {}, opened by shard {shard}", header.shard)));
+            }
+            if *log_id.get_or_insert(header.log_id) != header.log_id {
+                return Err(corrupt(16, "belongs to another log (log_id differs)"));
+            }
+            state.next_seq = state.next_seq.max(header.first_seq);
+            let mut offset = HEADER_BYTES;
+            let end = loop {
+                match Record::decode(&bytes[offset..]) {
+                    Ok(Some((record, used))) => {
+                        state.apply_recovered(record, segment, used as u64);
+                        offset += used;
+                    }
+                    Ok(None) if offset == bytes.len() => break offset,
+                    result => {
+                        if !last {
+                            let reason = match result {
+                                Err(e) => format!("{e:?} record"),
+                                _ => "truncated record".into(),
+                            };
+                            return Err(corrupt(offset, &reason));
+                        }
+                        // A torn tail of the last segment: never acknowledged.
+                        storage.truncate(segment, offset as u64).await.map_err(failed)?;
+                        storage.sync(segment).await.map_err(failed)?;
+                        break offset;
+                    }
+                }
+            };
+            state.segments.entry(segment).or_default().bytes = end as u64;
+            state.head = segment;
+            state.head_len = end as u64;
+        }
+        let wal = Wal { storage, shard, segment_bytes_max, durability, state: RefCell::new(state) };
+        match log_id {
+            Some(id) if !wal.state.borrow().segments.is_empty() => wal.state.borrow_mut().log_id = id,
+            _ => {
+                wal.state.borrow_mut().log_id = fastrand::u64(..);
+                wal.create_segment(0).await?;
+            }
+        }
+        let mut recovered: Vec<LiveDelivery> = wal.state.borrow().live.values().cloned().collect();
+        recovered.sort_by_key(|l| l.delivery.seq);
+        Ok((wal, recovered))
+    }
+
+    /// The random id of this log (part of every webhook id).
+    pub fn log_id(&self) -> u64 {
+        self.state.borrow().log_id
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> WalStats {
+        let state = self.state.borrow();
+        WalStats { segments: state.segments.len() as u64, ..state.stats }
+    }
+
+    /// Bytes of live (pending or dead) deliveries' records.
+    pub fn live_bytes(&self) -> u64 {
+        self.state.borrow().live_bytes
+    }
+
+    /// Live deliveries (pending or dead).
+    pub fn live_count(&self) -> usize {
+        self.state.borrow().live.len()
+    }
+
+    /// A live delivery.
+    pub fn get(&self, seq: u64) -> Option<LiveDelivery> {
+        self.state.borrow().live.get(&seq).cloned()
+    }
+
+    /// Buffers a new delivery; returns its sequence number and log position.
+    pub fn append_delivery(&self, endpoint: &str, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+        let mut state = self.state.borrow_mut();
+        state.check()?;
+        let seq = state.next_seq;
+        state.next_seq += 1;
+        let delivery = Delivery { seq, created_ms, endpoint: endpoint.into(), body };
+        let lsn = state.push_delivery(delivery, None);
+        self.wake_flusher(&mut state);
+        Ok((seq, lsn))
+    }
+
+    /// Buffers the end of a delivery: `Delivered` forgets it, `Dead` keeps it as a dead letter.
+    pub fn append_ack(&self, seq: u64, outcome: Outcome) -> Result<Lsn, WalError> {
+        let mut state = self.state.borrow_mut();
+        state.check()?;
+        let lsn = state.push(&Record::Ack { seq, outcome });
+        state.apply_ack(seq, outcome);
+        self.wake_flusher(&mut state);
+        Ok(lsn)
+    }
+
+    /// Buffers a replay of a dead letter; returns the delivery, now pending again, or `None`
+    /// when the log holds no such dead letter.
+    pub fn append_replay(&self, seq: u64) -> Result<Option<(Delivery, Lsn)>, WalError> {
+        let mut state = self.state.borrow_mut();
+        state.check()?;
+        let Some(entry) = state.live.get_mut(&seq).filter(|e| e.dead) else {
+            return Ok(None);
+        };
+        entry.dead = false;
+        let delivery = entry.delivery.clone();
+        let lsn = state.push(&Record::Replay { seq });
+        state.buffered.push((seq, false));
+        self.wake_flusher(&mut state);
+        Ok(Some((delivery, lsn)))
+    }
+
+    /// Waits until `lsn` is durable (`Fsync`) or written (`Batch`).
+    pub async fn commit(&self, lsn: Lsn) -> Result<(), WalError> {
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            let reached = match self.durability {
+                Durability::Fsync => state.durable,
+                Durability::Batch(_) => state.written,
+            };
+            if reached >= lsn {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some(reason) = &state.failed {
+                return Poll::Ready(Err(WalError::Failed(reason.clone())));
+            }
+            state.waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The flusher: writes (and syncs) what is buffered, batch after batch, until the storage
+    /// fails. Run it as one task per log.
+    pub async fn run(&self) {
+        loop {
+            let buffered = poll_fn(|cx| {
+                let mut state = self.state.borrow_mut();
+                if !state.buffer.is_empty() || state.failed.is_some() {
+                    Poll::Ready(true)
+                } else if matches!(self.durability, Durability::Batch(_)) && state.durable < state.written {
+                    Poll::Ready(false)
+                } else {
+                    state.flusher = Some(cx.waker().clone());
+                    Poll::Pending
+                }
+            })
+            .await;
+            if self.state.borrow().failed.is_some() {
+                return;
+            }
+            if !buffered {
+                if let Durability::Batch(period) = self.durability {
+                    monoio::time::sleep(period).await;
+                }
+            }
+            if let Err(error) = self.flush_once().await {
+                let mut state = self.state.borrow_mut();
+                state.failed = Some(error.to_string());
+                for waker in state.waiters.drain(..) {
+                    waker.wake();
+                }
+                tracing::error!(shard = self.shard, %error, "webhook WAL failed; new deliveries are refused");
+                return;
+            }
+        }
+    }
+
+    /// One batch: rotate if the head is full, write the buffer, sync (per durability),
+    /// release the waiters, then compact.
+    pub async fn flush_once(&self) -> Result<(), WalError> {
+        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let rotate = {
+            let state = self.state.borrow();
+            !state.buffer.is_empty()
+                && state.head_len > HEADER_BYTES as u64
+                && state.head_len + state.buffer.len() as u64 > self.segment_bytes_max
+        };
+        if rotate {
+            self.rotate().await?;
+        }
+        let (head, offset, bytes, end) = {
+            let mut state = self.state.borrow_mut();
+            let head = state.head;
+            for (seq, copy) in std::mem::take(&mut state.buffered) {
+                if let Some(entry) = state.live.get_mut(&seq) {
+                    *(if copy { &mut entry.copy_at } else { &mut entry.state_at }) = Some(head);
+                }
+            }
+            let bytes = std::mem::take(&mut state.buffer);
+            state.segments.entry(head).or_default().bytes += bytes.len() as u64;
+            let offset = state.head_len;
+            state.head_len += bytes.len() as u64;
+            (head, offset, bytes, state.appended)
+        };
+        if !bytes.is_empty() {
+            let length = bytes.len() as u64;
+            self.storage.write_at(head, offset, bytes).await.map_err(failed)?;
+            let mut state = self.state.borrow_mut();
+            state.written = end;
+            state.stats.bytes_written += length;
+            state.stats.batches += 1;
+            if matches!(self.durability, Durability::Batch(_)) {
+                for waker in state.waiters.drain(..) {
+                    waker.wake();
+                }
+                return Ok(());
+            }
+        }
+        self.storage.sync(head).await.map_err(failed)?;
+        let copied = {
+            let mut state = self.state.borrow_mut();
+            state.stats.fsyncs += 1;
+            state.durable = end;
+            for waker in state.waiters.drain(..) {
+                waker.wake();
+            }
+            state.removable.is_some_and(|(_, lsn)| lsn <= end)
+        };
+        if rotate || copied {
+            self.compact().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new head segment: sync the old one, create, write the header, sync, sync dir.
+    async fn rotate(&self) -> Result<(), WalError> {
+        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let (old, next) = {
+            let state = self.state.borrow();
+            (state.head, state.next_seq.max(state.head + 1))
+        };
+        self.storage.sync(old).await.map_err(failed)?;
+        self.state.borrow_mut().stats.fsyncs += 1;
+        self.create_segment(next).await
+    }
+
+    async fn create_segment(&self, first_seq: u64) -> Result<(), WalError> {
+        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let header = {
+            let state = self.state.borrow();
+            SegmentHeader { shard: self.shard, log_id: state.log_id, first_seq }
+        };
+        self.storage.create(first_seq).await.map_err(failed)?;
+        self.storage.write_at(first_seq, 0, header.encode().to_vec()).await.map_err(failed)?;
+        self.storage.sync(first_seq).await.map_err(failed)?;
+        self.storage.sync_dir().await.map_err(failed)?;
+        let mut state = self.state.borrow_mut();
+        state.stats.fsyncs += 1;
+        state.next_seq = state.next_seq.max(first_seq);
+        state.head = first_seq;
+        state.head_len = HEADER_BYTES as u64;
+        state.segments.insert(first_seq, SegmentInfo { bytes: HEADER_BYTES as u64 });
+        Ok(())
+    }
+
+    /// Removes the oldest segments while nothing live refers to them; then, if the oldest
+    /// still holds live records and moving them frees enough, copies them forward (the
+    /// segment goes once the copies are durable, at a later flush).
+    async fn compact(&self) -> Result<(), WalError> {
+        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let mut removed_any = false;
+        loop {
+            let removable = {
+                let mut state = self.state.borrow_mut();
+                let Some((&oldest, &info)) = state.segments.iter().next() else { break };
+                if oldest == state.head {
+                    break;
+                }
+                match state.removable {
+                    Some((segment, lsn)) if segment == oldest => {
+                        if lsn > state.durable {
+                            break;
+                        }
+                        state.removable = None;
+                        true
+                    }
+                    _ => state.compact_oldest(oldest, info.bytes, self.segment_bytes_max),
+                }
+            };
+            if !removable {
+                break;
+            }
+            let oldest = *self.state.borrow().segments.keys().next().expect("checked above");
+            self.storage.remove(oldest).await.map_err(failed)?;
+            let mut state = self.state.borrow_mut();
+            state.segments.remove(&oldest);
+            state.stats.segments_removed += 1;
+            removed_any = true;
+        }
+        if self.state.borrow().removable.is_some() {
+            let mut state = self.state.borrow_mut();
+            self.wake_flusher(&mut state);
+        }
+        if removed_any {
+            self.storage.sync_dir().await.map_err(failed)?;
+        }
+        Ok(())
+    }
+
+    fn wake_flusher(&self, state: &mut WalState) {
+        if let Some(waker) = state.flusher.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl WalState {
+    fn check(&self) -> Result<(), WalError> {
+        match &self.failed {
+            Some(reason) => Err(WalError::Failed(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    fn push(&mut self, record: &Record) -> Lsn {
+        record.encode(&mut self.buffer);
+        self.appended += record.encoded_len() as u64;
+        self.appended
+    }
+
+    /// Buffers a delivery's `Delivery` record, with an explicit state record when it is a
+    /// copy (`Ack dead` or `Replay`), and indexes it.
+    fn push_delivery(&mut self, delivery: Delivery, state: Option<bool>) -> Lsn {
+        let seq = delivery.seq;
+        let record = Record::Delivery(delivery);
+        let bytes = record.encoded_len() as u64;
+        let mut lsn = self.push(&record);
+        let Record::Delivery(delivery) = record else { unreachable!("built above") };
+        self.buffered.push((seq, true));
+        let dead = state == Some(true);
+        match state {
+            Some(true) => lsn = self.push(&Record::Ack { seq, outcome: Outcome::Dead }),
+            Some(false) => lsn = self.push(&Record::Replay { seq }),
+            None => {}
+        }
+        if state.is_some() {
+            self.buffered.push((seq, false));
+        }
+        let previous = self.live.insert(seq, LiveDelivery { delivery, dead, copy_at: None, state_at: None, bytes });
+        if let Some(previous) = previous {
+            self.live_bytes -= previous.bytes;
+        }
+        self.live_bytes += bytes;
+        lsn
+    }
+
+    /// Whether the oldest segment can go now; if not, maybe buffers copies of what keeps it.
+    fn compact_oldest(&mut self, oldest: u64, oldest_bytes: u64, segment_bytes_max: u64) -> bool {
+        let mut keeping: Vec<u64> =
+            self.live.iter().filter(|(_, l)| l.refers_to(oldest)).map(|(&seq, _)| seq).collect();
+        if keeping.is_empty() {
+            return true;
+        }
+        let keeping_bytes: u64 = keeping.iter().map(|seq| self.live[seq].bytes).sum();
+        let total_bytes: u64 = self.segments.values().map(|i| i.bytes).sum();
+        // Copy when that frees at least half the segment, or when the log holds more than
+        // twice what is live (so cleaning pays for itself overall).
+        let worth_it = keeping_bytes * 2 <= oldest_bytes || total_bytes > 2 * self.live_bytes + 2 * segment_bytes_max;
+        if worth_it {
+            keeping.sort_unstable();
+            for seq in keeping {
+                let entry = self.live.get(&seq).expect("listed above").clone();
+                self.push_delivery(entry.delivery, Some(entry.dead));
+            }
+            self.removable = Some((oldest, self.appended));
+        }
+        false
+    }
+
+    fn apply_ack(&mut self, seq: u64, outcome: Outcome) {
+        match outcome {
+            Outcome::Delivered => {
+                if let Some(entry) = self.live.remove(&seq) {
+                    self.live_bytes -= entry.bytes;
+                }
+            }
+            Outcome::Dead => {
+                if let Some(entry) = self.live.get_mut(&seq) {
+                    entry.dead = true;
+                    self.buffered.push((seq, false));
+                }
+            }
+        }
+    }
+
+    /// Replays one record read at recovery from `segment`.
+    fn apply_recovered(&mut self, record: Record, segment: u64, bytes: u64) {
+        self.next_seq = self.next_seq.max(record.seq() + 1);
+        match record {
+            Record::Delivery(delivery) => {
+                // A second Delivery for a seq is a copy made by compaction: it keeps the state
+                // the earlier records gave it (an explicit state record follows it anyway).
+                let seq = delivery.seq;
+                let previous = self.live.remove(&seq);
+                let (dead, state_at) = previous.as_ref().map_or((false, None), |p| (p.dead, p.state_at));
+                if let Some(previous) = previous {
+                    self.live_bytes -= previous.bytes;
+                }
+                self.live_bytes += bytes;
+                let copy_at = Some(segment);
+                self.live.insert(seq, LiveDelivery { delivery, dead, copy_at, state_at, bytes });
+            }
+            Record::Ack { seq, outcome: Outcome::Delivered } => {
+                if let Some(entry) = self.live.remove(&seq) {
+                    self.live_bytes -= entry.bytes;
+                }
+            }
+            Record::Ack { seq, outcome: Outcome::Dead } | Record::Replay { seq } => {
+                let dead = matches!(record, Record::Ack { .. });
+                if let Some(entry) = self.live.get_mut(&seq) {
+                    entry.dead = dead;
+                    entry.state_at = Some(segment);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

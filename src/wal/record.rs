@@ -1,0 +1,273 @@
+//! The WAL's on-disk records and segment header (`docs/wal.md`): sans-IO encoders into a
+//! caller's buffer and decoders over `&[u8]` that say "need more bytes" without consuming.
+//!
+//! Owns nothing but bytes; never touches files. Every decoder bounds what it reads.
+
+use bytes::Bytes;
+
+/// Segment header size.
+pub const HEADER_BYTES: usize = 32;
+/// Segment magic: "RWWAL", two zero bytes, format 1.
+pub const MAGIC: [u8; 8] = *b"RWWAL\0\0\x01";
+/// Segment format version.
+pub const VERSION: u32 = 1;
+/// Record frame: length + crc.
+pub const FRAME_BYTES: usize = 8;
+/// Largest `kind + payload` a record may have; anything longer is garbage.
+pub const RECORD_BYTES_MAX: usize = 64 << 20;
+
+const KIND_DELIVERY: u8 = 1;
+const KIND_ACK: u8 = 2;
+const KIND_REPLAY: u8 = 3;
+
+/// A segment's header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The shard that writes this log.
+    pub shard: u32,
+    /// Random id of the log, the same in every segment.
+    pub log_id: u64,
+    /// The next sequence number when the segment was created (also its file name).
+    pub first_seq: u64,
+}
+
+impl SegmentHeader {
+    /// The 32 header bytes.
+    pub fn encode(&self) -> [u8; HEADER_BYTES] {
+        let mut out = [0u8; HEADER_BYTES];
+        out[0..8].copy_from_slice(&MAGIC);
+        out[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        out[12..16].copy_from_slice(&self.shard.to_le_bytes());
+        out[16..24].copy_from_slice(&self.log_id.to_le_bytes());
+        out[24..32].copy_from_slice(&self.first_seq.to_le_bytes());
+        out
+    }
+
+    /// Parses a header; `None` when short, of another format, or another version.
+    pub fn decode(bytes: &[u8]) -> Option<SegmentHeader> {
+        let bytes = bytes.get(..HEADER_BYTES)?;
+        if bytes[0..8] != MAGIC || u32_at(bytes, 8) != VERSION {
+            return None;
+        }
+        Some(SegmentHeader { shard: u32_at(bytes, 12), log_id: u64_at(bytes, 16), first_seq: u64_at(bytes, 24) })
+    }
+}
+
+/// How a delivery ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A 2xx: forget it.
+    Delivered,
+    /// Retries exhausted or endpoint disabled: keep it as a dead letter.
+    Dead,
+}
+
+/// One delivery to one endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// Sequence number within its log (part of the webhook id).
+    pub seq: u64,
+    /// Unix milliseconds when it was created.
+    pub created_ms: u64,
+    /// `"{app_id}/{endpoint_id}"`.
+    pub endpoint: Box<str>,
+    /// The exact body to POST.
+    pub body: Bytes,
+}
+
+/// A decoded record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Record {
+    /// A new (or copied-forward) delivery.
+    Delivery(Delivery),
+    /// A delivery ended.
+    Ack {
+        /// Which delivery.
+        seq: u64,
+        /// How.
+        outcome: Outcome,
+    },
+    /// A delivery is pending again.
+    Replay {
+        /// Which delivery.
+        seq: u64,
+    },
+}
+
+/// Why bytes are not a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeError {
+    /// A length of 0 or over `RECORD_BYTES_MAX`.
+    Length,
+    /// The CRC does not match.
+    Checksum,
+    /// An unknown kind, or a payload of the wrong shape.
+    Malformed,
+}
+
+impl Record {
+    /// Appends the framed record to `out`.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.extend_from_slice(&[0u8; FRAME_BYTES]);
+        match self {
+            Record::Delivery(d) => {
+                assert!(d.endpoint.len() <= usize::from(u16::MAX), "endpoint keys are validated short");
+                out.push(KIND_DELIVERY);
+                out.extend_from_slice(&d.seq.to_le_bytes());
+                out.extend_from_slice(&d.created_ms.to_le_bytes());
+                out.extend_from_slice(&(d.endpoint.len() as u16).to_le_bytes());
+                out.extend_from_slice(d.endpoint.as_bytes());
+                out.extend_from_slice(&d.body);
+            }
+            Record::Ack { seq, outcome } => {
+                out.push(KIND_ACK);
+                out.extend_from_slice(&seq.to_le_bytes());
+                out.push(match outcome {
+                    Outcome::Delivered => 1,
+                    Outcome::Dead => 2,
+                });
+            }
+            Record::Replay { seq } => {
+                out.push(KIND_REPLAY);
+                out.extend_from_slice(&seq.to_le_bytes());
+            }
+        }
+        let length = out.len() - start - FRAME_BYTES;
+        assert!(length <= RECORD_BYTES_MAX, "records are bounded by the API's body limit");
+        let crc = crc32fast::hash(&out[start + FRAME_BYTES..]);
+        out[start..start + 4].copy_from_slice(&(length as u32).to_le_bytes());
+        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Bytes `encode` appends.
+    pub fn encoded_len(&self) -> usize {
+        FRAME_BYTES
+            + 1
+            + match self {
+                Record::Delivery(d) => 18 + d.endpoint.len() + d.body.len(),
+                Record::Ack { .. } => 9,
+                Record::Replay { .. } => 8,
+            }
+    }
+
+    /// Decodes the record at the start of `bytes`: `Ok(None)` when the bytes end before it
+    /// does (need more, or a torn tail), else the record and the bytes it took.
+    pub fn decode(bytes: &[u8]) -> Result<Option<(Record, usize)>, DecodeError> {
+        if bytes.len() < FRAME_BYTES {
+            return Ok(None);
+        }
+        let length = u32_at(bytes, 0) as usize;
+        if length == 0 || length > RECORD_BYTES_MAX {
+            return Err(DecodeError::Length);
+        }
+        let Some(body) = bytes.get(FRAME_BYTES..FRAME_BYTES + length) else {
+            return Ok(None);
+        };
+        if crc32fast::hash(body) != u32_at(bytes, 4) {
+            return Err(DecodeError::Checksum);
+        }
+        let (kind, payload) = (body[0], &body[1..]);
+        let record = match kind {
+            KIND_DELIVERY => decode_delivery(payload)?,
+            KIND_ACK if payload.len() == 9 => Record::Ack {
+                seq: u64_at(payload, 0),
+                outcome: match payload[8] {
+                    1 => Outcome::Delivered,
+                    2 => Outcome::Dead,
+                    _ => return Err(DecodeError::Malformed),
+                },
+            },
+            KIND_REPLAY if payload.len() == 8 => Record::Replay { seq: u64_at(payload, 0) },
+            _ => return Err(DecodeError::Malformed),
+        };
+        Ok(Some((record, FRAME_BYTES + length)))
+    }
+
+    /// The delivery sequence number the record is about.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Record::Delivery(d) => d.seq,
+            Record::Ack { seq, .. } | Record::Replay { seq } => *seq,
+        }
+    }
+}
+
+fn decode_delivery(payload: &[u8]) -> Result<Record, DecodeError> {
+    if payload.len() < 18 {
+        return Err(DecodeError::Malformed);
+    }
+    let endpoint_len = usize::from(u16::from_le_bytes([payload[16], payload[17]]));
+    let endpoint = payload.get(18..18 + endpoint_len).ok_or(DecodeError::Malformed)?;
+    let endpoint = std::str::from_utf8(endpoint).map_err(|_| DecodeError::Malformed)?;
+    Ok(Record::Delivery(Delivery {
+        seq: u64_at(payload, 0),
+        created_ms: u64_at(payload, 8),
+        endpoint: endpoint.into(),
+        body: Bytes::copy_from_slice(&payload[18 + endpoint_len..]),
+    }))
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(record: Record) {
+        let mut out = vec![0xAA];
+        record.encode(&mut out);
+        assert_eq!(out.len() - 1, record.encoded_len());
+        assert_eq!(Record::decode(&out[1..]), Ok(Some((record.clone(), out.len() - 1))));
+        // Every strict prefix is "need more", never an error or a different record.
+        for cut in 1..out.len() - 1 {
+            assert_eq!(Record::decode(&out[1..cut]), Ok(None), "prefix of {cut} bytes");
+        }
+    }
+
+    /// Each kind round-trips, and a prefix of a record is never mistaken for one.
+    #[test]
+    fn records_round_trip() {
+        check(Record::Delivery(Delivery {
+            seq: 7,
+            created_ms: 1_700_000_000_123,
+            endpoint: "app/0".into(),
+            body: Bytes::from_static(br#"{"a":1}"#),
+        }));
+        check(Record::Ack { seq: u64::MAX, outcome: Outcome::Delivered });
+        check(Record::Ack { seq: 3, outcome: Outcome::Dead });
+        check(Record::Replay { seq: 9 });
+    }
+
+    /// A flipped bit anywhere after the length is a checksum error; bad lengths are refused.
+    #[test]
+    fn corruption_is_detected() {
+        let mut out = Vec::new();
+        Record::Replay { seq: 1 }.encode(&mut out);
+        for i in 4..out.len() {
+            let mut bad = out.clone();
+            bad[i] ^= 0x10;
+            assert_eq!(Record::decode(&bad), Err(DecodeError::Checksum), "byte {i}");
+        }
+        assert_eq!(Record::decode(&[0; 16]), Err(DecodeError::Length));
+        assert_eq!(Record::decode(&[0xff; 16]), Err(DecodeError::Length));
+    }
+
+    /// The header round-trips and rejects other formats.
+    #[test]
+    fn header_round_trips() {
+        let header = SegmentHeader { shard: 3, log_id: 0xdead_beef, first_seq: 42 };
+        let bytes = header.encode();
+        assert_eq!(SegmentHeader::decode(&bytes), Some(header));
+        assert_eq!(SegmentHeader::decode(&bytes[..31]), None);
+        let mut other = bytes;
+        other[8] = 2;
+        assert_eq!(SegmentHeader::decode(&other), None);
+    }
+}
