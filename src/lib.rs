@@ -8,12 +8,15 @@
 //!   `shard::router` (channel → local subscribers), `shard::session` (Pusher per connection).
 //! - `net`: sockets — `listener` (SO_REUSEPORT, accept), `conn` (HTTP keep-alive, WebSocket
 //!   reader/writer), `batch` (shared frames for one writev).
-//! - `http`: `parse` (sans-IO request heads, responses), `api` (Pusher REST, health, metrics).
+//! - `http`: `parse` (sans-IO request heads, responses), `api` (Pusher REST, health, metrics,
+//!   webhook admin), `client` (outbound HTTP/1.1 for webhooks).
 //! - `ws`: `handshake` (RFC 6455 upgrade), `frame` (sans-IO frame decoder, encoders).
 //! - `pusher`: `message` (protocol JSON), `channel` (names, kinds), `auth` (request signing).
 //! - `apps`: the applications and their admission counters.
 //! - `metrics`: per-shard counters, Prometheus text.
 //! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
+//! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
+//!   `target` (URLs, SSRF guard), `dispatch` (per-shard queues, workers, health).
 
 pub mod apps;
 pub mod config;
@@ -21,6 +24,7 @@ pub mod metrics;
 pub mod server;
 pub mod shard;
 pub mod wal;
+pub mod webhook;
 
 /// Sockets and their I/O.
 pub mod net {
@@ -32,6 +36,7 @@ pub mod net {
 /// HTTP/1.1: parsing and the API.
 pub mod http {
     pub mod api;
+    pub mod client;
     pub mod parse;
 }
 

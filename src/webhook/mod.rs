@@ -1,0 +1,11 @@
+//! Webhooks: Pusher-format lifecycle events and Standard Webhooks event subscriptions,
+//! queued durably in the shard's WAL and delivered by per-endpoint workers.
+//!
+//! - `event`: what is sent (payload bodies, channel and event filters, batching).
+//! - `sign`: signatures per attempt.
+//! - `retry`: the retry schedule, a pure function.
+//! - `target`: endpoint URLs and the SSRF guard.
+
+pub mod retry;
+pub mod sign;
+pub mod target;
