@@ -74,7 +74,8 @@ pub fn parse_response(buf: &[u8], eof: bool, body_max: usize) -> Result<Option<(
         for header in response.headers.iter() {
             let value = std::str::from_utf8(header.value).unwrap_or("").trim();
             if header.name.eq_ignore_ascii_case("content-length") {
-                let parsed = value.parse::<usize>().map_err(|_| ResponseError::Malformed("bad content-length".into()))?;
+                let parsed =
+                    value.parse::<usize>().map_err(|_| ResponseError::Malformed("bad content-length".into()))?;
                 if length.is_some_and(|l| l != parsed) {
                     return Err(ResponseError::Malformed("conflicting content-length".into()));
                 }
@@ -286,13 +287,21 @@ mod tests {
         check("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokEXTRA", false, Some((200, false, "ok", 40)));
         check("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\no", false, None);
         check("HTTP/1.1 204 No Content\r\n\r\n", false, Some((204, false, "", 27)));
-        check("HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", false, Some((500, false, "abc", 62)));
+        check(
+            "HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            false,
+            Some((500, false, "abc", 62)),
+        );
         check("HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", false, None);
         check("HTTP/1.0 200 OK\r\n\r\nbody", false, None);
         check("HTTP/1.0 200 OK\r\n\r\nbody", true, Some((200, true, "body", 23)));
-        check("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 410 Gone\r\nConnection: close\r\nContent-Length: 0\r\n\r\n", false, Some((410, true, "", 84)));
+        check(
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 410 Gone\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+            Some((410, true, "", 84)),
+        );
         // Over the cap: answered at once, connection dropped.
-        check("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false, Some((200, true, "", 40)));
+        check("HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", false, Some((200, true, "", 41)));
     }
 
     /// Retry-After in seconds or as a date; garbage is refused.
@@ -308,7 +317,12 @@ mod tests {
         assert!(r.retry_after.unwrap() > Duration::from_secs(95));
         assert!(parse_response(b"SMTP 220 hello\r\n\r\n", false, 64).is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false, 64).is_err());
-        assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false, 64).is_err());
-        assert_eq!(parse_response(&[b'a'; 100], false, 64).unwrap_err(), ResponseError::Malformed("invalid HTTP version".into()));
+        assert!(
+            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false, 64).is_err()
+        );
+        assert_eq!(
+            parse_response(&[b'a'; 100], false, 64).unwrap_err(),
+            ResponseError::Malformed("invalid HTTP version".into())
+        );
     }
 }

@@ -99,7 +99,8 @@ mod tests {
     /// Two secrets sign at once, space-separated, each entry well formed.
     #[test]
     fn rotation_signs_with_every_secret() {
-        let secrets = ["whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()];
+        let secrets =
+            ["whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into(), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()];
         let signature = StandardSigner::new(&secrets).unwrap().sign("msg_1", 1, b"{}");
         let entries: Vec<&str> = signature.split(' ').collect();
         assert_eq!(entries.len(), 2);
@@ -121,9 +122,6 @@ mod tests {
     fn pusher_signature_vector() {
         let key = hmac::Key::new(hmac::HMAC_SHA256, b"secret");
         // python3 -c 'import hmac,hashlib;print(hmac.new(b"secret",b"{}",hashlib.sha256).hexdigest())'
-        assert_eq!(
-            pusher_signature(&key, b"{}"),
-            "77325902caca812dc259733aacd046b73817372c777b8d95b402647474516e13"
-        );
+        assert_eq!(pusher_signature(&key, b"{}"), "77325902caca812dc259733aacd046b73817372c777b8d95b402647474516e13");
     }
 }
