@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 
 use serde::Deserialize;
 
@@ -25,8 +26,147 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Cross-shard rings.
     pub mesh: MeshConfig,
+    /// Webhook delivery: the durable queue, the HTTP client, retries, the SSRF guard.
+    pub webhooks: WebhooksConfig,
     /// The applications this node serves (at least one).
     pub apps: Vec<AppConfig>,
+}
+
+/// `[webhooks]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// Directory of the write-ahead logs (one subdirectory per shard).
+    pub data_dir: PathBuf,
+    /// When an accepted event counts as safe: `fsync`, `batch` or `memory`.
+    pub durability: DurabilityMode,
+    /// `batch` durability: fsync period.
+    pub batch_sync_ms: u64,
+    /// A WAL segment is rotated past this size.
+    pub segment_bytes_max: u64,
+    /// Bytes of queued (pending or dead) deliveries per shard; over it the API answers 503.
+    pub queue_bytes_max: u64,
+    /// Let webhooks reach loopback, private and other non-public addresses.
+    pub allow_private_targets: bool,
+    /// Non-public address blocks allowed anyway, e.g. `["10.1.0.0/16"]`.
+    pub allowed_cidrs: Vec<String>,
+    /// Delay before each attempt (the first is normally 0); its length is the attempt count.
+    pub retry_schedule_ms: Vec<u64>,
+    /// Each retry delay moves by up to ± this percentage.
+    pub retry_jitter_percent: u32,
+    /// Least delay after a 429 or a timeout.
+    pub retry_overload_floor_ms: u64,
+    /// Largest `Retry-After` honoured.
+    pub retry_after_max_ms: u64,
+    /// Time to connect to an endpoint.
+    pub connect_timeout_ms: u64,
+    /// Time for a whole attempt (connect, send, response).
+    pub request_timeout_ms: u64,
+    /// Response body bytes read at most.
+    pub response_bytes_max: usize,
+    /// Keep-alive connections per endpoint per shard.
+    pub connections_per_endpoint_max: usize,
+    /// Requests written at once on one connection (1 = no pipelining).
+    pub pipeline_max: usize,
+    /// Consecutive failures that open an endpoint's circuit breaker.
+    pub breaker_failures: u32,
+    /// How long an open breaker waits before a probe.
+    pub breaker_cooldown_ms: u64,
+    /// Pusher-format batching: longest wait.
+    pub batch_ms: u64,
+    /// Pusher-format batching: most events per request.
+    pub batch_events_max: usize,
+    /// Attempts remembered per shard for the admin API.
+    pub attempt_log_max: usize,
+}
+
+/// `webhooks.durability`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DurabilityMode {
+    /// The API answers after the delivery records are fsynced.
+    Fsync,
+    /// The API answers after they are written; fsync every `batch_sync_ms`.
+    Batch,
+    /// No disk: a crash loses what is queued.
+    Memory,
+}
+
+/// `[[apps.webhooks]]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Name in the admin API; default: its position (`"0"`, `"1"`, …).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Where to POST (`http://` or `https://`).
+    pub url: String,
+    /// `pusher` (lifecycle events) or `standard` (published events, Standard Webhooks).
+    pub format: WebhookFormat,
+    /// `pusher`: lifecycle events to send; absent = all.
+    #[serde(default)]
+    pub events: Option<Vec<String>>,
+    /// `standard`: the signing secret (`whsec_…`).
+    #[serde(default)]
+    pub secret: Option<String>,
+    /// `standard`: further secrets that also sign (key rotation).
+    #[serde(default)]
+    pub secrets: Vec<String>,
+    /// `standard`: channel-name globs; absent = all.
+    #[serde(default)]
+    pub channels: Option<Vec<String>>,
+    /// `standard`: event-name globs; absent = all.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+}
+
+/// `[[apps.webhooks]] format`
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WebhookFormat {
+    /// Pusher's lifecycle webhooks.
+    Pusher,
+    /// Standard Webhooks event subscriptions.
+    Standard,
+}
+
+/// The lifecycle events a `pusher` endpoint may select.
+pub const PUSHER_WEBHOOK_EVENTS: [&str; 7] = [
+    "channel_occupied",
+    "channel_vacated",
+    "member_added",
+    "member_removed",
+    "client_event",
+    "cache_miss",
+    "subscription_count",
+];
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            data_dir: PathBuf::from("./ringwire-data"),
+            durability: DurabilityMode::Fsync,
+            batch_sync_ms: 100,
+            segment_bytes_max: 64 << 20,
+            queue_bytes_max: 256 << 20,
+            allow_private_targets: false,
+            allowed_cidrs: Vec::new(),
+            retry_schedule_ms: vec![0, 5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 36_000_000],
+            retry_jitter_percent: 20,
+            retry_overload_floor_ms: 60_000,
+            retry_after_max_ms: 3_600_000,
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 15_000,
+            response_bytes_max: 65_536,
+            connections_per_endpoint_max: 4,
+            pipeline_max: 1,
+            breaker_failures: 10,
+            breaker_cooldown_ms: 30_000,
+            batch_ms: 250,
+            batch_events_max: 20,
+            attempt_log_max: 10_000,
+        }
+    }
 }
 
 /// `[server]`
@@ -158,6 +298,9 @@ pub struct AppConfig {
     /// channel before it is closed with 4009; 0 = no limit ("authorized connections" off).
     #[serde(default)]
     pub authorized_connections_timeout_s: u32,
+    /// Webhook endpoints.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookConfig>,
 }
 
 fn default_true() -> bool {
@@ -242,6 +385,7 @@ impl Default for Config {
             http: HttpConfig::default(),
             websocket: WebSocketConfig::default(),
             mesh: MeshConfig::default(),
+            webhooks: WebhooksConfig::default(),
             apps: vec![AppConfig::demo()],
         }
     }
@@ -267,6 +411,7 @@ impl AppConfig {
             cache_ttl_s: default_cache_ttl_s(),
             client_events_per_second_max: default_client_events_per_second_max(),
             authorized_connections_timeout_s: 0,
+            webhooks: Vec::new(),
         }
     }
 }
@@ -323,7 +468,7 @@ impl Config {
         if self.server.shards > MAX_SHARDS {
             return err("server.shards".into(), format!("at most {MAX_SHARDS} shards are supported"));
         }
-        let positive: [(&str, u64); 13] = [
+        let positive: [(&str, u64); 25] = [
             ("server.backlog", self.server.backlog.into()),
             ("server.connections_per_shard_max", self.server.connections_per_shard_max as u64),
             ("http.request_line_bytes_max", self.http.request_line_bytes_max as u64),
@@ -337,6 +482,18 @@ impl Config {
             ("websocket.activity_timeout_s", self.websocket.activity_timeout_s.into()),
             ("websocket.pong_timeout_s", self.websocket.pong_timeout_s.into()),
             ("mesh.ring_capacity", self.mesh.ring_capacity as u64),
+            ("webhooks.batch_sync_ms", self.webhooks.batch_sync_ms),
+            ("webhooks.segment_bytes_max", self.webhooks.segment_bytes_max),
+            ("webhooks.queue_bytes_max", self.webhooks.queue_bytes_max),
+            ("webhooks.connect_timeout_ms", self.webhooks.connect_timeout_ms),
+            ("webhooks.request_timeout_ms", self.webhooks.request_timeout_ms),
+            ("webhooks.response_bytes_max", self.webhooks.response_bytes_max as u64),
+            ("webhooks.connections_per_endpoint_max", self.webhooks.connections_per_endpoint_max as u64),
+            ("webhooks.pipeline_max", self.webhooks.pipeline_max as u64),
+            ("webhooks.breaker_failures", self.webhooks.breaker_failures.into()),
+            ("webhooks.batch_ms", self.webhooks.batch_ms),
+            ("webhooks.batch_events_max", self.webhooks.batch_events_max as u64),
+            ("webhooks.attempt_log_max", self.webhooks.attempt_log_max as u64),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -349,6 +506,7 @@ impl Config {
                 "must not exceed http.header_bytes_max (the request line is part of the head)".into(),
             );
         }
+        self.validate_webhooks(text)?;
         if self.apps.is_empty() {
             return err("apps".into(), "at least one [[apps]] table is required".into());
         }
@@ -388,6 +546,100 @@ impl Config {
         }
         Ok(())
     }
+}
+
+impl Config {
+    /// The `[webhooks]` table and every `[[apps.webhooks]]`.
+    fn validate_webhooks(&self, text: &str) -> Result<(), ConfigError> {
+        use crate::webhook::{sign::StandardSigner, target::Cidr, target::Target};
+        let hooks = &self.webhooks;
+        let err = |key: String, message: String| {
+            let line = find_key_line(text, &key);
+            Err(ConfigError { key, line, message })
+        };
+        if hooks.retry_schedule_ms.is_empty() {
+            return err("webhooks.retry_schedule_ms".into(), "needs at least one entry (the first attempt)".into());
+        }
+        if hooks.retry_jitter_percent > 100 {
+            return err("webhooks.retry_jitter_percent".into(), "must be at most 100".into());
+        }
+        for cidr in &hooks.allowed_cidrs {
+            if let Err(e) = Cidr::parse(cidr) {
+                return err("webhooks.allowed_cidrs".into(), format!("{cidr:?}: {e}"));
+            }
+        }
+        for (i, app) in self.apps.iter().enumerate() {
+            for (j, hook) in app.webhooks.iter().enumerate() {
+                let herr = |field: &str, message: String| {
+                    let line = find_webhook_line(text, i, j, field);
+                    Err(ConfigError { key: format!("apps[{i}].webhooks[{j}].{field}"), line, message })
+                };
+                if let Err(e) = Target::parse(&hook.url) {
+                    return herr("url", e);
+                }
+                let id = hook.id.clone().unwrap_or_else(|| j.to_string());
+                if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                    return herr("id", "only letters, digits, '-' and '_' are allowed".into());
+                }
+                let duplicate = app.webhooks[..j].iter().enumerate().any(|(k, h)| h.id.clone().unwrap_or_else(|| k.to_string()) == id);
+                if duplicate {
+                    return herr("id", format!("another webhook of this app is already called {id:?}"));
+                }
+                match hook.format {
+                    WebhookFormat::Pusher => {
+                        if hook.secret.is_some() || !hook.secrets.is_empty() {
+                            return herr("secret", "pusher-format webhooks are signed with the app secret".into());
+                        }
+                        if hook.channels.is_some() || hook.event_types.is_some() {
+                            return herr("channels", "channels and event_types apply to format = \"standard\"".into());
+                        }
+                        for event in hook.events.iter().flatten() {
+                            if !PUSHER_WEBHOOK_EVENTS.contains(&event.as_str()) {
+                                let known = PUSHER_WEBHOOK_EVENTS.join(", ");
+                                return herr("events", format!("unknown event {event:?}; known: {known}"));
+                            }
+                        }
+                    }
+                    WebhookFormat::Standard => {
+                        if hook.events.is_some() {
+                            return herr("events", "format = \"standard\" selects with channels and event_types".into());
+                        }
+                        let secrets: Vec<String> = hook.secret.iter().chain(&hook.secrets).cloned().collect();
+                        if let Err(e) = StandardSigner::new(&secrets) {
+                            return herr("secret", e.0);
+                        }
+                        for (field, globs) in [("channels", &hook.channels), ("event_types", &hook.event_types)] {
+                            if globs.as_ref().is_some_and(|g| g.is_empty() || g.iter().any(String::is_empty)) {
+                                return herr(field, "an empty list or pattern matches nothing; leave it out to match all".into());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Line of `field` in the `j`-th `[[apps.webhooks]]` of the `i`-th `[[apps]]`.
+fn find_webhook_line(text: &str, app: usize, hook: usize, field: &str) -> Option<usize> {
+    let (mut apps_seen, mut hooks_seen, mut inside) = (0usize, 0usize, false);
+    for (n, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with("[[apps]]") {
+            apps_seen += 1;
+            hooks_seen = 0;
+            inside = false;
+        } else if line.starts_with("[[apps.webhooks]]") {
+            hooks_seen += 1;
+            inside = apps_seen == app + 1 && hooks_seen == hook + 1;
+        } else if line.starts_with('[') {
+            inside = false;
+        } else if inside && line.split('=').next().unwrap_or("").trim() == field {
+            return Some(n + 1);
+        }
+    }
+    None
 }
 
 /// Most shards one process runs (the mesh keeps a ring per shard; beyond this it is a mistake).

@@ -62,6 +62,28 @@ shard_metrics! {
     connections_refused_total: "counter",
     /// Client messages dropped by the per-connection rate limit (pusher:error 4301).
     rate_limited_total: "counter",
+    /// Webhook deliveries created (one per matching endpoint and batch).
+    webhook_deliveries_total: "counter",
+    /// Webhook deliveries answered with a 2xx.
+    webhook_delivered_total: "counter",
+    /// Webhook attempts that failed (any reason).
+    webhook_attempts_failed_total: "counter",
+    /// Webhook attempts refused by the SSRF guard (non-public address not allowed).
+    webhook_ssrf_refused_total: "counter",
+    /// Deliveries that became dead letters (retries exhausted or endpoint disabled).
+    webhook_dead_letters_total: "counter",
+    /// Deliveries waiting for an attempt or in flight.
+    webhook_pending: "gauge",
+    /// Dead letters kept for replay.
+    webhook_dead_letters: "gauge",
+    /// Lifecycle events not queued because the shard's webhook queue was full.
+    webhook_events_dropped_total: "counter",
+    /// Publishes refused with 503 because the webhook queue was full or failed.
+    webhook_publishes_refused_total: "counter",
+    /// fsync calls of the webhook WAL.
+    wal_fsyncs_total: "counter",
+    /// Bytes written to the webhook WAL.
+    wal_bytes_written_total: "counter",
 }
 
 impl ShardMetrics {

@@ -6,6 +6,7 @@
 //! - `retry`: the retry schedule, a pure function.
 //! - `target`: endpoint URLs and the SSRF guard.
 
+pub mod event;
 pub mod retry;
 pub mod sign;
 pub mod target;
