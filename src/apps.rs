@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use ring::hmac;
 
-use crate::config::AppConfig;
+use crate::config::{AppConfig, WebhookFormat};
 
 /// Index of an app in `Apps::list`; small and `Copy`, used on hot paths instead of names.
 pub type AppIndex = u32;
@@ -20,6 +20,11 @@ pub struct App {
     pub config: AppConfig,
     /// HMAC-SHA256 key precomputed from the secret.
     pub secret_key: hmac::Key,
+    /// It has Pusher-format (lifecycle) webhooks.
+    pub wants_lifecycle: bool,
+    /// Channel occupancy must be counted on home shards (subscription_count or
+    /// occupied/vacated webhooks).
+    pub counts_subscriptions: bool,
     /// Live WebSocket connections across all shards.
     connections: AtomicU32,
     /// Backend-event rate window: `second << 32 | events in that second`, all shards.
@@ -90,6 +95,9 @@ impl Apps {
                 index: i as AppIndex,
                 config: config.clone(),
                 secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
+                wants_lifecycle: config.webhooks.iter().any(|w| w.format == WebhookFormat::Pusher),
+                counts_subscriptions: config.subscription_count_enabled
+                    || config.webhooks.iter().any(|w| w.format == WebhookFormat::Pusher),
                 connections: AtomicU32::new(0),
                 backend_events: AtomicU64::new(0),
             })

@@ -581,7 +581,13 @@ impl Config {
                 if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
                     return herr("id", "only letters, digits, '-' and '_' are allowed".into());
                 }
-                let duplicate = app.webhooks[..j].iter().enumerate().any(|(k, h)| h.id.clone().unwrap_or_else(|| k.to_string()) == id);
+                if id == "deliveries" {
+                    return herr("id", "\"deliveries\" is reserved by the admin API".into());
+                }
+                let duplicate = app.webhooks[..j]
+                    .iter()
+                    .enumerate()
+                    .any(|(k, h)| h.id.clone().unwrap_or_else(|| k.to_string()) == id);
                 if duplicate {
                     return herr("id", format!("another webhook of this app is already called {id:?}"));
                 }
@@ -602,7 +608,10 @@ impl Config {
                     }
                     WebhookFormat::Standard => {
                         if hook.events.is_some() {
-                            return herr("events", "format = \"standard\" selects with channels and event_types".into());
+                            return herr(
+                                "events",
+                                "format = \"standard\" selects with channels and event_types".into(),
+                            );
                         }
                         let secrets: Vec<String> = hook.secret.iter().chain(&hook.secrets).cloned().collect();
                         if let Err(e) = StandardSigner::new(&secrets) {
@@ -610,7 +619,10 @@ impl Config {
                         }
                         for (field, globs) in [("channels", &hook.channels), ("event_types", &hook.event_types)] {
                             if globs.as_ref().is_some_and(|g| g.is_empty() || g.iter().any(String::is_empty)) {
-                                return herr(field, "an empty list or pattern matches nothing; leave it out to match all".into());
+                                return herr(
+                                    field,
+                                    "an empty list or pattern matches nothing; leave it out to match all".into(),
+                                );
                             }
                         }
                     }

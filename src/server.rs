@@ -15,6 +15,7 @@ use crate::metrics::ShardMetrics;
 use crate::net::listener;
 use crate::shard::mesh::Mesh;
 use crate::shard::Shard;
+use crate::webhook::dispatch::Webhooks;
 
 /// The io driver a shard ended up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +42,11 @@ impl Server {
         let shards = config.shard_count();
         let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+        check_wal_directories(&config, shards)?;
         let config = Arc::new(config);
+        // One small pool per node for the few blocking calls a shard must make (DNS lookups
+        // of webhook hosts).
+        let blocking_pool = monoio::blocking::DefaultThreadPool::new(2);
         let apps = Arc::new(Apps::new(&config.apps));
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
@@ -51,6 +56,7 @@ impl Server {
         for (index, std_listener) in listeners.into_iter().enumerate() {
             let (config, apps, mesh, metrics, ready) =
                 (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
+            let pool = blocking_pool.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
@@ -58,7 +64,7 @@ impl Server {
                         tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
                     }
                     let shard = Shard::new(index, config.clone(), apps, mesh, metrics);
-                    run_shard(shard, std_listener, config.server.io_driver, ready);
+                    run_shard(shard, std_listener, config.server.io_driver, pool, ready);
                 })
                 .context("cannot start a shard thread")?;
             threads.push(thread);
@@ -99,11 +105,16 @@ fn run_shard(
     shard: Shard,
     listener: std::net::TcpListener,
     driver: IoDriver,
+    pool: monoio::blocking::DefaultThreadPool,
     ready: mpsc::Sender<Result<Driver, String>>,
 ) {
     let index = shard.index;
     if driver != IoDriver::Epoll {
-        match monoio::RuntimeBuilder::<monoio::IoUringDriver>::new().with_entries(1024).enable_timer().build() {
+        let builder = monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(1024)
+            .enable_timer()
+            .attach_thread_pool(Box::new(pool.clone()));
+        match builder.build() {
             Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready)),
             Err(e) if driver == IoDriver::IoUring => {
                 let _ = ready.send(Err(format!(
@@ -116,7 +127,11 @@ fn run_shard(
             }
         }
     }
-    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build() {
+    match monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .attach_thread_pool(Box::new(pool))
+        .build()
+    {
         Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready)),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {index}: cannot build an epoll runtime: {e}")));
@@ -139,8 +154,46 @@ async fn shard_main(
         }
     };
     let shard = Rc::new(shard);
+    // Recover the webhook queue before accepting anything, so deliveries resume in order.
+    match Webhooks::open(shard.index, shard.config.clone(), &shard.apps, shard.all_metrics.clone()).await {
+        Ok(Some(webhooks)) => {
+            webhooks.spawn();
+            let _ = shard.webhooks_cell.set(webhooks);
+        }
+        Ok(None) => {}
+        Err(message) => {
+            let _ = ready.send(Err(format!("shard {}: {message}", shard.index)));
+            return;
+        }
+    }
     shard.spawn_background();
     let _ = ready.send(Ok(driver));
     listener::accept_loop(shard.clone(), listener).await;
     shard.drain_connections().await;
+}
+
+/// Refuses to start when the webhook data directory holds logs of shards this run would not
+/// have: their deliveries would never be sent.
+fn check_wal_directories(config: &Config, shards: usize) -> anyhow::Result<()> {
+    let has_webhooks = config.apps.iter().any(|a| !a.webhooks.is_empty());
+    if !has_webhooks || config.webhooks.durability == crate::config::DurabilityMode::Memory {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(&config.webhooks.data_dir) else { return Ok(()) };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(index) = name.strip_prefix("shard-").and_then(|n| n.parse::<usize>().ok()) else { continue };
+        let holds_segments = std::fs::read_dir(entry.path())
+            .map(|d| d.flatten().any(|f| f.file_name().to_string_lossy().ends_with(".wal")))
+            .unwrap_or(false);
+        if index >= shards && holds_segments {
+            bail!(
+                "webhooks.data_dir {} holds the log of shard {index}, but this run has {shards} shards: \
+                 start with server.shards = {} until its deliveries drain",
+                config.webhooks.data_dir.display(),
+                index + 1
+            );
+        }
+    }
+    Ok(())
 }

@@ -21,6 +21,8 @@ use crate::pusher::channel::{self, ChannelKind};
 use crate::pusher::message::{self, SocketId};
 use crate::shard::mesh::Query;
 use crate::shard::Shard;
+use crate::wal::Lsn;
+use crate::webhook::dispatch::{AdminRequest, Refused};
 
 /// Longest event name (the server SDKs' limit).
 pub const EVENT_NAME_BYTES_MAX: usize = 200;
@@ -108,6 +110,23 @@ async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &st
         ["channels", name] => (Method::GET, Route::Channel(name)),
         ["channels", name, "users"] => (Method::GET, Route::Users(name)),
         ["users", user_id, "terminate_connections"] => (Method::POST, Route::Terminate(user_id)),
+        ["webhooks"] => (Method::GET, Route::Webhooks(AdminRequest::Health)),
+        ["webhooks", "deliveries", id, "attempts"] => {
+            (Method::GET, Route::Webhooks(AdminRequest::Attempts { webhook_id: id.to_string() }))
+        }
+        ["webhooks", "deliveries", id, "replay"] => {
+            (Method::POST, Route::Webhooks(AdminRequest::Replay { webhook_id: id.to_string() }))
+        }
+        ["webhooks", endpoint, "dead_letters"] => {
+            (Method::GET, Route::Webhooks(AdminRequest::DeadLetters { endpoint: endpoint.to_string() }))
+        }
+        ["webhooks", endpoint, "enable"] => {
+            (Method::POST, Route::Webhooks(AdminRequest::Enable { endpoint: endpoint.to_string() }))
+        }
+        ["webhooks", endpoint, "replay"] => {
+            let range = AdminRequest::ReplayRange { endpoint: endpoint.to_string(), from_ms: 0, to_ms: u64::MAX };
+            (Method::POST, Route::Webhooks(range))
+        }
         _ => return Err(Response::error(StatusCode::NOT_FOUND, "no such endpoint")),
     };
     only(head, route.0)?;
@@ -127,6 +146,7 @@ async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &st
             shard.terminate_user(app.index, &user_id);
             Ok(Response::json(StatusCode::OK, &json!({})))
         }
+        Route::Webhooks(request) => webhooks_admin(shard, app, request, &params).await,
     }
 }
 
@@ -137,6 +157,7 @@ enum Route<'a> {
     Channel(&'a str),
     Users(&'a str),
     Terminate(&'a str),
+    Webhooks(AdminRequest),
 }
 
 /// One event as the SDKs send it. Unknown fields are ignored, as other servers do.
@@ -280,11 +301,44 @@ fn admit(app: &App, events: usize) -> Result<(), Response> {
     }
 }
 
+/// Creates the webhook deliveries of accepted events (before they are published); returns the
+/// WAL position to commit before answering. 503 when the webhook queue is full or failed.
+fn create_deliveries(shard: &Shard, app: &App, events: &[Event<'_>]) -> Result<Option<Lsn>, Response> {
+    let Some(webhooks) = shard.webhooks().filter(|w| w.has_standard(app.index)) else {
+        return Ok(None);
+    };
+    let refused = |e: Refused| Response::error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    webhooks.check_capacity().map_err(refused)?;
+    let mut last = None;
+    for event in events {
+        let raw = event.data.get();
+        let data: Cow<str> = serde_json::from_str(raw).unwrap_or(Cow::Borrowed(raw));
+        if let Some(lsn) = webhooks.published(app.index, event.name, &event.channels, &data).map_err(refused)? {
+            last = Some(lsn);
+        }
+    }
+    Ok(last)
+}
+
+/// Waits until the deliveries are durable (`webhooks.durability`): only then is the event
+/// accepted.
+async fn commit_deliveries(shard: &Shard, lsn: Option<Lsn>) -> Result<(), Response> {
+    match (shard.webhooks(), lsn) {
+        (Some(webhooks), Some(lsn)) => webhooks.commit(lsn).await.map_err(|e| {
+            ShardMetrics::add(&shard.metrics().webhook_publishes_refused_total, 1);
+            Response::error(StatusCode::SERVICE_UNAVAILABLE, &format!("webhook queue unavailable: {e}"))
+        }),
+        _ => Ok(()),
+    }
+}
+
 async fn events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     let request: EventRequest = parse_json(body)?;
     let event = validate_event(app, &request, false)?;
     admit(app, event.channels.len())?;
+    let lsn = create_deliveries(shard, app, std::slice::from_ref(&event))?;
     let info = publish(shard, app, &event).await;
+    commit_deliveries(shard, lsn).await?;
     Ok(Response::json(StatusCode::OK, &info.unwrap_or_else(|| json!({}))))
 }
 
@@ -296,16 +350,92 @@ async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     // Validate every event before publishing any: a batch is accepted whole or not at all.
     let events = request.batch.iter().map(|e| validate_event(app, e, true)).collect::<Result<Vec<_>, _>>()?;
     admit(app, events.len())?;
+    let lsn = create_deliveries(shard, app, &events)?;
     let mut infos = Vec::with_capacity(events.len());
     for event in &events {
         let info = publish(shard, app, event).await;
         infos.push(info.map(|i| i["channels"][event.channels[0]].clone()).unwrap_or_else(|| json!({})));
     }
+    commit_deliveries(shard, lsn).await?;
     if events.iter().any(|e| e.info.subscription_count || e.info.user_count) {
         Ok(Response::json(StatusCode::OK, &json!({ "batch": infos })))
     } else {
         Ok(Response::json(StatusCode::OK, &json!({})))
     }
+}
+
+/// The webhook admin API: every shard answers for its own deliveries; health is summed.
+async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, params: &Params) -> ApiResult {
+    if app.config.webhooks.is_empty() {
+        return Err(Response::error(StatusCode::NOT_FOUND, "this app has no webhooks"));
+    }
+    let endpoint_known = |id: &str| {
+        app.config.webhooks.iter().enumerate().any(|(j, w)| w.id.clone().unwrap_or_else(|| j.to_string()) == id)
+    };
+    match &mut request {
+        AdminRequest::DeadLetters { endpoint } | AdminRequest::Enable { endpoint } if !endpoint_known(endpoint) => {
+            return Err(Response::error(StatusCode::NOT_FOUND, &format!("no webhook endpoint {endpoint:?}")));
+        }
+        AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
+            if !endpoint_known(endpoint) {
+                return Err(Response::error(StatusCode::NOT_FOUND, &format!("no webhook endpoint {endpoint:?}")));
+            }
+            let number = |name: &str, default: u64| match param(params, name) {
+                None => Ok(default),
+                Some(text) => text.parse::<u64>().map_err(|_| bad_request(format!("{name} must be unix milliseconds"))),
+            };
+            *from_ms = number("from_ms", 0)?;
+            *to_ms = number("to_ms", u64::MAX)?;
+        }
+        _ => {}
+    }
+    let reply =
+        shard.query_all(Query::Webhooks { app: app.index, request: request.clone() }).await.ok_or_else(unavailable)?;
+    let documents: Vec<Value> = reply.iter().filter_map(|(text, _)| serde_json::from_str(text).ok()).collect();
+    let body = match request {
+        AdminRequest::Health => json!({ "endpoints": merge_health(documents) }),
+        AdminRequest::DeadLetters { .. } => json!({ "dead_letters": documents }),
+        AdminRequest::Attempts { webhook_id } if documents.is_empty() => {
+            return Err(Response::error(StatusCode::NOT_FOUND, &format!("no attempts recorded for {webhook_id}")));
+        }
+        AdminRequest::Attempts { .. } => json!({ "attempts": documents }),
+        AdminRequest::Replay { webhook_id } if documents.is_empty() => {
+            return Err(Response::error(StatusCode::NOT_FOUND, &format!("{webhook_id} is not a dead letter")));
+        }
+        AdminRequest::Replay { .. } | AdminRequest::ReplayRange { .. } => {
+            json!({ "replayed": documents.iter().filter_map(|d| d["replayed"].as_str()).collect::<Vec<_>>() })
+        }
+        AdminRequest::Enable { endpoint } => json!({ "enabled": endpoint }),
+    };
+    Ok(Response::json(StatusCode::OK, &body))
+}
+
+/// Sums each endpoint's per-shard health into one document.
+fn merge_health(documents: Vec<Value>) -> Vec<Value> {
+    let mut merged: Vec<Value> = Vec::new();
+    for document in documents {
+        let Some(existing) = merged.iter_mut().find(|m| m["id"] == document["id"]) else {
+            merged.push(document);
+            continue;
+        };
+        for counter in ["pending", "dead_letters", "delivered", "failed_attempts"] {
+            let sum = existing[counter].as_u64().unwrap_or(0) + document[counter].as_u64().unwrap_or(0);
+            existing[counter] = sum.into();
+        }
+        let rank = |state: &Value| ["healthy", "failing", "breaker_open", "disabled"].iter().position(|s| state == s);
+        if rank(&document["state"]) > rank(&existing["state"]) {
+            for field in ["state", "disabled_reason", "last_status", "last_error", "consecutive_failures"] {
+                existing[field] = document[field].clone();
+            }
+        }
+    }
+    for endpoint in &mut merged {
+        let delivered = endpoint["delivered"].as_u64().unwrap_or(0) as f64;
+        let failed = endpoint["failed_attempts"].as_u64().unwrap_or(0) as f64;
+        endpoint["success_rate"] =
+            if delivered + failed > 0.0 { json!(delivered / (delivered + failed)) } else { Value::Null };
+    }
+    merged
 }
 
 /// Subscribers of one channel across every shard.

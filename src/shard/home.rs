@@ -16,6 +16,7 @@ use crate::apps::AppIndex;
 use crate::metrics::ShardMetrics;
 use crate::pusher::channel::ChannelKind;
 use crate::pusher::message::{self, SocketId};
+use crate::webhook::event::LifecycleEvent;
 
 impl Shard {
     // ---- users -------------------------------------------------------------------------
@@ -160,6 +161,7 @@ impl Shard {
                     if joined == Joined::NewMember {
                         let added = message::member_added(&join.channel, user_id, user_info);
                         self.broadcast(join.app, &join.channel, added, Some(join.socket_id));
+                        self.lifecycle(join.app, || LifecycleEvent::member(&join.channel, user_id, true));
                     }
                     frames.push(message::presence_subscription_succeeded(&join.channel, &snapshot));
                 }
@@ -170,7 +172,10 @@ impl Shard {
             // Reference §1.7: the last event comes first after subscription_succeeded.
             match self.cached(join.app, &join.channel) {
                 Some((frame, _, _)) => frames.push(frame),
-                None => frames.push(message::cache_miss(&join.channel)),
+                None => {
+                    frames.push(message::cache_miss(&join.channel));
+                    self.lifecycle(join.app, || LifecycleEvent::cache_miss(&join.channel));
+                }
             }
         }
         if join.from == self.index {
@@ -218,20 +223,38 @@ impl Shard {
     // ---- subscription_count ------------------------------------------------------------
 
     /// Tells the channel's home shard that its subscriber count changed here, for apps that
-    /// send `subscription_count` (never for presence channels, reference §1.3).
+    /// count subscriptions (`subscription_count`, or lifecycle webhooks: the home shard is the
+    /// one place that knows when a channel becomes occupied or vacated).
     pub fn subscription_changed(&self, app: AppIndex, channel: &str, delta: i32) {
-        if !self.apps.get(app).config.subscription_count_enabled || ChannelKind::of(channel) == ChannelKind::Presence {
+        let config = self.apps.get(app);
+        if !config.counts_subscriptions {
             return;
         }
         let home = presence::home(app, channel, self.mesh.shards());
         if home != self.index {
             return self.mesh_send(home, MeshMessage::SubscriptionDelta { app, channel: channel.into(), delta });
         }
-        let mut state = self.state.borrow_mut();
-        let key = (app, Box::<str>::from(channel));
-        *state.subscription_counts.entry(key.clone()).or_default() += i64::from(delta);
-        if !state.subscription_counts_changed.contains(&key) {
-            state.subscription_counts_changed.push(key);
+        // subscription_count is never sent for presence channels (reference §1.3).
+        let announce = config.config.subscription_count_enabled && ChannelKind::of(channel) != ChannelKind::Presence;
+        let (before, after) = {
+            let mut state = self.state.borrow_mut();
+            let key = (app, Box::<str>::from(channel));
+            let count = state.subscription_counts.entry(key.clone()).or_default();
+            let before = *count;
+            *count += i64::from(delta);
+            let after = *count;
+            if after <= 0 && !announce {
+                state.subscription_counts.remove(&key);
+            }
+            if announce && !state.subscription_counts_changed.contains(&key) {
+                state.subscription_counts_changed.push(key);
+            }
+            (before, after)
+        };
+        if before <= 0 && after > 0 {
+            self.lifecycle(app, || LifecycleEvent::occupancy(channel, true));
+        } else if before > 0 && after <= 0 {
+            self.lifecycle(app, || LifecycleEvent::occupancy(channel, false));
         }
     }
 
@@ -253,6 +276,7 @@ impl Shard {
         for (app, channel, count) in changed {
             if count > 0 {
                 self.broadcast(app, &channel, message::subscription_count(&channel, count as u64), None);
+                self.lifecycle(app, || LifecycleEvent::subscription_count(&channel, count as u64));
             }
         }
     }
@@ -293,6 +317,7 @@ impl Shard {
         let removed = self.state.borrow_mut().presence.leave(app, &channel, &user_id);
         if removed {
             self.broadcast(app, &channel, message::member_removed(&channel, &user_id), None);
+            self.lifecycle(app, || LifecycleEvent::member(&channel, &user_id, false));
         }
     }
 }

@@ -77,10 +77,19 @@ pub enum Query {
         /// The channel.
         name: String,
     },
+    /// A webhook admin request; each shard answers for its own deliveries, as JSON documents.
+    Webhooks {
+        /// The app.
+        app: AppIndex,
+        /// What to do or report.
+        request: crate::webhook::dispatch::AdminRequest,
+    },
 }
 
 /// One shard's answer: (channel, local subscription count) pairs.
 pub type QueryReply = Vec<(Box<str>, u32)>;
+
+// `Query::Webhooks` answers carry one JSON document per entry (the number is unused).
 
 /// A subscription that needs the channel's home shard: a presence join (to be counted) or a
 /// cache channel (whose last event the home shard keeps), or both.

@@ -19,7 +19,7 @@ pub mod presence;
 pub mod router;
 pub mod session;
 
-use std::cell::RefCell;
+use std::cell::{OnceCell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::os::fd::RawFd;
@@ -35,6 +35,8 @@ use crate::apps::{AppIndex, Apps};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::pusher::message::{self, SocketId};
+use crate::webhook::dispatch::Webhooks;
+use crate::webhook::event::LifecycleEvent;
 use crate::ws::frame;
 use mesh::{Mesh, MeshMessage, Publication, Query, QueryReply, Watcher};
 use presence::PresenceTable;
@@ -176,6 +178,8 @@ pub struct Shard {
     pub all_metrics: Arc<[ShardMetrics]>,
     /// Mutable state; borrowed briefly, never across an await.
     pub state: RefCell<ShardState>,
+    /// The webhook dispatcher, when some app has webhooks (set once at start).
+    pub webhooks_cell: OnceCell<Rc<Webhooks>>,
     started: Instant,
 }
 
@@ -210,7 +214,30 @@ impl Shard {
             shutting_down: false,
             shutdown_waiters: Vec::new(),
         };
-        Shard { index, config, apps, mesh, all_metrics, state: RefCell::new(state), started: Instant::now() }
+        Shard {
+            index,
+            config,
+            apps,
+            mesh,
+            all_metrics,
+            state: RefCell::new(state),
+            webhooks_cell: OnceCell::new(),
+            started: Instant::now(),
+        }
+    }
+
+    /// The webhook dispatcher, if any app has webhooks.
+    pub fn webhooks(&self) -> Option<&Rc<Webhooks>> {
+        self.webhooks_cell.get()
+    }
+
+    /// Hands a lifecycle event to the app's Pusher-format webhooks (if it has any).
+    pub fn lifecycle(&self, app: AppIndex, event: impl FnOnce() -> LifecycleEvent) {
+        if let Some(webhooks) = self.webhooks() {
+            if self.apps.get(app).wants_lifecycle {
+                webhooks.lifecycle(app, event());
+            }
+        }
     }
 
     /// This shard's metrics.
@@ -375,11 +402,12 @@ impl Shard {
         let left: Vec<&str> =
             conn.channels.iter().filter(|c| state.router.unsubscribe(conn.app, c, key)).map(|c| c.as_ref()).collect();
         drop(state);
+        // Members leave before the channel empties (member_removed, then channel_vacated).
+        for (channel, user_id) in conn.presence.iter() {
+            self.presence_leave(conn.app, channel.clone(), user_id.clone());
+        }
         for channel in left {
             self.subscription_changed(conn.app, channel, -1);
-        }
-        for (channel, user_id) in conn.presence {
-            self.presence_leave(conn.app, channel, user_id);
         }
         if let Some(user_id) = conn.user_id {
             let watcher = Watcher { shard: self.index, conn: key, socket_id: conn.socket_id };
@@ -587,9 +615,13 @@ impl Shard {
         if let Query::Cache { app, name } = query {
             return self.cached(*app, name).map(|(_, data, ttl)| vec![(data, ttl as u32)]).unwrap_or_default();
         }
+        if let Query::Webhooks { app, request } = query {
+            let answers = self.webhooks().map(|w| w.admin(*app, request)).unwrap_or_default();
+            return answers.into_iter().map(|v| (v.to_string().into_boxed_str(), 0)).collect();
+        }
         let state = self.state.borrow();
         match query {
-            Query::Cache { .. } => unreachable!("answered above"),
+            Query::Cache { .. } | Query::Webhooks { .. } => unreachable!("answered above"),
             Query::Channels { app, prefix } => state
                 .router
                 .occupied(*app)

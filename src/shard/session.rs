@@ -5,6 +5,7 @@ use ring::hmac;
 use serde_json::value::RawValue;
 
 use super::mesh::{HomeJoin, Watcher};
+use crate::webhook::event::LifecycleEvent;
 
 use super::router::ConnKey;
 use super::{ConnState, Shard};
@@ -180,6 +181,11 @@ impl Shard {
         if open {
             // On presence channels the relayed event names its sender (reference §1.2).
             let frame = message::channel_event_from(event, name, data, user_id.as_deref());
+            self.lifecycle(app_index, || {
+                let raw = data.get();
+                let data: std::borrow::Cow<str> = serde_json::from_str(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
+                LifecycleEvent::client_event(name, event, &data, &socket_id.to_string(), user_id.as_deref())
+            });
             self.publish(app_index, name, frame, Some(socket_id)).await;
         }
     }

@@ -313,6 +313,11 @@ impl<S: Storage> Wal<S> {
     /// The flusher: writes (and syncs) what is buffered, batch after batch, until the storage
     /// fails. Run it as one task per log.
     pub async fn run(&self) {
+        self.run_with(|_| {}).await
+    }
+
+    /// `run`, calling `on_progress` with the position `commit` now reaches after each batch.
+    pub async fn run_with(&self, on_progress: impl Fn(Lsn)) {
         loop {
             let buffered = poll_fn(|cx| {
                 let mut state = self.state.borrow_mut();
@@ -343,6 +348,14 @@ impl<S: Storage> Wal<S> {
                 tracing::error!(shard = self.shard, %error, "webhook WAL failed; new deliveries are refused");
                 return;
             }
+            let reached = {
+                let state = self.state.borrow();
+                match self.durability {
+                    Durability::Fsync => state.durable,
+                    Durability::Batch(_) => state.written,
+                }
+            };
+            on_progress(reached);
         }
     }
 

@@ -3,8 +3,8 @@
 //! delivery and sent byte for byte on every attempt.
 
 use bytes::Bytes;
-use serde_json::value::RawValue;
 use serde_json::json;
+use serde_json::value::RawValue;
 
 /// `*` matches any run of characters, `?` exactly one; everything else literally.
 pub fn glob_match(pattern: &str, text: &str) -> bool {
@@ -62,7 +62,8 @@ impl LifecycleEvent {
 
     /// `client_event` (with `user_id` on presence channels).
     pub fn client_event(channel: &str, event: &str, data: &str, socket_id: &str, user_id: Option<&str>) -> Self {
-        let mut value = json!({"name": "client_event", "channel": channel, "event": event, "data": data, "socket_id": socket_id});
+        let mut value =
+            json!({"name": "client_event", "channel": channel, "event": event, "data": data, "socket_id": socket_id});
         if let Some(user_id) = user_id {
             value["user_id"] = json!(user_id);
         }
@@ -150,7 +151,10 @@ mod tests {
         );
         let body = standard_body("order.created", "orders-1", r#"{"id":7}"#, 1700000000123);
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(value, json!({"type": "order.created", "timestamp": "2023-11-14T22:13:20.123Z", "channel": "orders-1", "data": {"id": 7}}));
+        assert_eq!(
+            value,
+            json!({"type": "order.created", "timestamp": "2023-11-14T22:13:20.123Z", "channel": "orders-1", "data": {"id": 7}})
+        );
         let body = standard_body("e", "c", "plain 7", 0);
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(value["data"], json!("plain 7"));

@@ -5,7 +5,9 @@
 //! - `sign`: signatures per attempt.
 //! - `retry`: the retry schedule, a pure function.
 //! - `target`: endpoint URLs and the SSRF guard.
+//! - `dispatch`: a shard's deliveries, endpoint workers, retries, dead letters, admin.
 
+pub mod dispatch;
 pub mod event;
 pub mod retry;
 pub mod sign;

@@ -6,4 +6,5 @@ mod http_api;
 mod presence;
 mod process;
 mod support;
+mod webhooks;
 mod websocket;

@@ -173,3 +173,135 @@ pub fn metric(addr: SocketAddr, name: &str) -> Vec<u64> {
         .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
         .collect()
 }
+
+/// One request a `Receiver` got.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    /// Header names lowercased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub at: std::time::Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A webhook receiver on 127.0.0.1:0 (keep-alive HTTP/1.1). It answers each request with the
+/// next scripted response (`"TIMEOUT"` = never answer and close later), then with 200.
+#[derive(Clone)]
+pub struct Receiver {
+    pub addr: SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    script: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+}
+
+impl Receiver {
+    pub fn start() -> Receiver {
+        Receiver::start_on("127.0.0.1:0")
+    }
+
+    pub fn start_on(address: &str) -> Receiver {
+        let listener = std::net::TcpListener::bind(address).unwrap();
+        let receiver =
+            Receiver { addr: listener.local_addr().unwrap(), requests: Default::default(), script: Default::default() };
+        let shared = receiver.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let shared = shared.clone();
+                std::thread::spawn(move || shared.serve(stream));
+            }
+        });
+        receiver
+    }
+
+    /// The next responses, in order (status lines and headers; `"TIMEOUT"` hangs).
+    pub fn script(&self, responses: &[&str]) {
+        self.script.lock().unwrap().extend(responses.iter().map(|r| r.to_string()));
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.requests.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests arrived.
+    pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let requests = self.requests();
+            if requests.len() >= n || std::time::Instant::now() > deadline {
+                return requests;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn serve(&self, mut stream: TcpStream) {
+        let mut buffer = Vec::new();
+        let mut chunk = [0u8; 65536];
+        loop {
+            let head_end = loop {
+                if let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break end + 4;
+                }
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buffer[..head_end]).to_string();
+            let mut lines = head.split("\r\n");
+            let path = lines.next().unwrap_or("").split(' ').nth(1).unwrap_or("").to_string();
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            let length: usize =
+                headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+            while buffer.len() < head_end + length {
+                match stream.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let body = buffer[head_end..head_end + length].to_vec();
+            buffer.drain(..head_end + length);
+            self.requests.lock().unwrap().push(Received { path, headers, body, at: std::time::Instant::now() });
+            let response = self.script.lock().unwrap().pop_front();
+            match response.as_deref() {
+                Some("TIMEOUT") => {
+                    std::thread::sleep(Duration::from_secs(3));
+                    return;
+                }
+                Some(status) => {
+                    let _ = stream.write_all(format!("{status}\r\nContent-Length: 4\r\n\r\nnope").as_bytes());
+                }
+                None => {
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                }
+            }
+        }
+    }
+}
+
+/// A fresh directory under the system temp dir.
+pub fn temp_dir(name: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("ringwire-test-{}-{name}-{}", std::process::id(), fastrand_u64()));
+    let _ = std::fs::remove_dir_all(&path);
+    std::fs::create_dir_all(&path).unwrap();
+    path
+}
+
+fn fastrand_u64() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+}
+
+/// A signed GET or POST to the API; returns (status, JSON body).
+pub fn api(addr: SocketAddr, method: &str, path: &str, query: &[(&str, &str)]) -> (u16, Value) {
+    let target = signed_path(method, path, b"", query);
+    let (status, body) = http(addr, method, &target, b"");
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
