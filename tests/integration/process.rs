@@ -105,3 +105,90 @@ fn connection_flood_past_fd_limit() {
     Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
     assert!(child.wait().unwrap().success());
 }
+
+/// Starts the binary on a config file; returns the child and the address it printed.
+fn start_binary(config: &std::path::Path) -> (std::process::Child, SocketAddr) {
+    let mut child = binary().arg("--config").arg(config).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    stdout.read_line(&mut first).unwrap();
+    let addr: SocketAddr = first.split_whitespace().nth(3).unwrap().parse().unwrap_or_else(|_| panic!("{first}"));
+    // Keep draining stdout so the child never blocks on a full pipe.
+    std::thread::spawn(move || {
+        let mut sink = Vec::new();
+        let _ = stdout.read_to_end(&mut sink);
+    });
+    (child, addr)
+}
+
+/// The durability contract: under steady publishing the server is killed with SIGKILL, then
+/// restarted on the same data directory; every event the API accepted (answered 200) is
+/// delivered at least once. The receiver is down until the kill (so the accepted deliveries
+/// are in the WAL, some mid-retry) and then comes up. Prints the duplicate count.
+#[test]
+fn kill_9_loses_no_accepted_webhook() {
+    // A port nobody listens on until after the crash.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let receiver_addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let data_dir = temp_dir("crash");
+    let config = temp_config(
+        "crash",
+        &format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n\n[webhooks]\ndata_dir = {:?}\nallow_private_targets = true\n\
+             retry_schedule_ms = [0, 100, 200, 400, 800, 1600]\n\n[[apps]]\nid = \"1\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n\n\
+             [[apps.webhooks]]\nurl = \"http://{}/hook\"\nformat = \"standard\"\nsecret = \"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\"\n",
+            data_dir.to_str().unwrap(),
+            receiver_addr
+        ),
+    );
+    let (mut child, addr) = start_binary(&config);
+    let publisher = std::thread::spawn(move || {
+        let mut accepted = Vec::new();
+        for n in 0..100_000u64 {
+            let (status, _) = publish(addr, &["crash"], "tick", &format!("{{\"n\":{n}}}"), None);
+            match status {
+                200 => accepted.push(n),
+                0 => break, // the server is gone
+                other => panic!("publish {n} answered {other}"),
+            }
+        }
+        accepted
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let accepted = publisher.join().unwrap();
+    assert!(accepted.len() > 50, "the publisher got going ({} accepted)", accepted.len());
+    let receiver = Receiver::start_on(&receiver_addr.to_string());
+    let (mut child, _) = start_binary(&config);
+    let numbers = |requests: &[Received]| -> Vec<u64> {
+        requests
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).ok())
+            .filter_map(|b| b["data"]["n"].as_u64())
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let missing = loop {
+        let delivered: std::collections::HashSet<u64> = numbers(&receiver.requests()).into_iter().collect();
+        let missing: Vec<u64> = accepted.iter().copied().filter(|n| !delivered.contains(n)).collect();
+        if missing.is_empty() || std::time::Instant::now() > deadline {
+            break missing;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let all = numbers(&receiver.requests());
+    let unique: std::collections::HashSet<u64> = all.iter().copied().collect();
+    eprintln!(
+        "crash test: {} accepted, {} delivered ({} unique), {} duplicates, {} missing",
+        accepted.len(),
+        all.len(),
+        unique.len(),
+        all.len() - unique.len(),
+        missing.len()
+    );
+    assert!(missing.is_empty(), "accepted but never delivered: {missing:?}");
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
