@@ -17,7 +17,8 @@ import { createInterface } from 'node:readline';
 export async function spawnRingwire({ bin, config, prefix, onStderr }) {
   const tmpDir = mkdtempSync(path.join(tmpdir(), prefix));
   const configPath = path.join(tmpDir, 'ringwire.toml');
-  writeFileSync(configPath, config);
+  // `{TMP}` in the config names the temp folder (for webhooks.data_dir).
+  writeFileSync(configPath, config.replaceAll('{TMP}', tmpDir));
   const server = spawn(bin, ['--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
   process.on('exit', () => {
     server.kill('SIGKILL');
