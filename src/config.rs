@@ -755,6 +755,30 @@ mod tests {
         assert!(e.message.contains("unknown variant"), "{e}");
     }
 
+    /// Webhook settings are checked with the key and line of the offending entry.
+    #[test]
+    fn webhook_errors_name_key_and_line() {
+        let app = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
+        let ok = "[[apps.webhooks]]\nurl = \"http://127.0.0.1:9/\"\nformat = \"pusher\"\n";
+        let bad_url = format!("{app}{ok}[[apps.webhooks]]\nformat = \"pusher\"\nurl = \"ftp://x/\"\n");
+        check_error(&bad_url, "apps[0].webhooks[1].url", Some(10), "http://");
+        let bad_secret =
+            format!("{app}[[apps.webhooks]]\nurl = \"http://a/\"\nformat = \"standard\"\nsecret = \"whsec_AAAA\"\n");
+        check_error(&bad_secret, "apps[0].webhooks[0].secret", Some(8), "bytes");
+        let no_secret = format!("{app}[[apps.webhooks]]\nurl = \"http://a/\"\nformat = \"standard\"\n");
+        check_error(&no_secret, "apps[0].webhooks[0].secret", None, "at least one secret");
+        let bad_event =
+            format!("{app}[[apps.webhooks]]\nurl = \"http://a/\"\nformat = \"pusher\"\nevents = [\"nope\"]\n");
+        check_error(&bad_event, "apps[0].webhooks[0].events", Some(8), "unknown event");
+        check_error("[webhooks]\nallowed_cidrs = [\"10.0.0.0/40\"]\n", "webhooks.allowed_cidrs", Some(2), "prefix");
+        let e = Config::from_toml("[webhooks]\ndurability = \"sometimes\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert!(e.message.contains("unknown variant"), "{e}");
+        check_error("[webhooks]\nretry_schedule_ms = []\n", "webhooks.retry_schedule_ms", Some(2), "at least one");
+        let good = format!("{app}{ok}[[apps.webhooks]]\nurl = \"https://example.com/e\"\nformat = \"standard\"\nsecret = \"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\"\nchannels = [\"orders-*\"]\n");
+        assert_eq!(Config::from_toml(&good).unwrap().apps[0].webhooks.len(), 2);
+    }
+
     /// Semantic errors name the key and find its line.
     #[test]
     fn semantic_errors_name_key() {
