@@ -249,3 +249,23 @@ fn another_shards_log_is_refused() {
         assert!(error.to_string().contains("shard 1"), "{error}");
     });
 }
+
+/// `batch` durability: commits return once written; fsyncs keep their pace under steady load.
+#[test]
+fn batch_mode_syncs_under_steady_load() {
+    block_on(async {
+        let storage = SimStorage::new();
+        let period = std::time::Duration::from_millis(20);
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Batch(period)).await.unwrap();
+        let syncs_before = storage.syncs();
+        let started = std::time::Instant::now();
+        while started.elapsed() < std::time::Duration::from_millis(200) {
+            let (_, lsn) = wal.append_delivery("app/0", 1, Bytes::from_static(b"x")).unwrap();
+            wal.flush_once().await.unwrap();
+            wal.commit(lsn).await.unwrap();
+            monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        let syncs = storage.syncs() - syncs_before;
+        assert!((3..=30).contains(&syncs), "about one fsync per period, got {syncs}");
+    });
+}
