@@ -62,6 +62,10 @@ pub fn parse_response(buf: &[u8], eof: bool, body_max: usize) -> Result<Option<(
             Err(e) => return Err(ResponseError::Malformed(e.to_string())),
         };
         let status = response.code.expect("complete response has a code");
+        // RFC 9110 §15: a status code is three digits, 100..=599 in use; httparse takes "000".
+        if !(100..600).contains(&status) {
+            return Err(ResponseError::Malformed(format!("status code {status}")));
+        }
         if (100..200).contains(&status) && status != 101 {
             // RFC 9110 §15.2: interim responses precede the final one.
             offset += head_len;
@@ -316,6 +320,8 @@ mod tests {
         let (r, _) = parse_response(text.as_bytes(), false, 64).unwrap().unwrap();
         assert!(r.retry_after.unwrap() > Duration::from_secs(95));
         assert!(parse_response(b"SMTP 220 hello\r\n\r\n", false, 64).is_err());
+        // Found by the http_response fuzz target: httparse accepts a status of 000.
+        assert!(parse_response(b"HTTP/1.1 000 OK\r\nContent-Length: 2\r\n\r\nok", false, 64).is_err());
         assert!(parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", false, 64).is_err());
         assert!(
             parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n", false, 64).is_err()
