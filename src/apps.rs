@@ -91,15 +91,17 @@ impl Apps {
         let list: Vec<App> = configs
             .iter()
             .enumerate()
-            .map(|(i, config)| App {
-                index: i as AppIndex,
-                config: config.clone(),
-                secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
-                wants_lifecycle: config.webhooks.iter().any(|w| w.format == WebhookFormat::Pusher),
-                counts_subscriptions: config.subscription_count_enabled
-                    || config.webhooks.iter().any(|w| w.format == WebhookFormat::Pusher),
-                connections: AtomicU32::new(0),
-                backend_events: AtomicU64::new(0),
+            .map(|(i, config)| {
+                let wants_lifecycle = config.webhooks.iter().any(|w| w.format == WebhookFormat::Pusher);
+                App {
+                    index: i as AppIndex,
+                    config: config.clone(),
+                    secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
+                    wants_lifecycle,
+                    counts_subscriptions: config.subscription_count_enabled || wants_lifecycle,
+                    connections: AtomicU32::new(0),
+                    backend_events: AtomicU64::new(0),
+                }
             })
             .collect();
         let by_key = list.iter().map(|a| (a.config.key.clone(), a.index)).collect();

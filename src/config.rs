@@ -120,6 +120,13 @@ pub struct WebhookConfig {
     pub event_types: Option<Vec<String>>,
 }
 
+impl WebhookConfig {
+    /// Its name in the admin API and the WAL: `id`, or its position in the app's list.
+    pub fn endpoint_id(&self, position: usize) -> String {
+        self.id.clone().unwrap_or_else(|| position.to_string())
+    }
+}
+
 /// `[[apps.webhooks]] format`
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -577,17 +584,14 @@ impl Config {
                 if let Err(e) = Target::parse(&hook.url) {
                     return herr("url", e);
                 }
-                let id = hook.id.clone().unwrap_or_else(|| j.to_string());
+                let id = hook.endpoint_id(j);
                 if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
                     return herr("id", "only letters, digits, '-' and '_' are allowed".into());
                 }
                 if id == "deliveries" {
                     return herr("id", "\"deliveries\" is reserved by the admin API".into());
                 }
-                let duplicate = app.webhooks[..j]
-                    .iter()
-                    .enumerate()
-                    .any(|(k, h)| h.id.clone().unwrap_or_else(|| k.to_string()) == id);
+                let duplicate = app.webhooks[..j].iter().enumerate().any(|(k, h)| h.endpoint_id(k) == id);
                 if duplicate {
                     return herr("id", format!("another webhook of this app is already called {id:?}"));
                 }

@@ -307,7 +307,10 @@ fn create_deliveries(shard: &Shard, app: &App, events: &[Event<'_>]) -> Result<O
     let Some(webhooks) = shard.webhooks().filter(|w| w.has_standard(app.index)) else {
         return Ok(None);
     };
-    let refused = |e: Refused| Response::error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+    let refused = |e: Refused| {
+        ShardMetrics::add(&shard.metrics().webhook_publishes_refused_total, 1);
+        Response::error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
+    };
     webhooks.check_capacity().map_err(refused)?;
     let mut last = None;
     for event in events {
@@ -369,9 +372,7 @@ async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, par
     if app.config.webhooks.is_empty() {
         return Err(Response::error(StatusCode::NOT_FOUND, "this app has no webhooks"));
     }
-    let endpoint_known = |id: &str| {
-        app.config.webhooks.iter().enumerate().any(|(j, w)| w.id.clone().unwrap_or_else(|| j.to_string()) == id)
-    };
+    let endpoint_known = |id: &str| app.config.webhooks.iter().enumerate().any(|(j, w)| w.endpoint_id(j) == id);
     match &mut request {
         AdminRequest::DeadLetters { endpoint } | AdminRequest::Enable { endpoint } if !endpoint_known(endpoint) => {
             return Err(Response::error(StatusCode::NOT_FOUND, &format!("no webhook endpoint {endpoint:?}")));

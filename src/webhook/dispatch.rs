@@ -180,7 +180,7 @@ impl Webhooks {
         apps: &Apps,
         metrics: Arc<[ShardMetrics]>,
     ) -> Result<Option<Rc<Webhooks>>, String> {
-        let endpoints = build_endpoints(&config, apps);
+        let endpoints = build_endpoints(apps);
         if endpoints.is_empty() {
             return Ok(None);
         }
@@ -342,10 +342,9 @@ impl Webhooks {
         Ok(last)
     }
 
-    /// Whether a publish of `bytes` more would pass `queue_bytes_max`.
+    /// Refuses new deliveries while the queue is at `queue_bytes_max`.
     pub fn check_capacity(&self) -> Result<(), Refused> {
         if self.state.borrow().live_bytes >= self.config.webhooks.queue_bytes_max {
-            ShardMetrics::add(&self.metrics().webhook_publishes_refused_total, 1);
             return Err(Refused::QueueFull);
         }
         Ok(())
@@ -978,16 +977,15 @@ enum AttemptError {
 }
 
 /// The endpoints of every app, in config order.
-fn build_endpoints(config: &Config, apps: &Apps) -> Vec<Endpoint> {
+fn build_endpoints(apps: &Apps) -> Vec<Endpoint> {
     let mut endpoints = Vec::new();
     for app in &apps.list {
         for (j, hook) in app.config.webhooks.iter().enumerate() {
-            let id = hook.id.clone().unwrap_or_else(|| j.to_string());
+            let id = hook.endpoint_id(j);
             let signer = match hook.format {
-                WebhookFormat::Pusher => Signer::Pusher {
-                    app_key: app.config.key.clone(),
-                    secret: hmac::Key::new(hmac::HMAC_SHA256, app.config.secret.as_bytes()),
-                },
+                WebhookFormat::Pusher => {
+                    Signer::Pusher { app_key: app.config.key.clone(), secret: app.secret_key.clone() }
+                }
                 WebhookFormat::Standard => {
                     let secrets: Vec<String> = hook.secret.iter().chain(&hook.secrets).cloned().collect();
                     Signer::Standard(StandardSigner::new(&secrets).expect("validated with the config"))
@@ -1007,6 +1005,5 @@ fn build_endpoints(config: &Config, apps: &Apps) -> Vec<Endpoint> {
             });
         }
     }
-    let _ = config;
     endpoints
 }
