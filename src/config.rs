@@ -50,6 +50,8 @@ pub struct WebhooksConfig {
     pub allow_private_targets: bool,
     /// Non-public address blocks allowed anyway, e.g. `["10.1.0.0/16"]`.
     pub allowed_cidrs: Vec<String>,
+    /// Extra CA certificates (PEM) trusted for `https://` endpoints, besides the Mozilla roots.
+    pub ca_file: Option<PathBuf>,
     /// Delay before each attempt (the first is normally 0); its length is the attempt count.
     pub retry_schedule_ms: Vec<u64>,
     /// Each retry delay moves by up to ± this percentage.
@@ -158,6 +160,7 @@ impl Default for WebhooksConfig {
             queue_bytes_max: 256 << 20,
             allow_private_targets: false,
             allowed_cidrs: Vec::new(),
+            ca_file: None,
             retry_schedule_ms: vec![0, 5_000, 300_000, 1_800_000, 7_200_000, 18_000_000, 36_000_000, 36_000_000],
             retry_jitter_percent: 20,
             retry_overload_floor_ms: 60_000,
@@ -569,6 +572,11 @@ impl Config {
         }
         if hooks.retry_jitter_percent > 100 {
             return err("webhooks.retry_jitter_percent".into(), "must be at most 100".into());
+        }
+        if let Some(path) = &hooks.ca_file {
+            if let Err(e) = crate::http::client::tls_connector(Some(path)) {
+                return err("webhooks.ca_file".into(), e);
+            }
         }
         for cidr in &hooks.allowed_cidrs {
             if let Err(e) = Cidr::parse(cidr) {

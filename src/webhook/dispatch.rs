@@ -29,9 +29,10 @@ use super::sign::{self, StandardSigner};
 use super::target::{self, AddressPolicy, Cidr, Target};
 use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, DurabilityMode, WebhookFormat};
-use crate::http::client::{Connection, Response, SendError};
+use crate::http::client::{self, Connection, Response, SendError};
 use crate::metrics::ShardMetrics;
 use crate::wal::{Durability, FileStorage, Lsn, Outcome, Wal, WalError};
+use monoio_rustls::TlsConnector;
 
 /// How an endpoint signs.
 enum Signer {
@@ -162,6 +163,8 @@ pub struct Webhooks {
     endpoints: Vec<Endpoint>,
     by_app: Vec<Vec<usize>>,
     wal: Option<Wal<FileStorage>>,
+    /// TLS settings, when some endpoint is `https://`.
+    tls: Option<TlsConnector>,
     log_id: u64,
     metrics: Arc<[ShardMetrics]>,
     state: RefCell<DispatchState>,
@@ -220,8 +223,14 @@ impl Webhooks {
                 (Some(wal), recovered, log_id)
             }
         };
+        let tls = if endpoints.iter().any(|e| e.target.tls) {
+            Some(client::tls_connector(settings.ca_file.as_deref()).map_err(|e| format!("webhooks.ca_file: {e}"))?)
+        } else {
+            None
+        };
         let webhooks = Rc::new(Webhooks {
             shard,
+            tls,
             config: config.clone(),
             policy,
             addresses,
@@ -648,9 +657,6 @@ impl Webhooks {
 
     /// Resolves, vets and dials the endpoint (exactly a vetted address).
     async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, AttemptError> {
-        if endpoint.target.tls {
-            return Err(AttemptError::Other("https:// targets are not supported yet by this build".into()));
-        }
         let addresses = target::resolve(&endpoint.target)
             .await
             .map_err(|e| AttemptError::Other(format!("cannot resolve {}: {e}", endpoint.target.host)))?;
@@ -665,7 +671,11 @@ impl Webhooks {
         let timeout = Duration::from_millis(self.config.webhooks.connect_timeout_ms);
         let mut last = String::new();
         for address in vetted {
-            match Connection::connect(address, timeout).await {
+            let tls = match (&self.tls, endpoint.target.tls) {
+                (Some(connector), true) => Some((connector, endpoint.target.host.as_str())),
+                _ => None,
+            };
+            match Connection::connect(address, tls, timeout).await {
                 Ok(connection) => return Ok(connection),
                 Err(e) => last = e.to_string(),
             }

@@ -205,6 +205,24 @@ impl Receiver {
     }
 
     pub fn start_on(address: &str) -> Receiver {
+        Receiver::start_with(address, None)
+    }
+
+    /// A receiver speaking HTTPS with this server certificate chain and key (DER).
+    pub fn start_tls(chain: Vec<Vec<u8>>, key: Vec<u8>) -> Receiver {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let chain = chain.into_iter().map(rustls::pki_types::CertificateDer::from).collect();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.into());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(chain, key)
+            .unwrap();
+        Receiver::start_with("127.0.0.1:0", Some(std::sync::Arc::new(config)))
+    }
+
+    fn start_with(address: &str, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = std::net::TcpListener::bind(address).unwrap();
         let receiver =
             Receiver { addr: listener.local_addr().unwrap(), requests: Default::default(), script: Default::default() };
@@ -212,7 +230,14 @@ impl Receiver {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let shared = shared.clone();
-                std::thread::spawn(move || shared.serve(stream));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => shared.serve(stream),
+                    Some(config) => {
+                        let connection = rustls::ServerConnection::new(config).unwrap();
+                        shared.serve(rustls::StreamOwned::new(connection, stream))
+                    }
+                });
             }
         });
         receiver
@@ -239,7 +264,7 @@ impl Receiver {
         }
     }
 
-    fn serve(&self, mut stream: TcpStream) {
+    fn serve(&self, mut stream: impl Read + Write) {
         let mut buffer = Vec::new();
         let mut chunk = [0u8; 65536];
         loop {

@@ -268,3 +268,47 @@ fn memory_durability_delivers() {
     assert_eq!(requests.len(), 1);
     verify_standard(&requests[0]);
 }
+
+/// `https://` endpoints: the certificate is verified against `ca_file` (a private CA here),
+/// the host name is resolved and vetted, and the delivery arrives signed; a receiver whose
+/// certificate the client does not trust gets nothing, and the attempt says why.
+#[test]
+fn https_endpoint_with_a_private_ca() {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "ringwire test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let receiver = Receiver::start_tls(vec![leaf.der().to_vec(), ca.der().to_vec()], leaf_key.serialize_der());
+    let directory = temp_dir("https-ca");
+    let ca_file = directory.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let url = format!("https://localhost:{}/secure", receiver.addr.port());
+    let server = TestServer::start(|c| {
+        setup(c, "https", vec![standard(url.clone())]);
+        c.webhooks.ca_file = Some(ca_file.clone());
+    });
+    assert_eq!(publish(server.addr, &["c"], "e", r#"{"secure":true}"#, None).0, 200);
+    let requests = receiver.wait_for(1, Duration::from_secs(5));
+    assert_eq!(requests.len(), 1, "delivered over TLS");
+    assert_eq!(requests[0].path, "/secure");
+    verify_standard(&requests[0]);
+    drop(server);
+
+    // Without the CA the certificate is refused: no request arrives, the error is visible.
+    let untrusted = Receiver::start_tls(vec![leaf.der().to_vec()], leaf_key.serialize_der());
+    let url = format!("https://localhost:{}/secure", untrusted.addr.port());
+    let server = TestServer::start(|c| setup(c, "https-untrusted", vec![standard(url.clone())]));
+    assert_eq!(publish(server.addr, &["c"], "e", "{}", None).0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(untrusted.requests().is_empty());
+    let (_, health) = api(server.addr, "GET", "/apps/1/webhooks", &[]);
+    let error = health["endpoints"][0]["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(error.contains("TLS handshake failed"), "{health}");
+}
