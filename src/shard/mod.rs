@@ -35,6 +35,7 @@ use crate::apps::{AppIndex, Apps};
 use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::pusher::message::{self, SocketId};
+use crate::wal::Lsn;
 use crate::webhook::dispatch::Webhooks;
 use crate::webhook::event::LifecycleEvent;
 use crate::ws::frame;
@@ -231,13 +232,14 @@ impl Shard {
         self.webhooks_cell.get()
     }
 
-    /// Hands a lifecycle event to the app's Pusher-format webhooks (if it has any).
-    pub fn lifecycle(&self, app: AppIndex, event: impl FnOnce() -> LifecycleEvent) {
-        if let Some(webhooks) = self.webhooks() {
-            if self.apps.get(app).wants_lifecycle {
-                webhooks.lifecycle(app, event());
-            }
+    /// Hands a lifecycle event to the app's Pusher-format webhooks (if it has any); returns
+    /// the WAL position that makes it durable, for a caller that must wait for that.
+    pub fn lifecycle(&self, app: AppIndex, event: impl FnOnce() -> LifecycleEvent) -> Option<Lsn> {
+        let webhooks = self.webhooks()?;
+        if !self.apps.get(app).wants_lifecycle {
+            return None;
         }
+        webhooks.lifecycle(app, event())
     }
 
     /// This shard's metrics.

@@ -181,11 +181,18 @@ impl Shard {
         if open {
             // On presence channels the relayed event names its sender (reference §1.2).
             let frame = message::channel_event_from(event, name, data, user_id.as_deref());
-            self.lifecycle(app_index, || {
+            let durable_at = self.lifecycle(app_index, || {
                 let raw = data.get();
                 let data: std::borrow::Cow<str> = serde_json::from_str(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
                 LifecycleEvent::client_event(name, event, &data, &socket_id.to_string(), user_id.as_deref())
             });
+            // The design's contract: a client event is accepted when relayed, so its webhook is
+            // durable first (group commit; only for apps whose webhooks select client_event).
+            if let (Some(lsn), Some(webhooks)) = (durable_at, self.webhooks()) {
+                if let Err(error) = webhooks.commit(lsn).await {
+                    tracing::error!(%error, "client_event webhook not durable; relaying the event anyway");
+                }
+            }
             self.publish(app_index, name, frame, Some(socket_id)).await;
         }
     }

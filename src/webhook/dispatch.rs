@@ -70,6 +70,20 @@ struct Delivery {
     dead: bool,
 }
 
+/// A lifecycle event waiting in an endpoint's batch.
+struct BatchItem {
+    /// Its own WAL record (acked once the batch delivery holding it is written); `None` in
+    /// `memory` mode.
+    seq: Option<u64>,
+    /// The event's JSON object.
+    json: Box<str>,
+}
+
+/// WAL endpoint key of an endpoint's not-yet-batched lifecycle events.
+fn batch_item_key(endpoint_key: &str) -> String {
+    format!("{endpoint_key}#batching")
+}
+
 /// One attempt, for the admin API.
 #[derive(Debug, Clone)]
 struct Attempt {
@@ -104,8 +118,9 @@ struct EndpointQueue {
     idle_workers: Vec<Waker>,
     in_flight: usize,
     health: Health,
-    /// Pusher format: lifecycle events waiting to be batched, and since when.
-    batch: Vec<LifecycleEvent>,
+    /// Pusher format: lifecycle events waiting to be batched (each with its WAL item, so a
+    /// crash before the batch is formed loses none), and since when.
+    batch: Vec<BatchItem>,
     batch_since: Option<Instant>,
 }
 
@@ -255,6 +270,17 @@ impl Webhooks {
         let (mut pending, mut dead, mut orphans) = (0u64, 0u64, 0u64);
         for live in recovered {
             let seq = live.delivery.seq;
+            if let Some(endpoint) = live.delivery.endpoint.strip_suffix("#batching").and_then(|k| by_key.get(k)) {
+                // A lifecycle event that was not yet in a batch delivery: batch it again.
+                let json = String::from_utf8_lossy(&live.delivery.body).into();
+                let mut state = self.state.borrow_mut();
+                state.live_bytes += live.delivery.body.len() as u64;
+                let queue = &mut state.queues[*endpoint];
+                queue.batch.push(BatchItem { seq: Some(seq), json });
+                queue.batch_since.get_or_insert_with(Instant::now);
+                pending += 1;
+                continue;
+            }
             let Some(&endpoint) = by_key.get(&*live.delivery.endpoint) else {
                 // Its endpoint left the config: kept in the log, reported, never sent.
                 orphans += 1;
@@ -368,9 +394,11 @@ impl Webhooks {
     }
 
     /// A lifecycle event for an app's Pusher-format endpoints that select it; batched per
-    /// endpoint (at most `batch_ms` or `batch_events_max` events).
-    pub fn lifecycle(&self, app: AppIndex, event: LifecycleEvent) {
+    /// endpoint (at most `batch_ms` or `batch_events_max` events). Each is written to the WAL
+    /// at once as its own record; returns the position to commit for it to be durable.
+    pub fn lifecycle(&self, app: AppIndex, event: LifecycleEvent) -> Option<Lsn> {
         let batch_max = self.config.webhooks.batch_events_max;
+        let mut last = None;
         for &index in &self.by_app[app as usize] {
             let endpoint = &self.endpoints[index];
             if endpoint.format != WebhookFormat::Pusher
@@ -378,10 +406,22 @@ impl Webhooks {
             {
                 continue;
             }
+            let item = match self.append_item(index, &event) {
+                Ok((seq, lsn)) => {
+                    last = last.max(lsn);
+                    BatchItem { seq, json: event.json.clone() }
+                }
+                Err(error) => {
+                    // Not accepted by anyone yet: counted and logged, not queued.
+                    ShardMetrics::add(&self.metrics().webhook_events_dropped_total, 1);
+                    tracing::warn!(endpoint = %endpoint.key, %error, "lifecycle webhook event dropped");
+                    continue;
+                }
+            };
             let full = {
                 let mut state = self.state.borrow_mut();
                 let queue = &mut state.queues[index];
-                queue.batch.push(event.clone());
+                queue.batch.push(item);
                 queue.batch_since.get_or_insert_with(Instant::now);
                 let full = queue.batch.len() >= batch_max;
                 if let Some(waker) = state.batch_task.take() {
@@ -393,26 +433,51 @@ impl Webhooks {
                 self.flush_batch(index);
             }
         }
+        last
     }
 
-    /// Turns an endpoint's batched lifecycle events into one delivery.
+    /// Writes one lifecycle event for an endpoint's batch to the WAL (nothing in `memory` mode).
+    fn append_item(&self, endpoint: usize, event: &LifecycleEvent) -> Result<(Option<u64>, Option<Lsn>), Refused> {
+        self.check_capacity()?;
+        let appended = match &self.wal {
+            Some(wal) => {
+                let key = batch_item_key(&self.endpoints[endpoint].key);
+                let (seq, lsn) = wal.append_delivery(&key, now_ms(), Bytes::copy_from_slice(event.json.as_bytes()))?;
+                (Some(seq), Some(lsn))
+            }
+            None => (None, None),
+        };
+        self.state.borrow_mut().live_bytes += event.json.len() as u64;
+        Ok(appended)
+    }
+
+    /// Turns an endpoint's batched lifecycle events into one delivery, then retires their
+    /// WAL items (the acks follow the batch's record in the log, so a crash keeps one or the
+    /// other: at least once).
     fn flush_batch(&self, endpoint: usize) {
-        let events = {
+        let items = {
             let mut state = self.state.borrow_mut();
             let queue = &mut state.queues[endpoint];
             queue.batch_since = None;
             std::mem::take(&mut queue.batch)
         };
-        if events.is_empty() {
+        if items.is_empty() {
             return;
         }
         let time_ms = now_ms();
-        let body = event::pusher_body(time_ms, &events);
-        let refused = self.check_capacity().and_then(|()| self.create(endpoint, body, time_ms).map(drop));
-        if let Err(error) = refused {
-            // Not an accepted event (no publisher waits for it): counted and logged, not queued.
-            ShardMetrics::add(&self.metrics().webhook_events_dropped_total, events.len() as u64);
-            tracing::warn!(endpoint = %self.endpoints[endpoint].key, %error, "lifecycle webhook events dropped");
+        let body = event::pusher_body(time_ms, items.iter().map(|i| &*i.json));
+        // The items already count against the queue limit, so the batch is not refused for it.
+        if let Err(error) = self.create(endpoint, body, time_ms) {
+            ShardMetrics::add(&self.metrics().webhook_events_dropped_total, items.len() as u64);
+            tracing::error!(endpoint = %self.endpoints[endpoint].key, %error, "lifecycle webhook batch not queued");
+            return;
+        }
+        let mut state = self.state.borrow_mut();
+        for item in items {
+            state.live_bytes -= item.json.len() as u64;
+            if let (Some(wal), Some(seq)) = (&self.wal, item.seq) {
+                let _ = wal.append_ack(seq, Outcome::Delivered);
+            }
         }
     }
 

@@ -192,3 +192,71 @@ fn kill_9_loses_no_accepted_webhook() {
     assert!(missing.is_empty(), "accepted but never delivered: {missing:?}");
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// A client event is accepted when relayed: its lifecycle webhook survives `kill -9` even
+/// though its batch was not formed yet (batch_ms is a minute in the first run), and is sent
+/// after the restart, signed, exactly as it would have been.
+#[test]
+fn kill_9_keeps_relayed_client_event_webhooks() {
+    let receiver = Receiver::start();
+    let data_dir = temp_dir("crash-lifecycle");
+    let config_text = |batch_ms: u64| {
+        format!(
+            "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n\n[webhooks]\ndata_dir = {:?}\nallow_private_targets = true\n\
+             batch_ms = {batch_ms}\n\n[[apps]]\nid = \"1\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n\n\
+             [[apps.webhooks]]\nurl = \"http://{}/pusher\"\nformat = \"pusher\"\nevents = [\"client_event\"]\n",
+            data_dir.to_str().unwrap(),
+            receiver.addr
+        )
+    };
+    let (mut child, addr) = start_binary(&temp_config("crash-lifecycle-1", &config_text(60_000)));
+    let channel = "private-room";
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+    let join = |ws: &mut Ws, socket_id: &str| {
+        let signature = hex::encode(ring::hmac::sign(&key, format!("{socket_id}:{channel}").as_bytes()));
+        let auth = format!("{KEY}:{signature}");
+        send_json(ws, serde_json::json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth}}));
+        assert_eq!(recv_json(ws)["event"], "pusher_internal:subscription_succeeded");
+    };
+    let (mut sender, sender_id) = connect(addr);
+    join(&mut sender, &sender_id);
+    let (mut listener, listener_id) = connect(addr);
+    join(&mut listener, &listener_id);
+    for n in 0..5 {
+        send_json(&mut sender, serde_json::json!({"event": "client-note", "channel": channel, "data": {"n": n}}));
+    }
+    for n in 0..5 {
+        // Relayed: accepted, so its webhook must survive what follows.
+        let relayed = recv_json(&mut listener);
+        assert_eq!(relayed["event"], "client-note");
+        assert_eq!(relayed["data"], format!("{{\"n\":{n}}}"));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(receiver.requests().is_empty(), "the one-minute batch had not been sent before the kill");
+    let (mut child, _) = start_binary(&temp_config("crash-lifecycle-2", &config_text(50)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let events = loop {
+        let events: Vec<serde_json::Value> = receiver
+            .requests()
+            .iter()
+            .flat_map(|r| {
+                serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["events"].as_array().unwrap().clone()
+            })
+            .collect();
+        if events.len() >= 5 || std::time::Instant::now() > deadline {
+            break events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut notes: Vec<String> = events.iter().map(|e| e["data"].as_str().unwrap().to_string()).collect();
+    notes.sort();
+    assert_eq!(notes, (0..5).map(|n| format!("{{\"n\":{n}}}")).collect::<Vec<_>>(), "{events:?}");
+    for request in receiver.requests() {
+        let expected = hex::encode(ring::hmac::sign(&key, &request.body));
+        assert_eq!(request.header("x-pusher-signature"), Some(expected.as_str()));
+    }
+    let _ = std::fs::remove_dir_all(&data_dir);
+}
