@@ -120,6 +120,10 @@ pub struct WebhookConfig {
     /// `standard`: event-name globs; absent = all.
     #[serde(default)]
     pub event_types: Option<Vec<String>>,
+    /// `standard`: events per delivery (a `ringwire.batch` payload); absent or 1 = one event
+    /// per delivery. Batches wait at most `webhooks.batch_ms`.
+    #[serde(default)]
+    pub batch_events_max: Option<usize>,
 }
 
 impl WebhookConfig {
@@ -608,6 +612,12 @@ impl Config {
                         if hook.secret.is_some() || !hook.secrets.is_empty() {
                             return herr("secret", "pusher-format webhooks are signed with the app secret".into());
                         }
+                        if hook.batch_events_max.is_some() {
+                            return herr(
+                                "batch_events_max",
+                                "pusher-format batching is webhooks.batch_events_max".into(),
+                            );
+                        }
                         if hook.channels.is_some() || hook.event_types.is_some() {
                             return herr("channels", "channels and event_types apply to format = \"standard\"".into());
                         }
@@ -624,6 +634,9 @@ impl Config {
                                 "events",
                                 "format = \"standard\" selects with channels and event_types".into(),
                             );
+                        }
+                        if hook.batch_events_max.is_some_and(|n| n == 0 || n > 1000) {
+                            return herr("batch_events_max", "must be 1 to 1000".into());
                         }
                         let secrets: Vec<String> = hook.secret.iter().chain(&hook.secrets).cloned().collect();
                         if let Err(e) = StandardSigner::new(&secrets) {

@@ -58,6 +58,8 @@ pub struct Endpoint {
     events: Option<Vec<String>>,
     channels: Option<Vec<String>>,
     event_types: Option<Vec<String>>,
+    /// Events per delivery (1 = no batching).
+    batch_max: usize,
     signer: Signer,
 }
 
@@ -198,7 +200,7 @@ impl Webhooks {
         apps: &Apps,
         metrics: Arc<[ShardMetrics]>,
     ) -> Result<Option<Rc<Webhooks>>, String> {
-        let endpoints = build_endpoints(apps);
+        let endpoints = build_endpoints(apps, config.webhooks.batch_events_max);
         if endpoints.is_empty() {
             return Ok(None);
         }
@@ -371,7 +373,12 @@ impl Webhooks {
             }
             for channel in channels.iter().filter(|c| event::any_match(endpoint.channels.as_deref(), c)) {
                 let body = event::standard_body(event, channel, data, time_ms);
-                last = Some(self.create(index, body, time_ms)?);
+                if endpoint.batch_max > 1 {
+                    let json = String::from_utf8(body.to_vec()).expect("bodies are JSON text");
+                    last = last.max(self.add_to_batch(index, json.into())?);
+                } else {
+                    last = Some(self.create(index, body, time_ms)?);
+                }
             }
         }
         Ok(last)
@@ -394,10 +401,9 @@ impl Webhooks {
     }
 
     /// A lifecycle event for an app's Pusher-format endpoints that select it; batched per
-    /// endpoint (at most `batch_ms` or `batch_events_max` events). Each is written to the WAL
-    /// at once as its own record; returns the position to commit for it to be durable.
+    /// endpoint. Each is written to the WAL at once as its own record; returns the position to
+    /// commit for it to be durable.
     pub fn lifecycle(&self, app: AppIndex, event: LifecycleEvent) -> Option<Lsn> {
-        let batch_max = self.config.webhooks.batch_events_max;
         let mut last = None;
         for &index in &self.by_app[app as usize] {
             let endpoint = &self.endpoints[index];
@@ -406,54 +412,52 @@ impl Webhooks {
             {
                 continue;
             }
-            let item = match self.append_item(index, &event) {
-                Ok((seq, lsn)) => {
-                    last = last.max(lsn);
-                    BatchItem { seq, json: event.json.clone() }
-                }
+            match self.add_to_batch(index, event.json.clone()) {
+                Ok(lsn) => last = last.max(lsn),
                 Err(error) => {
                     // Not accepted by anyone yet: counted and logged, not queued.
                     ShardMetrics::add(&self.metrics().webhook_events_dropped_total, 1);
                     tracing::warn!(endpoint = %endpoint.key, %error, "lifecycle webhook event dropped");
-                    continue;
                 }
-            };
-            let full = {
-                let mut state = self.state.borrow_mut();
-                let queue = &mut state.queues[index];
-                queue.batch.push(item);
-                queue.batch_since.get_or_insert_with(Instant::now);
-                let full = queue.batch.len() >= batch_max;
-                if let Some(waker) = state.batch_task.take() {
-                    waker.wake();
-                }
-                full
-            };
-            if full {
-                self.flush_batch(index);
             }
         }
         last
     }
 
-    /// Writes one lifecycle event for an endpoint's batch to the WAL (nothing in `memory` mode).
-    fn append_item(&self, endpoint: usize, event: &LifecycleEvent) -> Result<(Option<u64>, Option<Lsn>), Refused> {
+    /// Adds one event (a JSON object) to an endpoint's batch: written to the WAL at once as
+    /// its own record; the batch becomes one delivery at `batch_max` events or after
+    /// `batch_ms`. Returns the event's log position (`None` in `memory` mode).
+    fn add_to_batch(&self, endpoint: usize, json: Box<str>) -> Result<Option<Lsn>, Refused> {
         self.check_capacity()?;
-        let appended = match &self.wal {
+        let (seq, lsn) = match &self.wal {
             Some(wal) => {
                 let key = batch_item_key(&self.endpoints[endpoint].key);
-                let (seq, lsn) = wal.append_delivery(&key, now_ms(), Bytes::copy_from_slice(event.json.as_bytes()))?;
+                let (seq, lsn) = wal.append_delivery(&key, now_ms(), Bytes::copy_from_slice(json.as_bytes()))?;
                 (Some(seq), Some(lsn))
             }
             None => (None, None),
         };
-        self.state.borrow_mut().live_bytes += event.json.len() as u64;
-        Ok(appended)
+        let full = {
+            let mut state = self.state.borrow_mut();
+            state.live_bytes += json.len() as u64;
+            let queue = &mut state.queues[endpoint];
+            queue.batch.push(BatchItem { seq, json });
+            queue.batch_since.get_or_insert_with(Instant::now);
+            let full = queue.batch.len() >= self.endpoints[endpoint].batch_max;
+            if let Some(waker) = state.batch_task.take() {
+                waker.wake();
+            }
+            full
+        };
+        if full {
+            self.flush_batch(endpoint);
+        }
+        Ok(lsn)
     }
 
-    /// Turns an endpoint's batched lifecycle events into one delivery, then retires their
-    /// WAL items (the acks follow the batch's record in the log, so a crash keeps one or the
-    /// other: at least once).
+    /// Turns an endpoint's batched events into one delivery, then retires their WAL items (the
+    /// acks follow the batch's record in the log, so a crash keeps one or the other: at least
+    /// once).
     fn flush_batch(&self, endpoint: usize) {
         let items = {
             let mut state = self.state.borrow_mut();
@@ -465,7 +469,11 @@ impl Webhooks {
             return;
         }
         let time_ms = now_ms();
-        let body = event::pusher_body(time_ms, items.iter().map(|i| &*i.json));
+        let events = items.iter().map(|i| &*i.json);
+        let body = match self.endpoints[endpoint].format {
+            WebhookFormat::Pusher => event::pusher_body(time_ms, events),
+            WebhookFormat::Standard => event::standard_batch_body(time_ms, events),
+        };
         // The items already count against the queue limit, so the batch is not refused for it.
         if let Err(error) = self.create(endpoint, body, time_ms) {
             ShardMetrics::add(&self.metrics().webhook_events_dropped_total, items.len() as u64);
@@ -1052,7 +1060,7 @@ enum AttemptError {
 }
 
 /// The endpoints of every app, in config order.
-fn build_endpoints(apps: &Apps) -> Vec<Endpoint> {
+fn build_endpoints(apps: &Apps, batch_events_max: usize) -> Vec<Endpoint> {
     let mut endpoints = Vec::new();
     for app in &apps.list {
         for (j, hook) in app.config.webhooks.iter().enumerate() {
@@ -1076,6 +1084,10 @@ fn build_endpoints(apps: &Apps) -> Vec<Endpoint> {
                 events: hook.events.clone(),
                 channels: hook.channels.clone(),
                 event_types: hook.event_types.clone(),
+                batch_max: match hook.format {
+                    WebhookFormat::Pusher => batch_events_max,
+                    WebhookFormat::Standard => hook.batch_events_max.unwrap_or(1),
+                },
                 signer,
             });
         }

@@ -101,6 +101,25 @@ pub fn pusher_body<'a>(time_ms: u64, events: impl Iterator<Item = &'a str>) -> B
     Bytes::from(body)
 }
 
+/// A batch for a Standard Webhooks endpoint with `batch_events_max` > 1:
+/// `{"type": "ringwire.batch", "timestamp", "data": [<event payloads as standard_body makes them>]}`
+/// — one payload in the spec's shape whose data is the list.
+pub fn standard_batch_body<'a>(time_ms: u64, events: impl Iterator<Item = &'a str>) -> Bytes {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(time_ms);
+    let mut body = String::with_capacity(256);
+    body.push_str("{\"type\":\"ringwire.batch\",\"timestamp\":\"");
+    body.push_str(&humantime::format_rfc3339_millis(time).to_string());
+    body.push_str("\",\"data\":[");
+    for (i, event) in events.enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(event);
+    }
+    body.push_str("]}");
+    Bytes::from(body)
+}
+
 /// A Standard Webhooks payload for a published event:
 /// `{"type", "timestamp" (ISO 8601), "channel", "data"}`. `data` is embedded as JSON when the
 /// event's data string is a JSON object or array (the usual case), else as a string.
@@ -161,5 +180,11 @@ mod tests {
         assert_eq!(value["data"], json!("plain 7"));
         let value: serde_json::Value = serde_json::from_slice(&standard_body("e", "c", "7", 0)).unwrap();
         assert_eq!(value["data"], json!("7"));
+        let one = standard_body("e", "c", "{}", 0);
+        let batch = standard_batch_body(0, [std::str::from_utf8(&one).unwrap(); 2].into_iter());
+        let value: serde_json::Value = serde_json::from_slice(&batch).unwrap();
+        assert_eq!(value["type"], "ringwire.batch");
+        assert_eq!(value["data"].as_array().unwrap().len(), 2);
+        assert_eq!(value["data"][1]["channel"], "c");
     }
 }

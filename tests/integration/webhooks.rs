@@ -22,6 +22,7 @@ fn standard(url: String) -> WebhookConfig {
         secrets: Vec::new(),
         channels: None,
         event_types: None,
+        batch_events_max: None,
     }
 }
 
@@ -311,4 +312,39 @@ fn https_endpoint_with_a_private_ca() {
     let (_, health) = api(server.addr, "GET", "/apps/1/webhooks", &[]);
     let error = health["endpoints"][0]["last_error"].as_str().unwrap_or_default().to_string();
     assert!(error.contains("TLS handshake failed"), "{health}");
+}
+
+/// A Standard Webhooks endpoint with batching: events arrive in `ringwire.batch` payloads of
+/// at most `batch_events_max`, each signed; together they hold every event once.
+#[test]
+fn standard_batching() {
+    let receiver = Receiver::start();
+    let server = TestServer::start(|c| {
+        let mut hook = standard(format!("http://{}/", receiver.addr));
+        hook.batch_events_max = Some(5);
+        setup(c, "standard-batch", vec![hook]);
+    });
+    for n in 0..12 {
+        assert_eq!(publish(server.addr, &["orders"], "order.created", &format!("{{\"n\":{n}}}"), None).0, 200);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut numbers: Vec<u64> = Vec::new();
+    while numbers.len() < 12 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        numbers = receiver
+            .requests()
+            .iter()
+            .flat_map(|r| {
+                let body: Value = serde_json::from_slice(&r.body).unwrap();
+                assert_eq!(body["type"], "ringwire.batch");
+                let events = body["data"].as_array().unwrap().clone();
+                assert!((1..=5).contains(&events.len()), "{body}");
+                events.into_iter().map(|e| e["data"]["n"].as_u64().unwrap())
+            })
+            .collect();
+    }
+    numbers.sort_unstable();
+    assert_eq!(numbers, (0..12).collect::<Vec<u64>>());
+    assert!(receiver.requests().len() >= 3);
+    receiver.requests().iter().for_each(verify_standard);
 }
