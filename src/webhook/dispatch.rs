@@ -11,7 +11,7 @@
 //! mode), so a webhook id a receiver has seen is never reused after a crash.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -132,7 +132,7 @@ struct DispatchState {
     /// Created, waiting for their WAL records to be committed before the first attempt.
     awaiting: VecDeque<(Lsn, u64)>,
     /// Retries by due time.
-    timers: BTreeMap<(Instant, u64), ()>,
+    timers: BTreeSet<(Instant, u64)>,
     queues: Vec<EndpointQueue>,
     attempts: VecDeque<Attempt>,
     /// Bytes of live deliveries (pending and dead), for `queue_bytes_max`.
@@ -562,7 +562,7 @@ impl Webhooks {
     /// Moves due retries to their queues; wakes workers of endpoints whose breaker cooled.
     async fn timer_task(self: Rc<Self>) {
         loop {
-            let next = self.state.borrow().timers.keys().next().map(|&(at, _)| at);
+            let next = self.state.borrow().timers.first().map(|&(at, _)| at);
             // At least once a second, for breakers that cooled down.
             let soon = Instant::now() + Duration::from_secs(1);
             let wake_at = next.map_or(soon, |at| at.min(soon));
@@ -587,7 +587,7 @@ impl Webhooks {
                 let mut state = self.state.borrow_mut();
                 let later = state.timers.split_off(&(now, u64::MAX));
                 let due = std::mem::replace(&mut state.timers, later);
-                due.into_keys().map(|(_, seq)| seq).collect()
+                due.into_iter().map(|(_, seq)| seq).collect()
             };
             for seq in due {
                 self.make_ready(seq);
@@ -605,13 +605,13 @@ impl Webhooks {
 
     fn schedule(&self, seq: u64, delay: Duration) {
         let mut state = self.state.borrow_mut();
-        state.timers.insert((Instant::now() + delay, seq), ());
+        state.timers.insert((Instant::now() + delay, seq));
         if let Some(waker) = state.timer_task.take() {
             waker.wake();
         }
     }
 
-    /// Flushes Pusher-format batches `batch_ms` after their first event.
+    /// Flushes endpoints' batches `batch_ms` after their first event.
     async fn batch_task(self: Rc<Self>) {
         let period = Duration::from_millis(self.config.webhooks.batch_ms);
         loop {
