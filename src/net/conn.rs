@@ -175,8 +175,18 @@ fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppI
     Ok(app.index)
 }
 
-/// Upgrades and runs a WebSocket connection to its end.
-pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
+/// A WebSocket connection whose handshake is done: what its long-lived task needs.
+pub struct Session {
+    key: ConnKey,
+    reader: TcpOwnedReadHalf,
+    writer: monoio::task::JoinHandle<()>,
+    buf: BytesMut,
+}
+
+/// Upgrades a connection (handshake, admission, registration, writer task); `None` when it
+/// was refused or failed. Its state is large (request head, response, write futures), so the
+/// caller runs the returned session in a task of its own: an idle connection keeps only that.
+pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) -> Option<Session> {
     let Upgrade { mut stream, head, mut buf, echo } = upgrade;
     let mut response = match handshake::accept(&head) {
         Ok(response) => response,
@@ -188,7 +198,7 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
                 bytes.splice(at..at, b"\r\nSec-WebSocket-Version: 13".iter().copied());
             }
             let _ = stream.write_all(bytes).await;
-            return;
+            return None;
         }
     };
     let checked = if echo { Ok(0) } else { pusher_refusal(shard, &head) };
@@ -200,7 +210,7 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
             response.extend_from_slice(&frame::encode_close(code, &reason));
             let _ = stream.write_all(response).await;
             let _ = stream.shutdown().await;
-            return;
+            return None;
         }
     };
     let (result, _) = stream.write_all(response).await;
@@ -208,12 +218,12 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
         if !echo {
             shard.apps.get(app).release();
         }
-        return;
+        return None;
     }
     // Everything from the request is used up: free its headers before the long read loop.
     drop(head);
     let (key, socket_id) = shard.register(app, echo, stream.as_raw_fd());
-    let (mut reader, writer) = stream.into_split();
+    let (reader, writer) = stream.into_split();
     let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
     if !echo {
         let activity_timeout_s = shard.config.websocket.activity_timeout_s;
@@ -221,6 +231,12 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) {
     }
     // The HTTP buffer is sized for request heads; an idle WebSocket should not keep it.
     buf = BytesMut::from(&buf[..]);
+    Some(Session { key, reader, writer, buf })
+}
+
+/// Runs an upgraded connection to its end: the read loop, then teardown.
+pub async fn session(shard: &Rc<Shard>, session: Session) {
+    let Session { key, mut reader, writer, buf } = session;
     read_loop(shard, key, &mut reader, buf).await;
     shard.begin_teardown(key);
     writer.await;
@@ -316,7 +332,9 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
                 return true;
             }
             let text = std::str::from_utf8(&text).expect("the decoder validated UTF-8");
-            shard.on_text(key, text).await;
+            // Boxed: the on_text state (subscribe, auth, client events) is large, and kept inline it
+            // would be part of every idle connection's task; inbound messages are few.
+            Box::pin(shard.on_text(key, text)).await;
         }
     }
     true

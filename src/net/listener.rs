@@ -50,18 +50,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
                     }
                     state.open_sockets += 1;
                 }
-                let shard = shard.clone();
-                monoio::spawn(async move {
-                    if let Some(upgrade) = crate::net::conn::serve(&shard, stream).await {
-                        // A task of its own: see `conn::serve`.
-                        monoio::spawn(async move {
-                            crate::net::conn::websocket(&shard, upgrade).await;
-                            shard.state.borrow_mut().open_sockets -= 1;
-                        });
-                    } else {
-                        shard.state.borrow_mut().open_sockets -= 1;
-                    }
-                });
+                monoio::spawn(connection(shard.clone(), stream));
             }
             Err(e) => {
                 tracing::warn!(shard = shard.index, error = %e, "accept failed; backing off 50 ms");
@@ -69,4 +58,19 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener) {
             }
         }
     }
+}
+
+/// One accepted socket: HTTP, then (for a WebSocket) the upgrade, then the session, each phase
+/// in a task of its own, so an idle WebSocket keeps only the session's state (see
+/// `conn::serve` and `conn::websocket`).
+async fn connection(shard: Rc<Shard>, stream: monoio::net::TcpStream) {
+    let closed = |shard: &Shard| shard.state.borrow_mut().open_sockets -= 1;
+    let Some(upgrade) = crate::net::conn::serve(&shard, stream).await else { return closed(&shard) };
+    monoio::spawn(async move {
+        let Some(session) = crate::net::conn::websocket(&shard, upgrade).await else { return closed(&shard) };
+        monoio::spawn(async move {
+            crate::net::conn::session(&shard, session).await;
+            closed(&shard);
+        });
+    });
 }
