@@ -72,7 +72,8 @@ struct Delivery {
     dead: bool,
 }
 
-/// A lifecycle event waiting in an endpoint's batch.
+/// An event (lifecycle, or published for a batching Standard endpoint) waiting in its
+/// endpoint's batch.
 struct BatchItem {
     /// Its own WAL record (acked once the batch delivery holding it is written); `None` in
     /// `memory` mode.
@@ -81,7 +82,7 @@ struct BatchItem {
     json: Box<str>,
 }
 
-/// WAL endpoint key of an endpoint's not-yet-batched lifecycle events.
+/// WAL endpoint key of an endpoint's events that are not in a batch delivery yet.
 fn batch_item_key(endpoint_key: &str) -> String {
     format!("{endpoint_key}#batching")
 }
@@ -120,8 +121,8 @@ struct EndpointQueue {
     idle_workers: Vec<Waker>,
     in_flight: usize,
     health: Health,
-    /// Pusher format: lifecycle events waiting to be batched (each with its WAL item, so a
-    /// crash before the batch is formed loses none), and since when.
+    /// Events waiting to be batched (each with its WAL item, so a crash before the batch is
+    /// formed loses none), and since when.
     batch: Vec<BatchItem>,
     batch_since: Option<Instant>,
 }
@@ -273,7 +274,7 @@ impl Webhooks {
         for live in recovered {
             let seq = live.delivery.seq;
             if let Some(endpoint) = live.delivery.endpoint.strip_suffix("#batching").and_then(|k| by_key.get(k)) {
-                // A lifecycle event that was not yet in a batch delivery: batch it again.
+                // An event that was not yet in a batch delivery: batch it again.
                 let json = String::from_utf8_lossy(&live.delivery.body).into();
                 let mut state = self.state.borrow_mut();
                 state.live_bytes += live.delivery.body.len() as u64;
@@ -374,10 +375,9 @@ impl Webhooks {
             for channel in channels.iter().filter(|c| event::any_match(endpoint.channels.as_deref(), c)) {
                 let body = event::standard_body(event, channel, data, time_ms);
                 if endpoint.batch_max > 1 {
-                    let json = String::from_utf8(body.to_vec()).expect("bodies are JSON text");
-                    last = last.max(self.add_to_batch(index, json.into())?);
+                    last = last.max(self.add_to_batch(index, body.into())?);
                 } else {
-                    last = Some(self.create(index, body, time_ms)?);
+                    last = Some(self.create(index, body.into(), time_ms)?);
                 }
             }
         }
@@ -474,16 +474,17 @@ impl Webhooks {
             WebhookFormat::Pusher => event::pusher_body(time_ms, events),
             WebhookFormat::Standard => event::standard_batch_body(time_ms, events),
         };
-        // The items already count against the queue limit, so the batch is not refused for it.
+        // The items already count against the queue limit, so the batch is not refused for it;
+        // their bytes now belong to the batch delivery.
+        self.state.borrow_mut().live_bytes -= items.iter().map(|i| i.json.len() as u64).sum::<u64>();
         if let Err(error) = self.create(endpoint, body, time_ms) {
-            ShardMetrics::add(&self.metrics().webhook_events_dropped_total, items.len() as u64);
-            tracing::error!(endpoint = %self.endpoints[endpoint].key, %error, "lifecycle webhook batch not queued");
+            // Only a failed WAL gets here: the items stay in the log and are batched again
+            // after a restart.
+            tracing::error!(endpoint = %self.endpoints[endpoint].key, %error, "webhook batch not queued");
             return;
         }
-        let mut state = self.state.borrow_mut();
-        for item in items {
-            state.live_bytes -= item.json.len() as u64;
-            if let (Some(wal), Some(seq)) = (&self.wal, item.seq) {
+        if let Some(wal) = &self.wal {
+            for seq in items.iter().filter_map(|i| i.seq) {
                 let _ = wal.append_ack(seq, Outcome::Delivered);
             }
         }

@@ -123,7 +123,7 @@ pub fn standard_batch_body<'a>(time_ms: u64, events: impl Iterator<Item = &'a st
 /// A Standard Webhooks payload for a published event:
 /// `{"type", "timestamp" (ISO 8601), "channel", "data"}`. `data` is embedded as JSON when the
 /// event's data string is a JSON object or array (the usual case), else as a string.
-pub fn standard_body(event: &str, channel: &str, data: &str, time_ms: u64) -> Bytes {
+pub fn standard_body(event: &str, channel: &str, data: &str, time_ms: u64) -> String {
     let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(time_ms);
     let timestamp = humantime::format_rfc3339_millis(time).to_string();
     let trimmed = data.trim_start();
@@ -131,8 +131,7 @@ pub fn standard_body(event: &str, channel: &str, data: &str, time_ms: u64) -> By
         Ok(raw) if trimmed.starts_with('{') || trimmed.starts_with('[') => raw,
         _ => RawValue::from_string(serde_json::to_string(data).expect("strings serialize")).expect("valid JSON"),
     };
-    let body = json!({"type": event, "timestamp": timestamp, "channel": channel, "data": data_json});
-    Bytes::from(body.to_string())
+    json!({"type": event, "timestamp": timestamp, "channel": channel, "data": data_json}).to_string()
 }
 
 #[cfg(test)]
@@ -170,18 +169,18 @@ mod tests {
             br#"{"time_ms":1700000000000,"events":[{"channel":"c","name":"channel_occupied"},{"channel":"presence-c","name":"member_removed","user_id":"u1"}]}"#
         );
         let body = standard_body("order.created", "orders-1", r#"{"id":7}"#, 1700000000123);
-        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(
             value,
             json!({"type": "order.created", "timestamp": "2023-11-14T22:13:20.123Z", "channel": "orders-1", "data": {"id": 7}})
         );
         let body = standard_body("e", "c", "plain 7", 0);
-        let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(value["data"], json!("plain 7"));
-        let value: serde_json::Value = serde_json::from_slice(&standard_body("e", "c", "7", 0)).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&standard_body("e", "c", "7", 0)).unwrap();
         assert_eq!(value["data"], json!("7"));
         let one = standard_body("e", "c", "{}", 0);
-        let batch = standard_batch_body(0, [std::str::from_utf8(&one).unwrap(); 2].into_iter());
+        let batch = standard_batch_body(0, [one.as_str(); 2].into_iter());
         let value: serde_json::Value = serde_json::from_slice(&batch).unwrap();
         assert_eq!(value["type"], "ringwire.batch");
         assert_eq!(value["data"].as_array().unwrap().len(), 2);
