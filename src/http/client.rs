@@ -15,7 +15,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
+use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio_rustls::{ClientTlsStream, TlsConnector};
@@ -26,8 +27,15 @@ use crate::net::batch::FrameBatch;
 
 /// Response headers parsed at most.
 const RESPONSE_HEADERS_MAX: usize = 64;
-/// Bytes of a response head at most.
+/// Bytes of a response's heads at most: its interim (1xx) heads, its final head and its chunk
+/// trailers all count against this one budget.
 const RESPONSE_HEAD_BYTES_MAX: usize = 16 * 1024;
+/// Interim (1xx) responses before the final one at most.
+const INTERIM_RESPONSES_MAX: usize = 8;
+/// Bytes of one chunk-size line (the size in hex and any extensions) at most.
+const CHUNK_LINE_BYTES_MAX: usize = 1024;
+/// Spare room offered to each read of a response.
+const READ_BYTES: usize = 4096;
 /// Bytes of a response body kept for the attempt log.
 pub const EXCERPT_BYTES_MAX: usize = 256;
 
@@ -51,125 +59,345 @@ pub enum ResponseError {
     /// Not HTTP/1.x, or a malformed head or chunk.
     #[error("malformed response: {0}")]
     Malformed(String),
-    /// The head passed its limit.
+    /// The heads (interim heads and trailers included) passed their limit.
     #[error("response head over {RESPONSE_HEAD_BYTES_MAX} bytes")]
     HeadTooLarge,
 }
 
-/// Parses the response at the start of `buf`. `Ok(None)`: need more bytes. `eof`: the peer
-/// closed (ends a body delimited by the close). Returns the response and the bytes it used.
-pub fn parse_response(buf: &[u8], eof: bool, body_max: usize) -> Result<Option<(Response, usize)>, ResponseError> {
-    let mut offset = 0;
-    loop {
-        let mut headers = [httparse::EMPTY_HEADER; RESPONSE_HEADERS_MAX];
-        let mut response = httparse::Response::new(&mut headers);
-        let head_len = match response.parse(&buf[offset..]) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) if buf.len() - offset > RESPONSE_HEAD_BYTES_MAX => {
-                return Err(ResponseError::HeadTooLarge)
-            }
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(e) => return Err(ResponseError::Malformed(e.to_string())),
-        };
-        let status = response.code.expect("complete response has a code");
-        // RFC 9110 §15: a status code is three digits, 100..=599 in use; httparse takes "000".
-        if !(100..600).contains(&status) {
-            return Err(ResponseError::Malformed(format!("status code {status}")));
-        }
-        if (100..200).contains(&status) && status != 101 {
-            // RFC 9110 §15.2: interim responses precede the final one.
-            offset += head_len;
-            continue;
-        }
-        let mut close = response.version == Some(0);
-        let mut length = None;
-        let mut chunked = false;
-        let mut retry_after = None;
-        for header in response.headers.iter() {
-            let value = std::str::from_utf8(header.value).unwrap_or("").trim();
-            if header.name.eq_ignore_ascii_case("content-length") {
-                let parsed =
-                    value.parse::<usize>().map_err(|_| ResponseError::Malformed("bad content-length".into()))?;
-                if length.is_some_and(|l| l != parsed) {
-                    return Err(ResponseError::Malformed("conflicting content-length".into()));
+/// Reads responses from a connection's bytes as they arrive, consuming what it has understood
+/// from the front of the buffer, so that every byte is examined a bounded number of times
+/// whatever the read sizes and the buffer holds at most one head: body bytes are counted and
+/// dropped (all but an excerpt) as they come.
+///
+/// Invariant: between calls, the buffer starts where the parse state says (at a head, or
+/// inside the body at the position `state` describes).
+#[derive(Debug)]
+pub struct ResponseReader {
+    /// Body bytes read at most; a longer body ends the response early (and the connection).
+    body_max: usize,
+    state: ReadState,
+    /// Head bytes this response has used so far (interim heads, the final head, trailers).
+    head_bytes: usize,
+    /// Interim responses skipped so far.
+    interim: usize,
+    /// Where the search for the end of the current head resumes (bytes already searched).
+    head_scanned: usize,
+    /// The final response's fields, once its head is parsed.
+    response: Option<PartialResponse>,
+}
+
+#[derive(Debug)]
+struct PartialResponse {
+    status: u16,
+    retry_after: Option<Duration>,
+    close: bool,
+    excerpt: BytesMut,
+    /// Body bytes seen so far.
+    body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReadState {
+    /// Waiting for a complete head.
+    Head,
+    /// `Content-Length` body: bytes still to come.
+    Length { remaining: usize },
+    /// Reading a chunk-size line.
+    ChunkSize,
+    /// Inside a chunk: its bytes still to come.
+    ChunkData { remaining: usize },
+    /// The CRLF after a chunk's data.
+    ChunkEnd,
+    /// The trailer section after the last chunk.
+    Trailers,
+    /// A body delimited by the connection's close (RFC 9112 §6.3 rule 8).
+    UntilClose,
+}
+
+impl ResponseReader {
+    /// A reader for responses whose bodies are read up to `body_max` bytes.
+    pub fn new(body_max: usize) -> ResponseReader {
+        ResponseReader { body_max, state: ReadState::Head, head_bytes: 0, interim: 0, head_scanned: 0, response: None }
+    }
+
+    /// Consumes what it can of `buffer`. `Ok(None)`: need more bytes (or, with `eof`, the
+    /// peer closed before the response was complete). `Some`: one complete response; the
+    /// bytes after it are left in `buffer` and the reader is ready for the next one.
+    pub fn read(&mut self, buffer: &mut BytesMut, eof: bool) -> Result<Option<Response>, ResponseError> {
+        loop {
+            let progressed = match self.state {
+                ReadState::Head => self.read_head(buffer)?,
+                ReadState::Length { remaining } => {
+                    let n = remaining.min(buffer.len());
+                    self.take_body(buffer, n);
+                    self.state = ReadState::Length { remaining: remaining - n };
+                    if remaining == n {
+                        return Ok(Some(self.finish(false)));
+                    }
+                    false
                 }
-                length = Some(parsed);
-            } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.to_ascii_lowercase().split(',').any(|c| c.trim() == "chunked");
-            } else if header.name.eq_ignore_ascii_case("connection") {
-                close |= value.to_ascii_lowercase().split(',').any(|c| c.trim() == "close");
-            } else if header.name.eq_ignore_ascii_case("retry-after") {
-                retry_after = parse_retry_after(value);
+                ReadState::ChunkSize => self.read_chunk_size(buffer)?,
+                ReadState::ChunkData { remaining } => {
+                    let n = remaining.min(buffer.len());
+                    self.take_body(buffer, n);
+                    self.state = if remaining == n {
+                        ReadState::ChunkEnd
+                    } else {
+                        ReadState::ChunkData { remaining: remaining - n }
+                    };
+                    n > 0
+                }
+                ReadState::ChunkEnd => match buffer.get(..2) {
+                    Some(b"\r\n") => {
+                        buffer.advance(2);
+                        self.state = ReadState::ChunkSize;
+                        true
+                    }
+                    Some(_) => return Err(ResponseError::Malformed("chunk without CRLF".into())),
+                    None => false,
+                },
+                ReadState::Trailers => match self.read_trailer_line(buffer)? {
+                    Some(true) => return Ok(Some(self.finish(false))),
+                    Some(false) => true,
+                    None => false,
+                },
+                ReadState::UntilClose => {
+                    let n = buffer.len();
+                    self.take_body(buffer, n);
+                    if eof {
+                        return Ok(Some(self.finish(true)));
+                    }
+                    false
+                }
+            };
+            if self.response.as_ref().is_some_and(|r| r.body_bytes > self.body_max) {
+                // Not worth reading further: answer now and drop the connection.
+                return Ok(Some(self.finish(true)));
+            }
+            if !progressed {
+                return Ok(None);
             }
         }
-        let body_start = offset + head_len;
-        let rest = &buf[body_start..];
-        let no_body = status == 204 || status == 304;
-        let (body, used, truncated) = if no_body {
-            (&rest[..0], 0, false)
-        } else if chunked {
-            match read_chunked(rest, body_max)? {
-                Some(found) => found,
-                None => return Ok(None),
+    }
+
+    /// Parses a head once its end has arrived; skips interim responses. Returns whether it
+    /// consumed anything.
+    fn read_head(&mut self, buffer: &mut BytesMut) -> Result<bool, ResponseError> {
+        // Garbage is refused at once rather than after a timeout.
+        let version = &buffer[..buffer.len().min(7)];
+        if version != &b"HTTP/1."[..version.len()] {
+            return Err(ResponseError::Malformed("invalid HTTP version".into()));
+        }
+        let Some(end) = self.find_head_end(buffer) else {
+            if self.head_bytes + buffer.len() > RESPONSE_HEAD_BYTES_MAX {
+                return Err(ResponseError::HeadTooLarge);
             }
-        } else if let Some(length) = length {
-            if length > body_max {
-                // Not worth reading: answer now and drop the connection.
-                (&rest[..0], 0, true)
-            } else if rest.len() < length {
-                return Ok(None);
-            } else {
-                (&rest[..length], length, false)
+            return Ok(false);
+        };
+        self.head_scanned = 0;
+        self.head_bytes += end;
+        if self.head_bytes > RESPONSE_HEAD_BYTES_MAX {
+            return Err(ResponseError::HeadTooLarge);
+        }
+        let head = parse_head(&buffer[..end])?;
+        buffer.advance(end);
+        if (100..200).contains(&head.status) && head.status != 101 {
+            // RFC 9110 §15.2: interim responses precede the final one; they are consumed
+            // and counted, never kept.
+            self.interim += 1;
+            if self.interim > INTERIM_RESPONSES_MAX {
+                return Err(ResponseError::Malformed(format!("more than {INTERIM_RESPONSES_MAX} interim responses")));
             }
-        } else if eof || rest.len() > body_max {
-            // Delimited by the close (RFC 9112 §6.3 rule 8).
-            let end = rest.len().min(body_max);
-            (&rest[..end], rest.len(), true)
-        } else {
+            return Ok(true);
+        }
+        let mut response = PartialResponse {
+            status: head.status,
+            retry_after: head.retry_after,
+            close: head.close,
+            excerpt: BytesMut::new(),
+            body_bytes: 0,
+        };
+        self.state = match head.body {
+            // RFC 9110 §6.4.1: 1xx, 204 and 304 responses have no content; a 101 would
+            // switch protocols, which no webhook request asked for: the connection ends.
+            _ if head.status == 204 || head.status == 304 => ReadState::Length { remaining: 0 },
+            _ if head.status == 101 => {
+                response.close = true;
+                ReadState::Length { remaining: 0 }
+            }
+            BodyFraming::Chunked => ReadState::ChunkSize,
+            BodyFraming::Length(length) if length > self.body_max => {
+                // Announced over the cap: answer without reading it.
+                response.close = true;
+                response.body_bytes = length;
+                ReadState::Length { remaining: 0 }
+            }
+            BodyFraming::Length(length) => ReadState::Length { remaining: length },
+            BodyFraming::UntilClose => {
+                response.close = true;
+                ReadState::UntilClose
+            }
+        };
+        self.response = Some(response);
+        Ok(true)
+    }
+
+    /// The length of the head at the front of `buffer` (through its empty line), searching
+    /// only bytes not searched before.
+    fn find_head_end(&mut self, buffer: &[u8]) -> Option<usize> {
+        let mut from = self.head_scanned;
+        while let Some(offset) = buffer[from..].iter().position(|&b| b == b'\n') {
+            let at = from + offset;
+            match (buffer.get(at + 1), buffer.get(at + 2)) {
+                (Some(b'\n'), _) => return Some(at + 2),
+                (Some(b'\r'), Some(b'\n')) => return Some(at + 3),
+                // The line ending may continue in the next read: look here again then.
+                (None, _) | (Some(b'\r'), None) => {
+                    self.head_scanned = at;
+                    return None;
+                }
+                _ => from = at + 1,
+            }
+        }
+        self.head_scanned = buffer.len();
+        None
+    }
+
+    /// A chunk-size line (RFC 9112 §7.1: `size [; extensions] CRLF`), bounded in length.
+    fn read_chunk_size(&mut self, buffer: &mut BytesMut) -> Result<bool, ResponseError> {
+        let window = &buffer[..buffer.len().min(CHUNK_LINE_BYTES_MAX)];
+        let Some(newline) = window.iter().position(|&b| b == b'\n') else {
+            if buffer.len() >= CHUNK_LINE_BYTES_MAX {
+                return Err(ResponseError::Malformed(format!("chunk-size line over {CHUNK_LINE_BYTES_MAX} bytes")));
+            }
+            return Ok(false);
+        };
+        let (used, size) = match httparse::parse_chunk_size(&buffer[..=newline]) {
+            Ok(httparse::Status::Complete(found)) => found,
+            _ => return Err(ResponseError::Malformed("bad chunk size".into())),
+        };
+        buffer.advance(used);
+        let size = usize::try_from(size).unwrap_or(usize::MAX);
+        self.state = if size == 0 { ReadState::Trailers } else { ReadState::ChunkData { remaining: size } };
+        if let Some(response) = &mut self.response {
+            // A chunk announced past the cap ends the response now.
+            if size > self.body_max - response.body_bytes.min(self.body_max) {
+                response.body_bytes = response.body_bytes.saturating_add(size);
+            }
+        }
+        Ok(true)
+    }
+
+    /// One trailer line (RFC 9112 §7.1.2), counted against the head budget and dropped.
+    /// `Some(true)`: the empty line that ends the message.
+    fn read_trailer_line(&mut self, buffer: &mut BytesMut) -> Result<Option<bool>, ResponseError> {
+        let budget = RESPONSE_HEAD_BYTES_MAX.saturating_sub(self.head_bytes);
+        let window = &buffer[..buffer.len().min(budget)];
+        let Some(newline) = window.iter().position(|&b| b == b'\n') else {
+            if buffer.len() >= budget {
+                return Err(ResponseError::HeadTooLarge);
+            }
             return Ok(None);
         };
-        close |= truncated;
-        let excerpt = Bytes::copy_from_slice(&body[..body.len().min(EXCERPT_BYTES_MAX)]);
-        return Ok(Some((Response { status, retry_after, close, excerpt }, body_start + used)));
+        let line = &buffer[..newline];
+        let last = line.is_empty() || line == b"\r";
+        self.head_bytes += newline + 1;
+        buffer.advance(newline + 1);
+        Ok(Some(last))
+    }
+
+    /// Counts `n` body bytes from the front of `buffer`, keeping the excerpt's share.
+    fn take_body(&mut self, buffer: &mut BytesMut, n: usize) {
+        let response = self.response.as_mut().expect("a body follows a final head");
+        let keep = n.min(EXCERPT_BYTES_MAX - response.excerpt.len());
+        response.excerpt.extend_from_slice(&buffer[..keep]);
+        response.body_bytes = response.body_bytes.saturating_add(n);
+        buffer.advance(n);
+    }
+
+    /// The finished response; the reader starts over.
+    fn finish(&mut self, close: bool) -> Response {
+        let response = self.response.take().expect("finished after a final head");
+        *self = ResponseReader::new(self.body_max);
+        Response {
+            status: response.status,
+            retry_after: response.retry_after,
+            close: response.close || close,
+            excerpt: response.excerpt.freeze(),
+        }
     }
 }
 
-/// A chunked body: (body prefix, bytes used, truncated) or need more.
-#[allow(clippy::type_complexity)]
-fn read_chunked(buf: &[u8], body_max: usize) -> Result<Option<(&[u8], usize, bool)>, ResponseError> {
-    let mut at = 0;
-    let mut total: usize = 0;
-    let mut first: &[u8] = &[];
-    loop {
-        let (size_len, size) = match httparse::parse_chunk_size(&buf[at..]) {
-            Ok(httparse::Status::Complete(found)) => found,
-            Ok(httparse::Status::Partial) => return Ok(None),
-            Err(_) => return Err(ResponseError::Malformed("bad chunk size".into())),
-        };
-        let size = usize::try_from(size).unwrap_or(usize::MAX);
-        total = total.saturating_add(size);
-        if total > body_max {
-            return Ok(Some((first, at, true)));
-        }
-        at += size_len;
-        if size == 0 {
-            // Trailers (if any) end with an empty line; accept only the common empty case.
-            return match buf.get(at..at + 2) {
-                Some(b"\r\n") => Ok(Some((first, at + 2, false))),
-                Some(_) => Err(ResponseError::Malformed("chunk trailers are not supported".into())),
-                None => Ok(None),
-            };
-        }
-        let Some(data) = buf.get(at..at + size) else { return Ok(None) };
-        if first.is_empty() {
-            first = data;
-        }
-        match buf.get(at + size..at + size + 2) {
-            Some(b"\r\n") => at += size + 2,
-            Some(_) => return Err(ResponseError::Malformed("chunk without CRLF".into())),
-            None => return Ok(None),
+/// How a response's body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyFraming {
+    Chunked,
+    Length(usize),
+    UntilClose,
+}
+
+/// What a final or interim head says.
+struct Head {
+    status: u16,
+    retry_after: Option<Duration>,
+    close: bool,
+    body: BodyFraming,
+}
+
+/// Parses one complete head (through its empty line).
+fn parse_head(bytes: &[u8]) -> Result<Head, ResponseError> {
+    let mut headers = [httparse::EMPTY_HEADER; RESPONSE_HEADERS_MAX];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(ResponseError::Malformed("incomplete head".into())),
+        Err(e) => return Err(ResponseError::Malformed(e.to_string())),
+    }
+    let status = response.code.expect("complete response has a code");
+    // RFC 9110 §15: a status code is three digits, 100..=599 in use; httparse takes "000".
+    if !(100..600).contains(&status) {
+        return Err(ResponseError::Malformed(format!("status code {status}")));
+    }
+    let mut close = response.version == Some(0);
+    let mut length = None;
+    let mut transfer_coding = None;
+    let mut retry_after = None;
+    for header in response.headers.iter() {
+        let value = std::str::from_utf8(header.value).unwrap_or("").trim();
+        if header.name.eq_ignore_ascii_case("content-length") {
+            let parsed = value.parse::<usize>().map_err(|_| ResponseError::Malformed("bad content-length".into()))?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err(ResponseError::Malformed("conflicting content-length".into()));
+            }
+            length = Some(parsed);
+        } else if header.name.eq_ignore_ascii_case("transfer-encoding") {
+            // RFC 9112 §6.3 rule 4: chunked counts only as the final coding.
+            let last = value.rsplit(',').next().unwrap_or("").trim();
+            transfer_coding = Some(last.eq_ignore_ascii_case("chunked"));
+        } else if header.name.eq_ignore_ascii_case("connection") {
+            close |= value.split(',').any(|c| c.trim().eq_ignore_ascii_case("close"));
+        } else if header.name.eq_ignore_ascii_case("retry-after") {
+            retry_after = parse_retry_after(value);
         }
     }
+    // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; a coding other than chunked
+    // last is delimited by the close.
+    let body = match (transfer_coding, length) {
+        (Some(true), _) => BodyFraming::Chunked,
+        (Some(false), _) => BodyFraming::UntilClose,
+        (None, Some(length)) => BodyFraming::Length(length),
+        (None, None) => BodyFraming::UntilClose,
+    };
+    Ok(Head { status, retry_after, close, body })
+}
+
+/// Parses the response at the start of `buf` in one go (the reader over a copy). `Ok(None)`:
+/// need more bytes. `eof`: the peer closed (ends a body delimited by the close). Returns the
+/// response and the bytes it used.
+pub fn parse_response(buf: &[u8], eof: bool, body_max: usize) -> Result<Option<(Response, usize)>, ResponseError> {
+    let mut buffer = BytesMut::from(buf);
+    let response = ResponseReader::new(body_max).read(&mut buffer, eof)?;
+    Ok(response.map(|r| (r, buf.len() - buffer.len())))
 }
 
 /// `Retry-After: <seconds>` or `Retry-After: <HTTP-date>` as a delay from now.
@@ -279,11 +507,11 @@ impl Connection {
         if let Err(error) = self.write_all(parts, deadline).await {
             return (responses, Some(error));
         }
+        let mut reader = ResponseReader::new(body_max);
         let mut eof = false;
         while responses.len() < count {
-            match parse_response(&self.buffer, eof, body_max) {
-                Ok(Some((response, used))) => {
-                    let _ = self.buffer.split_to(used.min(self.buffer.len()));
+            match reader.read(&mut self.buffer, eof) {
+                Ok(Some(response)) => {
                     let close = response.close;
                     responses.push(response);
                     if close {
@@ -297,17 +525,20 @@ impl Connection {
                 Ok(None) => {}
                 Err(e) => return (responses, Some(e.into())),
             }
-            self.buffer.reserve(4096);
-            let buffer = std::mem::take(&mut self.buffer);
+            // monoio reads into a buffer from its index 0: hand it the spare room after what
+            // is already buffered (a head can arrive in several reads).
+            self.buffer.reserve(READ_BYTES);
+            let filled = self.buffer.len();
+            let spare = std::mem::take(&mut self.buffer).slice_mut(filled..);
             let read = async {
                 match &mut self.stream {
-                    Stream::Plain(stream) => stream.read(buffer).await,
-                    Stream::Tls(stream) => stream.read(buffer).await,
+                    Stream::Plain(stream) => stream.read(spare).await,
+                    Stream::Tls(stream) => stream.read(spare).await,
                 }
             };
             match monoio::time::timeout_at(deadline, read).await {
-                Ok((Ok(n), buffer)) => {
-                    self.buffer = buffer;
+                Ok((Ok(n), spare)) => {
+                    self.buffer = spare.into_inner();
                     eof = n == 0;
                 }
                 Ok((Err(e), _)) => return (responses, Some(SendError::Io(e.to_string()))),
@@ -355,10 +586,27 @@ impl Connection {
 mod tests {
     use super::*;
 
+    /// Parses `input` whole, then again fed one byte at a time to one reader (as if every
+    /// byte came in its own read): both must give `expected` (status, close, excerpt, bytes
+    /// used).
     fn check(input: &str, eof: bool, expected: Option<(u16, bool, &str, usize)>) {
+        let expected = expected.map(|(s, c, b, u)| (s, c, b.to_string(), u));
         let got = parse_response(input.as_bytes(), eof, 64).expect("parses");
         let got = got.map(|(r, used)| (r.status, r.close, String::from_utf8(r.excerpt.to_vec()).unwrap(), used));
-        assert_eq!(got, expected.map(|(s, c, b, u)| (s, c, b.to_string(), u)), "{input:?}");
+        assert_eq!(got, expected, "{input:?}");
+        let mut reader = ResponseReader::new(64);
+        let mut buffer = BytesMut::new();
+        let mut found = None;
+        for (i, &byte) in input.as_bytes().iter().enumerate() {
+            buffer.extend_from_slice(&[byte]);
+            let last = i + 1 == input.len();
+            if let Some(r) = reader.read(&mut buffer, eof && last).expect("parses in pieces") {
+                let used = i + 1 - buffer.len();
+                found = Some((r.status, r.close, String::from_utf8(r.excerpt.to_vec()).unwrap(), used));
+                break;
+            }
+        }
+        assert_eq!(found, expected, "{input:?} byte by byte");
     }
 
     /// Lengths, chunks, close-delimited bodies, interim responses, "need more".
@@ -406,5 +654,91 @@ mod tests {
             parse_response(&[b'a'; 100], false, 64).unwrap_err(),
             ResponseError::Malformed("invalid HTTP version".into())
         );
+    }
+
+    /// Interim responses are consumed as they come and bounded in number and in head bytes;
+    /// chunk-size lines (extensions included) are bounded; bodies never accumulate in the
+    /// buffer, however they are split.
+    #[test]
+    fn hostile_responses_are_bounded() {
+        let continues = "HTTP/1.1 100 Continue\r\n\r\n".repeat(INTERIM_RESPONSES_MAX + 1);
+        let mut reader = ResponseReader::new(64);
+        let mut buffer = BytesMut::from(continues.as_bytes());
+        assert!(matches!(reader.read(&mut buffer, false), Err(ResponseError::Malformed(_))));
+
+        // Interim heads share the final head's budget.
+        let fat = format!("HTTP/1.1 103 Early Hints\r\nLink: {}\r\n\r\n", "a".repeat(RESPONSE_HEAD_BYTES_MAX / 3));
+        let mut reader = ResponseReader::new(64);
+        let mut buffer = BytesMut::new();
+        let mut outcome = Ok(None);
+        for _ in 0..4 {
+            buffer.extend_from_slice(fat.as_bytes());
+            outcome = reader.read(&mut buffer, false);
+            if outcome.is_err() {
+                break;
+            }
+            assert!(buffer.is_empty(), "an interim head is consumed at once");
+        }
+        assert_eq!(outcome, Err(ResponseError::HeadTooLarge));
+
+        // A chunk extension that never ends is refused once it passes the line limit.
+        let mut reader = ResponseReader::new(64);
+        let mut buffer = BytesMut::from(&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1;"[..]);
+        let mut outcome = Ok(None);
+        for _ in 0..CHUNK_LINE_BYTES_MAX {
+            buffer.extend_from_slice(b"a");
+            outcome = reader.read(&mut buffer, false);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        assert!(matches!(outcome, Err(ResponseError::Malformed(m)) if m.contains("chunk-size line")));
+        assert!(buffer.len() <= CHUNK_LINE_BYTES_MAX);
+
+        // Endless trailers are bounded by the head budget.
+        let mut reader = ResponseReader::new(64);
+        let mut buffer = BytesMut::from(&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"[..]);
+        let mut outcome = Ok(None);
+        for _ in 0..RESPONSE_HEAD_BYTES_MAX {
+            buffer.extend_from_slice(b"X-T: y\r\n");
+            outcome = reader.read(&mut buffer, false);
+            if outcome.is_err() {
+                break;
+            }
+        }
+        assert_eq!(outcome, Err(ResponseError::HeadTooLarge));
+    }
+
+    /// A body within the cap, in small reads, leaves nothing behind in the buffer; a body
+    /// past the cap ends the response (and the connection) as soon as the cap is passed.
+    #[test]
+    fn bodies_are_consumed_as_they_arrive() {
+        for head in ["HTTP/1.1 200 OK\r\nContent-Length: 60000\r\n\r\n", "HTTP/1.1 200 OK\r\n\r\n"] {
+            let mut reader = ResponseReader::new(65_536);
+            let mut buffer = BytesMut::from(head.as_bytes());
+            assert_eq!(reader.read(&mut buffer, false), Ok(None));
+            for _ in 0..(60_000 / 100) {
+                buffer.extend_from_slice(&[b'x'; 100]);
+                let outcome = reader.read(&mut buffer, false).unwrap();
+                assert!(buffer.is_empty());
+                if outcome.is_some() {
+                    break;
+                }
+            }
+        }
+        let mut reader = ResponseReader::new(1_000);
+        let mut buffer = BytesMut::from(&b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"[..]);
+        let mut outcome = None;
+        for _ in 0..100 {
+            buffer.extend_from_slice(b"64\r\n");
+            buffer.extend_from_slice(&[b'y'; 100]);
+            buffer.extend_from_slice(b"\r\n");
+            outcome = reader.read(&mut buffer, false).unwrap();
+            if outcome.is_some() {
+                break;
+            }
+        }
+        let response = outcome.expect("answered once past the cap");
+        assert!(response.close && response.excerpt.len() == EXCERPT_BYTES_MAX);
     }
 }

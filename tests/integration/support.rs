@@ -190,13 +190,30 @@ impl Received {
     }
 }
 
+/// How a receiver writes its 200 response: the shapes real servers produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// Head and a 2-byte body in one write.
+    Whole,
+    /// The head, then the body 50 ms later (Python's `http.server`, many frameworks).
+    HeadThenBody,
+    /// A chunked body written in several pieces, with a chunk extension and a trailer.
+    Chunked,
+    /// A 20 KB JSON body (more than one read's worth).
+    LargeBody,
+    /// `100 Continue`, then the final response 20 ms later.
+    Continue,
+}
+
 /// A webhook receiver on 127.0.0.1:0 (keep-alive HTTP/1.1). It answers each request with the
-/// next scripted response (`"TIMEOUT"` = never answer and close later), then with 200.
+/// next scripted response (`"TIMEOUT"` = never answer and close later), then with a 200 in
+/// its `Shape`.
 #[derive(Clone)]
 pub struct Receiver {
     pub addr: SocketAddr,
     requests: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
     script: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
+    shape: std::sync::Arc<std::sync::Mutex<Shape>>,
 }
 
 impl Receiver {
@@ -224,8 +241,12 @@ impl Receiver {
 
     fn start_with(address: &str, tls: Option<std::sync::Arc<rustls::ServerConfig>>) -> Receiver {
         let listener = std::net::TcpListener::bind(address).unwrap();
-        let receiver =
-            Receiver { addr: listener.local_addr().unwrap(), requests: Default::default(), script: Default::default() };
+        let receiver = Receiver {
+            addr: listener.local_addr().unwrap(),
+            requests: Default::default(),
+            script: Default::default(),
+            shape: std::sync::Arc::new(std::sync::Mutex::new(Shape::Whole)),
+        };
         let shared = receiver.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
@@ -246,6 +267,11 @@ impl Receiver {
     /// The next responses, in order (status lines and headers; `"TIMEOUT"` hangs).
     pub fn script(&self, responses: &[&str]) {
         self.script.lock().unwrap().extend(responses.iter().map(|r| r.to_string()));
+    }
+
+    /// How the 200 responses are written from now on.
+    pub fn set_shape(&self, shape: Shape) {
+        *self.shape.lock().unwrap() = shape;
     }
 
     pub fn requests(&self) -> Vec<Received> {
@@ -305,9 +331,50 @@ impl Receiver {
                     let _ = stream.write_all(format!("{status}\r\nContent-Length: 4\r\n\r\nnope").as_bytes());
                 }
                 None => {
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+                    let shape = *self.shape.lock().unwrap();
+                    if write_shaped(&mut stream, shape).is_err() {
+                        return;
+                    }
                 }
             }
+        }
+    }
+}
+
+/// Writes a 200 response the way `shape` says, flushing between the pieces so that they
+/// arrive in separate reads.
+fn write_shaped(stream: &mut impl Write, shape: Shape) -> std::io::Result<()> {
+    let mut piece = |bytes: &[u8], pause_ms: u64| -> std::io::Result<()> {
+        stream.write_all(bytes)?;
+        stream.flush()?;
+        std::thread::sleep(Duration::from_millis(pause_ms));
+        Ok(())
+    };
+    match shape {
+        Shape::Whole => piece(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0),
+        Shape::HeadThenBody => {
+            piece(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 15\r\n\r\n", 50)?;
+            piece(b"{\"status\":\"ok\"}", 0)
+        }
+        Shape::Chunked => {
+            piece(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", 10)?;
+            piece(b"4;note=first\r\n{\"ok\r\n", 10)?;
+            piece(b"5\r\n\":tru\r\n", 10)?;
+            piece(b"2\r\ne}\r\n0\r\nX-Trailer: yes\r\n\r\n", 0)
+        }
+        Shape::LargeBody => {
+            let body = format!("{{\"padding\":\"{}\"}}", "x".repeat(20_000));
+            let head =
+                format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", body.len());
+            piece(head.as_bytes(), 5)?;
+            for part in body.as_bytes().chunks(4096) {
+                piece(part, 1)?;
+            }
+            Ok(())
+        }
+        Shape::Continue => {
+            piece(b"HTTP/1.1 100 Continue\r\n\r\n", 20)?;
+            piece(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0)
         }
     }
 }

@@ -348,3 +348,41 @@ fn standard_batching() {
     assert!(receiver.requests().len() >= 3);
     receiver.requests().iter().for_each(verify_standard);
 }
+
+/// Receivers written the ways real servers write: head and body in separate writes 50 ms
+/// apart, a chunked body in pieces (with an extension and a trailer), a 20 KB body, and a
+/// `100 Continue` first. Each delivery is acknowledged by its first attempt: no retry, no
+/// failed attempt, nothing dead.
+#[test]
+fn receivers_that_write_in_pieces() {
+    let receiver = Receiver::start();
+    let server = TestServer::start(|c| setup(c, "shapes", vec![standard(format!("http://{}/events", receiver.addr))]));
+    let shapes = [Shape::HeadThenBody, Shape::Chunked, Shape::LargeBody, Shape::Continue, Shape::Whole];
+    let mut expected = 0;
+    for shape in shapes {
+        receiver.set_shape(shape);
+        for i in 0..3 {
+            assert_eq!(publish(server.addr, &["orders"], "order.created", &format!(r#"{{"i":{i}}}"#), None).0, 200);
+        }
+        expected += 3;
+        let delivered = || metric(server.addr, "webhook_delivered_total").iter().sum::<u64>();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while delivered() < expected && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(delivered(), expected, "{shape:?}: deliveries acknowledged");
+        let failed = metric(server.addr, "webhook_attempts_failed_total").iter().sum::<u64>();
+        assert_eq!(failed, 0, "{shape:?}: failed attempts {:?}", api_health(server.addr));
+    }
+    let requests = receiver.requests();
+    let mut ids: Vec<&str> = requests.iter().map(|r| r.header("webhook-id").unwrap()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!((requests.len(), ids.len()), (expected as usize, expected as usize), "each id sent once");
+    requests.iter().for_each(verify_standard);
+    assert_eq!(metric(server.addr, "webhook_dead_letters").iter().sum::<u64>(), 0);
+}
+
+fn api_health(addr: std::net::SocketAddr) -> Value {
+    api(addr, "GET", "/apps/1/webhooks", &[]).1
+}
