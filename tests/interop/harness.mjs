@@ -1,4 +1,5 @@
-// Shared by the interop test files: start ringwire as a child process on a free port.
+// Shared by the interop test files: start ringwire as a child process on a free port, kill
+// children when the runner exits, poll for a condition.
 // (Not a test file itself: its name matches none of node --test's patterns.)
 
 import { spawn } from 'node:child_process';
@@ -6,6 +7,25 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
+
+// Children to SIGKILL (and their cleanups to run) when this process exits. One listener for
+// all of them, so a file that spawns many children stays under Node's listener limit.
+const atExit = new Set();
+process.on('exit', () => {
+  for (const cleanup of atExit) cleanup();
+});
+for (const signal of ['SIGINT', 'SIGTERM']) process.once(signal, () => process.exit(1));
+
+/**
+ * SIGKILLs `child` (a no-op once it has exited) and runs `cleanup` when this process exits,
+ * even when the runner is interrupted or times out.
+ */
+export function killOnExit(child, cleanup = () => {}) {
+  atExit.add(() => {
+    child.kill('SIGKILL');
+    cleanup();
+  });
+}
 
 /**
  * Spawns `bin --config <config>` and resolves once its first stdout line names the address.
@@ -20,11 +40,7 @@ export async function spawnRingwire({ bin, config, prefix, onStderr }) {
   // `{TMP}` in the config names the temp folder (for webhooks.data_dir).
   writeFileSync(configPath, config.replaceAll('{TMP}', tmpDir));
   const server = spawn(bin, ['--config', configPath], { stdio: ['ignore', 'pipe', 'pipe'] });
-  process.on('exit', () => {
-    server.kill('SIGKILL');
-    rmSync(tmpDir, { recursive: true, force: true });
-  });
-  for (const signal of ['SIGINT', 'SIGTERM']) process.once(signal, () => process.exit(1));
+  killOnExit(server, () => rmSync(tmpDir, { recursive: true, force: true }));
   const exit = new Promise((resolve) => {
     server.on('exit', (code, signal) => resolve({ code, signal }));
     server.on('error', (error) => resolve({ error }));
@@ -54,4 +70,13 @@ export async function spawnRingwire({ bin, config, prefix, onStderr }) {
   const address = line.trim().split(/\s+/)[3];
   const colon = address.lastIndexOf(':');
   return { server, exit, tmpDir, host: address.slice(0, colon), port: Number(address.slice(colon + 1)) };
+}
+
+/** Polls `predicate` every 20 ms until it holds; throws naming `what` after `ms`. */
+export async function until(what, predicate, ms = 10000) {
+  const deadline = Date.now() + ms;
+  while (!(await predicate())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 20));
+  }
 }

@@ -12,7 +12,7 @@ import Pusher from 'pusher-js';
 import PusherServer from 'pusher';
 import { Webhook } from 'standardwebhooks';
 
-import { spawnRingwire } from './harness.mjs';
+import { spawnRingwire, until } from './harness.mjs';
 
 const HERE = path.dirname(fileURLToPath(import.meta.url));
 const BIN = path.resolve(HERE, '..', '..', process.env.RINGWIRE_BIN || 'target/release/ringwire');
@@ -35,14 +35,6 @@ function startReceiver() {
     });
   });
   return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, requests })));
-}
-
-async function until(what, predicate, ms = 10000) {
-  const deadline = Date.now() + ms;
-  while (!predicate()) {
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 20));
-  }
 }
 
 describe('webhooks verified by the official libraries', () => {
