@@ -48,6 +48,7 @@ fn load(path: Option<&PathBuf>) -> Result<Config, String> {
 }
 
 fn main() -> ExitCode {
+    ringwire::server::abort_on_panic();
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RINGWIRE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)

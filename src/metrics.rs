@@ -62,6 +62,8 @@ shard_metrics! {
     connections_refused_total: "counter",
     /// Client messages dropped by the per-connection rate limit (pusher:error 4301).
     rate_limited_total: "counter",
+    /// 1 once the shard's thread has panicked (the node then stops; `/health` says 503).
+    shard_down: "gauge",
     /// Webhook deliveries created (one per matching endpoint and batch).
     webhook_deliveries_total: "counter",
     /// Webhook deliveries answered with a 2xx.

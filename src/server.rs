@@ -26,6 +26,10 @@ pub enum Driver {
     Epoll,
 }
 
+/// Called on each shard's thread, inside its runtime, once the shard is up (its argument is
+/// the shard's index). Tests use it to inject faults; `Server::start` passes none.
+pub type ShardStartHook = Arc<dyn Fn(usize) + Send + Sync>;
+
 /// A running node.
 pub struct Server {
     /// The address every shard listens on.
@@ -39,6 +43,11 @@ pub struct Server {
 impl Server {
     /// Binds and starts every shard; returns once all of them accept connections.
     pub fn start(config: Config) -> anyhow::Result<Server> {
+        Server::start_with(config, None)
+    }
+
+    /// `start`, running `on_shard_start` on every shard once it is up.
+    pub fn start_with(config: Config, on_shard_start: Option<ShardStartHook>) -> anyhow::Result<Server> {
         let shards = config.shard_count();
         let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
@@ -57,14 +66,16 @@ impl Server {
             let (config, apps, mesh, metrics, ready) =
                 (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
             let pool = blocking_pool.clone();
+            let hook = on_shard_start.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
+                    let _guard = ShardGuard { index, metrics: metrics.clone(), mesh: mesh.clone() };
                     if let Err(e) = monoio::utils::bind_to_cpu_set([index % cpus]) {
                         tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
                     }
                     let shard = Shard::new(index, config.clone(), apps, mesh, metrics);
-                    run_shard(shard, std_listener, config.server.io_driver, pool, ready);
+                    run_shard(shard, std_listener, config.server.io_driver, pool, ready, hook);
                 })
                 .context("cannot start a shard thread")?;
             threads.push(thread);
@@ -107,6 +118,7 @@ fn run_shard(
     driver: IoDriver,
     pool: monoio::blocking::DefaultThreadPool,
     ready: mpsc::Sender<Result<Driver, String>>,
+    hook: Option<ShardStartHook>,
 ) {
     let index = shard.index;
     if driver != IoDriver::Epoll {
@@ -115,7 +127,7 @@ fn run_shard(
             .enable_timer()
             .attach_thread_pool(Box::new(pool.clone()));
         match builder.build() {
-            Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready)),
+            Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready, hook)),
             Err(e) if driver == IoDriver::IoUring => {
                 let _ = ready.send(Err(format!(
                     "shard {index}: io_uring is unavailable ({e}) and server.io_driver = \"io_uring\""
@@ -132,7 +144,7 @@ fn run_shard(
         .attach_thread_pool(Box::new(pool))
         .build()
     {
-        Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready)),
+        Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready, hook)),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {index}: cannot build an epoll runtime: {e}")));
         }
@@ -145,6 +157,7 @@ async fn shard_main(
     listener: std::net::TcpListener,
     driver: Driver,
     ready: mpsc::Sender<Result<Driver, String>>,
+    hook: Option<ShardStartHook>,
 ) {
     let listener = match monoio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
@@ -168,8 +181,52 @@ async fn shard_main(
     }
     shard.spawn_background();
     let _ = ready.send(Ok(driver));
+    if let Some(hook) = hook {
+        hook(shard.index);
+    }
     listener::accept_loop(shard.clone(), listener).await;
     shard.drain_connections().await;
+}
+
+/// Lives as long as a shard's thread. A shard that panics holds connections, channels and
+/// webhook state no other shard can take over, and its peers would wait for it forever (a
+/// publish waits for its mesh messages): so its death is marked for `/health` and
+/// `/metrics` (`ringwire_shard_down`), logged, and the whole node is stopped, never left
+/// running as a zombie. The binary aborts even sooner, in `abort_on_panic`'s hook.
+struct ShardGuard {
+    index: usize,
+    metrics: Arc<[ShardMetrics]>,
+    mesh: Arc<Mesh>,
+}
+
+impl Drop for ShardGuard {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.metrics[self.index].shard_down.store(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::error!(
+                shard = self.index,
+                "shard panicked: stopping the node (the webhook log makes a restart safe)"
+            );
+            self.mesh.shutdown();
+        }
+    }
+}
+
+/// Makes any panic, on any thread, abort the process after its message and one line that
+/// says why: a node with a dead shard cannot serve (see `ShardGuard`), and a supervisor
+/// restarting it is the safe recovery (accepted webhooks are in the WAL). The binary calls
+/// this first thing.
+pub fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
+        eprintln!(
+            "ringwire: fatal: thread {thread} panicked (a bug; please report it); aborting so that a supervisor \
+             restarts the node — accepted webhooks are safe in the WAL"
+        );
+        std::process::abort();
+    }));
 }
 
 /// Refuses to start when the webhook data directory holds logs of shards this run would not

@@ -62,7 +62,7 @@ fn bad_request(reason: impl AsRef<str>) -> Response {
 pub async fn handle(shard: &Shard, head: &RequestHead, body: &[u8]) -> Response {
     let segments: Vec<&str> = head.path.split('/').skip(1).collect();
     let result = match segments.as_slice() {
-        ["health"] => only_get(head).map(|()| Response::json(StatusCode::OK, &json!({"ok": true}))),
+        ["health"] => only_get(head).map(|()| health(shard)),
         ["ready"] => only_get(head).map(|()| ready(shard)),
         ["metrics"] => only_get(head).map(|()| metrics_text(shard)),
         ["apps", app_id, rest @ ..] => app_request(shard, head, body, app_id, rest).await,
@@ -83,8 +83,30 @@ fn only_get(head: &RequestHead) -> Result<(), Response> {
     only(head, Method::GET)
 }
 
+/// The shards whose threads died (the node is stopping).
+fn shards_down(shard: &Shard) -> Vec<usize> {
+    let down = |m: &ShardMetrics| m.shard_down.load(std::sync::atomic::Ordering::Relaxed) != 0;
+    shard.all_metrics.iter().enumerate().filter(|(_, m)| down(m)).map(|(i, _)| i).collect()
+}
+
+/// 200 while every shard runs; 503 naming the shards whose threads died.
+fn health(shard: &Shard) -> Response {
+    let down = shards_down(shard);
+    if down.is_empty() {
+        Response::json(StatusCode::OK, &json!({"ok": true}))
+    } else {
+        Response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ok": false, "shards_down": down}))
+    }
+}
+
 fn ready(shard: &Shard) -> Response {
-    if shard.is_shutting_down() {
+    let down = shards_down(shard);
+    if !down.is_empty() {
+        Response::json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"ready": false, "reason": "a shard died", "shards_down": down}),
+        )
+    } else if shard.is_shutting_down() {
         Response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": "shutting down"}))
     } else {
         Response::json(StatusCode::OK, &json!({"ready": true}))

@@ -347,12 +347,18 @@ impl Webhooks {
         format!("msg_{:016x}{:016x}", self.log_id, seq)
     }
 
+    /// The sequence number in one of this shard's webhook ids; `None` for anything else. The
+    /// id comes from a request path: it is checked to be ASCII hex before it is sliced.
     fn parse_webhook_id(&self, id: &str) -> Option<u64> {
         let hex = id.strip_prefix("msg_")?;
-        if hex.len() != 32 || u64::from_str_radix(&hex[..16], 16).ok()? != self.log_id {
+        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
-        u64::from_str_radix(&hex[16..], 16).ok()
+        let (log_id, seq) = hex.split_at(16);
+        if u64::from_str_radix(log_id, 16).ok()? != self.log_id {
+            return None;
+        }
+        u64::from_str_radix(seq, 16).ok()
     }
 
     // ---- sources -----------------------------------------------------------------------

@@ -198,3 +198,52 @@ fn mesh_ring_burst() {
     assert!(metric(server.addr, "mesh_full_total").iter().sum::<u64>() > 0, "the rings did fill");
     assert_eq!(metric(server.addr, "mesh_outbox_depth").iter().sum::<u64>(), 0);
 }
+
+/// Validly signed requests with hostile paths (UTF-8 split where an id is sliced, percent
+/// escapes, overlong and empty segments) on every admin route get JSON errors, and the node —
+/// one shard, so a dead shard would stop it — keeps serving.
+#[test]
+fn signed_hostile_admin_paths() {
+    let server = TestServer::start(|c| {
+        c.server.shards = 1;
+        c.webhooks.durability = ringwire::config::DurabilityMode::Memory;
+        c.apps[0].webhooks = vec![ringwire::config::WebhookConfig {
+            id: Some("events".into()),
+            url: "http://127.0.0.1:9/hook".into(),
+            format: ringwire::config::WebhookFormat::Standard,
+            events: None,
+            secret: Some("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into()),
+            secrets: Vec::new(),
+            channels: None,
+            event_types: None,
+            batch_events_max: None,
+        }];
+    });
+    let split_utf8 = format!("msg_{}é{}", "0".repeat(15), "0".repeat(15));
+    let ids = [
+        split_utf8.as_str(),
+        "msg_ééééééééééééééééé",
+        "msg_%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9%C3%A9",
+        "msg_+0000000000000000000000000000000",
+        "msg_",
+        "",
+        "msg_ffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff",
+    ];
+    for id in ids {
+        for (method, route) in [("GET", "attempts"), ("POST", "replay")] {
+            let path = format!("/apps/{APP_ID}/webhooks/deliveries/{id}/{route}");
+            let (status, body) = http(server.addr, method, &signed_path(method, &path, b"", &[]), b"");
+            assert!(matches!(status, 400 | 404), "{method} {path}: {status} {body}");
+            assert!(serde_json::from_str::<serde_json::Value>(&body).is_ok(), "{body}");
+        }
+    }
+    for endpoint in ["é", "%00", "events%2F..", ""] {
+        for (method, route) in [("GET", "dead_letters"), ("POST", "enable"), ("POST", "replay")] {
+            let path = format!("/apps/{APP_ID}/webhooks/{endpoint}/{route}");
+            let (status, body) = http(server.addr, method, &signed_path(method, &path, b"", &[]), b"");
+            assert!(matches!(status, 400 | 404), "{method} {path}: {status} {body}");
+        }
+    }
+    assert_eq!(publish(server.addr, &["after"], "e", "{}", None).0, 200, "the shard still publishes");
+    still_serving(&server);
+}

@@ -260,3 +260,94 @@ fn kill_9_keeps_relayed_client_event_webhooks() {
     }
     let _ = std::fs::remove_dir_all(&data_dir);
 }
+
+/// A node whose shard 1 panics 300 ms after start (a fault injected through the start hook).
+fn start_with_faulty_shard(shutdown_grace_ms: u64) -> ringwire::Server {
+    let mut config = ringwire::Config::default();
+    config.server.bind = "127.0.0.1:0".parse().unwrap();
+    config.server.shards = 2;
+    config.server.shutdown_grace_ms = shutdown_grace_ms;
+    if std::env::var("RINGWIRE_TEST_DRIVER").as_deref() == Ok("epoll") {
+        config.server.io_driver = ringwire::config::IoDriver::Epoll;
+    }
+    let hook: ringwire::server::ShardStartHook = std::sync::Arc::new(|index| {
+        if index == 1 {
+            monoio::spawn(async {
+                monoio::time::sleep(Duration::from_millis(300)).await;
+                panic!("fault injected by the test");
+            });
+        }
+    });
+    ringwire::Server::start_with(config, Some(hook)).expect("server starts")
+}
+
+/// A shard that panics is never a silent zombie: the surviving shard's `/health` and
+/// `/ready` answer 503 naming it while the node stops, and the node stops by itself.
+#[test]
+fn shard_panic_stops_the_node() {
+    let server = start_with_faulty_shard(3000);
+    let addr = server.addr;
+    // WebSocket clients that never answer the close keep the surviving shard draining for
+    // the grace period, the window in which its health is checked.
+    let _clients: Vec<Ws> = (0..8).map(|_| connect(addr).0).collect();
+    // Keep-alive connections spread over both shards by the kernel, each proven live first.
+    let mut connections: Vec<TcpStream> = (0..12)
+        .map(|_| {
+            let mut stream = TcpStream::connect(addr).unwrap();
+            stream.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+            stream.write_all(b"GET /health HTTP/1.1\r\n\r\n").unwrap();
+            let mut buf = [0u8; 512];
+            let n = stream.read(&mut buf).unwrap();
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(600));
+    let (mut unhealthy, mut healthy) = (0, 0);
+    for stream in &mut connections {
+        for path in ["/health", "/ready"] {
+            let _ = stream.write_all(format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes());
+            let mut buf = [0u8; 512];
+            // A connection of the dead shard answers nothing.
+            let n = stream.read(&mut buf).unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]);
+            if text.starts_with("HTTP/1.1 503") {
+                assert!(text.contains(r#""shards_down":[1]"#), "{text}");
+                unhealthy += 1;
+            } else if text.starts_with("HTTP/1.1 200") {
+                healthy += 1;
+            }
+        }
+    }
+    assert!(unhealthy > 0 && healthy == 0, "{unhealthy} unhealthy, {healthy} healthy answers after the panic");
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        server.join();
+        let _ = done_tx.send(());
+    });
+    assert!(done_rx.recv_timeout(Duration::from_secs(10)).is_ok(), "the node stopped by itself");
+}
+
+/// The binary's panic policy (`abort_on_panic`): a shard panic aborts the whole process at
+/// once with a line that says why, so a supervisor restarts it. Runs itself as a child.
+#[test]
+fn shard_panic_aborts_the_process() {
+    if std::env::var_os("RINGWIRE_PANIC_CHILD").is_some() {
+        ringwire::server::abort_on_panic();
+        let _server = start_with_faulty_shard(3000);
+        std::thread::sleep(Duration::from_secs(20));
+        unreachable!("the process should have aborted");
+    }
+    let started = std::time::Instant::now();
+    let output = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "process::shard_panic_aborts_the_process", "--nocapture"])
+        .env("RINGWIRE_PANIC_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(output.status.signal(), Some(libc::SIGABRT), "{:?}\n{stderr}", output.status);
+    assert!(stderr.contains("fault injected by the test"), "{stderr}");
+    assert!(stderr.contains("thread ringwire-shard-1 panicked") && stderr.contains("aborting"), "{stderr}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
