@@ -48,6 +48,16 @@ pub enum WalError {
         /// What was found.
         reason: String,
     },
+    /// A delivery's record would pass the format's bounds (`record::RECORD_BYTES_MAX`, or an
+    /// endpoint key over 65 535 bytes); config validation keeps batches below them, so this
+    /// only refuses the one delivery.
+    #[error("a webhook delivery of {bytes} bytes is over the WAL's record limit of {max} bytes")]
+    RecordTooLarge {
+        /// Bytes of the record's kind and payload.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The storage failed; nothing more is accepted.
     #[error("WAL storage failed: {0}")]
     Failed(String),
@@ -257,6 +267,10 @@ impl<S: Storage> Wal<S> {
 
     /// Buffers a new delivery; returns its sequence number and log position.
     pub fn append_delivery(&self, endpoint: &str, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+        let bytes = record::DELIVERY_OVERHEAD_BYTES + endpoint.len() + body.len();
+        if bytes > record::RECORD_BYTES_MAX || endpoint.len() > usize::from(u16::MAX) {
+            return Err(WalError::RecordTooLarge { bytes, max: record::RECORD_BYTES_MAX });
+        }
         let mut state = self.state.borrow_mut();
         state.check()?;
         let seq = state.next_seq;

@@ -15,6 +15,8 @@ pub const VERSION: u32 = 1;
 pub const FRAME_BYTES: usize = 8;
 /// Largest `kind + payload` a record may have; anything longer is garbage.
 pub const RECORD_BYTES_MAX: usize = 64 << 20;
+/// Bytes a `Delivery` record's `kind + payload` takes besides its endpoint key and body.
+pub const DELIVERY_OVERHEAD_BYTES: usize = 1 + 18;
 
 const KIND_DELIVERY: u8 = 1;
 const KIND_ACK: u8 = 2;
@@ -145,7 +147,7 @@ impl Record {
         FRAME_BYTES
             + 1
             + match self {
-                Record::Delivery(d) => 18 + d.endpoint.len() + d.body.len(),
+                Record::Delivery(d) => DELIVERY_OVERHEAD_BYTES - 1 + d.endpoint.len() + d.body.len(),
                 Record::Ack { .. } => 9,
                 Record::Replay { .. } => 8,
             }

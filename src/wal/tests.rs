@@ -269,3 +269,22 @@ fn batch_mode_syncs_under_steady_load() {
         assert!((3..=30).contains(&syncs), "about one fsync per period, got {syncs}");
     });
 }
+
+/// A delivery over the record limit is refused with an error value (no panic), and the log
+/// goes on accepting and committing normal deliveries.
+#[test]
+fn oversized_delivery_is_refused_without_panic() {
+    block_on(async {
+        let storage = SimStorage::new();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Fsync).await.unwrap();
+        let body = Bytes::from(vec![b'z'; record::RECORD_BYTES_MAX]);
+        let error = wal.append_delivery("app/0", 1, body).err().expect("refused");
+        assert!(matches!(error, WalError::RecordTooLarge { .. }), "{error}");
+        let long_key = "k".repeat(usize::from(u16::MAX) + 1);
+        assert!(matches!(wal.append_delivery(&long_key, 1, Bytes::new()), Err(WalError::RecordTooLarge { .. })));
+        let (seq, lsn) = wal.append_delivery("app/0", 2, Bytes::from_static(b"ok")).unwrap();
+        wal.flush_once().await.unwrap();
+        wal.commit(lsn).await.unwrap();
+        assert_eq!(wal.get(seq).map(|l| l.delivery.body), Some(Bytes::from_static(b"ok")));
+    });
+}
