@@ -278,7 +278,7 @@ fn oversized_delivery_is_refused_without_panic() {
         let storage = SimStorage::new();
         let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Fsync).await.unwrap();
         let body = Bytes::from(vec![b'z'; record::RECORD_BYTES_MAX]);
-        let error = wal.append_delivery("app/0", 1, body).err().expect("refused");
+        let error = wal.append_delivery("app/0", 1, body).expect_err("refused");
         assert!(matches!(error, WalError::RecordTooLarge { .. }), "{error}");
         let long_key = "k".repeat(usize::from(u16::MAX) + 1);
         assert!(matches!(wal.append_delivery(&long_key, 1, Bytes::new()), Err(WalError::RecordTooLarge { .. })));
