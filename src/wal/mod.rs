@@ -113,6 +113,8 @@ struct WalState {
     next_seq: u64,
     head: u64,
     head_len: u64,
+    /// Bytes of the head segment known fsynced (what the next batch's mark claims).
+    head_synced: u64,
     buffer: Vec<u8>,
     /// Records of live deliveries in `buffer`: (seq, true for a `Delivery`, false for a state record).
     buffered: Vec<(u64, bool)>,
@@ -158,6 +160,7 @@ impl<S: Storage> Wal<S> {
             next_seq: 0,
             head: 0,
             head_len: 0,
+            head_synced: 0,
             buffer: Vec::new(),
             buffered: Vec::new(),
             appended: 0,
@@ -177,54 +180,29 @@ impl<S: Storage> Wal<S> {
         for (i, &segment) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
             let bytes = storage.read(segment).await.map_err(failed)?;
-            let corrupt = |offset: usize, reason: &str| WalError::Corrupt {
-                segment,
-                offset: offset as u64,
-                reason: reason.into(),
-            };
-            let header = match SegmentHeader::decode(&bytes) {
-                Some(header) => header,
+            let Some(end) = state.recover_segment(segment, &bytes, last, shard, &mut log_id)? else {
                 // Being created when the process died: nothing in it was acknowledged.
-                None if last => {
-                    storage.remove(segment).await.map_err(failed)?;
-                    storage.sync_dir().await.map_err(failed)?;
-                    continue;
-                }
-                None => return Err(corrupt(0, "bad segment header")),
+                tracing::warn!(shard, segment, "removing a WAL segment whose creation did not finish");
+                storage.remove(segment).await.map_err(failed)?;
+                storage.sync_dir().await.map_err(failed)?;
+                continue;
             };
-            if header.shard != shard {
-                return Err(corrupt(12, &format!("written by shard {}, opened by shard {shard}", header.shard)));
+            if end < bytes.len() {
+                // A torn tail: never acknowledged (recover_segment checked that no later mark
+                // proves it durable). Cut, loudly.
+                let cut = bytes.len() - end;
+                tracing::warn!(shard, segment, offset = end, bytes = cut, "cutting the torn tail of the WAL");
+                storage.truncate(segment, end as u64).await.map_err(failed)?;
             }
-            if *log_id.get_or_insert(header.log_id) != header.log_id {
-                return Err(corrupt(16, "belongs to another log (log_id differs)"));
+            if last {
+                // The previous process may have written bytes it never synced; sync them before
+                // the next batch's mark claims them durable.
+                storage.sync(segment).await.map_err(failed)?;
             }
-            state.next_seq = state.next_seq.max(header.first_seq);
-            let mut offset = HEADER_BYTES;
-            let end = loop {
-                match Record::decode(&bytes[offset..]) {
-                    Ok(Some((record, used))) => {
-                        state.apply_recovered(record, segment, used as u64);
-                        offset += used;
-                    }
-                    Ok(None) if offset == bytes.len() => break offset,
-                    result => {
-                        if !last {
-                            let reason = match result {
-                                Err(e) => format!("{e:?} record"),
-                                _ => "truncated record".into(),
-                            };
-                            return Err(corrupt(offset, &reason));
-                        }
-                        // A torn tail of the last segment: never acknowledged.
-                        storage.truncate(segment, offset as u64).await.map_err(failed)?;
-                        storage.sync(segment).await.map_err(failed)?;
-                        break offset;
-                    }
-                }
-            };
             state.segments.entry(segment).or_default().bytes = end as u64;
             state.head = segment;
             state.head_len = end as u64;
+            state.head_synced = end as u64;
         }
         let wal = Wal { storage, shard, segment_bytes_max, durability, state: RefCell::new(state) };
         match log_id {
@@ -397,12 +375,17 @@ impl<S: Storage> Wal<S> {
                     *(if copy { &mut entry.copy_at } else { &mut entry.state_at }) = Some(head);
                 }
             }
-            let bytes = std::mem::take(&mut state.buffer);
+            let mut bytes = std::mem::take(&mut state.buffer);
+            if !bytes.is_empty() {
+                let mark = record::mark_bytes(state.head_synced, state.next_seq);
+                bytes[..record::MARK_BYTES].copy_from_slice(&mark);
+            }
             state.segments.entry(head).or_default().bytes += bytes.len() as u64;
             let offset = state.head_len;
             state.head_len += bytes.len() as u64;
             (head, offset, bytes, state.appended)
         };
+        let bytes_len = bytes.len() as u64;
         if !bytes.is_empty() {
             let length = bytes.len() as u64;
             self.storage.write_at(head, offset, bytes).await.map_err(failed)?;
@@ -424,6 +407,7 @@ impl<S: Storage> Wal<S> {
         self.storage.sync(head).await.map_err(failed)?;
         let copied = {
             let mut state = self.state.borrow_mut();
+            state.head_synced = offset + bytes_len;
             state.stats.fsyncs += 1;
             state.last_sync = std::time::Instant::now();
             state.durable = end;
@@ -465,6 +449,7 @@ impl<S: Storage> Wal<S> {
         state.next_seq = state.next_seq.max(first_seq);
         state.head = first_seq;
         state.head_len = HEADER_BYTES as u64;
+        state.head_synced = HEADER_BYTES as u64;
         state.segments.insert(first_seq, SegmentInfo { bytes: HEADER_BYTES as u64 });
         Ok(())
     }
@@ -529,6 +514,11 @@ impl WalState {
     }
 
     fn push(&mut self, record: &Record) -> Lsn {
+        if self.buffer.is_empty() {
+            // Every batch starts with a mark, filled in when the batch is written.
+            self.buffer.resize(record::MARK_BYTES, 0);
+            self.appended += record::MARK_BYTES as u64;
+        }
         record.encode(&mut self.buffer);
         self.appended += record.encoded_len() as u64;
         self.appended
@@ -599,10 +589,84 @@ impl WalState {
         }
     }
 
+    /// Reads one segment at recovery, applying its records; returns where its valid records
+    /// end (a torn tail after that is to be cut), or `None` for a last segment whose header
+    /// never became durable (to be removed). Refuses damage that the log shows was fsynced.
+    fn recover_segment(
+        &mut self,
+        segment: u64,
+        bytes: &[u8],
+        last: bool,
+        shard: u32,
+        log_id: &mut Option<u64>,
+    ) -> Result<Option<usize>, WalError> {
+        let corrupt = |offset: usize, reason: String| WalError::Corrupt { segment, offset: offset as u64, reason };
+        let header = match SegmentHeader::decode(bytes) {
+            Err(version) => {
+                let reason = format!(
+                    "format version {version}, this build reads version {} (drain the log with the release that wrote it)",
+                    record::VERSION
+                );
+                return Err(corrupt(8, reason));
+            }
+            Ok(Some(header)) => header,
+            // A header is synced before any batch is written, so a mark behind a bad header
+            // proves the header was durable: that is damage, not an unfinished creation.
+            Ok(None) if last && record::marks_after(bytes, HEADER_BYTES).next().is_none() => return Ok(None),
+            Ok(None) => return Err(corrupt(0, "bad segment header".into())),
+        };
+        if header.shard != shard {
+            return Err(corrupt(12, format!("written by shard {}, opened by shard {shard}", header.shard)));
+        }
+        if header.first_seq != segment {
+            return Err(corrupt(24, format!("header says first_seq {}", header.first_seq)));
+        }
+        if *log_id.get_or_insert(header.log_id) != header.log_id {
+            return Err(corrupt(16, "belongs to another log (log_id differs)".into()));
+        }
+        self.next_seq = self.next_seq.max(header.first_seq);
+        let mut offset = HEADER_BYTES;
+        let reason = loop {
+            match Record::decode(&bytes[offset..]) {
+                Ok(Some((Record::Mark { durable, .. }, _))) if durable > offset as u64 => {
+                    break "mark claiming bytes past itself".to_string();
+                }
+                Ok(Some((record, used))) => {
+                    self.apply_recovered(record, segment, used as u64);
+                    offset += used;
+                }
+                Ok(None) if offset == bytes.len() => return Ok(Some(offset)),
+                Ok(None) => break "truncated record".into(),
+                Err(e) => break format!("{e:?} record"),
+            }
+        };
+        if !last {
+            // Every earlier segment was fsynced whole before the next one was created.
+            return Err(corrupt(offset, reason));
+        }
+        // The last segment: the bad bytes are a torn tail unless a later batch's mark proves
+        // they were fsynced. Marks in the tail also keep their seqs from being handed out again.
+        let mut proven = 0;
+        for (_, durable, next_seq) in record::marks_after(bytes, offset + 1) {
+            proven = proven.max(durable);
+            self.next_seq = self.next_seq.max(next_seq);
+        }
+        if proven > offset as u64 {
+            return Err(corrupt(
+                offset,
+                format!("{reason} before byte {proven}, which a later batch's mark shows was fsynced"),
+            ));
+        }
+        Ok(Some(offset))
+    }
+
     /// Replays one record read at recovery from `segment`.
     fn apply_recovered(&mut self, record: Record, segment: u64, bytes: u64) {
-        self.next_seq = self.next_seq.max(record.seq() + 1);
+        if let Some(seq) = record.seq() {
+            self.next_seq = self.next_seq.max(seq + 1);
+        }
         match record {
+            Record::Mark { next_seq, .. } => self.next_seq = self.next_seq.max(next_seq),
             Record::Delivery(delivery) => {
                 // A second Delivery for a seq is a copy made by compaction: it keeps the state
                 // the earlier records gave it (an explicit state record follows it anyway).

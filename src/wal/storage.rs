@@ -120,6 +120,8 @@ struct SimFile {
     durable: Vec<u8>,
     /// Whether the file's creation survives a crash.
     entry_durable: bool,
+    /// The file's length after each `sync` that made it longer (for tests' oracles).
+    synced_lengths: Vec<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -168,6 +170,29 @@ impl SimStorage {
         self.disk.borrow().syncs
     }
 
+    /// The length a segment had at the sync before its last growing one: the bytes the WAL's
+    /// newest durable batch mark proves fsynced (0 when unknown). Works after a crash too.
+    pub fn proven_bytes(&self, segment: u64) -> usize {
+        let disk = self.disk.borrow();
+        let file = disk.files.get(&segment).or_else(|| disk.removed.get(&segment));
+        file.and_then(|f| f.synced_lengths.iter().rev().nth(1).copied()).unwrap_or(0)
+    }
+
+    /// Flips one bit of a segment's bytes, written and durable alike (bit rot).
+    pub fn flip_bit(&self, segment: u64, offset: usize, bit: u8) {
+        let mut disk = self.disk.borrow_mut();
+        let file = disk.files.get_mut(&segment).expect("flip_bit on an existing segment");
+        file.written[offset] ^= 1 << bit;
+        if let Some(byte) = file.durable.get_mut(offset) {
+            *byte ^= 1 << bit;
+        }
+    }
+
+    /// Bytes of a segment as reads see them (after a crash too).
+    pub fn len_of(&self, segment: u64) -> usize {
+        self.disk.borrow().files.get(&segment).map_or(0, |f| f.written.len())
+    }
+
     /// What a restart after a crash now would find: durable entries with their durable bytes,
     /// plus a prefix of their unsynced appends (`tear` picks its length in 0..=len) whose last
     /// bytes may be garbage (`garbage`).
@@ -188,7 +213,11 @@ impl SimStorage {
                     }
                 }
             }
-            files.insert(segment, SimFile { written: content.clone(), durable: content, entry_durable: true });
+            let synced_lengths = file.synced_lengths.clone();
+            files.insert(
+                segment,
+                SimFile { written: content.clone(), durable: content, entry_durable: true, synced_lengths },
+            );
         }
         SimStorage { disk: Rc::new(RefCell::new(SimDisk { files, ..SimDisk::default() })) }
     }
@@ -257,6 +286,9 @@ impl Storage for SimStorage {
         let mut disk = self.sync_point()?;
         let file = disk.files.get_mut(&segment).ok_or_else(|| missing(segment))?;
         file.durable = file.written.clone();
+        if file.synced_lengths.last() < Some(&file.durable.len()) {
+            file.synced_lengths.push(file.durable.len());
+        }
         Ok(())
     }
 
