@@ -311,28 +311,15 @@ impl<S: Storage> Wal<S> {
         self.run_with(|_| {}).await
     }
 
-    /// `run`, calling `on_progress` with the position `commit` now reaches after each batch.
+    /// `run`, calling `on_progress` with the durable position after each batch. That is the
+    /// position to hand deliveries to senders at: a webhook id a receiver has seen is then
+    /// always in the durable log, so recovery never hands its seq out again (in `batch` mode
+    /// `commit` returns earlier, at the written position).
     pub async fn run_with(&self, on_progress: impl Fn(Lsn)) {
         loop {
-            let buffered = poll_fn(|cx| {
-                let mut state = self.state.borrow_mut();
-                if !state.buffer.is_empty() || state.failed.is_some() {
-                    Poll::Ready(true)
-                } else if matches!(self.durability, Durability::Batch(_)) && state.durable < state.written {
-                    Poll::Ready(false)
-                } else {
-                    state.flusher = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            })
-            .await;
+            self.work().await;
             if self.state.borrow().failed.is_some() {
                 return;
-            }
-            if !buffered {
-                if let Durability::Batch(period) = self.durability {
-                    monoio::time::sleep(period).await;
-                }
             }
             if let Err(error) = self.flush_once().await {
                 let mut state = self.state.borrow_mut();
@@ -343,15 +330,42 @@ impl<S: Storage> Wal<S> {
                 tracing::error!(shard = self.shard, %error, "webhook WAL failed; new deliveries are refused");
                 return;
             }
-            let reached = {
-                let state = self.state.borrow();
-                match self.durability {
-                    Durability::Fsync => state.durable,
-                    Durability::Batch(_) => state.written,
-                }
-            };
-            on_progress(reached);
+            let durable = self.state.borrow().durable;
+            on_progress(durable);
         }
+    }
+
+    /// Waits for something to flush: buffered records (or a failure), or in `batch` mode
+    /// written bytes whose fsync is due. An append ends the wait for a due fsync at once, so
+    /// a sparse publish is written (and its `commit` returns) without waiting out the period.
+    async fn work(&self) {
+        let sync_due_in = match self.durability {
+            Durability::Batch(period) => {
+                let state = self.state.borrow();
+                (state.durable < state.written).then(|| period.saturating_sub(state.last_sync.elapsed()))
+            }
+            Durability::Fsync => None,
+        };
+        match sync_due_in {
+            None => self.buffered().await,
+            Some(wait) => monoio::select! {
+                _ = monoio::time::sleep(wait) => {}
+                _ = self.buffered() => {}
+            },
+        }
+    }
+
+    /// Resolves once records are buffered or the log has failed.
+    async fn buffered(&self) {
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if !state.buffer.is_empty() || state.failed.is_some() {
+                return Poll::Ready(());
+            }
+            state.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// One batch: rotate if the head is full, write the buffer, sync (per durability),
@@ -400,6 +414,12 @@ impl<S: Storage> Wal<S> {
                 // Under steady load the buffer is never empty when the timer ends: sync here
                 // once the period has passed, so fsyncs keep their pace.
                 if state.last_sync.elapsed() < period {
+                    drop(state);
+                    // Rotation fsynced every finished segment, so compaction need not wait for
+                    // this batch's fsync (its copies are removed only once durable).
+                    if rotate {
+                        self.compact().await?;
+                    }
                     return Ok(());
                 }
             }

@@ -517,8 +517,9 @@ impl Webhooks {
 
     // ---- tasks -------------------------------------------------------------------------
 
-    /// Writes and syncs the WAL batch after batch; releases committed deliveries to their
-    /// endpoints' queues.
+    /// Writes and syncs the WAL batch after batch; releases deliveries to their endpoints'
+    /// queues once durable (in `batch` mode the publisher was answered earlier), so a webhook
+    /// id that reached a receiver survives a power loss and is never handed out again.
     async fn flusher(self: Rc<Self>) {
         let wal = self.wal.as_ref().expect("spawned only with a WAL");
         wal.run_with(|reached| self.release(reached)).await;
