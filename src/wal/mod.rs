@@ -403,25 +403,13 @@ impl<S: Storage> Wal<S> {
         if !bytes.is_empty() {
             let length = bytes.len() as u64;
             self.storage.write_at(head, offset, bytes).await.map_err(failed)?;
-            let mut state = self.state.borrow_mut();
-            state.written = end;
-            state.stats.bytes_written += length;
-            state.stats.batches += 1;
-            if let Durability::Batch(period) = self.durability {
-                for waker in state.waiters.drain(..) {
-                    waker.wake();
+            if self.written(end, length) {
+                // Rotation fsynced every finished segment, so compaction need not wait for
+                // this batch's fsync (its copies are removed only once durable).
+                if rotate {
+                    self.compact().await?;
                 }
-                // Under steady load the buffer is never empty when the timer ends: sync here
-                // once the period has passed, so fsyncs keep their pace.
-                if state.last_sync.elapsed() < period {
-                    drop(state);
-                    // Rotation fsynced every finished segment, so compaction need not wait for
-                    // this batch's fsync (its copies are removed only once durable).
-                    if rotate {
-                        self.compact().await?;
-                    }
-                    return Ok(());
-                }
+                return Ok(());
             }
         }
         self.storage.sync(head).await.map_err(failed)?;
@@ -440,6 +428,22 @@ impl<S: Storage> Wal<S> {
             self.compact().await?;
         }
         Ok(())
+    }
+
+    /// Notes a batch written up to `end`; in `batch` mode releases the commits and says
+    /// whether the fsync is not due yet.
+    fn written(&self, end: Lsn, length: u64) -> bool {
+        let mut state = self.state.borrow_mut();
+        state.written = end;
+        state.stats.bytes_written += length;
+        state.stats.batches += 1;
+        let Durability::Batch(period) = self.durability else { return false };
+        for waker in state.waiters.drain(..) {
+            waker.wake();
+        }
+        // Under steady load the buffer is never empty when the timer ends: sync here once the
+        // period has passed, so fsyncs keep their pace.
+        state.last_sync.elapsed() < period
     }
 
     /// Starts a new head segment: sync the old one, create, write the header, sync, sync dir.
