@@ -451,3 +451,82 @@ fn batch_mode_never_reuses_a_released_seq() {
     }
     assert!(sent_total > 100, "deliveries were released ({sent_total})");
 }
+
+/// A blocking pool that counts its tasks and runs each on a thread of its own.
+#[derive(Clone, Default)]
+struct CountingPool(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl monoio::blocking::ThreadPool for CountingPool {
+    fn schedule_task(&self, task: monoio::blocking::BlockingTask) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::spawn(move || task.run());
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringwire-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `FileStorage` makes every blocking file-system call (directory creation, opening,
+/// listing, reading, creating, truncating, removing, directory fsync) on the runtime's
+/// blocking pool, never on the shard thread, and its segments still round-trip.
+#[test]
+fn file_storage_blocks_only_the_pool() {
+    let pool = CountingPool::default();
+    let base = temp_dir("wal-pool");
+    let directory = base.join("data").join("shard-0");
+    let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .attach_thread_pool(Box::new(pool.clone()))
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let tasks = || pool.0.load(std::sync::atomic::Ordering::SeqCst);
+        let storage = FileStorage::open(&directory).await.unwrap();
+        assert_eq!(tasks(), 1, "open");
+        storage.create(5).await.unwrap();
+        assert_eq!(tasks(), 2, "create");
+        storage.write_at(5, 0, b"hello".to_vec()).await.unwrap();
+        assert_eq!(tasks(), 3, "the first write opens the file");
+        storage.sync(5).await.unwrap();
+        storage.write_at(5, 5, b"!".to_vec()).await.unwrap();
+        assert_eq!(tasks(), 3, "an open file is written and synced by the driver");
+        storage.sync_dir().await.unwrap();
+        assert_eq!(tasks(), 4, "sync_dir");
+        assert_eq!(storage.list().await.unwrap(), vec![5]);
+        assert_eq!(storage.read(5).await.unwrap(), b"hello!");
+        storage.truncate(5, 2).await.unwrap();
+        assert_eq!(storage.read(5).await.unwrap(), b"he");
+        storage.remove(5).await.unwrap();
+        assert!(storage.list().await.unwrap().is_empty());
+        assert_eq!(tasks(), 10, "list, read, truncate, read, remove, list");
+    });
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Creating a shard's WAL directory fsyncs the parent of every directory it creates, and the
+/// directory's own parent even when it already existed.
+#[test]
+fn wal_directory_creation_is_durable() {
+    let base = temp_dir("wal-dirs");
+    std::fs::create_dir_all(&base).unwrap();
+    let directory = base.join("data").join("shard-0");
+    let mut synced = Vec::new();
+    storage::create_dir_durably(&directory, &mut |p: &std::path::Path| {
+        synced.push(p.to_path_buf());
+        Ok(())
+    })
+    .unwrap();
+    assert!(directory.is_dir());
+    assert_eq!(synced, vec![base.clone(), base.join("data")]);
+    synced.clear();
+    storage::create_dir_durably(&directory, &mut |p: &std::path::Path| {
+        synced.push(p.to_path_buf());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(synced, vec![base.join("data")]);
+    let _ = std::fs::remove_dir_all(&base);
+}

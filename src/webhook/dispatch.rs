@@ -229,6 +229,7 @@ impl Webhooks {
             mode => {
                 let directory = settings.data_dir.join(format!("shard-{shard}"));
                 let storage = FileStorage::open(&directory)
+                    .await
                     .map_err(|e| format!("webhooks.data_dir: cannot open {}: {e}", directory.display()))?;
                 let durability = match mode {
                     DurabilityMode::Batch => Durability::Batch(Duration::from_millis(settings.batch_sync_ms)),
