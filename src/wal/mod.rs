@@ -58,9 +58,22 @@ pub enum WalError {
         /// The limit.
         max: usize,
     },
-    /// The storage failed; nothing more is accepted.
-    #[error("WAL storage failed: {0}")]
-    Failed(String),
+    /// The storage failed; nothing more is accepted until a restart (docs/wal.md, "When the
+    /// storage fails").
+    #[error("WAL storage failed: {reason}")]
+    Failed {
+        /// What failed.
+        reason: String,
+        /// The OS error number, when the failure was a system call's.
+        os_error: Option<i32>,
+    },
+}
+
+impl WalError {
+    /// A failed storage call.
+    fn storage(error: std::io::Error) -> WalError {
+        WalError::Failed { reason: error.to_string(), os_error: error.raw_os_error() }
+    }
 }
 
 /// A position in the log's byte stream (since this process opened it).
@@ -123,7 +136,7 @@ struct WalState {
     durable: Lsn,
     waiters: Vec<Waker>,
     flusher: Option<Waker>,
-    failed: Option<String>,
+    failed: Option<WalError>,
     segments: BTreeMap<u64, SegmentInfo>,
     live: HashMap<u64, LiveDelivery>,
     live_bytes: u64,
@@ -153,7 +166,7 @@ impl<S: Storage> Wal<S> {
         segment_bytes_max: u64,
         durability: Durability,
     ) -> Result<(Wal<S>, Vec<LiveDelivery>), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let segments = storage.list().await.map_err(failed)?;
         let mut state = WalState {
             log_id: 0,
@@ -215,6 +228,11 @@ impl<S: Storage> Wal<S> {
         let mut recovered: Vec<LiveDelivery> = wal.state.borrow().live.values().cloned().collect();
         recovered.sort_by_key(|l| l.delivery.seq);
         Ok((wal, recovered))
+    }
+
+    /// Why the log failed, once it has (it stays failed).
+    pub fn failure(&self) -> Option<WalError> {
+        self.state.borrow().failed.clone()
     }
 
     /// The random id of this log (part of every webhook id).
@@ -296,8 +314,8 @@ impl<S: Storage> Wal<S> {
             if reached >= lsn {
                 return Poll::Ready(Ok(()));
             }
-            if let Some(reason) = &state.failed {
-                return Poll::Ready(Err(WalError::Failed(reason.clone())));
+            if let Some(error) = &state.failed {
+                return Poll::Ready(Err(error.clone()));
             }
             state.waiters.push(cx.waker().clone());
             Poll::Pending
@@ -323,7 +341,7 @@ impl<S: Storage> Wal<S> {
             }
             if let Err(error) = self.flush_once().await {
                 let mut state = self.state.borrow_mut();
-                state.failed = Some(error.to_string());
+                state.failed = Some(error.clone());
                 for waker in state.waiters.drain(..) {
                     waker.wake();
                 }
@@ -371,7 +389,7 @@ impl<S: Storage> Wal<S> {
     /// One batch: rotate if the head is full, write the buffer, sync (per durability),
     /// release the waiters, then compact.
     pub async fn flush_once(&self) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let rotate = {
             let state = self.state.borrow();
             !state.buffer.is_empty()
@@ -448,7 +466,7 @@ impl<S: Storage> Wal<S> {
 
     /// Starts a new head segment: sync the old one, create, write the header, sync, sync dir.
     async fn rotate(&self) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let (old, next) = {
             let state = self.state.borrow();
             (state.head, state.next_seq.max(state.head + 1))
@@ -459,7 +477,7 @@ impl<S: Storage> Wal<S> {
     }
 
     async fn create_segment(&self, first_seq: u64) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let header = {
             let state = self.state.borrow();
             SegmentHeader { shard: self.shard, log_id: state.log_id, first_seq }
@@ -482,7 +500,7 @@ impl<S: Storage> Wal<S> {
     /// still holds live records and moving them frees enough, copies them forward (the
     /// segment goes once the copies are durable, at a later flush).
     async fn compact(&self) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let mut removed_any = false;
         loop {
             let removable = {
@@ -532,7 +550,7 @@ impl<S: Storage> Wal<S> {
 impl WalState {
     fn check(&self) -> Result<(), WalError> {
         match &self.failed {
-            Some(reason) => Err(WalError::Failed(reason.clone())),
+            Some(error) => Err(error.clone()),
             None => Ok(()),
         }
     }

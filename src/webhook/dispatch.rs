@@ -524,6 +524,13 @@ impl Webhooks {
     async fn flusher(self: Rc<Self>) {
         let wal = self.wal.as_ref().expect("spawned only with a WAL");
         wal.run_with(|reached| self.release(reached)).await;
+        // The flusher ends only when the log failed: say so where /ready on any shard sees it
+        // (the error number first, so a reader that sees the flag also sees its cause).
+        if let Some(WalError::Failed { os_error, .. }) = wal.failure() {
+            let metrics = self.metrics();
+            metrics.wal_failed_os_error.store(os_error.unwrap_or(0) as u64, std::sync::atomic::Ordering::Relaxed);
+            metrics.wal_failed.store(1, std::sync::atomic::Ordering::Release);
+        }
     }
 
     fn release(&self, reached: Lsn) {
