@@ -587,6 +587,19 @@ impl Config {
                 return err("webhooks.allowed_cidrs".into(), format!("{cidr:?}: {e}"));
             }
         }
+        let pusher_hooks = self.apps.iter().flat_map(|a| &a.webhooks).any(|h| h.format == WebhookFormat::Pusher);
+        let pusher_event = pusher_event_bytes_max(self.websocket.message_bytes_max);
+        if let Some(bytes) = delivery_bytes_over_limit(hooks.batch_events_max, pusher_event).filter(|_| pusher_hooks) {
+            return err(
+                "webhooks.batch_events_max".into(),
+                format!(
+                    "{} events of websocket.message_bytes_max can make a {bytes}-byte delivery, over the \
+                     WAL's record limit of {} bytes",
+                    hooks.batch_events_max,
+                    crate::wal::record::RECORD_BYTES_MAX
+                ),
+            );
+        }
         for (i, app) in self.apps.iter().enumerate() {
             for (j, hook) in app.webhooks.iter().enumerate() {
                 let herr = |field: &str, message: String| {
@@ -638,6 +651,18 @@ impl Config {
                         if hook.batch_events_max.is_some_and(|n| n == 0 || n > 1000) {
                             return herr("batch_events_max", "must be 1 to 1000".into());
                         }
+                        let events = hook.batch_events_max.unwrap_or(1);
+                        let data = app.event_data_bytes_max.min(self.http.body_bytes_max);
+                        if let Some(bytes) = delivery_bytes_over_limit(events, standard_event_bytes_max(data)) {
+                            return herr(
+                                "batch_events_max",
+                                format!(
+                                    "{events} events of apps[{i}].event_data_bytes_max can make a {bytes}-byte \
+                                     delivery, over the WAL's record limit of {} bytes",
+                                    crate::wal::record::RECORD_BYTES_MAX
+                                ),
+                            );
+                        }
                         let secrets: Vec<String> = hook.secret.iter().chain(&hook.secrets).cloned().collect();
                         if let Err(e) = StandardSigner::new(&secrets) {
                             return herr("secret", e.0);
@@ -656,6 +681,29 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Largest JSON one Standard Webhooks event can take: every string it carries (data, event
+/// name, channel) may be escaped to six bytes per byte (`\u00XX`), plus the fixed keys.
+fn standard_event_bytes_max(data_bytes_max: usize) -> usize {
+    let names = crate::http::api::EVENT_NAME_BYTES_MAX + crate::pusher::channel::CHANNEL_NAME_BYTES_MAX;
+    data_bytes_max.saturating_add(names).saturating_mul(6).saturating_add(256)
+}
+
+/// Largest JSON one Pusher lifecycle event can take: a client event carries strings from one
+/// client message (channel, event, data) and a user id, each escaped up to six bytes per byte.
+fn pusher_event_bytes_max(message_bytes_max: usize) -> usize {
+    let user_id = crate::pusher::message::USER_ID_BYTES_MAX;
+    message_bytes_max.saturating_add(user_id).saturating_mul(6).saturating_add(256)
+}
+
+/// The worst-case delivery of `events` events of `event_bytes` each (separators and the
+/// envelope included), when it passes the WAL's record limit (the endpoint key is bounded by
+/// a margin of 64 KiB); `None` when it fits.
+fn delivery_bytes_over_limit(events: usize, event_bytes: usize) -> Option<usize> {
+    let bytes = events.saturating_mul(event_bytes.saturating_add(1)).saturating_add(256);
+    let limit = crate::wal::record::RECORD_BYTES_MAX - crate::wal::record::DELIVERY_OVERHEAD_BYTES - (64 << 10);
+    (bytes > limit).then_some(bytes)
 }
 
 /// Line of `field` in the `j`-th `[[apps.webhooks]]` of the `i`-th `[[apps]]`.
@@ -802,6 +850,28 @@ mod tests {
         check_error("[webhooks]\nretry_schedule_ms = []\n", "webhooks.retry_schedule_ms", Some(2), "at least one");
         let good = format!("{app}{ok}[[apps.webhooks]]\nurl = \"https://example.com/e\"\nformat = \"standard\"\nsecret = \"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\"\nchannels = [\"orders-*\"]\n");
         assert_eq!(Config::from_toml(&good).unwrap().apps[0].webhooks.len(), 2);
+    }
+
+    /// Batches whose worst case would pass the WAL's 64 MiB record limit are refused at load,
+    /// naming the key and line; the defaults (and the largest standard batch with them) fit.
+    #[test]
+    fn webhook_batches_fit_a_wal_record() {
+        let app = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
+        let pusher = "[[apps.webhooks]]\nurl = \"http://a/\"\nformat = \"pusher\"\n";
+        let big_messages =
+            format!("[websocket]\nmessage_bytes_max = 4194304\n[webhooks]\nbatch_events_max = 20\n{app}{pusher}");
+        check_error(&big_messages, "webhooks.batch_events_max", Some(4), "record limit");
+        // The same limits without a pusher-format webhook have nothing to bound.
+        assert!(Config::from_toml(&format!("[websocket]\nmessage_bytes_max = 4194304\n{app}")).is_ok());
+        let secret = "secret = \"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\"\n";
+        let standard = |n: usize| {
+            format!("[[apps.webhooks]]\nurl = \"http://a/\"\nformat = \"standard\"\n{secret}batch_events_max = {n}\n")
+        };
+        assert!(Config::from_toml(&format!("{app}{}", standard(1000))).is_ok());
+        let big_data =
+            format!("[http]\nbody_bytes_max = 1048576\n{app}event_data_bytes_max = 1048576\n{}", standard(100));
+        check_error(&big_data, "apps[0].webhooks[0].batch_events_max", Some(12), "record limit");
+        assert!(Config::from_toml(&format!("{app}{pusher}")).is_ok());
     }
 
     /// Semantic errors name the key and find its line.

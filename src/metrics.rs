@@ -86,6 +86,10 @@ shard_metrics! {
     wal_fsyncs_total: "counter",
     /// Bytes written to the webhook WAL.
     wal_bytes_written_total: "counter",
+    /// 1 once this shard's webhook WAL has failed (deliveries refused, /ready 503) until restart.
+    wal_failed: "gauge",
+    /// The OS error number of that failure (0 when none or not a system call's).
+    wal_failed_os_error: "gauge",
 }
 
 impl ShardMetrics {

@@ -102,14 +102,30 @@ fn health(shard: &Shard) -> Response {
 fn ready(shard: &Shard) -> Response {
     let down = shards_down(shard);
     if !down.is_empty() {
-        Response::json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"ready": false, "reason": "a shard died", "shards_down": down}),
-        )
-    } else if shard.is_shutting_down() {
-        Response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": "shutting down"}))
-    } else {
+        let body = json!({"ready": false, "reason": "a shard died", "shards_down": down});
+        return Response::json(StatusCode::SERVICE_UNAVAILABLE, &body);
+    }
+    if shard.is_shutting_down() {
+        return Response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": "shutting down"}));
+    }
+    // A failed webhook WAL stays failed until a restart (docs/wal.md): not ready, naming each
+    // failed shard and its error, so an orchestrator stops routing here and restarts it.
+    let failed: Vec<serde_json::Value> = (shard.all_metrics.iter().enumerate())
+        .filter(|(_, m)| m.wal_failed.load(std::sync::atomic::Ordering::Acquire) != 0)
+        .map(|(index, m)| {
+            let code = m.wal_failed_os_error.load(std::sync::atomic::Ordering::Relaxed);
+            let error = match i32::try_from(code) {
+                Ok(code) if code != 0 => std::io::Error::from_raw_os_error(code).to_string(),
+                _ => "storage error (see the log)".to_string(),
+            };
+            json!({"shard": index, "error": error})
+        })
+        .collect();
+    if failed.is_empty() {
         Response::json(StatusCode::OK, &json!({"ready": true}))
+    } else {
+        let body = json!({"ready": false, "reason": "webhook WAL failed", "wal_failed": failed});
+        Response::json(StatusCode::SERVICE_UNAVAILABLE, &body)
     }
 }
 

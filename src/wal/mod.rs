@@ -48,9 +48,32 @@ pub enum WalError {
         /// What was found.
         reason: String,
     },
-    /// The storage failed; nothing more is accepted.
-    #[error("WAL storage failed: {0}")]
-    Failed(String),
+    /// A delivery's record would pass the format's bounds (`record::RECORD_BYTES_MAX`, or an
+    /// endpoint key over 65 535 bytes); config validation keeps batches below them, so this
+    /// only refuses the one delivery.
+    #[error("a webhook delivery of {bytes} bytes is over the WAL's record limit of {max} bytes")]
+    RecordTooLarge {
+        /// Bytes of the record's kind and payload.
+        bytes: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// The storage failed; nothing more is accepted until a restart (docs/wal.md, "When the
+    /// storage fails").
+    #[error("WAL storage failed: {reason}")]
+    Failed {
+        /// What failed.
+        reason: String,
+        /// The OS error number, when the failure was a system call's.
+        os_error: Option<i32>,
+    },
+}
+
+impl WalError {
+    /// A failed storage call.
+    fn storage(error: std::io::Error) -> WalError {
+        WalError::Failed { reason: error.to_string(), os_error: error.raw_os_error() }
+    }
 }
 
 /// A position in the log's byte stream (since this process opened it).
@@ -103,6 +126,8 @@ struct WalState {
     next_seq: u64,
     head: u64,
     head_len: u64,
+    /// Bytes of the head segment known fsynced (what the next batch's mark claims).
+    head_synced: u64,
     buffer: Vec<u8>,
     /// Records of live deliveries in `buffer`: (seq, true for a `Delivery`, false for a state record).
     buffered: Vec<(u64, bool)>,
@@ -111,7 +136,7 @@ struct WalState {
     durable: Lsn,
     waiters: Vec<Waker>,
     flusher: Option<Waker>,
-    failed: Option<String>,
+    failed: Option<WalError>,
     segments: BTreeMap<u64, SegmentInfo>,
     live: HashMap<u64, LiveDelivery>,
     live_bytes: u64,
@@ -141,13 +166,14 @@ impl<S: Storage> Wal<S> {
         segment_bytes_max: u64,
         durability: Durability,
     ) -> Result<(Wal<S>, Vec<LiveDelivery>), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let segments = storage.list().await.map_err(failed)?;
         let mut state = WalState {
             log_id: 0,
             next_seq: 0,
             head: 0,
             head_len: 0,
+            head_synced: 0,
             buffer: Vec::new(),
             buffered: Vec::new(),
             appended: 0,
@@ -167,54 +193,29 @@ impl<S: Storage> Wal<S> {
         for (i, &segment) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
             let bytes = storage.read(segment).await.map_err(failed)?;
-            let corrupt = |offset: usize, reason: &str| WalError::Corrupt {
-                segment,
-                offset: offset as u64,
-                reason: reason.into(),
-            };
-            let header = match SegmentHeader::decode(&bytes) {
-                Some(header) => header,
+            let Some(end) = state.recover_segment(segment, &bytes, last, shard, &mut log_id)? else {
                 // Being created when the process died: nothing in it was acknowledged.
-                None if last => {
-                    storage.remove(segment).await.map_err(failed)?;
-                    storage.sync_dir().await.map_err(failed)?;
-                    continue;
-                }
-                None => return Err(corrupt(0, "bad segment header")),
+                tracing::warn!(shard, segment, "removing a WAL segment whose creation did not finish");
+                storage.remove(segment).await.map_err(failed)?;
+                storage.sync_dir().await.map_err(failed)?;
+                continue;
             };
-            if header.shard != shard {
-                return Err(corrupt(12, &format!("written by shard {}, opened by shard {shard}", header.shard)));
+            if end < bytes.len() {
+                // A torn tail: never acknowledged (recover_segment checked that no later mark
+                // proves it durable). Cut, loudly.
+                let cut = bytes.len() - end;
+                tracing::warn!(shard, segment, offset = end, bytes = cut, "cutting the torn tail of the WAL");
+                storage.truncate(segment, end as u64).await.map_err(failed)?;
             }
-            if *log_id.get_or_insert(header.log_id) != header.log_id {
-                return Err(corrupt(16, "belongs to another log (log_id differs)"));
+            if last {
+                // The previous process may have written bytes it never synced; sync them before
+                // the next batch's mark claims them durable.
+                storage.sync(segment).await.map_err(failed)?;
             }
-            state.next_seq = state.next_seq.max(header.first_seq);
-            let mut offset = HEADER_BYTES;
-            let end = loop {
-                match Record::decode(&bytes[offset..]) {
-                    Ok(Some((record, used))) => {
-                        state.apply_recovered(record, segment, used as u64);
-                        offset += used;
-                    }
-                    Ok(None) if offset == bytes.len() => break offset,
-                    result => {
-                        if !last {
-                            let reason = match result {
-                                Err(e) => format!("{e:?} record"),
-                                _ => "truncated record".into(),
-                            };
-                            return Err(corrupt(offset, &reason));
-                        }
-                        // A torn tail of the last segment: never acknowledged.
-                        storage.truncate(segment, offset as u64).await.map_err(failed)?;
-                        storage.sync(segment).await.map_err(failed)?;
-                        break offset;
-                    }
-                }
-            };
             state.segments.entry(segment).or_default().bytes = end as u64;
             state.head = segment;
             state.head_len = end as u64;
+            state.head_synced = end as u64;
         }
         let wal = Wal { storage, shard, segment_bytes_max, durability, state: RefCell::new(state) };
         match log_id {
@@ -227,6 +228,11 @@ impl<S: Storage> Wal<S> {
         let mut recovered: Vec<LiveDelivery> = wal.state.borrow().live.values().cloned().collect();
         recovered.sort_by_key(|l| l.delivery.seq);
         Ok((wal, recovered))
+    }
+
+    /// Why the log failed, once it has (it stays failed).
+    pub fn failure(&self) -> Option<WalError> {
+        self.state.borrow().failed.clone()
     }
 
     /// The random id of this log (part of every webhook id).
@@ -257,6 +263,10 @@ impl<S: Storage> Wal<S> {
 
     /// Buffers a new delivery; returns its sequence number and log position.
     pub fn append_delivery(&self, endpoint: &str, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+        let bytes = record::DELIVERY_OVERHEAD_BYTES + endpoint.len() + body.len();
+        if bytes > record::RECORD_BYTES_MAX || endpoint.len() > usize::from(u16::MAX) {
+            return Err(WalError::RecordTooLarge { bytes, max: record::RECORD_BYTES_MAX });
+        }
         let mut state = self.state.borrow_mut();
         state.check()?;
         let seq = state.next_seq;
@@ -304,8 +314,8 @@ impl<S: Storage> Wal<S> {
             if reached >= lsn {
                 return Poll::Ready(Ok(()));
             }
-            if let Some(reason) = &state.failed {
-                return Poll::Ready(Err(WalError::Failed(reason.clone())));
+            if let Some(error) = &state.failed {
+                return Poll::Ready(Err(error.clone()));
             }
             state.waiters.push(cx.waker().clone());
             Poll::Pending
@@ -319,53 +329,67 @@ impl<S: Storage> Wal<S> {
         self.run_with(|_| {}).await
     }
 
-    /// `run`, calling `on_progress` with the position `commit` now reaches after each batch.
+    /// `run`, calling `on_progress` with the durable position after each batch. That is the
+    /// position to hand deliveries to senders at: a webhook id a receiver has seen is then
+    /// always in the durable log, so recovery never hands its seq out again (in `batch` mode
+    /// `commit` returns earlier, at the written position).
     pub async fn run_with(&self, on_progress: impl Fn(Lsn)) {
         loop {
-            let buffered = poll_fn(|cx| {
-                let mut state = self.state.borrow_mut();
-                if !state.buffer.is_empty() || state.failed.is_some() {
-                    Poll::Ready(true)
-                } else if matches!(self.durability, Durability::Batch(_)) && state.durable < state.written {
-                    Poll::Ready(false)
-                } else {
-                    state.flusher = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            })
-            .await;
+            self.work().await;
             if self.state.borrow().failed.is_some() {
                 return;
             }
-            if !buffered {
-                if let Durability::Batch(period) = self.durability {
-                    monoio::time::sleep(period).await;
-                }
-            }
             if let Err(error) = self.flush_once().await {
                 let mut state = self.state.borrow_mut();
-                state.failed = Some(error.to_string());
+                state.failed = Some(error.clone());
                 for waker in state.waiters.drain(..) {
                     waker.wake();
                 }
                 tracing::error!(shard = self.shard, %error, "webhook WAL failed; new deliveries are refused");
                 return;
             }
-            let reached = {
-                let state = self.state.borrow();
-                match self.durability {
-                    Durability::Fsync => state.durable,
-                    Durability::Batch(_) => state.written,
-                }
-            };
-            on_progress(reached);
+            let durable = self.state.borrow().durable;
+            on_progress(durable);
         }
+    }
+
+    /// Waits for something to flush: buffered records (or a failure), or in `batch` mode
+    /// written bytes whose fsync is due. An append ends the wait for a due fsync at once, so
+    /// a sparse publish is written (and its `commit` returns) without waiting out the period.
+    async fn work(&self) {
+        let sync_due_in = match self.durability {
+            Durability::Batch(period) => {
+                let state = self.state.borrow();
+                (state.durable < state.written).then(|| period.saturating_sub(state.last_sync.elapsed()))
+            }
+            Durability::Fsync => None,
+        };
+        match sync_due_in {
+            None => self.buffered().await,
+            Some(wait) => monoio::select! {
+                _ = monoio::time::sleep(wait) => {}
+                _ = self.buffered() => {}
+            },
+        }
+    }
+
+    /// Resolves once records are buffered or the log has failed.
+    async fn buffered(&self) {
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if !state.buffer.is_empty() || state.failed.is_some() {
+                return Poll::Ready(());
+            }
+            state.flusher = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
     }
 
     /// One batch: rotate if the head is full, write the buffer, sync (per durability),
     /// release the waiters, then compact.
     pub async fn flush_once(&self) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let rotate = {
             let state = self.state.borrow();
             !state.buffer.is_empty()
@@ -383,33 +407,33 @@ impl<S: Storage> Wal<S> {
                     *(if copy { &mut entry.copy_at } else { &mut entry.state_at }) = Some(head);
                 }
             }
-            let bytes = std::mem::take(&mut state.buffer);
+            let mut bytes = std::mem::take(&mut state.buffer);
+            if !bytes.is_empty() {
+                let mark = record::mark_bytes(state.head_synced, state.next_seq);
+                bytes[..record::MARK_BYTES].copy_from_slice(&mark);
+            }
             state.segments.entry(head).or_default().bytes += bytes.len() as u64;
             let offset = state.head_len;
             state.head_len += bytes.len() as u64;
             (head, offset, bytes, state.appended)
         };
+        let bytes_len = bytes.len() as u64;
         if !bytes.is_empty() {
             let length = bytes.len() as u64;
             self.storage.write_at(head, offset, bytes).await.map_err(failed)?;
-            let mut state = self.state.borrow_mut();
-            state.written = end;
-            state.stats.bytes_written += length;
-            state.stats.batches += 1;
-            if let Durability::Batch(period) = self.durability {
-                for waker in state.waiters.drain(..) {
-                    waker.wake();
+            if self.written(end, length) {
+                // Rotation fsynced every finished segment, so compaction need not wait for
+                // this batch's fsync (its copies are removed only once durable).
+                if rotate {
+                    self.compact().await?;
                 }
-                // Under steady load the buffer is never empty when the timer ends: sync here
-                // once the period has passed, so fsyncs keep their pace.
-                if state.last_sync.elapsed() < period {
-                    return Ok(());
-                }
+                return Ok(());
             }
         }
         self.storage.sync(head).await.map_err(failed)?;
         let copied = {
             let mut state = self.state.borrow_mut();
+            state.head_synced = offset + bytes_len;
             state.stats.fsyncs += 1;
             state.last_sync = std::time::Instant::now();
             state.durable = end;
@@ -424,9 +448,25 @@ impl<S: Storage> Wal<S> {
         Ok(())
     }
 
+    /// Notes a batch written up to `end`; in `batch` mode releases the commits and says
+    /// whether the fsync is not due yet.
+    fn written(&self, end: Lsn, length: u64) -> bool {
+        let mut state = self.state.borrow_mut();
+        state.written = end;
+        state.stats.bytes_written += length;
+        state.stats.batches += 1;
+        let Durability::Batch(period) = self.durability else { return false };
+        for waker in state.waiters.drain(..) {
+            waker.wake();
+        }
+        // Under steady load the buffer is never empty when the timer ends: sync here once the
+        // period has passed, so fsyncs keep their pace.
+        state.last_sync.elapsed() < period
+    }
+
     /// Starts a new head segment: sync the old one, create, write the header, sync, sync dir.
     async fn rotate(&self) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let (old, next) = {
             let state = self.state.borrow();
             (state.head, state.next_seq.max(state.head + 1))
@@ -437,7 +477,7 @@ impl<S: Storage> Wal<S> {
     }
 
     async fn create_segment(&self, first_seq: u64) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let header = {
             let state = self.state.borrow();
             SegmentHeader { shard: self.shard, log_id: state.log_id, first_seq }
@@ -451,6 +491,7 @@ impl<S: Storage> Wal<S> {
         state.next_seq = state.next_seq.max(first_seq);
         state.head = first_seq;
         state.head_len = HEADER_BYTES as u64;
+        state.head_synced = HEADER_BYTES as u64;
         state.segments.insert(first_seq, SegmentInfo { bytes: HEADER_BYTES as u64 });
         Ok(())
     }
@@ -459,7 +500,7 @@ impl<S: Storage> Wal<S> {
     /// still holds live records and moving them frees enough, copies them forward (the
     /// segment goes once the copies are durable, at a later flush).
     async fn compact(&self) -> Result<(), WalError> {
-        let failed = |e: std::io::Error| WalError::Failed(e.to_string());
+        let failed = WalError::storage;
         let mut removed_any = false;
         loop {
             let removable = {
@@ -509,12 +550,17 @@ impl<S: Storage> Wal<S> {
 impl WalState {
     fn check(&self) -> Result<(), WalError> {
         match &self.failed {
-            Some(reason) => Err(WalError::Failed(reason.clone())),
+            Some(error) => Err(error.clone()),
             None => Ok(()),
         }
     }
 
     fn push(&mut self, record: &Record) -> Lsn {
+        if self.buffer.is_empty() {
+            // Every batch starts with a mark, filled in when the batch is written.
+            self.buffer.resize(record::MARK_BYTES, 0);
+            self.appended += record::MARK_BYTES as u64;
+        }
         record.encode(&mut self.buffer);
         self.appended += record.encoded_len() as u64;
         self.appended
@@ -585,10 +631,84 @@ impl WalState {
         }
     }
 
+    /// Reads one segment at recovery, applying its records; returns where its valid records
+    /// end (a torn tail after that is to be cut), or `None` for a last segment whose header
+    /// never became durable (to be removed). Refuses damage that the log shows was fsynced.
+    fn recover_segment(
+        &mut self,
+        segment: u64,
+        bytes: &[u8],
+        last: bool,
+        shard: u32,
+        log_id: &mut Option<u64>,
+    ) -> Result<Option<usize>, WalError> {
+        let corrupt = |offset: usize, reason: String| WalError::Corrupt { segment, offset: offset as u64, reason };
+        let header = match SegmentHeader::decode(bytes) {
+            Err(version) => {
+                let reason = format!(
+                    "format version {version}, this build reads version {} (drain the log with the release that wrote it)",
+                    record::VERSION
+                );
+                return Err(corrupt(8, reason));
+            }
+            Ok(Some(header)) => header,
+            // A header is synced before any batch is written, so a mark behind a bad header
+            // proves the header was durable: that is damage, not an unfinished creation.
+            Ok(None) if last && record::marks_after(bytes, HEADER_BYTES).next().is_none() => return Ok(None),
+            Ok(None) => return Err(corrupt(0, "bad segment header".into())),
+        };
+        if header.shard != shard {
+            return Err(corrupt(12, format!("written by shard {}, opened by shard {shard}", header.shard)));
+        }
+        if header.first_seq != segment {
+            return Err(corrupt(24, format!("header says first_seq {}", header.first_seq)));
+        }
+        if *log_id.get_or_insert(header.log_id) != header.log_id {
+            return Err(corrupt(16, "belongs to another log (log_id differs)".into()));
+        }
+        self.next_seq = self.next_seq.max(header.first_seq);
+        let mut offset = HEADER_BYTES;
+        let reason = loop {
+            match Record::decode(&bytes[offset..]) {
+                Ok(Some((Record::Mark { durable, .. }, _))) if durable > offset as u64 => {
+                    break "mark claiming bytes past itself".to_string();
+                }
+                Ok(Some((record, used))) => {
+                    self.apply_recovered(record, segment, used as u64);
+                    offset += used;
+                }
+                Ok(None) if offset == bytes.len() => return Ok(Some(offset)),
+                Ok(None) => break "truncated record".into(),
+                Err(e) => break format!("{e:?} record"),
+            }
+        };
+        if !last {
+            // Every earlier segment was fsynced whole before the next one was created.
+            return Err(corrupt(offset, reason));
+        }
+        // The last segment: the bad bytes are a torn tail unless a later batch's mark proves
+        // they were fsynced. Marks in the tail also keep their seqs from being handed out again.
+        let mut proven = 0;
+        for (_, durable, next_seq) in record::marks_after(bytes, offset + 1) {
+            proven = proven.max(durable);
+            self.next_seq = self.next_seq.max(next_seq);
+        }
+        if proven > offset as u64 {
+            return Err(corrupt(
+                offset,
+                format!("{reason} before byte {proven}, which a later batch's mark shows was fsynced"),
+            ));
+        }
+        Ok(Some(offset))
+    }
+
     /// Replays one record read at recovery from `segment`.
     fn apply_recovered(&mut self, record: Record, segment: u64, bytes: u64) {
-        self.next_seq = self.next_seq.max(record.seq() + 1);
+        if let Some(seq) = record.seq() {
+            self.next_seq = self.next_seq.max(seq + 1);
+        }
         match record {
+            Record::Mark { next_seq, .. } => self.next_seq = self.next_seq.max(next_seq),
             Record::Delivery(delivery) => {
                 // A second Delivery for a seq is a copy made by compaction: it keeps the state
                 // the earlier records gave it (an explicit state record follows it anyway).

@@ -6,19 +6,30 @@
 use bytes::Bytes;
 
 /// Segment header size.
-pub const HEADER_BYTES: usize = 32;
-/// Segment magic: "RWWAL", two zero bytes, format 1.
-pub const MAGIC: [u8; 8] = *b"RWWAL\0\0\x01";
-/// Segment format version.
-pub const VERSION: u32 = 1;
+pub const HEADER_BYTES: usize = 40;
+/// Bytes of the header its CRC covers.
+const HEADER_CRC_AT: usize = 32;
+/// Segment magic: "RWWAL", two zero bytes, format 2.
+pub const MAGIC: [u8; 8] = *b"RWWAL\0\0\x02";
+/// Segment format version (2 added the `Mark` record; docs/wal.md).
+pub const VERSION: u32 = 2;
+/// What every format's magic starts with, to tell "another version" from "not a header".
+const MAGIC_PREFIX: [u8; 7] = *b"RWWAL\0\0";
 /// Record frame: length + crc.
 pub const FRAME_BYTES: usize = 8;
 /// Largest `kind + payload` a record may have; anything longer is garbage.
 pub const RECORD_BYTES_MAX: usize = 64 << 20;
+/// Bytes a `Delivery` record's `kind + payload` takes besides its endpoint key and body.
+pub const DELIVERY_OVERHEAD_BYTES: usize = 1 + 18;
 
 const KIND_DELIVERY: u8 = 1;
 const KIND_ACK: u8 = 2;
 const KIND_REPLAY: u8 = 3;
+const KIND_MARK: u8 = 4;
+/// `kind + payload` of a `Mark`: fixed, so recovery can look for marks at every offset.
+const MARK_BODY_BYTES: usize = 17;
+/// Bytes of a framed `Mark`.
+pub const MARK_BYTES: usize = FRAME_BYTES + MARK_BODY_BYTES;
 
 /// A segment's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,16 +51,30 @@ impl SegmentHeader {
         out[12..16].copy_from_slice(&self.shard.to_le_bytes());
         out[16..24].copy_from_slice(&self.log_id.to_le_bytes());
         out[24..32].copy_from_slice(&self.first_seq.to_le_bytes());
+        let crc = crc32fast::hash(&out[..HEADER_CRC_AT]);
+        out[HEADER_CRC_AT..HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         out
     }
 
-    /// Parses a header; `None` when short, of another format, or another version.
-    pub fn decode(bytes: &[u8]) -> Option<SegmentHeader> {
-        let bytes = bytes.get(..HEADER_BYTES)?;
-        if bytes[0..8] != MAGIC || u32_at(bytes, 8) != VERSION {
-            return None;
+    /// Parses a header: `Ok(None)` when short, damaged or not a ringwire header,
+    /// `Err(version)` when it is one of another format version (the magic's last byte and the
+    /// version field agree on it).
+    pub fn decode(bytes: &[u8]) -> Result<Option<SegmentHeader>, u32> {
+        let version = bytes.get(8..12).map(|v| u32_at(v, 0));
+        if bytes.get(0..7) == Some(&MAGIC_PREFIX[..]) && version == Some(bytes[7].into()) && bytes[7] != MAGIC[7] {
+            return Err(u32::from(bytes[7]));
         }
-        Some(SegmentHeader { shard: u32_at(bytes, 12), log_id: u64_at(bytes, 16), first_seq: u64_at(bytes, 24) })
+        let Some(bytes) = bytes.get(..HEADER_BYTES) else { return Ok(None) };
+        let crc = u32_at(bytes, HEADER_CRC_AT);
+        let reserved_zero = bytes[HEADER_CRC_AT + 4..].iter().all(|&b| b == 0);
+        if bytes[0..8] != MAGIC
+            || version != Some(VERSION)
+            || crc32fast::hash(&bytes[..HEADER_CRC_AT]) != crc
+            || !reserved_zero
+        {
+            return Ok(None);
+        }
+        Ok(Some(SegmentHeader { shard: u32_at(bytes, 12), log_id: u64_at(bytes, 16), first_seq: u64_at(bytes, 24) }))
     }
 }
 
@@ -92,6 +117,16 @@ pub enum Record {
         /// Which delivery.
         seq: u64,
     },
+    /// The first record of every batch: what was known durable when the batch was written.
+    /// A valid mark proves that the bytes before `durable` were fsynced, so damage there is
+    /// corruption, not a torn tail (docs/wal.md, "Recovery").
+    Mark {
+        /// Bytes of this segment (header included) fsynced before this batch was written; at
+        /// most the mark's own offset.
+        durable: u64,
+        /// The log's next sequence number when the batch was written (above every seq in it).
+        next_seq: u64,
+    },
 }
 
 /// Why bytes are not a record.
@@ -132,6 +167,11 @@ impl Record {
                 out.push(KIND_REPLAY);
                 out.extend_from_slice(&seq.to_le_bytes());
             }
+            Record::Mark { durable, next_seq } => {
+                out.push(KIND_MARK);
+                out.extend_from_slice(&durable.to_le_bytes());
+                out.extend_from_slice(&next_seq.to_le_bytes());
+            }
         }
         let length = out.len() - start - FRAME_BYTES;
         assert!(length <= RECORD_BYTES_MAX, "records are bounded by the API's body limit");
@@ -145,9 +185,10 @@ impl Record {
         FRAME_BYTES
             + 1
             + match self {
-                Record::Delivery(d) => 18 + d.endpoint.len() + d.body.len(),
+                Record::Delivery(d) => DELIVERY_OVERHEAD_BYTES - 1 + d.endpoint.len() + d.body.len(),
                 Record::Ack { .. } => 9,
                 Record::Replay { .. } => 8,
+                Record::Mark { .. } => MARK_BODY_BYTES - 1,
             }
     }
 
@@ -179,18 +220,52 @@ impl Record {
                 },
             },
             KIND_REPLAY if payload.len() == 8 => Record::Replay { seq: u64_at(payload, 0) },
+            KIND_MARK if payload.len() == MARK_BODY_BYTES - 1 => {
+                Record::Mark { durable: u64_at(payload, 0), next_seq: u64_at(payload, 8) }
+            }
             _ => return Err(DecodeError::Malformed),
         };
         Ok(Some((record, FRAME_BYTES + length)))
     }
 
-    /// The delivery sequence number the record is about.
-    pub fn seq(&self) -> u64 {
+    /// The delivery sequence number the record is about (`None` for a `Mark`).
+    pub fn seq(&self) -> Option<u64> {
         match self {
-            Record::Delivery(d) => d.seq,
-            Record::Ack { seq, .. } | Record::Replay { seq } => *seq,
+            Record::Delivery(d) => Some(d.seq),
+            Record::Ack { seq, .. } | Record::Replay { seq } => Some(*seq),
+            Record::Mark { .. } => None,
         }
     }
+}
+
+/// The framed bytes of a `Mark` (written over the placeholder that starts every batch).
+pub fn mark_bytes(durable: u64, next_seq: u64) -> [u8; MARK_BYTES] {
+    let mut out = [0u8; MARK_BYTES];
+    out[0..4].copy_from_slice(&(MARK_BODY_BYTES as u32).to_le_bytes());
+    out[8] = KIND_MARK;
+    out[9..17].copy_from_slice(&durable.to_le_bytes());
+    out[17..25].copy_from_slice(&next_seq.to_le_bytes());
+    let crc = crc32fast::hash(&out[FRAME_BYTES..]);
+    out[4..8].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The valid `Mark`s that start after `from` in a segment's bytes, with their offsets.
+/// Marks have one fixed size, so this looks at every offset in linear time: it finds them
+/// even past bytes that do not parse (a damaged length hides where the next record starts).
+pub fn marks_after(bytes: &[u8], from: usize) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
+    let last = bytes.len().saturating_sub(MARK_BYTES);
+    (from..=last).filter_map(move |at| {
+        let frame = &bytes[at..at + MARK_BYTES];
+        if u32_at(frame, 0) as usize != MARK_BODY_BYTES || frame[FRAME_BYTES] != KIND_MARK {
+            return None;
+        }
+        match Record::decode(frame) {
+            // A genuine mark never claims bytes past itself.
+            Ok(Some((Record::Mark { durable, next_seq }, _))) if durable <= at as u64 => Some((at, durable, next_seq)),
+            _ => None,
+        }
+    })
 }
 
 fn decode_delivery(payload: &[u8]) -> Result<Record, DecodeError> {
@@ -243,6 +318,24 @@ mod tests {
         check(Record::Ack { seq: u64::MAX, outcome: Outcome::Delivered });
         check(Record::Ack { seq: 3, outcome: Outcome::Dead });
         check(Record::Replay { seq: 9 });
+        check(Record::Mark { durable: 4096, next_seq: 12 });
+        let mut mark = Vec::new();
+        Record::Mark { durable: 4096, next_seq: 12 }.encode(&mut mark);
+        assert_eq!(mark, mark_bytes(4096, 12));
+    }
+
+    /// Marks are found at any offset, past garbage, and never when they claim bytes past
+    /// themselves.
+    #[test]
+    fn marks_are_found_past_garbage() {
+        let mut out = vec![0xEE; 5];
+        Record::Mark { durable: 3, next_seq: 9 }.encode(&mut out);
+        Record::Replay { seq: 1 }.encode(&mut out);
+        Record::Mark { durable: 1000, next_seq: 10 }.encode(&mut out);
+        Record::Mark { durable: 30, next_seq: 11 }.encode(&mut out);
+        let found: Vec<_> = marks_after(&out, 1).collect();
+        assert_eq!(found, vec![(5, 3, 9), (5 + 2 * MARK_BYTES + 17, 30, 11)]);
+        assert_eq!(marks_after(&out, 6).count(), 1);
     }
 
     /// A flipped bit anywhere after the length is a checksum error; bad lengths are refused.
@@ -264,10 +357,19 @@ mod tests {
     fn header_round_trips() {
         let header = SegmentHeader { shard: 3, log_id: 0xdead_beef, first_seq: 42 };
         let bytes = header.encode();
-        assert_eq!(SegmentHeader::decode(&bytes), Some(header));
-        assert_eq!(SegmentHeader::decode(&bytes[..31]), None);
+        assert_eq!(SegmentHeader::decode(&bytes), Ok(Some(header)));
+        assert_eq!(SegmentHeader::decode(&bytes[..HEADER_BYTES - 1]), Ok(None));
+        for i in 0..HEADER_BYTES {
+            let mut flipped = bytes;
+            flipped[i] ^= 0x04;
+            assert_eq!(SegmentHeader::decode(&flipped), Ok(None), "a flip in byte {i} is a damaged header");
+        }
+        // A format-1 header (32 bytes, no CRC) is recognised as another version.
         let mut other = bytes;
-        other[8] = 2;
-        assert_eq!(SegmentHeader::decode(&other), None);
+        other[7] = 1;
+        other[8] = 1;
+        assert_eq!(SegmentHeader::decode(&other[..32]), Err(1));
+        other[0] = b'X';
+        assert_eq!(SegmentHeader::decode(&other), Ok(None));
     }
 }

@@ -34,19 +34,50 @@ pub trait Storage {
 
 /// Segments as files `{segment:020}.wal` in one directory.
 ///
-/// Appends and syncs go through monoio (io_uring: they do not block the shard). Listing,
-/// reading, creating and removing use `std::fs`: they happen at start-up, at rotation and at
-/// compaction, a few times per segment. Under the epoll fallback monoio's file calls are
-/// blocking too (docs/webhooks.md says so).
+/// Appends and syncs of segment files go through monoio (io_uring: they do not block the
+/// shard). Every other call (listing, reading, creating, opening, truncating, removing, and
+/// directory fsyncs) has no io_uring op in monoio 0.2.4 and is a blocking syscall, so it runs
+/// on the runtime's blocking thread pool (`spawn_blocking`), never on the shard thread. Under
+/// the epoll fallback monoio's file writes and syncs block the shard too (docs/webhooks.md).
 pub struct FileStorage {
     directory: PathBuf,
     files: RefCell<HashMap<u64, Rc<monoio::fs::File>>>,
 }
 
+/// Runs a blocking file-system call on the runtime's thread pool.
+async fn off_thread<R: Send + 'static>(call: impl FnOnce() -> io::Result<R> + Send + 'static) -> io::Result<R> {
+    monoio::spawn_blocking(call).await.map_err(|_| io::Error::other("the blocking file task was canceled"))?
+}
+
+/// Creates `directory` and its missing parents so that the creation survives a power loss: a
+/// directory entry is durable only once its parent directory is fsynced, so the parent of
+/// every created component is fsynced, and the directory's own parent always (an earlier run
+/// may have died between creating it and syncing). `sync_dir` is the fsync (tests record it).
+pub fn create_dir_durably(directory: &Path, sync_dir: &mut dyn FnMut(&Path) -> io::Result<()>) -> io::Result<()> {
+    let parent_of = |path: &Path| match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let mut to_sync: Vec<PathBuf> = directory.ancestors().take_while(|p| !p.exists()).map(parent_of).collect();
+    std::fs::create_dir_all(directory)?;
+    to_sync.push(parent_of(directory));
+    to_sync.sort();
+    to_sync.dedup();
+    for parent in to_sync {
+        sync_dir(&parent)?;
+    }
+    Ok(())
+}
+
+fn fsync_dir(directory: &Path) -> io::Result<()> {
+    std::fs::File::open(directory)?.sync_all()
+}
+
 impl FileStorage {
-    /// Opens (creating it if needed) a segment directory.
-    pub fn open(directory: &Path) -> io::Result<FileStorage> {
-        std::fs::create_dir_all(directory)?;
+    /// Opens (creating it durably if needed) a segment directory.
+    pub async fn open(directory: &Path) -> io::Result<FileStorage> {
+        let path = directory.to_path_buf();
+        off_thread(move || create_dir_durably(&path, &mut fsync_dir)).await?;
         Ok(FileStorage { directory: directory.to_path_buf(), files: RefCell::new(HashMap::new()) })
     }
 
@@ -54,11 +85,12 @@ impl FileStorage {
         self.directory.join(format!("{segment:020}.wal"))
     }
 
-    fn file(&self, segment: u64) -> io::Result<Rc<monoio::fs::File>> {
+    async fn file(&self, segment: u64) -> io::Result<Rc<monoio::fs::File>> {
         if let Some(file) = self.files.borrow().get(&segment) {
             return Ok(file.clone());
         }
-        let std_file = std::fs::OpenOptions::new().read(true).write(true).open(self.path(segment))?;
+        let path = self.path(segment);
+        let std_file = off_thread(move || std::fs::OpenOptions::new().read(true).write(true).open(path)).await?;
         let file = Rc::new(monoio::fs::File::from_std(std_file)?);
         self.files.borrow_mut().insert(segment, file.clone());
         Ok(file)
@@ -67,47 +99,56 @@ impl FileStorage {
 
 impl Storage for FileStorage {
     async fn list(&self) -> io::Result<Vec<u64>> {
-        let mut segments = Vec::new();
-        for entry in std::fs::read_dir(&self.directory)? {
-            let name = entry?.file_name();
-            let name = name.to_string_lossy();
-            if let Some(number) = name.strip_suffix(".wal").and_then(|n| n.parse::<u64>().ok()) {
-                segments.push(number);
+        let directory = self.directory.clone();
+        off_thread(move || {
+            let mut segments = Vec::new();
+            for entry in std::fs::read_dir(&directory)? {
+                let name = entry?.file_name();
+                let name = name.to_string_lossy();
+                if let Some(number) = name.strip_suffix(".wal").and_then(|n| n.parse::<u64>().ok()) {
+                    segments.push(number);
+                }
             }
-        }
-        segments.sort_unstable();
-        Ok(segments)
+            segments.sort_unstable();
+            Ok(segments)
+        })
+        .await
     }
 
     async fn read(&self, segment: u64) -> io::Result<Vec<u8>> {
-        std::fs::read(self.path(segment))
+        let path = self.path(segment);
+        off_thread(move || std::fs::read(path)).await
     }
 
     async fn create(&self, segment: u64) -> io::Result<()> {
-        std::fs::OpenOptions::new().write(true).create_new(true).open(self.path(segment)).map(drop)
+        let path = self.path(segment);
+        off_thread(move || std::fs::OpenOptions::new().write(true).create_new(true).open(path).map(drop)).await
     }
 
     async fn write_at(&self, segment: u64, offset: u64, bytes: Vec<u8>) -> io::Result<()> {
-        let file = self.file(segment)?;
+        let file = self.file(segment).await?;
         let (result, _) = file.write_all_at(bytes, offset).await;
         result
     }
 
     async fn truncate(&self, segment: u64, length: u64) -> io::Result<()> {
-        std::fs::OpenOptions::new().write(true).open(self.path(segment))?.set_len(length)
+        let path = self.path(segment);
+        off_thread(move || std::fs::OpenOptions::new().write(true).open(path)?.set_len(length)).await
     }
 
     async fn sync(&self, segment: u64) -> io::Result<()> {
-        self.file(segment)?.sync_data().await
+        self.file(segment).await?.sync_data().await
     }
 
     async fn sync_dir(&self) -> io::Result<()> {
-        std::fs::File::open(&self.directory)?.sync_all()
+        let directory = self.directory.clone();
+        off_thread(move || fsync_dir(&directory)).await
     }
 
     async fn remove(&self, segment: u64) -> io::Result<()> {
         self.files.borrow_mut().remove(&segment);
-        std::fs::remove_file(self.path(segment))
+        let path = self.path(segment);
+        off_thread(move || std::fs::remove_file(path)).await
     }
 }
 
@@ -120,6 +161,8 @@ struct SimFile {
     durable: Vec<u8>,
     /// Whether the file's creation survives a crash.
     entry_durable: bool,
+    /// The file's length after each `sync` that made it longer (for tests' oracles).
+    synced_lengths: Vec<usize>,
 }
 
 #[derive(Debug, Default)]
@@ -168,6 +211,29 @@ impl SimStorage {
         self.disk.borrow().syncs
     }
 
+    /// The length a segment had at the sync before its last growing one: the bytes the WAL's
+    /// newest durable batch mark proves fsynced (0 when unknown). Works after a crash too.
+    pub fn proven_bytes(&self, segment: u64) -> usize {
+        let disk = self.disk.borrow();
+        let file = disk.files.get(&segment).or_else(|| disk.removed.get(&segment));
+        file.and_then(|f| f.synced_lengths.iter().rev().nth(1).copied()).unwrap_or(0)
+    }
+
+    /// Flips one bit of a segment's bytes, written and durable alike (bit rot).
+    pub fn flip_bit(&self, segment: u64, offset: usize, bit: u8) {
+        let mut disk = self.disk.borrow_mut();
+        let file = disk.files.get_mut(&segment).expect("flip_bit on an existing segment");
+        file.written[offset] ^= 1 << bit;
+        if let Some(byte) = file.durable.get_mut(offset) {
+            *byte ^= 1 << bit;
+        }
+    }
+
+    /// Bytes of a segment as reads see them (after a crash too).
+    pub fn len_of(&self, segment: u64) -> usize {
+        self.disk.borrow().files.get(&segment).map_or(0, |f| f.written.len())
+    }
+
     /// What a restart after a crash now would find: durable entries with their durable bytes,
     /// plus a prefix of their unsynced appends (`tear` picks its length in 0..=len) whose last
     /// bytes may be garbage (`garbage`).
@@ -188,7 +254,11 @@ impl SimStorage {
                     }
                 }
             }
-            files.insert(segment, SimFile { written: content.clone(), durable: content, entry_durable: true });
+            let synced_lengths = file.synced_lengths.clone();
+            files.insert(
+                segment,
+                SimFile { written: content.clone(), durable: content, entry_durable: true, synced_lengths },
+            );
         }
         SimStorage { disk: Rc::new(RefCell::new(SimDisk { files, ..SimDisk::default() })) }
     }
@@ -257,6 +327,9 @@ impl Storage for SimStorage {
         let mut disk = self.sync_point()?;
         let file = disk.files.get_mut(&segment).ok_or_else(|| missing(segment))?;
         file.durable = file.written.clone();
+        if file.synced_lengths.last() < Some(&file.durable.len()) {
+            file.synced_lengths.push(file.durable.len());
+        }
         Ok(())
     }
 

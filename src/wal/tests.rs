@@ -269,3 +269,264 @@ fn batch_mode_syncs_under_steady_load() {
         assert!((3..=30).contains(&syncs), "about one fsync per period, got {syncs}");
     });
 }
+
+/// A delivery over the record limit is refused with an error value (no panic), and the log
+/// goes on accepting and committing normal deliveries.
+#[test]
+fn oversized_delivery_is_refused_without_panic() {
+    block_on(async {
+        let storage = SimStorage::new();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Fsync).await.unwrap();
+        let body = Bytes::from(vec![b'z'; record::RECORD_BYTES_MAX]);
+        let error = wal.append_delivery("app/0", 1, body).expect_err("refused");
+        assert!(matches!(error, WalError::RecordTooLarge { .. }), "{error}");
+        let long_key = "k".repeat(usize::from(u16::MAX) + 1);
+        assert!(matches!(wal.append_delivery(&long_key, 1, Bytes::new()), Err(WalError::RecordTooLarge { .. })));
+        let (seq, lsn) = wal.append_delivery("app/0", 2, Bytes::from_static(b"ok")).unwrap();
+        wal.flush_once().await.unwrap();
+        wal.commit(lsn).await.unwrap();
+        assert_eq!(wal.get(seq).map(|l| l.delivery.body), Some(Bytes::from_static(b"ok")));
+    });
+}
+
+/// Bit rot at random offsets of crash images: a flip in bytes a durable batch mark proves
+/// fsynced (any byte of an earlier segment; the last segment below its newest durable mark's
+/// claim) refuses to start, naming that segment and an offset at or before the flip; a flip
+/// past that is cut as a torn tail, and recovery then invents nothing.
+#[test]
+fn bit_flips_before_the_durable_end_are_refused() {
+    let (mut refused, mut recovered_after_flip) = (0, 0);
+    for seed in 0..6 {
+        let probe = SimStorage::new();
+        workload(probe.clone(), seed, 200);
+        for crash_at in 1..=probe.syncs() {
+            let storage = SimStorage::new();
+            storage.crash_at_sync(crash_at);
+            let model = workload(storage.clone(), seed, 200);
+            let mut rng = fastrand::Rng::with_seed(seed * 7919 + crash_at);
+            for variant in 0..4 {
+                let (mut tear_rng, mut garbage_rng) = (rng.fork(), rng.fork());
+                let image = storage.crash_image(&mut |n| tear_rng.usize(0..=n), &mut || garbage_rng.bool());
+                let segments = block_on(image.list()).expect("image lists");
+                if segments.is_empty() {
+                    continue;
+                }
+                let segment = segments[rng.usize(..segments.len())];
+                let length = image.len_of(segment);
+                if length == 0 {
+                    continue;
+                }
+                let (offset, bit) = (rng.usize(..length), rng.u8(0..8));
+                image.flip_bit(segment, offset, bit);
+                let last = Some(&segment) == segments.last();
+                let must_refuse = !last || offset < storage.proven_bytes(segment);
+                let context = format!(
+                    "seed {seed}, crash at sync {crash_at}, variant {variant}: bit {bit} of byte {offset} of segment \
+                     {segment} (last: {last}, proven: {})",
+                    storage.proven_bytes(segment)
+                );
+                match block_on(Wal::open(image, 0, SEGMENT_BYTES_MAX, Durability::Fsync)) {
+                    Err(WalError::Corrupt { segment: named, offset: at, .. }) => {
+                        assert_eq!(named, segment, "{context}");
+                        assert!(at as usize <= offset, "{context}: named byte {at}");
+                        refused += 1;
+                    }
+                    Err(error) => panic!("{context}: {error}"),
+                    Ok((_, recovered)) => {
+                        assert!(!must_refuse, "{context}: fsynced damage was cut instead of refused");
+                        for live in &recovered {
+                            let seq = live.delivery.seq;
+                            let (_, body) =
+                                model.appended.get(&seq).unwrap_or_else(|| panic!("{context}: invented {seq}"));
+                            assert_eq!(&live.delivery.body, body, "{context}: seq {seq} body");
+                        }
+                        recovered_after_flip += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        refused > 100 && recovered_after_flip > 20,
+        "both cases ran: {refused} refused, {recovered_after_flip} cut"
+    );
+}
+
+/// A segment of format 1 is refused with its version named, never taken for a torn header
+/// and deleted.
+#[test]
+fn another_format_version_is_refused_not_deleted() {
+    block_on(async {
+        let storage = SimStorage::new();
+        storage.create(0).await.unwrap();
+        let mut v1 = b"RWWAL\0\0\x01".to_vec();
+        v1.extend_from_slice(&1u32.to_le_bytes());
+        v1.resize(32 + 30, 7);
+        storage.write_at(0, 0, v1).await.unwrap();
+        let error = Wal::open(storage.clone(), 0, 300, Durability::Fsync).await.err().expect("refused");
+        assert!(error.to_string().contains("format version 1"), "{error}");
+        assert_eq!(storage.list().await.unwrap(), vec![0]);
+    });
+}
+
+/// `batch` durability: a sparse append is written (its commit returns) without waiting out
+/// the fsync period, even while an earlier batch's fsync is pending.
+#[test]
+fn batch_mode_flusher_wakes_for_new_appends() {
+    block_on(async {
+        let storage = SimStorage::new();
+        let period = std::time::Duration::from_secs(30);
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Batch(period)).await.unwrap();
+        let wal = std::rc::Rc::new(wal);
+        monoio::spawn({
+            let wal = wal.clone();
+            async move { wal.run().await }
+        });
+        for round in 0..3u64 {
+            let (_, lsn) = wal.append_delivery("app/0", round, Bytes::from_static(b"sparse")).unwrap();
+            let started = std::time::Instant::now();
+            let committed = monoio::time::timeout(std::time::Duration::from_secs(5), wal.commit(lsn)).await;
+            assert!(matches!(committed, Ok(Ok(()))), "round {round}: commit waited {:?}", started.elapsed());
+        }
+    });
+}
+
+/// `batch` durability: compaction keeps up although batches are rarely fsynced (the period
+/// never ends during the test).
+#[test]
+fn batch_mode_compacts_without_waiting_for_the_period() {
+    block_on(async {
+        let storage = SimStorage::new();
+        let period = std::time::Duration::from_secs(3600);
+        let (wal, _) = Wal::open(storage.clone(), 0, 1024, Durability::Batch(period)).await.unwrap();
+        for round in 0..200u64 {
+            let (seq, _) = wal.append_delivery("app/0", round, Bytes::from(vec![b'x'; 100])).unwrap();
+            wal.flush_once().await.unwrap();
+            wal.append_ack(seq, Outcome::Delivered).unwrap();
+            wal.flush_once().await.unwrap();
+        }
+        let segments = storage.list().await.unwrap();
+        assert!(segments.len() <= 3, "segments left: {segments:?}");
+    });
+}
+
+/// `batch` durability: the flusher hands deliveries to senders only once durable, so after a
+/// power loss at any moment no new delivery reuses the seq (the webhook id) of one a receiver
+/// may have seen.
+#[test]
+fn batch_mode_never_reuses_a_released_seq() {
+    let mut sent_total = 0;
+    for seed in 0..20u64 {
+        sent_total += block_on(async move {
+            let storage = SimStorage::new();
+            let durability = Durability::Batch(std::time::Duration::from_millis(3));
+            let (wal, _) = Wal::open(storage.clone(), 0, 2048, durability).await.unwrap();
+            let wal = std::rc::Rc::new(wal);
+            let released = std::rc::Rc::new(std::cell::Cell::new(0));
+            monoio::spawn({
+                let (wal, released) = (wal.clone(), released.clone());
+                async move { wal.run_with(|lsn| released.set(lsn)).await }
+            });
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let (mut waiting, mut sent) = (Vec::new(), Vec::new());
+            for round in 0..rng.u64(20..120) {
+                let (seq, lsn) = wal.append_delivery("app/0", round, Bytes::from_static(b"event")).unwrap();
+                wal.commit(lsn).await.unwrap();
+                waiting.push((lsn, seq));
+                let now = released.get();
+                sent.extend(waiting.iter().filter(|&&(lsn, _)| lsn <= now).map(|&(_, seq)| seq));
+                waiting.retain(|&(lsn, _)| lsn > now);
+                if rng.bool() {
+                    monoio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            // A power loss: only durable bytes survive.
+            storage.crash();
+            let image = storage.crash_image(&mut |_| 0, &mut || false);
+            let (wal, _) = Wal::open(image, 0, 2048, durability).await.unwrap();
+            let (next, _) = wal.append_delivery("app/0", 0, Bytes::new()).unwrap();
+            assert!(sent.iter().all(|&seq| seq < next), "seed {seed}: seq {next} was already sent: {sent:?}");
+            sent.len()
+        });
+    }
+    assert!(sent_total > 100, "deliveries were released ({sent_total})");
+}
+
+/// A blocking pool that counts its tasks and runs each on a thread of its own.
+#[derive(Clone, Default)]
+struct CountingPool(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl monoio::blocking::ThreadPool for CountingPool {
+    fn schedule_task(&self, task: monoio::blocking::BlockingTask) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        std::thread::spawn(move || task.run());
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringwire-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// `FileStorage` makes every blocking file-system call (directory creation, opening,
+/// listing, reading, creating, truncating, removing, directory fsync) on the runtime's
+/// blocking pool, never on the shard thread, and its segments still round-trip.
+#[test]
+fn file_storage_blocks_only_the_pool() {
+    let pool = CountingPool::default();
+    let base = temp_dir("wal-pool");
+    let directory = base.join("data").join("shard-0");
+    let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .attach_thread_pool(Box::new(pool.clone()))
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let tasks = || pool.0.load(std::sync::atomic::Ordering::SeqCst);
+        let storage = FileStorage::open(&directory).await.unwrap();
+        assert_eq!(tasks(), 1, "open");
+        storage.create(5).await.unwrap();
+        assert_eq!(tasks(), 2, "create");
+        storage.write_at(5, 0, b"hello".to_vec()).await.unwrap();
+        assert_eq!(tasks(), 3, "the first write opens the file");
+        storage.sync(5).await.unwrap();
+        storage.write_at(5, 5, b"!".to_vec()).await.unwrap();
+        assert_eq!(tasks(), 3, "an open file is written and synced by the driver");
+        storage.sync_dir().await.unwrap();
+        assert_eq!(tasks(), 4, "sync_dir");
+        assert_eq!(storage.list().await.unwrap(), vec![5]);
+        assert_eq!(storage.read(5).await.unwrap(), b"hello!");
+        storage.truncate(5, 2).await.unwrap();
+        assert_eq!(storage.read(5).await.unwrap(), b"he");
+        storage.remove(5).await.unwrap();
+        assert!(storage.list().await.unwrap().is_empty());
+        assert_eq!(tasks(), 10, "list, read, truncate, read, remove, list");
+    });
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Creating a shard's WAL directory fsyncs the parent of every directory it creates, and the
+/// directory's own parent even when it already existed.
+#[test]
+fn wal_directory_creation_is_durable() {
+    let base = temp_dir("wal-dirs");
+    std::fs::create_dir_all(&base).unwrap();
+    let directory = base.join("data").join("shard-0");
+    let mut synced = Vec::new();
+    storage::create_dir_durably(&directory, &mut |p: &std::path::Path| {
+        synced.push(p.to_path_buf());
+        Ok(())
+    })
+    .unwrap();
+    assert!(directory.is_dir());
+    assert_eq!(synced, vec![base.clone(), base.join("data")]);
+    synced.clear();
+    storage::create_dir_durably(&directory, &mut |p: &std::path::Path| {
+        synced.push(p.to_path_buf());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(synced, vec![base.join("data")]);
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -229,6 +229,7 @@ impl Webhooks {
             mode => {
                 let directory = settings.data_dir.join(format!("shard-{shard}"));
                 let storage = FileStorage::open(&directory)
+                    .await
                     .map_err(|e| format!("webhooks.data_dir: cannot open {}: {e}", directory.display()))?;
                 let durability = match mode {
                     DurabilityMode::Batch => Durability::Batch(Duration::from_millis(settings.batch_sync_ms)),
@@ -523,11 +524,19 @@ impl Webhooks {
 
     // ---- tasks -------------------------------------------------------------------------
 
-    /// Writes and syncs the WAL batch after batch; releases committed deliveries to their
-    /// endpoints' queues.
+    /// Writes and syncs the WAL batch after batch; releases deliveries to their endpoints'
+    /// queues once durable (in `batch` mode the publisher was answered earlier), so a webhook
+    /// id that reached a receiver survives a power loss and is never handed out again.
     async fn flusher(self: Rc<Self>) {
         let wal = self.wal.as_ref().expect("spawned only with a WAL");
         wal.run_with(|reached| self.release(reached)).await;
+        // The flusher ends only when the log failed: say so where /ready on any shard sees it
+        // (the error number first, so a reader that sees the flag also sees its cause).
+        if let Some(WalError::Failed { os_error, .. }) = wal.failure() {
+            let metrics = self.metrics();
+            metrics.wal_failed_os_error.store(os_error.unwrap_or(0) as u64, std::sync::atomic::Ordering::Relaxed);
+            metrics.wal_failed.store(1, std::sync::atomic::Ordering::Release);
+        }
     }
 
     fn release(&self, reached: Lsn) {

@@ -386,3 +386,39 @@ fn receivers_that_write_in_pieces() {
 fn api_health(addr: std::net::SocketAddr) -> Value {
     api(addr, "GET", "/apps/1/webhooks", &[]).1
 }
+
+/// A shard whose webhook WAL has failed (its directory vanished, so rotation cannot create the
+/// next segment) makes /ready answer 503 with a JSON body naming the shard and the OS error,
+/// and it stays failed: publishes are refused rather than accepted without a log.
+#[test]
+fn failed_wal_makes_ready_503() {
+    let receiver = Receiver::start();
+    let data_dir = std::sync::Mutex::new(None);
+    let server = TestServer::start(|c| {
+        setup(c, "wal-failed", vec![standard(format!("http://{}/events", receiver.addr))]);
+        c.webhooks.segment_bytes_max = 1024;
+        *data_dir.lock().unwrap() = Some(c.webhooks.data_dir.clone());
+    });
+    let data_dir = data_dir.into_inner().unwrap().unwrap();
+    assert_eq!(http(server.addr, "GET", "/ready", b""), (200, r#"{"ready":true}"#.into()));
+    std::fs::remove_dir_all(&data_dir).unwrap();
+    let data = format!("\"{}\"", "x".repeat(600));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        publish(server.addr, &["orders"], "order.created", &data, None);
+        let (status, body) = http(server.addr, "GET", "/ready", b"");
+        if status != 200 || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+    };
+    assert_eq!(status, 503, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["ready"], false, "{body}");
+    assert_eq!(body["reason"], "webhook WAL failed", "{body}");
+    let failed = body["wal_failed"].as_array().expect("a list of failed shards");
+    assert!(failed.iter().all(|f| f["shard"].as_u64().is_some_and(|s| s < 2)), "{body}");
+    assert!(failed.iter().all(|f| f["error"].as_str().unwrap().contains("os error 2")), "{body}");
+    let failed_shards: Vec<u64> = metric(server.addr, "wal_failed");
+    assert_eq!(failed_shards.iter().sum::<u64>(), failed.len() as u64, "{failed_shards:?}");
+    assert_eq!(http(server.addr, "GET", "/ready", b"").0, 503, "a failed WAL stays failed");
+}
