@@ -101,6 +101,10 @@ pub struct HomeJoin {
     pub conn: usize,
     /// Its socket_id (guards against a reused slab key).
     pub socket_id: SocketId,
+    /// Names this join among the connection's pending ones; the reply carries it back, so a
+    /// reply to a join the client has since unsubscribed (and maybe subscribed again) is
+    /// recognised as stale.
+    pub ticket: u64,
     /// The app.
     pub app: AppIndex,
     /// The channel.
@@ -109,6 +113,25 @@ pub struct HomeJoin {
     pub member: Option<(Box<str>, Box<str>)>,
     /// Whether it is a cache channel.
     pub cache: bool,
+}
+
+/// The home shard's answer to a `HomeJoin`: the frames for the connection
+/// (subscription_succeeded and, for a cache channel, the cached event or cache_miss; or a
+/// pusher:error), and whether it is now subscribed.
+#[derive(Debug)]
+pub struct JoinReply {
+    /// Slab key on the receiving shard.
+    pub conn: usize,
+    /// Guards against a reused slab key.
+    pub socket_id: SocketId,
+    /// The join's ticket (see `HomeJoin::ticket`).
+    pub ticket: u64,
+    /// The channel.
+    pub channel: Box<str>,
+    /// The frames to send, in order.
+    pub frames: Vec<Bytes>,
+    /// Whether the join was accepted.
+    pub accepted: bool,
 }
 
 /// A connection on some shard that watches a user's online state.
@@ -127,21 +150,8 @@ pub struct Watcher {
 pub enum MeshMessage {
     /// A subscription for the home shard to count and answer.
     HomeJoin(Box<HomeJoin>),
-    /// The home shard's answer to a join: the frames for the connection (subscription_succeeded
-    /// and, for a cache channel, the cached event or cache_miss; or a pusher:error), and
-    /// whether it is now subscribed.
-    Joined {
-        /// Slab key on the receiving shard.
-        conn: usize,
-        /// Guards against a reused slab key.
-        socket_id: SocketId,
-        /// The channel.
-        channel: Box<str>,
-        /// The frames to send, in order.
-        frames: Vec<Bytes>,
-        /// Whether the join was accepted.
-        accepted: bool,
-    },
+    /// The home shard's answer to a join.
+    Joined(Box<JoinReply>),
     /// A connection signed in as `user_id` (to the user's home shard).
     UserOnline {
         /// The app.

@@ -18,6 +18,8 @@ pub mod mesh;
 pub mod presence;
 pub mod router;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 use std::cell::{OnceCell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -89,6 +91,9 @@ pub struct Connection {
     writer_done: bool,
     /// Channels it is subscribed to (presence joins count from the request on).
     pub channels: Vec<Box<str>>,
+    /// (channel, ticket) of each subscription waiting for its home shard's reply; such a
+    /// channel is in `channels` but not yet in the router.
+    pub joins: Vec<(Box<str>, u64)>,
     /// (presence channel, user id) of each presence subscription, for the leave.
     pub presence: Vec<(Box<str>, Box<str>)>,
     /// Shard clock second of the last frame received.
@@ -151,6 +156,12 @@ pub struct ShardState {
     /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
     pub open_sockets: usize,
     next_sequence: u64,
+    /// Ticket of the next home join sent from this shard.
+    next_join_ticket: u64,
+    /// Presence joins given up (unsubscribe, disconnect) while waiting for their home shard,
+    /// by ticket: (app, channel, user id). The member leaves only if the reply says the join
+    /// was counted; a leave for a refused join would uncount another connection of the user.
+    cancelled_joins: HashMap<u64, (AppIndex, Box<str>, Box<str>)>,
     /// Per target shard: messages waiting for ring space, in order.
     outbox: Vec<VecDeque<MeshMessage>>,
     outbox_len: usize,
@@ -205,6 +216,8 @@ impl Shard {
             watchers: HashMap::new(),
             open_sockets: 0,
             next_sequence: 0,
+            next_join_ticket: 0,
+            cancelled_joins: HashMap::new(),
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
             outbox_len: 0,
             flusher: None,
@@ -274,6 +287,7 @@ impl Shard {
             writer: None,
             writer_done: false,
             channels: Vec::new(),
+            joins: Vec::new(),
             presence: Vec::new(),
             user_id: None,
             watchlist: Vec::new(),
@@ -406,7 +420,8 @@ impl Shard {
         drop(state);
         // Members leave before the channel empties (member_removed, then channel_vacated).
         for (channel, user_id) in conn.presence.iter() {
-            self.presence_leave(conn.app, channel.clone(), user_id.clone());
+            let pending = conn.joins.iter().find(|(c, _)| c == channel).map(|&(_, ticket)| ticket);
+            self.presence_leave_after(pending, conn.app, channel.clone(), user_id.clone());
         }
         for channel in left {
             self.subscription_changed(conn.app, channel, -1);
@@ -582,9 +597,7 @@ impl Shard {
         match message {
             MeshMessage::Publish(p) => self.deliver_local(p.app, &p.channel, &p.frame, p.exclude),
             MeshMessage::HomeJoin(join) => self.home_join_at_home(*join),
-            MeshMessage::Joined { conn, socket_id, channel, frames, accepted } => {
-                self.joined(conn, socket_id, &channel, frames, accepted)
-            }
+            MeshMessage::Joined(reply) => self.joined(*reply),
             MeshMessage::CacheStore { app, channel, frame, data } => self.cache_store(app, &channel, frame, &data),
             MeshMessage::SubscriptionDelta { app, channel, delta } => self.subscription_changed(app, &channel, delta),
             MeshMessage::UserOnline { app, user_id } => self.user_presence(app, user_id, true),

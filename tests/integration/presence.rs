@@ -402,3 +402,90 @@ fn publish_with_info() {
     let reply: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply, json!({"channels": {"presence-info": {"user_count": 1, "subscription_count": 2}}}));
 }
+
+/// Test settings for a Pusher-format lifecycle webhook to `receiver` (fresh data dir).
+fn lifecycle_hook(config: &mut ringwire::Config, receiver: &Receiver, name: &str) {
+    config.webhooks.data_dir = temp_dir(name);
+    config.webhooks.allow_private_targets = true;
+    config.webhooks.batch_ms = 20;
+    config.apps[0].webhooks = vec![ringwire::config::WebhookConfig {
+        id: Some("lifecycle".into()),
+        url: format!("http://{}/pusher", receiver.addr),
+        format: ringwire::config::WebhookFormat::Pusher,
+        events: None,
+        secret: None,
+        secrets: Vec::new(),
+        channels: None,
+        event_types: None,
+        batch_events_max: None,
+    }];
+}
+
+/// Lifecycle event names the receiver has got so far, as (name, channel, user_id).
+fn lifecycle_events(receiver: &Receiver) -> Vec<(String, String, String)> {
+    receiver
+        .requests()
+        .iter()
+        .flat_map(|r| {
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            body["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let field = |k: &str| e[k].as_str().unwrap_or("").to_string();
+                    (field("name"), field("channel"), field("user_id"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Polls until `done` holds for the receiver's lifecycle events (or 5 s pass); returns them.
+fn wait_lifecycle(
+    receiver: &Receiver,
+    done: impl Fn(&[(String, String, String)]) -> bool,
+) -> Vec<(String, String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = lifecycle_events(receiver);
+        if done(&events) || std::time::Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw client pipelining subscribe, unsubscribe, subscribe of a cache channel homed on the
+/// other shard in one TCP write is counted once: one subscription_succeeded, and leaving
+/// vacates the channel (the stale home reply to the first subscribe is ignored).
+#[test]
+fn pipelined_resubscribe_to_remote_cache_channel_counts_once() {
+    use std::io::Write;
+    let receiver = Receiver::start();
+    let server = TestServer::start(|c| lifecycle_hook(c, &receiver, "pipelined-cache"));
+    let (mut ws, _) = connect_on(&server, 0);
+    let channel = (0..)
+        .map(|i| format!("cache-remote-{i}"))
+        .find(|name| ringwire::shard::presence::home(0, name, 2) == 1)
+        .unwrap();
+    let subscribe = json!({"event": "pusher:subscribe", "data": {"auth": "", "channel": channel}}).to_string();
+    let unsubscribe = json!({"event": "pusher:unsubscribe", "data": {"channel": channel}}).to_string();
+    let mut segment = crate::websocket::masked_text(subscribe.as_bytes());
+    segment.extend(crate::websocket::masked_text(unsubscribe.as_bytes()));
+    segment.extend(crate::websocket::masked_text(subscribe.as_bytes()));
+    ws.get_mut().write_all(&segment).unwrap();
+    let mut events = Vec::new();
+    while let Some(message) = try_recv(&mut ws, 500) {
+        events.push(message["event"].as_str().unwrap().to_string());
+    }
+    let frames = events;
+    let occupied = wait_lifecycle(&receiver, |e| e.iter().any(|(n, _, _)| n == "channel_occupied"));
+    assert!(occupied.iter().any(|(n, c, _)| n == "channel_occupied" && *c == channel), "{occupied:?}");
+    drop(ws);
+    let events = wait_lifecycle(&receiver, |e| e.iter().any(|(n, _, _)| n == "channel_vacated"));
+    let names: Vec<&str> =
+        events.iter().filter(|(n, _, _)| n.starts_with("channel_")).map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["channel_occupied", "channel_vacated"], "{events:?}");
+    assert_eq!(frames, ["pusher_internal:subscription_succeeded", "pusher:cache_miss"]);
+}
