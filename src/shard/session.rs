@@ -244,8 +244,13 @@ impl Shard {
         };
         self.send(key, message::signin_success(&signin.user_data));
         let watcher = Watcher { shard: self.index, conn: key, socket_id };
-        // Signing in again replaces the previous identity.
+        // Signing in again replaces the previous identity, with everything that belonged to
+        // it: the old user's #server-to-user- channel would otherwise keep delivering that
+        // user's events to a socket that terminate_connections no longer finds under it.
         if let Some((old_id, old_watchlist)) = previous {
+            if old_id != user_id {
+                self.unsubscribe(key, &format!("{}{old_id}", channel::SERVER_TO_USER_PREFIX));
+            }
             for watched in old_watchlist {
                 self.watch(app_index, watched, watcher, false);
             }

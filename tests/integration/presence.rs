@@ -489,3 +489,30 @@ fn pipelined_resubscribe_to_remote_cache_channel_counts_once() {
     assert_eq!(names, ["channel_occupied", "channel_vacated"], "{events:?}");
     assert_eq!(frames, ["pusher_internal:subscription_succeeded", "pusher:cache_miss"]);
 }
+
+/// Signing in again as another user drops the previous user's #server-to-user- channel:
+/// that user's events no longer reach the socket, and terminate_connections follows the new
+/// identity (the old user's misses it because it no longer is that user in any way).
+#[test]
+fn signin_again_drops_previous_user_channel() {
+    let server = TestServer::start(|_| {});
+    let (mut ws, id) = connect(server.addr);
+    signin(&mut ws, &id, r#"{"id":"alice"}"#);
+    subscribe(&mut ws, "#server-to-user-alice");
+    subscribe(&mut ws, "public-marker");
+    signin(&mut ws, &id, r#"{"id":"bob"}"#);
+    // Published in sequence, so delivered in order: the marker proves the note was not sent.
+    assert_eq!(publish(server.addr, &["#server-to-user-alice"], "note", "for alice", None).0, 200);
+    assert_eq!(publish(server.addr, &["public-marker"], "marker", "1", None).0, 200);
+    assert_eq!(recv_json(&mut ws)["event"], "marker", "alice's event must not reach bob's socket");
+    let terminate = |user: &str| {
+        let path = format!("/apps/{APP_ID}/users/{user}/terminate_connections");
+        assert_eq!(http(server.addr, "POST", &signed_path("POST", &path, b"{}", &[]), b"{}"), (200, "{}".into()));
+    };
+    terminate("alice");
+    assert_eq!(publish(server.addr, &["public-marker"], "marker", "2", None).0, 200);
+    assert_eq!(recv_json(&mut ws)["data"], "2", "terminating alice leaves bob's socket open");
+    terminate("bob");
+    assert_eq!(recv_json(&mut ws)["data"]["code"], 4009);
+    assert_eq!(recv_close(&mut ws), 4009);
+}
