@@ -323,7 +323,7 @@ impl Shard {
         let entry = state.cache.get(&key)?;
         let now = Instant::now();
         if entry.expires <= now {
-            state.cache.remove(&key);
+            state.cache.swap_remove(&key);
             return None;
         }
         Some((entry.frame.clone(), entry.data.clone(), (entry.expires - now).as_secs()))
@@ -346,6 +346,30 @@ impl Shard {
         }
     }
 
+    /// Drops expired cache events, at least `CACHE_SWEEP_MIN` entries or an eighth of the
+    /// table per call (once a second from the ticker), so a table of per-user `cache-`
+    /// channels that are never looked up again is swept whole within about eight seconds
+    /// without one long pause.
+    pub(super) fn sweep_cache(&self, now: Instant) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let budget = CACHE_SWEEP_MIN.max(state.cache.len() / 8);
+        let mut index = state.cache_sweep_cursor;
+        for _ in 0..budget {
+            if index >= state.cache.len() {
+                index = 0;
+                break;
+            }
+            if state.cache[index].expires <= now {
+                // The last entry moves into `index`: look at it next.
+                state.cache.swap_remove_index(index);
+            } else {
+                index += 1;
+            }
+        }
+        state.cache_sweep_cursor = index;
+    }
+
     /// Sends a presence leave to the channel's home shard (or handles it here).
     pub fn presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
         let home = presence::home(app, &channel, self.mesh.shards());
@@ -359,6 +383,9 @@ impl Shard {
         }
     }
 }
+
+/// Cache entries one sweep looks at, at least.
+pub(super) const CACHE_SWEEP_MIN: usize = 1024;
 
 /// What a user's home shard is computed from (distinct from any channel name).
 fn user_home_key(user_id: &str) -> String {

@@ -31,6 +31,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 use slab::Slab;
 
 use crate::apps::{AppIndex, Apps};
@@ -143,8 +144,11 @@ pub struct ShardState {
     pub router: Router,
     /// Members of the presence channels this shard is home for.
     pub presence: PresenceTable,
-    /// Last events of the cache channels this shard is home for.
-    cache: HashMap<(AppIndex, Box<str>), CachedEvent>,
+    /// Last events of the cache channels this shard is home for. An `IndexMap`, so the
+    /// ticker can sweep expired entries a slice at a time (`sweep_cache`).
+    cache: IndexMap<(AppIndex, Box<str>), CachedEvent>,
+    /// Where the next cache sweep starts.
+    cache_sweep_cursor: usize,
     /// Subscriber counts of the channels this shard is home for (apps with
     /// `subscription_count_enabled` only), and those changed since the last announcement.
     subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
@@ -209,7 +213,8 @@ impl Shard {
             connections: Slab::new(),
             router: Router::new(apps.list.len()),
             presence: PresenceTable::default(),
-            cache: HashMap::new(),
+            cache: IndexMap::new(),
+            cache_sweep_cursor: 0,
             subscription_counts: HashMap::new(),
             subscription_counts_changed: Vec::new(),
             users_online: HashMap::new(),
@@ -737,6 +742,7 @@ impl Shard {
                 self.send_locked(&mut state, key, ping.clone());
             }
             drop(state);
+            self.sweep_cache(Instant::now());
             self.announce_subscription_counts();
             for key in unauthorized {
                 self.refuse(key, 4009, "Unauthorized connection: sign in or join a private channel in time");

@@ -209,3 +209,33 @@ fn router_connections_and_counts_agree() {
         }
     }
 }
+
+/// Expired cache events are swept by the ticker's pass without any lookup, a bounded slice
+/// per tick, and live ones are kept.
+#[test]
+fn expired_cache_events_are_swept() {
+    let shards = shards();
+    let shard = &shards[0];
+    let names: Vec<String> =
+        (0..5000).map(|i| format!("cache-user-{i}")).filter(|n| super::presence::home(0, n, SHARDS) == 0).collect();
+    let ttl = std::time::Duration::from_secs(shard.apps.get(0).config.cache_ttl_s);
+    let stored_at = std::time::Instant::now();
+    for name in &names {
+        shard.cache_store(0, name, bytes::Bytes::from_static(b"frame"), "data");
+    }
+    let cache_len = || shard.state.borrow().cache.len();
+    shard.sweep_cache(stored_at + ttl / 2);
+    assert_eq!(cache_len(), names.len(), "nothing is expired yet");
+    let after_ttl = stored_at + ttl + std::time::Duration::from_secs(1);
+    let mut ticks = 0;
+    while cache_len() > 0 {
+        let before = cache_len();
+        shard.sweep_cache(after_ttl);
+        ticks += 1;
+        assert!(before - cache_len() <= super::home::CACHE_SWEEP_MIN.max(before / 8), "a bounded slice per tick");
+        assert!(ticks <= 20, "the whole table is swept within a few ticks");
+    }
+    shard.cache_store(0, &names[0], bytes::Bytes::from_static(b"fresh"), "data");
+    shard.sweep_cache(std::time::Instant::now());
+    assert_eq!(shard.cached(0, &names[0]).map(|(frame, _, _)| frame), Some(bytes::Bytes::from_static(b"fresh")));
+}
