@@ -139,7 +139,8 @@ fn run_shard(
     }
 }
 
-/// A shard's life inside its runtime: accept until shutdown, then drain connections.
+/// A shard's life inside its runtime: accept until shutdown, then shut down in order
+/// (connections, home effects on every shard, WAL commit).
 async fn shard_main(
     shard: Shard,
     listener: std::net::TcpListener,
@@ -169,7 +170,7 @@ async fn shard_main(
     shard.spawn_background();
     let _ = ready.send(Ok(driver));
     listener::accept_loop(shard.clone(), listener).await;
-    shard.drain_connections().await;
+    shard.shut_down_in_order().await;
 }
 
 /// Refuses to start when the webhook data directory holds logs of shards this run would not

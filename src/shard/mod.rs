@@ -21,7 +21,7 @@ pub mod session;
 #[cfg(test)]
 mod tests;
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::os::fd::RawFd;
@@ -196,6 +196,8 @@ pub struct Shard {
     pub state: RefCell<ShardState>,
     /// The webhook dispatcher, when some app has webhooks (set once at start).
     pub webhooks_cell: OnceCell<Rc<Webhooks>>,
+    /// The WAL position of the last lifecycle event created here, committed at shutdown.
+    lifecycle_lsn_max: Cell<Lsn>,
     started: Instant,
 }
 
@@ -241,6 +243,7 @@ impl Shard {
             all_metrics,
             state: RefCell::new(state),
             webhooks_cell: OnceCell::new(),
+            lifecycle_lsn_max: Cell::new(0),
             started: Instant::now(),
         }
     }
@@ -257,7 +260,11 @@ impl Shard {
         if !self.apps.get(app).wants_lifecycle {
             return None;
         }
-        webhooks.lifecycle(app, event())
+        let lsn = webhooks.lifecycle(app, event());
+        if let Some(lsn) = lsn {
+            self.lifecycle_lsn_max.set(self.lifecycle_lsn_max.get().max(lsn));
+        }
+        lsn
     }
 
     /// This shard's metrics.
@@ -496,6 +503,7 @@ impl Shard {
     pub fn mesh_send(&self, target: usize, message: MeshMessage) {
         debug_assert_ne!(target, self.index, "a shard never sends to itself");
         ShardMetrics::add(&self.metrics().mesh_sent_total, 1);
+        self.mesh.count_sent(self.index);
         let mut state = self.state.borrow_mut();
         let message = if state.outbox[target].is_empty() {
             match self.mesh.try_send(target, message) {
@@ -599,6 +607,12 @@ impl Shard {
     }
 
     fn handle_mesh(&self, message: MeshMessage) {
+        self.handle_mesh_message(message);
+        // After the messages it caused were counted as sent (see `Mesh::quiescent`).
+        self.mesh.count_handled(self.index);
+    }
+
+    fn handle_mesh_message(&self, message: MeshMessage) {
         match message {
             MeshMessage::Publish(p) => self.deliver_local(p.app, &p.channel, &p.frame, p.exclude),
             MeshMessage::HomeJoin(join) => self.home_join_at_home(*join),
@@ -797,9 +811,35 @@ impl Shard {
         .await
     }
 
+    /// Graceful shutdown, in the order that keeps every lifecycle event: close the
+    /// connections (their leaves go to the channels' home shards), keep handling mesh
+    /// messages until every shard has done so and nothing is in flight (the home shards'
+    /// member_removed and channel_vacated are created), commit this shard's lifecycle events
+    /// to the WAL, then return so the shard exits. Each wait is bounded by
+    /// `shutdown_grace_ms`, so a stuck shard or disk cannot hold the process. Without a WAL
+    /// (`durability = "memory"`) events not yet delivered are lost, as that mode says.
+    pub async fn shut_down_in_order(&self) {
+        self.drain_connections().await;
+        self.mesh.mark_drained();
+        let grace = Duration::from_millis(self.config.server.shutdown_grace_ms);
+        let deadline = Instant::now() + grace;
+        while !self.mesh.quiescent() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let lsn = self.lifecycle_lsn_max.get();
+        if let (Some(webhooks), true) = (self.webhooks(), lsn > 0) {
+            match monoio::time::timeout(grace, webhooks.commit(lsn)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(shard = self.index, %error, "lifecycle webhooks not durable at exit"),
+                Err(_) => tracing::error!(shard = self.index, "lifecycle webhooks not durable within the grace"),
+            }
+        }
+    }
+
     /// Closes every WebSocket with 4200, spread evenly over `shutdown_close_window_ms` so
     /// that clients (which reconnect without jitter) do not all return at once, then waits
-    /// up to `shutdown_grace_ms` for the connections to finish.
+    /// up to `shutdown_grace_ms` for the connections to finish; connections still there are
+    /// cut, so their teardown (and leaves) still happens.
     pub async fn drain_connections(&self) {
         let keys: Vec<ConnKey> = self.state.borrow().connections.iter().map(|(k, _)| k).collect();
         let window_ms = self.config.server.shutdown_close_window_ms.max(1);
@@ -811,6 +851,14 @@ impl Shard {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.server.shutdown_grace_ms);
+        while !self.state.borrow().connections.is_empty() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (_, conn) in self.state.borrow().connections.iter() {
+            shutdown_socket(conn.fd);
+        }
+        // A cut socket ends its reader and writer at once; teardown follows on the next turns.
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
         while !self.state.borrow().connections.is_empty() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }

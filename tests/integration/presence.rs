@@ -404,13 +404,13 @@ fn publish_with_info() {
 }
 
 /// Test settings for a Pusher-format lifecycle webhook to `receiver` (fresh data dir).
-fn lifecycle_hook(config: &mut ringwire::Config, receiver: &Receiver, name: &str) {
+fn lifecycle_hook(config: &mut ringwire::Config, receiver: std::net::SocketAddr, name: &str) {
     config.webhooks.data_dir = temp_dir(name);
     config.webhooks.allow_private_targets = true;
     config.webhooks.batch_ms = 20;
     config.apps[0].webhooks = vec![ringwire::config::WebhookConfig {
         id: Some("lifecycle".into()),
-        url: format!("http://{}/pusher", receiver.addr),
+        url: format!("http://{receiver}/pusher"),
         format: ringwire::config::WebhookFormat::Pusher,
         events: None,
         secret: None,
@@ -463,7 +463,7 @@ fn wait_lifecycle(
 fn pipelined_resubscribe_to_remote_cache_channel_counts_once() {
     use std::io::Write;
     let receiver = Receiver::start();
-    let server = TestServer::start(|c| lifecycle_hook(c, &receiver, "pipelined-cache"));
+    let server = TestServer::start(|c| lifecycle_hook(c, receiver.addr, "pipelined-cache"));
     let (mut ws, _) = connect_on(&server, 0);
     let channel = (0..)
         .map(|i| format!("cache-remote-{i}"))
@@ -515,4 +515,65 @@ fn signin_again_drops_previous_user_channel() {
     terminate("bob");
     assert_eq!(recv_json(&mut ws)["data"]["code"], 4009);
     assert_eq!(recv_close(&mut ws), 4009);
+}
+
+/// Graceful shutdown keeps every lifecycle event of the connections it closes: presence
+/// members on channels homed on both shards, from connections on both shards, are all
+/// removed and both channels vacated. The guarantee tested is durability: shutdown commits
+/// the events to the WAL (the endpoint is down during the first run), and a restart on the
+/// same data directory delivers every member_removed and channel_vacated.
+#[test]
+fn graceful_shutdown_keeps_lifecycle_events() {
+    let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed again: refused
+    let data_dir = temp_dir("shutdown-lifecycle");
+    let configure = |c: &mut ringwire::Config| {
+        lifecycle_hook(c, address, "unused");
+        c.webhooks.data_dir = data_dir.clone();
+        c.webhooks.retry_schedule_ms = vec![0, 100, 100, 100, 100, 100, 100, 100, 100, 100];
+        c.webhooks.retry_jitter_percent = 0;
+        c.server.shutdown_grace_ms = 2000;
+    };
+    let channels: Vec<String> = (0..2)
+        .map(|home| {
+            (0..)
+                .map(|i| format!("presence-shutdown-{i}"))
+                .find(|n| ringwire::shard::presence::home(0, n, 2) == home)
+                .unwrap()
+        })
+        .collect();
+    let server = TestServer::start(configure);
+    let mut readers = Vec::new();
+    let mut expected_removed = Vec::new();
+    for shard in [0, 1] {
+        for (c, channel) in channels.iter().enumerate() {
+            let user = format!("user-{shard}-{c}");
+            let (mut ws, id) = connect_on(&server, shard);
+            join(&mut ws, &id, channel, &user);
+            expected_removed.push((channel.clone(), user));
+            // Like a real client, answer the server's close frame (tungstenite does on read);
+            // shard 1's clients answer late, so shard 0 is done with its own connections
+            // while shard 1's leaves are still to come.
+            readers.push(std::thread::spawn(move || {
+                if shard == 1 {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                while ws.read().is_ok() {}
+            }));
+        }
+    }
+    drop(server); // graceful: shutdown, then join every shard
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    let receiver = Receiver::start_on(&address.to_string());
+    let _restarted = TestServer::start(configure);
+    let complete = |events: &[(String, String, String)]| {
+        let vacated = channels.iter().all(|c| events.iter().any(|(n, ch, _)| n == "channel_vacated" && ch == c));
+        let removed = expected_removed
+            .iter()
+            .all(|(c, u)| events.iter().any(|(n, ch, user)| n == "member_removed" && ch == c && user == u));
+        vacated && removed
+    };
+    let events = wait_lifecycle(&receiver, complete);
+    assert!(complete(&events), "missing member_removed or channel_vacated after restart: {events:?}");
 }
