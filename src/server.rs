@@ -151,7 +151,8 @@ fn run_shard(
     }
 }
 
-/// A shard's life inside its runtime: accept until shutdown, then drain connections.
+/// A shard's life inside its runtime: accept until shutdown, then shut down in order
+/// (connections, home effects on every shard, WAL commit).
 async fn shard_main(
     shard: Shard,
     listener: std::net::TcpListener,
@@ -185,7 +186,7 @@ async fn shard_main(
         hook(shard.index);
     }
     listener::accept_loop(shard.clone(), listener).await;
-    shard.drain_connections().await;
+    shard.shut_down_in_order().await;
 }
 
 /// Lives as long as a shard's thread. A shard that panics holds connections, channels and

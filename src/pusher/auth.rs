@@ -3,6 +3,12 @@
 //! `auth_signature = hex(HMAC-SHA256(secret, "METHOD\nPATH\nQUERY"))`, where QUERY is every
 //! parameter but `auth_signature`, keys lower-cased, sorted, joined `k=v` with `&`, values not
 //! escaped. Owns the checks a signed request must pass; knows nothing of routes or sockets.
+//!
+//! Invariant: the signed string and the parameters the server acts on say the same thing.
+//! Keys are lower-cased once, when parsed, so signing and lookup see the same key; a key may
+//! appear once; and no decoded key holds `&` or `=` and no decoded value holds `&`, so the
+//! signed string splits back into exactly the parameters parsed (an escaped `%26` cannot fold
+//! two signed parameters into one value and hide the second).
 
 use md5::{Digest, Md5};
 use ring::hmac;
@@ -17,16 +23,33 @@ pub struct AuthError(pub String);
 /// Decoded query parameters, in the order sent.
 pub type Params = Vec<(String, String)>;
 
-/// Parses a raw query string, percent-decoding keys and values.
+/// Parses a raw query string, percent-decoding keys and values and lower-casing keys (the
+/// signature covers keys lower-cased, so that is the key the request means).
 pub fn parse_query(query: &str) -> Params {
     query
         .split('&')
         .filter(|pair| !pair.is_empty())
         .map(|pair| {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (decode(key), decode(value))
+            (decode(key).to_ascii_lowercase(), decode(value))
         })
         .collect()
+}
+
+/// Refuses parameters the signed string cannot tell apart from others (see the module doc).
+fn check_unambiguous(params: &Params) -> Result<(), AuthError> {
+    if let Some((key, _)) = params.iter().find(|(k, v)| k.contains(['&', '=']) || v.contains('&')) {
+        return Err(AuthError(format!(
+            "query parameter {key:?} holds a reserved character (an escaped & or =) that the signature cannot delimit"
+        )));
+    }
+    // Sorted, so a hostile query of thousands of keys costs n log n, not n².
+    let mut keys: Vec<&str> = params.iter().map(|(k, _)| k.as_str()).collect();
+    keys.sort_unstable();
+    match keys.windows(2).find(|pair| pair[0] == pair[1]) {
+        Some(pair) => Err(AuthError(format!("query parameter {:?} appears more than once", pair[0]))),
+        None => Ok(()),
+    }
 }
 
 fn decode(text: &str) -> String {
@@ -54,6 +77,7 @@ pub struct SignedRequest<'a> {
 pub fn verify(request: &SignedRequest<'_>, app_key: &str, secret: &hmac::Key, now_unix: u64) -> Result<(), AuthError> {
     let params = request.params;
     let fail = |reason: &str| Err(AuthError(reason.to_string()));
+    check_unambiguous(params)?;
     match param(params, "auth_key") {
         None => return fail("missing auth_key"),
         Some(key) if key != app_key => return fail("unknown auth_key"),
@@ -200,6 +224,47 @@ mod tests {
             1,
             Err("missing body_md5"),
         );
+    }
+
+    /// No parameter can be neutralised by a change that keeps the signed string: a key in
+    /// another case is the same parameter (signed lower-cased, so looked up lower-cased), and
+    /// an escaped `&` cannot fold two signed parameters into one value.
+    #[test]
+    fn signed_string_and_parameters_agree() {
+        let signed =
+            signed_query("GET", "/apps/3/channels", KEY, SECRET, b"", 1000, &[("filter_by_prefix", "private-")]);
+        let shouted = signed.replace("filter_by_prefix=", "FILTER_BY_PREFIX=");
+        let params = parse_query(&shouted);
+        let request = SignedRequest { method: "GET", path: "/apps/3/channels", params: &params, body: b"" };
+        assert_eq!(verify(&request, KEY, &secret(), 1000), Ok(()));
+        assert_eq!(param(&params, "filter_by_prefix"), Some("private-"), "the filter still applies");
+
+        // auth_version=1.0 and body_md5 sort next to each other: folding them into one value
+        // keeps the same signed string but would hide body_md5.
+        let query = reference_query().replace("auth_version=1.0&body_md5=", "auth_version=1.0%26body_md5%3D");
+        check(&query, BODY, 1353088179, Err("reserved character"));
+        let folded = signed_query("GET", "/apps/3/channels", KEY, SECRET, b"", 1000, &[("a", "1"), ("auth_key", KEY)]);
+        let folded = folded.replace("a=1&auth_key=", "a=1%26auth_key%3D");
+        let params = parse_query(&folded);
+        let request = SignedRequest { method: "GET", path: "/apps/3/channels", params: &params, body: b"" };
+        assert!(verify(&request, KEY, &secret(), 1000).is_err_and(|e| e.0.contains("reserved character")));
+
+        // One parameter twice (in any case) is ambiguous: refused, whatever its signature.
+        let twice = format!("{signed}&Filter_By_Prefix=presence-");
+        let params = parse_query(&twice);
+        let request = SignedRequest { method: "GET", path: "/apps/3/channels", params: &params, body: b"" };
+        assert!(verify(&request, KEY, &secret(), 1000).is_err_and(|e| e.0.contains("more than once")));
+    }
+
+    /// Values sent escaped (as the Go SDK does) are signed decoded, as the reference says.
+    #[test]
+    fn escaped_values_verify_decoded() {
+        let signed = signed_query("GET", "/apps/3/channels", KEY, SECRET, b"", 1000, &[("info", "user_count,x y")]);
+        let escaped = signed.replace("info=user_count,x y", "info=user_count%2Cx%20y");
+        let params = parse_query(&escaped);
+        let request = SignedRequest { method: "GET", path: "/apps/3/channels", params: &params, body: b"" };
+        assert_eq!(verify(&request, KEY, &secret(), 1000), Ok(()));
+        assert_eq!(param(&params, "info"), Some("user_count,x y"));
     }
 
     /// What `signed_query` produces verifies, including an empty-body MD5 on GET.

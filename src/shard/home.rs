@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::mesh::{HomeJoin, MeshMessage, Watcher};
+use super::mesh::{HomeJoin, JoinReply, MeshMessage, Watcher};
 use super::presence::{self, Joined};
 use super::router::ConnKey;
 use super::{CachedEvent, Shard};
 use crate::apps::AppIndex;
 use crate::metrics::ShardMetrics;
 use crate::pusher::channel::ChannelKind;
-use crate::pusher::message::{self, SocketId};
+use crate::pusher::message;
 use crate::webhook::event::LifecycleEvent;
 
 impl Shard {
@@ -178,45 +178,66 @@ impl Shard {
                 }
             }
         }
+        let reply = JoinReply {
+            conn: join.conn,
+            socket_id: join.socket_id,
+            ticket: join.ticket,
+            channel: join.channel,
+            frames,
+            accepted,
+        };
         if join.from == self.index {
-            self.joined(join.conn, join.socket_id, &join.channel, frames, accepted);
+            self.joined(reply);
         } else {
-            let answer = MeshMessage::Joined {
-                conn: join.conn,
-                socket_id: join.socket_id,
-                channel: join.channel,
-                frames,
-                accepted,
-            };
-            self.mesh_send(join.from, answer);
+            self.mesh_send(join.from, MeshMessage::Joined(Box::new(reply)));
         }
     }
 
     /// Joining shard: the home shard's answer arrived. The connection is subscribed only now,
     /// so it receives exactly the events that follow its member list and cached event.
-    pub(super) fn joined(&self, key: ConnKey, socket_id: SocketId, channel: &str, frames: Vec<Bytes>, accepted: bool) {
+    ///
+    /// Only the reply to the connection's pending join for the channel counts: a reply whose
+    /// ticket is not pending answers a join the client has unsubscribed from since (its leave
+    /// is already on its way), even when the client has subscribed again meanwhile. So the
+    /// router, the connection's channels and the home shard's count always change together.
+    pub(super) fn joined(&self, reply: JoinReply) {
+        let JoinReply { conn: key, socket_id, ticket, channel, frames, accepted } = reply;
+        let cancelled = self.state.borrow_mut().cancelled_joins.remove(&ticket);
+        if let Some((app, channel, user_id)) = cancelled {
+            if accepted {
+                self.presence_leave(app, channel, user_id);
+            }
+            return;
+        }
         let routed_app = {
             let mut state = self.state.borrow_mut();
             let state = &mut *state;
             let Some(conn) = state.connections.get_mut(key) else { return };
-            // Gone, replaced, or unsubscribed meanwhile: its leave (if any) is already on its way.
-            if conn.socket_id != socket_id || !conn.channels.iter().any(|c| c.as_ref() == channel) {
+            if conn.socket_id != socket_id {
                 return;
             }
+            let Some(pending) = conn.joins.iter().position(|(c, t)| *t == ticket && **c == *channel) else {
+                return;
+            };
+            conn.joins.swap_remove(pending);
             let app = conn.app;
             if !accepted {
-                conn.channels.retain(|c| c.as_ref() != channel);
-                conn.presence.retain(|(c, _)| c.as_ref() != channel);
+                conn.channels.retain(|c| *c != channel);
+                conn.presence.retain(|(c, _)| *c != channel);
                 ShardMetrics::sub(&self.metrics().subscriptions, 1);
             }
             for frame in &frames {
                 self.enqueue(conn, frame, state.now_s);
             }
-            accepted.then(|| state.router.subscribe(app, channel, key)).map(|_| app)
+            // A pending join is never in the router yet (subscribe refuses a channel the
+            // connection already has), so a false here would be a bookkeeping bug.
+            let routed = accepted && state.router.subscribe(app, &channel, key);
+            debug_assert!(routed || !accepted, "a pending join was already routed");
+            routed.then_some(app)
         };
         // After the borrow: the count may be kept on this very shard.
         if let Some(app) = routed_app {
-            self.subscription_changed(app, channel, 1);
+            self.subscription_changed(app, &channel, 1);
         }
     }
 
@@ -302,10 +323,51 @@ impl Shard {
         let entry = state.cache.get(&key)?;
         let now = Instant::now();
         if entry.expires <= now {
-            state.cache.remove(&key);
+            state.cache.swap_remove(&key);
             return None;
         }
         Some((entry.frame.clone(), entry.data.clone(), (entry.expires - now).as_secs()))
+    }
+
+    /// A presence subscription ends: the member leaves now, or, while its join (`pending`,
+    /// a ticket) still waits for the home shard, once the reply says the join was counted.
+    pub(super) fn presence_leave_after(
+        &self,
+        pending: Option<u64>,
+        app: AppIndex,
+        channel: Box<str>,
+        user_id: Box<str>,
+    ) {
+        match pending {
+            Some(ticket) => {
+                self.state.borrow_mut().cancelled_joins.insert(ticket, (app, channel, user_id));
+            }
+            None => self.presence_leave(app, channel, user_id),
+        }
+    }
+
+    /// Drops expired cache events, at least `CACHE_SWEEP_MIN` entries or an eighth of the
+    /// table per call (once a second from the ticker), so a table of per-user `cache-`
+    /// channels that are never looked up again is swept whole within about eight seconds
+    /// without one long pause.
+    pub(super) fn sweep_cache(&self, now: Instant) {
+        let mut state = self.state.borrow_mut();
+        let state = &mut *state;
+        let budget = CACHE_SWEEP_MIN.max(state.cache.len() / 8);
+        let mut index = state.cache_sweep_cursor;
+        for _ in 0..budget {
+            if index >= state.cache.len() {
+                index = 0;
+                break;
+            }
+            if state.cache[index].expires <= now {
+                // The last entry moves into `index`: look at it next.
+                state.cache.swap_remove_index(index);
+            } else {
+                index += 1;
+            }
+        }
+        state.cache_sweep_cursor = index;
     }
 
     /// Sends a presence leave to the channel's home shard (or handles it here).
@@ -321,6 +383,9 @@ impl Shard {
         }
     }
 }
+
+/// Cache entries one sweep looks at, at least.
+pub(super) const CACHE_SWEEP_MIN: usize = 1024;
 
 /// What a user's home shard is computed from (distinct from any channel name).
 fn user_home_key(user_id: &str) -> String {

@@ -15,13 +15,14 @@
 //! during a drain leaves `notified` set with nobody awake to clear it.
 
 use std::future::poll_fn;
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
+use crossbeam::utils::CachePadded;
 
 use crate::apps::AppIndex;
 use crate::pusher::message::SocketId;
@@ -101,6 +102,10 @@ pub struct HomeJoin {
     pub conn: usize,
     /// Its socket_id (guards against a reused slab key).
     pub socket_id: SocketId,
+    /// Names this join among the connection's pending ones; the reply carries it back, so a
+    /// reply to a join the client has since unsubscribed (and maybe subscribed again) is
+    /// recognised as stale.
+    pub ticket: u64,
     /// The app.
     pub app: AppIndex,
     /// The channel.
@@ -109,6 +114,25 @@ pub struct HomeJoin {
     pub member: Option<(Box<str>, Box<str>)>,
     /// Whether it is a cache channel.
     pub cache: bool,
+}
+
+/// The home shard's answer to a `HomeJoin`: the frames for the connection
+/// (subscription_succeeded and, for a cache channel, the cached event or cache_miss; or a
+/// pusher:error), and whether it is now subscribed.
+#[derive(Debug)]
+pub struct JoinReply {
+    /// Slab key on the receiving shard.
+    pub conn: usize,
+    /// Guards against a reused slab key.
+    pub socket_id: SocketId,
+    /// The join's ticket (see `HomeJoin::ticket`).
+    pub ticket: u64,
+    /// The channel.
+    pub channel: Box<str>,
+    /// The frames to send, in order.
+    pub frames: Vec<Bytes>,
+    /// Whether the join was accepted.
+    pub accepted: bool,
 }
 
 /// A connection on some shard that watches a user's online state.
@@ -127,21 +151,8 @@ pub struct Watcher {
 pub enum MeshMessage {
     /// A subscription for the home shard to count and answer.
     HomeJoin(Box<HomeJoin>),
-    /// The home shard's answer to a join: the frames for the connection (subscription_succeeded
-    /// and, for a cache channel, the cached event or cache_miss; or a pusher:error), and
-    /// whether it is now subscribed.
-    Joined {
-        /// Slab key on the receiving shard.
-        conn: usize,
-        /// Guards against a reused slab key.
-        socket_id: SocketId,
-        /// The channel.
-        channel: Box<str>,
-        /// The frames to send, in order.
-        frames: Vec<Bytes>,
-        /// Whether the join was accepted.
-        accepted: bool,
-    },
+    /// The home shard's answer to a join.
+    Joined(Box<JoinReply>),
     /// A connection signed in as `user_id` (to the user's home shard).
     UserOnline {
         /// The app.
@@ -237,10 +248,24 @@ struct Inbox {
     notified: AtomicBool,
 }
 
+/// Per shard, for shutdown's quiescence check: messages it has sent to other shards and
+/// messages it has finished handling. Each is written only by its own shard, on a cache line
+/// of its own, so counting costs no contention.
+#[derive(Default)]
+struct Traffic {
+    sent: CachePadded<AtomicU64>,
+    handled: CachePadded<AtomicU64>,
+}
+
 /// All inboxes, shared by every shard through an `Arc`.
 pub struct Mesh {
     inboxes: Box<[Inbox]>,
     shutdown: AtomicBool,
+    traffic: Box<[Traffic]>,
+    /// Shards whose connections are all gone (their leaves are sent).
+    drained: AtomicUsize,
+    /// Set once a shard saw every shard drained and no message in flight.
+    quiesced: AtomicBool,
 }
 
 impl Mesh {
@@ -253,7 +278,13 @@ impl Mesh {
                 notified: AtomicBool::new(false),
             })
             .collect();
-        Mesh { inboxes, shutdown: AtomicBool::new(false) }
+        Mesh {
+            inboxes,
+            shutdown: AtomicBool::new(false),
+            traffic: (0..shards).map(|_| Traffic::default()).collect(),
+            drained: AtomicUsize::new(0),
+            quiesced: AtomicBool::new(false),
+        }
     }
 
     /// Number of shards.
@@ -321,6 +352,45 @@ impl Mesh {
     /// Whether shutdown was requested.
     pub fn is_shutting_down(&self) -> bool {
         self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Counts a message `shard` sends (call before it enters a ring or an outbox).
+    pub fn count_sent(&self, shard: usize) {
+        self.traffic[shard].sent.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Counts a message `shard` has finished handling (after any messages it caused).
+    pub fn count_handled(&self, shard: usize) {
+        self.traffic[shard].handled.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// `shard` has no connections left: every leave it will ever send is sent.
+    pub fn mark_drained(&self) {
+        self.drained.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Whether every shard is drained and no message is in flight, so no home shard will get
+    /// another leave: the point after which shards may exit. Two snapshots of the (monotonic)
+    /// counters that are equal mean no counter changed between them, so at that instant
+    /// every message sent had been handled; handling counts after the messages it causes.
+    pub fn quiescent(&self) -> bool {
+        if self.quiesced.load(Ordering::SeqCst) {
+            return true;
+        }
+        if self.drained.load(Ordering::SeqCst) < self.shards() {
+            return false;
+        }
+        let snapshot = || -> Vec<(u64, u64)> {
+            let read = |t: &Traffic| (t.sent.load(Ordering::SeqCst), t.handled.load(Ordering::SeqCst));
+            self.traffic.iter().map(read).collect()
+        };
+        let first = snapshot();
+        let balanced = first.iter().map(|t| t.0).sum::<u64>() == first.iter().map(|t| t.1).sum::<u64>();
+        if balanced && snapshot() == first {
+            self.quiesced.store(true, Ordering::SeqCst);
+            return true;
+        }
+        false
     }
 }
 

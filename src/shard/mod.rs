@@ -18,8 +18,10 @@ pub mod mesh;
 pub mod presence;
 pub mod router;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
-use std::cell::{OnceCell, RefCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::os::fd::RawFd;
@@ -29,6 +31,7 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 use slab::Slab;
 
 use crate::apps::{AppIndex, Apps};
@@ -89,6 +92,9 @@ pub struct Connection {
     writer_done: bool,
     /// Channels it is subscribed to (presence joins count from the request on).
     pub channels: Vec<Box<str>>,
+    /// (channel, ticket) of each subscription waiting for its home shard's reply; such a
+    /// channel is in `channels` but not yet in the router.
+    pub joins: Vec<(Box<str>, u64)>,
     /// (presence channel, user id) of each presence subscription, for the leave.
     pub presence: Vec<(Box<str>, Box<str>)>,
     /// Shard clock second of the last frame received.
@@ -138,8 +144,11 @@ pub struct ShardState {
     pub router: Router,
     /// Members of the presence channels this shard is home for.
     pub presence: PresenceTable,
-    /// Last events of the cache channels this shard is home for.
-    cache: HashMap<(AppIndex, Box<str>), CachedEvent>,
+    /// Last events of the cache channels this shard is home for. An `IndexMap`, so the
+    /// ticker can sweep expired entries a slice at a time (`sweep_cache`).
+    cache: IndexMap<(AppIndex, Box<str>), CachedEvent>,
+    /// Where the next cache sweep starts.
+    cache_sweep_cursor: usize,
     /// Subscriber counts of the channels this shard is home for (apps with
     /// `subscription_count_enabled` only), and those changed since the last announcement.
     subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
@@ -151,6 +160,12 @@ pub struct ShardState {
     /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
     pub open_sockets: usize,
     next_sequence: u64,
+    /// Ticket of the next home join sent from this shard.
+    next_join_ticket: u64,
+    /// Presence joins given up (unsubscribe, disconnect) while waiting for their home shard,
+    /// by ticket: (app, channel, user id). The member leaves only if the reply says the join
+    /// was counted; a leave for a refused join would uncount another connection of the user.
+    cancelled_joins: HashMap<u64, (AppIndex, Box<str>, Box<str>)>,
     /// Per target shard: messages waiting for ring space, in order.
     outbox: Vec<VecDeque<MeshMessage>>,
     outbox_len: usize,
@@ -181,6 +196,8 @@ pub struct Shard {
     pub state: RefCell<ShardState>,
     /// The webhook dispatcher, when some app has webhooks (set once at start).
     pub webhooks_cell: OnceCell<Rc<Webhooks>>,
+    /// The WAL position of the last lifecycle event created here, committed at shutdown.
+    lifecycle_lsn_max: Cell<Lsn>,
     started: Instant,
 }
 
@@ -198,13 +215,16 @@ impl Shard {
             connections: Slab::new(),
             router: Router::new(apps.list.len()),
             presence: PresenceTable::default(),
-            cache: HashMap::new(),
+            cache: IndexMap::new(),
+            cache_sweep_cursor: 0,
             subscription_counts: HashMap::new(),
             subscription_counts_changed: Vec::new(),
             users_online: HashMap::new(),
             watchers: HashMap::new(),
             open_sockets: 0,
             next_sequence: 0,
+            next_join_ticket: 0,
+            cancelled_joins: HashMap::new(),
             outbox: (0..shards).map(|_| VecDeque::new()).collect(),
             outbox_len: 0,
             flusher: None,
@@ -223,6 +243,7 @@ impl Shard {
             all_metrics,
             state: RefCell::new(state),
             webhooks_cell: OnceCell::new(),
+            lifecycle_lsn_max: Cell::new(0),
             started: Instant::now(),
         }
     }
@@ -239,7 +260,11 @@ impl Shard {
         if !self.apps.get(app).wants_lifecycle {
             return None;
         }
-        webhooks.lifecycle(app, event())
+        let lsn = webhooks.lifecycle(app, event());
+        if let Some(lsn) = lsn {
+            self.lifecycle_lsn_max.set(self.lifecycle_lsn_max.get().max(lsn));
+        }
+        lsn
     }
 
     /// This shard's metrics.
@@ -274,6 +299,7 @@ impl Shard {
             writer: None,
             writer_done: false,
             channels: Vec::new(),
+            joins: Vec::new(),
             presence: Vec::new(),
             user_id: None,
             watchlist: Vec::new(),
@@ -406,7 +432,8 @@ impl Shard {
         drop(state);
         // Members leave before the channel empties (member_removed, then channel_vacated).
         for (channel, user_id) in conn.presence.iter() {
-            self.presence_leave(conn.app, channel.clone(), user_id.clone());
+            let pending = conn.joins.iter().find(|(c, _)| c == channel).map(|&(_, ticket)| ticket);
+            self.presence_leave_after(pending, conn.app, channel.clone(), user_id.clone());
         }
         for channel in left {
             self.subscription_changed(conn.app, channel, -1);
@@ -476,6 +503,7 @@ impl Shard {
     pub fn mesh_send(&self, target: usize, message: MeshMessage) {
         debug_assert_ne!(target, self.index, "a shard never sends to itself");
         ShardMetrics::add(&self.metrics().mesh_sent_total, 1);
+        self.mesh.count_sent(self.index);
         let mut state = self.state.borrow_mut();
         let message = if state.outbox[target].is_empty() {
             match self.mesh.try_send(target, message) {
@@ -579,12 +607,16 @@ impl Shard {
     }
 
     fn handle_mesh(&self, message: MeshMessage) {
+        self.handle_mesh_message(message);
+        // After the messages it caused were counted as sent (see `Mesh::quiescent`).
+        self.mesh.count_handled(self.index);
+    }
+
+    fn handle_mesh_message(&self, message: MeshMessage) {
         match message {
             MeshMessage::Publish(p) => self.deliver_local(p.app, &p.channel, &p.frame, p.exclude),
             MeshMessage::HomeJoin(join) => self.home_join_at_home(*join),
-            MeshMessage::Joined { conn, socket_id, channel, frames, accepted } => {
-                self.joined(conn, socket_id, &channel, frames, accepted)
-            }
+            MeshMessage::Joined(reply) => self.joined(*reply),
             MeshMessage::CacheStore { app, channel, frame, data } => self.cache_store(app, &channel, frame, &data),
             MeshMessage::SubscriptionDelta { app, channel, delta } => self.subscription_changed(app, &channel, delta),
             MeshMessage::UserOnline { app, user_id } => self.user_presence(app, user_id, true),
@@ -724,6 +756,7 @@ impl Shard {
                 self.send_locked(&mut state, key, ping.clone());
             }
             drop(state);
+            self.sweep_cache(Instant::now());
             self.announce_subscription_counts();
             for key in unauthorized {
                 self.refuse(key, 4009, "Unauthorized connection: sign in or join a private channel in time");
@@ -778,9 +811,35 @@ impl Shard {
         .await
     }
 
+    /// Graceful shutdown, in the order that keeps every lifecycle event: close the
+    /// connections (their leaves go to the channels' home shards), keep handling mesh
+    /// messages until every shard has done so and nothing is in flight (the home shards'
+    /// member_removed and channel_vacated are created), commit this shard's lifecycle events
+    /// to the WAL, then return so the shard exits. Each wait is bounded by
+    /// `shutdown_grace_ms`, so a stuck shard or disk cannot hold the process. Without a WAL
+    /// (`durability = "memory"`) events not yet delivered are lost, as that mode says.
+    pub async fn shut_down_in_order(&self) {
+        self.drain_connections().await;
+        self.mesh.mark_drained();
+        let grace = Duration::from_millis(self.config.server.shutdown_grace_ms);
+        let deadline = Instant::now() + grace;
+        while !self.mesh.quiescent() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let lsn = self.lifecycle_lsn_max.get();
+        if let (Some(webhooks), true) = (self.webhooks(), lsn > 0) {
+            match monoio::time::timeout(grace, webhooks.commit(lsn)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(shard = self.index, %error, "lifecycle webhooks not durable at exit"),
+                Err(_) => tracing::error!(shard = self.index, "lifecycle webhooks not durable within the grace"),
+            }
+        }
+    }
+
     /// Closes every WebSocket with 4200, spread evenly over `shutdown_close_window_ms` so
     /// that clients (which reconnect without jitter) do not all return at once, then waits
-    /// up to `shutdown_grace_ms` for the connections to finish.
+    /// up to `shutdown_grace_ms` for the connections to finish; connections still there are
+    /// cut, so their teardown (and leaves) still happens.
     pub async fn drain_connections(&self) {
         let keys: Vec<ConnKey> = self.state.borrow().connections.iter().map(|(k, _)| k).collect();
         let window_ms = self.config.server.shutdown_close_window_ms.max(1);
@@ -792,6 +851,14 @@ impl Shard {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
         let deadline = Instant::now() + Duration::from_millis(self.config.server.shutdown_grace_ms);
+        while !self.state.borrow().connections.is_empty() && Instant::now() < deadline {
+            monoio::time::sleep(Duration::from_millis(10)).await;
+        }
+        for (_, conn) in self.state.borrow().connections.iter() {
+            shutdown_socket(conn.fd);
+        }
+        // A cut socket ends its reader and writer at once; teardown follows on the next turns.
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
         while !self.state.borrow().connections.is_empty() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }

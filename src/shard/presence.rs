@@ -114,6 +114,15 @@ impl PresenceTable {
         self.channels.get(&(app, channel.into())).map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 
+    /// Every (app, channel, user id, connections) in the table, for consistency checks.
+    #[cfg(test)]
+    pub fn entries(&self) -> Vec<(AppIndex, Box<str>, Box<str>, u32)> {
+        let members = self.channels.iter().flat_map(|((app, channel), members)| {
+            members.iter().map(move |(user, member)| (*app, channel.clone(), user.clone(), member.connections))
+        });
+        members.collect()
+    }
+
     /// (channel, member count) of an app's presence channels whose names start with `prefix`.
     pub fn counts(&self, app: AppIndex, prefix: &str) -> Vec<(Box<str>, u32)> {
         self.channels

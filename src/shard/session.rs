@@ -41,7 +41,7 @@ impl Shard {
         }
     }
 
-    fn subscribe(&self, key: ConnKey, subscribe: &Subscribe<'_>) {
+    pub(super) fn subscribe(&self, key: ConnKey, subscribe: &Subscribe<'_>) {
         let name = subscribe.channel.as_ref();
         if let Err(e) = channel::validate(name) {
             let reason = format!("invalid channel name: {e}");
@@ -119,22 +119,28 @@ impl Shard {
         }
         // Presence and cache channels go to the channel's home shard first, which answers with
         // the member list and the cached event; the connection joins the router then.
+        let ticket = state.next_join_ticket;
+        state.next_join_ticket += 1;
+        let conn = &mut state.connections[key];
+        conn.joins.push((name.into(), ticket));
         if let Some((user_id, _)) = &member {
-            state.connections[key].presence.push((name.into(), user_id.clone()));
+            conn.presence.push((name.into(), user_id.clone()));
         }
         drop(state);
-        let join =
-            HomeJoin { from: self.index, conn: key, socket_id, app: app_index, channel: name.into(), member, cache };
+        let channel = name.into();
+        let join = HomeJoin { from: self.index, conn: key, socket_id, ticket, app: app_index, channel, member, cache };
         self.home_join(join);
     }
 
-    fn unsubscribe(&self, key: ConnKey, name: &str) {
+    pub(super) fn unsubscribe(&self, key: ConnKey, name: &str) {
         let mut state = self.state.borrow_mut();
         let conn = &mut state.connections[key];
         let Some(position) = conn.channels.iter().position(|c| c.as_ref() == name) else {
             return;
         };
         conn.channels.swap_remove(position);
+        // A join still waiting for its home shard is forgotten: its reply will be stale.
+        let pending = conn.joins.iter().position(|(c, _)| c.as_ref() == name).map(|i| conn.joins.swap_remove(i).1);
         let app = conn.app;
         let presence = conn.presence.iter().position(|(c, _)| c.as_ref() == name);
         let left = presence.map(|i| conn.presence.swap_remove(i));
@@ -145,7 +151,7 @@ impl Shard {
             self.subscription_changed(app, name, -1);
         }
         if let Some((channel, user_id)) = left {
-            self.presence_leave(app, channel, user_id);
+            self.presence_leave_after(pending, app, channel, user_id);
         }
     }
 
@@ -238,8 +244,13 @@ impl Shard {
         };
         self.send(key, message::signin_success(&signin.user_data));
         let watcher = Watcher { shard: self.index, conn: key, socket_id };
-        // Signing in again replaces the previous identity.
+        // Signing in again replaces the previous identity, with everything that belonged to
+        // it: the old user's #server-to-user- channel would otherwise keep delivering that
+        // user's events to a socket that terminate_connections no longer finds under it.
         if let Some((old_id, old_watchlist)) = previous {
+            if old_id != user_id {
+                self.unsubscribe(key, &format!("{}{old_id}", channel::SERVER_TO_USER_PREFIX));
+            }
             for watched in old_watchlist {
                 self.watch(app_index, watched, watcher, false);
             }

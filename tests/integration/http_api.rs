@@ -213,3 +213,27 @@ fn multiple_apps() {
     assert!(statuses.contains(&429), "{statuses:?}");
     assert!(statuses.iter().filter(|&&s| s == 200).count() <= 5, "{statuses:?}");
 }
+
+/// A validly signed query cannot have a parameter neutralised: the key in another case still
+/// filters, and folding `info` into the previous value with an escaped `&` is refused with
+/// 401 and a JSON reason instead of answering without it.
+#[test]
+fn signed_parameters_cannot_be_neutralised() {
+    let server = TestServer::start(|_| {});
+    let (mut ws, _) = connect(server.addr);
+    subscribe(&mut ws, "room-a");
+    subscribe(&mut ws, "lobby");
+    let path = format!("/apps/{APP_ID}/channels");
+    let target = signed_path("GET", &path, b"", &[("filter_by_prefix", "room-")]);
+    let shouted = target.replace("filter_by_prefix=", "FILTER_BY_PREFIX=");
+    let (status, body) = http(server.addr, "GET", &shouted, b"");
+    assert_eq!((status, serde_json::from_str::<Value>(&body).unwrap()), (200, json!({"channels": {"room-a": {}}})));
+
+    let target = signed_path("GET", &path, b"", &[("filter_by_prefix", "room-"), ("info", "subscription_count")]);
+    let folded = target.replace("filter_by_prefix=room-&info=", "filter_by_prefix=room-%26info%3D");
+    assert_ne!(folded, target);
+    let (status, body) = http(server.addr, "GET", &folded, b"");
+    assert_eq!(status, 401, "{body}");
+    let reason: Value = serde_json::from_str(&body).unwrap();
+    assert!(reason.to_string().contains("reserved character"), "{reason}");
+}

@@ -402,3 +402,178 @@ fn publish_with_info() {
     let reply: Value = serde_json::from_str(&reply).unwrap();
     assert_eq!(reply, json!({"channels": {"presence-info": {"user_count": 1, "subscription_count": 2}}}));
 }
+
+/// Test settings for a Pusher-format lifecycle webhook to `receiver` (fresh data dir).
+fn lifecycle_hook(config: &mut ringwire::Config, receiver: std::net::SocketAddr, name: &str) {
+    config.webhooks.data_dir = temp_dir(name);
+    config.webhooks.allow_private_targets = true;
+    config.webhooks.batch_ms = 20;
+    config.apps[0].webhooks = vec![ringwire::config::WebhookConfig {
+        id: Some("lifecycle".into()),
+        url: format!("http://{receiver}/pusher"),
+        format: ringwire::config::WebhookFormat::Pusher,
+        events: None,
+        secret: None,
+        secrets: Vec::new(),
+        channels: None,
+        event_types: None,
+        batch_events_max: None,
+    }];
+}
+
+/// Lifecycle event names the receiver has got so far, as (name, channel, user_id).
+fn lifecycle_events(receiver: &Receiver) -> Vec<(String, String, String)> {
+    receiver
+        .requests()
+        .iter()
+        .flat_map(|r| {
+            let body: Value = serde_json::from_slice(&r.body).unwrap();
+            body["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    let field = |k: &str| e[k].as_str().unwrap_or("").to_string();
+                    (field("name"), field("channel"), field("user_id"))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Polls until `done` holds for the receiver's lifecycle events (or 5 s pass); returns them.
+fn wait_lifecycle(
+    receiver: &Receiver,
+    done: impl Fn(&[(String, String, String)]) -> bool,
+) -> Vec<(String, String, String)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let events = lifecycle_events(receiver);
+        if done(&events) || std::time::Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A raw client pipelining subscribe, unsubscribe, subscribe of a cache channel homed on the
+/// other shard in one TCP write is counted once: one subscription_succeeded, and leaving
+/// vacates the channel (the stale home reply to the first subscribe is ignored).
+#[test]
+fn pipelined_resubscribe_to_remote_cache_channel_counts_once() {
+    use std::io::Write;
+    let receiver = Receiver::start();
+    let server = TestServer::start(|c| lifecycle_hook(c, receiver.addr, "pipelined-cache"));
+    let (mut ws, _) = connect_on(&server, 0);
+    let channel = (0..)
+        .map(|i| format!("cache-remote-{i}"))
+        .find(|name| ringwire::shard::presence::home(0, name, 2) == 1)
+        .unwrap();
+    let subscribe = json!({"event": "pusher:subscribe", "data": {"auth": "", "channel": channel}}).to_string();
+    let unsubscribe = json!({"event": "pusher:unsubscribe", "data": {"channel": channel}}).to_string();
+    let mut segment = crate::websocket::masked_text(subscribe.as_bytes());
+    segment.extend(crate::websocket::masked_text(unsubscribe.as_bytes()));
+    segment.extend(crate::websocket::masked_text(subscribe.as_bytes()));
+    ws.get_mut().write_all(&segment).unwrap();
+    let mut events = Vec::new();
+    while let Some(message) = try_recv(&mut ws, 500) {
+        events.push(message["event"].as_str().unwrap().to_string());
+    }
+    let frames = events;
+    let occupied = wait_lifecycle(&receiver, |e| e.iter().any(|(n, _, _)| n == "channel_occupied"));
+    assert!(occupied.iter().any(|(n, c, _)| n == "channel_occupied" && *c == channel), "{occupied:?}");
+    drop(ws);
+    let events = wait_lifecycle(&receiver, |e| e.iter().any(|(n, _, _)| n == "channel_vacated"));
+    let names: Vec<&str> =
+        events.iter().filter(|(n, _, _)| n.starts_with("channel_")).map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(names, ["channel_occupied", "channel_vacated"], "{events:?}");
+    assert_eq!(frames, ["pusher_internal:subscription_succeeded", "pusher:cache_miss"]);
+}
+
+/// Signing in again as another user drops the previous user's #server-to-user- channel:
+/// that user's events no longer reach the socket, and terminate_connections follows the new
+/// identity (the old user's misses it because it no longer is that user in any way).
+#[test]
+fn signin_again_drops_previous_user_channel() {
+    let server = TestServer::start(|_| {});
+    let (mut ws, id) = connect(server.addr);
+    signin(&mut ws, &id, r#"{"id":"alice"}"#);
+    subscribe(&mut ws, "#server-to-user-alice");
+    subscribe(&mut ws, "public-marker");
+    signin(&mut ws, &id, r#"{"id":"bob"}"#);
+    // Published in sequence, so delivered in order: the marker proves the note was not sent.
+    assert_eq!(publish(server.addr, &["#server-to-user-alice"], "note", "for alice", None).0, 200);
+    assert_eq!(publish(server.addr, &["public-marker"], "marker", "1", None).0, 200);
+    assert_eq!(recv_json(&mut ws)["event"], "marker", "alice's event must not reach bob's socket");
+    let terminate = |user: &str| {
+        let path = format!("/apps/{APP_ID}/users/{user}/terminate_connections");
+        assert_eq!(http(server.addr, "POST", &signed_path("POST", &path, b"{}", &[]), b"{}"), (200, "{}".into()));
+    };
+    terminate("alice");
+    assert_eq!(publish(server.addr, &["public-marker"], "marker", "2", None).0, 200);
+    assert_eq!(recv_json(&mut ws)["data"], "2", "terminating alice leaves bob's socket open");
+    terminate("bob");
+    assert_eq!(recv_json(&mut ws)["data"]["code"], 4009);
+    assert_eq!(recv_close(&mut ws), 4009);
+}
+
+/// Graceful shutdown keeps every lifecycle event of the connections it closes: presence
+/// members on channels homed on both shards, from connections on both shards, are all
+/// removed and both channels vacated. The guarantee tested is durability: shutdown commits
+/// the events to the WAL (the endpoint is down during the first run), and a restart on the
+/// same data directory delivers every member_removed and channel_vacated.
+#[test]
+fn graceful_shutdown_keeps_lifecycle_events() {
+    let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap(); // closed again: refused
+    let data_dir = temp_dir("shutdown-lifecycle");
+    let configure = |c: &mut ringwire::Config| {
+        lifecycle_hook(c, address, "unused");
+        c.webhooks.data_dir = data_dir.clone();
+        c.webhooks.retry_schedule_ms = vec![0, 100, 100, 100, 100, 100, 100, 100, 100, 100];
+        c.webhooks.retry_jitter_percent = 0;
+        c.server.shutdown_grace_ms = 2000;
+    };
+    let channels: Vec<String> = (0..2)
+        .map(|home| {
+            (0..)
+                .map(|i| format!("presence-shutdown-{i}"))
+                .find(|n| ringwire::shard::presence::home(0, n, 2) == home)
+                .unwrap()
+        })
+        .collect();
+    let server = TestServer::start(configure);
+    let mut readers = Vec::new();
+    let mut expected_removed = Vec::new();
+    for shard in [0, 1] {
+        for (c, channel) in channels.iter().enumerate() {
+            let user = format!("user-{shard}-{c}");
+            let (mut ws, id) = connect_on(&server, shard);
+            join(&mut ws, &id, channel, &user);
+            expected_removed.push((channel.clone(), user));
+            // Like a real client, answer the server's close frame (tungstenite does on read);
+            // shard 1's clients answer late, so shard 0 is done with its own connections
+            // while shard 1's leaves are still to come.
+            readers.push(std::thread::spawn(move || {
+                if shard == 1 {
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                while ws.read().is_ok() {}
+            }));
+        }
+    }
+    drop(server); // graceful: shutdown, then join every shard
+    for reader in readers {
+        reader.join().unwrap();
+    }
+    let receiver = Receiver::start_on(&address.to_string());
+    let _restarted = TestServer::start(configure);
+    let complete = |events: &[(String, String, String)]| {
+        let vacated = channels.iter().all(|c| events.iter().any(|(n, ch, _)| n == "channel_vacated" && ch == c));
+        let removed = expected_removed
+            .iter()
+            .all(|(c, u)| events.iter().any(|(n, ch, user)| n == "member_removed" && ch == c && user == u));
+        vacated && removed
+    };
+    let events = wait_lifecycle(&receiver, complete);
+    assert!(complete(&events), "missing member_removed or channel_vacated after restart: {events:?}");
+}
