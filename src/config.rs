@@ -44,8 +44,14 @@ pub struct WebhooksConfig {
     pub batch_sync_ms: u64,
     /// A WAL segment is rotated past this size.
     pub segment_bytes_max: u64,
-    /// Bytes of queued (pending or dead) deliveries per shard; over it the API answers 503.
+    /// Bytes of queued (pending or dead) deliveries per shard, all endpoints together: the
+    /// node's memory ceiling; over it the API answers 503.
     pub queue_bytes_max: u64,
+    /// Bytes of queued (pending or dead) deliveries per endpoint per shard: one slow or gone
+    /// receiver fills only its own budget; over it, publishes for that endpoint get 503.
+    pub endpoint_queue_bytes_max: u64,
+    /// Dead letters are kept this long after their creation, then dropped (0 = forever).
+    pub dead_letter_retention_s: u64,
     /// Let webhooks reach loopback, private and other non-public addresses.
     pub allow_private_targets: bool,
     /// Non-public address blocks allowed anyway, e.g. `["10.1.0.0/16"]`.
@@ -162,6 +168,8 @@ impl Default for WebhooksConfig {
             batch_sync_ms: 100,
             segment_bytes_max: 64 << 20,
             queue_bytes_max: 256 << 20,
+            endpoint_queue_bytes_max: 64 << 20,
+            dead_letter_retention_s: 7 * 24 * 3600,
             allow_private_targets: false,
             allowed_cidrs: Vec::new(),
             ca_file: None,
@@ -482,7 +490,7 @@ impl Config {
         if self.server.shards > MAX_SHARDS {
             return err("server.shards".into(), format!("at most {MAX_SHARDS} shards are supported"));
         }
-        let positive: [(&str, u64); 25] = [
+        let positive: [(&str, u64); 26] = [
             ("server.backlog", self.server.backlog.into()),
             ("server.connections_per_shard_max", self.server.connections_per_shard_max as u64),
             ("http.request_line_bytes_max", self.http.request_line_bytes_max as u64),
@@ -499,6 +507,7 @@ impl Config {
             ("webhooks.batch_sync_ms", self.webhooks.batch_sync_ms),
             ("webhooks.segment_bytes_max", self.webhooks.segment_bytes_max),
             ("webhooks.queue_bytes_max", self.webhooks.queue_bytes_max),
+            ("webhooks.endpoint_queue_bytes_max", self.webhooks.endpoint_queue_bytes_max),
             ("webhooks.connect_timeout_ms", self.webhooks.connect_timeout_ms),
             ("webhooks.request_timeout_ms", self.webhooks.request_timeout_ms),
             ("webhooks.response_bytes_max", self.webhooks.response_bytes_max as u64),

@@ -1,7 +1,9 @@
 //! The Pusher-compatible HTTP API and the operational endpoints.
 //!
 //! Routes: `POST /apps/{id}/events`, `POST /apps/{id}/batch_events`, `GET /apps/{id}/channels`,
-//! `GET /apps/{id}/channels/{name}`, and unsigned `GET /health`, `/ready`, `/metrics`.
+//! `GET /apps/{id}/channels/{name}`, `GET /apps/{id}/channels/{name}/users`,
+//! `POST /apps/{id}/users/{user}/terminate_connections`, the webhook admin routes under
+//! `/apps/{id}/webhooks` (docs/webhooks.md), and unsigned `GET /health`, `/ready`, `/metrics`.
 //! Every `/apps/` request is signed (`pusher::auth`). Errors are JSON bodies with a reason.
 
 use std::borrow::Cow;
@@ -152,8 +154,15 @@ async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &st
         ["webhooks", "deliveries", id, "attempts"] => {
             (Method::GET, Route::Webhooks(AdminRequest::Attempts { webhook_id: id.to_string() }))
         }
+        ["webhooks", "deliveries", id] => {
+            (Method::DELETE, Route::Webhooks(AdminRequest::Delete { webhook_id: id.to_string() }))
+        }
         ["webhooks", "deliveries", id, "replay"] => {
             (Method::POST, Route::Webhooks(AdminRequest::Replay { webhook_id: id.to_string() }))
+        }
+        ["webhooks", endpoint, "dead_letters"] if head.method == Method::DELETE => {
+            let range = AdminRequest::DeleteRange { endpoint: endpoint.to_string(), from_ms: 0, to_ms: u64::MAX };
+            (Method::DELETE, Route::Webhooks(range))
         }
         ["webhooks", endpoint, "dead_letters"] => {
             (Method::GET, Route::Webhooks(AdminRequest::DeadLetters { endpoint: endpoint.to_string() }))
@@ -349,7 +358,6 @@ fn create_deliveries(shard: &Shard, app: &App, events: &[Event<'_>]) -> Result<O
         ShardMetrics::add(&shard.metrics().webhook_publishes_refused_total, 1);
         Response::error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string())
     };
-    webhooks.check_capacity().map_err(refused)?;
     let mut last = None;
     for event in events {
         let raw = event.data.get();
@@ -415,7 +423,8 @@ async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, par
         AdminRequest::DeadLetters { endpoint } | AdminRequest::Enable { endpoint } if !endpoint_known(endpoint) => {
             return Err(Response::error(StatusCode::NOT_FOUND, &format!("no webhook endpoint {endpoint:?}")));
         }
-        AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
+        AdminRequest::ReplayRange { endpoint, from_ms, to_ms }
+        | AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
             if !endpoint_known(endpoint) {
                 return Err(Response::error(StatusCode::NOT_FOUND, &format!("no webhook endpoint {endpoint:?}")));
             }
@@ -445,6 +454,12 @@ async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, par
             json!({ "replayed": documents.iter().filter_map(|d| d["replayed"].as_str()).collect::<Vec<_>>() })
         }
         AdminRequest::Enable { endpoint } => json!({ "enabled": endpoint }),
+        AdminRequest::Delete { webhook_id } if documents.is_empty() => {
+            return Err(Response::error(StatusCode::NOT_FOUND, &format!("{webhook_id} is not a dead letter")));
+        }
+        AdminRequest::Delete { .. } | AdminRequest::DeleteRange { .. } => {
+            json!({ "deleted": documents.iter().filter_map(|d| d["deleted"].as_str()).collect::<Vec<_>>() })
+        }
     };
     Ok(Response::json(StatusCode::OK, &body))
 }
@@ -457,7 +472,7 @@ fn merge_health(documents: Vec<Value>) -> Vec<Value> {
             merged.push(document);
             continue;
         };
-        for counter in ["pending", "dead_letters", "delivered", "failed_attempts"] {
+        for counter in ["pending", "dead_letters", "queued_bytes", "delivered", "failed_attempts"] {
             let sum = existing[counter].as_u64().unwrap_or(0) + document[counter].as_u64().unwrap_or(0);
             existing[counter] = sum.into();
         }

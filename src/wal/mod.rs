@@ -277,7 +277,8 @@ impl<S: Storage> Wal<S> {
         Ok((seq, lsn))
     }
 
-    /// Buffers the end of a delivery: `Delivered` forgets it, `Dead` keeps it as a dead letter.
+    /// Buffers the end of a delivery: `Delivered` and `Discarded` forget it, `Dead` keeps it as
+    /// a dead letter.
     pub fn append_ack(&self, seq: u64, outcome: Outcome) -> Result<Lsn, WalError> {
         let mut state = self.state.borrow_mut();
         state.check()?;
@@ -617,7 +618,7 @@ impl WalState {
 
     fn apply_ack(&mut self, seq: u64, outcome: Outcome) {
         match outcome {
-            Outcome::Delivered => {
+            Outcome::Delivered | Outcome::Discarded => {
                 if let Some(entry) = self.live.remove(&seq) {
                     self.live_bytes -= entry.bytes;
                 }
@@ -722,7 +723,7 @@ impl WalState {
                 let copy_at = Some(segment);
                 self.live.insert(seq, LiveDelivery { delivery, dead, copy_at, state_at, bytes });
             }
-            Record::Ack { seq, outcome: Outcome::Delivered } => {
+            Record::Ack { seq, outcome: Outcome::Delivered | Outcome::Discarded } => {
                 if let Some(entry) = self.live.remove(&seq) {
                     self.live_bytes -= entry.bytes;
                 }

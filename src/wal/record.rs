@@ -85,6 +85,8 @@ pub enum Outcome {
     Delivered,
     /// Retries exhausted or endpoint disabled: keep it as a dead letter.
     Dead,
+    /// A dead letter deleted through the admin API or expired: forget it, undelivered.
+    Discarded,
 }
 
 /// One delivery to one endpoint.
@@ -161,6 +163,7 @@ impl Record {
                 out.push(match outcome {
                     Outcome::Delivered => 1,
                     Outcome::Dead => 2,
+                    Outcome::Discarded => 3,
                 });
             }
             Record::Replay { seq } => {
@@ -216,6 +219,7 @@ impl Record {
                 outcome: match payload[8] {
                     1 => Outcome::Delivered,
                     2 => Outcome::Dead,
+                    3 => Outcome::Discarded,
                     _ => return Err(DecodeError::Malformed),
                 },
             },
@@ -317,6 +321,7 @@ mod tests {
         }));
         check(Record::Ack { seq: u64::MAX, outcome: Outcome::Delivered });
         check(Record::Ack { seq: 3, outcome: Outcome::Dead });
+        check(Record::Ack { seq: 4, outcome: Outcome::Discarded });
         check(Record::Replay { seq: 9 });
         check(Record::Mark { durable: 4096, next_seq: 12 });
         let mut mark = Vec::new();

@@ -117,6 +117,9 @@ struct Health {
 
 #[derive(Default)]
 struct EndpointQueue {
+    /// Bytes of this endpoint's live deliveries and batch items (pending and dead), for
+    /// `endpoint_queue_bytes_max`; its share of `DispatchState::live_bytes`.
+    live_bytes: u64,
     ready: VecDeque<u64>,
     idle_workers: Vec<Waker>,
     in_flight: usize,
@@ -136,12 +139,30 @@ struct DispatchState {
     timers: BTreeSet<(Instant, u64)>,
     queues: Vec<EndpointQueue>,
     attempts: VecDeque<Attempt>,
-    /// Bytes of live deliveries (pending and dead), for `queue_bytes_max`.
+    /// Bytes of live deliveries and batch items (pending and dead), for `queue_bytes_max`:
+    /// the sum of every queue's `live_bytes` (changed only through `charge` and `refund`).
     live_bytes: u64,
+    /// Dead letters by (created_ms, seq), for `dead_letter_retention_s`.
+    dead: BTreeSet<(u64, u64)>,
     /// `memory` durability: the next sequence number.
     next_seq: u64,
     timer_task: Option<Waker>,
     batch_task: Option<Waker>,
+}
+
+impl DispatchState {
+    /// Counts `bytes` of `endpoint`'s live deliveries against both budgets.
+    fn charge(&mut self, endpoint: usize, bytes: u64) {
+        self.live_bytes += bytes;
+        self.queues[endpoint].live_bytes += bytes;
+    }
+
+    /// Gives back what `charge` counted.
+    fn refund(&mut self, endpoint: usize, bytes: u64) {
+        debug_assert!(self.queues[endpoint].live_bytes >= bytes && self.live_bytes >= bytes);
+        self.live_bytes -= bytes;
+        self.queues[endpoint].live_bytes -= bytes;
+    }
 }
 
 /// Why a delivery could not be created.
@@ -150,6 +171,12 @@ pub enum Refused {
     /// The shard's queue is at `queue_bytes_max`.
     #[error("the webhook queue is full (webhooks.queue_bytes_max); retry later")]
     QueueFull,
+    /// One endpoint's queue is at `endpoint_queue_bytes_max`: its receiver is slow or failing.
+    #[error(
+        "the webhook queue of endpoint {0} is full (webhooks.endpoint_queue_bytes_max): its receiver is slow or \
+         failing; retry later"
+    )]
+    EndpointFull(String),
     /// The WAL failed.
     #[error("{0}")]
     Wal(#[from] WalError),
@@ -170,6 +197,10 @@ pub enum AdminRequest {
     ReplayRange { endpoint: String, from_ms: u64, to_ms: u64 },
     /// Re-enable a disabled endpoint and close its breaker.
     Enable { endpoint: String },
+    /// Delete one dead letter.
+    Delete { webhook_id: String },
+    /// Delete the dead letters of an endpoint created in `[from_ms, to_ms]`.
+    DeleteRange { endpoint: String, from_ms: u64, to_ms: u64 },
 }
 
 /// One shard's webhook dispatcher.
@@ -278,7 +309,7 @@ impl Webhooks {
                 // An event that was not yet in a batch delivery: batch it again.
                 let json = String::from_utf8_lossy(&live.delivery.body).into();
                 let mut state = self.state.borrow_mut();
-                state.live_bytes += live.delivery.body.len() as u64;
+                state.charge(*endpoint, live.delivery.body.len() as u64);
                 let queue = &mut state.queues[*endpoint];
                 queue.batch.push(BatchItem { seq: Some(seq), json });
                 queue.batch_since.get_or_insert_with(Instant::now);
@@ -291,7 +322,10 @@ impl Webhooks {
                 continue;
             };
             let mut state = self.state.borrow_mut();
-            state.live_bytes += live.delivery.body.len() as u64;
+            state.charge(endpoint, live.delivery.body.len() as u64);
+            if live.dead {
+                state.dead.insert((live.delivery.created_ms, seq));
+            }
             let delivery = Delivery {
                 endpoint,
                 body: live.delivery.body,
@@ -372,28 +406,42 @@ impl Webhooks {
     /// Creates the deliveries of a published event for every matching Standard Webhooks
     /// endpoint; returns the log position to `commit` before answering the publisher.
     pub fn published(&self, app: AppIndex, event: &str, channels: &[&str], data: &str) -> Result<Option<Lsn>, Refused> {
-        let mut last = None;
-        let time_ms = now_ms();
+        // Two passes: every budget is checked before anything is created, so a refused publish
+        // leaves no delivery behind (its retry creates them all once).
+        let mut matches: Vec<(usize, &str)> = Vec::new();
         for &index in &self.by_app[app as usize] {
             let endpoint = &self.endpoints[index];
             if endpoint.format != WebhookFormat::Standard || !event::any_match(endpoint.event_types.as_deref(), event) {
                 continue;
             }
-            for channel in channels.iter().filter(|c| event::any_match(endpoint.channels.as_deref(), c)) {
-                let body = event::standard_body(event, channel, data, time_ms);
-                if endpoint.batch_max > 1 {
-                    last = last.max(self.add_to_batch(index, body.into())?);
-                } else {
-                    last = Some(self.create(index, body.into(), time_ms)?);
-                }
+            let channels = channels.iter().filter(|c| event::any_match(endpoint.channels.as_deref(), c));
+            matches.extend(channels.map(|&channel| (index, channel)));
+        }
+        for &(index, _) in &matches {
+            self.check_capacity(index)?;
+        }
+        let mut last = None;
+        let time_ms = now_ms();
+        for (index, channel) in matches {
+            let body = event::standard_body(event, channel, data, time_ms);
+            if self.endpoints[index].batch_max > 1 {
+                last = last.max(self.add_to_batch(index, body.into())?);
+            } else {
+                last = Some(self.create(index, body.into(), time_ms)?);
             }
         }
         Ok(last)
     }
 
-    /// Refuses new deliveries while the queue is at `queue_bytes_max`.
-    pub fn check_capacity(&self) -> Result<(), Refused> {
-        if self.state.borrow().live_bytes >= self.config.webhooks.queue_bytes_max {
+    /// Refuses new deliveries for `endpoint` while its queue is at `endpoint_queue_bytes_max`
+    /// or the shard's is at `queue_bytes_max`.
+    fn check_capacity(&self, endpoint: usize) -> Result<(), Refused> {
+        let state = self.state.borrow();
+        let settings = &self.config.webhooks;
+        if state.queues[endpoint].live_bytes >= settings.endpoint_queue_bytes_max {
+            return Err(Refused::EndpointFull(self.endpoints[endpoint].key.to_string()));
+        }
+        if state.live_bytes >= settings.queue_bytes_max {
             return Err(Refused::QueueFull);
         }
         Ok(())
@@ -419,7 +467,7 @@ impl Webhooks {
             {
                 continue;
             }
-            match self.add_to_batch(index, event.json.clone()) {
+            match self.check_capacity(index).and_then(|()| self.add_to_batch(index, event.json.clone())) {
                 Ok(lsn) => last = last.max(lsn),
                 Err(error) => {
                     // Not accepted by anyone yet: counted and logged, not queued.
@@ -435,7 +483,6 @@ impl Webhooks {
     /// its own record; the batch becomes one delivery at `batch_max` events or after
     /// `batch_ms`. Returns the event's log position (`None` in `memory` mode).
     fn add_to_batch(&self, endpoint: usize, json: Box<str>) -> Result<Option<Lsn>, Refused> {
-        self.check_capacity()?;
         let (seq, lsn) = match &self.wal {
             Some(wal) => {
                 let key = batch_item_key(&self.endpoints[endpoint].key);
@@ -446,7 +493,7 @@ impl Webhooks {
         };
         let full = {
             let mut state = self.state.borrow_mut();
-            state.live_bytes += json.len() as u64;
+            state.charge(endpoint, json.len() as u64);
             let queue = &mut state.queues[endpoint];
             queue.batch.push(BatchItem { seq, json });
             queue.batch_since.get_or_insert_with(Instant::now);
@@ -483,7 +530,7 @@ impl Webhooks {
         };
         // The items already count against the queue limit, so the batch is not refused for it;
         // their bytes now belong to the batch delivery.
-        self.state.borrow_mut().live_bytes -= items.iter().map(|i| i.json.len() as u64).sum::<u64>();
+        self.state.borrow_mut().refund(endpoint, items.iter().map(|i| i.json.len() as u64).sum::<u64>());
         if let Err(error) = self.create(endpoint, body, time_ms) {
             // Only a failed WAL gets here: the items stay in the log and are batched again
             // after a restart.
@@ -509,7 +556,7 @@ impl Webhooks {
             }
         };
         let mut state = self.state.borrow_mut();
-        state.live_bytes += bytes;
+        state.charge(endpoint, bytes);
         state.deliveries.insert(seq, Delivery { endpoint, body, created_ms, attempts: 0, dead: false });
         ShardMetrics::add(&self.metrics().webhook_deliveries_total, 1);
         ShardMetrics::add(&self.metrics().webhook_pending, 1);
@@ -577,6 +624,7 @@ impl Webhooks {
 
     /// Moves due retries to their queues; wakes workers of endpoints whose breaker cooled.
     async fn timer_task(self: Rc<Self>) {
+        let mut next_sweep = Instant::now();
         loop {
             let next = self.state.borrow().timers.first().map(|&(at, _)| at);
             // At least once a second, for breakers that cooled down.
@@ -607,6 +655,12 @@ impl Webhooks {
             };
             for seq in due {
                 self.make_ready(seq);
+            }
+            if now >= next_sweep {
+                // Once a second: the dead-letter index is ordered, so a sweep costs only what
+                // it removes.
+                self.expire_dead_letters(now_ms());
+                next_sweep = now + Duration::from_secs(1);
             }
             let mut state = self.state.borrow_mut();
             for queue in &mut state.queues {
@@ -892,7 +946,7 @@ impl Webhooks {
         }
         let mut state = self.state.borrow_mut();
         if let Some(delivery) = state.deliveries.remove(&seq) {
-            state.live_bytes -= delivery.body.len() as u64;
+            state.refund(delivery.endpoint, delivery.body.len() as u64);
             ShardMetrics::sub(&self.metrics().webhook_pending, 1);
         }
     }
@@ -905,6 +959,8 @@ impl Webhooks {
         let mut state = self.state.borrow_mut();
         if let Some(delivery) = state.deliveries.get_mut(&seq).filter(|d| !d.dead) {
             delivery.dead = true;
+            let created_ms = delivery.created_ms;
+            state.dead.insert((created_ms, seq));
             ShardMetrics::sub(&self.metrics().webhook_pending, 1);
             ShardMetrics::add(&self.metrics().webhook_dead_letters, 1);
             ShardMetrics::add(&self.metrics().webhook_dead_letters_total, 1);
@@ -941,11 +997,58 @@ impl Webhooks {
             let delivery = state.deliveries.get_mut(&seq).expect("checked above");
             delivery.dead = false;
             delivery.attempts = 0;
+            let created_ms = delivery.created_ms;
+            state.dead.remove(&(created_ms, seq));
             ShardMetrics::add(&self.metrics().webhook_pending, 1);
             ShardMetrics::sub(&self.metrics().webhook_dead_letters, 1);
         }
         self.make_ready(seq);
         true
+    }
+
+    /// Forgets a dead letter for good (deleted through the admin API, or expired): its budget
+    /// is freed and the log says so, so a restart does not bring it back.
+    fn discard(&self, seq: u64) -> bool {
+        let mut state = self.state.borrow_mut();
+        let Some(delivery) = state.deliveries.remove(&seq) else { return false };
+        if !delivery.dead {
+            state.deliveries.insert(seq, delivery);
+            return false;
+        }
+        if let Some(wal) = &self.wal {
+            // Not waited for: if the ack is lost in a crash the dead letter comes back, and is
+            // discarded again by the next sweep or request.
+            let _ = wal.append_ack(seq, Outcome::Discarded);
+        }
+        state.dead.remove(&(delivery.created_ms, seq));
+        state.refund(delivery.endpoint, delivery.body.len() as u64);
+        ShardMetrics::sub(&self.metrics().webhook_dead_letters, 1);
+        true
+    }
+
+    /// Discards the dead letters created more than `dead_letter_retention_s` before `now_ms`.
+    fn expire_dead_letters(&self, now_ms: u64) {
+        let retention_ms = self.config.webhooks.dead_letter_retention_s.saturating_mul(1000);
+        if retention_ms == 0 {
+            return;
+        }
+        let cutoff = now_ms.saturating_sub(retention_ms);
+        let expired: Vec<u64> = self.state.borrow().dead.range(..(cutoff, 0)).map(|&(_, seq)| seq).collect();
+        let count = expired.into_iter().filter(|&seq| self.discard(seq)).count();
+        if count > 0 {
+            tracing::info!(
+                shard = self.shard,
+                count,
+                "expired dead letters discarded (webhooks.dead_letter_retention_s)"
+            );
+        }
+    }
+
+    /// This shard's dead letters of `endpoint` created in `[from_ms, to_ms]`, oldest first.
+    fn dead_letters_between(&self, endpoint: usize, from_ms: u64, to_ms: u64) -> Vec<u64> {
+        let state = self.state.borrow();
+        let range = state.dead.range((from_ms, 0)..=(to_ms, u64::MAX));
+        range.map(|&(_, seq)| seq).filter(|seq| state.deliveries[seq].endpoint == endpoint).collect()
     }
 
     // ---- admin -------------------------------------------------------------------------
@@ -1001,16 +1104,23 @@ impl Webhooks {
             }
             AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
-                let mut seqs: Vec<u64> = self
-                    .state
-                    .borrow()
-                    .deliveries
-                    .iter()
-                    .filter(|(_, d)| d.dead && d.endpoint == index && (*from_ms..=*to_ms).contains(&d.created_ms))
-                    .map(|(&s, _)| s)
-                    .collect();
-                seqs.sort_unstable();
+                let seqs = self.dead_letters_between(index, *from_ms, *to_ms);
                 seqs.into_iter().filter(|&s| self.replay(s)).map(|s| json!({"replayed": self.webhook_id(s)})).collect()
+            }
+            AdminRequest::Delete { webhook_id } => {
+                let seq = self.parse_webhook_id(webhook_id);
+                let ours = seq.is_some_and(|s| {
+                    self.state.borrow().deliveries.get(&s).is_some_and(|d| self.endpoints[d.endpoint].app == app)
+                });
+                match seq {
+                    Some(seq) if ours && self.discard(seq) => vec![json!({"deleted": webhook_id})],
+                    _ => Vec::new(),
+                }
+            }
+            AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
+                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
+                let seqs = self.dead_letters_between(index, *from_ms, *to_ms);
+                seqs.into_iter().filter(|&s| self.discard(s)).map(|s| json!({"deleted": self.webhook_id(s)})).collect()
             }
             AdminRequest::Enable { endpoint } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
@@ -1055,7 +1165,7 @@ impl Webhooks {
             "state": status, "disabled_reason": health.disabled,
             "last_status": health.last_status, "last_error": health.last_error,
             "consecutive_failures": health.consecutive_failures,
-            "pending": pending, "dead_letters": dead,
+            "pending": pending, "dead_letters": dead, "queued_bytes": queue.live_bytes,
             "delivered": health.delivered, "failed_attempts": health.failed,
         })
     }

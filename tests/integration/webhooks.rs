@@ -422,3 +422,124 @@ fn failed_wal_makes_ready_503() {
     assert_eq!(failed_shards.iter().sum::<u64>(), failed.len() as u64, "{failed_shards:?}");
     assert_eq!(http(server.addr, "GET", "/ready", b"").0, 503, "a failed WAL stays failed");
 }
+
+/// One endpoint whose receiver is gone fills only its own queue budget: publishes for it
+/// get 503 naming the endpoint, while the same app's other endpoint keeps accepting and
+/// delivering (before, one shard-wide budget refused every publish once it filled).
+#[test]
+fn one_full_endpoint_does_not_block_the_others() {
+    let receiver = Receiver::start();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let server = TestServer::start(|c| {
+        let mut bad = standard(format!("http://{closed}/gone"));
+        bad.id = Some("bad".into());
+        bad.channels = Some(vec!["bad-*".into()]);
+        let mut good = standard(format!("http://{}/events", receiver.addr));
+        good.channels = Some(vec!["good-*".into()]);
+        setup(c, "budgets", vec![bad, good]);
+        c.server.shards = 1;
+        c.webhooks.endpoint_queue_bytes_max = 2_000;
+        c.webhooks.queue_bytes_max = 3_000;
+    });
+    let mut refused = None;
+    for i in 0..100 {
+        let (status, body) = publish(server.addr, &["bad-1"], "e", &format!("{{\"i\":{i}}}"), None);
+        if status == 503 {
+            refused = Some(body);
+            break;
+        }
+    }
+    let refused = refused.expect("the bad endpoint's budget fills");
+    assert!(refused.contains("endpoint 1/bad") && refused.contains("endpoint_queue_bytes_max"), "{refused}");
+    for i in 0..5 {
+        assert_eq!(publish(server.addr, &["good-1"], "e", &format!("{{\"i\":{i}}}"), None).0, 200);
+    }
+    assert_eq!(receiver.wait_for(5, Duration::from_secs(5)).len(), 5);
+}
+
+/// Dead letters can be deleted one by one or by endpoint (freeing the budget they held), a
+/// deletion survives a restart, and nothing else is deleted with them.
+#[test]
+fn dead_letters_are_deleted_for_good() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let data_dir = temp_dir("delete-dead");
+    let config = |c: &mut Config| {
+        setup(c, "delete-dead", vec![standard(format!("http://{closed}/gone"))]);
+        c.webhooks.data_dir = data_dir.clone();
+        c.webhooks.retry_schedule_ms = vec![0];
+        c.server.shards = 1;
+        c.webhooks.endpoint_queue_bytes_max = 600;
+    };
+    let server = TestServer::start(config);
+    let mut published = 0;
+    while publish(server.addr, &["c"], "e", "{}", None).0 == 200 {
+        published += 1;
+        assert!(published < 50, "the budget fills");
+    }
+    let dead = |server: &TestServer| metric(server.addr, "webhook_dead_letters").iter().sum::<u64>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while dead(&server) < published && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(dead(&server), published);
+    let list = |server: &TestServer| -> Vec<String> {
+        let (_, body) = api(server.addr, "GET", "/apps/1/webhooks/events/dead_letters", &[]);
+        body["dead_letters"].as_array().unwrap().iter().map(|d| d["webhook_id"].as_str().unwrap().to_string()).collect()
+    };
+    let ids = list(&server);
+    assert_eq!(ids.len() as u64, published);
+
+    let one = format!("/apps/1/webhooks/deliveries/{}", ids[0]);
+    let (status, body) = api(server.addr, "DELETE", &one, &[]);
+    assert_eq!((status, body["deleted"].clone()), (200, json!([ids[0]])));
+    assert_eq!(api(server.addr, "DELETE", &one, &[]).0, 404, "deleted once");
+    assert_eq!(list(&server), ids[1..]);
+    assert_eq!(publish(server.addr, &["c"], "e", "{}", None).0, 200, "the budget it held is free");
+    let wait_dead = |server: &TestServer, n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while dead(server) != n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(dead(server), n);
+    };
+    wait_dead(&server, published);
+
+    let (status, body) = api(server.addr, "DELETE", "/apps/1/webhooks/events/dead_letters", &[]);
+    assert_eq!((status, body["deleted"].as_array().unwrap().len() as u64), (200, published), "{body}");
+    assert_eq!((dead(&server), list(&server).len()), (0, 0));
+    assert_eq!(publish(server.addr, &["c"], "e", "{}", None).0, 200);
+    wait_dead(&server, 1);
+    let kept = list(&server);
+    drop(server);
+
+    let server = TestServer::start(config);
+    assert_eq!(list(&server), kept, "deleted dead letters stay deleted after a restart");
+}
+
+/// Dead letters older than `dead_letter_retention_s` are discarded by the shard's sweep,
+/// and the budget they held is free again.
+#[test]
+fn dead_letters_expire() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let server = TestServer::start(|c| {
+        setup(c, "expire-dead", vec![standard(format!("http://{closed}/gone"))]);
+        c.webhooks.retry_schedule_ms = vec![0];
+        c.webhooks.dead_letter_retention_s = 1;
+        c.server.shards = 1;
+        c.webhooks.endpoint_queue_bytes_max = 600;
+    });
+    let mut published = 0;
+    while publish(server.addr, &["c"], "e", "{}", None).0 == 200 {
+        published += 1;
+        assert!(published < 50, "the budget fills");
+    }
+    let total = |name: &str| metric(server.addr, name).iter().sum::<u64>();
+    let deadline = std::time::Instant::now() + Duration::from_secs(8);
+    while !(total("webhook_dead_letters_total") == published && total("webhook_dead_letters") == 0)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!((total("webhook_dead_letters_total"), total("webhook_dead_letters")), (published, 0));
+    assert_eq!(publish(server.addr, &["c"], "e", "{}", None).0, 200, "the budget is free again");
+}
