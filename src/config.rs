@@ -60,6 +60,12 @@ pub struct WebhooksConfig {
     pub retry_overload_floor_ms: u64,
     /// Largest `Retry-After` honoured.
     pub retry_after_max_ms: u64,
+    /// Time to wait for a DNS lookup of an endpoint's host.
+    pub dns_timeout_ms: u64,
+    /// Threads that run DNS lookups, per node (apart from the WAL's blocking pool).
+    pub dns_threads: usize,
+    /// How long a successful DNS answer is reused; 0 = not cached.
+    pub dns_cache_ttl_ms: u64,
     /// Time to connect to an endpoint.
     pub connect_timeout_ms: u64,
     /// Time for a whole attempt (connect, send, response).
@@ -169,6 +175,9 @@ impl Default for WebhooksConfig {
             retry_jitter_percent: 20,
             retry_overload_floor_ms: 60_000,
             retry_after_max_ms: 3_600_000,
+            dns_timeout_ms: 5_000,
+            dns_threads: 4,
+            dns_cache_ttl_ms: 30_000,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 15_000,
             response_bytes_max: 65_536,
@@ -482,7 +491,7 @@ impl Config {
         if self.server.shards > MAX_SHARDS {
             return err("server.shards".into(), format!("at most {MAX_SHARDS} shards are supported"));
         }
-        let positive: [(&str, u64); 25] = [
+        let positive: [(&str, u64); 27] = [
             ("server.backlog", self.server.backlog.into()),
             ("server.connections_per_shard_max", self.server.connections_per_shard_max as u64),
             ("http.request_line_bytes_max", self.http.request_line_bytes_max as u64),
@@ -499,6 +508,8 @@ impl Config {
             ("webhooks.batch_sync_ms", self.webhooks.batch_sync_ms),
             ("webhooks.segment_bytes_max", self.webhooks.segment_bytes_max),
             ("webhooks.queue_bytes_max", self.webhooks.queue_bytes_max),
+            ("webhooks.dns_timeout_ms", self.webhooks.dns_timeout_ms),
+            ("webhooks.dns_threads", self.webhooks.dns_threads as u64),
             ("webhooks.connect_timeout_ms", self.webhooks.connect_timeout_ms),
             ("webhooks.request_timeout_ms", self.webhooks.request_timeout_ms),
             ("webhooks.response_bytes_max", self.webhooks.response_bytes_max as u64),
@@ -573,6 +584,9 @@ impl Config {
         };
         if hooks.retry_schedule_ms.is_empty() {
             return err("webhooks.retry_schedule_ms".into(), "needs at least one entry (the first attempt)".into());
+        }
+        if hooks.dns_threads > DNS_THREADS_MAX {
+            return err("webhooks.dns_threads".into(), format!("must be at most {DNS_THREADS_MAX}"));
         }
         if hooks.retry_jitter_percent > 100 {
             return err("webhooks.retry_jitter_percent".into(), "must be at most 100".into());
@@ -726,6 +740,9 @@ fn find_webhook_line(text: &str, app: usize, hook: usize, field: &str) -> Option
     }
     None
 }
+
+/// Most DNS lookup threads (each blocked lookup holds one; more is a typo, not a need).
+pub const DNS_THREADS_MAX: usize = 64;
 
 /// Most shards one process runs (the mesh keeps a ring per shard; beyond this it is a mistake).
 pub const MAX_SHARDS: usize = 256;
@@ -883,5 +900,15 @@ mod tests {
         check_error(two_apps, "apps[1].id", Some(7), "duplicates apps[0].id");
         check_error("[[apps]]\nid = \"1\"\nkey = \"\"\nsecret = \"s\"\n", "apps[0].key", Some(3), "empty");
         check_error("apps = []\n", "apps", Some(1), "at least one");
+    }
+
+    /// The DNS settings refuse hostile values (no threads, a thread per typo'd zero, no
+    /// timeout) naming the key and line; a cache TTL of 0 (off) is allowed.
+    #[test]
+    fn dns_settings_are_bounded() {
+        check_error("[webhooks]\ndns_threads = 0\n", "webhooks.dns_threads", Some(2), "greater than 0");
+        check_error("[webhooks]\ndns_threads = 100000\n", "webhooks.dns_threads", Some(2), "at most 64");
+        check_error("[webhooks]\ndns_timeout_ms = 0\n", "webhooks.dns_timeout_ms", Some(2), "greater than 0");
+        assert_eq!(Config::from_toml("[webhooks]\ndns_cache_ttl_ms = 0\n").unwrap().webhooks.dns_cache_ttl_ms, 0);
     }
 }
