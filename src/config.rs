@@ -240,6 +240,9 @@ pub struct HttpConfig {
     pub header_timeout_ms: u64,
     /// Idle keep-alive connections are closed after this.
     pub keepalive_timeout_ms: u64,
+    /// Time allowed for writing one whole response (WebSocket handshakes included); a client
+    /// that does not read it by then is disconnected.
+    pub write_timeout_ms: u64,
 }
 
 /// `[websocket]`
@@ -377,6 +380,7 @@ impl Default for HttpConfig {
             body_bytes_max: 262_144,
             header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
         }
     }
 }
@@ -491,7 +495,7 @@ impl Config {
         if self.server.shards > MAX_SHARDS {
             return err("server.shards".into(), format!("at most {MAX_SHARDS} shards are supported"));
         }
-        let positive: [(&str, u64); 27] = [
+        let positive: [(&str, u64); 28] = [
             ("server.backlog", self.server.backlog.into()),
             ("server.connections_per_shard_max", self.server.connections_per_shard_max as u64),
             ("http.request_line_bytes_max", self.http.request_line_bytes_max as u64),
@@ -499,6 +503,7 @@ impl Config {
             ("http.headers_count_max", self.http.headers_count_max as u64),
             ("http.header_timeout_ms", self.http.header_timeout_ms),
             ("http.keepalive_timeout_ms", self.http.keepalive_timeout_ms),
+            ("http.write_timeout_ms", self.http.write_timeout_ms),
             ("websocket.frame_bytes_max", self.websocket.frame_bytes_max as u64),
             ("websocket.message_bytes_max", self.websocket.message_bytes_max as u64),
             ("websocket.write_queue_bytes_max", self.websocket.write_queue_bytes_max as u64),
@@ -910,5 +915,11 @@ mod tests {
         check_error("[webhooks]\ndns_threads = 100000\n", "webhooks.dns_threads", Some(2), "at most 64");
         check_error("[webhooks]\ndns_timeout_ms = 0\n", "webhooks.dns_timeout_ms", Some(2), "greater than 0");
         assert_eq!(Config::from_toml("[webhooks]\ndns_cache_ttl_ms = 0\n").unwrap().webhooks.dns_cache_ttl_ms, 0);
+    }
+
+    /// A write timeout of 0 (every response would fail at once) is refused naming key and line.
+    #[test]
+    fn write_timeout_must_be_positive() {
+        check_error("[http]\nwrite_timeout_ms = 0\n", "http.write_timeout_ms", Some(2), "greater than 0");
     }
 }

@@ -334,3 +334,32 @@ fn hanging_dns_lookup_fails_only_its_own_host() {
     server.join();
     drop(release);
 }
+
+/// Open HTTP connections (keep-alive and in progress), all shards; the connection asking
+/// counts itself.
+fn http_connections(server: std::net::SocketAddr) -> u64 {
+    metric(server, "http_connections").iter().sum()
+}
+
+/// A client that pipelines requests for large responses (/metrics) and never reads them, on a
+/// small receive buffer, is disconnected once a response has waited write_timeout_ms to be
+/// written, instead of holding the connection and its buffers forever; others are served.
+#[test]
+fn unread_responses_hit_the_write_timeout() {
+    let server = TestServer::start(|c| c.http.write_timeout_ms = 300);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut stalled: TcpStream = socket.into();
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    stalled.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = stalled.write_all(&requests);
+    assert!(http_connections(server.addr) >= 2, "the stalled connection is open");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while http_connections(server.addr) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_connections(server.addr), 1, "the unread connection is closed after write_timeout_ms");
+    still_serving(&server);
+    drop(stalled);
+}
