@@ -16,7 +16,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
-use crate::http::parse::{self, HeadLimits, HttpError, RequestHead};
+use crate::http::parse::{self, HeadLimits, HeadReader, HttpError, RequestHead};
 use crate::metrics::ShardMetrics;
 use crate::net::batch::FrameBatch;
 use crate::pusher::auth::{param, parse_query};
@@ -130,9 +130,11 @@ async fn read_request(
     mut buf: BytesMut,
     limits: &HeadLimits,
 ) -> (Result<(RequestHead, Bytes), ReadFailure>, BytesMut) {
+    // One reader per request: it examines only the bytes each read adds.
+    let mut reader = HeadReader::default();
     let head = loop {
         if !buf.is_empty() {
-            match parse::parse_head(&buf, limits) {
+            match reader.poll(&buf, limits) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(e) => return (Err(ReadFailure::Refused(e)), buf),
