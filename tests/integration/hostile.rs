@@ -302,6 +302,9 @@ fn hanging_dns_lookup_fails_only_its_own_host() {
     let mut config = test_config();
     config.webhooks.data_dir = temp_dir("hanging-dns");
     config.webhooks.durability = ringwire::config::DurabilityMode::Fsync;
+    // Small segments: the WAL creates new ones (on the runtime's blocking pool) while the
+    // lookup hangs.
+    config.webhooks.segment_bytes_max = 2048;
     config.webhooks.allow_private_targets = true;
     config.webhooks.retry_schedule_ms = vec![0, 100, 200, 300];
     config.webhooks.retry_jitter_percent = 0;
