@@ -357,8 +357,11 @@ fn unread_responses_hit_the_write_timeout() {
     let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
     stalled.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
     let _ = stalled.write_all(&requests);
-    assert!(http_connections(server.addr) >= 2, "the stalled connection is open");
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while http_connections(server.addr) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(http_connections(server.addr) >= 2, "the stalled connection is open");
     while http_connections(server.addr) > 1 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
