@@ -67,7 +67,7 @@ impl Server {
         // One small pool per node for the WAL's blocking file-system calls. DNS lookups, which
         // can hang for as long as a nameserver stays silent, have threads of their own.
         let blocking_pool = monoio::blocking::DefaultThreadPool::new(2);
-        let resolver = Arc::new(Resolver::new(&config.webhooks, lookup).context("cannot start the DNS threads")?);
+        let resolver = Arc::new(Resolver::new(&config, lookup).context("cannot start the DNS threads")?);
         let apps = Arc::new(Apps::new(&config.apps));
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();

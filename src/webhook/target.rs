@@ -165,7 +165,10 @@ pub async fn resolve(target: &Target) -> std::io::Result<Vec<SocketAddr>> {
     if let Some(ip) = target.literal_ip() {
         return Ok(vec![SocketAddr::new(ip, target.port)]);
     }
-    super::resolver::current().resolve(&target.host, target.port).await
+    match super::resolver::current() {
+        Some(resolver) => resolver.resolve(&target.host, target.port).await,
+        None => Err(std::io::Error::other("no DNS resolver on this thread (not a shard thread)")),
+    }
 }
 
 #[cfg(test)]
