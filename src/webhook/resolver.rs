@@ -5,9 +5,10 @@
 //! that hangs). So the whole failure is bounded here, not only the waiting side:
 //! - lookups run on `webhooks.dns_threads` threads of their own, never on the runtime's
 //!   blocking pool, so a stuck lookup cannot delay the WAL's file-system calls there;
-//! - one lookup per host is in flight node-wide (an atomic flag per configured host): a shard that needs a host another shard is looking up waits for that lookup's
-//!   end, and every attempt of one shard that needs the host waits for the shard's single
-//!   lookup, so one dead domain occupies at most one thread;
+//! - one lookup per host is in flight node-wide (an atomic flag per configured host): a
+//!   shard that needs a host another shard is looking up waits for that lookup's end, and
+//!   every attempt of one shard that needs the host waits for the shard's single lookup, so
+//!   one dead domain occupies at most one thread;
 //! - each wait ends after `webhooks.dns_timeout_ms` with a retryable
 //!   "DNS lookup of HOST timed out after N ms" (the lookup itself may go on; its answer is
 //!   still cached when it comes);
