@@ -66,6 +66,12 @@ pub struct WebhooksConfig {
     pub retry_overload_floor_ms: u64,
     /// Largest `Retry-After` honoured.
     pub retry_after_max_ms: u64,
+    /// Time to wait for a DNS lookup of an endpoint's host.
+    pub dns_timeout_ms: u64,
+    /// Threads that run DNS lookups, per node (apart from the WAL's blocking pool).
+    pub dns_threads: usize,
+    /// How long a successful DNS answer is reused; 0 = not cached.
+    pub dns_cache_ttl_ms: u64,
     /// Time to connect to an endpoint.
     pub connect_timeout_ms: u64,
     /// Time for a whole attempt (connect, send, response).
@@ -177,6 +183,9 @@ impl Default for WebhooksConfig {
             retry_jitter_percent: 20,
             retry_overload_floor_ms: 60_000,
             retry_after_max_ms: 3_600_000,
+            dns_timeout_ms: 5_000,
+            dns_threads: 4,
+            dns_cache_ttl_ms: 30_000,
             connect_timeout_ms: 5_000,
             request_timeout_ms: 15_000,
             response_bytes_max: 65_536,
@@ -239,6 +248,9 @@ pub struct HttpConfig {
     pub header_timeout_ms: u64,
     /// Idle keep-alive connections are closed after this.
     pub keepalive_timeout_ms: u64,
+    /// Time allowed for writing one whole response (WebSocket handshakes included); a client
+    /// that does not read it by then is disconnected.
+    pub write_timeout_ms: u64,
 }
 
 /// `[websocket]`
@@ -376,6 +388,7 @@ impl Default for HttpConfig {
             body_bytes_max: 262_144,
             header_timeout_ms: 10_000,
             keepalive_timeout_ms: 60_000,
+            write_timeout_ms: 10_000,
         }
     }
 }
@@ -490,7 +503,7 @@ impl Config {
         if self.server.shards > MAX_SHARDS {
             return err("server.shards".into(), format!("at most {MAX_SHARDS} shards are supported"));
         }
-        let positive: [(&str, u64); 26] = [
+        let positive: [(&str, u64); 29] = [
             ("server.backlog", self.server.backlog.into()),
             ("server.connections_per_shard_max", self.server.connections_per_shard_max as u64),
             ("http.request_line_bytes_max", self.http.request_line_bytes_max as u64),
@@ -498,6 +511,7 @@ impl Config {
             ("http.headers_count_max", self.http.headers_count_max as u64),
             ("http.header_timeout_ms", self.http.header_timeout_ms),
             ("http.keepalive_timeout_ms", self.http.keepalive_timeout_ms),
+            ("http.write_timeout_ms", self.http.write_timeout_ms),
             ("websocket.frame_bytes_max", self.websocket.frame_bytes_max as u64),
             ("websocket.message_bytes_max", self.websocket.message_bytes_max as u64),
             ("websocket.write_queue_bytes_max", self.websocket.write_queue_bytes_max as u64),
@@ -508,6 +522,8 @@ impl Config {
             ("webhooks.segment_bytes_max", self.webhooks.segment_bytes_max),
             ("webhooks.queue_bytes_max", self.webhooks.queue_bytes_max),
             ("webhooks.endpoint_queue_bytes_max", self.webhooks.endpoint_queue_bytes_max),
+            ("webhooks.dns_timeout_ms", self.webhooks.dns_timeout_ms),
+            ("webhooks.dns_threads", self.webhooks.dns_threads as u64),
             ("webhooks.connect_timeout_ms", self.webhooks.connect_timeout_ms),
             ("webhooks.request_timeout_ms", self.webhooks.request_timeout_ms),
             ("webhooks.response_bytes_max", self.webhooks.response_bytes_max as u64),
@@ -582,6 +598,9 @@ impl Config {
         };
         if hooks.retry_schedule_ms.is_empty() {
             return err("webhooks.retry_schedule_ms".into(), "needs at least one entry (the first attempt)".into());
+        }
+        if hooks.dns_threads > DNS_THREADS_MAX {
+            return err("webhooks.dns_threads".into(), format!("must be at most {DNS_THREADS_MAX}"));
         }
         if hooks.retry_jitter_percent > 100 {
             return err("webhooks.retry_jitter_percent".into(), "must be at most 100".into());
@@ -735,6 +754,9 @@ fn find_webhook_line(text: &str, app: usize, hook: usize, field: &str) -> Option
     }
     None
 }
+
+/// Most DNS lookup threads (each blocked lookup holds one; more is a typo, not a need).
+pub const DNS_THREADS_MAX: usize = 64;
 
 /// Most shards one process runs (the mesh keeps a ring per shard; beyond this it is a mistake).
 pub const MAX_SHARDS: usize = 256;
@@ -892,5 +914,21 @@ mod tests {
         check_error(two_apps, "apps[1].id", Some(7), "duplicates apps[0].id");
         check_error("[[apps]]\nid = \"1\"\nkey = \"\"\nsecret = \"s\"\n", "apps[0].key", Some(3), "empty");
         check_error("apps = []\n", "apps", Some(1), "at least one");
+    }
+
+    /// The DNS settings refuse hostile values (no threads, a thread per typo'd zero, no
+    /// timeout) naming the key and line; a cache TTL of 0 (off) is allowed.
+    #[test]
+    fn dns_settings_are_bounded() {
+        check_error("[webhooks]\ndns_threads = 0\n", "webhooks.dns_threads", Some(2), "greater than 0");
+        check_error("[webhooks]\ndns_threads = 100000\n", "webhooks.dns_threads", Some(2), "at most 64");
+        check_error("[webhooks]\ndns_timeout_ms = 0\n", "webhooks.dns_timeout_ms", Some(2), "greater than 0");
+        assert_eq!(Config::from_toml("[webhooks]\ndns_cache_ttl_ms = 0\n").unwrap().webhooks.dns_cache_ttl_ms, 0);
+    }
+
+    /// A write timeout of 0 (every response would fail at once) is refused naming key and line.
+    #[test]
+    fn write_timeout_must_be_positive() {
+        check_error("[http]\nwrite_timeout_ms = 0\n", "http.write_timeout_ms", Some(2), "greater than 0");
     }
 }

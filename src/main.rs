@@ -78,11 +78,24 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    run(config)
+    // Only the embedded default's demo credentials are public knowledge; a user's secret
+    // must not end up in a terminal scrollback or a log collector's copy of stdout.
+    let app_lines = app_lines(&config.apps, path.is_none());
+    run(config, app_lines)
 }
 
-fn run(config: Config) -> ExitCode {
-    let apps = config.apps.clone();
+/// One startup line per app: id and key, and the secret only for the embedded default's demo
+/// app (`show_secrets`), whose credentials are printed in the README anyway.
+fn app_lines(apps: &[ringwire::config::AppConfig], show_secrets: bool) -> Vec<String> {
+    apps.iter()
+        .map(|app| match show_secrets {
+            true => format!("  app id={} key={} secret={}", app.id, app.key, app.secret),
+            false => format!("  app id={} key={}", app.id, app.key),
+        })
+        .collect()
+}
+
+fn run(config: Config, app_lines: Vec<String>) -> ExitCode {
     let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
     {
         Ok(signals) => signals,
@@ -104,8 +117,8 @@ fn run(config: Config) -> ExitCode {
         "  WebSocket: ws://{}/app/{{key}}?protocol=7   HTTP API: http://{}/apps/{{id}}/events",
         server.addr, server.addr
     );
-    for app in &apps {
-        println!("  app id={} key={} secret={}", app.id, app.key, app.secret);
+    for line in &app_lines {
+        println!("{line}");
     }
     let mut signals = signals;
     if let Some(signal) = signals.forever().next() {
@@ -114,4 +127,17 @@ fn run(config: Config) -> ExitCode {
     server.shutdown();
     server.join();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The secret is printed for the embedded default's demo app only, never for a user config.
+    #[test]
+    fn secrets_printed_only_for_the_embedded_default() {
+        let apps = Config::embedded_default().apps;
+        assert_eq!(app_lines(&apps, true), ["  app id=1 key=ringwire-demo-key secret=ringwire-demo-secret"]);
+        assert_eq!(app_lines(&apps, false), ["  app id=1 key=ringwire-demo-key"]);
+    }
 }

@@ -16,6 +16,7 @@ use crate::net::listener;
 use crate::shard::mesh::Mesh;
 use crate::shard::Shard;
 use crate::webhook::dispatch::Webhooks;
+use crate::webhook::resolver::{self, Lookup, Resolver};
 
 /// The io driver a shard ended up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,14 +49,25 @@ impl Server {
 
     /// `start`, running `on_shard_start` on every shard once it is up.
     pub fn start_with(config: Config, on_shard_start: Option<ShardStartHook>) -> anyhow::Result<Server> {
+        Server::start_with_lookup(config, on_shard_start, resolver::system_lookup())
+    }
+
+    /// `start_with`, resolving webhook hosts with `lookup` instead of the system resolver
+    /// (tests use it to make lookups hang or answer locally).
+    pub fn start_with_lookup(
+        config: Config,
+        on_shard_start: Option<ShardStartHook>,
+        lookup: Lookup,
+    ) -> anyhow::Result<Server> {
         let shards = config.shard_count();
         let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
         check_wal_directories(&config, shards)?;
         let config = Arc::new(config);
-        // One small pool per node for the few blocking calls a shard must make (DNS lookups
-        // of webhook hosts).
+        // One small pool per node for the WAL's blocking file-system calls. DNS lookups, which
+        // can hang for as long as a nameserver stays silent, have threads of their own.
         let blocking_pool = monoio::blocking::DefaultThreadPool::new(2);
+        let resolver = Arc::new(Resolver::new(&config, lookup).context("cannot start the DNS threads")?);
         let apps = Arc::new(Apps::new(&config.apps));
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
@@ -66,11 +78,13 @@ impl Server {
             let (config, apps, mesh, metrics, ready) =
                 (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
             let pool = blocking_pool.clone();
+            let resolver = resolver.clone();
             let hook = on_shard_start.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
                     let _guard = ShardGuard { index, metrics: metrics.clone(), mesh: mesh.clone() };
+                    resolver::install(resolver);
                     if let Err(e) = monoio::utils::bind_to_cpu_set([index % cpus]) {
                         tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
                     }

@@ -4,8 +4,9 @@
 //! (431), Content-Length (413 over the body limit, 400 when malformed); no chunked request
 //! bodies (400 with a reason: every Pusher SDK sends Content-Length). Knows nothing of routes.
 //!
-//! Invariant: `parse_head` never consumes input; it returns the head length so the caller
-//! splits it off.
+//! Invariant: `parse_head` and `HeadReader` never consume input; they return the head length
+//! so the caller splits it off. `HeadReader` examines each byte of a head once however it is
+//! split across reads, and gives the answer `parse_head` gives for the whole buffer.
 
 use http::{Method, StatusCode};
 
@@ -86,28 +87,114 @@ impl HttpError {
 
 /// Parses a request head from the front of `buf`. `Ok(None)`: need more bytes.
 pub fn parse_head(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, HttpError> {
-    // The request line is checked on its own so a huge target answers 414, not 431.
-    match buf.iter().position(|&b| b == b'\n') {
-        Some(end) if end > limits.request_line_bytes_max => return Err(uri_too_long()),
-        None if buf.len() > limits.request_line_bytes_max => return Err(uri_too_long()),
-        None => return Ok(None),
-        Some(_) => {}
+    HeadReader::default().poll(buf, limits)
+}
+
+/// Reads one request head as its bytes arrive: each byte is examined once, the request-line
+/// and header-size limits are enforced before the head is complete, and the full parser runs
+/// only once the blank line that ends the head has arrived. A head that trickles in one byte
+/// per read (slowloris) so costs linear time, not a re-parse from byte 0 per read.
+///
+/// The caller keeps one reader per request and passes the same buffer, grown, to each `poll`.
+#[derive(Debug, Default, Clone)]
+pub struct HeadReader {
+    /// Bytes of the buffer examined so far.
+    scanned: usize,
+    /// Where the request line starts: after the empty lines a server should ignore before it
+    /// (RFC 9112 §2.2), once a byte of it has arrived.
+    line_start: Option<usize>,
+    /// The `\n` that ends the request line, once it has arrived.
+    line_end: Option<usize>,
+    /// Times httparse ran: the request line once, the whole head once.
+    parses: usize,
+}
+
+impl HeadReader {
+    /// Examines the bytes added to `buf` since the last call. `Ok(None)`: need more bytes.
+    pub fn poll(&mut self, buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, HttpError> {
+        debug_assert!(self.scanned <= buf.len(), "the buffer only grows while a head is read");
+        if self.line_start.is_none() {
+            // RFC 9112 §2.2: ignore empty lines (CRLF or LF) received before the request line.
+            let skipped = buf[self.scanned..].iter().take_while(|&&b| b == b'\r' || b == b'\n').count();
+            self.scanned += skipped;
+            if self.scanned < buf.len() {
+                self.line_start = Some(self.scanned);
+            }
+        }
+        if let (Some(start), None) = (self.line_start, self.line_end) {
+            match buf[self.scanned..].iter().position(|&b| b == b'\n') {
+                Some(at) => {
+                    let end = self.scanned + at;
+                    if end - start > limits.request_line_bytes_max {
+                        return Err(uri_too_long());
+                    }
+                    self.line_end = Some(end);
+                    self.scanned = end + 1;
+                    self.check_request_line(&buf[start..=end])?;
+                }
+                None if buf.len() - start > limits.request_line_bytes_max => return Err(uri_too_long()),
+                None => self.scanned = buf.len(),
+            }
+        }
+        if let Some(line_end) = self.line_end {
+            if let Some(head_len) = self.find_blank_line(buf, line_end) {
+                if head_len > limits.header_bytes_max {
+                    return Err(header_too_large());
+                }
+                self.parses += 1;
+                return parse_complete(&buf[..head_len], limits).map(Some);
+            }
+        }
+        if buf.len() > limits.header_bytes_max {
+            return Err(header_too_large());
+        }
+        Ok(None)
     }
+
+    /// Looks for the empty line that ends the head in the unexamined bytes; returns the head
+    /// length (through that line's `\n`).
+    fn find_blank_line(&mut self, buf: &[u8], line_end: usize) -> Option<usize> {
+        while let Some(at) = buf[self.scanned..].iter().position(|&b| b == b'\n') {
+            let newline = self.scanned + at;
+            self.scanned = newline + 1;
+            // The line this `\n` ends is empty when the previous line's `\n` comes right
+            // before it, or right before a `\r`.
+            let empty = buf[newline - 1] == b'\n'
+                || (buf[newline - 1] == b'\r' && newline - 2 >= line_end && buf[newline - 2] == b'\n');
+            if empty {
+                return Some(newline + 1);
+            }
+        }
+        self.scanned = buf.len();
+        None
+    }
+
+    /// Refuses a malformed request line as soon as it is complete, before its headers arrive.
+    fn check_request_line(&mut self, line: &[u8]) -> Result<(), HttpError> {
+        self.parses += 1;
+        match httparse::Request::new(&mut []).parse(line) {
+            Ok(_) | Err(httparse::Error::TooManyHeaders) => Ok(()),
+            Err(e) => Err(malformed(e)),
+        }
+    }
+}
+
+/// Parses a head known to be complete (it ends with its blank line).
+fn parse_complete(head: &[u8], limits: &HeadLimits) -> Result<RequestHead, HttpError> {
     let mut headers = vec![httparse::EMPTY_HEADER; limits.headers_count_max];
     let mut request = httparse::Request::new(&mut headers);
-    let head_len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) if buf.len() > limits.header_bytes_max => return Err(header_too_large()),
-        Ok(httparse::Status::Partial) => return Ok(None),
+    match request.parse(head) {
+        Ok(httparse::Status::Complete(head_len)) => build_head(&request, head_len, limits),
+        Ok(httparse::Status::Partial) => Err(HttpError::new(StatusCode::BAD_REQUEST, "malformed request head")),
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(HttpError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many request headers"))
+            Err(HttpError::new(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE, "too many request headers"))
         }
-        Err(e) => return Err(HttpError::new(StatusCode::BAD_REQUEST, format!("malformed request: {e}"))),
-    };
-    if head_len > limits.header_bytes_max {
-        return Err(header_too_large());
+        Err(e) => Err(malformed(e)),
     }
-    build_head(&request, head_len, limits).map(Some)
+}
+
+fn malformed(error: httparse::Error) -> HttpError {
+    HttpError::new(StatusCode::BAD_REQUEST, format!("malformed request: {error}"))
 }
 
 fn build_head(request: &httparse::Request, head_len: usize, limits: &HeadLimits) -> Result<RequestHead, HttpError> {
@@ -257,6 +344,75 @@ mod tests {
         check("POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n", Err(400));
         check("GET\x01 / HTTP/1.1\r\n\r\n", Err(400));
         check("GET * HTTP/1.1\r\n\r\n", Err(400));
+    }
+
+    /// Feeds `input` to one reader in pieces ending at `cuts` (then the rest); returns the
+    /// first answer that is not "need more" (or the last), and how often httparse ran.
+    fn feed(input: &[u8], cuts: &[usize], limits: &HeadLimits) -> (Result<Option<RequestHead>, HttpError>, usize) {
+        let mut reader = HeadReader::default();
+        for &end in cuts.iter().chain([&input.len()]) {
+            match reader.poll(&input[..end], limits) {
+                Ok(None) => {}
+                done => return (done, reader.parses),
+            }
+        }
+        (Ok(None), reader.parses)
+    }
+
+    /// A head split anywhere — in two at every offset, or one byte per read — gives exactly
+    /// the answer the whole buffer gives, errors included.
+    #[test]
+    fn every_split_gives_the_same_result() {
+        let inputs: Vec<String> = vec![
+            "GET /a?b=1 HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            "POST /a HTTP/1.1\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhelloGET / HTTP/1.1\r\n\r\n".into(),
+            "\r\n\nGET /lf HTTP/1.0\nX: 1\n\n".into(),
+            "GET /mixed HTTP/1.1\r\nX: 1\n\r\n".into(),
+            "GET /a HTTP/1.1\r\nHost:".into(),
+            format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(80)),
+            format!("GET /{}", "a".repeat(80)),
+            format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(300)),
+            format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(300)),
+            "GET / HTTP/1.1\r\nA: 1\r\nB: 1\r\nC: 1\r\nD: 1\r\nE: 1\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n".into(),
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n".into(),
+            "GET\x01 / HTTP/1.1\r\nHost: x\r\n".into(),
+            "GET / HTTP/1.1\r\nBad Header: x\r\n\r\n".into(),
+            "GARBAGE\r\n\r\n".into(),
+        ];
+        for input in &inputs {
+            let input = input.as_bytes();
+            let whole = parse_head(input, &limits());
+            for cut in 0..=input.len() {
+                assert_eq!(
+                    feed(input, &[cut], &limits()).0,
+                    whole,
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+            let bytes: Vec<usize> = (1..input.len()).collect();
+            assert_eq!(feed(input, &bytes, &limits()).0, whole, "{:?} byte by byte", String::from_utf8_lossy(input));
+        }
+    }
+
+    /// A 16 KB head arriving one byte per read runs httparse twice (request line, whole head),
+    /// not once per read: the cost is linear in the head's length.
+    #[test]
+    fn head_fed_byte_by_byte_is_parsed_once() {
+        let limits = HeadLimits {
+            request_line_bytes_max: 8192,
+            header_bytes_max: 20_000,
+            headers_count_max: 2000,
+            body_bytes_max: 0,
+        };
+        let headers: String = (0..1000).map(|i| format!("X-{i:04}: abcdefgh\r\n")).collect();
+        let input = format!("GET /slow HTTP/1.1\r\n{headers}\r\n");
+        assert!(input.len() > 16_000);
+        let bytes: Vec<usize> = (1..input.len()).collect();
+        let (result, parses) = feed(input.as_bytes(), &bytes, &limits);
+        assert_eq!(result.unwrap().unwrap().headers.len(), 1000);
+        assert_eq!(parses, 2);
     }
 
     /// Error responses carry a JSON body with the reason.

@@ -16,7 +16,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
-use crate::http::parse::{self, HeadLimits, HttpError, RequestHead};
+use crate::http::parse::{self, HeadLimits, HeadReader, HttpError, RequestHead};
 use crate::metrics::ShardMetrics;
 use crate::net::batch::FrameBatch;
 use crate::pusher::auth::{param, parse_query};
@@ -46,6 +46,13 @@ async fn read_more<R: AsyncReadRent>(reader: &mut R, mut buf: BytesMut, spare: u
     (result, slice.into_inner())
 }
 
+/// Writes one whole response; false when it failed or did not finish within `timeout` (the
+/// caller then closes the connection). Without the bound a client that never reads would hold
+/// the connection and the response's buffer forever.
+async fn write_response(stream: &mut TcpStream, bytes: Vec<u8>, timeout: Duration) -> bool {
+    matches!(monoio::time::timeout(timeout, stream.write_all(bytes)).await, Ok((Ok(_), _)))
+}
+
 /// How reading a request ended, when it did not produce one.
 enum ReadFailure {
     /// The peer closed or the socket failed: just drop it.
@@ -72,6 +79,7 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
     let limits = HeadLimits::from(&shard.config.http);
     let header_timeout = Duration::from_millis(shard.config.http.header_timeout_ms);
     let keepalive_timeout = Duration::from_millis(shard.config.http.keepalive_timeout_ms);
+    let write_timeout = Duration::from_millis(shard.config.http.write_timeout_ms);
     let mut buf = BytesMut::with_capacity(HTTP_READ_SPARE);
     let mut first = true;
     loop {
@@ -88,13 +96,13 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
         let (head, body, rest) = match request {
             Ok((Ok((head, body)), rest)) => (head, body, rest),
             Ok((Err(ReadFailure::Refused(error)), _)) => {
-                let _ = stream.write_all(parse::error_response(&error, false)).await;
+                write_response(&mut stream, parse::error_response(&error, false), write_timeout).await;
                 break;
             }
             Ok((Err(ReadFailure::Closed), _)) => break,
             Err(_elapsed) => {
                 let error = HttpError::new(StatusCode::REQUEST_TIMEOUT, "request not received in time");
-                let _ = stream.write_all(parse::error_response(&error, false)).await;
+                write_response(&mut stream, parse::error_response(&error, false), write_timeout).await;
                 break;
             }
         };
@@ -108,8 +116,7 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
         let response = crate::http::api::handle(shard, &head, &body).await;
         let bytes = parse::response(response.status, response.content_type, &response.body, keep_alive);
-        let (result, _) = stream.write_all(bytes).await;
-        if result.is_err() || !keep_alive {
+        if !write_response(&mut stream, bytes, write_timeout).await || !keep_alive {
             break;
         }
     }
@@ -123,9 +130,11 @@ async fn read_request(
     mut buf: BytesMut,
     limits: &HeadLimits,
 ) -> (Result<(RequestHead, Bytes), ReadFailure>, BytesMut) {
+    // One reader per request: it examines only the bytes each read adds.
+    let mut reader = HeadReader::default();
     let head = loop {
         if !buf.is_empty() {
-            match parse::parse_head(&buf, limits) {
+            match reader.poll(&buf, limits) {
                 Ok(Some(head)) => break head,
                 Ok(None) => {}
                 Err(e) => return (Err(ReadFailure::Refused(e)), buf),
@@ -188,6 +197,7 @@ pub struct Session {
 /// caller runs the returned session in a task of its own: an idle connection keeps only that.
 pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) -> Option<Session> {
     let Upgrade { mut stream, head, mut buf, echo } = upgrade;
+    let write_timeout = Duration::from_millis(shard.config.http.write_timeout_ms);
     let mut response = match handshake::accept(&head) {
         Ok(response) => response,
         Err(e) => {
@@ -197,7 +207,7 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) -> Option<Session> {
                 let at = bytes.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0);
                 bytes.splice(at..at, b"\r\nSec-WebSocket-Version: 13".iter().copied());
             }
-            let _ = stream.write_all(bytes).await;
+            write_response(&mut stream, bytes, write_timeout).await;
             return None;
         }
     };
@@ -208,13 +218,13 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) -> Option<Session> {
             // Protocol §1.4: pusher:error, then close with the same code.
             response.extend_from_slice(&message::error(Some(code), &reason, None));
             response.extend_from_slice(&frame::encode_close(code, &reason));
-            let _ = stream.write_all(response).await;
-            let _ = stream.shutdown().await;
+            if write_response(&mut stream, response, write_timeout).await {
+                let _ = stream.shutdown().await;
+            }
             return None;
         }
     };
-    let (result, _) = stream.write_all(response).await;
-    if result.is_err() {
+    if !write_response(&mut stream, response, write_timeout).await {
         if !echo {
             shard.apps.get(app).release();
         }

@@ -5,10 +5,12 @@
 //! - `sign`: signatures per attempt.
 //! - `retry`: the retry schedule, a pure function.
 //! - `target`: endpoint URLs and the SSRF guard.
+//! - `resolver`: host-name lookups on their own threads (timeout, single flight, cache).
 //! - `dispatch`: a shard's deliveries, endpoint workers, retries, dead letters, admin.
 
 pub mod dispatch;
 pub mod event;
+pub mod resolver;
 pub mod retry;
 pub mod sign;
 pub mod target;

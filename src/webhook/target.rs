@@ -7,7 +7,7 @@
 //! multicast, documentation, …, IPv4-mapped forms canonicalised first; reference/webhooks.md
 //! §8) are refused unless `allow_private_targets` or a CIDR in `allowed_cidrs` permits them.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// A parsed endpoint URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,15 +158,16 @@ impl AddressPolicy {
     }
 }
 
-/// Resolves a target's host (on the blocking pool for names; literal IPs directly).
+/// Resolves a target's host: literal IPs directly, names through this shard's resolver
+/// (its own threads, single flight per host, a timeout and a short cache; see
+/// `webhook::resolver`).
 pub async fn resolve(target: &Target) -> std::io::Result<Vec<SocketAddr>> {
     if let Some(ip) = target.literal_ip() {
         return Ok(vec![SocketAddr::new(ip, target.port)]);
     }
-    let query = (target.host.clone(), target.port);
-    match monoio::spawn_blocking(move || query.to_socket_addrs().map(|a| a.collect::<Vec<_>>())).await {
-        Ok(result) => result,
-        Err(_) => Err(std::io::Error::other("name resolution task failed")),
+    match super::resolver::current() {
+        Some(resolver) => resolver.resolve(&target.host, target.port).await,
+        None => Err(std::io::Error::other("no DNS resolver on this thread (not a shard thread)")),
     }
 }
 

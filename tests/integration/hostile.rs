@@ -247,3 +247,125 @@ fn signed_hostile_admin_paths() {
     assert_eq!(publish(server.addr, &["after"], "e", "{}", None).0, 200, "the shard still publishes");
     still_serving(&server);
 }
+
+/// The settings `TestServer::start` uses, for tests that start a `Server` themselves.
+fn test_config() -> ringwire::Config {
+    let mut config = ringwire::Config::default();
+    config.server.bind = "127.0.0.1:0".parse().unwrap();
+    config.server.shards = 2;
+    config.server.shutdown_grace_ms = 300;
+    config.server.shutdown_close_window_ms = 10;
+    if let Ok(driver) = std::env::var("RINGWIRE_TEST_DRIVER") {
+        config.server.io_driver =
+            if driver == "epoll" { ringwire::config::IoDriver::Epoll } else { ringwire::config::IoDriver::IoUring };
+    }
+    config
+}
+
+/// A Standard Webhooks endpoint called `id` posting to `url`.
+fn standard_hook(id: &str, url: String) -> ringwire::config::WebhookConfig {
+    ringwire::config::WebhookConfig {
+        id: Some(id.into()),
+        url,
+        format: ringwire::config::WebhookFormat::Standard,
+        events: None,
+        secret: Some("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into()),
+        secrets: Vec::new(),
+        channels: None,
+        event_types: None,
+        batch_events_max: None,
+    }
+}
+
+/// A webhook host whose DNS lookup never answers fails only its own attempts, with "DNS
+/// lookup of hang.test timed out after 300 ms", at the cost of one lookup (one DNS thread) for
+/// the whole node; deliveries to another named host keep flowing, and fsync'd publishes (the
+/// WAL's blocking pool) keep being accepted.
+#[test]
+fn hanging_dns_lookup_fails_only_its_own_host() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let receiver = Receiver::start();
+    let hung = Arc::new(AtomicUsize::new(0));
+    // The lookup for hang.test blocks until the test ends (drops `release`), like a nameserver
+    // that never answers; good.test is the receiver.
+    let (release, released) = crossbeam::channel::bounded::<()>(0);
+    let counter = hung.clone();
+    let lookup: ringwire::webhook::resolver::Lookup = Arc::new(move |host: &str| {
+        if host == "good.test" {
+            return Ok(vec![std::net::IpAddr::from([127, 0, 0, 1])]);
+        }
+        counter.fetch_add(1, Ordering::SeqCst);
+        let _ = released.recv();
+        Err(std::io::Error::other("released"))
+    });
+    let mut config = test_config();
+    config.webhooks.data_dir = temp_dir("hanging-dns");
+    config.webhooks.durability = ringwire::config::DurabilityMode::Fsync;
+    // Small segments: the WAL creates new ones (on the runtime's blocking pool) while the
+    // lookup hangs.
+    config.webhooks.segment_bytes_max = 2048;
+    config.webhooks.allow_private_targets = true;
+    config.webhooks.retry_schedule_ms = vec![0, 100, 200, 300];
+    config.webhooks.retry_jitter_percent = 0;
+    config.webhooks.dns_timeout_ms = 300;
+    config.webhooks.dns_threads = 2;
+    config.apps[0].webhooks = vec![
+        standard_hook("hang", "http://hang.test:9/".into()),
+        standard_hook("good", format!("http://good.test:{}/", receiver.addr.port())),
+    ];
+    let server = ringwire::Server::start_with_lookup(config, None, lookup).expect("server starts");
+    let events = 20;
+    for n in 0..events {
+        let (status, body) = publish(server.addr, &[&format!("c{n}")], "e", "{}", None);
+        assert_eq!(status, 200, "publish {n} while hang.test hangs: {body}");
+    }
+    assert_eq!(receiver.wait_for(events, Duration::from_secs(10)).len(), events, "good.test deliveries flow");
+    let expected = "DNS lookup of hang.test timed out after 300 ms";
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let health = loop {
+        let (_, health) = api(server.addr, "GET", "/apps/1/webhooks", &[]);
+        if health.to_string().contains(expected) || std::time::Instant::now() > deadline {
+            break health;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let hang = health["endpoints"].as_array().unwrap().iter().find(|e| e["id"] == "hang").cloned();
+    assert!(hang.as_ref().is_some_and(|e| e["last_error"].as_str().unwrap_or("").contains(expected)), "{health}");
+    assert_eq!(hung.load(Ordering::SeqCst), 1, "one lookup of the dead host in flight node-wide");
+    server.shutdown();
+    server.join();
+    drop(release);
+}
+
+/// Open HTTP connections (keep-alive and in progress), all shards; the connection asking
+/// counts itself.
+fn http_connections(server: std::net::SocketAddr) -> u64 {
+    metric(server, "http_connections").iter().sum()
+}
+
+/// A client that pipelines requests for large responses (/metrics) and never reads them, on a
+/// small receive buffer, is disconnected once a response has waited write_timeout_ms to be
+/// written, instead of holding the connection and its buffers forever; others are served.
+#[test]
+fn unread_responses_hit_the_write_timeout() {
+    let server = TestServer::start(|c| c.http.write_timeout_ms = 300);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&server.addr.into()).unwrap();
+    let mut stalled: TcpStream = socket.into();
+    let requests = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(2000);
+    stalled.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let _ = stalled.write_all(&requests);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while http_connections(server.addr) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(http_connections(server.addr) >= 2, "the stalled connection is open");
+    while http_connections(server.addr) > 1 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(http_connections(server.addr), 1, "the unread connection is closed after write_timeout_ms");
+    still_serving(&server);
+    drop(stalled);
+}

@@ -30,7 +30,7 @@ fn check_config() {
 }
 
 /// SIGTERM: WebSockets get close 4200, readiness turns 503 on an open keep-alive connection,
-/// and the process exits 0.
+/// and the process exits 0. The startup lines of a user config name its apps without secrets.
 #[test]
 fn graceful_shutdown() {
     let config = temp_config(
@@ -46,7 +46,9 @@ fn graceful_shutdown() {
     for _ in 0..2 {
         stdout.read_line(&mut rest).unwrap();
     }
-    assert!(rest.contains("key=ringwire-demo-key secret=ringwire-demo-secret"), "{rest}");
+    // A config file was given: the app's id and key are printed, never its secret.
+    assert!(rest.contains("app id=1 key=ringwire-demo-key\n"), "{rest}");
+    assert!(!rest.contains("secret"), "a user config's app secret must not be printed: {rest}");
 
     let mut clients: Vec<Ws> = (0..6).map(|_| connect(addr).0).collect();
     let mut keep_alive = TcpStream::connect(addr).unwrap();
