@@ -28,6 +28,8 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// Webhook delivery: the durable queue, the HTTP client, retries, the SSRF guard.
     pub webhooks: WebhooksConfig,
+    /// Cluster mode on Redis (docs/cluster.md); off unless `redis_url` is set.
+    pub cluster: ClusterConfig,
     /// The applications this node serves (at least one).
     pub apps: Vec<AppConfig>,
 }
@@ -281,6 +283,28 @@ pub struct MeshConfig {
     pub ring_capacity: usize,
 }
 
+/// `[cluster]`: several nodes sharing one Redis (docs/cluster.md).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// `redis://[[user]:password@]host[:port][/db]`; unset = single node, no Redis.
+    pub redis_url: Option<String>,
+    /// This node's name in Redis keys and messages; unset = generated per process.
+    pub node_id: Option<String>,
+    /// Prefix of every Redis key and channel, so deployments can share one Redis.
+    pub prefix: String,
+    /// How long a silent node's presence members and subscriptions outlive it.
+    pub lease_ms: u64,
+    /// Time for a TCP connect to Redis.
+    pub connect_timeout_ms: u64,
+    /// Time for Redis to answer a handshake or a pipeline of commands.
+    pub command_timeout_ms: u64,
+    /// Largest Redis reply or pushed message; over it the link is dropped and reconnected.
+    pub reply_bytes_max: usize,
+    /// Largest batch of commands written to Redis at once.
+    pub pipeline_bytes_max: usize,
+}
+
 /// `[[apps]]`
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -413,6 +437,21 @@ impl Default for MeshConfig {
     }
 }
 
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            redis_url: None,
+            node_id: None,
+            prefix: "ringwire".into(),
+            lease_ms: 10_000,
+            connect_timeout_ms: 2_000,
+            command_timeout_ms: 2_000,
+            reply_bytes_max: 16 * 1024 * 1024,
+            pipeline_bytes_max: 4 * 1024 * 1024,
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -421,6 +460,7 @@ impl Default for Config {
             websocket: WebSocketConfig::default(),
             mesh: MeshConfig::default(),
             webhooks: WebhooksConfig::default(),
+            cluster: ClusterConfig::default(),
             apps: vec![AppConfig::demo()],
         }
     }
@@ -546,6 +586,7 @@ impl Config {
             );
         }
         self.validate_webhooks(text)?;
+        self.validate_cluster(text)?;
         if self.apps.is_empty() {
             return err("apps".into(), "at least one [[apps]] table is required".into());
         }
@@ -713,6 +754,57 @@ impl Config {
 
 /// Largest JSON one Standard Webhooks event can take: every string it carries (data, event
 /// name, channel) may be escaped to six bytes per byte (`\u00XX`), plus the fixed keys.
+impl Config {
+    /// The `[cluster]` table.
+    fn validate_cluster(&self, text: &str) -> Result<(), ConfigError> {
+        let err = |field: &str, message: String| {
+            let key = format!("cluster.{field}");
+            let line = find_key_line(text, &key);
+            Err(ConfigError { key, line, message })
+        };
+        let cluster = &self.cluster;
+        if let Some(url) = &cluster.redis_url {
+            if let Err(reason) = crate::cluster::url::RedisUrl::parse(url) {
+                return err("redis_url", reason);
+            }
+            // Refused rather than ignored: a node that silently ran alone would split the app.
+            return err("redis_url", "cluster mode is not wired into the server yet (docs/cluster.md)".into());
+        }
+        if let Some(node_id) = &cluster.node_id {
+            if let Some(reason) = name_problem(node_id, b"._-") {
+                return err("node_id", reason);
+            }
+        }
+        // `{` and `}` are left out: they would make a Redis Cluster hash tag of the prefix.
+        if let Some(reason) = name_problem(&cluster.prefix, b"._:-") {
+            return err("prefix", reason);
+        }
+        let ranges: [(&str, u64, u64, u64); 5] = [
+            ("lease_ms", cluster.lease_ms, 1_000, 3_600_000),
+            ("connect_timeout_ms", cluster.connect_timeout_ms, 1, 600_000),
+            ("command_timeout_ms", cluster.command_timeout_ms, 1, 600_000),
+            ("reply_bytes_max", cluster.reply_bytes_max as u64, 65_536, 1 << 30),
+            ("pipeline_bytes_max", cluster.pipeline_bytes_max as u64, 65_536, 1 << 30),
+        ];
+        for (field, value, min, max) in ranges {
+            if !(min..=max).contains(&value) {
+                return err(field, format!("must be between {min} and {max}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why `name` cannot be a node id or prefix: 1 to 64 ASCII letters, digits and `extra`.
+fn name_problem(name: &str, extra: &[u8]) -> Option<String> {
+    let allowed = |b: &u8| b.is_ascii_alphanumeric() || extra.contains(b);
+    if name.is_empty() || name.len() > 64 || !name.bytes().all(|b| allowed(&b)) {
+        let extra: String = extra.iter().map(|&b| b as char).collect();
+        return Some(format!("must be 1 to 64 ASCII letters, digits or any of `{extra}`"));
+    }
+    None
+}
+
 fn standard_event_bytes_max(data_bytes_max: usize) -> usize {
     let names = crate::http::api::EVENT_NAME_BYTES_MAX + crate::pusher::channel::CHANNEL_NAME_BYTES_MAX;
     data_bytes_max.saturating_add(names).saturating_mul(6).saturating_add(256)
@@ -903,6 +995,26 @@ mod tests {
             format!("[http]\nbody_bytes_max = 1048576\n{app}event_data_bytes_max = 1048576\n{}", standard(100));
         check_error(&big_data, "apps[0].webhooks[0].batch_events_max", Some(12), "record limit");
         assert!(Config::from_toml(&format!("{app}{pusher}")).is_ok());
+    }
+
+    /// `[cluster]` values are checked with key and line: hostile URLs, names that would break
+    /// Redis keys, limits out of range; a URL is refused until cluster mode is wired in.
+    #[test]
+    fn cluster_errors_name_key_and_line() {
+        check_error("[cluster]\nredis_url = \"http://x\"\n", "cluster.redis_url", Some(2), "redis://");
+        check_error("[cluster]\nredis_url = \"redis://h:0\"\n", "cluster.redis_url", Some(2), "port");
+        check_error("[cluster]\nredis_url = \"redis://h\"\n", "cluster.redis_url", Some(2), "not wired");
+        check_error("[cluster]\nnode_id = \"a{b}\"\n", "cluster.node_id", Some(2), "ASCII");
+        check_error("[cluster]\n\nnode_id = \"\"\n", "cluster.node_id", Some(3), "1 to 64");
+        check_error(&format!("[cluster]\nnode_id = \"{}\"\n", "n".repeat(65)), "cluster.node_id", Some(2), "64");
+        check_error("[cluster]\nprefix = \"p{1}\"\n", "cluster.prefix", Some(2), "ASCII");
+        check_error("[cluster]\nlease_ms = 10\n", "cluster.lease_ms", Some(2), "between 1000");
+        check_error("[cluster]\ncommand_timeout_ms = 0\n", "cluster.command_timeout_ms", Some(2), "between 1");
+        check_error("[cluster]\nreply_bytes_max = 1024\n", "cluster.reply_bytes_max", Some(2), "between 65536");
+        let e = Config::from_toml("[cluster]\npipeline_bytes_max = -1\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        let good = "[cluster]\nnode_id = \"eu-1.a\"\nprefix = \"prod:rw\"\nlease_ms = 5000\n";
+        assert_eq!(Config::from_toml(good).unwrap().cluster.node_id.as_deref(), Some("eu-1.a"));
     }
 
     /// Semantic errors name the key and find its line.

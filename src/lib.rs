@@ -17,8 +17,10 @@
 //! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
 //!   `target` (URLs, SSRF guard), `dispatch` (per-shard queues, workers, health).
+//! - `cluster`: cluster mode on Redis — `url` (`cluster.redis_url`), `link` (RESP2 connection).
 
 pub mod apps;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod server;

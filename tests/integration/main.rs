@@ -1,6 +1,7 @@
 //! Integration tests: a real server on 127.0.0.1:0, real sockets, exact wire bytes.
 //! Run with RINGWIRE_TEST_DRIVER=epoll to put every shard on the epoll driver.
 
+mod cluster;
 mod hostile;
 mod http_api;
 mod presence;

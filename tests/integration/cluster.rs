@@ -1,0 +1,327 @@
+//! Cluster mode: the Redis link against a real redis-server that each test starts on a free
+//! 127.0.0.1 port (no persistence) and kills when it ends. Needs `redis-server` on PATH
+//! (`scripts/redis install`).
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ringwire::cluster::link::{Link, LinkError, LinkOptions, Push, Reply};
+
+/// A redis-server of the test's own; killed (and reaped) when dropped.
+pub struct RedisServer {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl RedisServer {
+    /// Starts one with no persistence on a free port.
+    pub fn start() -> RedisServer {
+        RedisServer::start_with(&[])
+    }
+
+    /// Starts one with extra `--option value` arguments (e.g. `--requirepass`).
+    pub fn start_with(extra: &[&str]) -> RedisServer {
+        // The free port is found by binding port 0 and closing it, so another process can take
+        // it before redis-server does: then redis-server exits and we try another.
+        for _ in 0..5 {
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let mut child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+                .args(["--dir", std::env::temp_dir().to_str().unwrap()])
+                .args(extra)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server runs (install it with scripts/redis install)");
+            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if answers_ping(addr) {
+                    return RedisServer { child, addr };
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("redis-server did not start");
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether something on `addr` answers an inline `PING` with `+PONG` or an auth error.
+fn answers_ping(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect(addr) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut reply = [0u8; 64];
+    matches!(stream.read(&mut reply), Ok(n) if reply[..n].starts_with(b"+PONG") || reply[..n].starts_with(b"-NOAUTH"))
+}
+
+/// Runs a future on a monoio runtime with timers, on the driver the test run asks for.
+fn run<F: Future>(future: F) -> F::Output {
+    if std::env::var("RINGWIRE_TEST_DRIVER").as_deref() == Ok("epoll") {
+        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap().block_on(future)
+    } else {
+        monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap().block_on(future)
+    }
+}
+
+fn options() -> LinkOptions {
+    LinkOptions {
+        connect_timeout: Duration::from_secs(2),
+        command_timeout: Duration::from_secs(2),
+        reply_bytes_max: 1 << 20,
+        pipeline_bytes_max: 1 << 20,
+        username: None,
+        password: None,
+        db: 0,
+    }
+}
+
+fn bulk(text: &str) -> Reply {
+    Reply::BulkString(Bytes::copy_from_slice(text.as_bytes()))
+}
+
+fn simple(text: &str) -> Reply {
+    Reply::SimpleString(Bytes::copy_from_slice(text.as_bytes()))
+}
+
+/// PING, SET and GET work; a Redis error reply is a value and leaves the link usable.
+#[test]
+fn link_ping_set_get() {
+    let redis = RedisServer::start();
+    run(async {
+        let mut link = Link::connect(redis.addr, &options()).await.unwrap();
+        assert_eq!(link.command(&[b"PING"]).await.unwrap(), simple("PONG"));
+        assert_eq!(link.command(&[b"SET", b"k", b"v\r\n\0binary"]).await.unwrap(), simple("OK"));
+        assert_eq!(link.command(&[b"GET", b"k"]).await.unwrap(), bulk("v\r\n\0binary"));
+        assert_eq!(link.command(&[b"GET", b"missing"]).await.unwrap(), Reply::Null);
+        match link.command(&[b"INCR", b"k"]).await.unwrap() {
+            Reply::Error(message) => assert!(message.starts_with("ERR"), "{message}"),
+            other => panic!("INCR of a string answered {other:?}"),
+        }
+        assert_eq!(link.command(&[b"PING"]).await.unwrap(), simple("PONG"));
+    });
+}
+
+/// 1000 pipelined commands go out in one write and their replies come back matched in order.
+#[test]
+fn link_pipelines_1000_commands() {
+    let redis = RedisServer::start();
+    run(async {
+        let mut link = Link::connect(redis.addr, &options()).await.unwrap();
+        for i in 0..500 {
+            let value = i.to_string();
+            link.queue(&[b"SET", b"key", value.as_bytes()]).unwrap();
+            link.queue(&[b"GET", b"key"]).unwrap();
+        }
+        assert_eq!(link.queued(), 1000);
+        let mut replies = Vec::new();
+        link.flush(&mut replies).await.unwrap();
+        assert_eq!(replies.len(), 1000);
+        for (i, pair) in replies.chunks(2).enumerate() {
+            assert_eq!(pair, [simple("OK"), bulk(&i.to_string())]);
+        }
+        assert_eq!(link.queued(), 0);
+        // A second batch on the same link, many arguments (past the inline array).
+        let args: Vec<Vec<u8>> = (0..20).map(|i| format!("m{i}").into_bytes()).collect();
+        let mut command: Vec<&[u8]> = vec![b"SADD", b"set"];
+        command.extend(args.iter().map(|a| a.as_slice()));
+        assert_eq!(link.command(&command).await.unwrap(), Reply::Integer(20));
+    });
+}
+
+/// A message SPUBLISHed on one link arrives on another link's SSUBSCRIBE, after its
+/// confirmation; PING on the subscriber answers after the messages queued before it.
+#[test]
+fn sharded_pubsub_delivers_messages() {
+    let redis = RedisServer::start();
+    run(async {
+        let (mut subscriptions, mut pushes) =
+            Link::connect(redis.addr, &options()).await.unwrap().into_subscriber().unwrap();
+        subscriptions.ssubscribe(&[b"rw:b:1:0"]).await.unwrap();
+        let confirmed = pushes.next().await.unwrap();
+        assert_eq!(confirmed, Push::Subscribed { channel: Bytes::from_static(b"rw:b:1:0"), count: 1 });
+
+        let mut publisher = Link::connect(redis.addr, &options()).await.unwrap();
+        let big = vec![b'x'; 100_000];
+        publisher.queue(&[b"SPUBLISH", b"rw:b:1:0", b"hello"]).unwrap();
+        publisher.queue(&[b"SPUBLISH", b"rw:b:1:0", &big]).unwrap();
+        publisher.queue(&[b"SPUBLISH", b"rw:b:1:1", b"nobody listens"]).unwrap();
+        let mut replies = Vec::new();
+        publisher.flush(&mut replies).await.unwrap();
+        assert_eq!(replies, [Reply::Integer(1), Reply::Integer(1), Reply::Integer(0)]);
+
+        let channel = Bytes::from_static(b"rw:b:1:0");
+        let hello = Push::Message { channel: channel.clone(), payload: Bytes::from_static(b"hello") };
+        assert_eq!(pushes.next().await.unwrap(), hello);
+        assert_eq!(pushes.next().await.unwrap(), Push::Message { channel: channel.clone(), payload: big.into() });
+        subscriptions.ping().await.unwrap();
+        assert_eq!(pushes.next().await.unwrap(), Push::Pong);
+        subscriptions.sunsubscribe(&[b"rw:b:1:0"]).await.unwrap();
+        assert_eq!(pushes.next().await.unwrap(), Push::Unsubscribed { channel, count: 0 });
+    });
+}
+
+/// When redis-server is killed, a command and a waiting subscriber both end with an error
+/// (not a hang), and the link then answers `Broken`.
+#[test]
+fn link_notices_redis_killed() {
+    let mut redis = RedisServer::start();
+    run(async {
+        let mut link = Link::connect(redis.addr, &options()).await.unwrap();
+        let (mut subscriptions, mut pushes) =
+            Link::connect(redis.addr, &options()).await.unwrap().into_subscriber().unwrap();
+        subscriptions.ssubscribe(&[b"c"]).await.unwrap();
+        assert!(matches!(pushes.next().await.unwrap(), Push::Subscribed { .. }));
+        redis.kill();
+        // The subscriber is waiting in a read when the server dies: EOF or reset.
+        let error = pushes.next().await.unwrap_err();
+        assert!(matches!(error, LinkError::Closed | LinkError::Io(_)), "{error:?}");
+        let error = link.command(&[b"PING"]).await.unwrap_err();
+        assert!(matches!(error, LinkError::Closed | LinkError::Io(_)), "{error:?}");
+        assert!(!error.link_usable());
+        assert!(matches!(link.command(&[b"PING"]).await.unwrap_err(), LinkError::Broken));
+        let error = Link::connect(redis.addr, &options()).await.err().expect("nothing listens");
+        assert!(matches!(error, LinkError::Connect { .. }), "{error:?}");
+    });
+}
+
+/// A reply over `reply_bytes_max` ends the link with `ReplyTooLarge` instead of growing the
+/// buffer; a pipeline over `pipeline_bytes_max` is refused and the link stays usable.
+#[test]
+fn link_limits_reply_and_pipeline_size() {
+    let redis = RedisServer::start();
+    run(async {
+        let limits = LinkOptions { reply_bytes_max: 65_536, pipeline_bytes_max: 300_000, ..options() };
+        let mut link = Link::connect(redis.addr, &limits).await.unwrap();
+        let big = vec![b'y'; 200_000];
+        assert_eq!(link.command(&[b"SET", b"big", &big]).await.unwrap(), simple("OK"));
+        let error = link.queue(&[b"SET", b"big2", &big]).and(link.queue(&[b"SET", b"big3", &big])).unwrap_err();
+        assert!(matches!(error, LinkError::PipelineFull { limit: 300_000 }), "{error:?}");
+        assert!(error.link_usable());
+        let mut replies = Vec::new();
+        link.flush(&mut replies).await.unwrap();
+        assert_eq!(replies, [simple("OK")]);
+        let error = link.command(&[b"GET", b"big"]).await.unwrap_err();
+        assert!(matches!(error, LinkError::ReplyTooLarge { limit: 65_536 }), "{error:?}");
+        assert!(matches!(link.command(&[b"PING"]).await.unwrap_err(), LinkError::Broken));
+    });
+}
+
+/// A peer that accepts but never answers makes `connect` fail with `Timeout` after
+/// `command_timeout`, not hang.
+#[test]
+fn link_times_out_on_a_silent_peer() {
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let accepter = std::thread::spawn(move || silent.accept().map(|(stream, _)| stream));
+    run(async {
+        let quick = LinkOptions { command_timeout: Duration::from_millis(200), ..options() };
+        let error = Link::connect(addr, &quick).await.err().expect("a silent peer is no redis");
+        assert!(matches!(error, LinkError::Timeout(_)), "{error:?}");
+    });
+    drop(accepter.join());
+}
+
+/// AUTH and SELECT run at connect; a wrong or missing password is a `Handshake` error.
+#[test]
+fn link_authenticates_and_selects() {
+    let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
+    run(async {
+        let good = LinkOptions { password: Some("s3cret".into()), db: 3, ..options() };
+        let mut link = Link::connect(redis.addr, &good).await.unwrap();
+        link.command(&[b"SET", b"in3", b"x"]).await.unwrap();
+        let mut db0 = Link::connect(redis.addr, &LinkOptions { db: 0, ..good.clone() }).await.unwrap();
+        assert_eq!(db0.command(&[b"GET", b"in3"]).await.unwrap(), Reply::Null);
+        for password in [None, Some("wrong".to_string())] {
+            let bad = LinkOptions { password, ..options() };
+            let error = Link::connect(redis.addr, &bad).await.err().expect("refused");
+            assert!(matches!(error, LinkError::Handshake(_)), "{error:?}");
+        }
+    });
+}
+
+/// Round-trip latency of the link on this machine (a measurement, not an assertion):
+/// `cargo test --release --test integration cluster::latency -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn latency() {
+    let redis = RedisServer::start();
+    run(async {
+        let mut link = Link::connect(redis.addr, &options()).await.unwrap();
+        let (mut subscriptions, mut pushes) =
+            Link::connect(redis.addr, &options()).await.unwrap().into_subscriber().unwrap();
+        subscriptions.ssubscribe(&[b"bench"]).await.unwrap();
+        pushes.next().await.unwrap();
+        let payload = vec![b'p'; 200];
+        let rounds = 20_000;
+        let mut ping = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        let mut publish = ping.clone();
+        let mut pipelined = ping.clone();
+        for _ in 0..rounds {
+            let start = Instant::now();
+            link.command(&[b"PING"]).await.unwrap();
+            ping.record(start.elapsed().as_micros() as u64).unwrap();
+        }
+        let mut replies = Vec::new();
+        for _ in 0..rounds {
+            let start = Instant::now();
+            link.queue(&[b"SPUBLISH", b"bench", &payload]).unwrap();
+            link.flush(&mut replies).await.unwrap();
+            assert!(matches!(pushes.next().await.unwrap(), Push::Message { .. }));
+            publish.record(start.elapsed().as_micros() as u64).unwrap();
+            replies.clear();
+        }
+        let batch = 100;
+        let start = Instant::now();
+        for _ in 0..rounds / batch {
+            let batch_start = Instant::now();
+            for _ in 0..batch {
+                link.queue(&[b"SPUBLISH", b"bench", &payload]).unwrap();
+            }
+            link.flush(&mut replies).await.unwrap();
+            for _ in 0..batch {
+                assert!(matches!(pushes.next().await.unwrap(), Push::Message { .. }));
+            }
+            pipelined.record(batch_start.elapsed().as_micros() as u64).unwrap();
+            replies.clear();
+        }
+        let rate = rounds as f64 / start.elapsed().as_secs_f64();
+        for (name, h) in [("PING round trip", &ping), ("SPUBLISH -> message", &publish)] {
+            println!(
+                "{name}: p50 {} us, p99 {} us, max {} us",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99),
+                h.max()
+            );
+        }
+        println!(
+            "SPUBLISH batches of {batch} (200 B) -> all messages: p50 {} us, p99 {} us; {rate:.0} messages/s",
+            pipelined.value_at_quantile(0.5),
+            pipelined.value_at_quantile(0.99)
+        );
+    });
+}
