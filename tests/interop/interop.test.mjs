@@ -8,136 +8,36 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { rmSync } from 'node:fs';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
-import Pusher from 'pusher-js';
 import PusherServer from 'pusher';
 
-import { spawnRingwire } from './harness.mjs';
+import {
+  APP_ID,
+  BOUNDED,
+  ENCRYPTION_MASTER_KEY,
+  HERE,
+  KEY,
+  PYTHON,
+  SECRET,
+  WAIT_MS,
+  configToml,
+  json,
+  metricsConnections,
+  pusherClients,
+  pusherServer,
+  ringwireProcess,
+  sleep,
+  withTimeout,
+} from './harness.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO_ROOT = path.resolve(HERE, '..', '..');
-const BIN = path.resolve(REPO_ROOT, process.env.RINGWIRE_BIN || 'target/release/ringwire');
-const PYTHON = process.env.RINGWIRE_PYTHON || 'python3';
-
-const APP_ID = '1';
-const KEY = 'ringwire-demo-key';
-const SECRET = 'ringwire-demo-secret';
-// 32 bytes, base64: lets the Node SDK encrypt and hand out per-channel shared secrets.
-const ENCRYPTION_MASTER_KEY = Buffer.alloc(32, 7).toString('base64');
-
-const CONFIG = `[server]
-bind = "127.0.0.1:0"
-shards = 2
-
-[[apps]]
-id = "${APP_ID}"
-key = "${KEY}"
-secret = "${SECRET}"
-enable_client_events = true
-`;
-
-const WAIT_MS = 5000; // bound on every single wait in this file
-const BOUNDED = { timeout: 20000 }; // bound on each test, should a wait be missed
-
-let server; // ChildProcess
-let serverExit; // Promise<{ code, signal }>
-let serverStderr = '';
-let tmpDir;
-let host;
-let port;
+const ringwire = ringwireProcess({
+  config: configToml({ app: 'enable_client_events = true' }),
+  prefix: 'ringwire-interop-',
+});
+// disableStats: stats are off by default in pusher-js 8.x; kept for older 7.x-style configs.
+const { closeAll, connectedClient, disconnect, recordData, subscribed } = pusherClients(ringwire, { disableStats: true });
 let serverSdk;
-const clients = new Set(); // every pusher-js instance, so none is left open at the end
-
-// ---- helpers --------------------------------------------------------------------------------
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** A pusher-js client aimed at the test server, configured the way a browser app would be. */
-function newClient(extra = {}) {
-  const client = new Pusher(KEY, {
-    cluster: 'mt1', // required by pusher-js 8; wsHost/wsPort override the host it implies
-    wsHost: host,
-    wsPort: port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    disableStats: true, // stats are off by default in 8.x; kept for older 7.x-style configs
-    ...extra,
-  });
-  clients.add(client);
-  return client;
-}
-
-function connected(client) {
-  if (client.connection.state === 'connected') return Promise.resolve(client);
-  return withTimeout(
-    new Promise((resolve, reject) => {
-      client.connection.bind('connected', () => resolve(client));
-      client.connection.bind('failed', () => reject(new Error('pusher-js connection failed')));
-    }),
-    WAIT_MS,
-    'pusher-js to connect',
-  );
-}
-
-async function connectedClient(extra) {
-  return connected(newClient(extra));
-}
-
-function subscribed(client, name) {
-  const channel = client.subscribe(name);
-  if (channel.subscribed) return Promise.resolve(channel);
-  return withTimeout(
-    new Promise((resolve, reject) => {
-      channel.bind('pusher:subscription_succeeded', () => resolve(channel));
-      channel.bind('pusher:subscription_error', (err) =>
-        reject(new Error(`subscription to ${name} failed: ${JSON.stringify(err)}`)),
-      );
-      channel.bind('pusher:error', (err) =>
-        reject(new Error(`server refused subscription to ${name}: ${JSON.stringify(err)}`)),
-      );
-    }),
-    WAIT_MS,
-    `subscription_succeeded on ${name}`,
-  );
-}
-
-/** Records every `event` on `channel`; until(n) resolves once n have arrived. */
-function record(channel, event) {
-  const got = [];
-  const waiters = [];
-  channel.bind(event, (data) => {
-    got.push(data);
-    for (let i = waiters.length - 1; i >= 0; i--) {
-      if (got.length >= waiters[i].n) {
-        waiters[i].resolve(got);
-        waiters.splice(i, 1);
-      }
-    }
-  });
-  return {
-    got,
-    until(n, what = `${n} × ${event} on ${channel.name}`) {
-      if (got.length >= n) return Promise.resolve(got);
-      return withTimeout(new Promise((resolve) => waiters.push({ n, resolve })), WAIT_MS, what);
-    },
-  };
-}
-
-function disconnect(client) {
-  client.disconnect();
-  clients.delete(client);
-}
 
 /** The private-channel authorizer an app's backend would run: the Node SDK signs
  * `socket_id:channel` (and adds the shared secret for private-encrypted channels). */
@@ -151,48 +51,14 @@ const authorizeWithSdk = {
   },
 };
 
-async function metricsConnections() {
-  const res = await fetch(`http://${host}:${port}/metrics`);
-  assert.equal(res.status, 200);
-  const text = await res.text();
-  const perShard = {};
-  for (const m of text.matchAll(/^ringwire_connections\{shard="(\d+)"\} (\d+)$/gm)) {
-    perShard[m[1]] = Number(m[2]);
-  }
-  return perShard;
-}
-
-async function json(responsePromise) {
-  const res = await responsePromise;
-  assert.equal(res.status, 200);
-  return res.json();
-}
-
-// ---- server lifecycle -----------------------------------------------------------------------
-
-/** Spawns ringwire on a free port (see harness.mjs). */
-async function startServer() {
-  const onStderr = (text) => {
-    serverStderr = text;
-  };
-  ({ server, exit: serverExit, tmpDir, host, port } = await spawnRingwire({ bin: BIN, config: CONFIG, prefix: 'ringwire-interop-', onStderr }));
-}
-
 /** SIGTERMs the server with one pusher-js client connected: checks the 4200 close it gets and
  * the exit status. */
 async function stopServer() {
-  for (const client of clients) client.disconnect();
-  clients.clear();
-  const running = () => server && server.exitCode === null && server.signalCode === null;
-  if (!port) {
-    // Never got as far as listening: nothing to check, only to clean up.
-    if (running()) server.kill('SIGKILL');
-    return;
-  }
+  closeAll();
   let watcher;
   let closeError;
   try {
-    if (running()) {
+    if (ringwire.running()) {
       watcher = await connectedClient();
       closeError = new Promise((resolve) =>
         watcher.connection.bind('error', (err) => {
@@ -204,13 +70,13 @@ async function stopServer() {
         }),
       );
     }
-  } finally {
-    if (running()) server.kill('SIGTERM');
+  } catch (err) {
+    // The temp folder goes when the runner exits.
+    if (ringwire.running()) ringwire.server.kill('SIGTERM');
+    throw err;
   }
   try {
-    const { code, signal } = await withTimeout(serverExit, 10000, 'ringwire to exit on SIGTERM');
-    assert.equal(signal, null, `ringwire died of ${signal}:\n${serverStderr}`);
-    assert.equal(code, 0, `ringwire exited with ${code}:\n${serverStderr}`);
+    await ringwire.stop();
     if (closeError) {
       // pusher-js reports the close code on the connection as a PusherError.
       const err = await withTimeout(closeError, WAIT_MS, 'pusher-js to see the 4200 close');
@@ -224,28 +90,13 @@ async function stopServer() {
 
 describe('ringwire with the official Pusher libraries', () => {
   before(async () => {
-    await startServer();
-    serverSdk = new PusherServer({
-      appId: APP_ID,
-      key: KEY,
-      secret: SECRET,
-      host,
-      port: String(port),
-      useTLS: false,
-      timeout: WAIT_MS,
-      encryptionMasterKeyBase64: ENCRYPTION_MASTER_KEY,
-    });
+    await ringwire.start();
+    serverSdk = pusherServer(ringwire, { timeout: WAIT_MS, encryptionMasterKeyBase64: ENCRYPTION_MASTER_KEY });
   }, BOUNDED);
 
   // Proves graceful shutdown as a client sees it: SIGTERM closes a live pusher-js connection
   // with 4200 (pusher-js's "reconnect" range), and the server exits 0.
-  after(async () => {
-    try {
-      await stopServer();
-    } finally {
-      if (tmpDir) rmSync(tmpDir, { recursive: true, force: true });
-    }
-  }, { timeout: 30000 });
+  after(stopServer, { timeout: 30000 });
 
   // ---- tests --------------------------------------------------------------------------------
 
@@ -256,10 +107,10 @@ describe('ringwire with the official Pusher libraries', () => {
     const channelName = 'fanout';
     const group = await Promise.all(Array.from({ length: N }, () => connectedClient()));
     const recorders = await Promise.all(
-      group.map(async (client) => record(await subscribed(client, channelName), 'tick')),
+      group.map(async (client) => recordData(await subscribed(client, channelName), 'tick')),
     );
 
-    const perShard = await metricsConnections();
+    const perShard = await metricsConnections(ringwire);
     assert.deepEqual(Object.keys(perShard).sort(), ['0', '1'], `metrics: ${JSON.stringify(perShard)}`);
     assert.ok(perShard['0'] > 0 && perShard['1'] > 0, `both shards hold connections: ${JSON.stringify(perShard)}`);
     assert.ok(perShard['0'] + perShard['1'] >= N, `>= ${N} connections: ${JSON.stringify(perShard)}`);
@@ -284,8 +135,8 @@ describe('ringwire with the official Pusher libraries', () => {
   it('b. trigger with socket_id excludes that connection', BOUNDED, async () => {
     const channelName = 'exclusion';
     const [excluded, other] = await Promise.all([connectedClient(), connectedClient()]);
-    const excludedEvents = record(await subscribed(excluded, channelName), 'news');
-    const otherEvents = record(await subscribed(other, channelName), 'news');
+    const excludedEvents = recordData(await subscribed(excluded, channelName), 'news');
+    const otherEvents = recordData(await subscribed(other, channelName), 'news');
 
     const socketId = excluded.connection.socket_id;
     assert.match(socketId, /^\d+\.\d+$/);
@@ -309,7 +160,7 @@ describe('ringwire with the official Pusher libraries', () => {
   it('c. private channel: good auth subscribes, bad auth errors without disconnecting', BOUNDED, async () => {
     const channelName = 'private-room';
     const good = await connectedClient({ channelAuthorization: authorizeWithSdk });
-    const goodEvents = record(await subscribed(good, channelName), 'secret');
+    const goodEvents = recordData(await subscribed(good, channelName), 'secret');
 
     const bad = await connectedClient({
       channelAuthorization: {
@@ -343,7 +194,7 @@ describe('ringwire with the official Pusher libraries', () => {
 
     // Still connected, not subscribed, and the same socket still works for public channels.
     const socketId = bad.connection.socket_id;
-    const publicEvents = record(await subscribed(bad, 'after-bad-auth'), 'ping-ish');
+    const publicEvents = recordData(await subscribed(bad, 'after-bad-auth'), 'ping-ish');
     await serverSdk.trigger('after-bad-auth', 'ping-ish', { ok: true });
     await publicEvents.until(1);
     assert.equal(bad.connection.state, 'connected');
@@ -370,9 +221,9 @@ describe('ringwire with the official Pusher libraries', () => {
     ]);
     const senderChannel = await subscribed(sender, channelName);
     const receiverChannel = await subscribed(receiver, channelName);
-    const echoed = record(senderChannel, 'client-typing');
-    const senderSentinel = record(senderChannel, 'sentinel');
-    const received = record(receiverChannel, 'client-typing');
+    const echoed = recordData(senderChannel, 'client-typing');
+    const senderSentinel = recordData(senderChannel, 'sentinel');
+    const received = recordData(receiverChannel, 'client-typing');
 
     assert.equal(senderChannel.trigger('client-typing', { x: 1 }), true);
     assert.deepEqual(await received.until(1), [{ x: 1 }]);
@@ -428,7 +279,7 @@ describe('ringwire with the official Pusher libraries', () => {
     assert.equal(count, 2);
 
     // Data limit: 10240 bytes is delivered, 10241 bytes is a 413 surfaced as a RequestError.
-    const bigEvents = record(group[3].channel('lobby'), 'big');
+    const bigEvents = recordData(group[3].channel('lobby'), 'big');
     const atLimit = 'x'.repeat(10240);
     const ok = await serverSdk.trigger('lobby', 'big', atLimit);
     assert.equal(ok.status, 200);
@@ -476,7 +327,7 @@ describe('ringwire with the official Pusher libraries', () => {
   // channels_info / channel_info (GETs signed with body_md5) return the right counts.
   it('g. the Python SDK triggers and queries', BOUNDED, async () => {
     const [a, b] = await Promise.all([connectedClient(), connectedClient()]);
-    const events = record(await subscribed(a, 'py-room'), 'from-python');
+    const events = recordData(await subscribed(a, 'py-room'), 'from-python');
     await subscribed(b, 'py-room');
     await subscribed(b, 'py-other');
 
@@ -485,8 +336,8 @@ describe('ringwire with the official Pusher libraries', () => {
       PYTHON,
       [
         path.join(HERE, 'python_sdk.py'),
-        '--host', host,
-        '--port', String(port),
+        '--host', ringwire.host,
+        '--port', String(ringwire.port),
         '--app-id', APP_ID,
         '--key', KEY,
         '--secret', SECRET,
@@ -532,7 +383,7 @@ describe('ringwire with the official Pusher libraries', () => {
   it('h. private-encrypted channel round-trips through the server', BOUNDED, async () => {
     const channelName = 'private-encrypted-vault';
     const client = await connectedClient({ channelAuthorization: authorizeWithSdk });
-    const events = record(await subscribed(client, channelName), 'sealed');
+    const events = recordData(await subscribed(client, channelName), 'sealed');
     const data = { secret: 'only the client can read this', n: [1, 2, 3] };
     await serverSdk.trigger(channelName, 'sealed', data);
     assert.deepEqual(await events.until(1), [data]);

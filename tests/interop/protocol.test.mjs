@@ -9,111 +9,48 @@
 
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { rmSync } from 'node:fs';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import Pusher from 'pusher-js';
-import PusherServer from 'pusher';
-
-import { spawnRingwire } from './harness.mjs';
 import Echo from 'laravel-echo';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const REPO_ROOT = path.resolve(HERE, '..', '..');
-const BIN = path.resolve(REPO_ROOT, process.env.RINGWIRE_BIN || 'target/release/ringwire');
+import {
+  BOUNDED,
+  ENCRYPTION_MASTER_KEY,
+  KEY,
+  SHARDS,
+  WAIT_MS,
+  clientOptions,
+  configToml,
+  json,
+  metricsConnections,
+  pusherClients,
+  pusherServer,
+  ringwireProcess,
+  sleep,
+} from './harness.mjs';
 
-const APP_ID = '1';
-const KEY = 'ringwire-demo-key';
-const SECRET = 'ringwire-demo-secret';
-// 32 bytes, base64: lets the Node SDK encrypt and hand out per-channel shared secrets.
-const ENCRYPTION_MASTER_KEY = Buffer.alloc(32, 9).toString('base64');
-const SHARDS = 2;
-
-const CONFIG = `[server]
-bind = "127.0.0.1:0"
-shards = ${SHARDS}
-
-[[apps]]
-id = "${APP_ID}"
-key = "${KEY}"
-secret = "${SECRET}"
-enable_client_events = true
-subscription_count_enabled = true
-cache_ttl_s = 60
-`;
-
-const WAIT_MS = 5000; // bound on every single wait in this file
 const SETTLE_MS = 300; // how long "nothing more arrives" is watched for, after a sentinel
-const BOUNDED = { timeout: 20000 }; // bound on each test, should a wait be missed
 
-let server; // ChildProcess
-let serverExit; // Promise<{ code, signal }>
-let serverStderr = '';
-let tmpDir;
-let host;
-let port;
+const ringwire = ringwireProcess({
+  config: configToml({ app: 'enable_client_events = true\nsubscription_count_enabled = true\ncache_ttl_s = 60' }),
+  prefix: 'ringwire-protocol-',
+});
+const {
+  clients,
+  closeAll,
+  connectedClient,
+  disconnect,
+  newClient,
+  record,
+  recorder,
+  releaseCloseTimers,
+  subscribed,
+  waitFor,
+} = pusherClients(ringwire);
 let serverSdk; // the app's backend: signs with the right secret
 let wrongSdk; // same key, wrong secret: signs what the server must refuse
-const clients = new Set(); // every pusher-js instance, so none is left open at the end
-const sockets = new Set(); // every faye-websocket socket pusher-js opened (see releaseCloseTimers)
 
 // ---- helpers --------------------------------------------------------------------------------
-
-/** A note for a timeout message when the cause is that the server is gone. */
-function serverGone() {
-  if (!server || (server.exitCode === null && server.signalCode === null)) return '';
-  return ` (ringwire has exited: ${server.exitCode ?? server.signalCode}; stderr:\n${serverStderr})`;
-}
-
-function withTimeout(promise, ms, what) {
-  let timer;
-  const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms waiting for ${what}${serverGone()}`)), ms);
-  });
-  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
-}
-
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
-/** Polls `predicate` every 10 ms until it is truthy; bounded by WAIT_MS. */
-async function waitFor(predicate, what) {
-  for (const deadline = Date.now() + WAIT_MS; ; await sleep(10)) {
-    const value = await predicate();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out after ${WAIT_MS} ms waiting for ${what}${serverGone()}`);
-  }
-}
-
-/** A list that things are pushed onto; until(n) resolves once it holds n of them. */
-function recorder(what) {
-  const got = [];
-  const waiters = [];
-  return {
-    got,
-    push(item) {
-      got.push(item);
-      for (let i = waiters.length - 1; i >= 0; i--) {
-        if (got.length >= waiters[i].n) {
-          waiters[i].resolve(got);
-          waiters.splice(i, 1);
-        }
-      }
-    },
-    until(n, label = `${n} × ${what}`) {
-      if (got.length >= n) return Promise.resolve(got);
-      return withTimeout(new Promise((resolve) => waiters.push({ n, resolve })), WAIT_MS, label);
-    },
-  };
-}
-
-/** Records `event` on any pusher-js emitter (a channel, pusher.user, pusher.user.watchlist,
- * pusher.connection) as { data, metadata }. */
-function record(emitter, event, what = event) {
-  const r = recorder(what);
-  emitter.bind(event, (data, metadata) => r.push({ data, metadata }));
-  return r;
-}
 
 /** Records every event a channel emits, in order, as { event, data }. */
 function recordAll(channel) {
@@ -141,53 +78,6 @@ function watchConnection(client) {
   return { states, errors };
 }
 
-/** A pusher-js client aimed at the test server, configured the way a browser app would be. */
-function newClient(extra = {}) {
-  const client = new Pusher(KEY, {
-    cluster: 'mt1', // required by pusher-js 8; wsHost/wsPort override the host it implies
-    wsHost: host,
-    wsPort: port,
-    forceTLS: false,
-    enabledTransports: ['ws'],
-    ...extra,
-  });
-  clients.add(client);
-  client.connection.bind('connected', () => {
-    const socket = client.connection.connection?.transport?.socket;
-    if (socket) sockets.add(socket);
-  });
-  return client;
-}
-
-/** Library quirk (pusher-js 8.6.0 in Node): when the server closes a connection with a code
- * in 4000-4099, pusher-js "refuses" it by calling disconnect() from inside its own close
- * handler, which calls faye-websocket's close() on the already closed socket; that arms a
- * 30 s close-handshake timer nothing ever clears, keeping this process alive for 30 s after
- * the tests. In a browser the extra close() is a no-op. Since the test cannot defer what
- * pusher-js does itself, it unrefs those dead timers at the end (behaviour is unchanged). */
-function releaseCloseTimers() {
-  for (const socket of sockets) {
-    if (socket.readyState === 3 /* CLOSED */ && socket._closeTimer) socket._closeTimer.unref();
-  }
-  sockets.clear();
-}
-
-function connected(client) {
-  if (client.connection.state === 'connected') return Promise.resolve(client);
-  return withTimeout(
-    new Promise((resolve, reject) => {
-      client.connection.bind('connected', () => resolve(client));
-      client.connection.bind('failed', () => reject(new Error('pusher-js connection failed')));
-    }),
-    WAIT_MS,
-    'pusher-js to connect',
-  );
-}
-
-async function connectedClient(extra) {
-  return connected(newClient(extra));
-}
-
 /** The shard a connection lives on. ringwire numbers socket ids per shard:
  * sequence = n * shards + shard + 1 (src/shard/mod.rs, Shard::register). */
 function shardOf(client) {
@@ -204,29 +94,6 @@ async function clientOnShard(shard, extra) {
     disconnect(client);
   }
   throw new Error(`no connection landed on shard ${shard} in 40 attempts`);
-}
-
-function subscribed(client, name) {
-  const channel = client.subscribe(name);
-  if (channel.subscribed) return Promise.resolve(channel);
-  return withTimeout(
-    new Promise((resolve, reject) => {
-      channel.bind('pusher:subscription_succeeded', () => resolve(channel));
-      channel.bind('pusher:subscription_error', (err) =>
-        reject(new Error(`subscription to ${name} failed: ${JSON.stringify(err)}`)),
-      );
-      channel.bind('pusher:error', (err) =>
-        reject(new Error(`server refused subscription to ${name}: ${JSON.stringify(err)}`)),
-      );
-    }),
-    WAIT_MS,
-    `subscription_succeeded on ${name}`,
-  );
-}
-
-function disconnect(client) {
-  client.disconnect();
-  clients.delete(client);
 }
 
 /** Resolves once the connection is closed — by the server, or by pusher-js itself. */
@@ -285,24 +152,6 @@ async function signedIn(client, userId) {
   return client;
 }
 
-/** ringwire_connections per shard, from GET /metrics. */
-async function metricsConnections() {
-  const res = await fetch(`http://${host}:${port}/metrics`);
-  assert.equal(res.status, 200);
-  const text = await res.text();
-  const perShard = {};
-  for (const m of text.matchAll(/^ringwire_connections\{shard="(\d+)"\} (\d+)$/gm)) {
-    perShard[m[1]] = Number(m[2]);
-  }
-  return perShard;
-}
-
-async function json(responsePromise) {
-  const res = await responsePromise;
-  assert.equal(res.status, 200);
-  return res.json();
-}
-
 /** GET /channels/{name}?info=subscription_count, as the SDK makes it. */
 async function subscriptionCount(name) {
   return (await json(serverSdk.get({ path: `/channels/${name}`, params: { info: 'subscription_count' } })))
@@ -319,59 +168,21 @@ async function sentinel(channel, name) {
   await sleep(SETTLE_MS);
 }
 
-// ---- server lifecycle -----------------------------------------------------------------------
-
-/** Spawns ringwire on a free port (see harness.mjs). */
-async function startServer() {
-  const onStderr = (text) => {
-    serverStderr = text;
-  };
-  ({ server, exit: serverExit, tmpDir, host, port } = await spawnRingwire({ bin: BIN, config: CONFIG, prefix: 'ringwire-protocol-', onStderr }));
-}
-
-/** Disconnects every client left, SIGTERMs the server and checks it exits 0. */
-async function stopServer() {
-  for (const client of clients) client.disconnect();
-  clients.clear();
-  if (!server || !port) {
-    if (server && server.exitCode === null && server.signalCode === null) server.kill('SIGKILL');
-    return;
-  }
-  const { exitCode, signalCode } = server;
-  assert.ok(
-    exitCode === null && signalCode === null,
-    `ringwire exited during the tests (${exitCode ?? signalCode}):\n${serverStderr}`,
-  );
-  server.kill('SIGTERM');
-  const { code, signal } = await withTimeout(serverExit, 10000, 'ringwire to exit on SIGTERM');
-  assert.equal(signal, null, `ringwire died of ${signal}:\n${serverStderr}`);
-  assert.equal(code, 0, `ringwire exited with ${code}:\n${serverStderr}`);
-}
-
 describe('ringwire protocol features with pusher-js, the Node SDK and Laravel Echo', () => {
   before(async () => {
-    await startServer();
-    const sdkOptions = {
-      appId: APP_ID,
-      key: KEY,
-      host,
-      port: String(port),
-      useTLS: false,
-      timeout: WAIT_MS,
-      encryptionMasterKeyBase64: ENCRYPTION_MASTER_KEY,
-    };
-    serverSdk = new PusherServer({ ...sdkOptions, secret: SECRET });
-    wrongSdk = new PusherServer({ ...sdkOptions, secret: 'not-the-ringwire-demo-secret' });
+    await ringwire.start();
+    const sdkOptions = { timeout: WAIT_MS, encryptionMasterKeyBase64: ENCRYPTION_MASTER_KEY };
+    serverSdk = pusherServer(ringwire, sdkOptions);
+    wrongSdk = pusherServer(ringwire, { ...sdkOptions, secret: 'not-the-ringwire-demo-secret' });
   }, BOUNDED);
 
+  // Disconnects every client left, then checks that the server is still up and exits 0 on
+  // SIGTERM.
   after(async () => {
-    try {
-      releaseCloseTimers();
-      if (process.env.RINGWIRE_SERVER_LOG) console.log(`ringwire stderr:\n${serverStderr}`);
-      await stopServer();
-    } finally {
-      if (tmpDir) rmSync(tmpDir, { recursive: true, force: true });
-    }
+    releaseCloseTimers();
+    if (process.env.RINGWIRE_SERVER_LOG) console.log(`ringwire stderr:\n${ringwire.stderr}`);
+    closeAll();
+    await ringwire.stop();
   }, { timeout: 30000 });
 
   // ---- tests --------------------------------------------------------------------------------
@@ -414,7 +225,7 @@ describe('ringwire protocol features with pusher-js, the Node SDK and Laravel Ec
     // The shards as the server counts them agree with shardOf: 2 connections on 0, 1 on 1
     // (once the connections clientOnShard dropped are gone).
     await waitFor(async () => {
-      const perShard = await metricsConnections();
+      const perShard = await metricsConnections(ringwire);
       return perShard['0'] === 2 && perShard['1'] === 1;
     }, 'ringwire_connections to show observer and ada1 on shard 0, ada2 on shard 1');
     const ids = [];
@@ -767,11 +578,7 @@ describe('ringwire protocol features with pusher-js, the Node SDK and Laravel Ec
       broadcaster: 'pusher',
       Pusher,
       key: KEY,
-      cluster: 'mt1',
-      wsHost: host,
-      wsPort: port,
-      forceTLS: false,
-      enabledTransports: ['ws'],
+      ...clientOptions(ringwire),
       authorizer: (channel) => ({
         authorize: (socketId, callback) => {
           try {

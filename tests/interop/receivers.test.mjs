@@ -8,50 +8,32 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
-import { createServer } from 'node:http';
 import { createServer as createTcpServer } from 'node:net';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { fileURLToPath } from 'node:url';
 
-import PusherServer from 'pusher';
 import { Webhook } from 'standardwebhooks';
 
-import { killOnExit, spawnRingwire, until } from './harness.mjs';
+import {
+  HERE,
+  PYTHON,
+  configToml,
+  httpReceiver,
+  killOnExit,
+  listening,
+  pusherServer,
+  sleep,
+  spawnRingwire,
+  until,
+} from './harness.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const BIN = path.resolve(HERE, '..', '..', process.env.RINGWIRE_BIN || 'target/release/ringwire');
-const PYTHON = process.env.RINGWIRE_PYTHON || 'python3';
 const DRIVER = process.env.RINGWIRE_TEST_DRIVER || 'auto';
-const APP_ID = '1';
-const KEY = 'ringwire-demo-key';
-const SECRET = 'ringwire-demo-secret';
 const WHSEC = 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD';
 const EVENTS = 20;
 const ENDPOINT = 'receiver';
 
-const pause = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
-
 /** The JSON a receiver answers with: it names the webhook id, as receivers commonly do. */
 const answerFor = (headers) => JSON.stringify({ received: headers['webhook-id'] ?? null });
-
-/** A `node:http` receiver: `respond(req, res)` answers each request after its body is read. */
-function nodeReceiver(respond) {
-  const requests = [];
-  const server = createServer((req, res) => {
-    const chunks = [];
-    req.on('data', (c) => chunks.push(c));
-    req.on('end', () => {
-      requests.push({ headers: req.headers, body: Buffer.concat(chunks).toString('utf8') });
-      respond(req, res);
-    });
-  });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({
-    requests,
-    port: server.address().port,
-    close: () => { server.closeAllConnections(); server.close(); },
-  })));
-}
 
 /**
  * A raw `node:net` receiver for shapes `node:http` cannot make: it reads each keep-alive
@@ -87,18 +69,17 @@ function rawReceiver(steps) {
         // Answers go out in request order, each write after the previous step.
         answering = answering.then(async () => {
           for (const step of steps(headers)) {
-            if (typeof step === 'number') await pause(step);
+            if (typeof step === 'number') await sleep(step);
             else if (!socket.destroyed) socket.write(step);
           }
         });
       }
     });
   });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({
-    requests,
-    port: server.address().port,
-    close: () => { for (const socket of sockets) socket.destroy(); server.close(); },
-  })));
+  return listening(server, requests, () => {
+    for (const socket of sockets) socket.destroy();
+    server.close();
+  });
 }
 
 /** The head of a 200 JSON answer with a Content-Length. */
@@ -135,26 +116,26 @@ async function pythonReceiver(kind) {
 const SHAPES = [
   {
     name: 'Node http: res.writeHead + res.end(JSON body)',
-    start: () => nodeReceiver((req, res) => {
+    start: () => httpReceiver((req, res) => {
       res.writeHead(200, { 'Content-Type': 'application/json' });
       res.end(answerFor(req.headers));
     }),
   },
   {
     name: 'Node http: chunked JSON body written in three pieces',
-    start: () => nodeReceiver(async (req, res) => {
+    start: () => httpReceiver(async (req, res) => {
       // No Content-Length: Node sends `Transfer-Encoding: chunked`, one chunk per write.
       res.writeHead(200, { 'Content-Type': 'application/json' });
       res.write('{"received":');
-      await pause(5);
+      await sleep(5);
       res.write(JSON.stringify(req.headers['webhook-id']));
-      await pause(5);
+      await sleep(5);
       res.end(',"status":"ok"}');
     }),
   },
   {
     name: 'Node http: 20 KB JSON body',
-    start: () => nodeReceiver((req, res) => {
+    start: () => httpReceiver((req, res) => {
       res.writeHead(200, { 'Content-Type': 'application/json' });
       res.end(JSON.stringify({ received: req.headers['webhook-id'], padding: 'x'.repeat(20 * 1024) }));
     }),
@@ -187,30 +168,13 @@ const SHAPES = [
 
 /** ringwire with one Standard Webhooks endpoint, `ENDPOINT`, that posts to `port`. */
 function configFor(port) {
-  // A short request timeout turns a response ringwire never finishes reading into a failed
-  // attempt within the test's wait.
-  return `
-[server]
-bind = "127.0.0.1:0"
-shards = 2
-io_driver = "${DRIVER}"
-
-[webhooks]
-data_dir = "{TMP}/data"
-allow_private_targets = true
-request_timeout_ms = 3000
-
-[[apps]]
-id = "${APP_ID}"
-key = "${KEY}"
-secret = "${SECRET}"
-
-[[apps.webhooks]]
-id = "${ENDPOINT}"
-url = "http://127.0.0.1:${port}/webhooks"
-format = "standard"
-secret = "${WHSEC}"
-`;
+  return configToml({
+    server: `io_driver = "${DRIVER}"`,
+    // A short request timeout turns a response ringwire never finishes reading into a failed
+    // attempt within the test's wait.
+    webhooks: 'request_timeout_ms = 3000',
+    endpoints: [{ id: ENDPOINT, url: `http://127.0.0.1:${port}/webhooks`, format: 'standard', secret: WHSEC }],
+  });
 }
 
 /** The endpoint's health from the admin API, signed by the `pusher` SDK. */
@@ -243,10 +207,8 @@ describe('webhook receivers as users write them', () => {
       let ringwire;
       try {
         const config = configFor(receiver.port);
-        ringwire = await spawnRingwire({ bin: BIN, config, prefix: 'ringwire-receivers-', onStderr: () => {} });
-        const api = new PusherServer({
-          appId: APP_ID, key: KEY, secret: SECRET, host: ringwire.host, port: String(ringwire.port), useTLS: false,
-        });
+        ringwire = await spawnRingwire({ config, prefix: 'ringwire-receivers-' });
+        const api = pusherServer(ringwire);
         for (let n = 0; n < EVENTS; n++) {
           const response = await api.trigger(`receivers-${n % 3}`, 'order.created', { n, shape: shape.name });
           assert.equal(response.status, 200);

@@ -4,37 +4,19 @@
 
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { createServer } from 'node:http';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 
 import Pusher from 'pusher-js';
-import PusherServer from 'pusher';
 import { Webhook } from 'standardwebhooks';
 
-import { spawnRingwire, until } from './harness.mjs';
+import { KEY, clientOptions, configToml, httpReceiver, pusherServer, spawnRingwire, until } from './harness.mjs';
 
-const HERE = path.dirname(fileURLToPath(import.meta.url));
-const BIN = path.resolve(HERE, '..', '..', process.env.RINGWIRE_BIN || 'target/release/ringwire');
-const APP_ID = '1';
-const KEY = 'ringwire-demo-key';
-const SECRET = 'ringwire-demo-secret';
 // Two secrets: the current one and one being rotated out; either must verify alone.
 const WHSEC_NEW = 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD';
 const WHSEC_OLD = 'whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw';
 
-/** A receiver that records raw bodies and headers. */
+/** A receiver that records raw bodies and headers and answers 200 `ok`. */
 function startReceiver() {
-  const requests = [];
-  const server = createServer((req, res) => {
-    const chunks = [];
-    req.on('data', (c) => chunks.push(c));
-    req.on('end', () => {
-      requests.push({ url: req.url, headers: req.headers, body: Buffer.concat(chunks).toString('utf8') });
-      res.writeHead(200, { 'Content-Type': 'text/plain' }).end('ok');
-    });
-  });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve({ server, requests })));
+  return httpReceiver((req, res) => res.writeHead(200, { 'Content-Type': 'text/plain' }).end('ok'));
 }
 
 describe('webhooks verified by the official libraries', () => {
@@ -44,39 +26,21 @@ describe('webhooks verified by the official libraries', () => {
 
   before(async () => {
     receiver = await startReceiver();
-    const port = receiver.server.address().port;
-    const config = `
-[server]
-bind = "127.0.0.1:0"
-shards = 2
-
-[webhooks]
-data_dir = "{TMP}/data"
-allow_private_targets = true
-batch_ms = 50
-
-[[apps]]
-id = "${APP_ID}"
-key = "${KEY}"
-secret = "${SECRET}"
-
-[[apps.webhooks]]
-url = "http://127.0.0.1:${port}/standard"
-format = "standard"
-secret = "${WHSEC_NEW}"
-secrets = ["${WHSEC_OLD}"]
-
-[[apps.webhooks]]
-url = "http://127.0.0.1:${port}/pusher"
-format = "pusher"
-`;
-    ringwire = await spawnRingwire({ bin: BIN, config, prefix: 'ringwire-webhooks-', onStderr: () => {} });
-    api = new PusherServer({ appId: APP_ID, key: KEY, secret: SECRET, host: ringwire.host, port: String(ringwire.port), useTLS: false });
+    const { port } = receiver;
+    const config = configToml({
+      webhooks: 'batch_ms = 50',
+      endpoints: [
+        { url: `http://127.0.0.1:${port}/standard`, format: 'standard', secret: WHSEC_NEW, secrets: [WHSEC_OLD] },
+        { url: `http://127.0.0.1:${port}/pusher`, format: 'pusher' },
+      ],
+    });
+    ringwire = await spawnRingwire({ config, prefix: 'ringwire-webhooks-' });
+    api = pusherServer(ringwire);
   });
 
   after(() => {
     ringwire?.server.kill('SIGKILL');
-    receiver?.server.close();
+    receiver?.close();
   });
 
   it('signs every event subscription so standardwebhooks verifies it, with either secret', async () => {
@@ -104,9 +68,7 @@ format = "pusher"
   });
 
   it('sends lifecycle webhooks that the pusher SDK validates', async () => {
-    const client = new Pusher(KEY, {
-      wsHost: ringwire.host, wsPort: ringwire.port, forceTLS: false, enabledTransports: ['ws'], cluster: 'mt1',
-    });
+    const client = new Pusher(KEY, clientOptions(ringwire));
     const channel = client.subscribe('lobby');
     await new Promise((resolve) => channel.bind('pusher:subscription_succeeded', resolve));
     client.unsubscribe('lobby');
