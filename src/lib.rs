@@ -14,6 +14,7 @@
 //! - `pusher`: `message` (protocol JSON), `channel` (names, kinds), `auth` (request signing).
 //! - `apps`: the applications and their admission counters.
 //! - `metrics`: per-shard counters, Prometheus text.
+//! - `rate`: the fixed one-second window behind every per-second limit.
 //! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
 //!   `target` (URLs, SSRF guard), `dispatch` (per-shard queues, workers, health).
@@ -21,6 +22,7 @@
 pub mod apps;
 pub mod config;
 pub mod metrics;
+pub mod rate;
 pub mod server;
 pub mod shard;
 pub mod wal;
