@@ -5,7 +5,10 @@
 //! - `config`: the TOML configuration, its defaults and validation.
 //! - `server`: binds listeners and runs one pinned shard thread per CPU.
 //! - `shard`: a shard's state and tasks; `shard::mesh` (the only thing that crosses threads),
-//!   `shard::router` (channel → local subscribers), `shard::session` (Pusher per connection).
+//!   `shard::router` (channel → local subscribers), `shard::connections` (slab, write queues,
+//!   liveness), `shard::outbox`, `shard::session` (Pusher per connection), `shard::home` (pure
+//!   home-shard state returning effects) and `shard::home_link` (routing to it),
+//!   `shard::accept` (the accept rule).
 //! - `net`: sockets — `listener` (SO_REUSEPORT, accept), `conn` (HTTP keep-alive, WebSocket
 //!   reader/writer), `batch` (shared frames for one writev).
 //! - `http`: `parse` (sans-IO request heads, responses), `api` (Pusher REST, health, metrics,

@@ -272,6 +272,7 @@ impl Shard {
         let subscriptions = conn.channels.len() as u64;
         let left: Vec<&str> =
             conn.channels.iter().filter(|c| state.router.unsubscribe(conn.app, c, key)).map(|c| c.as_ref()).collect();
+        debug_assert_eq!(left.len() + conn.joins.len(), subscriptions as usize, "each channel is routed or pending");
         drop(state);
         // Members leave before the channel empties (member_removed, then channel_vacated).
         for (channel, user_id) in conn.presence.iter() {

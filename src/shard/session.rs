@@ -81,7 +81,8 @@ impl Shard {
                 None
             }
             ChannelKind::Presence => {
-                // Reference §1.8: the signature covers channel_data exactly as received.
+                // The signature covers channel_data exactly as received (Pusher's auth
+                // signatures: https://pusher.com/docs/channels/library_auth_reference/auth-signatures/).
                 let channel_data = subscribe.channel_data.as_deref().unwrap_or("");
                 let to_sign = format!("{socket_id}:{name}:{channel_data}");
                 let member = check_auth(&app.config.key, &app.secret_key, &to_sign, auth)
@@ -242,7 +243,8 @@ impl Shard {
     }
 
     /// `pusher:signin`: verifies `socket_id::user::user_data`, remembers the user id and
-    /// answers `pusher:signin_success`; a bad sign-in is refused with 4009 (reference §1.8).
+    /// answers `pusher:signin_success`; a bad sign-in is refused with 4009 (Pusher's auth
+    /// signatures: https://pusher.com/docs/channels/library_auth_reference/auth-signatures/).
     fn signin(&self, key: ConnKey, signin: &Signin) {
         let (app_index, socket_id) = {
             let state = self.state.borrow();
@@ -287,7 +289,8 @@ impl Shard {
 }
 
 /// Checks `auth` = `key:hex(HMAC-SHA256(secret, to_sign))`, constant-time on the signature;
-/// the key part must be the app's own (reference §1.8: compare the whole `key:signature`).
+/// the key part must be the app's own: the whole `key:signature` is compared (Pusher's auth
+/// signatures: https://pusher.com/docs/channels/library_auth_reference/auth-signatures/).
 pub fn check_auth(app_key: &str, secret: &hmac::Key, to_sign: &str, auth: Option<&str>) -> Result<(), String> {
     let auth = auth.unwrap_or("");
     let expected = || format!("Invalid signature: Expected HMAC SHA256 hex digest of {to_sign}, but got {auth}");
@@ -338,7 +341,7 @@ mod tests {
         assert_eq!(parse_member(channel_data, 1024), Ok(("10".into(), r#"{"name":"Mr. Channels"}"#.into())));
     }
 
-    /// The sign-in vector of the reference (`socket_id::user::user_data`).
+    /// Pusher's documented user-authentication vector (`socket_id::user::user_data`).
     #[test]
     fn signin_vector() {
         let to_sign = r#"1234.1234::user::{"id":"12345"}"#;
