@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use ring::hmac;
 
 use crate::config::{AppConfig, WebhookFormat};
+use crate::rate::RateWindow;
 
 /// Index of an app in `Apps::list`; small and `Copy`, used on hot paths instead of names.
 pub type AppIndex = u32;
@@ -27,7 +28,7 @@ pub struct App {
     pub counts_subscriptions: bool,
     /// Live WebSocket connections across all shards.
     connections: AtomicU32,
-    /// Backend-event rate window: `second << 32 | events in that second`, all shards.
+    /// Backend-event rate window, all shards: a `RateWindow::pack`ed word.
     backend_events: AtomicU64,
 }
 
@@ -62,10 +63,8 @@ impl App {
         }
         self.backend_events
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
-                let (second, used) = (word >> 32, (word & 0xffff_ffff) as u32);
-                let used = if second == now_s & 0xffff_ffff { used } else { 0 };
-                let total = used.checked_add(events).filter(|&t| t <= max)?;
-                Some(((now_s & 0xffff_ffff) << 32) | u64::from(total))
+                let mut window = RateWindow::unpack(word);
+                window.try_admit(now_s & 0xffff_ffff, events, max).then(|| window.pack())
             })
             .is_ok()
     }

@@ -5,7 +5,10 @@
 //! - `config`: the TOML configuration, its defaults and validation.
 //! - `server`: binds listeners and runs one pinned shard thread per CPU.
 //! - `shard`: a shard's state and tasks; `shard::mesh` (the only thing that crosses threads),
-//!   `shard::router` (channel → local subscribers), `shard::session` (Pusher per connection).
+//!   `shard::router` (channel → local subscribers), `shard::connections` (slab, write queues,
+//!   liveness), `shard::outbox`, `shard::session` (Pusher per connection), `shard::home` (pure
+//!   home-shard state returning effects) and `shard::home_link` (routing to it),
+//!   `shard::accept` (the accept rule).
 //! - `net`: sockets — `listener` (SO_REUSEPORT, accept), `conn` (HTTP keep-alive, WebSocket
 //!   reader/writer), `batch` (shared frames for one writev).
 //! - `http`: `parse` (sans-IO request heads, responses), `api` (Pusher REST, health, metrics,
@@ -14,6 +17,7 @@
 //! - `pusher`: `message` (protocol JSON), `channel` (names, kinds), `auth` (request signing).
 //! - `apps`: the applications and their admission counters.
 //! - `metrics`: per-shard counters, Prometheus text.
+//! - `rate`: the fixed one-second window behind every per-second limit.
 //! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
 //!   `target` (URLs, SSRF guard), `dispatch` (per-shard queues, workers, health).
@@ -23,6 +27,7 @@ pub mod apps;
 pub mod cluster;
 pub mod config;
 pub mod metrics;
+pub mod rate;
 pub mod server;
 pub mod shard;
 pub mod wal;

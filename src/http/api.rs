@@ -21,6 +21,7 @@ use crate::metrics::{self, ShardMetrics};
 use crate::pusher::auth::{self, param, parse_query, Params, SignedRequest};
 use crate::pusher::channel::{self, ChannelKind};
 use crate::pusher::message::{self, SocketId};
+use crate::shard::accept::{Acknowledged, NotAccepted};
 use crate::shard::mesh::Query;
 use crate::shard::Shard;
 use crate::wal::Lsn;
@@ -369,15 +370,15 @@ fn create_deliveries(shard: &Shard, app: &App, events: &[Event<'_>]) -> Result<O
     Ok(last)
 }
 
-/// Waits until the deliveries are durable (`webhooks.durability`): only then is the event
-/// accepted.
-async fn commit_deliveries(shard: &Shard, lsn: Option<Lsn>) -> Result<(), Response> {
-    match (shard.webhooks(), lsn) {
-        (Some(webhooks), Some(lsn)) => webhooks.commit(lsn).await.map_err(|e| {
+/// The accept rule (`Shard::accept`) for API publishes: deliveries are created before the
+/// event is published, and it is answered only once they are durable (`webhooks.durability`).
+fn not_accepted(shard: &Shard, error: NotAccepted<Response>) -> Response {
+    match error {
+        NotAccepted::Refused(response) => response,
+        NotAccepted::NotDurable(e) => {
             ShardMetrics::add(&shard.metrics().webhook_publishes_refused_total, 1);
             Response::error(StatusCode::SERVICE_UNAVAILABLE, &format!("webhook queue unavailable: {e}"))
-        }),
-        _ => Ok(()),
+        }
     }
 }
 
@@ -385,9 +386,9 @@ async fn events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     let request: EventRequest = parse_json(body)?;
     let event = validate_event(app, &request, false)?;
     admit(app, event.channels.len())?;
-    let lsn = create_deliveries(shard, app, std::slice::from_ref(&event))?;
-    let info = publish(shard, app, &event).await;
-    commit_deliveries(shard, lsn).await?;
+    let create = || create_deliveries(shard, app, std::slice::from_ref(&event));
+    let accepted = shard.accept(Acknowledged::ByAnswer, create, publish(shard, app, &event)).await;
+    let info = accepted.map_err(|e| not_accepted(shard, e))?;
     Ok(Response::json(StatusCode::OK, &info.unwrap_or_else(|| json!({}))))
 }
 
@@ -399,13 +400,17 @@ async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     // Validate every event before publishing any: a batch is accepted whole or not at all.
     let events = request.batch.iter().map(|e| validate_event(app, e, true)).collect::<Result<Vec<_>, _>>()?;
     admit(app, events.len())?;
-    let lsn = create_deliveries(shard, app, &events)?;
-    let mut infos = Vec::with_capacity(events.len());
-    for event in &events {
-        let info = publish(shard, app, event).await;
-        infos.push(info.map(|i| i["channels"][event.channels[0]].clone()).unwrap_or_else(|| json!({})));
-    }
-    commit_deliveries(shard, lsn).await?;
+    let publish_all = async {
+        let mut infos = Vec::with_capacity(events.len());
+        for event in &events {
+            let info = publish(shard, app, event).await;
+            infos.push(info.map(|i| i["channels"][event.channels[0]].clone()).unwrap_or_else(|| json!({})));
+        }
+        infos
+    };
+    let create = || create_deliveries(shard, app, &events);
+    let accepted = shard.accept(Acknowledged::ByAnswer, create, publish_all).await;
+    let infos = accepted.map_err(|e| not_accepted(shard, e))?;
     if events.iter().any(|e| e.info.subscription_count || e.info.user_count) {
         Ok(Response::json(StatusCode::OK, &json!({ "batch": infos })))
     } else {

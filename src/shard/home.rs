@@ -1,393 +1,404 @@
 //! Channel-wide and user-wide state, kept on one "home" shard per channel or user:
 //! presence members, cache channels' last events, subscription counts, users' online
 //! counts and their watchers. `presence::home(app, name)` picks the shard; every other shard
-//! sends it joins, leaves and deltas through the mesh, so each of these questions has exactly
-//! one authoritative answer and each resulting event is sent once.
+//! sends it joins, leaves and deltas through the mesh (`shard::home_link`), so each of these
+//! questions has exactly one authoritative answer and each resulting event is sent once.
+//!
+//! Pure: `HomeState` never sends. Each change returns the `HomeEffect`s it causes (frames to
+//! broadcast or send, lifecycle webhooks, the answer to a join), in order, and the caller
+//! executes them. That keeps the rules unit-testable here and lets another authority (a
+//! cluster-wide one) stand in for this one behind the same effects. Time comes in as an
+//! argument. Also here: `JoinTickets`, the joining side's record of the joins it sent.
 
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::time::Instant;
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 
-use super::mesh::{HomeJoin, JoinReply, MeshMessage, Watcher};
-use super::presence::{self, Joined};
-use super::router::ConnKey;
-use super::{CachedEvent, Shard};
+use super::mesh::{HomeJoin, JoinReply, Watcher};
+use super::presence::{Joined, PresenceTable};
 use crate::apps::AppIndex;
-use crate::metrics::ShardMetrics;
-use crate::pusher::channel::ChannelKind;
-use crate::pusher::message;
+use crate::pusher::message::{self, SocketId};
 use crate::webhook::event::LifecycleEvent;
 
-impl Shard {
-    // ---- users -------------------------------------------------------------------------
+/// Cache entries one sweep looks at, at least.
+pub(super) const CACHE_SWEEP_MIN: usize = 1024;
 
-    /// Closes every connection of a signed-in user, on every shard, with 4009.
-    pub fn terminate_user(&self, app: AppIndex, user_id: &str) {
-        self.terminate_user_locally(app, user_id);
-        for target in (0..self.mesh.shards()).filter(|&t| t != self.index) {
-            self.mesh_send(target, MeshMessage::TerminateUser { app, user_id: user_id.into() });
+/// Something a change of home state requires, for the caller to execute in order.
+#[derive(Debug)]
+pub enum HomeEffect {
+    /// Send `frame` to every subscriber of the channel, on every shard, except `exclude`.
+    Broadcast {
+        /// The app.
+        app: AppIndex,
+        /// The channel.
+        channel: Box<str>,
+        /// The frame.
+        frame: Bytes,
+        /// A connection that must not receive it.
+        exclude: Option<SocketId>,
+    },
+    /// Send `frame` to one connection on any shard.
+    SendTo {
+        /// The connection.
+        watcher: Watcher,
+        /// The frame.
+        frame: Bytes,
+    },
+    /// A lifecycle webhook event, for apps whose Pusher-format webhooks select it.
+    Lifecycle {
+        /// The app.
+        app: AppIndex,
+        /// The channel.
+        channel: Box<str>,
+        /// Which event.
+        kind: LifecycleKind,
+    },
+    /// The answer to a join, for the connection's shard `to`.
+    Reply {
+        /// The joining shard.
+        to: usize,
+        /// The answer.
+        reply: JoinReply,
+    },
+}
+
+/// The lifecycle events home state causes; built into a `LifecycleEvent` only when some
+/// endpoint wants it (`LifecycleKind::event`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LifecycleKind {
+    /// `channel_occupied`.
+    Occupied,
+    /// `channel_vacated`.
+    Vacated,
+    /// `member_added` of this user id.
+    MemberAdded(Box<str>),
+    /// `member_removed` of this user id.
+    MemberRemoved(Box<str>),
+    /// `cache_miss`.
+    CacheMiss,
+    /// `subscription_count` with this count.
+    SubscriptionCount(u64),
+}
+
+impl LifecycleKind {
+    /// The webhook event on `channel`.
+    pub fn event(&self, channel: &str) -> LifecycleEvent {
+        match self {
+            LifecycleKind::Occupied => LifecycleEvent::occupancy(channel, true),
+            LifecycleKind::Vacated => LifecycleEvent::occupancy(channel, false),
+            LifecycleKind::MemberAdded(user_id) => LifecycleEvent::member(channel, user_id, true),
+            LifecycleKind::MemberRemoved(user_id) => LifecycleEvent::member(channel, user_id, false),
+            LifecycleKind::CacheMiss => LifecycleEvent::cache_miss(channel),
+            LifecycleKind::SubscriptionCount(count) => LifecycleEvent::subscription_count(channel, *count),
         }
     }
+}
 
-    pub(super) fn terminate_user_locally(&self, app: AppIndex, user_id: &str) {
-        let keys: Vec<ConnKey> = {
-            let state = self.state.borrow();
-            state
-                .connections
-                .iter()
-                .filter(|(_, c)| c.app == app && c.user_id.as_deref() == Some(user_id))
-                .map(|(k, _)| k)
-                .collect()
-        };
-        for key in keys {
-            self.refuse(key, 4009, "Connection terminated by the server");
-        }
-    }
+/// A cache channel's last event.
+struct CachedEvent {
+    /// Its frame, replayed as is.
+    frame: Bytes,
+    /// Its data string, for `info=cache`.
+    data: Box<str>,
+    /// When it stops being replayed.
+    expires: Instant,
+}
 
-    /// A connection signed in (`online`) or a signed-in one ended: counted on the user's home
-    /// shard, which tells the user's watchers when the first connection arrives or the last
-    /// one leaves.
-    pub fn user_presence(&self, app: AppIndex, user_id: Box<str>, online: bool) {
-        let home = presence::home(app, &user_home_key(&user_id), self.mesh.shards());
-        if home != self.index {
-            let message = if online {
-                MeshMessage::UserOnline { app, user_id }
-            } else {
-                MeshMessage::UserOffline { app, user_id }
-            };
-            return self.mesh_send(home, message);
-        }
-        let changed = {
-            let mut state = self.state.borrow_mut();
-            let key = (app, user_id.clone());
-            if online {
-                let count = state.users_online.entry(key).or_default();
-                *count += 1;
-                *count == 1
-            } else {
-                match state.users_online.get_mut(&key) {
-                    Some(1) => state.users_online.remove(&key).is_some(),
-                    Some(count) => {
-                        *count -= 1;
-                        false
-                    }
-                    None => false,
-                }
-            }
-        };
-        if changed {
-            let watchers = self.state.borrow().watchers.get(&(app, user_id.clone())).cloned().unwrap_or_default();
-            let frame = message::watchlist_event(if online { "online" } else { "offline" }, &[&user_id]);
-            for watcher in watchers {
-                self.send_to(watcher, frame.clone());
-            }
-        }
-    }
+/// The state of the channels and users this shard is home for.
+#[derive(Default)]
+pub struct HomeState {
+    /// Members of the presence channels.
+    pub(super) presence: PresenceTable,
+    /// Last events of the cache channels. An `IndexMap`, so the ticker can sweep expired
+    /// entries a slice at a time (`sweep_cache`).
+    cache: IndexMap<(AppIndex, Box<str>), CachedEvent>,
+    /// Where the next cache sweep starts. Invariant: at most `cache.len()`.
+    cache_sweep_cursor: usize,
+    /// Subscriber counts on all shards (apps that count subscriptions only). Invariant: an
+    /// entry at 0 or below is kept only until the next announcement, and only for channels
+    /// whose count is announced (it is then in `subscription_counts_changed`).
+    subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
+    /// Channels whose count changed since the last announcement, each once.
+    subscription_counts_changed: Vec<(AppIndex, Box<str>)>,
+    /// Signed-in connections per user, on all shards. Invariant: every count is at least 1.
+    users_online: HashMap<(AppIndex, Box<str>), u32>,
+    /// Watchers of each user. Invariant: no list is empty.
+    watchers: HashMap<(AppIndex, Box<str>), Vec<Watcher>>,
+}
 
-    /// Starts or stops watching a user, on the user's home shard; a new watcher of a user who
-    /// is online is told so at once.
-    pub fn watch(&self, app: AppIndex, user_id: Box<str>, watcher: Watcher, watch: bool) {
-        let home = presence::home(app, &user_home_key(&user_id), self.mesh.shards());
-        if home != self.index {
-            return self.mesh_send(home, MeshMessage::Watch { app, user_id, watcher, watch });
-        }
-        let online = {
-            let mut state = self.state.borrow_mut();
-            let key = (app, user_id.clone());
-            if watch {
-                state.watchers.entry(key.clone()).or_default().push(watcher);
-            } else if let Some(list) = state.watchers.get_mut(&key) {
-                list.retain(|w| *w != watcher);
-                if list.is_empty() {
-                    state.watchers.remove(&key);
-                }
-            }
-            state.users_online.contains_key(&key)
-        };
-        if watch && online {
-            self.send_to(watcher, message::watchlist_event("online", &[&user_id]));
-        }
-    }
-
-    /// Sends a frame to one connection on any shard.
-    pub(super) fn send_to(&self, watcher: Watcher, frame: Bytes) {
-        if watcher.shard != self.index {
-            return self.mesh_send(watcher.shard, MeshMessage::SendTo { watcher, frame });
-        }
-        let matches =
-            self.state.borrow().connections.get(watcher.conn).is_some_and(|c| c.socket_id == watcher.socket_id);
-        if matches {
-            self.send(watcher.conn, frame);
-        }
-    }
-
-    /// `pusher:error` with a close code, then the close itself (reference §1.4).
-    pub fn refuse(&self, key: ConnKey, code: u16, reason: &str) {
-        self.send(key, message::error(Some(code), reason, None));
-        self.close(key, code, reason);
-    }
-
-    // ---- presence ----------------------------------------------------------------------
-
-    /// Sends a join to the channel's home shard (or handles it here).
-    pub fn home_join(&self, join: HomeJoin) {
-        let home = presence::home(join.app, &join.channel, self.mesh.shards());
-        if home == self.index {
-            self.home_join_at_home(join);
-        } else {
-            self.mesh_send(home, MeshMessage::HomeJoin(Box::new(join)));
-        }
-    }
-
-    /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
-    /// and answers the joining shard with the frames for the connection.
-    pub(super) fn home_join_at_home(&self, join: HomeJoin) {
-        let app = self.apps.get(join.app);
+impl HomeState {
+    /// Counts a join here (`members_max`: the app's presence limit): a presence member is
+    /// counted, a new one announced (`member_added`, to everyone but the joining connection),
+    /// a cache channel's last event looked up; the last effect is always the `Reply`, whose
+    /// frames (subscription_succeeded or an error, then the cached event or cache_miss) the
+    /// connection receives before anything published after.
+    pub fn join(&mut self, join: HomeJoin, members_max: usize, now: Instant) -> Vec<HomeEffect> {
+        let mut effects = Vec::new();
         let mut frames = Vec::with_capacity(2);
         let mut accepted = true;
         match &join.member {
             Some((user_id, user_info)) => {
-                let members_max = app.config.presence_members_max;
-                let (joined, snapshot) = {
-                    let mut state = self.state.borrow_mut();
-                    let joined = state.presence.join(join.app, &join.channel, user_id, user_info, members_max);
-                    (joined, state.presence.snapshot(join.app, &join.channel))
-                };
-                if joined == Joined::Full {
-                    let reason = format!("presence channel is full: at most {members_max} members");
-                    frames.push(message::error(None, &reason, Some(&join.channel)));
-                    accepted = false;
-                } else {
-                    if joined == Joined::NewMember {
-                        let added = message::member_added(&join.channel, user_id, user_info);
-                        self.broadcast(join.app, &join.channel, added, Some(join.socket_id));
-                        self.lifecycle(join.app, || LifecycleEvent::member(&join.channel, user_id, true));
+                match self.presence.join(join.app, &join.channel, user_id, user_info, members_max) {
+                    Joined::Full => {
+                        let reason = format!("presence channel is full: at most {members_max} members");
+                        frames.push(message::error(None, &reason, Some(&join.channel)));
+                        accepted = false;
                     }
-                    frames.push(message::presence_subscription_succeeded(&join.channel, &snapshot));
+                    joined => {
+                        if joined == Joined::NewMember {
+                            let frame = message::member_added(&join.channel, user_id, user_info);
+                            let channel = join.channel.clone();
+                            effects.push(HomeEffect::Broadcast {
+                                app: join.app,
+                                channel,
+                                frame,
+                                exclude: Some(join.socket_id),
+                            });
+                            let kind = LifecycleKind::MemberAdded(user_id.clone());
+                            effects.push(HomeEffect::Lifecycle { app: join.app, channel: join.channel.clone(), kind });
+                        }
+                        let snapshot = self.presence.snapshot(join.app, &join.channel);
+                        frames.push(message::presence_subscription_succeeded(&join.channel, &snapshot));
+                    }
                 }
             }
             None => frames.push(message::subscription_succeeded(&join.channel)),
         }
         if accepted && join.cache {
-            // Reference §1.7: the last event comes first after subscription_succeeded.
-            match self.cached(join.app, &join.channel) {
+            // Pusher's cache channels: the last event comes right after subscription_succeeded.
+            match self.cached(join.app, &join.channel, now) {
                 Some((frame, _, _)) => frames.push(frame),
                 None => {
                     frames.push(message::cache_miss(&join.channel));
-                    self.lifecycle(join.app, || LifecycleEvent::cache_miss(&join.channel));
+                    let kind = LifecycleKind::CacheMiss;
+                    effects.push(HomeEffect::Lifecycle { app: join.app, channel: join.channel.clone(), kind });
                 }
             }
         }
-        let reply = JoinReply {
-            conn: join.conn,
-            socket_id: join.socket_id,
-            ticket: join.ticket,
-            channel: join.channel,
-            frames,
-            accepted,
-        };
-        if join.from == self.index {
-            self.joined(reply);
-        } else {
-            self.mesh_send(join.from, MeshMessage::Joined(Box::new(reply)));
-        }
+        let HomeJoin { from, conn, socket_id, ticket, channel, .. } = join;
+        effects.push(HomeEffect::Reply {
+            to: from,
+            reply: JoinReply { conn, socket_id, ticket, channel, frames, accepted },
+        });
+        effects
     }
 
-    /// Joining shard: the home shard's answer arrived. The connection is subscribed only now,
-    /// so it receives exactly the events that follow its member list and cached event.
-    ///
-    /// Only the reply to the connection's pending join for the channel counts: a reply whose
-    /// ticket is not pending answers a join the client has unsubscribed from since (its leave
-    /// is already on its way), even when the client has subscribed again meanwhile. So the
-    /// router, the connection's channels and the home shard's count always change together.
-    pub(super) fn joined(&self, reply: JoinReply) {
-        let JoinReply { conn: key, socket_id, ticket, channel, frames, accepted } = reply;
-        let cancelled = self.state.borrow_mut().cancelled_joins.remove(&ticket);
-        if let Some((app, channel, user_id)) = cancelled {
-            if accepted {
-                self.presence_leave(app, channel, user_id);
-            }
-            return;
+    /// One connection of a member leaves; the user's last one removes the member, announced
+    /// with `member_removed`.
+    pub fn presence_leave(&mut self, app: AppIndex, channel: Box<str>, user_id: Box<str>) -> Vec<HomeEffect> {
+        if !self.presence.leave(app, &channel, &user_id) {
+            return Vec::new();
         }
-        let routed_app = {
-            let mut state = self.state.borrow_mut();
-            let state = &mut *state;
-            let Some(conn) = state.connections.get_mut(key) else { return };
-            if conn.socket_id != socket_id {
-                return;
-            }
-            let Some(pending) = conn.joins.iter().position(|(c, t)| *t == ticket && **c == *channel) else {
-                return;
-            };
-            conn.joins.swap_remove(pending);
-            let app = conn.app;
-            if !accepted {
-                conn.channels.retain(|c| *c != channel);
-                conn.presence.retain(|(c, _)| *c != channel);
-                ShardMetrics::sub(&self.metrics().subscriptions, 1);
-            }
-            for frame in &frames {
-                self.enqueue(conn, frame, state.now_s);
-            }
-            // A pending join is never in the router yet (subscribe refuses a channel the
-            // connection already has), so a false here would be a bookkeeping bug.
-            let routed = accepted && state.router.subscribe(app, &channel, key);
-            debug_assert!(routed || !accepted, "a pending join was already routed");
-            routed.then_some(app)
-        };
-        // After the borrow: the count may be kept on this very shard.
-        if let Some(app) = routed_app {
-            self.subscription_changed(app, &channel, 1);
-        }
+        let frame = message::member_removed(&channel, &user_id);
+        vec![
+            HomeEffect::Broadcast { app, channel: channel.clone(), frame, exclude: None },
+            HomeEffect::Lifecycle { app, channel, kind: LifecycleKind::MemberRemoved(user_id) },
+        ]
     }
 
-    // ---- subscription_count ------------------------------------------------------------
-
-    /// Tells the channel's home shard that its subscriber count changed here, for apps that
-    /// count subscriptions (`subscription_count`, or lifecycle webhooks: the home shard is the
-    /// one place that knows when a channel becomes occupied or vacated).
-    pub fn subscription_changed(&self, app: AppIndex, channel: &str, delta: i32) {
-        let config = self.apps.get(app);
-        if !config.counts_subscriptions {
-            return;
-        }
-        let home = presence::home(app, channel, self.mesh.shards());
-        if home != self.index {
-            return self.mesh_send(home, MeshMessage::SubscriptionDelta { app, channel: channel.into(), delta });
-        }
-        // subscription_count is never sent for presence channels (reference §1.3).
-        let announce = config.config.subscription_count_enabled && ChannelKind::of(channel) != ChannelKind::Presence;
-        let (before, after) = {
-            let mut state = self.state.borrow_mut();
-            let key = (app, Box::<str>::from(channel));
-            let count = state.subscription_counts.entry(key.clone()).or_default();
-            let before = *count;
-            *count += i64::from(delta);
-            let after = *count;
-            if after <= 0 && !announce {
-                state.subscription_counts.remove(&key);
-            }
-            if announce && !state.subscription_counts_changed.contains(&key) {
-                state.subscription_counts_changed.push(key);
-            }
-            (before, after)
-        };
-        if before <= 0 && after > 0 {
-            self.lifecycle(app, || LifecycleEvent::occupancy(channel, true));
-        } else if before > 0 && after <= 0 {
-            self.lifecycle(app, || LifecycleEvent::occupancy(channel, false));
-        }
-    }
-
-    /// Announces the counts that changed since the last tick (the throttle: once a second).
-    pub(super) fn announce_subscription_counts(&self) {
-        let changed: Vec<(AppIndex, Box<str>, i64)> = {
-            let mut state = self.state.borrow_mut();
-            let state = &mut *state;
-            let mut changed = Vec::new();
-            for key in state.subscription_counts_changed.drain(..) {
-                let count = state.subscription_counts.get(&key).copied().unwrap_or(0);
-                if count <= 0 {
-                    state.subscription_counts.remove(&key);
-                }
-                changed.push((key.0, key.1, count.max(0)));
-            }
-            changed
-        };
-        for (app, channel, count) in changed {
-            if count > 0 {
-                self.broadcast(app, &channel, message::subscription_count(&channel, count as u64), None);
-                self.lifecycle(app, || LifecycleEvent::subscription_count(&channel, count as u64));
-            }
-        }
-    }
-
-    // ---- cache channels ----------------------------------------------------------------
-
-    /// Keeps `frame` as the last event of a cache channel, on its home shard.
-    pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
-        let home = presence::home(app, channel, self.mesh.shards());
-        if home == self.index {
-            let expires = Instant::now() + Duration::from_secs(self.apps.get(app).config.cache_ttl_s);
-            let entry = CachedEvent { frame, data: data.into(), expires };
-            self.state.borrow_mut().cache.insert((app, channel.into()), entry);
-        } else {
-            self.mesh_send(home, MeshMessage::CacheStore { app, channel: channel.into(), frame, data: data.into() });
-        }
-    }
-
-    /// The live cached event of a channel this shard is home for: (frame, data, seconds left).
-    pub(super) fn cached(&self, app: AppIndex, channel: &str) -> Option<(Bytes, Box<str>, u64)> {
-        let mut state = self.state.borrow_mut();
+    /// A channel's subscriber count changed by `delta` on some shard: `channel_occupied` when
+    /// it becomes occupied, `channel_vacated` when it empties. With `announce`, the channel is
+    /// marked for the next `announce_subscription_counts`.
+    pub fn count_subscriptions(&mut self, app: AppIndex, channel: &str, delta: i32, announce: bool) -> Vec<HomeEffect> {
         let key = (app, Box::<str>::from(channel));
-        let entry = state.cache.get(&key)?;
-        let now = Instant::now();
+        let count = self.subscription_counts.entry(key.clone()).or_default();
+        let before = *count;
+        *count += i64::from(delta);
+        let after = *count;
+        if after <= 0 && !announce {
+            self.subscription_counts.remove(&key);
+        }
+        if announce && !self.subscription_counts_changed.contains(&key) {
+            self.subscription_counts_changed.push(key);
+        }
+        let kind = if before <= 0 && after > 0 {
+            LifecycleKind::Occupied
+        } else if before > 0 && after <= 0 {
+            LifecycleKind::Vacated
+        } else {
+            return Vec::new();
+        };
+        vec![HomeEffect::Lifecycle { app, channel: channel.into(), kind }]
+    }
+
+    /// Announces the counts that changed since the last call (the throttle: the ticker calls
+    /// it once a second); channels that emptied are forgotten without an announcement.
+    pub fn announce_subscription_counts(&mut self) -> Vec<HomeEffect> {
+        let mut effects = Vec::new();
+        for key in self.subscription_counts_changed.drain(..) {
+            let count = self.subscription_counts.get(&key).copied().unwrap_or(0);
+            if count <= 0 {
+                self.subscription_counts.remove(&key);
+                continue;
+            }
+            let (app, channel) = key;
+            let count = count as u64;
+            let frame = message::subscription_count(&channel, count);
+            effects.push(HomeEffect::Broadcast { app, channel: channel.clone(), frame, exclude: None });
+            effects.push(HomeEffect::Lifecycle { app, channel, kind: LifecycleKind::SubscriptionCount(count) });
+        }
+        effects
+    }
+
+    /// A connection of a user signed in (`online`) or a signed-in one ended; the watchers hear
+    /// when the first connection arrives and when the last one leaves.
+    pub fn user_presence(&mut self, app: AppIndex, user_id: Box<str>, online: bool) -> Vec<HomeEffect> {
+        let key = (app, user_id);
+        let changed = if online {
+            let count = self.users_online.entry(key.clone()).or_default();
+            *count += 1;
+            *count == 1
+        } else {
+            match self.users_online.get_mut(&key) {
+                Some(1) => self.users_online.remove(&key).is_some(),
+                Some(count) => {
+                    *count -= 1;
+                    false
+                }
+                None => false,
+            }
+        };
+        let Some(watchers) = self.watchers.get(&key).filter(|_| changed) else {
+            return Vec::new();
+        };
+        let frame = message::watchlist_event(if online { "online" } else { "offline" }, &[&key.1]);
+        watchers.iter().map(|&watcher| HomeEffect::SendTo { watcher, frame: frame.clone() }).collect()
+    }
+
+    /// Starts or stops watching a user; a new watcher of a user who is online hears so at once.
+    pub fn watch(&mut self, app: AppIndex, user_id: Box<str>, watcher: Watcher, watch: bool) -> Vec<HomeEffect> {
+        let key = (app, user_id);
+        if watch {
+            self.watchers.entry(key.clone()).or_default().push(watcher);
+        } else if let Some(list) = self.watchers.get_mut(&key) {
+            list.retain(|w| *w != watcher);
+            if list.is_empty() {
+                self.watchers.remove(&key);
+            }
+        }
+        if watch && self.users_online.contains_key(&key) {
+            return vec![HomeEffect::SendTo { watcher, frame: message::watchlist_event("online", &[&key.1]) }];
+        }
+        Vec::new()
+    }
+
+    /// Keeps `frame` (with its `data`, for `info=cache`) as a cache channel's last event until
+    /// `expires`.
+    pub fn cache_store(&mut self, app: AppIndex, channel: &str, frame: Bytes, data: &str, expires: Instant) {
+        self.cache.insert((app, channel.into()), CachedEvent { frame, data: data.into(), expires });
+    }
+
+    /// The live cached event of a channel at `now`: (frame, data, whole seconds left). An
+    /// expired one is dropped.
+    pub fn cached(&mut self, app: AppIndex, channel: &str, now: Instant) -> Option<(Bytes, Box<str>, u64)> {
+        let key = (app, Box::<str>::from(channel));
+        let entry = self.cache.get(&key)?;
         if entry.expires <= now {
-            state.cache.swap_remove(&key);
+            self.cache.swap_remove(&key);
             return None;
         }
         Some((entry.frame.clone(), entry.data.clone(), (entry.expires - now).as_secs()))
     }
 
-    /// A presence subscription ends: the member leaves now, or, while its join (`pending`,
-    /// a ticket) still waits for the home shard, once the reply says the join was counted.
-    pub(super) fn presence_leave_after(
-        &self,
-        pending: Option<u64>,
-        app: AppIndex,
-        channel: Box<str>,
-        user_id: Box<str>,
-    ) {
-        match pending {
-            Some(ticket) => {
-                self.state.borrow_mut().cancelled_joins.insert(ticket, (app, channel, user_id));
-            }
-            None => self.presence_leave(app, channel, user_id),
-        }
-    }
-
-    /// Drops expired cache events, at least `CACHE_SWEEP_MIN` entries or an eighth of the
-    /// table per call (once a second from the ticker), so a table of per-user `cache-`
-    /// channels that are never looked up again is swept whole within about eight seconds
-    /// without one long pause.
-    pub(super) fn sweep_cache(&self, now: Instant) {
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
-        let budget = CACHE_SWEEP_MIN.max(state.cache.len() / 8);
-        let mut index = state.cache_sweep_cursor;
+    /// Drops events expired at `now`, looking at `CACHE_SWEEP_MIN` entries or an eighth of the
+    /// table per call, whichever is more (once a second from the ticker), so a table of
+    /// per-user `cache-` channels that are never looked up again is swept whole within about
+    /// eight seconds without one long pause.
+    pub fn sweep_cache(&mut self, now: Instant) {
+        let budget = CACHE_SWEEP_MIN.max(self.cache.len() / 8);
+        let mut index = self.cache_sweep_cursor;
         for _ in 0..budget {
-            if index >= state.cache.len() {
+            if index >= self.cache.len() {
                 index = 0;
                 break;
             }
-            if state.cache[index].expires <= now {
+            if self.cache[index].expires <= now {
                 // The last entry moves into `index`: look at it next.
-                state.cache.swap_remove_index(index);
+                self.cache.swap_remove_index(index);
             } else {
                 index += 1;
             }
         }
-        state.cache_sweep_cursor = index;
+        self.cache_sweep_cursor = index;
+        debug_assert!(self.cache_sweep_cursor <= self.cache.len(), "the sweep cursor stays in the table");
     }
 
-    /// Sends a presence leave to the channel's home shard (or handles it here).
-    pub fn presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
-        let home = presence::home(app, &channel, self.mesh.shards());
-        if home != self.index {
-            return self.mesh_send(home, MeshMessage::PresenceLeave { app, channel, user_id });
-        }
-        let removed = self.state.borrow_mut().presence.leave(app, &channel, &user_id);
-        if removed {
-            self.broadcast(app, &channel, message::member_removed(&channel, &user_id), None);
-            self.lifecycle(app, || LifecycleEvent::member(&channel, &user_id, false));
-        }
+    /// Cached events held, expired or not.
+    #[cfg(test)]
+    pub fn cache_len(&self) -> usize {
+        self.cache.len()
+    }
+
+    /// Every (app, channel, count) this shard keeps, for consistency checks.
+    #[cfg(test)]
+    pub fn subscription_counts(&self) -> impl Iterator<Item = (AppIndex, &str, i64)> {
+        self.subscription_counts.iter().map(|((app, channel), &count)| (*app, channel.as_ref(), count))
     }
 }
 
-/// Cache entries one sweep looks at, at least.
-pub(super) const CACHE_SWEEP_MIN: usize = 1024;
+/// Names one join among those a shard has sent to home shards (unique per shard).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JoinTicket(u64);
 
-/// What a user's home shard is computed from (distinct from any channel name).
-fn user_home_key(user_id: &str) -> String {
-    format!("#user:{user_id}")
+/// A presence member to take back out of its channel.
+pub type MemberLeave = (AppIndex, Box<str>, Box<str>);
+
+/// What a home shard's reply to a join means to the shard that sent the join.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answered {
+    /// The join was not given up: the connection's own pending join decides what it means.
+    Wanted,
+    /// Given up while waiting, and refused: nothing was counted, nothing to undo.
+    Dropped,
+    /// Given up while waiting but counted at home: this member must leave again.
+    Undo(MemberLeave),
 }
+
+/// The joining side's tickets: the next one to issue, and the presence joins given up
+/// (unsubscribe, disconnect) while waiting for their home shard.
+///
+/// A given-up member leaves only if the reply says its join was counted: a leave for a
+/// refused join would uncount another connection of the same user.
+#[derive(Debug, Default)]
+pub struct JoinTickets {
+    /// The next ticket's number.
+    next: u64,
+    /// Given-up presence joins by ticket. Invariant: only tickets already issued.
+    cancelled: HashMap<JoinTicket, MemberLeave>,
+}
+
+impl JoinTickets {
+    /// A fresh ticket for a join about to be sent.
+    pub fn issue(&mut self) -> JoinTicket {
+        let ticket = JoinTicket(self.next);
+        self.next += 1;
+        ticket
+    }
+
+    /// The presence join `ticket` was given up; `leave` undoes it if it turns out counted.
+    pub fn cancel(&mut self, ticket: JoinTicket, leave: MemberLeave) {
+        debug_assert!(ticket.0 < self.next, "only issued tickets are cancelled");
+        self.cancelled.insert(ticket, leave);
+    }
+
+    /// The reply to `ticket` arrived, `accepted` or not.
+    pub fn answered(&mut self, ticket: JoinTicket, accepted: bool) -> Answered {
+        match self.cancelled.remove(&ticket) {
+            None => Answered::Wanted,
+            Some(leave) if accepted => Answered::Undo(leave),
+            Some(_) => Answered::Dropped,
+        }
+    }
+
+    /// Whether no given-up join waits for its reply.
+    #[cfg(test)]
+    pub fn is_idle(&self) -> bool {
+        self.cancelled.is_empty()
+    }
+}
+
+#[cfg(test)]
+#[path = "home_tests.rs"]
+mod tests;

@@ -99,13 +99,13 @@ pub struct HomeJoin {
     /// The shard of the connection.
     pub from: usize,
     /// The connection's slab key on `from`.
-    pub conn: usize,
+    pub conn: super::ConnKey,
     /// Its socket_id (guards against a reused slab key).
     pub socket_id: SocketId,
     /// Names this join among the connection's pending ones; the reply carries it back, so a
     /// reply to a join the client has since unsubscribed (and maybe subscribed again) is
     /// recognised as stale.
-    pub ticket: u64,
+    pub ticket: super::home::JoinTicket,
     /// The app.
     pub app: AppIndex,
     /// The channel.
@@ -122,11 +122,11 @@ pub struct HomeJoin {
 #[derive(Debug)]
 pub struct JoinReply {
     /// Slab key on the receiving shard.
-    pub conn: usize,
+    pub conn: super::ConnKey,
     /// Guards against a reused slab key.
     pub socket_id: SocketId,
     /// The join's ticket (see `HomeJoin::ticket`).
-    pub ticket: u64,
+    pub ticket: super::home::JoinTicket,
     /// The channel.
     pub channel: Box<str>,
     /// The frames to send, in order.
@@ -141,7 +141,7 @@ pub struct Watcher {
     /// Its shard.
     pub shard: usize,
     /// Its slab key there.
-    pub conn: usize,
+    pub conn: super::ConnKey,
     /// Its socket_id (guards against a reused slab key).
     pub socket_id: SocketId,
 }

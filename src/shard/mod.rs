@@ -1,20 +1,28 @@
 //! A shard: one thread, pinned to one CPU, with its own monoio runtime and listener.
 //!
-//! Owns its connections (a slab, referred to by key), its channel table, its outboxes toward
-//! other shards and its pending cross-shard queries, all in one `ShardState` behind one
-//! `RefCell` that is never borrowed across an `.await`. Other shards are reached only through
-//! the mesh (`shard::mesh`).
+//! Owns, in one `ShardState` behind one `RefCell` that is never borrowed across an `.await`:
+//! its connections (`connections`), its channel table (`router`), the home state of the
+//! channels and users it is home for (`home`), its outboxes toward other shards (`outbox`),
+//! its pending cross-shard queries, the coarse clock and the shutdown flag. Each part owns its
+//! data and invariants; this module runs the tasks and routes between the parts. Other shards
+//! are reached only through the mesh (`shard::mesh`).
 //!
 //! Tasks on a shard: the acceptor (`net::listener`), one reader and one writer per
 //! WebSocket, one task per HTTP connection, the mesh pump, the outbox flusher and a one-second
 //! ticker for liveness, close timeouts and subscription_count announcements.
 //!
-//! Submodules: `mesh` (rings), `router` (channel → local subscribers), `session` (what a
-//! Pusher connection's messages do), `home` and `presence` (state owned by one home shard per
-//! channel or user).
+//! Submodules: `mesh` (rings), `router` (channel → local subscribers), `connections` (the
+//! slab, write queues, liveness), `outbox` (messages waiting for ring space), `session` (what
+//! a Pusher connection's messages do), `home` and `presence` (pure state owned by one home
+//! shard per channel or user), `home_link` (routing to home shards, executing home effects),
+//! `accept` (the one accept rule: create webhook records, publish, commit, acknowledge).
 
-mod home;
+pub mod accept;
+pub mod connections;
+pub mod home;
+mod home_link;
 pub mod mesh;
+mod outbox;
 pub mod presence;
 pub mod router;
 pub mod session;
@@ -22,7 +30,7 @@ pub mod session;
 mod tests;
 
 use std::cell::{Cell, OnceCell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::rc::Rc;
@@ -31,8 +39,6 @@ use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use indexmap::IndexMap;
-use slab::Slab;
 
 use crate::apps::{AppIndex, Apps};
 use crate::config::Config;
@@ -41,93 +47,18 @@ use crate::pusher::message::{self, SocketId};
 use crate::wal::Lsn;
 use crate::webhook::dispatch::Webhooks;
 use crate::webhook::event::LifecycleEvent;
-use crate::ws::frame;
+pub use connections::{ConnKey, ConnState, Connection, WRITE_BATCH_FRAMES_MAX};
+use connections::{Connections, Enqueued, Liveness};
+use home::{HomeState, JoinTickets};
 use mesh::{Mesh, MeshMessage, Publication, Query, QueryReply, Watcher};
-use presence::PresenceTable;
-use router::{ConnKey, Router};
-
-/// Frames one writev takes from a connection's queue at most.
-pub const WRITE_BATCH_FRAMES_MAX: usize = 64;
+use outbox::Outbox;
+use router::Router;
 /// Mesh messages one pump wake-up handles before yielding to connection tasks.
 const PUMP_BATCH_MAX: usize = 256;
 /// How long a closing connection may take to finish the close handshake.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long an HTTP API query waits for the other shards.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where a WebSocket connection is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ConnState {
-    /// Serving.
-    Open,
-    /// A close frame is queued; nothing else will be.
-    Closing {
-        /// When the close started (for the close timeout).
-        since_s: u64,
-    },
-    /// The reader has finished; the writer must stop.
-    Dead,
-}
-
-/// One WebSocket connection's shard-side state.
-#[derive(Debug)]
-pub struct Connection {
-    /// The app it connected to (meaningless for an echo connection).
-    pub app: AppIndex,
-    /// A plain echo connection (`/echo`), not a Pusher one.
-    pub echo: bool,
-    /// Its Pusher socket_id.
-    pub socket_id: SocketId,
-    /// Raw fd, only for `shutdown(2)` when it must be torn down from outside.
-    fd: RawFd,
-    /// Life-cycle state.
-    pub state: ConnState,
-    /// Frames waiting for the writer.
-    queue: VecDeque<Bytes>,
-    /// Bytes in `queue` plus the batch being written.
-    queued_bytes: usize,
-    /// The writer task, parked until the queue has frames.
-    writer: Option<Waker>,
-    /// Set when the writer task has ended.
-    writer_done: bool,
-    /// Channels it is subscribed to (presence joins count from the request on).
-    pub channels: Vec<Box<str>>,
-    /// (channel, ticket) of each subscription waiting for its home shard's reply; such a
-    /// channel is in `channels` but not yet in the router.
-    pub joins: Vec<(Box<str>, u64)>,
-    /// (presence channel, user id) of each presence subscription, for the leave.
-    pub presence: Vec<(Box<str>, Box<str>)>,
-    /// Shard clock second of the last frame received.
-    pub last_seen_s: u64,
-    /// Whether a `pusher:ping` was sent since `last_seen_s`.
-    pub pinged: bool,
-    /// The user it signed in as (`pusher:signin`).
-    pub user_id: Option<Box<str>>,
-    /// User ids whose online state it watches (from its signed `user_data`).
-    pub watchlist: Vec<Box<str>>,
-    /// Signed in, or joined a private or presence channel ("authorized connections").
-    pub authorized: bool,
-    /// Shard clock second it connected at.
-    pub opened_s: u64,
-    /// Client-event rate window (a shard clock second) and client events in it.
-    pub client_event_window_s: u64,
-    /// Client events in `client_event_window_s`.
-    pub client_event_count: u32,
-    /// Rate-limit window (a shard clock second) and messages in it.
-    pub rate_window_s: u64,
-    /// Messages received in `rate_window_s`.
-    pub rate_count: u32,
-}
-
-/// A cache channel's last event.
-struct CachedEvent {
-    /// Its frame, replayed as is.
-    frame: Bytes,
-    /// Its data string, for `info=cache`.
-    data: Box<str>,
-    /// When it stops being replayed.
-    expires: Instant,
-}
 
 /// A cross-shard query waiting for replies.
 struct PendingQuery {
@@ -139,38 +70,20 @@ struct PendingQuery {
 /// Everything a shard owns that changes.
 pub struct ShardState {
     /// WebSocket connections.
-    pub connections: Slab<Connection>,
-    /// Channel → local subscribers.
+    pub connections: Connections,
+    /// Channel → local subscribers. Invariant: names only live connections, each for a
+    /// channel in its `channels` and not in its `joins`.
     pub router: Router,
-    /// Members of the presence channels this shard is home for.
-    pub presence: PresenceTable,
-    /// Last events of the cache channels this shard is home for. An `IndexMap`, so the
-    /// ticker can sweep expired entries a slice at a time (`sweep_cache`).
-    cache: IndexMap<(AppIndex, Box<str>), CachedEvent>,
-    /// Where the next cache sweep starts.
-    cache_sweep_cursor: usize,
-    /// Subscriber counts of the channels this shard is home for (apps with
-    /// `subscription_count_enabled` only), and those changed since the last announcement.
-    subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
-    subscription_counts_changed: Vec<(AppIndex, Box<str>)>,
-    /// Signed-in connections per user, for the users this shard is home for.
-    users_online: HashMap<(AppIndex, Box<str>), u32>,
-    /// Watchers of the users this shard is home for.
-    watchers: HashMap<(AppIndex, Box<str>), Vec<Watcher>>,
+    /// State of the channels and users this shard is home for.
+    pub home: HomeState,
+    /// Joins this shard sent to home shards: tickets, and those given up while waiting.
+    pub joins: JoinTickets,
     /// Sockets open on this shard (WebSocket and HTTP), for `connections_per_shard_max`.
     pub open_sockets: usize,
+    /// Sequence part of the next socket_id issued here (see `Shard::register`).
     next_sequence: u64,
-    /// Ticket of the next home join sent from this shard.
-    next_join_ticket: u64,
-    /// Presence joins given up (unsubscribe, disconnect) while waiting for their home shard,
-    /// by ticket: (app, channel, user id). The member leaves only if the reply says the join
-    /// was counted; a leave for a refused join would uncount another connection of the user.
-    cancelled_joins: HashMap<u64, (AppIndex, Box<str>, Box<str>)>,
     /// Per target shard: messages waiting for ring space, in order.
-    outbox: Vec<VecDeque<MeshMessage>>,
-    outbox_len: usize,
-    flusher: Option<Waker>,
-    outbox_waiters: Vec<Waker>,
+    outbox: Outbox,
     queries: HashMap<u64, PendingQuery>,
     next_query_id: u64,
     /// Seconds since the shard started, advanced by the ticker (a coarse clock for timeouts).
@@ -212,23 +125,13 @@ impl Shard {
     ) -> Shard {
         let shards = mesh.shards();
         let state = ShardState {
-            connections: Slab::new(),
+            connections: Connections::default(),
             router: Router::new(apps.list.len()),
-            presence: PresenceTable::default(),
-            cache: IndexMap::new(),
-            cache_sweep_cursor: 0,
-            subscription_counts: HashMap::new(),
-            subscription_counts_changed: Vec::new(),
-            users_online: HashMap::new(),
-            watchers: HashMap::new(),
+            home: HomeState::default(),
+            joins: JoinTickets::default(),
             open_sockets: 0,
             next_sequence: 0,
-            next_join_ticket: 0,
-            cancelled_joins: HashMap::new(),
-            outbox: (0..shards).map(|_| VecDeque::new()).collect(),
-            outbox_len: 0,
-            flusher: None,
-            outbox_waiters: Vec::new(),
+            outbox: Outbox::new(shards),
             queries: HashMap::new(),
             next_query_id: 0,
             now_s: 0,
@@ -288,30 +191,7 @@ impl Shard {
         state.next_sequence += 1;
         let socket_id = SocketId { sequence, random: fastrand::u32(..1_000_000_000) };
         let now_s = state.now_s;
-        let key = state.connections.insert(Connection {
-            app,
-            echo,
-            socket_id,
-            fd,
-            state: ConnState::Open,
-            queue: VecDeque::new(),
-            queued_bytes: 0,
-            writer: None,
-            writer_done: false,
-            channels: Vec::new(),
-            joins: Vec::new(),
-            presence: Vec::new(),
-            user_id: None,
-            watchlist: Vec::new(),
-            authorized: false,
-            opened_s: now_s,
-            client_event_window_s: now_s,
-            client_event_count: 0,
-            last_seen_s: now_s,
-            pinged: false,
-            rate_window_s: now_s,
-            rate_count: 0,
-        });
+        let key = state.connections.insert(Connection::new(app, echo, socket_id, fd, now_s));
         ShardMetrics::add(&self.metrics().connections, 1);
         ShardMetrics::add(&self.metrics().connections_opened_total, 1);
         (key, socket_id)
@@ -334,20 +214,8 @@ impl Shard {
     /// Queues a shared frame on an open connection, enforcing the write-queue limit.
     #[inline]
     fn enqueue(&self, conn: &mut Connection, frame: &Bytes, now_s: u64) {
-        if conn.state != ConnState::Open {
-            return;
-        }
-        if conn.queued_bytes + frame.len() > self.config.websocket.write_queue_bytes_max {
+        if conn.enqueue(frame, now_s, self.config.websocket.write_queue_bytes_max) == Enqueued::SlowConsumer {
             ShardMetrics::add(&self.metrics().slow_consumer_closes_total, 1);
-            let dropped: usize = conn.queue.drain(..).map(|f| f.len()).sum();
-            conn.queued_bytes -= dropped;
-            close_conn(conn, 4100, "slow consumer: write queue limit exceeded", now_s);
-            return;
-        }
-        conn.queued_bytes += frame.len();
-        conn.queue.push_back(frame.clone());
-        if let Some(waker) = conn.writer.take() {
-            waker.wake();
         }
     }
 
@@ -356,37 +224,29 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         let now_s = state.now_s;
         if let Some(conn) = state.connections.get_mut(key) {
-            close_conn(conn, code, reason, now_s);
+            conn.close(code, reason, now_s);
         }
+    }
+
+    /// `pusher:error` with a close code, then the close itself (Pusher protocol: an error
+    /// with a 4000–4999 code precedes the close frame carrying it).
+    pub fn refuse(&self, key: ConnKey, code: u16, reason: &str) {
+        self.send(key, message::error(Some(code), reason, None));
+        self.close(key, code, reason);
     }
 
     /// Takes up to `WRITE_BATCH_FRAMES_MAX` frames for the writer, or parks it.
     /// `Ready(None)`: the writer must stop. The bool is true when the batch ends with the
     /// final close frame.
     pub async fn next_batch(&self, key: ConnKey, batch: &mut Vec<Bytes>) -> Option<bool> {
-        poll_fn(|cx| {
-            let mut state = self.state.borrow_mut();
-            let conn = &mut state.connections[key];
-            if conn.state == ConnState::Dead {
-                return Poll::Ready(None);
-            }
-            if conn.queue.is_empty() {
-                conn.writer = Some(cx.waker().clone());
-                return Poll::Pending;
-            }
-            let n = conn.queue.len().min(WRITE_BATCH_FRAMES_MAX);
-            batch.extend(conn.queue.drain(..n));
-            let last = conn.queue.is_empty() && matches!(conn.state, ConnState::Closing { .. });
-            Poll::Ready(Some(last))
-        })
-        .await
+        poll_fn(|cx| self.state.borrow_mut().connections[key].take_batch(batch, cx.waker())).await
     }
 
     /// Accounts a written batch.
     pub fn batch_written(&self, key: ConnKey, frames: usize, bytes: usize) {
         let mut state = self.state.borrow_mut();
         if let Some(conn) = state.connections.get_mut(key) {
-            conn.queued_bytes -= bytes;
+            conn.written(bytes);
         }
         ShardMetrics::add(&self.metrics().messages_out_total, frames as u64);
         ShardMetrics::add(&self.metrics().bytes_out_total, bytes as u64);
@@ -394,13 +254,7 @@ impl Shard {
 
     /// Marks the writer finished (after an error or the final close frame).
     pub fn writer_finished(&self, key: ConnKey) {
-        let mut state = self.state.borrow_mut();
-        let conn = &mut state.connections[key];
-        conn.writer_done = true;
-        if conn.state == ConnState::Open {
-            // The socket failed under the writer: nothing more can be sent.
-            conn.state = ConnState::Dead;
-        }
+        self.state.borrow_mut().connections[key].writer_finished();
     }
 
     /// First half of teardown, when the reader ends. A closing connection keeps its writer
@@ -408,18 +262,7 @@ impl Shard {
     /// does not read); any other is marked dead and its socket cut, so a writer stuck on a
     /// peer that stopped reading returns at once.
     pub fn begin_teardown(&self, key: ConnKey) {
-        let mut state = self.state.borrow_mut();
-        let conn = &mut state.connections[key];
-        if matches!(conn.state, ConnState::Closing { .. }) && !conn.writer_done {
-            return;
-        }
-        conn.state = ConnState::Dead;
-        if let Some(waker) = conn.writer.take() {
-            waker.wake();
-        }
-        if !conn.writer_done {
-            shutdown_socket(conn.fd);
-        }
+        self.state.borrow_mut().connections[key].begin_teardown();
     }
 
     /// Second half of teardown, after the writer task ended: unsubscribe and forget.
@@ -429,6 +272,7 @@ impl Shard {
         let subscriptions = conn.channels.len() as u64;
         let left: Vec<&str> =
             conn.channels.iter().filter(|c| state.router.unsubscribe(conn.app, c, key)).map(|c| c.as_ref()).collect();
+        debug_assert_eq!(left.len() + conn.joins.len(), subscriptions as usize, "each channel is routed or pending");
         drop(state);
         // Members leave before the channel empties (member_removed, then channel_vacated).
         for (channel, user_id) in conn.presence.iter() {
@@ -505,7 +349,7 @@ impl Shard {
         ShardMetrics::add(&self.metrics().mesh_sent_total, 1);
         self.mesh.count_sent(self.index);
         let mut state = self.state.borrow_mut();
-        let message = if state.outbox[target].is_empty() {
+        let message = if state.outbox.is_clear(target) {
             match self.mesh.try_send(target, message) {
                 Ok(()) => return,
                 Err(back) => back,
@@ -515,43 +359,21 @@ impl Shard {
         };
         ShardMetrics::add(&self.metrics().mesh_full_total, 1);
         ShardMetrics::add(&self.metrics().mesh_outbox_depth, 1);
-        state.outbox[target].push_back(message);
-        state.outbox_len += 1;
-        if let Some(waker) = state.flusher.take() {
-            waker.wake();
-        }
+        state.outbox.push(target, message);
     }
 
     /// Waits until the outboxes are empty, i.e. everything this shard has sent is in the
     /// target rings. A publish answers only then, so an event the API acknowledged is already
     /// queued for every shard (and a later publish elsewhere cannot overtake it; see `publish`).
     async fn outbox_flushed(&self) {
-        poll_fn(|cx| {
-            let mut state = self.state.borrow_mut();
-            if state.outbox_len == 0 {
-                Poll::Ready(())
-            } else {
-                state.outbox_waiters.push(cx.waker().clone());
-                Poll::Pending
-            }
-        })
-        .await
+        poll_fn(|cx| self.state.borrow_mut().outbox.poll_flushed(cx.waker())).await
     }
 
     /// Moves outbox messages into rings as space appears, retrying on a 1 ms timer (never a
     /// self-wake, which starves every other task in monoio 0.2.4).
     async fn flusher(self: Rc<Self>) {
         loop {
-            poll_fn(|cx| {
-                let mut state = self.state.borrow_mut();
-                if state.outbox_len > 0 {
-                    Poll::Ready(())
-                } else {
-                    state.flusher = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            })
-            .await;
+            poll_fn(|cx| self.state.borrow_mut().outbox.poll_work(cx.waker())).await;
             while self.flush_outbox() > 0 {
                 monoio::time::sleep(Duration::from_millis(1)).await;
             }
@@ -561,26 +383,9 @@ impl Shard {
     /// One pass over the outboxes; returns how many messages still wait.
     fn flush_outbox(&self) -> usize {
         let mut state = self.state.borrow_mut();
-        let mut moved = 0;
-        for target in 0..state.outbox.len() {
-            while let Some(message) = state.outbox[target].pop_front() {
-                match self.mesh.try_send(target, message) {
-                    Ok(()) => moved += 1,
-                    Err(back) => {
-                        state.outbox[target].push_front(back);
-                        break;
-                    }
-                }
-            }
-        }
-        state.outbox_len -= moved;
+        let moved = state.outbox.flush(&self.mesh);
         ShardMetrics::sub(&self.metrics().mesh_outbox_depth, moved as u64);
-        if state.outbox_len == 0 {
-            for waker in state.outbox_waiters.drain(..) {
-                waker.wake();
-            }
-        }
-        state.outbox_len
+        state.outbox.len()
     }
 
     /// Drains this shard's inbox in batches.
@@ -663,9 +468,9 @@ impl Shard {
                 .map(|(name, count)| (name.into(), count as u32))
                 .collect(),
             Query::PresenceUsers { app, name } => {
-                state.presence.users(*app, name).into_iter().map(|id| (id, 1)).collect()
+                state.home.presence.users(*app, name).into_iter().map(|id| (id, 1)).collect()
             }
-            Query::PresenceCounts { app, prefix } => state.presence.counts(*app, prefix),
+            Query::PresenceCounts { app, prefix } => state.home.presence.counts(*app, prefix),
             Query::Channel { app, name } => state
                 .router
                 .subscribers(*app, name)
@@ -720,45 +525,28 @@ impl Shard {
     async fn ticker(self: Rc<Self>) {
         let activity = u64::from(self.config.websocket.activity_timeout_s);
         let apps = self.apps.clone();
-        let dead_after = activity + u64::from(self.config.websocket.pong_timeout_s);
+        let rules = Liveness {
+            ping_after_s: activity,
+            dead_after_s: activity + u64::from(self.config.websocket.pong_timeout_s),
+            close_timeout_s: CLOSE_TIMEOUT.as_secs(),
+        };
+        let authorized_timeout_s = |app| u64::from(apps.get(app).config.authorized_connections_timeout_s);
         let ping = message::ping();
         loop {
             monoio::time::sleep(Duration::from_secs(1)).await;
             let now_s = self.started.elapsed().as_secs();
             let mut state = self.state.borrow_mut();
+            debug_assert!(now_s >= state.now_s, "the shard clock never goes back");
             state.now_s = now_s;
-            let mut to_ping = Vec::new();
-            let mut unauthorized = Vec::new();
-            for (key, conn) in state.connections.iter_mut() {
-                match conn.state {
-                    ConnState::Open => {
-                        let timeout = u64::from(apps.get(conn.app).config.authorized_connections_timeout_s);
-                        let age = now_s.saturating_sub(conn.opened_s);
-                        if timeout > 0 && !conn.echo && !conn.authorized && age >= timeout {
-                            unauthorized.push(key);
-                        }
-                        let silent = now_s.saturating_sub(conn.last_seen_s);
-                        if silent >= dead_after {
-                            ShardMetrics::add(&self.metrics().liveness_closes_total, 1);
-                            close_conn(conn, 4201, "pong reply not received", now_s);
-                        } else if silent >= activity && !conn.pinged {
-                            conn.pinged = true;
-                            to_ping.push(key);
-                        }
-                    }
-                    ConnState::Closing { since_s } if now_s.saturating_sub(since_s) >= CLOSE_TIMEOUT.as_secs() => {
-                        shutdown_socket(conn.fd);
-                    }
-                    _ => {}
-                }
-            }
-            for key in to_ping {
+            let pass = state.connections.liveness_pass(now_s, rules, authorized_timeout_s);
+            ShardMetrics::add(&self.metrics().liveness_closes_total, pass.dead);
+            for key in pass.to_ping {
                 self.send_locked(&mut state, key, ping.clone());
             }
             drop(state);
             self.sweep_cache(Instant::now());
             self.announce_subscription_counts();
-            for key in unauthorized {
+            for key in pass.unauthorized {
                 self.refuse(key, 4009, "Unauthorized connection: sign in or join a private channel in time");
             }
         }
@@ -770,15 +558,7 @@ impl Shard {
         let max = self.config.websocket.messages_per_second_max;
         let mut state = self.state.borrow_mut();
         let now_s = state.now_s;
-        let conn = &mut state.connections[key];
-        conn.last_seen_s = now_s;
-        conn.pinged = false;
-        if conn.rate_window_s != now_s {
-            conn.rate_window_s = now_s;
-            conn.rate_count = 0;
-        }
-        conn.rate_count = conn.rate_count.saturating_add(messages);
-        max == 0 || conn.rate_count <= max
+        state.connections[key].record_activity(now_s, messages, max)
     }
 
     /// Flips to shutting down (once): readiness fails, the acceptor stops.
@@ -841,7 +621,7 @@ impl Shard {
     /// up to `shutdown_grace_ms` for the connections to finish; connections still there are
     /// cut, so their teardown (and leaves) still happens.
     pub async fn drain_connections(&self) {
-        let keys: Vec<ConnKey> = self.state.borrow().connections.iter().map(|(k, _)| k).collect();
+        let keys = self.state.borrow().connections.keys();
         let window_ms = self.config.server.shutdown_close_window_ms.max(1);
         let per_ms = keys.len().div_ceil(window_ms as usize).max(1);
         for chunk in keys.chunks(per_ms) {
@@ -855,37 +635,13 @@ impl Shard {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
         for (_, conn) in self.state.borrow().connections.iter() {
-            shutdown_socket(conn.fd);
+            conn.shutdown_socket();
         }
         // A cut socket ends its reader and writer at once; teardown follows on the next turns.
         let deadline = Instant::now() + CLOSE_TIMEOUT;
         while !self.state.borrow().connections.is_empty() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-}
-
-/// Queues the close frame and marks the connection closing (no-op unless open).
-fn close_conn(conn: &mut Connection, code: u16, reason: &str, now_s: u64) {
-    if conn.state != ConnState::Open {
-        return;
-    }
-    let close = frame::encode_close(code, reason);
-    conn.queued_bytes += close.len();
-    conn.queue.push_back(close);
-    conn.state = ConnState::Closing { since_s: now_s };
-    if let Some(waker) = conn.writer.take() {
-        waker.wake();
-    }
-}
-
-/// `shutdown(fd, SHUT_RDWR)`: wakes a reader or writer parked on a peer that went silent.
-fn shutdown_socket(fd: RawFd) {
-    // SAFETY: shutdown(2) takes a plain integer and touches no memory of ours. The fd belongs
-    // to a connection still in the slab, whose read half (which owns the fd) is dropped only
-    // after the slab entry is removed, so it cannot be a reused descriptor.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
     }
 }
 

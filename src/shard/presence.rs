@@ -4,7 +4,8 @@
 //! other shard sends it joins and leaves through the mesh. Because one thread decides, "is this
 //! user new to the channel?" and "was that the user's last connection?" have exactly one
 //! answer, so `member_added` and `member_removed` are sent once, whatever shards the user's
-//! connections are on (reference §1.3: a second tab of the same user is silent).
+//! connections are on (Pusher's presence channels count unique users, so a second tab of the
+//! same user is silent: https://pusher.com/docs/channels/using_channels/presence-channels/).
 //!
 //! Pure state: no sockets, no mesh. The shard turns outcomes into frames and messages.
 

@@ -10,8 +10,8 @@ use indexmap::IndexSet;
 
 use crate::apps::AppIndex;
 
-/// Slab key of a connection on this shard.
-pub type ConnKey = usize;
+/// Slab key of a connection on this shard (defined with the slab, in `connections`).
+pub use super::connections::ConnKey;
 
 /// Channel → subscribers, per app.
 #[derive(Debug, Default)]
@@ -68,15 +68,16 @@ mod tests {
     /// Subscribe and unsubscribe are idempotent and empty channels disappear.
     #[test]
     fn subscribe_unsubscribe() {
+        let [one, two, three] = [1, 2, 3].map(ConnKey::from_index);
         let mut router = Router::new(2);
-        assert!(router.subscribe(0, "a", 1));
-        assert!(!router.subscribe(0, "a", 1));
-        assert!(router.subscribe(0, "a", 2));
-        assert!(router.subscribe(1, "a", 3));
+        assert!(router.subscribe(0, "a", one));
+        assert!(!router.subscribe(0, "a", one));
+        assert!(router.subscribe(0, "a", two));
+        assert!(router.subscribe(1, "a", three));
         assert_eq!(router.subscribers(0, "a").map(IndexSet::len), Some(2));
-        assert!(router.unsubscribe(0, "a", 1));
-        assert!(!router.unsubscribe(0, "a", 1));
-        assert!(router.unsubscribe(0, "a", 2));
+        assert!(router.unsubscribe(0, "a", one));
+        assert!(!router.unsubscribe(0, "a", one));
+        assert!(router.unsubscribe(0, "a", two));
         assert!(router.subscribers(0, "a").is_none());
         assert_eq!(router.occupied(1).collect::<Vec<_>>(), vec![("a", 1)]);
     }

@@ -1,10 +1,15 @@
 //! What a Pusher connection does with each message it receives: subscribe, unsubscribe,
-//! ping, client events. Operates on shard state only; the socket side is `net::conn`.
+//! ping, client events, sign-in; and the server's side of users (`terminate_user`).
+//! Operates on shard state only; the socket side is `net::conn`.
+
+use std::convert::Infallible;
 
 use ring::hmac;
 use serde_json::value::RawValue;
 
-use super::mesh::{HomeJoin, Watcher};
+use super::accept::Acknowledged;
+use super::mesh::{HomeJoin, MeshMessage, Watcher};
+use crate::apps::AppIndex;
 use crate::webhook::event::LifecycleEvent;
 
 use super::router::ConnKey;
@@ -76,7 +81,8 @@ impl Shard {
                 None
             }
             ChannelKind::Presence => {
-                // Reference §1.8: the signature covers channel_data exactly as received.
+                // The signature covers channel_data exactly as received (Pusher's auth
+                // signatures: https://pusher.com/docs/channels/library_auth_reference/auth-signatures/).
                 let channel_data = subscribe.channel_data.as_deref().unwrap_or("");
                 let to_sign = format!("{socket_id}:{name}:{channel_data}");
                 let member = check_auth(&app.config.key, &app.secret_key, &to_sign, auth)
@@ -119,8 +125,7 @@ impl Shard {
         }
         // Presence and cache channels go to the channel's home shard first, which answers with
         // the member list and the cached event; the connection joins the router then.
-        let ticket = state.next_join_ticket;
-        state.next_join_ticket += 1;
+        let ticket = state.joins.issue();
         let conn = &mut state.connections[key];
         conn.joins.push((name.into(), ticket));
         if let Some((user_id, _)) = &member {
@@ -185,21 +190,23 @@ impl Shard {
             return self.send(key, message::error(None, reason, Some(name)));
         }
         if open {
-            // On presence channels the relayed event names its sender (reference §1.2).
+            // On presence channels the relayed event names its sender (Pusher's client events
+            // docs: "user_id" is added on presence channels).
             let frame = message::channel_event_from(event, name, data, user_id.as_deref());
-            let durable_at = self.lifecycle(app_index, || {
-                let raw = data.get();
-                let data: std::borrow::Cow<str> = serde_json::from_str(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
-                LifecycleEvent::client_event(name, event, &data, &socket_id.to_string(), user_id.as_deref())
-            });
+            let create = || {
+                let durable_at = self.lifecycle(app_index, || {
+                    let raw = data.get();
+                    let data: std::borrow::Cow<str> =
+                        serde_json::from_str(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
+                    LifecycleEvent::client_event(name, event, &data, &socket_id.to_string(), user_id.as_deref())
+                });
+                Ok::<_, Infallible>(durable_at)
+            };
             // The design's contract: a client event is accepted when relayed, so its webhook is
             // durable first (group commit; only for apps whose webhooks select client_event).
-            if let (Some(lsn), Some(webhooks)) = (durable_at, self.webhooks()) {
-                if let Err(error) = webhooks.commit(lsn).await {
-                    tracing::error!(%error, "client_event webhook not durable; relaying the event anyway");
-                }
-            }
-            self.publish(app_index, name, frame, Some(socket_id)).await;
+            let publish = self.publish(app_index, name, frame, Some(socket_id));
+            let relayed = self.accept(Acknowledged::ByRelay, create, publish).await;
+            debug_assert!(relayed.is_ok(), "a relayed event is published whatever the commit");
         }
     }
 }
@@ -209,17 +216,35 @@ impl Shard {
     fn count_client_event(&self, key: ConnKey, max: u32) -> bool {
         let mut state = self.state.borrow_mut();
         let now_s = state.now_s;
-        let conn = &mut state.connections[key];
-        if conn.client_event_window_s != now_s {
-            conn.client_event_window_s = now_s;
-            conn.client_event_count = 0;
+        state.connections[key].client_events.record(now_s, 1) <= max
+    }
+
+    /// Closes every connection of a signed-in user, on every shard, with 4009.
+    pub fn terminate_user(&self, app: AppIndex, user_id: &str) {
+        self.terminate_user_locally(app, user_id);
+        for target in (0..self.mesh.shards()).filter(|&t| t != self.index) {
+            self.mesh_send(target, MeshMessage::TerminateUser { app, user_id: user_id.into() });
         }
-        conn.client_event_count += 1;
-        conn.client_event_count <= max
+    }
+
+    pub(super) fn terminate_user_locally(&self, app: AppIndex, user_id: &str) {
+        let keys: Vec<ConnKey> = {
+            let state = self.state.borrow();
+            state
+                .connections
+                .iter()
+                .filter(|(_, c)| c.app == app && c.user_id.as_deref() == Some(user_id))
+                .map(|(k, _)| k)
+                .collect()
+        };
+        for key in keys {
+            self.refuse(key, 4009, "Connection terminated by the server");
+        }
     }
 
     /// `pusher:signin`: verifies `socket_id::user::user_data`, remembers the user id and
-    /// answers `pusher:signin_success`; a bad sign-in is refused with 4009 (reference §1.8).
+    /// answers `pusher:signin_success`; a bad sign-in is refused with 4009 (Pusher's auth
+    /// signatures: https://pusher.com/docs/channels/library_auth_reference/auth-signatures/).
     fn signin(&self, key: ConnKey, signin: &Signin) {
         let (app_index, socket_id) = {
             let state = self.state.borrow();
@@ -264,7 +289,8 @@ impl Shard {
 }
 
 /// Checks `auth` = `key:hex(HMAC-SHA256(secret, to_sign))`, constant-time on the signature;
-/// the key part must be the app's own (reference §1.8: compare the whole `key:signature`).
+/// the key part must be the app's own: the whole `key:signature` is compared (Pusher's auth
+/// signatures: https://pusher.com/docs/channels/library_auth_reference/auth-signatures/).
 pub fn check_auth(app_key: &str, secret: &hmac::Key, to_sign: &str, auth: Option<&str>) -> Result<(), String> {
     let auth = auth.unwrap_or("");
     let expected = || format!("Invalid signature: Expected HMAC SHA256 hex digest of {to_sign}, but got {auth}");
@@ -315,7 +341,7 @@ mod tests {
         assert_eq!(parse_member(channel_data, 1024), Ok(("10".into(), r#"{"name":"Mr. Channels"}"#.into())));
     }
 
-    /// The sign-in vector of the reference (`socket_id::user::user_data`).
+    /// Pusher's documented user-authentication vector (`socket_id::user::user_data`).
     #[test]
     fn signin_vector() {
         let to_sign = r#"1234.1234::user::{"id":"12345"}"#;

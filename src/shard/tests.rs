@@ -74,7 +74,7 @@ fn deliver_one(shards: &[Shard], rng: &mut fastrand::Rng) -> bool {
     }
     let waiting: Vec<usize> = (0..SHARDS).filter(|&s| shards[s].mesh.depth(s) > 0).collect();
     if waiting.is_empty() {
-        return shards.iter().any(|s| s.state.borrow().outbox_len > 0);
+        return shards.iter().any(|s| s.state.borrow().outbox.len() > 0);
     }
     let target = waiting[rng.usize(..waiting.len())];
     let message = shards[target].mesh.try_recv(target).expect("depth > 0");
@@ -120,7 +120,7 @@ fn check_quiescent(shards: &[Shard]) {
     let mut members: HashMap<(AppIndex, Box<str>, Box<str>), u32> = HashMap::new();
     for shard in shards {
         let state = shard.state.borrow();
-        assert!(state.cancelled_joins.is_empty(), "every cancelled join got its reply");
+        assert!(state.joins.is_idle(), "every cancelled join got its reply");
         for (_, conn) in state.connections.iter() {
             assert!(conn.joins.is_empty(), "no join pending when nothing is in flight");
             for (channel, user) in conn.presence.iter() {
@@ -137,13 +137,13 @@ fn check_quiescent(shards: &[Shard]) {
     let mut presence = HashMap::new();
     for (index, shard) in shards.iter().enumerate() {
         let state = shard.state.borrow();
-        for ((app, channel), &count) in state.subscription_counts.iter() {
-            assert_eq!(super::presence::home(*app, channel, SHARDS), index, "counted on its home shard");
+        for (app, channel, count) in state.home.subscription_counts() {
+            assert_eq!(super::presence::home(app, channel, SHARDS), index, "counted on its home shard");
             if count != 0 {
-                counted.insert((*app, channel.clone()), count);
+                counted.insert((app, channel.into()), count);
             }
         }
-        for (app, channel, user, connections) in state.presence.entries() {
+        for (app, channel, user, connections) in state.home.presence.entries() {
             presence.insert((app, channel, user), connections);
         }
     }
@@ -204,8 +204,11 @@ fn router_connections_and_counts_agree() {
         while deliver_one(&shards, &mut rng) {}
         for shard in &shards {
             let state = shard.state.borrow();
-            assert!(state.subscription_counts.is_empty(), "seed {seed}: counts of empty channels are dropped");
-            assert!(state.presence.entries().is_empty(), "seed {seed}: no members left");
+            assert!(
+                state.home.subscription_counts().next().is_none(),
+                "seed {seed}: counts of empty channels are dropped"
+            );
+            assert!(state.home.presence.entries().is_empty(), "seed {seed}: no members left");
         }
     }
 }
@@ -223,7 +226,7 @@ fn expired_cache_events_are_swept() {
     for name in &names {
         shard.cache_store(0, name, bytes::Bytes::from_static(b"frame"), "data");
     }
-    let cache_len = || shard.state.borrow().cache.len();
+    let cache_len = || shard.state.borrow().home.cache_len();
     shard.sweep_cache(stored_at + ttl / 2);
     assert_eq!(cache_len(), names.len(), "nothing is expired yet");
     let after_ttl = stored_at + ttl + std::time::Duration::from_secs(1);

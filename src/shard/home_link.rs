@@ -1,0 +1,226 @@
+//! The shard's side of home state: every join, leave, count delta, sign-in and watch goes to
+//! the home shard of its channel or user (`presence::home`) through the mesh, or, when that is
+//! this shard, into its own `HomeState`, whose effects are executed here. Also the joining
+//! side: the reply to a join subscribes the connection (`joined`).
+//!
+//! This is the seam a cluster-wide home authority would replace: it decides where a home
+//! question is answered and what is done with the answer, never the answer itself.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::home::{Answered, HomeEffect, JoinTicket};
+use super::mesh::{HomeJoin, JoinReply, MeshMessage, Watcher};
+use super::presence;
+use super::Shard;
+use crate::apps::AppIndex;
+use crate::metrics::ShardMetrics;
+use crate::pusher::channel::ChannelKind;
+
+impl Shard {
+    /// Executes home effects in order. Call with no state borrowed: effects reach connections
+    /// on this shard.
+    fn apply(&self, effects: Vec<HomeEffect>) {
+        for effect in effects {
+            match effect {
+                HomeEffect::Broadcast { app, channel, frame, exclude } => self.broadcast(app, &channel, frame, exclude),
+                HomeEffect::SendTo { watcher, frame } => self.send_to(watcher, frame),
+                HomeEffect::Lifecycle { app, channel, kind } => {
+                    self.lifecycle(app, || kind.event(&channel));
+                }
+                HomeEffect::Reply { to, reply } if to == self.index => self.joined(reply),
+                HomeEffect::Reply { to, reply } => self.mesh_send(to, MeshMessage::Joined(Box::new(reply))),
+            }
+        }
+    }
+
+    // ---- users -------------------------------------------------------------------------
+
+    /// A connection signed in (`online`) or a signed-in one ended: counted on the user's home
+    /// shard, which tells the user's watchers when the first connection arrives or the last
+    /// one leaves.
+    pub fn user_presence(&self, app: AppIndex, user_id: Box<str>, online: bool) {
+        let home = presence::home(app, &user_home_key(&user_id), self.mesh.shards());
+        if home != self.index {
+            let message = if online {
+                MeshMessage::UserOnline { app, user_id }
+            } else {
+                MeshMessage::UserOffline { app, user_id }
+            };
+            return self.mesh_send(home, message);
+        }
+        let effects = self.state.borrow_mut().home.user_presence(app, user_id, online);
+        self.apply(effects);
+    }
+
+    /// Starts or stops watching a user, on the user's home shard; a new watcher of a user who
+    /// is online is told so at once.
+    pub fn watch(&self, app: AppIndex, user_id: Box<str>, watcher: Watcher, watch: bool) {
+        let home = presence::home(app, &user_home_key(&user_id), self.mesh.shards());
+        if home != self.index {
+            return self.mesh_send(home, MeshMessage::Watch { app, user_id, watcher, watch });
+        }
+        let effects = self.state.borrow_mut().home.watch(app, user_id, watcher, watch);
+        self.apply(effects);
+    }
+
+    /// Sends a frame to one connection on any shard.
+    pub(super) fn send_to(&self, watcher: Watcher, frame: Bytes) {
+        if watcher.shard != self.index {
+            return self.mesh_send(watcher.shard, MeshMessage::SendTo { watcher, frame });
+        }
+        let matches =
+            self.state.borrow().connections.get(watcher.conn).is_some_and(|c| c.socket_id == watcher.socket_id);
+        if matches {
+            self.send(watcher.conn, frame);
+        }
+    }
+
+    // ---- presence and cache joins ------------------------------------------------------
+
+    /// Sends a join to the channel's home shard (or handles it here).
+    pub fn home_join(&self, join: HomeJoin) {
+        let home = presence::home(join.app, &join.channel, self.mesh.shards());
+        if home == self.index {
+            self.home_join_at_home(join);
+        } else {
+            self.mesh_send(home, MeshMessage::HomeJoin(Box::new(join)));
+        }
+    }
+
+    /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
+    /// and answers the joining shard with the frames for the connection.
+    pub(super) fn home_join_at_home(&self, join: HomeJoin) {
+        let members_max = self.apps.get(join.app).config.presence_members_max;
+        let effects = self.state.borrow_mut().home.join(join, members_max, Instant::now());
+        self.apply(effects);
+    }
+
+    /// Joining shard: the home shard's answer arrived. The connection is subscribed only now,
+    /// so it receives exactly the events that follow its member list and cached event.
+    ///
+    /// Only the reply to the connection's pending join for the channel counts: a reply whose
+    /// ticket is not pending answers a join the client has unsubscribed from since (its leave
+    /// is already on its way), even when the client has subscribed again meanwhile. So the
+    /// router, the connection's channels and the home shard's count always change together.
+    pub(super) fn joined(&self, reply: JoinReply) {
+        let JoinReply { conn: key, socket_id, ticket, channel, frames, accepted } = reply;
+        let answered = self.state.borrow_mut().joins.answered(ticket, accepted);
+        match answered {
+            Answered::Wanted => {}
+            Answered::Dropped => return,
+            Answered::Undo((app, channel, user_id)) => return self.presence_leave(app, channel, user_id),
+        }
+        let routed_app = {
+            let mut state = self.state.borrow_mut();
+            let state = &mut *state;
+            let Some(conn) = state.connections.get_mut(key) else { return };
+            if conn.socket_id != socket_id {
+                return;
+            }
+            let Some(pending) = conn.joins.iter().position(|(c, t)| *t == ticket && **c == *channel) else {
+                return;
+            };
+            conn.joins.swap_remove(pending);
+            let app = conn.app;
+            if !accepted {
+                conn.channels.retain(|c| *c != channel);
+                conn.presence.retain(|(c, _)| *c != channel);
+                ShardMetrics::sub(&self.metrics().subscriptions, 1);
+            }
+            for frame in &frames {
+                self.enqueue(conn, frame, state.now_s);
+            }
+            // A pending join is never in the router yet (subscribe refuses a channel the
+            // connection already has), so a false here would be a bookkeeping bug.
+            let routed = accepted && state.router.subscribe(app, &channel, key);
+            debug_assert!(routed || !accepted, "a pending join was already routed");
+            routed.then_some(app)
+        };
+        // After the borrow: the count may be kept on this very shard.
+        if let Some(app) = routed_app {
+            self.subscription_changed(app, &channel, 1);
+        }
+    }
+
+    /// A presence subscription ends: the member leaves now, or, while its join (`pending`,
+    /// a ticket) still waits for the home shard, once the reply says the join was counted.
+    pub(super) fn presence_leave_after(
+        &self,
+        pending: Option<JoinTicket>,
+        app: AppIndex,
+        channel: Box<str>,
+        user_id: Box<str>,
+    ) {
+        match pending {
+            Some(ticket) => self.state.borrow_mut().joins.cancel(ticket, (app, channel, user_id)),
+            None => self.presence_leave(app, channel, user_id),
+        }
+    }
+
+    /// Sends a presence leave to the channel's home shard (or handles it here).
+    pub fn presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
+        let home = presence::home(app, &channel, self.mesh.shards());
+        if home != self.index {
+            return self.mesh_send(home, MeshMessage::PresenceLeave { app, channel, user_id });
+        }
+        let effects = self.state.borrow_mut().home.presence_leave(app, channel, user_id);
+        self.apply(effects);
+    }
+
+    // ---- subscription_count ------------------------------------------------------------
+
+    /// Tells the channel's home shard that its subscriber count changed here, for apps that
+    /// count subscriptions (`subscription_count`, or lifecycle webhooks: the home shard is the
+    /// one place that knows when a channel becomes occupied or vacated).
+    pub fn subscription_changed(&self, app: AppIndex, channel: &str, delta: i32) {
+        let config = self.apps.get(app);
+        if !config.counts_subscriptions {
+            return;
+        }
+        let home = presence::home(app, channel, self.mesh.shards());
+        if home != self.index {
+            return self.mesh_send(home, MeshMessage::SubscriptionDelta { app, channel: channel.into(), delta });
+        }
+        // subscription_count is never sent for presence channels, whose members are counted
+        // by the presence protocol itself.
+        let announce = config.config.subscription_count_enabled && ChannelKind::of(channel) != ChannelKind::Presence;
+        let effects = self.state.borrow_mut().home.count_subscriptions(app, channel, delta, announce);
+        self.apply(effects);
+    }
+
+    /// Announces the counts that changed since the last tick (the throttle: once a second).
+    pub(super) fn announce_subscription_counts(&self) {
+        let effects = self.state.borrow_mut().home.announce_subscription_counts();
+        self.apply(effects);
+    }
+
+    // ---- cache channels ----------------------------------------------------------------
+
+    /// Keeps `frame` as the last event of a cache channel, on its home shard.
+    pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
+        let home = presence::home(app, channel, self.mesh.shards());
+        if home == self.index {
+            let expires = Instant::now() + Duration::from_secs(self.apps.get(app).config.cache_ttl_s);
+            self.state.borrow_mut().home.cache_store(app, channel, frame, data, expires);
+        } else {
+            self.mesh_send(home, MeshMessage::CacheStore { app, channel: channel.into(), frame, data: data.into() });
+        }
+    }
+
+    /// The live cached event of a channel this shard is home for: (frame, data, seconds left).
+    pub(super) fn cached(&self, app: AppIndex, channel: &str) -> Option<(Bytes, Box<str>, u64)> {
+        self.state.borrow_mut().home.cached(app, channel, Instant::now())
+    }
+
+    /// Drops expired cache events, a bounded slice per call (see `HomeState::sweep_cache`).
+    pub(super) fn sweep_cache(&self, now: Instant) {
+        self.state.borrow_mut().home.sweep_cache(now);
+    }
+}
+
+/// What a user's home shard is computed from (distinct from any channel name).
+fn user_home_key(user_id: &str) -> String {
+    format!("#user:{user_id}")
+}
