@@ -30,6 +30,8 @@ pub struct Config {
     pub webhooks: WebhooksConfig,
     /// Cluster mode on Redis (docs/cluster.md); off unless `redis_url` is set.
     pub cluster: ClusterConfig,
+    /// `wss://` and `https://` beside the plain listener; off unless `[tls]` is present.
+    pub tls: Option<TlsConfig>,
     /// The applications this node serves (at least one).
     pub apps: Vec<AppConfig>,
 }
@@ -283,6 +285,28 @@ pub struct MeshConfig {
     pub ring_capacity: usize,
 }
 
+/// `[tls]`: a second listener speaking TLS (every route of the plain one: WebSocket, HTTP API,
+/// health, metrics). The files are read at start and by `check-config` (`net::tls`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The address to serve TLS on, e.g. `0.0.0.0:443`.
+    pub bind: SocketAddr,
+    /// The certificate chain (PEM), the server's certificate first.
+    pub cert_file: PathBuf,
+    /// The certificate's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// Time for a client's whole TLS handshake; a slower one is cut and counted.
+    #[serde(default = "TlsConfig::default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+}
+
+impl TlsConfig {
+    fn default_handshake_timeout_ms() -> u64 {
+        10_000
+    }
+}
+
 /// `[cluster]`: several nodes sharing one Redis (docs/cluster.md).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -461,6 +485,7 @@ impl Default for Config {
             mesh: MeshConfig::default(),
             webhooks: WebhooksConfig::default(),
             cluster: ClusterConfig::default(),
+            tls: None,
             apps: vec![AppConfig::demo()],
         }
     }
@@ -587,6 +612,14 @@ impl Config {
         }
         self.validate_webhooks(text)?;
         self.validate_cluster(text)?;
+        if let Some(tls) = &self.tls {
+            if tls.handshake_timeout_ms == 0 {
+                return err("tls.handshake_timeout_ms".into(), "must be greater than 0".into());
+            }
+            if tls.bind == self.server.bind && tls.bind.port() != 0 {
+                return err("tls.bind".into(), "must differ from server.bind".into());
+            }
+        }
         if self.apps.is_empty() {
             return err("apps".into(), "at least one [[apps]] table is required".into());
         }

@@ -10,7 +10,8 @@
 //!   home-shard state returning effects) and `shard::home_link` (routing to it),
 //!   `shard::accept` (the accept rule).
 //! - `net`: sockets — `listener` (SO_REUSEPORT, accept), `conn` (HTTP keep-alive, WebSocket
-//!   reader/writer), `batch` (shared frames for one writev).
+//!   reader/writer), `stream` (plain or TLS, as `conn` sees it), `tls` (rustls on accepted
+//!   sockets), `batch` (shared frames for one writev).
 //! - `http`: `parse` (sans-IO request heads, responses), `api` (Pusher REST, health, metrics,
 //!   webhook admin), `client` (outbound HTTP/1.1 for webhooks).
 //! - `ws`: `handshake` (RFC 6455 upgrade), `frame` (sans-IO frame decoder, encoders).
@@ -38,6 +39,8 @@ pub mod net {
     pub mod batch;
     pub mod conn;
     pub mod listener;
+    pub mod stream;
+    pub mod tls;
 }
 
 /// HTTP/1.1: parsing and the API.

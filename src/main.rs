@@ -69,6 +69,13 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Certificates are read here too, so a bad file is reported (exit 2) before anything starts.
+    if let Some(tls) = &config.tls {
+        if let Err(message) = ringwire::net::tls::server_config(tls) {
+            eprintln!("ringwire: {message}");
+            return ExitCode::from(2);
+        }
+    }
     if check_only {
         println!(
             "config OK: {} app(s), {} shard(s), listening on {}",
@@ -119,6 +126,9 @@ fn run(config: Config, app_lines: Vec<String>) -> ExitCode {
     );
     for line in &app_lines {
         println!("{line}");
+    }
+    if let Some(tls) = server.tls_addr {
+        println!("  TLS: wss://{tls}/app/{{key}}?protocol=7   HTTPS API: https://{tls}/apps/{{id}}/events");
     }
     let mut signals = signals;
     if let Some(signal) = signals.forever().next() {

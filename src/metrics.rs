@@ -62,6 +62,10 @@ shard_metrics! {
     connections_refused_total: "counter",
     /// Client messages dropped by the per-connection rate limit (pusher:error 4301).
     rate_limited_total: "counter",
+    /// TLS handshakes completed on the TLS listener.
+    tls_handshakes_total: "counter",
+    /// TLS handshakes that failed, timed out (`tls.handshake_timeout_ms`) or met plain HTTP.
+    tls_handshake_failures_total: "counter",
     /// 1 once the shard's thread has panicked (the node then stops; `/health` says 503).
     shard_down: "gauge",
     /// Webhook deliveries created (one per matching endpoint and batch).

@@ -13,6 +13,7 @@ use crate::apps::Apps;
 use crate::config::{Config, IoDriver};
 use crate::metrics::ShardMetrics;
 use crate::net::listener;
+use crate::net::tls::TlsSettings;
 use crate::shard::mesh::Mesh;
 use crate::shard::Shard;
 use crate::webhook::dispatch::Webhooks;
@@ -35,6 +36,8 @@ pub type ShardStartHook = Arc<dyn Fn(usize) + Send + Sync>;
 pub struct Server {
     /// The address every shard listens on.
     pub addr: SocketAddr,
+    /// The TLS listener's address, when `[tls]` is configured.
+    pub tls_addr: Option<SocketAddr>,
     /// The driver of each shard.
     pub drivers: Vec<Driver>,
     mesh: Arc<Mesh>,
@@ -62,6 +65,18 @@ impl Server {
         let shards = config.shard_count();
         let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
+        let (mut tls_listeners, tls_addr, tls_settings) = match &config.tls {
+            None => (Vec::new(), None, None),
+            Some(tls) => {
+                let settings = TlsSettings {
+                    config: crate::net::tls::server_config(tls).map_err(anyhow::Error::msg)?,
+                    handshake_timeout: std::time::Duration::from_millis(tls.handshake_timeout_ms),
+                };
+                let (listeners, addr) = listener::bind(tls.bind, shards, config.server.backlog)
+                    .with_context(|| format!("cannot listen on {} (tls.bind)", tls.bind))?;
+                (listeners, Some(addr), Some(settings))
+            }
+        };
         check_wal_directories(&config, shards)?;
         let config = Arc::new(config);
         // One small pool per node for the WAL's blocking file-system calls. DNS lookups, which
@@ -74,7 +89,12 @@ impl Server {
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
         let mut threads = Vec::with_capacity(shards);
-        for (index, std_listener) in listeners.into_iter().enumerate() {
+        for (index, plain) in listeners.into_iter().enumerate() {
+            let tls = match (tls_listeners.is_empty(), &tls_settings) {
+                (false, Some(settings)) => Some((tls_listeners.remove(0), settings.clone())),
+                _ => None,
+            };
+            let listeners = ShardListeners { plain, tls };
             let (config, apps, mesh, metrics, ready) =
                 (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
             let pool = blocking_pool.clone();
@@ -89,7 +109,7 @@ impl Server {
                         tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
                     }
                     let shard = Shard::new(index, config.clone(), apps, mesh, metrics);
-                    run_shard(shard, std_listener, config.server.io_driver, pool, ready, hook);
+                    run_shard(shard, listeners, config.server.io_driver, pool, ready, hook);
                 })
                 .context("cannot start a shard thread")?;
             threads.push(thread);
@@ -109,7 +129,7 @@ impl Server {
                 }
             }
         }
-        Ok(Server { addr, drivers, mesh, threads })
+        Ok(Server { addr, tls_addr, drivers, mesh, threads })
     }
 
     /// Begins graceful shutdown on every shard (returns at once).
@@ -125,10 +145,16 @@ impl Server {
     }
 }
 
+/// A shard's listening sockets: the plain one, and the TLS one with its settings.
+struct ShardListeners {
+    plain: std::net::TcpListener,
+    tls: Option<(std::net::TcpListener, TlsSettings)>,
+}
+
 /// Builds the shard's runtime on the configured driver and runs it to shutdown.
 fn run_shard(
     shard: Shard,
-    listener: std::net::TcpListener,
+    listener: ShardListeners,
     driver: IoDriver,
     pool: monoio::blocking::DefaultThreadPool,
     ready: mpsc::Sender<Result<Driver, String>>,
@@ -169,14 +195,16 @@ fn run_shard(
 /// (connections, home effects on every shard, WAL commit).
 async fn shard_main(
     shard: Shard,
-    listener: std::net::TcpListener,
+    listeners: ShardListeners,
     driver: Driver,
     ready: mpsc::Sender<Result<Driver, String>>,
     hook: Option<ShardStartHook>,
 ) {
-    let listener = match monoio::net::TcpListener::from_std(listener) {
-        Ok(listener) => listener,
-        Err(e) => {
+    let register = |listener| monoio::net::TcpListener::from_std(listener);
+    let tls = listeners.tls.map(|(listener, settings)| register(listener).map(|l| (l, settings))).transpose();
+    let (listener, tls) = match (register(listeners.plain), tls) {
+        (Ok(listener), Ok(tls)) => (listener, tls),
+        (Err(e), _) | (_, Err(e)) => {
             let _ = ready.send(Err(format!("shard {}: cannot register the listener: {e}", shard.index)));
             return;
         }
@@ -199,7 +227,12 @@ async fn shard_main(
     if let Some(hook) = hook {
         hook(shard.index);
     }
-    listener::accept_loop(shard.clone(), listener).await;
+    let tls_loop =
+        tls.map(|(listener, settings)| monoio::spawn(listener::accept_loop(shard.clone(), listener, Some(settings))));
+    listener::accept_loop(shard.clone(), listener, None).await;
+    if let Some(tls_loop) = tls_loop {
+        tls_loop.await;
+    }
     shard.shut_down_in_order().await;
 }
 

@@ -4,21 +4,16 @@
 //! Owns socket I/O and timeouts only. Requests go to `http::api`; WebSocket messages go to
 //! the shard (`shard::session`); frames come from `ws::frame`.
 
-use std::io;
-use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
-use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
-use monoio::net::TcpStream;
 
 use crate::http::parse::{self, HeadLimits, HeadReader, HttpError, RequestHead};
 use crate::metrics::ShardMetrics;
 use crate::net::batch::FrameBatch;
+use crate::net::stream::{ByteReader, ByteStream, FrameWriter, Transport};
 use crate::pusher::auth::{param, parse_query};
 use crate::pusher::message;
 use crate::shard::router::ConnKey;
@@ -36,21 +31,11 @@ const HTTP_READ_SPARE: usize = 4096;
 /// A read buffer larger than this is replaced by a fresh one once it is empty again.
 const READ_BUFFER_KEEP_MAX: usize = 16 * 1024;
 
-/// Reads more bytes, appending to `buf`.
-async fn read_more<R: AsyncReadRent>(reader: &mut R, mut buf: BytesMut, spare: usize) -> (io::Result<usize>, BytesMut) {
-    if buf.capacity() - buf.len() < spare {
-        buf.reserve(spare);
-    }
-    let len = buf.len();
-    let (result, slice) = reader.read(buf.slice_mut(len..)).await;
-    (result, slice.into_inner())
-}
-
 /// Writes one whole response; false when it failed or did not finish within `timeout` (the
 /// caller then closes the connection). Without the bound a client that never reads would hold
 /// the connection and the response's buffer forever.
-async fn write_response(stream: &mut TcpStream, bytes: Vec<u8>, timeout: Duration) -> bool {
-    matches!(monoio::time::timeout(timeout, stream.write_all(bytes)).await, Ok((Ok(_), _)))
+async fn write_response(stream: &mut impl ByteStream, bytes: Vec<u8>, timeout: Duration) -> bool {
+    matches!(monoio::time::timeout(timeout, stream.write_whole(bytes)).await, Ok(Ok(())))
 }
 
 /// How reading a request ended, when it did not produce one.
@@ -62,8 +47,8 @@ enum ReadFailure {
 }
 
 /// A connection whose request asked for a WebSocket, handed from the HTTP task to its own.
-pub struct Upgrade {
-    stream: TcpStream,
+pub struct Upgrade<S> {
+    stream: S,
     head: RequestHead,
     buf: BytesMut,
     echo: bool,
@@ -72,8 +57,7 @@ pub struct Upgrade {
 /// Serves one accepted connection's HTTP requests until it closes, or returns it when it
 /// asks for a WebSocket. The caller runs `websocket` in a task of its own, so a long-lived
 /// WebSocket does not keep this (much larger) HTTP future's memory.
-pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> {
-    let _ = stream.set_nodelay(true);
+pub async fn serve<S: Transport>(shard: &Rc<Shard>, mut stream: S) -> Option<Upgrade<S>> {
     let metrics = shard.metrics();
     ShardMetrics::add(&metrics.http_connections, 1);
     let limits = HeadLimits::from(&shard.config.http);
@@ -86,7 +70,7 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
         // An idle keep-alive connection may wait up to keepalive_timeout for its next request;
         // once a request starts, its head and body must arrive within header_timeout.
         if buf.is_empty() && !first {
-            match monoio::time::timeout(keepalive_timeout, read_more(&mut stream, buf, HTTP_READ_SPARE)).await {
+            match monoio::time::timeout(keepalive_timeout, stream.read_into(buf, HTTP_READ_SPARE)).await {
                 Ok((Ok(n), b)) if n > 0 => buf = b,
                 _ => break,
             }
@@ -126,7 +110,7 @@ pub async fn serve(shard: &Rc<Shard>, mut stream: TcpStream) -> Option<Upgrade> 
 
 /// Reads one request head and its body. Returns the unconsumed bytes alongside.
 async fn read_request(
-    stream: &mut TcpStream,
+    stream: &mut impl ByteStream,
     mut buf: BytesMut,
     limits: &HeadLimits,
 ) -> (Result<(RequestHead, Bytes), ReadFailure>, BytesMut) {
@@ -140,7 +124,7 @@ async fn read_request(
                 Err(e) => return (Err(ReadFailure::Refused(e)), buf),
             }
         }
-        let (result, b) = read_more(stream, buf, HTTP_READ_SPARE).await;
+        let (result, b) = stream.read_into(buf, HTTP_READ_SPARE).await;
         buf = b;
         if !matches!(result, Ok(n) if n > 0) {
             return (Err(ReadFailure::Closed), buf);
@@ -149,7 +133,7 @@ async fn read_request(
     let _ = buf.split_to(head.head_len);
     while buf.len() < head.content_length {
         let spare = (head.content_length - buf.len()).max(HTTP_READ_SPARE);
-        let (result, b) = read_more(stream, buf, spare).await;
+        let (result, b) = stream.read_into(buf, spare).await;
         buf = b;
         if !matches!(result, Ok(n) if n > 0) {
             return (Err(ReadFailure::Closed), buf);
@@ -185,9 +169,9 @@ fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppI
 }
 
 /// A WebSocket connection whose handshake is done: what its long-lived task needs.
-pub struct Session {
+pub struct Session<R> {
     key: ConnKey,
-    reader: TcpOwnedReadHalf,
+    reader: R,
     writer: monoio::task::JoinHandle<()>,
     buf: BytesMut,
 }
@@ -195,7 +179,7 @@ pub struct Session {
 /// Upgrades a connection (handshake, admission, registration, writer task); `None` when it
 /// was refused or failed. Its state is large (request head, response, write futures), so the
 /// caller runs the returned session in a task of its own: an idle connection keeps only that.
-pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) -> Option<Session> {
+pub async fn websocket<S: Transport>(shard: &Rc<Shard>, upgrade: Upgrade<S>) -> Option<Session<S::Reader>> {
     let Upgrade { mut stream, head, mut buf, echo } = upgrade;
     let write_timeout = Duration::from_millis(shard.config.http.write_timeout_ms);
     let mut response = match handshake::accept(&head) {
@@ -232,8 +216,8 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) -> Option<Session> {
     }
     // Everything from the request is used up: free its headers before the long read loop.
     drop(head);
-    let (key, socket_id) = shard.register(app, echo, stream.as_raw_fd());
-    let (reader, writer) = stream.into_split();
+    let (key, socket_id) = shard.register(app, echo, stream.raw_fd());
+    let (reader, writer) = stream.split_for_upgrade();
     let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
     if !echo {
         let activity_timeout_s = shard.config.websocket.activity_timeout_s;
@@ -245,7 +229,7 @@ pub async fn websocket(shard: &Rc<Shard>, upgrade: Upgrade) -> Option<Session> {
 }
 
 /// Runs an upgraded connection to its end: the read loop, then teardown.
-pub async fn session(shard: &Rc<Shard>, session: Session) {
+pub async fn session<R: ByteReader>(shard: &Rc<Shard>, session: Session<R>) {
     let Session { key, mut reader, writer, buf } = session;
     read_loop(shard, key, &mut reader, buf).await;
     shard.begin_teardown(key);
@@ -255,7 +239,7 @@ pub async fn session(shard: &Rc<Shard>, session: Session) {
 
 /// Reads and dispatches frames until the peer closes, the socket fails, or the close
 /// handshake completes.
-async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut TcpOwnedReadHalf, mut buf: BytesMut) {
+async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut impl ByteReader, mut buf: BytesMut) {
     let limits = FrameLimits {
         frame_bytes_max: shard.config.websocket.frame_bytes_max,
         message_bytes_max: shard.config.websocket.message_bytes_max,
@@ -288,7 +272,7 @@ async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut TcpOwnedReadHal
         if buf.is_empty() && buf.capacity() > READ_BUFFER_KEEP_MAX {
             buf = BytesMut::new();
         }
-        let (result, b) = read_more(reader, buf, WS_READ_SPARE).await;
+        let (result, b) = reader.read_into(buf, WS_READ_SPARE).await;
         buf = b;
         if !matches!(result, Ok(n) if n > 0) {
             return;
@@ -358,9 +342,9 @@ fn echo_back(shard: &Shard, key: ConnKey, opcode: OpCode, payload: &[u8]) {
     shard.send(key, frame::encode(opcode, payload));
 }
 
-/// Writes queued frames with one writev per batch until the connection dies or its final
-/// close frame is out.
-async fn write_loop(shard: Rc<Shard>, key: ConnKey, mut writer: TcpOwnedWriteHalf) {
+/// Writes queued frames, one batch at a time (one writev, or one TLS write), until the
+/// connection dies or its final close frame is out.
+async fn write_loop(shard: Rc<Shard>, key: ConnKey, mut writer: impl FrameWriter) {
     loop {
         let mut frames = Vec::new();
         let Some(last) = shard.next_batch(key, &mut frames).await else {
@@ -368,23 +352,7 @@ async fn write_loop(shard: Rc<Shard>, key: ConnKey, mut writer: TcpOwnedWriteHal
         };
         let count = frames.len();
         let bytes: usize = frames.iter().map(Bytes::len).sum();
-        let mut batch = FrameBatch::new(frames);
-        let ok = loop {
-            let (result, returned) = writer.writev(batch).await;
-            batch = returned;
-            match result {
-                Ok(0) => break false,
-                Ok(n) => {
-                    batch.advance(n);
-                    if batch.is_done() {
-                        break true;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break false,
-            }
-        };
-        drop(batch);
+        let ok = writer.write_frames(FrameBatch::new(frames)).await;
         shard.batch_written(key, count, bytes);
         if !ok {
             break;
@@ -392,7 +360,7 @@ async fn write_loop(shard: Rc<Shard>, key: ConnKey, mut writer: TcpOwnedWriteHal
         if last {
             // RFC 6455 §7.1.1: after its close frame the server closes the TCP connection
             // first; a FIN lets the client see it.
-            let _ = writer.shutdown().await;
+            writer.shutdown().await;
             break;
         }
     }

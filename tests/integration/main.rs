@@ -7,5 +7,6 @@ mod http_api;
 mod presence;
 mod process;
 mod support;
+mod tls;
 mod webhooks;
 mod websocket;

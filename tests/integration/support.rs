@@ -18,6 +18,8 @@ pub const SECRET: &str = "ringwire-demo-secret";
 pub struct TestServer {
     server: Option<Server>,
     pub addr: SocketAddr,
+    /// The TLS listener, when the test configured `[tls]`.
+    pub tls_addr: Option<SocketAddr>,
 }
 
 impl TestServer {
@@ -33,8 +35,8 @@ impl TestServer {
         }
         change(&mut config);
         let server = Server::start(config).expect("server starts");
-        let addr = server.addr;
-        TestServer { server: Some(server), addr }
+        let (addr, tls_addr) = (server.addr, server.tls_addr);
+        TestServer { server: Some(server), addr, tls_addr }
     }
 
     fn stop_inner(&mut self) {

@@ -1,0 +1,213 @@
+//! `wss://` and `https://` on ringwire's own TLS listener: every route works over TLS beside
+//! the plain listener, plain HTTP on the TLS port gets a clear 400, slow or broken handshakes
+//! are cut and counted, and bad certificate files are refused at start naming the file.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use ringwire::config::TlsConfig;
+use serde_json::{json, Value};
+use tungstenite::Message;
+
+use crate::support::*;
+
+/// A private CA and a `localhost` certificate it signed, written as PEM files.
+struct Pki {
+    ca_pem: String,
+    cert_file: PathBuf,
+    key_file: PathBuf,
+    dir: PathBuf,
+}
+
+fn make_pki(name: &str) -> Pki {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "ringwire test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    let dir = temp_dir(name);
+    let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
+    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
+    Pki { ca_pem: ca.pem(), cert_file, key_file, dir }
+}
+
+fn tls_config(pki: &Pki) -> TlsConfig {
+    TlsConfig {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        cert_file: pki.cert_file.clone(),
+        key_file: pki.key_file.clone(),
+        handshake_timeout_ms: 10_000,
+    }
+}
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
+/// A TLS client connection to `addr` trusting only the test CA, offering ALPN http/1.1.
+fn tls_connect(addr: SocketAddr, pki: &Pki) -> Tls {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls::pki_types::CertificateDer::from_pem_slice(pki.ca_pem.as_bytes()).unwrap();
+    roots.add(ca).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connection = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap()).unwrap();
+    let tcp = TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    rustls::StreamOwned::new(connection, tcp)
+}
+
+use rustls::pki_types::pem::PemObject;
+
+/// One HTTPS request on its own connection; returns (status, body).
+fn https(addr: SocketAddr, pki: &Pki, method: &str, target: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = tls_connect(addr, pki);
+    let mut request = format!(
+        "{method} {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    stream.write_all(&request).unwrap();
+    let mut response = Vec::new();
+    // A peer that closes without close_notify is an error to rustls; what arrived counts.
+    let _ = stream.read_to_end(&mut response);
+    assert_eq!(stream.conn.alpn_protocol(), Some(&b"http/1.1"[..]), "ALPN");
+    parse_response(&response)
+}
+
+fn start(pki: &Pki, change: impl FnOnce(&mut ringwire::Config)) -> TestServer {
+    let tls = tls_config(pki);
+    TestServer::start(|c| {
+        c.tls = Some(tls);
+        change(c);
+    })
+}
+
+/// The HTTP API, health and metrics over https, and a Pusher WebSocket over wss receiving an
+/// event published over https, another over plain http, and a burst larger than one TLS
+/// record, in order; a plain client on the plain port meanwhile is unaffected.
+#[test]
+fn wss_and_https_serve_every_route() {
+    let pki = make_pki("tls-routes");
+    let server = start(&pki, |_| {});
+    let tls_addr = server.tls_addr.expect("a TLS listener");
+    assert_eq!(https(tls_addr, &pki, "GET", "/health", b"").0, 200);
+    assert_eq!(https(tls_addr, &pki, "GET", "/ready", b"").0, 200);
+
+    let stream = tls_connect(tls_addr, &pki);
+    let url = format!("wss://localhost:{}/app/{KEY}?protocol=7", tls_addr.port());
+    let (mut ws, _) = tungstenite::client(url.as_str(), stream).expect("wss handshake");
+    let established: Value = serde_json::from_str(&ws.read().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(established["event"], "pusher:connection_established");
+    ws.send(Message::text(json!({"event": "pusher:subscribe", "data": {"channel": "secure"}}).to_string())).unwrap();
+    let subscribed: Value = serde_json::from_str(&ws.read().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(subscribed["event"], "pusher_internal:subscription_succeeded");
+
+    let body = json!({"name": "over-https", "channel": "secure", "data": "{\"n\":1}"}).to_string();
+    let path = format!("/apps/{APP_ID}/events");
+    let target = signed_path("POST", &path, body.as_bytes(), &[]);
+    assert_eq!(https(tls_addr, &pki, "POST", &target, body.as_bytes()).0, 200);
+    assert_eq!(publish(server.addr, &["secure"], "over-http", "{\"n\":2}", None).0, 200);
+    let big = "x".repeat(9_000);
+    for i in 0..20 {
+        assert_eq!(publish(server.addr, &["secure"], "burst", &format!("{i}:{big}"), None).0, 200);
+    }
+    let mut names = Vec::new();
+    while names.len() < 22 {
+        let message: Value = serde_json::from_str(&ws.read().unwrap().into_text().unwrap()).unwrap();
+        let name = message["event"].as_str().unwrap().to_string();
+        if name == "burst" {
+            let data = message["data"].as_str().unwrap();
+            assert!(data.starts_with(&format!("{}:", names.len() - 2)), "in order");
+            assert_eq!(data.len(), big.len() + data.find(':').unwrap() + 1);
+        }
+        names.push(name);
+    }
+    assert_eq!(names[..2], ["over-https", "over-http"]);
+
+    let (status, metrics) = https(tls_addr, &pki, "GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    let handshakes: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("ringwire_tls_handshakes_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert!(handshakes >= 5, "{handshakes} handshakes counted");
+    let (mut plain, _) = connect(server.addr);
+    subscribe(&mut plain, "plain");
+}
+
+/// Plain HTTP sent to the TLS port is answered once, in plaintext, with a 400 that says what
+/// to do; the TLS port keeps serving TLS.
+#[test]
+fn plain_http_on_the_tls_port() {
+    let pki = make_pki("tls-plain");
+    let server = start(&pki, |_| {});
+    let tls_addr = server.tls_addr.unwrap();
+    let (status, body) = raw_http(tls_addr, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 400);
+    assert!(body.contains("this port speaks TLS"), "{body}");
+    assert_eq!(https(tls_addr, &pki, "GET", "/health", b"").0, 200);
+}
+
+/// A handshake that stalls (slowloris) is cut at `tls.handshake_timeout_ms`, and garbage
+/// after a TLS record header is refused at once; both are counted, and other clients are
+/// served meanwhile.
+#[test]
+fn slow_and_broken_handshakes_are_cut() {
+    let pki = make_pki("tls-slow");
+    let server = start(&pki, |c| c.tls.as_mut().unwrap().handshake_timeout_ms = 300);
+    let tls_addr = server.tls_addr.unwrap();
+    let mut slow = TcpStream::connect(tls_addr).unwrap();
+    slow.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    let mut garbage = TcpStream::connect(tls_addr).unwrap();
+    garbage.write_all(&[0x16, 0x03, 0x01, 0x00, 0x05, 0xde, 0xad, 0xbe, 0xef, 0x00]).unwrap();
+    assert_eq!(https(tls_addr, &pki, "GET", "/health", b"").0, 200, "served meanwhile");
+    for stream in [&mut slow, &mut garbage] {
+        let started = Instant::now();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        assert!(started.elapsed() < Duration::from_secs(3), "cut by the server");
+        // Only an alert, never an HTTP answer, goes back on a broken handshake.
+        assert!(rest.is_empty() || rest[0] == 0x15, "{rest:?}");
+    }
+    let failures = metric(server.addr, "tls_handshake_failures_total").iter().sum::<u64>();
+    assert_eq!(failures, 2);
+}
+
+/// Missing, empty and mismatched certificate files are refused at start, naming the key and
+/// the file.
+#[test]
+fn bad_certificate_files_are_refused() {
+    let pki = make_pki("tls-bad");
+    let other = make_pki("tls-other");
+    let cases: [(&str, TlsConfig); 3] = [
+        ("tls.cert_file", TlsConfig { cert_file: pki.dir.join("missing.pem"), ..tls_config(&pki) }),
+        ("tls.cert_file", TlsConfig { cert_file: pki.key_file.clone(), ..tls_config(&pki) }),
+        ("tls.key_file", TlsConfig { key_file: other.key_file.clone(), ..tls_config(&pki) }),
+    ];
+    for (key, tls) in cases {
+        let message = ringwire::net::tls::server_config(&tls).expect_err("refused");
+        assert!(message.starts_with(key), "{message}");
+        let mut config = ringwire::Config::default();
+        config.server.bind = "127.0.0.1:0".parse().unwrap();
+        config.tls = Some(tls);
+        let error = ringwire::Server::start(config).err().expect("does not start");
+        assert!(error.to_string().starts_with(key), "{error}");
+    }
+}
