@@ -21,8 +21,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use ring::hmac;
-use serde_json::{json, Value};
 
+use super::admin::{self, AdminAnswer, AdminRequest, AttemptReport, DeadLetter, EndpointState};
 use super::event::{self, LifecycleEvent};
 use super::retry::{self, Failure, RetryPolicy};
 use super::sign::{self, StandardSigner};
@@ -180,27 +180,6 @@ pub enum Refused {
     /// The WAL failed.
     #[error("{0}")]
     Wal(#[from] WalError),
-}
-
-/// Admin operations, answered by every shard for its own deliveries.
-#[derive(Debug, Clone)]
-pub enum AdminRequest {
-    /// Each endpoint's health.
-    Health,
-    /// Dead letters of an endpoint.
-    DeadLetters { endpoint: String },
-    /// Attempts of a delivery.
-    Attempts { webhook_id: String },
-    /// Replay one dead letter.
-    Replay { webhook_id: String },
-    /// Replay the dead letters of an endpoint created in `[from_ms, to_ms]`.
-    ReplayRange { endpoint: String, from_ms: u64, to_ms: u64 },
-    /// Re-enable a disabled endpoint and close its breaker.
-    Enable { endpoint: String },
-    /// Delete one dead letter.
-    Delete { webhook_id: String },
-    /// Delete the dead letters of an endpoint created in `[from_ms, to_ms]`.
-    DeleteRange { endpoint: String, from_ms: u64, to_ms: u64 },
 }
 
 /// One shard's webhook dispatcher.
@@ -1057,12 +1036,16 @@ impl Webhooks {
         self.by_app[app as usize].iter().copied().find(|&i| self.endpoints[i].id == id)
     }
 
-    /// This shard's answer to an admin request, as JSON documents.
-    pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> Vec<Value> {
+    /// This shard's answer to an admin request, for its own deliveries.
+    pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> AdminAnswer {
+        let owned_by_app =
+            |seq: u64| self.state.borrow().deliveries.get(&seq).is_some_and(|d| self.endpoints[d.endpoint].app == app);
         match request {
-            AdminRequest::Health => self.by_app[app as usize].iter().map(|&i| self.health_json(i)).collect(),
+            AdminRequest::Health => {
+                AdminAnswer::Health(self.by_app[app as usize].iter().map(|&i| self.health(i)).collect())
+            }
             AdminRequest::DeadLetters { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
                 let state = self.state.borrow();
                 let mut list: Vec<(u64, &Delivery)> = state
                     .deliveries
@@ -1071,59 +1054,55 @@ impl Webhooks {
                     .map(|(&s, d)| (s, d))
                     .collect();
                 list.sort_by_key(|&(seq, _)| seq);
-                list.into_iter()
-                    .map(|(seq, d)| {
-                        json!({"webhook_id": self.webhook_id(seq), "created_ms": d.created_ms,
-                               "body": String::from_utf8_lossy(&d.body)})
-                    })
-                    .collect()
+                let letters = list.into_iter().map(|(seq, d)| DeadLetter {
+                    webhook_id: self.webhook_id(seq),
+                    created_ms: d.created_ms,
+                    body: String::from_utf8_lossy(&d.body).into_owned(),
+                });
+                AdminAnswer::DeadLetters(letters.collect())
             }
             AdminRequest::Attempts { webhook_id } => {
-                let Some(seq) = self.parse_webhook_id(webhook_id) else { return Vec::new() };
+                let Some(seq) = self.parse_webhook_id(webhook_id) else { return AdminAnswer::empty(request) };
                 let state = self.state.borrow();
-                state
-                    .attempts
-                    .iter()
-                    .filter(|a| a.seq == seq && self.endpoints[a.endpoint].app == app)
-                    .map(|a| {
-                        json!({"webhook_id": webhook_id, "endpoint": self.endpoints[a.endpoint].id, "at_ms": a.at_ms,
-                               "status": a.status, "error": a.error, "duration_ms": a.duration_ms,
-                               "next_attempt_in_ms": a.next_attempt_in_ms})
-                    })
-                    .collect()
+                let attempts = state.attempts.iter().filter(|a| a.seq == seq && self.endpoints[a.endpoint].app == app);
+                AdminAnswer::Attempts(
+                    attempts
+                        .map(|a| AttemptReport {
+                            webhook_id: webhook_id.clone(),
+                            endpoint: self.endpoints[a.endpoint].id.clone(),
+                            at_ms: a.at_ms,
+                            status: a.status,
+                            error: a.error.clone(),
+                            duration_ms: a.duration_ms,
+                            next_attempt_in_ms: a.next_attempt_in_ms,
+                        })
+                        .collect(),
+                )
             }
             AdminRequest::Replay { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id);
-                let ours = seq.is_some_and(|s| {
-                    self.state.borrow().deliveries.get(&s).is_some_and(|d| self.endpoints[d.endpoint].app == app)
-                });
-                match seq {
-                    Some(seq) if ours && self.replay(seq) => vec![json!({"replayed": webhook_id})],
-                    _ => Vec::new(),
-                }
+                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
+                AdminAnswer::Replayed(seq.filter(|&s| self.replay(s)).map(|_| webhook_id.clone()).into_iter().collect())
             }
             AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
                 let seqs = self.dead_letters_between(index, *from_ms, *to_ms);
-                seqs.into_iter().filter(|&s| self.replay(s)).map(|s| json!({"replayed": self.webhook_id(s)})).collect()
+                AdminAnswer::Replayed(
+                    seqs.into_iter().filter(|&s| self.replay(s)).map(|s| self.webhook_id(s)).collect(),
+                )
             }
             AdminRequest::Delete { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id);
-                let ours = seq.is_some_and(|s| {
-                    self.state.borrow().deliveries.get(&s).is_some_and(|d| self.endpoints[d.endpoint].app == app)
-                });
-                match seq {
-                    Some(seq) if ours && self.discard(seq) => vec![json!({"deleted": webhook_id})],
-                    _ => Vec::new(),
-                }
+                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
+                AdminAnswer::Deleted(seq.filter(|&s| self.discard(s)).map(|_| webhook_id.clone()).into_iter().collect())
             }
             AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
                 let seqs = self.dead_letters_between(index, *from_ms, *to_ms);
-                seqs.into_iter().filter(|&s| self.discard(s)).map(|s| json!({"deleted": self.webhook_id(s)})).collect()
+                AdminAnswer::Deleted(
+                    seqs.into_iter().filter(|&s| self.discard(s)).map(|s| self.webhook_id(s)).collect(),
+                )
             }
             AdminRequest::Enable { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
                 let mut state = self.state.borrow_mut();
                 let queue = &mut state.queues[index];
                 queue.health.disabled = None;
@@ -1132,12 +1111,13 @@ impl Webhooks {
                 for waker in queue.idle_workers.drain(..) {
                     waker.wake();
                 }
-                vec![json!({"enabled": endpoint})]
+                AdminAnswer::Enabled
             }
         }
     }
 
-    fn health_json(&self, index: usize) -> Value {
+    /// One endpoint's health on this shard.
+    fn health(&self, index: usize) -> admin::Health {
         let endpoint = &self.endpoints[index];
         let state = self.state.borrow();
         let queue = &state.queues[index];
@@ -1151,23 +1131,32 @@ impl Webhooks {
             });
         let health = &queue.health;
         let status = if health.disabled.is_some() {
-            "disabled"
+            EndpointState::Disabled
         } else if health.open_until.is_some() {
-            "breaker_open"
+            EndpointState::BreakerOpen
         } else if health.consecutive_failures > 0 {
-            "failing"
+            EndpointState::Failing
         } else {
-            "healthy"
+            EndpointState::Healthy
         };
-        json!({
-            "id": endpoint.id, "url": endpoint.url,
-            "format": match endpoint.format { WebhookFormat::Pusher => "pusher", WebhookFormat::Standard => "standard" },
-            "state": status, "disabled_reason": health.disabled,
-            "last_status": health.last_status, "last_error": health.last_error,
-            "consecutive_failures": health.consecutive_failures,
-            "pending": pending, "dead_letters": dead, "queued_bytes": queue.live_bytes,
-            "delivered": health.delivered, "failed_attempts": health.failed,
-        })
+        admin::Health {
+            id: endpoint.id.clone(),
+            url: endpoint.url.clone(),
+            format: match endpoint.format {
+                WebhookFormat::Pusher => "pusher",
+                WebhookFormat::Standard => "standard",
+            },
+            state: status,
+            disabled_reason: health.disabled.clone(),
+            last_status: health.last_status,
+            last_error: health.last_error.clone(),
+            consecutive_failures: health.consecutive_failures,
+            pending,
+            dead_letters: dead,
+            queued_bytes: queue.live_bytes,
+            delivered: health.delivered,
+            failed_attempts: health.failed,
+        }
     }
 }
 

@@ -5,8 +5,10 @@
 //! - `sign`: signatures per attempt.
 //! - `retry`: the retry schedule, a pure function.
 //! - `target`: endpoint URLs and the SSRF guard.
+//! - `admin`: the admin API's typed requests and answers, and how shards' answers merge.
 //! - `dispatch`: a shard's deliveries, endpoint workers, retries, dead letters, admin.
 
+pub mod admin;
 pub mod dispatch;
 pub mod event;
 pub mod retry;
