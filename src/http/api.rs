@@ -27,8 +27,7 @@ use crate::wal::Lsn;
 use crate::webhook::admin::{self, AdminAnswer, AdminRequest};
 use crate::webhook::dispatch::Refused;
 
-/// Longest event name (the server SDKs' limit).
-pub const EVENT_NAME_BYTES_MAX: usize = 200;
+pub use crate::pusher::message::EVENT_NAME_BYTES_MAX;
 
 /// An HTTP response before framing.
 #[derive(Debug)]

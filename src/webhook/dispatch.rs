@@ -23,13 +23,13 @@ use bytes::Bytes;
 use ring::hmac;
 
 use super::admin::{self, AdminAnswer, AdminRequest, AttemptReport, DeadLetter, EndpointState};
+use super::client::{self, Connection, Response, SendError};
 use super::event::{self, LifecycleEvent};
 use super::retry::{self, Failure, RetryPolicy};
 use super::sign::{self, StandardSigner};
 use super::target::{self, AddressPolicy, Cidr, Target};
 use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, DurabilityMode, WebhookFormat};
-use crate::http::client::{self, Connection, Response, SendError};
 use crate::metrics::ShardMetrics;
 use crate::wal::{Durability, FileStorage, Lsn, Outcome, Wal, WalError};
 use monoio_rustls::TlsConnector;
@@ -203,13 +203,26 @@ fn now_ms() -> u64 {
 }
 
 impl Webhooks {
+    /// The TLS settings for `https://` endpoints (the Mozilla roots plus `webhooks.ca_file`),
+    /// built once per node when some endpoint needs them: reading the CA file is blocking
+    /// file I/O, which belongs before the shards start.
+    pub fn tls_connector(config: &Config) -> Result<Option<TlsConnector>, String> {
+        let https = config.apps.iter().flat_map(|a| &a.webhooks).any(|h| Target::parse(&h.url).is_ok_and(|t| t.tls));
+        if !https {
+            return Ok(None);
+        }
+        let connector = client::tls_connector(config.webhooks.ca_file.as_deref());
+        connector.map(Some).map_err(|e| format!("webhooks.ca_file: {e}"))
+    }
+
     /// The dispatcher of shard `shard`, with its WAL opened and recovered; `None` when no
-    /// app has webhooks.
+    /// app has webhooks. `tls` is `tls_connector`'s, shared by every shard.
     pub async fn open(
         shard: usize,
         config: Arc<Config>,
         apps: &Apps,
         metrics: Arc<[ShardMetrics]>,
+        tls: Option<TlsConnector>,
     ) -> Result<Option<Rc<Webhooks>>, String> {
         let endpoints = build_endpoints(apps, config.webhooks.batch_events_max);
         if endpoints.is_empty() {
@@ -252,11 +265,9 @@ impl Webhooks {
                 (Some(wal), recovered, log_id)
             }
         };
-        let tls = if endpoints.iter().any(|e| e.target.tls) {
-            Some(client::tls_connector(settings.ca_file.as_deref()).map_err(|e| format!("webhooks.ca_file: {e}"))?)
-        } else {
-            None
-        };
+        if tls.is_none() && endpoints.iter().any(|e| e.target.tls) {
+            return Err("an https:// webhook endpoint needs the TLS connector (`tls_connector`)".into());
+        }
         let webhooks = Rc::new(Webhooks {
             shard,
             tls,

@@ -6,9 +6,11 @@
 //! - `retry`: the retry schedule, a pure function.
 //! - `target`: endpoint URLs and the SSRF guard.
 //! - `admin`: the admin API's typed requests and answers, and how shards' answers merge.
+//! - `client`: outbound HTTP/1.1 (plain or rustls), one keep-alive connection per worker.
 //! - `dispatch`: a shard's deliveries, endpoint workers, retries, dead letters, admin.
 
 pub mod admin;
+pub mod client;
 pub mod dispatch;
 pub mod event;
 pub mod retry;
