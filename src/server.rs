@@ -58,7 +58,7 @@ impl Server {
         // of webhook hosts).
         let blocking_pool = monoio::blocking::DefaultThreadPool::new(2);
         let apps = Arc::new(Apps::new(&config.apps));
-        let tls = Webhooks::tls_connector(&config).map_err(anyhow::Error::msg)?;
+        let tls = crate::webhook::endpoint::tls_connector(&config).map_err(anyhow::Error::msg)?;
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
