@@ -245,7 +245,7 @@ fn check_wal_directories(config: &Config, shards: usize) -> anyhow::Result<()> {
     let Ok(entries) = std::fs::read_dir(&config.webhooks.data_dir) else { return Ok(()) };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(index) = name.strip_prefix("shard-").and_then(|n| n.parse::<usize>().ok()) else { continue };
+        let Some(index) = crate::webhook::wal_directory_shard(&name) else { continue };
         let holds_segments = std::fs::read_dir(entry.path())
             .map(|d| d.flatten().any(|f| f.file_name().to_string_lossy().ends_with(".wal")))
             .unwrap_or(false);

@@ -112,7 +112,7 @@ impl Webhooks {
         let (wal, recovered, log_id) = match settings.durability {
             DurabilityMode::Memory => (None, Vec::new(), fastrand::u64(..)),
             mode => {
-                let directory = settings.data_dir.join(format!("shard-{shard}"));
+                let directory = super::wal_directory(&settings.data_dir, shard);
                 let storage = FileStorage::open(&directory)
                     .await
                     .map_err(|e| format!("webhooks.data_dir: cannot open {}: {e}", directory.display()))?;

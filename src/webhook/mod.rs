@@ -26,3 +26,28 @@ mod queue;
 pub mod retry;
 pub mod sign;
 pub mod target;
+
+/// The directory of shard `shard`'s WAL under `webhooks.data_dir` (the one place its name is
+/// built; `wal_directory_shard` reads it back).
+pub fn wal_directory(data_dir: &std::path::Path, shard: usize) -> std::path::PathBuf {
+    data_dir.join(format!("shard-{shard}"))
+}
+
+/// The shard whose WAL directory is called `name`, if it is one.
+pub fn wal_directory_shard(name: &str) -> Option<usize> {
+    name.strip_prefix("shard-")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    /// A shard's WAL directory name reads back as its index; other names do not.
+    #[test]
+    fn wal_directory_round_trips() {
+        let path = super::wal_directory(std::path::Path::new("/data"), 3);
+        assert_eq!(path, std::path::Path::new("/data/shard-3"));
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(super::wal_directory_shard(name), Some(3));
+        assert_eq!(super::wal_directory_shard("shard-x"), None);
+        assert_eq!(super::wal_directory_shard("lost+found"), None);
+    }
+}
