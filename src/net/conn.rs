@@ -16,9 +16,9 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
+use crate::buf::FrameBatch;
 use crate::http::parse::{self, HeadLimits, HeadReader, HttpError, RequestHead};
 use crate::metrics::ShardMetrics;
-use crate::net::batch::FrameBatch;
 use crate::pusher::auth::{param, parse_query};
 use crate::pusher::message;
 use crate::shard::router::ConnKey;
