@@ -27,7 +27,7 @@ use crossbeam::queue::ArrayQueue;
 use monoio::buf::IoBufMut;
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::TcpStream;
-use ringwire::net::batch::FrameBatch;
+use ringwire::buf::FrameBatch;
 use ringwire::pusher::message::{self, SocketId};
 use ringwire::ws::frame;
 

@@ -679,10 +679,10 @@ impl Config {
         if hooks.retry_jitter_percent > 100 {
             return err("webhooks.retry_jitter_percent".into(), "must be at most 100".into());
         }
-        if let Some(path) = &hooks.ca_file {
-            if let Err(e) = crate::http::client::tls_connector(Some(path)) {
-                return err("webhooks.ca_file".into(), e);
-            }
+        // Only that the file is there: its certificates are parsed once, when the server
+        // builds its TLS connector (`Webhooks::tls_connector`), not here and again there.
+        if let Some(path) = hooks.ca_file.as_ref().filter(|p| !p.is_file()) {
+            return err("webhooks.ca_file".into(), format!("{} is not a readable file", path.display()));
         }
         for cidr in &hooks.allowed_cidrs {
             if let Err(e) = Cidr::parse(cidr) {
@@ -839,7 +839,7 @@ fn name_problem(name: &str, extra: &[u8]) -> Option<String> {
 }
 
 fn standard_event_bytes_max(data_bytes_max: usize) -> usize {
-    let names = crate::http::api::EVENT_NAME_BYTES_MAX + crate::pusher::channel::CHANNEL_NAME_BYTES_MAX;
+    let names = crate::pusher::message::EVENT_NAME_BYTES_MAX + crate::pusher::channel::CHANNEL_NAME_BYTES_MAX;
     data_bytes_max.saturating_add(names).saturating_mul(6).saturating_add(256)
 }
 
@@ -1006,6 +1006,14 @@ mod tests {
         check_error("[webhooks]\nretry_schedule_ms = []\n", "webhooks.retry_schedule_ms", Some(2), "at least one");
         let good = format!("{app}{ok}[[apps.webhooks]]\nurl = \"https://example.com/e\"\nformat = \"standard\"\nsecret = \"whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD\"\nchannels = [\"orders-*\"]\n");
         assert_eq!(Config::from_toml(&good).unwrap().apps[0].webhooks.len(), 2);
+    }
+
+    /// A missing `ca_file` is refused at load, naming the key and line; its certificates are
+    /// parsed later, once, by the server's TLS connector.
+    #[test]
+    fn missing_ca_file_names_key() {
+        let text = "[webhooks]\nca_file = \"/nonexistent/ringwire-ca.pem\"\n";
+        check_error(text, "webhooks.ca_file", Some(2), "not a readable file");
     }
 
     /// Batches whose worst case would pass the WAL's 64 MiB record limit are refused at load,

@@ -9,11 +9,13 @@
 //!   liveness), `shard::outbox`, `shard::session` (Pusher per connection), `shard::home` (pure
 //!   home-shard state returning effects) and `shard::home_link` (routing to it),
 //!   `shard::accept` (the accept rule).
+//! - `buf`: `FrameBatch` (shared frames for one writev), used by the WebSocket writer and the
+//!   webhook client; a leaf that imports nothing of the crate.
 //! - `net`: sockets — `listener` (SO_REUSEPORT, accept), `conn` (HTTP keep-alive, WebSocket
 //!   reader/writer), `stream` (plain or TLS, as `conn` sees it), `tls` (rustls on accepted
-//!   sockets), `batch` (shared frames for one writev).
-//! - `http`: `parse` (sans-IO request heads, responses), `api` (Pusher REST, health, metrics,
-//!   webhook admin), `client` (outbound HTTP/1.1 for webhooks).
+//!   sockets).
+//! - `http`: the server side — `parse` (sans-IO request heads, responses), `api` (Pusher REST,
+//!   health, metrics, webhook admin).
 //! - `ws`: `handshake` (RFC 6455 upgrade), `frame` (sans-IO frame decoder, encoders).
 //! - `pusher`: `message` (protocol JSON), `channel` (names, kinds), `auth` (request signing).
 //! - `apps`: the applications and their admission counters.
@@ -21,10 +23,13 @@
 //! - `rate`: the fixed one-second window behind every per-second limit.
 //! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
-//!   `target` (URLs, SSRF guard), `dispatch` (per-shard queues, workers, health).
+//!   `target` (URLs, SSRF guard), `resolver` (host-name lookups on their own threads), `client`
+//!   (outbound HTTP/1.1, plain or TLS), `admin` (typed admin answers), `dispatch` (per-shard
+//!   queues, workers, health).
 //! - `cluster`: cluster mode on Redis — `url` (`cluster.redis_url`), `link` (RESP2 connection).
 
 pub mod apps;
+pub mod buf;
 pub mod cluster;
 pub mod config;
 pub mod metrics;
@@ -36,17 +41,15 @@ pub mod webhook;
 
 /// Sockets and their I/O.
 pub mod net {
-    pub mod batch;
     pub mod conn;
     pub mod listener;
     pub mod stream;
     pub mod tls;
 }
 
-/// HTTP/1.1: parsing and the API.
+/// HTTP/1.1 server side: parsing and the API.
 pub mod http {
     pub mod api;
-    pub mod client;
     pub mod parse;
 }
 

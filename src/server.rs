@@ -18,6 +18,7 @@ use crate::shard::mesh::Mesh;
 use crate::shard::Shard;
 use crate::webhook::dispatch::Webhooks;
 use crate::webhook::resolver::{self, Lookup, Resolver};
+use monoio_rustls::TlsConnector;
 
 /// The io driver a shard ended up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,22 +85,24 @@ impl Server {
         let blocking_pool = monoio::blocking::DefaultThreadPool::new(2);
         let resolver = Arc::new(Resolver::new(&config, lookup).context("cannot start the DNS threads")?);
         let apps = Arc::new(Apps::new(&config.apps));
+        let webhook_tls = crate::webhook::endpoint::tls_connector(&config).map_err(anyhow::Error::msg)?;
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
         let mut threads = Vec::with_capacity(shards);
         for (index, plain) in listeners.into_iter().enumerate() {
-            let tls = match (tls_listeners.is_empty(), &tls_settings) {
+            let tls_listener = match (tls_listeners.is_empty(), &tls_settings) {
                 (false, Some(settings)) => Some((tls_listeners.remove(0), settings.clone())),
                 _ => None,
             };
-            let listeners = ShardListeners { plain, tls };
+            let listeners = ShardListeners { plain, tls: tls_listener };
             let (config, apps, mesh, metrics, ready) =
                 (config.clone(), apps.clone(), mesh.clone(), metrics.clone(), ready_tx.clone());
             let pool = blocking_pool.clone();
             let resolver = resolver.clone();
             let hook = on_shard_start.clone();
+            let webhook_tls = webhook_tls.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
@@ -109,7 +112,7 @@ impl Server {
                         tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
                     }
                     let shard = Shard::new(index, config.clone(), apps, mesh, metrics);
-                    run_shard(shard, listeners, config.server.io_driver, pool, ready, hook);
+                    run_shard(shard, listeners, config.server.io_driver, pool, ready, hook, webhook_tls);
                 })
                 .context("cannot start a shard thread")?;
             threads.push(thread);
@@ -159,6 +162,7 @@ fn run_shard(
     pool: monoio::blocking::DefaultThreadPool,
     ready: mpsc::Sender<Result<Driver, String>>,
     hook: Option<ShardStartHook>,
+    webhook_tls: Option<TlsConnector>,
 ) {
     let index = shard.index;
     if driver != IoDriver::Epoll {
@@ -167,7 +171,9 @@ fn run_shard(
             .enable_timer()
             .attach_thread_pool(Box::new(pool.clone()));
         match builder.build() {
-            Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready, hook)),
+            Ok(mut runtime) => {
+                return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready, hook, webhook_tls))
+            }
             Err(e) if driver == IoDriver::IoUring => {
                 let _ = ready.send(Err(format!(
                     "shard {index}: io_uring is unavailable ({e}) and server.io_driver = \"io_uring\""
@@ -184,7 +190,7 @@ fn run_shard(
         .attach_thread_pool(Box::new(pool))
         .build()
     {
-        Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready, hook)),
+        Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready, hook, webhook_tls)),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {index}: cannot build an epoll runtime: {e}")));
         }
@@ -199,6 +205,7 @@ async fn shard_main(
     driver: Driver,
     ready: mpsc::Sender<Result<Driver, String>>,
     hook: Option<ShardStartHook>,
+    webhook_tls: Option<TlsConnector>,
 ) {
     let register = |listener| monoio::net::TcpListener::from_std(listener);
     let tls = listeners.tls.map(|(listener, settings)| register(listener).map(|l| (l, settings))).transpose();
@@ -211,7 +218,7 @@ async fn shard_main(
     };
     let shard = Rc::new(shard);
     // Recover the webhook queue before accepting anything, so deliveries resume in order.
-    match Webhooks::open(shard.index, shard.config.clone(), &shard.apps, shard.all_metrics.clone()).await {
+    match Webhooks::open(shard.index, shard.config.clone(), &shard.apps, shard.all_metrics.clone(), webhook_tls).await {
         Ok(Some(webhooks)) => {
             webhooks.spawn();
             let _ = shard.webhooks_cell.set(webhooks);
@@ -287,7 +294,7 @@ fn check_wal_directories(config: &Config, shards: usize) -> anyhow::Result<()> {
     let Ok(entries) = std::fs::read_dir(&config.webhooks.data_dir) else { return Ok(()) };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(index) = name.strip_prefix("shard-").and_then(|n| n.parse::<usize>().ok()) else { continue };
+        let Some(index) = crate::webhook::wal_directory_shard(&name) else { continue };
         let holds_segments = std::fs::read_dir(entry.path())
             .map(|d| d.flatten().any(|f| f.file_name().to_string_lossy().ends_with(".wal")))
             .unwrap_or(false);

@@ -52,7 +52,8 @@ fn start() -> (Runtime, Rc<Shard>) {
     let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap();
     let shard = runtime.block_on(async move {
         let shard = Rc::new(Shard::new(0, config.clone(), apps.clone(), mesh, metrics.clone()));
-        let webhooks = Webhooks::open(0, config, &apps, metrics).await.unwrap().expect("the app has webhooks");
+        let tls = ringwire::webhook::endpoint::tls_connector(&config).unwrap();
+        let webhooks = Webhooks::open(0, config, &apps, metrics, tls).await.unwrap().expect("the app has webhooks");
         webhooks.spawn();
         let _ = shard.webhooks_cell.set(webhooks);
         shard.spawn_background();

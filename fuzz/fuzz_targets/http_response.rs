@@ -5,7 +5,7 @@
 #![no_main]
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use ringwire::http::client::{parse_response, ResponseReader};
+use ringwire::webhook::client::{parse_response, ResponseReader};
 
 /// The answer as comparable values: Err, need more, or (status, close, excerpt, used).
 type Answer = Result<Option<(u16, bool, Vec<u8>, usize)>, ()>;
@@ -42,7 +42,7 @@ fuzz_target!(|input: &[u8]| {
         if let Ok(Some((response, used))) = &whole {
             assert!(*used <= data.len());
             assert!((100..600).contains(&response.status));
-            assert!(response.excerpt.len() <= ringwire::http::client::EXCERPT_BYTES_MAX);
+            assert!(response.excerpt.len() <= ringwire::webhook::client::EXCERPT_BYTES_MAX);
             if !eof {
                 if let Ok(Some((again, used_again))) = parse_response(&data[..*used], false, 1024) {
                     assert_eq!((again.status, used_again), (response.status, *used));

@@ -22,13 +22,13 @@ use crate::pusher::auth::{self, param, parse_query, Params, SignedRequest};
 use crate::pusher::channel::{self, ChannelKind};
 use crate::pusher::message::{self, SocketId};
 use crate::shard::accept::{Acknowledged, NotAccepted};
-use crate::shard::mesh::Query;
+use crate::shard::mesh::{Query, QueryReply};
 use crate::shard::Shard;
 use crate::wal::Lsn;
-use crate::webhook::dispatch::{AdminRequest, Refused};
+use crate::webhook::admin::{self, AdminAnswer, AdminRequest};
+use crate::webhook::dispatch::Refused;
 
-/// Longest event name (the server SDKs' limit).
-pub const EVENT_NAME_BYTES_MAX: usize = 200;
+pub use crate::pusher::message::EVENT_NAME_BYTES_MAX;
 
 /// An HTTP response before framing.
 #[derive(Debug)]
@@ -444,63 +444,63 @@ async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, par
     }
     let reply =
         shard.query_all(Query::Webhooks { app: app.index, request: request.clone() }).await.ok_or_else(unavailable)?;
-    let documents: Vec<Value> = reply.iter().filter_map(|(text, _)| serde_json::from_str(text).ok()).collect();
-    let body = match request {
-        AdminRequest::Health => json!({ "endpoints": merge_health(documents) }),
-        AdminRequest::DeadLetters { .. } => json!({ "dead_letters": documents }),
-        AdminRequest::Attempts { webhook_id } if documents.is_empty() => {
+    let QueryReply::Webhooks(answer) = reply else { unreachable!("a webhook query has webhook replies") };
+    let body = match (request, answer) {
+        (AdminRequest::Health, AdminAnswer::Health(list)) => {
+            json!({ "endpoints": list.iter().map(health_json).collect::<Vec<_>>() })
+        }
+        (_, AdminAnswer::DeadLetters(list)) => {
+            let letters: Vec<Value> = list
+                .into_iter()
+                .map(|d| json!({"webhook_id": d.webhook_id, "created_ms": d.created_ms, "body": d.body}))
+                .collect();
+            json!({ "dead_letters": letters })
+        }
+        (AdminRequest::Attempts { webhook_id }, AdminAnswer::Attempts(list)) if list.is_empty() => {
             return Err(Response::error(StatusCode::NOT_FOUND, &format!("no attempts recorded for {webhook_id}")));
         }
-        AdminRequest::Attempts { .. } => json!({ "attempts": documents }),
-        AdminRequest::Replay { webhook_id } if documents.is_empty() => {
+        (_, AdminAnswer::Attempts(list)) => {
+            let attempts: Vec<Value> = list
+                .into_iter()
+                .map(|a| {
+                    json!({"webhook_id": a.webhook_id, "endpoint": a.endpoint, "at_ms": a.at_ms,
+                           "status": a.status, "error": a.error, "duration_ms": a.duration_ms,
+                           "next_attempt_in_ms": a.next_attempt_in_ms})
+                })
+                .collect();
+            json!({ "attempts": attempts })
+        }
+        (AdminRequest::Replay { webhook_id }, AdminAnswer::Replayed(ids))
+        | (AdminRequest::Delete { webhook_id }, AdminAnswer::Deleted(ids))
+            if ids.is_empty() =>
+        {
             return Err(Response::error(StatusCode::NOT_FOUND, &format!("{webhook_id} is not a dead letter")));
         }
-        AdminRequest::Replay { .. } | AdminRequest::ReplayRange { .. } => {
-            json!({ "replayed": documents.iter().filter_map(|d| d["replayed"].as_str()).collect::<Vec<_>>() })
-        }
-        AdminRequest::Enable { endpoint } => json!({ "enabled": endpoint }),
-        AdminRequest::Delete { webhook_id } if documents.is_empty() => {
-            return Err(Response::error(StatusCode::NOT_FOUND, &format!("{webhook_id} is not a dead letter")));
-        }
-        AdminRequest::Delete { .. } | AdminRequest::DeleteRange { .. } => {
-            json!({ "deleted": documents.iter().filter_map(|d| d["deleted"].as_str()).collect::<Vec<_>>() })
-        }
+        (_, AdminAnswer::Replayed(ids)) => json!({ "replayed": ids }),
+        (_, AdminAnswer::Deleted(ids)) => json!({ "deleted": ids }),
+        (AdminRequest::Enable { endpoint }, _) => json!({ "enabled": endpoint }),
+        (request, answer) => unreachable!("{answer:?} does not answer {request:?}"),
     };
     Ok(Response::json(StatusCode::OK, &body))
 }
 
-/// Sums each endpoint's per-shard health into one document.
-fn merge_health(documents: Vec<Value>) -> Vec<Value> {
-    let mut merged: Vec<Value> = Vec::new();
-    for document in documents {
-        let Some(existing) = merged.iter_mut().find(|m| m["id"] == document["id"]) else {
-            merged.push(document);
-            continue;
-        };
-        for counter in ["pending", "dead_letters", "queued_bytes", "delivered", "failed_attempts"] {
-            let sum = existing[counter].as_u64().unwrap_or(0) + document[counter].as_u64().unwrap_or(0);
-            existing[counter] = sum.into();
-        }
-        let rank = |state: &Value| ["healthy", "failing", "breaker_open", "disabled"].iter().position(|s| state == s);
-        if rank(&document["state"]) > rank(&existing["state"]) {
-            for field in ["state", "disabled_reason", "last_status", "last_error", "consecutive_failures"] {
-                existing[field] = document[field].clone();
-            }
-        }
-    }
-    for endpoint in &mut merged {
-        let delivered = endpoint["delivered"].as_u64().unwrap_or(0) as f64;
-        let failed = endpoint["failed_attempts"].as_u64().unwrap_or(0) as f64;
-        endpoint["success_rate"] =
-            if delivered + failed > 0.0 { json!(delivered / (delivered + failed)) } else { Value::Null };
-    }
-    merged
+/// One endpoint's health, summed over the shards, as the admin API shows it.
+fn health_json(health: &admin::Health) -> Value {
+    json!({
+        "id": health.id, "url": health.url, "format": health.format,
+        "state": health.state.as_str(), "disabled_reason": health.disabled_reason,
+        "last_status": health.last_status, "last_error": health.last_error,
+        "consecutive_failures": health.consecutive_failures,
+        "pending": health.pending, "dead_letters": health.dead_letters, "queued_bytes": health.queued_bytes,
+        "delivered": health.delivered, "failed_attempts": health.failed_attempts,
+        "success_rate": health.success_rate(),
+    })
 }
 
 /// Subscribers of one channel across every shard.
 async fn subscription_count(shard: &Shard, app: &App, name: &str) -> Option<u64> {
     let reply = shard.query_all(Query::Channel { app: app.index, name: name.to_string() }).await?;
-    Some(reply.iter().map(|(_, n)| u64::from(*n)).sum())
+    Some(reply.into_counts().iter().map(|(_, n)| u64::from(*n)).sum())
 }
 
 fn unavailable() -> Response {
@@ -518,13 +518,13 @@ async fn channels(shard: &Shard, app: &App, params: &Params) -> ApiResult {
     }
     let user_counts: BTreeMap<Box<str>, u32> = if info.user_count {
         let query = Query::PresenceCounts { app: app.index, prefix: prefix.clone() };
-        shard.query_all(query).await.ok_or_else(unavailable)?.into_iter().collect()
+        shard.query_all(query).await.ok_or_else(unavailable)?.into_counts().into_iter().collect()
     } else {
         BTreeMap::new()
     };
     let reply = shard.query_all(Query::Channels { app: app.index, prefix }).await.ok_or_else(unavailable)?;
     let mut totals: BTreeMap<Box<str>, u64> = BTreeMap::new();
-    for (name, count) in reply {
+    for (name, count) in reply.into_counts() {
         *totals.entry(name).or_default() += u64::from(count);
     }
     let mut channels = serde_json::Map::new();
@@ -566,7 +566,7 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
         // Reference §1.7: "cache":{"data":"...","ttl":N}, from the channel's home shard.
         let query = Query::Cache { app: app.index, name: name.to_string() };
         let reply = shard.query_all(query).await.ok_or_else(unavailable)?;
-        if let Some((data, ttl)) = reply.into_iter().next() {
+        if let Some((data, ttl)) = reply.into_cache() {
             let data: Value = serde_json::from_str(&data).unwrap_or(Value::Null);
             body.insert("cache".into(), json!({ "data": data, "ttl": ttl }));
         }
@@ -578,7 +578,7 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
 async fn user_ids(shard: &Shard, app: &App, name: &str) -> Option<Vec<Box<str>>> {
     let query = Query::PresenceUsers { app: app.index, name: name.to_string() };
     let reply = shard.query_all(query).await?;
-    Some(reply.into_iter().map(|(id, _)| id).collect())
+    Some(reply.into_users())
 }
 
 async fn users(shard: &Shard, app: &App, name: &str) -> ApiResult {

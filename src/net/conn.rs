@@ -10,9 +10,9 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http::StatusCode;
 
+use crate::buf::FrameBatch;
 use crate::http::parse::{self, HeadLimits, HeadReader, HttpError, RequestHead};
 use crate::metrics::ShardMetrics;
-use crate::net::batch::FrameBatch;
 use crate::net::stream::{ByteReader, ByteStream, FrameWriter, Transport};
 use crate::pusher::auth::{param, parse_query};
 use crate::pusher::message;

@@ -14,7 +14,7 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
-use super::batch::FrameBatch;
+use crate::buf::FrameBatch;
 
 /// Reads more bytes from a socket, appending to `buf` (monoio reads at the start of the
 /// buffer it is given, so it gets only the spare room after what is there).

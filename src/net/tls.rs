@@ -30,8 +30,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::ServerConnection;
 
-use super::batch::FrameBatch;
 use super::stream::{read_more, ByteReader, ByteStream, FrameWriter, Transport};
+use crate::buf::FrameBatch;
 use crate::config::TlsConfig;
 
 /// Ciphertext bytes asked for per socket read: one TLS record's worth at most is useful, and a

@@ -166,6 +166,9 @@ fn data_object<'a>(data: Option<&'a RawValue>, event: &str) -> Result<Subscribe<
 /// Most user ids one connection may watch.
 pub const WATCHLIST_MAX: usize = 100;
 
+/// Longest event name a publish may carry (the server SDKs' limit).
+pub const EVENT_NAME_BYTES_MAX: usize = 200;
+
 /// The user id of signed `user_data` (a non-empty string `id` that can name its
 /// `#server-to-user-` channel) and its optional `watchlist` of user ids.
 pub fn parse_user(user_data: &str) -> Result<(Box<str>, Vec<Box<str>>), String> {

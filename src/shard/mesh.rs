@@ -26,6 +26,7 @@ use crossbeam::utils::CachePadded;
 
 use crate::apps::AppIndex;
 use crate::pusher::message::SocketId;
+use crate::webhook::admin::{AdminAnswer, AdminRequest};
 
 /// An event to deliver to a channel's subscribers on the receiving shard.
 #[derive(Debug)]
@@ -78,19 +79,79 @@ pub enum Query {
         /// The channel.
         name: String,
     },
-    /// A webhook admin request; each shard answers for its own deliveries, as JSON documents.
+    /// A webhook admin request; each shard answers for its own deliveries.
     Webhooks {
         /// The app.
         app: AppIndex,
         /// What to do or report.
-        request: crate::webhook::dispatch::AdminRequest,
+        request: AdminRequest,
     },
 }
 
-/// One shard's answer: (channel, local subscription count) pairs.
-pub type QueryReply = Vec<(Box<str>, u32)>;
+/// One shard's answer to a `Query`, or the merged answers of all shards (`merge`). Each query
+/// kind has its own variant, so values travel typed from the shard to the HTTP edge, which
+/// alone renders JSON.
+#[derive(Debug)]
+pub enum QueryReply {
+    /// To `Channels` and `Channel`: (channel, subscriptions) pairs, one per shard that has any.
+    Channels(Vec<(Box<str>, u32)>),
+    /// To `PresenceUsers`: the user ids.
+    PresenceUsers(Vec<Box<str>>),
+    /// To `PresenceCounts`: (channel, members) pairs.
+    PresenceCounts(Vec<(Box<str>, u32)>),
+    /// To `Cache`: the cached event's data and its seconds left, from the home shard.
+    Cache(Option<(Box<str>, u64)>),
+    /// To `Webhooks`.
+    Webhooks(AdminAnswer),
+}
 
-// `Query::Webhooks` answers carry one JSON document per entry (the number is unused).
+impl QueryReply {
+    /// Adds another shard's reply to the same query.
+    pub fn merge(&mut self, other: QueryReply) {
+        match (self, other) {
+            (QueryReply::Channels(mine), QueryReply::Channels(theirs)) => mine.extend(theirs),
+            (QueryReply::PresenceUsers(mine), QueryReply::PresenceUsers(theirs)) => mine.extend(theirs),
+            (QueryReply::PresenceCounts(mine), QueryReply::PresenceCounts(theirs)) => mine.extend(theirs),
+            (QueryReply::Cache(mine), QueryReply::Cache(theirs)) => {
+                if mine.is_none() {
+                    *mine = theirs;
+                }
+            }
+            (QueryReply::Webhooks(mine), QueryReply::Webhooks(theirs)) => mine.merge(theirs),
+            (mine, theirs) => debug_assert!(false, "replies to different queries: {mine:?} and {theirs:?}"),
+        }
+    }
+
+    /// The (name, count) pairs of a `Channels`, `Channel` or `PresenceCounts` reply.
+    pub fn into_counts(self) -> Vec<(Box<str>, u32)> {
+        match self {
+            QueryReply::Channels(list) | QueryReply::PresenceCounts(list) => list,
+            other => Self::mismatch(other),
+        }
+    }
+
+    /// The user ids of a `PresenceUsers` reply.
+    pub fn into_users(self) -> Vec<Box<str>> {
+        match self {
+            QueryReply::PresenceUsers(list) => list,
+            other => Self::mismatch(other),
+        }
+    }
+
+    /// The cached data and seconds left of a `Cache` reply.
+    pub fn into_cache(self) -> Option<(Box<str>, u64)> {
+        match self {
+            QueryReply::Cache(cache) => cache,
+            other => Self::mismatch(other),
+        }
+    }
+
+    /// A reply read as another query's: a programmer error, loud in debug builds.
+    fn mismatch<T: Default>(reply: QueryReply) -> T {
+        debug_assert!(false, "reply read as another query's: {reply:?}");
+        T::default()
+    }
+}
 
 /// A subscription that needs the channel's home shard: a presence join (to be counted) or a
 /// cache channel (whose last event the home shard keeps), or both.
@@ -399,7 +460,22 @@ mod tests {
     use super::*;
 
     fn reply(id: u64) -> MeshMessage {
-        MeshMessage::Reply { id, reply: Vec::new() }
+        MeshMessage::Reply { id, reply: QueryReply::Channels(Vec::new()) }
+    }
+
+    /// Replies merge by kind: lists concatenate in reply order, the first cache hit wins.
+    #[test]
+    fn replies_merge_typed() {
+        let mut channels = QueryReply::Channels(vec![("a".into(), 1)]);
+        channels.merge(QueryReply::Channels(vec![("a".into(), 2), ("b".into(), 1)]));
+        assert_eq!(channels.into_counts(), vec![("a".into(), 1), ("a".into(), 2), ("b".into(), 1)]);
+        let mut cache = QueryReply::Cache(None);
+        cache.merge(QueryReply::Cache(Some(("first".into(), 5))));
+        cache.merge(QueryReply::Cache(Some(("second".into(), 9))));
+        assert_eq!(cache.into_cache(), Some(("first".into(), 5)));
+        let mut users = QueryReply::PresenceUsers(Vec::new());
+        users.merge(QueryReply::PresenceUsers(vec!["u1".into()]));
+        assert_eq!(users.into_users(), vec![Box::<str>::from("u1")]);
     }
 
     /// A full ring hands the message back instead of blocking or dropping it.

@@ -45,6 +45,7 @@ use crate::config::Config;
 use crate::metrics::ShardMetrics;
 use crate::pusher::message::{self, SocketId};
 use crate::wal::Lsn;
+use crate::webhook::admin::AdminAnswer;
 use crate::webhook::dispatch::Webhooks;
 use crate::webhook::event::LifecycleEvent;
 pub use connections::{ConnKey, ConnState, Connection, WRITE_BATCH_FRAMES_MAX};
@@ -437,7 +438,7 @@ impl Shard {
             MeshMessage::Reply { id, reply } => {
                 let mut state = self.state.borrow_mut();
                 if let Some(pending) = state.queries.get_mut(&id) {
-                    pending.replies.extend(reply);
+                    pending.replies.merge(reply);
                     pending.remaining -= 1;
                     if pending.remaining == 0 {
                         if let Some(waker) = pending.waker.take() {
@@ -452,30 +453,34 @@ impl Shard {
     /// This shard's part of a query.
     fn answer_locally(&self, query: &Query) -> QueryReply {
         if let Query::Cache { app, name } = query {
-            return self.cached(*app, name).map(|(_, data, ttl)| vec![(data, ttl as u32)]).unwrap_or_default();
+            return QueryReply::Cache(self.cached(*app, name).map(|(_, data, ttl)| (data, ttl)));
         }
         if let Query::Webhooks { app, request } = query {
-            let answers = self.webhooks().map(|w| w.admin(*app, request)).unwrap_or_default();
-            return answers.into_iter().map(|v| (v.to_string().into_boxed_str(), 0)).collect();
+            let answer = self.webhooks().map(|w| w.admin(*app, request));
+            return QueryReply::Webhooks(answer.unwrap_or_else(|| AdminAnswer::empty(request)));
         }
         let state = self.state.borrow();
         match query {
             Query::Cache { .. } | Query::Webhooks { .. } => unreachable!("answered above"),
-            Query::Channels { app, prefix } => state
-                .router
-                .occupied(*app)
-                .filter(|(name, _)| name.starts_with(prefix.as_str()))
-                .map(|(name, count)| (name.into(), count as u32))
-                .collect(),
-            Query::PresenceUsers { app, name } => {
-                state.home.presence.users(*app, name).into_iter().map(|id| (id, 1)).collect()
+            Query::Channels { app, prefix } => QueryReply::Channels(
+                state
+                    .router
+                    .occupied(*app)
+                    .filter(|(name, _)| name.starts_with(prefix.as_str()))
+                    .map(|(name, count)| (name.into(), count as u32))
+                    .collect(),
+            ),
+            Query::PresenceUsers { app, name } => QueryReply::PresenceUsers(state.home.presence.users(*app, name)),
+            Query::PresenceCounts { app, prefix } => {
+                QueryReply::PresenceCounts(state.home.presence.counts(*app, prefix))
             }
-            Query::PresenceCounts { app, prefix } => state.home.presence.counts(*app, prefix),
-            Query::Channel { app, name } => state
-                .router
-                .subscribers(*app, name)
-                .map(|set| vec![(name.as_str().into(), set.len() as u32)])
-                .unwrap_or_default(),
+            Query::Channel { app, name } => QueryReply::Channels(
+                state
+                    .router
+                    .subscribers(*app, name)
+                    .map(|set| vec![(name.as_str().into(), set.len() as u32)])
+                    .unwrap_or_default(),
+            ),
         }
     }
 

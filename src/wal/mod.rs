@@ -131,8 +131,11 @@ struct WalState {
     buffer: Vec<u8>,
     /// Records of live deliveries in `buffer`: (seq, true for a `Delivery`, false for a state record).
     buffered: Vec<(u64, bool)>,
+    /// End of the records buffered so far. Invariant: appended ≥ written ≥ durable.
     appended: Lsn,
+    /// End of what the storage has been handed (written, maybe not synced).
     written: Lsn,
+    /// End of what is fsynced in a segment whose creation is fsynced.
     durable: Lsn,
     waiters: Vec<Waker>,
     flusher: Option<Waker>,
@@ -437,6 +440,7 @@ impl<S: Storage> Wal<S> {
             state.head_synced = offset + bytes_len;
             state.stats.fsyncs += 1;
             state.last_sync = std::time::Instant::now();
+            debug_assert!(end <= state.written && state.written <= state.appended, "appended ≥ written ≥ durable");
             state.durable = end;
             for waker in state.waiters.drain(..) {
                 waker.wake();
@@ -453,6 +457,7 @@ impl<S: Storage> Wal<S> {
     /// whether the fsync is not due yet.
     fn written(&self, end: Lsn, length: u64) -> bool {
         let mut state = self.state.borrow_mut();
+        debug_assert!(state.durable <= end && end <= state.appended, "appended ≥ written ≥ durable");
         state.written = end;
         state.stats.bytes_written += length;
         state.stats.batches += 1;

@@ -1,219 +1,61 @@
-//! A shard's webhook deliveries: creating them (into its WAL), queueing them per endpoint,
-//! the worker tasks that send them, retries, the circuit breaker, dead letters and the
-//! numbers the admin API and `/metrics` show.
+//! A shard's webhook dispatcher: creating deliveries (into its WAL), releasing them once
+//! committed, the worker tasks that send them, the retry timer, the batcher, dead letters and
+//! the admin operations on them.
 //!
-//! Every shard runs its own dispatcher for the deliveries it created (published events are
-//! matched on the shard that accepted them; lifecycle events on the channel's home shard), so
-//! nothing here crosses threads. Endpoint state (health, breaker, disabled) is per shard; the
-//! admin API sums it over the shards.
+//! Owns `Webhooks` and the control flow between the stages; the data they hand each other
+//! live in their own modules (`endpoint`: endpoints and the transport; `health`: the breaker
+//! and the settle decision; `batch`; `delivery`: the live index and budgets; `queue`: the
+//! work in progress; `admin`: typed answers). Never renders JSON, never crosses threads:
+//! every shard runs its own dispatcher for the deliveries it created (published events on the
+//! shard that accepted them, lifecycle events on the channel's home shard); the admin API
+//! merges the shards' answers.
 //!
 //! Invariant: a delivery is sent only after its WAL record is committed (durable in `fsync`
 //! mode), so a webhook id a receiver has seen is never reused after a crash.
 
 use std::cell::RefCell;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::HashMap;
 use std::future::{poll_fn, Future};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Poll, Waker};
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use ring::hmac;
-use serde_json::{json, Value};
 
+use super::admin::{AdminAnswer, AdminRequest, AttemptReport, DeadLetter};
+use super::batch::{self, batch_item_key, BatchItem};
+use super::client::{Connection, Response};
+pub use super::delivery::Refused;
+use super::delivery::{self, Deliveries, Delivery};
+use super::endpoint::{build_endpoints, AttemptError, Endpoint, Transport};
 use super::event::{self, LifecycleEvent};
-use super::retry::{self, Failure, RetryPolicy};
-use super::sign::{self, StandardSigner};
-use super::target::{self, AddressPolicy, Cidr, Target};
+use super::health::{BreakerSettings, Verdict};
+use super::queue::{Attempt, DispatchState, EndpointQueue};
+use super::retry::RetryPolicy;
+use super::target::{AddressPolicy, Cidr};
 use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, DurabilityMode, WebhookFormat};
-use crate::http::client::{self, Connection, Response, SendError};
 use crate::metrics::ShardMetrics;
 use crate::wal::{Durability, FileStorage, Lsn, Outcome, Wal, WalError};
 use monoio_rustls::TlsConnector;
 
-/// How an endpoint signs.
-enum Signer {
-    /// `X-Pusher-Key` / `X-Pusher-Signature` with the app's key and secret.
-    Pusher { app_key: String, secret: hmac::Key },
-    /// Standard Webhooks.
-    Standard(StandardSigner),
-}
-
-/// One configured endpoint.
-pub struct Endpoint {
-    /// The app it belongs to.
-    pub app: AppIndex,
-    /// Its id within the app.
-    pub id: String,
-    /// `"{app_id}/{id}"`: its name in the WAL.
-    pub key: Box<str>,
-    /// Its URL, for display.
-    pub url: String,
-    /// Lifecycle or event subscription.
-    pub format: WebhookFormat,
-    target: Target,
-    events: Option<Vec<String>>,
-    channels: Option<Vec<String>>,
-    event_types: Option<Vec<String>>,
-    /// Events per delivery (1 = no batching).
-    batch_max: usize,
-    signer: Signer,
-}
-
-/// A live delivery.
-struct Delivery {
-    endpoint: usize,
-    body: Bytes,
-    created_ms: u64,
-    attempts: u32,
-    dead: bool,
-}
-
-/// An event (lifecycle, or published for a batching Standard endpoint) waiting in its
-/// endpoint's batch.
-struct BatchItem {
-    /// Its own WAL record (acked once the batch delivery holding it is written); `None` in
-    /// `memory` mode.
-    seq: Option<u64>,
-    /// The event's JSON object.
-    json: Box<str>,
-}
-
-/// WAL endpoint key of an endpoint's events that are not in a batch delivery yet.
-fn batch_item_key(endpoint_key: &str) -> String {
-    format!("{endpoint_key}#batching")
-}
-
-/// One attempt, for the admin API.
-#[derive(Debug, Clone)]
-struct Attempt {
-    seq: u64,
-    endpoint: usize,
-    at_ms: u64,
-    status: Option<u16>,
-    error: Option<String>,
-    duration_ms: u64,
-    next_attempt_in_ms: Option<u64>,
-}
-
-/// An endpoint's health on this shard.
-#[derive(Debug, Default)]
-struct Health {
-    consecutive_failures: u32,
-    last_status: Option<u16>,
-    last_error: Option<String>,
-    delivered: u64,
-    failed: u64,
-    /// While open, no attempts until then (then one probe).
-    open_until: Option<Instant>,
-    /// A probe is in flight after the breaker's cooldown.
-    probing: bool,
-    /// Why the endpoint is disabled (410 Gone), if it is.
-    disabled: Option<String>,
-}
-
-#[derive(Default)]
-struct EndpointQueue {
-    /// Bytes of this endpoint's live deliveries and batch items (pending and dead), for
-    /// `endpoint_queue_bytes_max`; its share of `DispatchState::live_bytes`.
-    live_bytes: u64,
-    ready: VecDeque<u64>,
-    idle_workers: Vec<Waker>,
-    in_flight: usize,
-    health: Health,
-    /// Events waiting to be batched (each with its WAL item, so a crash before the batch is
-    /// formed loses none), and since when.
-    batch: Vec<BatchItem>,
-    batch_since: Option<Instant>,
-}
-
-#[derive(Default)]
-struct DispatchState {
-    deliveries: HashMap<u64, Delivery>,
-    /// Created, waiting for their WAL records to be committed before the first attempt.
-    awaiting: VecDeque<(Lsn, u64)>,
-    /// Retries by due time.
-    timers: BTreeSet<(Instant, u64)>,
-    queues: Vec<EndpointQueue>,
-    attempts: VecDeque<Attempt>,
-    /// Bytes of live deliveries and batch items (pending and dead), for `queue_bytes_max`:
-    /// the sum of every queue's `live_bytes` (changed only through `charge` and `refund`).
-    live_bytes: u64,
-    /// Dead letters by (created_ms, seq), for `dead_letter_retention_s`.
-    dead: BTreeSet<(u64, u64)>,
-    /// `memory` durability: the next sequence number.
-    next_seq: u64,
-    timer_task: Option<Waker>,
-    batch_task: Option<Waker>,
-}
-
-impl DispatchState {
-    /// Counts `bytes` of `endpoint`'s live deliveries against both budgets.
-    fn charge(&mut self, endpoint: usize, bytes: u64) {
-        self.live_bytes += bytes;
-        self.queues[endpoint].live_bytes += bytes;
-    }
-
-    /// Gives back what `charge` counted.
-    fn refund(&mut self, endpoint: usize, bytes: u64) {
-        debug_assert!(self.queues[endpoint].live_bytes >= bytes && self.live_bytes >= bytes);
-        self.live_bytes -= bytes;
-        self.queues[endpoint].live_bytes -= bytes;
-    }
-}
-
-/// Why a delivery could not be created.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refused {
-    /// The shard's queue is at `queue_bytes_max`.
-    #[error("the webhook queue is full (webhooks.queue_bytes_max); retry later")]
-    QueueFull,
-    /// One endpoint's queue is at `endpoint_queue_bytes_max`: its receiver is slow or failing.
-    #[error(
-        "the webhook queue of endpoint {0} is full (webhooks.endpoint_queue_bytes_max): its receiver is slow or \
-         failing; retry later"
-    )]
-    EndpointFull(String),
-    /// The WAL failed.
-    #[error("{0}")]
-    Wal(#[from] WalError),
-}
-
-/// Admin operations, answered by every shard for its own deliveries.
-#[derive(Debug, Clone)]
-pub enum AdminRequest {
-    /// Each endpoint's health.
-    Health,
-    /// Dead letters of an endpoint.
-    DeadLetters { endpoint: String },
-    /// Attempts of a delivery.
-    Attempts { webhook_id: String },
-    /// Replay one dead letter.
-    Replay { webhook_id: String },
-    /// Replay the dead letters of an endpoint created in `[from_ms, to_ms]`.
-    ReplayRange { endpoint: String, from_ms: u64, to_ms: u64 },
-    /// Re-enable a disabled endpoint and close its breaker.
-    Enable { endpoint: String },
-    /// Delete one dead letter.
-    Delete { webhook_id: String },
-    /// Delete the dead letters of an endpoint created in `[from_ms, to_ms]`.
-    DeleteRange { endpoint: String, from_ms: u64, to_ms: u64 },
-}
-
 /// One shard's webhook dispatcher.
 pub struct Webhooks {
+    /// This shard's index.
     shard: usize,
     config: Arc<Config>,
     policy: RetryPolicy,
-    addresses: AddressPolicy,
+    breaker: BreakerSettings,
+    /// Dials and exchanges with endpoints (address guard, TLS, timeouts).
+    transport: Transport,
+    /// Every app's endpoints, in config order; an endpoint's index is its place here.
     endpoints: Vec<Endpoint>,
+    /// Per app, the indexes of its endpoints.
     by_app: Vec<Vec<usize>>,
+    /// `None` in `memory` durability.
     wal: Option<Wal<FileStorage>>,
-    /// TLS settings, when some endpoint is `https://`.
-    tls: Option<TlsConnector>,
+    /// The WAL's id (random in `memory` mode): the first half of every webhook id.
     log_id: u64,
     metrics: Arc<[ShardMetrics]>,
     state: RefCell<DispatchState>,
@@ -225,12 +67,13 @@ fn now_ms() -> u64 {
 
 impl Webhooks {
     /// The dispatcher of shard `shard`, with its WAL opened and recovered; `None` when no
-    /// app has webhooks.
+    /// app has webhooks. `tls` is `tls_connector`'s, shared by every shard.
     pub async fn open(
         shard: usize,
         config: Arc<Config>,
         apps: &Apps,
         metrics: Arc<[ShardMetrics]>,
+        tls: Option<TlsConnector>,
     ) -> Result<Option<Rc<Webhooks>>, String> {
         let endpoints = build_endpoints(apps, config.webhooks.batch_events_max);
         if endpoints.is_empty() {
@@ -247,18 +90,29 @@ impl Webhooks {
             overload_floor_ms: settings.retry_overload_floor_ms,
             retry_after_max_ms: settings.retry_after_max_ms,
         };
-        let addresses = AddressPolicy {
-            allow_private: settings.allow_private_targets,
-            allowed: settings.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect(),
+        let transport = Transport {
+            addresses: AddressPolicy {
+                allow_private: settings.allow_private_targets,
+                allowed: settings.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect(),
+            },
+            tls,
+            connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
+            request_timeout: Duration::from_millis(settings.request_timeout_ms),
+            response_bytes_max: settings.response_bytes_max,
+        };
+        let breaker = BreakerSettings {
+            failures: settings.breaker_failures,
+            cooldown: Duration::from_millis(settings.breaker_cooldown_ms),
         };
         let state = DispatchState {
+            deliveries: Deliveries::new(endpoints.len()),
             queues: (0..endpoints.len()).map(|_| EndpointQueue::default()).collect(),
             ..DispatchState::default()
         };
         let (wal, recovered, log_id) = match settings.durability {
             DurabilityMode::Memory => (None, Vec::new(), fastrand::u64(..)),
             mode => {
-                let directory = settings.data_dir.join(format!("shard-{shard}"));
+                let directory = super::wal_directory(&settings.data_dir, shard);
                 let storage = FileStorage::open(&directory)
                     .await
                     .map_err(|e| format!("webhooks.data_dir: cannot open {}: {e}", directory.display()))?;
@@ -273,17 +127,15 @@ impl Webhooks {
                 (Some(wal), recovered, log_id)
             }
         };
-        let tls = if endpoints.iter().any(|e| e.target.tls) {
-            Some(client::tls_connector(settings.ca_file.as_deref()).map_err(|e| format!("webhooks.ca_file: {e}"))?)
-        } else {
-            None
-        };
+        if transport.tls.is_none() && endpoints.iter().any(|e| e.target.tls) {
+            return Err("an https:// webhook endpoint needs the TLS connector (`tls_connector`)".into());
+        }
         let webhooks = Rc::new(Webhooks {
             shard,
-            tls,
             config: config.clone(),
             policy,
-            addresses,
+            breaker,
+            transport,
             endpoints,
             by_app,
             wal,
@@ -309,10 +161,8 @@ impl Webhooks {
                 // An event that was not yet in a batch delivery: batch it again.
                 let json = String::from_utf8_lossy(&live.delivery.body).into();
                 let mut state = self.state.borrow_mut();
-                state.charge(*endpoint, live.delivery.body.len() as u64);
-                let queue = &mut state.queues[*endpoint];
-                queue.batch.push(BatchItem { seq: Some(seq), json });
-                queue.batch_since.get_or_insert_with(Instant::now);
+                state.deliveries.charge(*endpoint, live.delivery.body.len() as u64);
+                state.queues[*endpoint].batch.push(BatchItem { seq: Some(seq), json }, Instant::now());
                 pending += 1;
                 continue;
             }
@@ -322,10 +172,6 @@ impl Webhooks {
                 continue;
             };
             let mut state = self.state.borrow_mut();
-            state.charge(endpoint, live.delivery.body.len() as u64);
-            if live.dead {
-                state.dead.insert((live.delivery.created_ms, seq));
-            }
             let delivery = Delivery {
                 endpoint,
                 body: live.delivery.body,
@@ -365,7 +211,7 @@ impl Webhooks {
         }
         for endpoint in &self.endpoints {
             if let Some(ip) = endpoint.target.literal_ip() {
-                if !self.addresses.permits(ip) && self.shard == 0 {
+                if !self.transport.addresses.permits(ip) && self.shard == 0 {
                     tracing::warn!(
                         endpoint = %endpoint.key,
                         url = %endpoint.url,
@@ -379,21 +225,12 @@ impl Webhooks {
 
     /// The webhook id a receiver sees for a delivery (stable across attempts and restarts).
     pub fn webhook_id(&self, seq: u64) -> String {
-        format!("msg_{:016x}{:016x}", self.log_id, seq)
+        delivery::webhook_id(self.log_id, seq)
     }
 
-    /// The sequence number in one of this shard's webhook ids; `None` for anything else. The
-    /// id comes from a request path: it is checked to be ASCII hex before it is sliced.
+    /// The sequence number in one of this shard's webhook ids; `None` for anything else.
     fn parse_webhook_id(&self, id: &str) -> Option<u64> {
-        let hex = id.strip_prefix("msg_")?;
-        if hex.len() != 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        let (log_id, seq) = hex.split_at(16);
-        if u64::from_str_radix(log_id, 16).ok()? != self.log_id {
-            return None;
-        }
-        u64::from_str_radix(seq, 16).ok()
+        delivery::parse_webhook_id(self.log_id, id)
     }
 
     // ---- sources -----------------------------------------------------------------------
@@ -438,10 +275,10 @@ impl Webhooks {
     fn check_capacity(&self, endpoint: usize) -> Result<(), Refused> {
         let state = self.state.borrow();
         let settings = &self.config.webhooks;
-        if state.queues[endpoint].live_bytes >= settings.endpoint_queue_bytes_max {
+        if state.deliveries.endpoint_bytes(endpoint) >= settings.endpoint_queue_bytes_max {
             return Err(Refused::EndpointFull(self.endpoints[endpoint].key.to_string()));
         }
-        if state.live_bytes >= settings.queue_bytes_max {
+        if state.deliveries.live_bytes() >= settings.queue_bytes_max {
             return Err(Refused::QueueFull);
         }
         Ok(())
@@ -493,11 +330,9 @@ impl Webhooks {
         };
         let full = {
             let mut state = self.state.borrow_mut();
-            state.charge(endpoint, json.len() as u64);
-            let queue = &mut state.queues[endpoint];
-            queue.batch.push(BatchItem { seq, json });
-            queue.batch_since.get_or_insert_with(Instant::now);
-            let full = queue.batch.len() >= self.endpoints[endpoint].batch_max;
+            state.deliveries.charge(endpoint, json.len() as u64);
+            let full = state.queues[endpoint].batch.push(BatchItem { seq, json }, Instant::now())
+                >= self.endpoints[endpoint].batch_max;
             if let Some(waker) = state.batch_task.take() {
                 waker.wake();
             }
@@ -513,24 +348,15 @@ impl Webhooks {
     /// acks follow the batch's record in the log, so a crash keeps one or the other: at least
     /// once).
     fn flush_batch(&self, endpoint: usize) {
-        let items = {
-            let mut state = self.state.borrow_mut();
-            let queue = &mut state.queues[endpoint];
-            queue.batch_since = None;
-            std::mem::take(&mut queue.batch)
-        };
+        let items = self.state.borrow_mut().queues[endpoint].batch.take();
         if items.is_empty() {
             return;
         }
         let time_ms = now_ms();
-        let events = items.iter().map(|i| &*i.json);
-        let body = match self.endpoints[endpoint].format {
-            WebhookFormat::Pusher => event::pusher_body(time_ms, events),
-            WebhookFormat::Standard => event::standard_batch_body(time_ms, events),
-        };
+        let body = batch::body(self.endpoints[endpoint].format, time_ms, &items);
         // The items already count against the queue limit, so the batch is not refused for it;
         // their bytes now belong to the batch delivery.
-        self.state.borrow_mut().refund(endpoint, items.iter().map(|i| i.json.len() as u64).sum::<u64>());
+        self.state.borrow_mut().deliveries.refund(endpoint, batch::bytes(&items));
         if let Err(error) = self.create(endpoint, body, time_ms) {
             // Only a failed WAL gets here: the items stay in the log and are batched again
             // after a restart.
@@ -546,7 +372,6 @@ impl Webhooks {
 
     /// Creates one delivery: into the WAL (or memory), then queued once committed.
     fn create(&self, endpoint: usize, body: Bytes, created_ms: u64) -> Result<Lsn, Refused> {
-        let bytes = body.len() as u64;
         let (seq, lsn) = match &self.wal {
             Some(wal) => wal.append_delivery(&self.endpoints[endpoint].key, created_ms, body.clone())?,
             None => {
@@ -556,7 +381,6 @@ impl Webhooks {
             }
         };
         let mut state = self.state.borrow_mut();
-        state.charge(endpoint, bytes);
         state.deliveries.insert(seq, Delivery { endpoint, body, created_ms, attempts: 0, dead: false });
         ShardMetrics::add(&self.metrics().webhook_deliveries_total, 1);
         ShardMetrics::add(&self.metrics().webhook_pending, 1);
@@ -592,16 +416,7 @@ impl Webhooks {
         metrics.wal_fsyncs_total.store(stats.fsyncs, std::sync::atomic::Ordering::Relaxed);
         metrics.wal_bytes_written_total.store(stats.bytes_written, std::sync::atomic::Ordering::Relaxed);
         loop {
-            let seq = {
-                let mut state = self.state.borrow_mut();
-                match state.awaiting.front() {
-                    Some(&(lsn, seq)) if lsn <= reached => {
-                        state.awaiting.pop_front();
-                        seq
-                    }
-                    _ => return,
-                }
-            };
+            let Some(seq) = self.state.borrow_mut().pop_released(reached) else { return };
             self.make_ready(seq);
         }
     }
@@ -610,7 +425,7 @@ impl Webhooks {
     /// disabled).
     fn make_ready(&self, seq: u64) {
         let mut state = self.state.borrow_mut();
-        let Some(endpoint) = state.deliveries.get(&seq).filter(|d| !d.dead).map(|d| d.endpoint) else { return };
+        let Some(endpoint) = state.deliveries.get(seq).filter(|d| !d.dead).map(|d| d.endpoint) else { return };
         if state.queues[endpoint].health.disabled.is_some() {
             drop(state);
             return self.dead_letter(seq);
@@ -647,12 +462,7 @@ impl Webhooks {
             })
             .await;
             let now = Instant::now();
-            let due: Vec<u64> = {
-                let mut state = self.state.borrow_mut();
-                let later = state.timers.split_off(&(now, u64::MAX));
-                let due = std::mem::replace(&mut state.timers, later);
-                due.into_iter().map(|(_, seq)| seq).collect()
-            };
+            let due = self.state.borrow_mut().take_due(now);
             for seq in due {
                 self.make_ready(seq);
             }
@@ -664,7 +474,7 @@ impl Webhooks {
             }
             let mut state = self.state.borrow_mut();
             for queue in &mut state.queues {
-                if queue.health.open_until.is_some_and(|until| until <= now) && !queue.ready.is_empty() {
+                if queue.health.cooled(now) && !queue.ready.is_empty() {
                     if let Some(waker) = queue.idle_workers.pop() {
                         waker.wake();
                     }
@@ -687,7 +497,7 @@ impl Webhooks {
         loop {
             let oldest = poll_fn(|cx| {
                 let mut state = self.state.borrow_mut();
-                match state.queues.iter().filter_map(|q| q.batch_since).min() {
+                match state.queues.iter().filter_map(|q| q.batch.since()).min() {
                     Some(since) => Poll::Ready(since),
                     None => {
                         state.batch_task = Some(cx.waker().clone());
@@ -700,9 +510,7 @@ impl Webhooks {
             let now = Instant::now();
             let due: Vec<usize> = {
                 let state = self.state.borrow();
-                (0..state.queues.len())
-                    .filter(|&i| state.queues[i].batch_since.is_some_and(|since| since + period <= now))
-                    .collect()
+                (0..state.queues.len()).filter(|&i| state.queues[i].batch.is_due(now, period)).collect()
             };
             for endpoint in due {
                 self.flush_batch(endpoint);
@@ -711,14 +519,26 @@ impl Webhooks {
     }
 
     /// One of an endpoint's workers: owns one keep-alive connection, takes batches of ready
-    /// deliveries (at most `pipeline_max`), sends them, and settles each.
+    /// deliveries (at most `pipeline_max`), sends them pipelined, and settles each.
     async fn worker(self: Rc<Self>, endpoint: usize) {
         let mut connection: Option<Connection> = None;
         loop {
             let batch = self.take_batch(endpoint).await;
+            let requests = {
+                let state = self.state.borrow();
+                let timestamp_s = now_ms() / 1000;
+                let heads = batch.iter().map(|&seq| {
+                    let body = state.deliveries.get(seq).expect("taken deliveries are live").body.clone();
+                    (self.endpoints[endpoint].request_head(&self.webhook_id(seq), timestamp_s, &body), body)
+                });
+                heads.collect()
+            };
             let started = Instant::now();
-            let results = self.send(endpoint, &mut connection, &batch).await;
+            let results = self.transport.exchange(&self.endpoints[endpoint], &mut connection, requests).await;
             let duration_ms = started.elapsed().as_millis() as u64;
+            if matches!(results.first(), Some(Err(AttemptError::Refused(_)))) {
+                ShardMetrics::add(&self.metrics().webhook_ssrf_refused_total, 1);
+            }
             for (seq, result) in batch.into_iter().zip(results) {
                 self.settle(endpoint, seq, result, duration_ms);
             }
@@ -731,210 +551,70 @@ impl Webhooks {
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
             let queue = &mut state.queues[endpoint];
-            let now = Instant::now();
-            let mut limit = pipeline_max;
-            if let Some(until) = queue.health.open_until {
-                if until > now || queue.health.probing || queue.in_flight > 0 {
-                    queue.idle_workers.push(cx.waker().clone());
-                    return Poll::Pending;
+            match queue.health.admit(Instant::now(), queue.in_flight, queue.ready.len(), pipeline_max) {
+                Some(n) => {
+                    queue.in_flight += n;
+                    Poll::Ready(queue.ready.drain(..n).collect())
                 }
-                // Cooled down: one probe decides.
-                queue.health.probing = true;
-                limit = 1;
+                None => {
+                    queue.idle_workers.push(cx.waker().clone());
+                    Poll::Pending
+                }
             }
-            if queue.ready.is_empty() || queue.health.disabled.is_some() {
-                queue.health.probing &= queue.in_flight > 0;
-                queue.idle_workers.push(cx.waker().clone());
-                return Poll::Pending;
-            }
-            let n = queue.ready.len().min(limit);
-            let batch: Vec<u64> = queue.ready.drain(..n).collect();
-            queue.in_flight += n;
-            Poll::Ready(batch)
         })
         .await
     }
 
-    /// Sends a batch on the worker's connection (connecting if needed); one result per
-    /// delivery, in order.
-    async fn send(
-        &self,
-        endpoint_index: usize,
-        connection: &mut Option<Connection>,
-        batch: &[u64],
-    ) -> Vec<Result<Response, AttemptError>> {
-        let settings = &self.config.webhooks;
-        let endpoint = &self.endpoints[endpoint_index];
-        let deadline = monoio::time::Instant::now() + Duration::from_millis(settings.request_timeout_ms);
-        if connection.is_none() {
-            match self.connect(endpoint).await {
-                Ok(c) => *connection = Some(c),
-                Err(error) => return batch.iter().map(|_| Err(error.clone())).collect(),
-            }
-        }
-        let mut parts = Vec::with_capacity(batch.len() * 2);
-        {
-            let state = self.state.borrow();
-            for &seq in batch {
-                let body = state.deliveries[&seq].body.clone();
-                parts.push(self.request_head(endpoint, seq, &body));
-                parts.push(body);
-            }
-        }
-        let conn = connection.as_mut().expect("connected above");
-        let (responses, error) = conn.exchange(parts, batch.len(), settings.response_bytes_max, deadline).await;
-        if error.is_some() || responses.last().is_some_and(|r| r.close) {
-            *connection = None;
-        }
-        let error = error.map(|e| match e {
-            SendError::Timeout => AttemptError::Timeout,
-            other => AttemptError::Other(other.to_string()),
-        });
-        let answered = responses.len();
-        let mut results: Vec<Result<Response, AttemptError>> = responses.into_iter().map(Ok).collect();
-        for _ in answered..batch.len() {
-            results.push(Err(error.clone().unwrap_or(AttemptError::Other("connection closed by the receiver".into()))));
-        }
-        results
-    }
-
-    /// Resolves, vets and dials the endpoint (exactly a vetted address).
-    async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, AttemptError> {
-        let addresses = target::resolve(&endpoint.target)
-            .await
-            .map_err(|e| AttemptError::Other(format!("cannot resolve {}: {e}", endpoint.target.host)))?;
-        let vetted: Vec<SocketAddr> = addresses.into_iter().filter(|a| self.addresses.permits(a.ip())).collect();
-        if vetted.is_empty() {
-            ShardMetrics::add(&self.metrics().webhook_ssrf_refused_total, 1);
-            return Err(AttemptError::Refused(format!(
-                "{} resolves only to non-public addresses (webhooks.allow_private_targets is off)",
-                endpoint.target.host
-            )));
-        }
-        let timeout = Duration::from_millis(self.config.webhooks.connect_timeout_ms);
-        let mut last = String::new();
-        for address in vetted {
-            let tls = match (&self.tls, endpoint.target.tls) {
-                (Some(connector), true) => Some((connector, endpoint.target.host.as_str())),
-                _ => None,
-            };
-            match Connection::connect(address, tls, timeout).await {
-                Ok(connection) => return Ok(connection),
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(AttemptError::Other(last))
-    }
-
-    /// The request line and headers of one attempt, signed for this attempt.
-    fn request_head(&self, endpoint: &Endpoint, seq: u64, body: &[u8]) -> Bytes {
-        let mut head = format!(
-            "POST {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: ringwire-webhooks/{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-            endpoint.target.path,
-            endpoint.target.host_header,
-            env!("CARGO_PKG_VERSION"),
-            body.len()
-        );
-        match &endpoint.signer {
-            Signer::Pusher { app_key, secret } => {
-                head.push_str(&format!(
-                    "X-Pusher-Key: {app_key}\r\nX-Pusher-Signature: {}\r\n",
-                    sign::pusher_signature(secret, body)
-                ));
-            }
-            Signer::Standard(signer) => {
-                let id = self.webhook_id(seq);
-                let timestamp = now_ms() / 1000;
-                let signature = signer.sign(&id, timestamp, body);
-                head.push_str(&format!(
-                    "webhook-id: {id}\r\nwebhook-timestamp: {timestamp}\r\nwebhook-signature: {signature}\r\n"
-                ));
-            }
-        }
-        head.push_str("\r\n");
-        Bytes::from(head)
-    }
-
-    /// Records an attempt's result: delivered, retried later, or dead.
+    /// Applies an attempt's result (`health::Breaker::settle` decides): delivered, retried
+    /// later, or dead; and logs the attempt for the admin API.
     fn settle(&self, endpoint: usize, seq: u64, result: Result<Response, AttemptError>, duration_ms: u64) {
-        let mut attempt = Attempt {
-            seq,
-            endpoint,
-            at_ms: now_ms(),
-            status: None,
-            error: None,
-            duration_ms,
-            next_attempt_in_ms: None,
-        };
-        let success = matches!(&result, Ok(r) if (200..300).contains(&r.status));
-        let (failure, retry_after, gone) = match &result {
-            Ok(r) => {
-                attempt.status = Some(r.status);
-                if !success {
-                    let excerpt = String::from_utf8_lossy(&r.excerpt).into_owned();
-                    attempt.error =
-                        Some(if r.status / 100 == 3 { format!("redirect not followed: {excerpt}") } else { excerpt });
-                }
-                let failure = if r.status == 429 { Failure::Overloaded } else { Failure::Other };
-                (failure, r.retry_after, r.status == 410)
-            }
-            Err(e) => {
-                attempt.error = Some(e.to_string());
-                let failure = if matches!(e, AttemptError::Timeout) { Failure::Overloaded } else { Failure::Other };
-                (failure, None, false)
-            }
-        };
-        let (attempts, schedule) = {
+        let decision = {
             let mut state = self.state.borrow_mut();
+            let attempts = state.deliveries.count_attempt(seq);
             let queue = &mut state.queues[endpoint];
+            debug_assert!(queue.in_flight > 0, "settling a delivery no worker took");
             queue.in_flight -= 1;
-            let health = &mut queue.health;
-            health.last_status = attempt.status;
-            health.last_error = attempt.error.clone();
-            health.probing = false;
-            if success {
-                health.delivered += 1;
-                health.consecutive_failures = 0;
-                health.open_until = None;
+            let mut rng = fastrand::Rng::new();
+            let decision = queue.health.settle(&result, attempts, Instant::now(), &self.policy, self.breaker, &mut rng);
+            if decision.verdict == Verdict::Delivered {
                 // A recovered endpoint: every worker may go on.
                 for waker in queue.idle_workers.drain(..) {
                     waker.wake();
                 }
-            } else {
-                health.failed += 1;
-                health.consecutive_failures += 1;
-                if health.consecutive_failures >= self.config.webhooks.breaker_failures {
-                    health.open_until =
-                        Some(Instant::now() + Duration::from_millis(self.config.webhooks.breaker_cooldown_ms));
-                }
             }
-            let delivery = state.deliveries.get_mut(&seq).expect("in flight deliveries are live");
-            delivery.attempts += 1;
-            (delivery.attempts, !success && !gone)
+            decision
         };
-        let mut next = None;
-        if success {
-            self.forget(seq);
-            ShardMetrics::add(&self.metrics().webhook_delivered_total, 1);
-        } else {
-            ShardMetrics::add(&self.metrics().webhook_attempts_failed_total, 1);
-            if gone {
+        let mut next_attempt_in_ms = None;
+        match decision.verdict {
+            Verdict::Delivered => {
+                self.forget(seq);
+                ShardMetrics::add(&self.metrics().webhook_delivered_total, 1);
+            }
+            Verdict::Gone => {
+                ShardMetrics::add(&self.metrics().webhook_attempts_failed_total, 1);
                 self.disable(endpoint, "the receiver answered 410 Gone");
                 self.dead_letter(seq);
-            } else if schedule {
-                next = retry::next_attempt(&self.policy, attempts, failure, retry_after, &mut fastrand::Rng::new());
-                match next {
-                    Some(delay) => self.schedule(seq, delay),
-                    None => self.dead_letter(seq),
-                }
+            }
+            Verdict::Retry(delay) => {
+                ShardMetrics::add(&self.metrics().webhook_attempts_failed_total, 1);
+                next_attempt_in_ms = Some(delay.as_millis() as u64);
+                self.schedule(seq, delay);
+            }
+            Verdict::Dead => {
+                ShardMetrics::add(&self.metrics().webhook_attempts_failed_total, 1);
+                self.dead_letter(seq);
             }
         }
-        attempt.next_attempt_in_ms = next.map(|d| d.as_millis() as u64);
-        let mut state = self.state.borrow_mut();
-        if state.attempts.len() >= self.config.webhooks.attempt_log_max {
-            state.attempts.pop_front();
-        }
-        state.attempts.push_back(attempt);
+        let attempt = Attempt {
+            seq,
+            endpoint,
+            at_ms: now_ms(),
+            status: decision.status,
+            error: decision.error,
+            duration_ms,
+            next_attempt_in_ms,
+        };
+        self.state.borrow_mut().log_attempt(attempt, self.config.webhooks.attempt_log_max);
     }
 
     /// A 2xx: the delivery is done.
@@ -945,8 +625,7 @@ impl Webhooks {
             let _ = wal.append_ack(seq, Outcome::Delivered);
         }
         let mut state = self.state.borrow_mut();
-        if let Some(delivery) = state.deliveries.remove(&seq) {
-            state.refund(delivery.endpoint, delivery.body.len() as u64);
+        if state.deliveries.remove(seq).is_some() {
             ShardMetrics::sub(&self.metrics().webhook_pending, 1);
         }
     }
@@ -957,10 +636,7 @@ impl Webhooks {
             let _ = wal.append_ack(seq, Outcome::Dead);
         }
         let mut state = self.state.borrow_mut();
-        if let Some(delivery) = state.deliveries.get_mut(&seq).filter(|d| !d.dead) {
-            delivery.dead = true;
-            let created_ms = delivery.created_ms;
-            state.dead.insert((created_ms, seq));
+        if state.deliveries.mark_dead(seq) {
             ShardMetrics::sub(&self.metrics().webhook_pending, 1);
             ShardMetrics::add(&self.metrics().webhook_dead_letters, 1);
             ShardMetrics::add(&self.metrics().webhook_dead_letters_total, 1);
@@ -983,7 +659,7 @@ impl Webhooks {
 
     /// Makes a dead letter pending again and queues it.
     fn replay(&self, seq: u64) -> bool {
-        let is_dead = self.state.borrow().deliveries.get(&seq).is_some_and(|d| d.dead);
+        let is_dead = self.state.borrow().deliveries.get(seq).is_some_and(|d| d.dead);
         if !is_dead {
             return false;
         }
@@ -992,16 +668,10 @@ impl Webhooks {
                 return false;
             }
         }
-        {
-            let mut state = self.state.borrow_mut();
-            let delivery = state.deliveries.get_mut(&seq).expect("checked above");
-            delivery.dead = false;
-            delivery.attempts = 0;
-            let created_ms = delivery.created_ms;
-            state.dead.remove(&(created_ms, seq));
-            ShardMetrics::add(&self.metrics().webhook_pending, 1);
-            ShardMetrics::sub(&self.metrics().webhook_dead_letters, 1);
-        }
+        let replayed = self.state.borrow_mut().deliveries.mark_pending(seq);
+        debug_assert!(replayed, "checked above");
+        ShardMetrics::add(&self.metrics().webhook_pending, 1);
+        ShardMetrics::sub(&self.metrics().webhook_dead_letters, 1);
         self.make_ready(seq);
         true
     }
@@ -1010,9 +680,7 @@ impl Webhooks {
     /// is freed and the log says so, so a restart does not bring it back.
     fn discard(&self, seq: u64) -> bool {
         let mut state = self.state.borrow_mut();
-        let Some(delivery) = state.deliveries.remove(&seq) else { return false };
-        if !delivery.dead {
-            state.deliveries.insert(seq, delivery);
+        if !state.deliveries.get(seq).is_some_and(|d| d.dead) {
             return false;
         }
         if let Some(wal) = &self.wal {
@@ -1020,8 +688,7 @@ impl Webhooks {
             // discarded again by the next sweep or request.
             let _ = wal.append_ack(seq, Outcome::Discarded);
         }
-        state.dead.remove(&(delivery.created_ms, seq));
-        state.refund(delivery.endpoint, delivery.body.len() as u64);
+        state.deliveries.remove(seq);
         ShardMetrics::sub(&self.metrics().webhook_dead_letters, 1);
         true
     }
@@ -1033,7 +700,7 @@ impl Webhooks {
             return;
         }
         let cutoff = now_ms.saturating_sub(retention_ms);
-        let expired: Vec<u64> = self.state.borrow().dead.range(..(cutoff, 0)).map(|&(_, seq)| seq).collect();
+        let expired = self.state.borrow().deliveries.dead_before(cutoff);
         let count = expired.into_iter().filter(|&seq| self.discard(seq)).count();
         if count > 0 {
             tracing::info!(
@@ -1044,179 +711,83 @@ impl Webhooks {
         }
     }
 
-    /// This shard's dead letters of `endpoint` created in `[from_ms, to_ms]`, oldest first.
-    fn dead_letters_between(&self, endpoint: usize, from_ms: u64, to_ms: u64) -> Vec<u64> {
-        let state = self.state.borrow();
-        let range = state.dead.range((from_ms, 0)..=(to_ms, u64::MAX));
-        range.map(|&(_, seq)| seq).filter(|seq| state.deliveries[seq].endpoint == endpoint).collect()
-    }
-
     // ---- admin -------------------------------------------------------------------------
 
     fn endpoint_index(&self, app: AppIndex, id: &str) -> Option<usize> {
         self.by_app[app as usize].iter().copied().find(|&i| self.endpoints[i].id == id)
     }
 
-    /// This shard's answer to an admin request, as JSON documents.
-    pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> Vec<Value> {
+    /// This shard's answer to an admin request, for its own deliveries.
+    pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> AdminAnswer {
+        let owned_by_app =
+            |seq: u64| self.state.borrow().deliveries.get(seq).is_some_and(|d| self.endpoints[d.endpoint].app == app);
         match request {
-            AdminRequest::Health => self.by_app[app as usize].iter().map(|&i| self.health_json(i)).collect(),
-            AdminRequest::DeadLetters { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
+            AdminRequest::Health => {
                 let state = self.state.borrow();
-                let mut list: Vec<(u64, &Delivery)> = state
-                    .deliveries
-                    .iter()
-                    .filter(|(_, d)| d.dead && d.endpoint == index)
-                    .map(|(&s, d)| (s, d))
-                    .collect();
-                list.sort_by_key(|&(seq, _)| seq);
-                list.into_iter()
-                    .map(|(seq, d)| {
-                        json!({"webhook_id": self.webhook_id(seq), "created_ms": d.created_ms,
-                               "body": String::from_utf8_lossy(&d.body)})
-                    })
-                    .collect()
+                AdminAnswer::Health(
+                    self.by_app[app as usize].iter().map(|&i| state.health(i, &self.endpoints[i])).collect(),
+                )
+            }
+            AdminRequest::DeadLetters { endpoint } => {
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
+                let state = self.state.borrow();
+                let letters = state.deliveries.dead_of(index).into_iter().map(|(seq, d)| DeadLetter {
+                    webhook_id: self.webhook_id(seq),
+                    created_ms: d.created_ms,
+                    body: String::from_utf8_lossy(&d.body).into_owned(),
+                });
+                AdminAnswer::DeadLetters(letters.collect())
             }
             AdminRequest::Attempts { webhook_id } => {
-                let Some(seq) = self.parse_webhook_id(webhook_id) else { return Vec::new() };
+                let Some(seq) = self.parse_webhook_id(webhook_id) else { return AdminAnswer::empty(request) };
                 let state = self.state.borrow();
-                state
-                    .attempts
-                    .iter()
-                    .filter(|a| a.seq == seq && self.endpoints[a.endpoint].app == app)
-                    .map(|a| {
-                        json!({"webhook_id": webhook_id, "endpoint": self.endpoints[a.endpoint].id, "at_ms": a.at_ms,
-                               "status": a.status, "error": a.error, "duration_ms": a.duration_ms,
-                               "next_attempt_in_ms": a.next_attempt_in_ms})
-                    })
-                    .collect()
+                let attempts = state.attempts.iter().filter(|a| a.seq == seq && self.endpoints[a.endpoint].app == app);
+                AdminAnswer::Attempts(
+                    attempts
+                        .map(|a| AttemptReport {
+                            webhook_id: webhook_id.clone(),
+                            endpoint: self.endpoints[a.endpoint].id.clone(),
+                            at_ms: a.at_ms,
+                            status: a.status,
+                            error: a.error.clone(),
+                            duration_ms: a.duration_ms,
+                            next_attempt_in_ms: a.next_attempt_in_ms,
+                        })
+                        .collect(),
+                )
             }
             AdminRequest::Replay { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id);
-                let ours = seq.is_some_and(|s| {
-                    self.state.borrow().deliveries.get(&s).is_some_and(|d| self.endpoints[d.endpoint].app == app)
-                });
-                match seq {
-                    Some(seq) if ours && self.replay(seq) => vec![json!({"replayed": webhook_id})],
-                    _ => Vec::new(),
-                }
+                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
+                AdminAnswer::Replayed(seq.filter(|&s| self.replay(s)).map(|_| webhook_id.clone()).into_iter().collect())
             }
             AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
-                let seqs = self.dead_letters_between(index, *from_ms, *to_ms);
-                seqs.into_iter().filter(|&s| self.replay(s)).map(|s| json!({"replayed": self.webhook_id(s)})).collect()
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
+                let seqs = self.state.borrow().deliveries.dead_between(index, *from_ms, *to_ms);
+                AdminAnswer::Replayed(
+                    seqs.into_iter().filter(|&s| self.replay(s)).map(|s| self.webhook_id(s)).collect(),
+                )
             }
             AdminRequest::Delete { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id);
-                let ours = seq.is_some_and(|s| {
-                    self.state.borrow().deliveries.get(&s).is_some_and(|d| self.endpoints[d.endpoint].app == app)
-                });
-                match seq {
-                    Some(seq) if ours && self.discard(seq) => vec![json!({"deleted": webhook_id})],
-                    _ => Vec::new(),
-                }
+                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
+                AdminAnswer::Deleted(seq.filter(|&s| self.discard(s)).map(|_| webhook_id.clone()).into_iter().collect())
             }
             AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
-                let seqs = self.dead_letters_between(index, *from_ms, *to_ms);
-                seqs.into_iter().filter(|&s| self.discard(s)).map(|s| json!({"deleted": self.webhook_id(s)})).collect()
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
+                let seqs = self.state.borrow().deliveries.dead_between(index, *from_ms, *to_ms);
+                AdminAnswer::Deleted(
+                    seqs.into_iter().filter(|&s| self.discard(s)).map(|s| self.webhook_id(s)).collect(),
+                )
             }
             AdminRequest::Enable { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return Vec::new() };
+                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
                 let mut state = self.state.borrow_mut();
                 let queue = &mut state.queues[index];
-                queue.health.disabled = None;
-                queue.health.open_until = None;
-                queue.health.consecutive_failures = 0;
+                queue.health.enable();
                 for waker in queue.idle_workers.drain(..) {
                     waker.wake();
                 }
-                vec![json!({"enabled": endpoint})]
+                AdminAnswer::Enabled
             }
         }
     }
-
-    fn health_json(&self, index: usize) -> Value {
-        let endpoint = &self.endpoints[index];
-        let state = self.state.borrow();
-        let queue = &state.queues[index];
-        let (pending, dead) =
-            state.deliveries.values().filter(|d| d.endpoint == index).fold((0u64, 0u64), |(p, d), x| {
-                if x.dead {
-                    (p, d + 1)
-                } else {
-                    (p + 1, d)
-                }
-            });
-        let health = &queue.health;
-        let status = if health.disabled.is_some() {
-            "disabled"
-        } else if health.open_until.is_some() {
-            "breaker_open"
-        } else if health.consecutive_failures > 0 {
-            "failing"
-        } else {
-            "healthy"
-        };
-        json!({
-            "id": endpoint.id, "url": endpoint.url,
-            "format": match endpoint.format { WebhookFormat::Pusher => "pusher", WebhookFormat::Standard => "standard" },
-            "state": status, "disabled_reason": health.disabled,
-            "last_status": health.last_status, "last_error": health.last_error,
-            "consecutive_failures": health.consecutive_failures,
-            "pending": pending, "dead_letters": dead, "queued_bytes": queue.live_bytes,
-            "delivered": health.delivered, "failed_attempts": health.failed,
-        })
-    }
-}
-
-/// Why an attempt failed before a response.
-#[derive(Debug, Clone, thiserror::Error)]
-enum AttemptError {
-    /// No answer in time.
-    #[error("timed out")]
-    Timeout,
-    /// The SSRF guard refused every address.
-    #[error("refused: {0}")]
-    Refused(String),
-    /// Anything else (connect, I/O, malformed response).
-    #[error("{0}")]
-    Other(String),
-}
-
-/// The endpoints of every app, in config order.
-fn build_endpoints(apps: &Apps, batch_events_max: usize) -> Vec<Endpoint> {
-    let mut endpoints = Vec::new();
-    for app in &apps.list {
-        for (j, hook) in app.config.webhooks.iter().enumerate() {
-            let id = hook.endpoint_id(j);
-            let signer = match hook.format {
-                WebhookFormat::Pusher => {
-                    Signer::Pusher { app_key: app.config.key.clone(), secret: app.secret_key.clone() }
-                }
-                WebhookFormat::Standard => {
-                    let secrets: Vec<String> = hook.secret.iter().chain(&hook.secrets).cloned().collect();
-                    Signer::Standard(StandardSigner::new(&secrets).expect("validated with the config"))
-                }
-            };
-            endpoints.push(Endpoint {
-                app: app.index,
-                key: format!("{}/{id}", app.config.id).into(),
-                id,
-                url: hook.url.clone(),
-                format: hook.format,
-                target: Target::parse(&hook.url).expect("validated with the config"),
-                events: hook.events.clone(),
-                channels: hook.channels.clone(),
-                event_types: hook.event_types.clone(),
-                batch_max: match hook.format {
-                    WebhookFormat::Pusher => batch_events_max,
-                    WebhookFormat::Standard => hook.batch_events_max.unwrap_or(1),
-                },
-                signer,
-            });
-        }
-    }
-    endpoints
 }

@@ -84,8 +84,8 @@ impl LifecycleEvent {
     }
 }
 
-/// A Pusher webhook body: `{"time_ms": …, "events": [ … ]}` (reference/webhooks.md §6), from
-/// the events' JSON objects.
+/// A Pusher webhook body: `{"time_ms": …, "events": [ … ]}` (docs/webhooks.md, "Bodies";
+/// <https://pusher.com/docs/channels/server_api/webhooks/>), from the events' JSON objects.
 pub fn pusher_body<'a>(time_ms: u64, events: impl Iterator<Item = &'a str>) -> Bytes {
     let mut body = String::with_capacity(256);
     body.push_str("{\"time_ms\":");

@@ -6,11 +6,50 @@
 //! - `retry`: the retry schedule, a pure function.
 //! - `target`: endpoint URLs and the SSRF guard.
 //! - `resolver`: host-name lookups on their own threads (timeout, single flight, cache).
-//! - `dispatch`: a shard's deliveries, endpoint workers, retries, dead letters, admin.
+//! - `admin`: the admin API's typed requests and answers, and how shards' answers merge.
+//! - `client`: outbound HTTP/1.1 (plain or rustls), one keep-alive connection per worker.
+//! - `endpoint`: configured endpoints, request heads, the pipelined transport.
+//! - `health`: the circuit breaker and the pure settle decision.
+//! - `batch`: events waiting to become one delivery.
+//! - `delivery`: the live deliveries, their byte budgets, webhook ids.
+//! - `queue` (private): ready queues, timers, the attempt log.
+//! - `dispatch`: a shard's dispatcher — the tasks and the control flow between the stages.
 
+pub mod admin;
+pub mod batch;
+pub mod client;
+pub mod delivery;
 pub mod dispatch;
+pub mod endpoint;
 pub mod event;
+pub mod health;
+mod queue;
 pub mod resolver;
 pub mod retry;
 pub mod sign;
 pub mod target;
+
+/// The directory of shard `shard`'s WAL under `webhooks.data_dir` (the one place its name is
+/// built; `wal_directory_shard` reads it back).
+pub fn wal_directory(data_dir: &std::path::Path, shard: usize) -> std::path::PathBuf {
+    data_dir.join(format!("shard-{shard}"))
+}
+
+/// The shard whose WAL directory is called `name`, if it is one.
+pub fn wal_directory_shard(name: &str) -> Option<usize> {
+    name.strip_prefix("shard-")?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    /// A shard's WAL directory name reads back as its index; other names do not.
+    #[test]
+    fn wal_directory_round_trips() {
+        let path = super::wal_directory(std::path::Path::new("/data"), 3);
+        assert_eq!(path, std::path::Path::new("/data/shard-3"));
+        let name = path.file_name().unwrap().to_str().unwrap();
+        assert_eq!(super::wal_directory_shard(name), Some(3));
+        assert_eq!(super::wal_directory_shard("shard-x"), None);
+        assert_eq!(super::wal_directory_shard("lost+found"), None);
+    }
+}

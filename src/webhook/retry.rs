@@ -1,6 +1,7 @@
 //! When to try a failed delivery again: a pure function of the attempts made, what went
-//! wrong, the receiver's `Retry-After`, and a random source (reference/webhooks.md §2: the
-//! schedule, ±jitter, a floor after overload, `Retry-After` honoured within bounds).
+//! wrong, the receiver's `Retry-After`, and a random source (docs/webhooks.md, "Delivery":
+//! the schedule, ±jitter, a floor after overload, `Retry-After` (RFC 9110 §10.2.3) honoured
+//! within bounds).
 
 use std::time::Duration;
 

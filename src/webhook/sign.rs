@@ -1,10 +1,10 @@
 //! Webhook signatures, computed per attempt with HMAC keys precomputed per secret.
 //!
 //! - Pusher format: `X-Pusher-Key` and `X-Pusher-Signature` = hex HMAC-SHA256 of the exact
-//!   body with the app secret (reference/webhooks.md §6).
+//!   body with the app secret (https://pusher.com/docs/channels/server_api/webhooks/#authentication).
 //! - Standard Webhooks: `webhook-signature` = space-separated `v1,<base64 HMAC-SHA256>` of
 //!   `"{id}.{timestamp}.{body}"`, one entry per secret so keys can rotate without downtime
-//!   (reference/webhooks.md §1). Entries are always well formed (some verifiers crash on
+//!   (the Standard Webhooks spec, https://www.standardwebhooks.com/). Entries are always well formed (some verifiers crash on
 //!   malformed ones).
 //!
 //! `Debug` never prints a secret.

@@ -1,7 +1,7 @@
 //! Outbound HTTP/1.1 for webhooks: a sans-IO response parser and one keep-alive connection
 //! that sends a batch of requests with one `writev` and reads their responses in order.
 //!
-//! Owns no policy: the caller vets the address (`webhook::target`), builds the request heads
+//! Owns no policy: the caller vets the address (`super::target`), builds the request heads
 //! and decides what a response means. Redirects are never followed (a 3xx is just a status);
 //! response bodies are read up to a cap and only kept as a short excerpt.
 //!
@@ -23,7 +23,7 @@ use monoio_rustls::{ClientTlsStream, TlsConnector};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::net::batch::FrameBatch;
+use crate::buf::FrameBatch;
 
 /// Response headers parsed at most.
 const RESPONSE_HEADERS_MAX: usize = 64;
