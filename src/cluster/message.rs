@@ -21,20 +21,18 @@ pub const APP_ID_BYTES_MAX: usize = 255;
 /// Bytes before the first variable-length field.
 const FIXED_BYTES: usize = 20;
 
-/// Who numbered a message: one shard of one node's process, or a Redis script.
+/// Who numbered a message: one shard of one node's process, or the Redis scripts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Sender {
-    /// The node's random id for this process; 0 only for `Sender::SCRIPT`.
+    /// The node's random id for this process (for scripts: the id kept in Redis); never 0.
     pub incarnation: u64,
-    /// The shard index; 0xFFFF only for `Sender::SCRIPT`.
+    /// The shard index, or `SCRIPT_SHARD`.
     pub shard: u16,
 }
 
-impl Sender {
-    /// The sender of messages that Redis scripts publish with their own sequence
-    /// (docs/cluster.md, "Scripts are senders of their own").
-    pub const SCRIPT: Sender = Sender { incarnation: 0, shard: 0xFFFF };
-}
+/// The shard field of messages that Redis scripts publish with their own sequence
+/// (docs/cluster.md, "Scripts are senders of their own").
+pub const SCRIPT_SHARD: u16 = 0xFFFF;
 
 /// What a message asks the receiving node to do (the kind table of docs/cluster.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,9 +155,8 @@ fn invalid(field: &'static str, reason: &'static str) -> MessageError {
 
 /// Checks the rules shared by `encode` and `decode` (docs/cluster.md's layout and kind table).
 fn check(header: &Header, frame_bytes: usize) -> Result<(), MessageError> {
-    let script = header.sender.incarnation == 0 || header.sender.shard == 0xFFFF;
-    if script && header.sender != Sender::SCRIPT {
-        return Err(invalid("incarnation", "0 and shard 0xFFFF only together (the script sender)"));
+    if header.sender.incarnation == 0 {
+        return Err(invalid("incarnation", "never 0"));
     }
     if header.sequence == 0 {
         return Err(invalid("sequence", "starts at 1"));
@@ -380,7 +377,12 @@ mod tests {
             Header { user_id: "u1", exclude, ..header(Kind::UserEvent) },
             Header { user_id: "u1", ..header(Kind::UserOnline) },
             Header { user_id: "u1", ..header(Kind::UserOffline) },
-            Header { sender: Sender::SCRIPT, channel: "presence-room", user_id: "u", ..header(Kind::MemberAdded) },
+            Header {
+                sender: Sender { incarnation: 7, shard: SCRIPT_SHARD },
+                channel: "presence-room",
+                user_id: "u",
+                ..header(Kind::MemberAdded)
+            },
         ];
         for header in cases {
             check(&encoded(&header, b"\x81\x02{}"), Ok((header, b"\x81\x02{}")));
@@ -434,13 +436,9 @@ mod tests {
         check(&with(1, 0), Err(MessageError::Kind(0)));
         check(&with(1, 10), Err(MessageError::Kind(10)));
         // Shard 0xFFFF with a node's incarnation, and incarnation 0 with a real shard.
-        let mut script_shard = good.clone();
-        script_shard[2..4].copy_from_slice(&[0xFF, 0xFF]);
-        check(&script_shard, Err(invalid("incarnation", "0 and shard 0xFFFF only together (the script sender)")));
-        let node_zero = encoded(&Header { sender: Sender { incarnation: 1, shard: 0 }, ..publication() }, b"F");
-        let mut zero = node_zero.clone();
-        zero[4] = 0;
-        check(&zero, Err(invalid("incarnation", "0 and shard 0xFFFF only together (the script sender)")));
+        let mut no_incarnation = good.clone();
+        no_incarnation[4..12].fill(0);
+        check(&no_incarnation, Err(invalid("incarnation", "never 0")));
         check(&with(12, 0), Err(invalid("sequence", "starts at 1")));
         check(&with(21, b'{'), Err(invalid("node_id", "1 to 64 ASCII letters, digits, '.', '_' or '-'")));
         check(&with(26, 0xFF), Err(invalid("app_id", "not UTF-8")));
