@@ -9,6 +9,8 @@
 //! Invariant: a link belongs to one shard's runtime and is used by that shard only; shards
 //! never share a Redis connection (the thread-per-core rule).
 
+pub mod bucket;
 pub mod link;
 pub mod message;
+pub mod sequence;
 pub mod url;
