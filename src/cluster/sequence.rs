@@ -81,7 +81,8 @@ pub enum GapReason {
         /// The number in the hash.
         published: u64,
     },
-    /// A sender this node saw is not in the hash: the hash (Redis's data) is gone.
+    /// A sender this node saw is not in the hash: the hash (Redis's data) is gone. Reported
+    /// once per sender and bucket until the sender is back in the hash.
     Lost {
         /// The sender.
         sender: Sender,
@@ -92,11 +93,20 @@ pub enum GapReason {
     TooManySenders,
 }
 
+/// What the detector knows of one sender in one bucket.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    /// The last number seen.
+    sequence: u64,
+    /// Missing from the hash at the last barrier (already reported as `Lost`).
+    lost: bool,
+}
+
 /// The last sequence seen per (sender, bucket), with a bound on senders.
 #[derive(Debug)]
 pub struct GapDetector {
     /// Last number seen per sender and bucket.
-    last: HashMap<(Sender, BucketId), u64>,
+    last: HashMap<(Sender, BucketId), Seen>,
     /// Buckets tracked per sender (a sender leaves when its last bucket does).
     senders: HashMap<Sender, u32>,
     /// Buckets whose first barrier ran: from then on a sender's first message must be 1.
@@ -114,15 +124,15 @@ impl GapDetector {
 
     /// Judges one received message and remembers its number.
     pub fn observe(&mut self, bucket: BucketId, sender: Sender, sequence: u64) -> Verdict {
-        if let Some(last) = self.last.get_mut(&(sender, bucket)) {
-            let expected = *last + 1;
+        if let Some(seen) = self.last.get_mut(&(sender, bucket)) {
+            let expected = seen.sequence + 1;
             return if sequence == expected {
-                *last = sequence;
+                seen.sequence = sequence;
                 Verdict::InOrder
             } else if sequence < expected {
-                Verdict::Duplicate { last: *last }
+                Verdict::Duplicate { last: seen.sequence }
             } else {
-                *last = sequence;
+                seen.sequence = sequence;
                 Verdict::Gap { expected, got: sequence }
             };
         }
@@ -154,7 +164,7 @@ impl GapDetector {
                 continue;
             };
             in_hash.insert(sender);
-            let seen = self.last.get(&(sender, bucket)).copied();
+            let seen = self.last.get(&(sender, bucket)).map(|seen| seen.sequence);
             let keep = match barrier {
                 Barrier::Baseline => seen.map_or(published, |seen| seen.max(published)),
                 Barrier::Reconnect => {
@@ -165,19 +175,24 @@ impl GapDetector {
                 }
             };
             if seen.is_some() {
-                self.last.insert((sender, bucket), keep);
+                self.last.insert((sender, bucket), Seen { sequence: keep, lost: false });
             } else if !self.track(sender, bucket, keep) {
                 gap = gap.or(Some(GapReason::TooManySenders));
             }
         }
         if barrier == Barrier::Reconnect {
-            let mut lost: Vec<Sender> =
-                self.last.keys().filter(|(s, b)| *b == bucket && !in_hash.contains(s)).map(|(s, _)| *s).collect();
-            // Sorted so that the reason reported does not depend on hash map order.
-            lost.sort_unstable();
-            for sender in lost {
+            // Kept, not forgotten: a sender that goes on after Redis lost its data continues
+            // its own numbers, and its next message is then in order.
+            let mut lost: Vec<Sender> = Vec::new();
+            for ((sender, _), seen) in self.last.iter_mut().filter(|((s, b), _)| *b == bucket && !in_hash.contains(s)) {
+                if !seen.lost {
+                    seen.lost = true;
+                    lost.push(*sender);
+                }
+            }
+            // The smallest, so that the reason reported does not depend on hash map order.
+            if let Some(sender) = lost.into_iter().min() {
                 gap = gap.or(Some(GapReason::Lost { sender }));
-                self.untrack(sender, bucket);
             }
         }
         self.synced.insert(bucket);
@@ -202,18 +217,8 @@ impl GapDetector {
             return false;
         }
         *self.senders.entry(sender).or_insert(0) += 1;
-        self.last.insert((sender, bucket), sequence);
+        self.last.insert((sender, bucket), Seen { sequence, lost: false });
         true
-    }
-
-    fn untrack(&mut self, sender: Sender, bucket: BucketId) {
-        if self.last.remove(&(sender, bucket)).is_some() {
-            let buckets = self.senders.get_mut(&sender).expect("a tracked pair counts in senders");
-            *buckets -= 1;
-            if *buckets == 0 {
-                self.senders.remove(&sender);
-            }
-        }
     }
 }
 
@@ -328,13 +333,17 @@ mod tests {
         // B started and published while the link was down.
         let missed = GapReason::Missed { sender: B, seen: 0, published: 2 };
         assert_eq!(resync(&mut detector, X, Barrier::Reconnect, &[(A, "9"), (B, "2")]), Some(missed));
-        // Redis restarted empty: every sender seen is lost, and forgotten.
+        // Redis restarted empty: the senders seen are lost, reported once, and their streams
+        // go on in order.
         assert_eq!(resync(&mut detector, X, Barrier::Reconnect, &[]), Some(GapReason::Lost { sender: A }));
-        assert_eq!(detector.senders(), 0);
         assert_eq!(resync(&mut detector, X, Barrier::Reconnect, &[]), None);
+        check(&mut detector, &[(X, A, 10), (X, B, 3)], &[Verdict::InOrder, Verdict::InOrder]);
+        // Back in the hash, a sender can be lost again.
+        assert_eq!(resync(&mut detector, X, Barrier::Reconnect, &[(A, "10"), (B, "3")]), None);
+        assert_eq!(resync(&mut detector, X, Barrier::Reconnect, &[(B, "3")]), Some(GapReason::Lost { sender: A }));
         // Other buckets are untouched by a bucket's barrier.
         check(&mut detector, &[(Y, A, 1)], &[Verdict::NewSender]);
-        assert_eq!(resync(&mut detector, X, Barrier::Reconnect, &[]), None);
+        assert_eq!(resync(&mut detector, X, Barrier::Reconnect, &[(B, "3")]), None);
         check(&mut detector, &[(Y, A, 2)], &[Verdict::InOrder]);
         for (field, value) in
             [(&b"junk"[..], &b"1"[..]), (&field(A)[..], b"0"), (&field(A)[..], b"x"), (&field(A)[..], b"")]
