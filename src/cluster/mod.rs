@@ -13,4 +13,5 @@ pub mod bucket;
 pub mod link;
 pub mod message;
 pub mod sequence;
+pub mod supervisor;
 pub mod url;
