@@ -327,6 +327,11 @@ pub struct ClusterConfig {
     pub reply_bytes_max: usize,
     /// Largest batch of commands written to Redis at once.
     pub pipeline_bytes_max: usize,
+    /// Sharded pub/sub channels each app's channels hash into; equal on every node. At most
+    /// 4096 (validated), so it fits the `u16` bucket numbers.
+    pub buckets: usize,
+    /// Most senders (node shards) whose sequences a shard tracks for gap detection.
+    pub senders_max: usize,
 }
 
 /// `[[apps]]`
@@ -472,6 +477,8 @@ impl Default for ClusterConfig {
             command_timeout_ms: 2_000,
             reply_bytes_max: 16 * 1024 * 1024,
             pipeline_bytes_max: 4 * 1024 * 1024,
+            buckets: 64,
+            senders_max: 4096,
         }
     }
 }
@@ -812,12 +819,14 @@ impl Config {
         if let Some(reason) = name_problem(&cluster.prefix, b"._:-") {
             return err("prefix", reason);
         }
-        let ranges: [(&str, u64, u64, u64); 5] = [
+        let ranges: [(&str, u64, u64, u64); 7] = [
             ("lease_ms", cluster.lease_ms, 1_000, 3_600_000),
             ("connect_timeout_ms", cluster.connect_timeout_ms, 1, 600_000),
             ("command_timeout_ms", cluster.command_timeout_ms, 1, 600_000),
             ("reply_bytes_max", cluster.reply_bytes_max as u64, 65_536, 1 << 30),
             ("pipeline_bytes_max", cluster.pipeline_bytes_max as u64, 65_536, 1 << 30),
+            ("buckets", cluster.buckets as u64, 1, 4096),
+            ("senders_max", cluster.senders_max as u64, 16, 1 << 20),
         ];
         for (field, value, min, max) in ranges {
             if !(min..=max).contains(&value) {
@@ -1052,7 +1061,13 @@ mod tests {
         check_error("[cluster]\nlease_ms = 10\n", "cluster.lease_ms", Some(2), "between 1000");
         check_error("[cluster]\ncommand_timeout_ms = 0\n", "cluster.command_timeout_ms", Some(2), "between 1");
         check_error("[cluster]\nreply_bytes_max = 1024\n", "cluster.reply_bytes_max", Some(2), "between 65536");
+        check_error("[cluster]\nbuckets = 0\n", "cluster.buckets", Some(2), "between 1 and 4096");
+        check_error("[cluster]\nbuckets = 4097\n", "cluster.buckets", Some(2), "between 1 and 4096");
+        check_error("[cluster]\nsenders_max = 15\n", "cluster.senders_max", Some(2), "between 16");
         let e = Config::from_toml("[cluster]\npipeline_bytes_max = -1\n").unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        check_error("[cluster]\n\nbuckets = 70000\n", "cluster.buckets", Some(3), "between 1 and 4096");
+        let e = Config::from_toml("[cluster]\nbuckets = -1\n").unwrap_err();
         assert_eq!(e.line, Some(2), "{e}");
         let good = "[cluster]\nnode_id = \"eu-1.a\"\nprefix = \"prod:rw\"\nlease_ms = 5000\n";
         assert_eq!(Config::from_toml(good).unwrap().cluster.node_id.as_deref(), Some("eu-1.a"));

@@ -94,6 +94,8 @@ shard_metrics! {
     wal_failed: "gauge",
     /// The OS error number of that failure (0 when none or not a system call's).
     wal_failed_os_error: "gauge",
+    /// 1 while this shard's links to Redis are down in cluster mode (then /ready says 503).
+    cluster_link_down: "gauge",
 }
 
 impl ShardMetrics {

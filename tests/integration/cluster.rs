@@ -8,13 +8,25 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
 use bytes::Bytes;
+use ringwire::cluster::bucket;
 use ringwire::cluster::link::{Link, LinkError, LinkOptions, Push, Reply};
+use ringwire::cluster::message::{self, Header, Kind, Sender};
+use ringwire::cluster::sequence::{BucketId, GapReason};
+use ringwire::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
+use ringwire::metrics::ShardMetrics;
 
 /// A redis-server of the test's own; killed (and reaped) when dropped.
 pub struct RedisServer {
     child: Child,
     pub addr: SocketAddr,
+    /// The extra arguments it was started with, for `restart`.
+    extra: Vec<String>,
 }
 
 impl RedisServer {
@@ -27,32 +39,22 @@ impl RedisServer {
     pub fn start_with(extra: &[&str]) -> RedisServer {
         // The free port is found by binding port 0 and closing it, so another process can take
         // it before redis-server does: then redis-server exits and we try another.
+        let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let mut child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
-                .args(["--dir", std::env::temp_dir().to_str().unwrap()])
-                .args(extra)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("redis-server runs (install it with scripts/redis install)");
             let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    break;
-                }
-                if answers_ping(addr) {
-                    return RedisServer { child, addr };
-                }
-                std::thread::sleep(Duration::from_millis(10));
+            if let Some(child) = spawn_redis(addr, &extra) {
+                return RedisServer { child, addr, extra };
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("redis-server did not start");
+    }
+
+    /// Starts a new, empty redis-server on the same port (after `kill`), as a restart without
+    /// persistence would.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.child = spawn_redis(self.addr, &self.extra).expect("redis-server restarts on its port");
     }
 
     /// SIGKILL, as a crash would.
@@ -66,6 +68,33 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Spawns redis-server on `addr` and waits until it answers; `None` if it exits first (the
+/// port was taken) or does not answer within 10 s.
+fn spawn_redis(addr: SocketAddr, extra: &[String]) -> Option<Child> {
+    let mut child = Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &addr.port().to_string(), "--save", "", "--appendonly", "no"])
+        .args(["--dir", std::env::temp_dir().to_str().unwrap()])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server runs (install it with scripts/redis install)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        if answers_ping(addr) {
+            return Some(child);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 /// Whether something on `addr` answers an inline `PING` with `+PONG` or an auth error.
@@ -261,6 +290,199 @@ fn link_authenticates_and_selects() {
             let error = Link::connect(redis.addr, &bad).await.err().expect("refused");
             assert!(matches!(error, LinkError::Handshake(_)), "{error:?}");
         }
+    });
+}
+
+/// What a supervisor told its shard, for the test to poll.
+#[derive(Default)]
+struct Told {
+    /// (bucket, sender, sequence, frame) of each delivered message.
+    messages: Vec<(BucketId, Sender, u64, Bytes)>,
+    gaps: Vec<(BucketId, Gap)>,
+    ups: usize,
+    downs: usize,
+}
+
+struct Recorder(Rc<RefCell<Told>>);
+
+impl Events for Recorder {
+    fn message(&mut self, bucket: BucketId, header: &Header<'_>, frame: Bytes) {
+        self.0.borrow_mut().messages.push((bucket, header.sender, header.sequence, frame));
+    }
+    fn gap(&mut self, bucket: BucketId, gap: Gap) {
+        self.0.borrow_mut().gaps.push((bucket, gap));
+    }
+    fn link_up(&mut self) {
+        self.0.borrow_mut().ups += 1;
+    }
+    fn link_down(&mut self, _error: &LinkError) {
+        self.0.borrow_mut().downs += 1;
+    }
+}
+
+const PREFIX: &str = "t";
+const APP_ID: &str = "app";
+const BUCKETS: u16 = 4;
+const CHANNEL: &str = "my-channel";
+/// Another node's shard publishing to the bucket.
+const OTHER: Sender = Sender { incarnation: 0x77, shard: 1 };
+
+/// A supervisor of shard 0 of 1 for one app, running on the current runtime; its link gauge,
+/// and what it tells.
+fn start_supervisor(redis: SocketAddr, command_timeout: Duration) -> (Arc<[ShardMetrics]>, Rc<RefCell<Told>>) {
+    let metrics: Arc<[ShardMetrics]> = vec![ShardMetrics::default()].into();
+    let told = Rc::new(RefCell::new(Told::default()));
+    let options = SupervisorOptions {
+        address: redis,
+        link: LinkOptions { command_timeout, connect_timeout: command_timeout, ..options() },
+        prefix: PREFIX.into(),
+        apps: vec![(0, APP_ID.into())],
+        buckets: BUCKETS,
+        shards: 1,
+        shard: 0,
+        senders_max: 64,
+    };
+    let supervisor = Supervisor::new(options, Recorder(told.clone()), metrics.clone(), fastrand::Rng::with_seed(7));
+    assert_eq!(metrics[0].cluster_link_down.load(Ordering::Relaxed), 1, "down until the first barrier");
+    monoio::spawn(supervisor.run());
+    (metrics, told)
+}
+
+fn link_down(metrics: &[ShardMetrics]) -> bool {
+    metrics[0].cluster_link_down.load(Ordering::Relaxed) == 1
+}
+
+/// Polls `condition` every 2 ms (yielding to the supervisor) until it holds or `limit` passes.
+async fn wait_until(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !condition() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        monoio::time::sleep(Duration::from_millis(2)).await;
+    }
+    start.elapsed()
+}
+
+/// Publishes `sequence` of `OTHER` to CHANNEL's bucket as a sending node does: the SPUBLISH
+/// and the HSET of its number in one MULTI/EXEC. Returns how many subscribers got it.
+async fn publish(link: &mut Link, sequence: u64) -> i64 {
+    let number = bucket::of_channel(CHANNEL, BUCKETS);
+    let header = Header {
+        kind: Kind::Publication,
+        sender: OTHER,
+        sequence,
+        node_id: "other",
+        app_id: APP_ID,
+        channel: CHANNEL,
+        user_id: "",
+        exclude: None,
+    };
+    let mut payload = Vec::new();
+    message::encode(&header, format!("frame {sequence}").as_bytes(), &mut payload).unwrap();
+    let (mut channel, mut key, mut field) = (String::new(), String::new(), String::new());
+    bucket::channel_name(PREFIX, APP_ID, number, &mut channel);
+    bucket::sequence_key(PREFIX, APP_ID, number, &mut key);
+    bucket::sequence_field(OTHER, &mut field);
+    let sequence = sequence.to_string();
+    link.queue(&[b"MULTI"]).unwrap();
+    link.queue(&[b"SPUBLISH", channel.as_bytes(), &payload]).unwrap();
+    link.queue(&[b"HSET", key.as_bytes(), field.as_bytes(), sequence.as_bytes()]).unwrap();
+    link.queue(&[b"EXEC"]).unwrap();
+    let mut replies = Vec::new();
+    link.flush(&mut replies).await.unwrap();
+    match &replies[..] {
+        [_, _, _, Reply::Array(results)] => match results[0] {
+            Reply::Integer(receivers) => receivers,
+            _ => panic!("{replies:?}"),
+        },
+        _ => panic!("{replies:?}"),
+    }
+}
+
+fn sequences(told: &Rc<RefCell<Told>>) -> Vec<u64> {
+    told.borrow().messages.iter().map(|(_, _, sequence, _)| *sequence).collect()
+}
+
+fn the_bucket() -> BucketId {
+    BucketId { app: 0, number: bucket::of_channel(CHANNEL, BUCKETS) }
+}
+
+/// The supervisor delivers bucket messages; when redis-server is killed its link is down
+/// within the command timeout; when redis-server comes back empty on the same port it
+/// reconnects, re-subscribes (a new SPUBLISH reaches it), and reports that the senders'
+/// numbers were lost with Redis (a gap, once), while the sender's stream goes on in order.
+#[test]
+fn supervisor_survives_a_redis_restart() {
+    let mut redis = RedisServer::start();
+    run(async {
+        let timeout = Duration::from_millis(500);
+        let (metrics, told) = start_supervisor(redis.addr, timeout);
+        wait_until(Duration::from_secs(5), "link up", || !link_down(&metrics)).await;
+        assert_eq!(told.borrow().ups, 1);
+        let mut publisher = Link::connect(redis.addr, &options()).await.unwrap();
+        publish(&mut publisher, 1).await;
+        wait_until(Duration::from_secs(5), "message 1", || sequences(&told) == [1]).await;
+        let (bucket, sender, _, frame) = told.borrow().messages[0].clone();
+        assert_eq!((bucket, sender, &frame[..]), (the_bucket(), OTHER, &b"frame 1"[..]));
+
+        redis.kill();
+        let took = wait_until(timeout, "link down after kill", || link_down(&metrics)).await;
+        assert!(took < timeout, "{took:?}");
+        assert_eq!(told.borrow().downs, 1);
+
+        redis.restart();
+        wait_until(Duration::from_secs(10), "link up after restart", || !link_down(&metrics)).await;
+        assert_eq!(told.borrow().gaps, [(the_bucket(), Gap::Barrier(GapReason::Lost { sender: OTHER }))]);
+        let mut publisher = Link::connect(redis.addr, &options()).await.unwrap();
+        publish(&mut publisher, 2).await;
+        wait_until(Duration::from_secs(5), "message 2", || sequences(&told) == [1, 2]).await;
+        assert_eq!(told.borrow().gaps.len(), 1, "message 2 is in order");
+        assert_eq!(told.borrow().ups, 2);
+    });
+}
+
+/// Messages published while the supervisor's subscriber link was cut off are found by the
+/// barrier after it reconnects (the hash is beyond what it saw): a gap in that bucket.
+#[test]
+fn supervisor_finds_messages_missed_while_cut_off() {
+    let redis = RedisServer::start();
+    run(async {
+        let (metrics, told) = start_supervisor(redis.addr, Duration::from_secs(2));
+        wait_until(Duration::from_secs(5), "link up", || !link_down(&metrics)).await;
+        let mut publisher = Link::connect(redis.addr, &options()).await.unwrap();
+        publish(&mut publisher, 1).await;
+        wait_until(Duration::from_secs(5), "message 1", || sequences(&told) == [1]).await;
+        // Cut the subscriber link and publish before the supervisor's backoff (80 ms at least)
+        // lets it reconnect.
+        let killed = publisher.command(&[b"CLIENT", b"KILL", b"TYPE", b"pubsub"]).await.unwrap();
+        assert_eq!(killed, Reply::Integer(1));
+        assert_eq!(publish(&mut publisher, 2).await, 0, "published while cut off");
+        assert_eq!(publish(&mut publisher, 3).await, 0, "published while cut off");
+        wait_until(Duration::from_secs(5), "link down", || told.borrow().downs == 1).await;
+        wait_until(Duration::from_secs(5), "link up again", || told.borrow().ups == 2).await;
+        let missed = GapReason::Missed { sender: OTHER, seen: 1, published: 3 };
+        assert_eq!(told.borrow().gaps, [(the_bucket(), Gap::Barrier(missed))]);
+        publish(&mut publisher, 4).await;
+        wait_until(Duration::from_secs(5), "message 4", || sequences(&told) == [1, 4]).await;
+        assert_eq!(told.borrow().gaps.len(), 1, "message 4 is in order");
+    });
+}
+
+/// A Redis that stops answering without closing (CLIENT PAUSE) is noticed by the heartbeat:
+/// the link goes down within about the command timeout, and comes back after the pause.
+#[test]
+fn supervisor_notices_a_silent_redis() {
+    let redis = RedisServer::start();
+    run(async {
+        let timeout = Duration::from_millis(300);
+        let (metrics, told) = start_supervisor(redis.addr, timeout);
+        wait_until(Duration::from_secs(5), "link up", || !link_down(&metrics)).await;
+        let mut admin = Link::connect(redis.addr, &options()).await.unwrap();
+        assert_eq!(admin.command(&[b"CLIENT", b"PAUSE", b"1500", b"ALL"]).await.unwrap(), simple("OK"));
+        // A ping goes out every quarter timeout and is overdue one timeout later.
+        let took = wait_until(Duration::from_secs(2), "link down", || link_down(&metrics)).await;
+        assert!(took <= timeout * 2, "down after {took:?}");
+        wait_until(Duration::from_secs(10), "link up after the pause", || !link_down(&metrics)).await;
+        assert_eq!(told.borrow().gaps, [], "nothing was published, so nothing is missed");
     });
 }
 

@@ -1,0 +1,349 @@
+//! The link supervisor: one per shard, owning that shard's command link and subscriber link
+//! to Redis (docs/cluster.md, "When Redis is unreachable").
+//!
+//! It connects both links, subscribes the shard's buckets, runs the barrier (a baseline the
+//! first time, a gap check after every reconnect), then reads bucket messages, checks their
+//! sequences and hands them to the shard through `Events`. It pings both links so a silent
+//! Redis is noticed within about `command_timeout`, and on any link error it marks the shard's
+//! link down (`cluster_link_down`, which `/ready` on any shard can read), waits with
+//! exponential backoff and jitter, and starts again.
+//!
+//! Owns no shard state: what a message or a gap does to connections is the `Events`
+//! implementation's. Invariant: the link is reported up only after every bucket of the shard is
+//! subscribed and its barrier has passed, and down from the first error on.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use crate::apps::AppIndex;
+use crate::metrics::ShardMetrics;
+
+use super::bucket;
+use super::link::{Link, LinkError, LinkOptions, Push, Pushes, Reply, Subscriptions};
+use super::message::{self, Header, MessageError};
+use super::sequence::{Barrier, BucketId, GapDetector, GapReason, Verdict};
+
+/// First reconnect delay.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+/// Longest reconnect delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Channels per `SSUBSCRIBE` command, so one command stays far below `pipeline_bytes_max`.
+const SUBSCRIBE_BATCH: usize = 128;
+
+/// The delay before reconnect attempt `attempt` (0 = the first after a failure): 100 ms
+/// doubling to 5 s, times a factor in ±20 % taken from `unit` (uniform in `0..1`), so nodes that
+/// lost Redis together do not come back in step.
+pub fn reconnect_delay(attempt: u32, unit: f64) -> Duration {
+    let base = BACKOFF_FIRST.saturating_mul(1 << attempt.min(16)).min(BACKOFF_MAX);
+    base.mul_f64(0.8 + 0.4 * unit.clamp(0.0, 1.0))
+}
+
+/// What the supervisor tells its shard.
+pub trait Events {
+    /// A bucket message to deliver (in order, or the first after a gap).
+    fn message(&mut self, bucket: BucketId, header: &Header<'_>, frame: Bytes);
+    /// The bucket's local connections may have missed messages: close them with 4200.
+    fn gap(&mut self, bucket: BucketId, gap: Gap);
+    /// Both links are connected, every bucket is subscribed and its barrier passed.
+    fn link_up(&mut self);
+    /// A link failed; messages may be missed until the next `link_up`.
+    fn link_down(&mut self, error: &LinkError);
+}
+
+/// Why a bucket counts as gapped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gap {
+    /// A message's sequence was not the next one (or its sender could not be tracked).
+    Message(Verdict),
+    /// The barrier after a (re)connect found the hash disagreeing with what was seen.
+    Barrier(GapReason),
+    /// A payload in the bucket was not a message: its sender and number are unknown.
+    Malformed(MessageError),
+}
+
+/// Where the supervisor connects and which buckets it serves.
+#[derive(Debug, Clone)]
+pub struct SupervisorOptions {
+    /// Redis, resolved before the shard starts (resolution blocks).
+    pub address: SocketAddr,
+    /// Timeouts, limits and credentials of both links.
+    pub link: LinkOptions,
+    /// `cluster.prefix`.
+    pub prefix: String,
+    /// The apps served: index on this node and configured id (the id is what other nodes use).
+    pub apps: Vec<(AppIndex, String)>,
+    /// `cluster.buckets`.
+    pub buckets: u16,
+    /// Shards of this node.
+    pub shards: usize,
+    /// This shard.
+    pub shard: usize,
+    /// `cluster.senders_max`.
+    pub senders_max: usize,
+}
+
+/// A shard's bucket: its pub/sub channel and `:seq` hash.
+struct Subscribed {
+    id: BucketId,
+    channel: Bytes,
+    sequence_key: String,
+    app_id: String,
+}
+
+/// One shard's links to Redis and what it learned from them.
+pub struct Supervisor<E: Events> {
+    options: SupervisorOptions,
+    buckets: Vec<Subscribed>,
+    by_channel: HashMap<Bytes, usize>,
+    detector: GapDetector,
+    events: E,
+    metrics: Arc<[ShardMetrics]>,
+    rng: fastrand::Rng,
+    /// Whether a barrier passed once (later ones check for gaps instead of learning).
+    baseline_done: bool,
+}
+
+impl<E: Events> Supervisor<E> {
+    /// A supervisor for `options.shard`; `rng` draws the reconnect jitter.
+    pub fn new(options: SupervisorOptions, events: E, metrics: Arc<[ShardMetrics]>, rng: fastrand::Rng) -> Self {
+        assert!(options.buckets > 0 && options.shard < metrics.len());
+        let mut buckets = Vec::new();
+        let mut name = String::new();
+        for (app, app_id) in &options.apps {
+            for number in bucket::of_shard(options.buckets, options.shards, options.shard) {
+                bucket::channel_name(&options.prefix, app_id, number, &mut name);
+                let channel = Bytes::from(name.clone().into_bytes());
+                bucket::sequence_key(&options.prefix, app_id, number, &mut name);
+                let id = BucketId { app: *app, number };
+                buckets.push(Subscribed { id, channel, sequence_key: name.clone(), app_id: app_id.clone() });
+            }
+        }
+        let by_channel = buckets.iter().enumerate().map(|(i, b)| (b.channel.clone(), i)).collect();
+        let detector = GapDetector::new(options.senders_max);
+        let supervisor =
+            Supervisor { options, buckets, by_channel, detector, events, metrics, rng, baseline_done: false };
+        supervisor.set_down(true);
+        supervisor
+    }
+
+    /// Runs until the shard drops it: connect, serve, and after a failure back off and again.
+    pub async fn run(mut self) {
+        let mut attempt = 0;
+        loop {
+            let mut was_up = false;
+            let error = self.session(&mut was_up).await;
+            self.set_down(true);
+            self.events.link_down(&error);
+            if was_up {
+                attempt = 0;
+            }
+            let delay = reconnect_delay(attempt, self.rng.f64());
+            attempt = attempt.saturating_add(1);
+            monoio::time::sleep(delay).await;
+        }
+    }
+
+    fn set_down(&self, down: bool) {
+        self.metrics[self.options.shard].cluster_link_down.store(u64::from(down), Ordering::Relaxed);
+    }
+
+    /// One connection of both links, until it fails.
+    async fn session(&mut self, was_up: &mut bool) -> LinkError {
+        let (mut command, mut subscriptions, mut pushes) = match self.connect().await {
+            Ok(links) => links,
+            Err(error) => return error,
+        };
+        if let Err(error) = self.subscribe_and_sync(&mut command, &mut subscriptions, &mut pushes).await {
+            return error;
+        }
+        self.set_down(false);
+        self.events.link_up();
+        *was_up = true;
+        self.serve(&mut command, &mut subscriptions, &mut pushes).await
+    }
+
+    async fn connect(&self) -> Result<(Link, Subscriptions, Pushes), LinkError> {
+        let command = Link::connect(self.options.address, &self.options.link).await?;
+        let (subscriptions, pushes) =
+            Link::connect(self.options.address, &self.options.link).await?.into_subscriber()?;
+        Ok((command, subscriptions, pushes))
+    }
+
+    /// Subscribes every bucket, then runs the barrier: `HGETALL` of each bucket's `:seq` hash
+    /// on the command link, `PING` on the subscriber, and at its pong the comparison.
+    async fn subscribe_and_sync(
+        &mut self,
+        command: &mut Link,
+        subscriptions: &mut Subscriptions,
+        pushes: &mut Pushes,
+    ) -> Result<(), LinkError> {
+        let timeout = self.options.link.command_timeout;
+        for batch in self.buckets.chunks(SUBSCRIBE_BATCH) {
+            let channels: Vec<&[u8]> = batch.iter().map(|b| &b.channel[..]).collect();
+            subscriptions.ssubscribe(&channels).await?;
+        }
+        let mut confirmed = 0;
+        while confirmed < self.buckets.len() {
+            match self.next_push(pushes, timeout).await? {
+                Push::Subscribed { .. } => confirmed += 1,
+                other => self.on_push(other)?,
+            }
+        }
+        for subscribed in &self.buckets {
+            command.queue(&[b"HGETALL", subscribed.sequence_key.as_bytes()])?;
+        }
+        let mut hashes = Vec::with_capacity(self.buckets.len());
+        command.flush(&mut hashes).await?;
+        subscriptions.ping().await?;
+        loop {
+            match self.next_push(pushes, timeout).await? {
+                Push::Pong => break,
+                other => self.on_push(other)?,
+            }
+        }
+        let barrier = if self.baseline_done { Barrier::Reconnect } else { Barrier::Baseline };
+        for (index, hash) in hashes.iter().enumerate() {
+            let Reply::Array(items) = hash else {
+                return Err(LinkError::Protocol(format!("HGETALL answered {hash:?}")));
+            };
+            let pairs = items.chunks_exact(2).filter_map(|pair| match pair {
+                [Reply::BulkString(field), Reply::BulkString(value)] => Some((&field[..], &value[..])),
+                _ => None,
+            });
+            let id = self.buckets[index].id;
+            // A pair that is not two bulk strings is left out, so the count tells.
+            let unreadable = pairs.clone().count() * 2 != items.len();
+            let found = self.detector.resync(id, barrier, pairs);
+            if let Some(reason) = found.or(unreadable.then_some(GapReason::Unreadable)) {
+                self.events.gap(id, Gap::Barrier(reason));
+            }
+        }
+        self.baseline_done = true;
+        Ok(())
+    }
+
+    /// Reads pushes and pings both links until one fails.
+    async fn serve(&mut self, command: &mut Link, subscriptions: &mut Subscriptions, pushes: &mut Pushes) -> LinkError {
+        let timeout = self.options.link.command_timeout;
+        let tick = (timeout / 4).max(Duration::from_millis(1));
+        let mut ping_sent: Option<Instant> = None;
+        loop {
+            // Kept across ticks: dropping a read in flight would lose what it read.
+            let next = pushes.next();
+            let mut next = std::pin::pin!(next);
+            let push = loop {
+                monoio::select! {
+                    push = &mut next => break push,
+                    _ = monoio::time::sleep(tick) => {
+                        if let Err(error) = heartbeat(command, subscriptions, &mut ping_sent, timeout).await {
+                            return error;
+                        }
+                    }
+                }
+            };
+            let result = match push {
+                Ok(Push::Pong) => {
+                    ping_sent = None;
+                    Ok(())
+                }
+                Ok(other) => self.on_push(other),
+                Err(error) => Err(error),
+            };
+            if let Err(error) = result {
+                return error;
+            }
+        }
+    }
+
+    /// The next push, within `timeout` (used while subscribing and at the barrier, where a
+    /// timeout ends the session anyway, so the read's buffer is not needed afterwards).
+    async fn next_push(&self, pushes: &mut Pushes, timeout: Duration) -> Result<Push, LinkError> {
+        match monoio::time::timeout(timeout, pushes.next()).await {
+            Ok(push) => push,
+            Err(_) => Err(LinkError::Timeout(timeout)),
+        }
+    }
+
+    /// Handles a push other than the confirmations and pongs the caller waits for.
+    fn on_push(&mut self, push: Push) -> Result<(), LinkError> {
+        match push {
+            Push::Message { channel, payload } => {
+                let Some(&index) = self.by_channel.get(&channel) else {
+                    return Err(LinkError::Protocol(format!("a message on {channel:?}, which is not subscribed")));
+                };
+                self.on_message(index, payload);
+                Ok(())
+            }
+            // Redis dropped a subscription (a slot moved) or refused one: start again.
+            other => Err(LinkError::Protocol(format!("unexpected push {other:?}"))),
+        }
+    }
+
+    fn on_message(&mut self, index: usize, payload: Bytes) {
+        let subscribed = &self.buckets[index];
+        let id = subscribed.id;
+        let (header, frame) = match message::decode(&payload) {
+            Ok((header, _)) if header.app_id != subscribed.app_id => {
+                let error = MessageError::Invalid { field: "app_id", reason: "not the bucket's app" };
+                return self.events.gap(id, Gap::Malformed(error));
+            }
+            Ok(decoded) => decoded,
+            Err(error) => return self.events.gap(id, Gap::Malformed(error)),
+        };
+        let verdict = self.detector.observe(id, header.sender, header.sequence);
+        if verdict.is_gap() {
+            self.events.gap(id, Gap::Message(verdict));
+        }
+        if verdict.deliver() {
+            self.events.message(id, &header, frame);
+        }
+    }
+}
+
+/// Pings both links: the subscriber's pong is awaited by `serve`, overdue after `timeout`; the
+/// command link answers within `timeout` or fails.
+async fn heartbeat(
+    command: &mut Link,
+    subscriptions: &mut Subscriptions,
+    ping_sent: &mut Option<Instant>,
+    timeout: Duration,
+) -> Result<(), LinkError> {
+    match ping_sent {
+        Some(sent) if sent.elapsed() > timeout => Err(LinkError::Timeout(timeout)),
+        Some(_) => Ok(()),
+        None => {
+            subscriptions.ping().await?;
+            *ping_sent = Some(Instant::now());
+            command.command(&[b"PING"]).await.map(|_| ())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: (u32, f64), expected: Duration) {
+        assert_eq!(reconnect_delay(input.0, input.1), expected, "{input:?}");
+    }
+
+    /// Backoff: 100 ms doubling to 5 s, ±20 % by the random unit, never past the bounds.
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        check((0, 0.5), Duration::from_millis(100));
+        check((1, 0.5), Duration::from_millis(200));
+        check((5, 0.5), Duration::from_millis(3200));
+        check((6, 0.5), Duration::from_secs(5));
+        check((u32::MAX, 0.5), Duration::from_secs(5));
+        check((0, 0.0), Duration::from_millis(80));
+        check((0, 1.0), Duration::from_millis(120));
+        check((6, 1.0), Duration::from_secs(6));
+        check((6, 7.0), Duration::from_secs(6));
+        check((0, -1.0), Duration::from_millis(80));
+    }
+}
