@@ -226,23 +226,32 @@ async fn read_plaintext(
 }
 
 /// Encrypts `plaintext` (as few records as rustls allows) and writes it and anything rustls
-/// had pending with one socket write.
+/// had pending: one socket write, or one per 64 KiB for larger batches (rustls buffers at most
+/// that much; it is the bound on what an encryption pass holds).
 async fn write_plaintext(
     tcp: &mut impl monoio::io::AsyncWriteRent,
     tls: &RefCell<ServerConnection>,
-    plaintext: &[u8],
+    mut plaintext: &[u8],
 ) -> io::Result<()> {
     use std::io::Write;
-    let out = {
-        let mut tls = tls.borrow_mut();
-        tls.writer().write_all(plaintext)?;
-        drain(&mut tls)
-    };
-    if out.is_empty() {
-        return Ok(());
+    loop {
+        let (taken, out) = {
+            let mut tls = tls.borrow_mut();
+            let taken = tls.writer().write(plaintext)?;
+            (taken, drain(&mut tls))
+        };
+        plaintext = &plaintext[taken..];
+        if taken == 0 && out.is_empty() && !plaintext.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "TLS refused plaintext"));
+        }
+        if !out.is_empty() {
+            let (result, _) = tcp.write_all(out).await;
+            result?;
+        }
+        if plaintext.is_empty() {
+            return Ok(());
+        }
     }
-    let (result, _) = tcp.write_all(out).await;
-    result.map(|_| ())
 }
 
 /// A TLS connection before it is split: the HTTP phase.

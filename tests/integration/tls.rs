@@ -211,3 +211,24 @@ fn bad_certificate_files_are_refused() {
         assert!(error.to_string().starts_with(key), "{error}");
     }
 }
+
+/// Messages larger than rustls's 64 KiB send buffer go out whole (found by Autobahn over
+/// wss: a 65 535-byte echo used to drop the connection).
+#[test]
+fn large_messages_over_wss() {
+    let pki = make_pki("tls-large");
+    let server = start(&pki, |c| {
+        c.websocket.echo_enabled = true;
+        c.websocket.frame_bytes_max = 1 << 20;
+        c.websocket.message_bytes_max = 1 << 20;
+        c.websocket.write_queue_bytes_max = 4 << 20;
+    });
+    let tls_addr = server.tls_addr.unwrap();
+    let url = format!("wss://localhost:{}/echo", tls_addr.port());
+    let (mut ws, _) = tungstenite::client(url.as_str(), tls_connect(tls_addr, &pki)).expect("wss handshake");
+    for size in [65_535, 300_000] {
+        let text = "y".repeat(size);
+        ws.send(Message::text(text.clone())).unwrap();
+        assert_eq!(ws.read().unwrap().into_text().unwrap().as_str(), text, "{size} bytes echoed");
+    }
+}
