@@ -18,10 +18,13 @@
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
 //!   `target` (URLs, SSRF guard), `dispatch` (per-shard queues, workers, health).
 //! - `cluster`: cluster mode on Redis — `url` (`cluster.redis_url`), `link` (RESP2 connection).
+//! - `doctor`: the host checked against the config (`ringwire doctor`, the start-up log) —
+//!   `host` (facts gathered once), `checks` (pure verdicts with their fixes).
 
 pub mod apps;
 pub mod cluster;
 pub mod config;
+pub mod doctor;
 pub mod metrics;
 pub mod server;
 pub mod shard;
