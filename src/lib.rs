@@ -27,11 +27,14 @@
 //!   (outbound HTTP/1.1, plain or TLS), `admin` (typed admin answers), `dispatch` (per-shard
 //!   queues, workers, health).
 //! - `cluster`: cluster mode on Redis — `url` (`cluster.redis_url`), `link` (RESP2 connection).
+//! - `doctor`: the host checked against the config (`ringwire doctor`, the start-up log) —
+//!   `host` (facts gathered once), `checks` (pure verdicts with their fixes).
 
 pub mod apps;
 pub mod buf;
 pub mod cluster;
 pub mod config;
+pub mod doctor;
 pub mod metrics;
 pub mod rate;
 pub mod server;

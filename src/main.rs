@@ -35,6 +35,17 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
+    /// Check this host against the config: io_uring, limits, sysctls, CPUs, the data
+    /// directory, TLS files, Redis. Each finding comes with its fix. Exit 0 all ok,
+    /// 1 warnings, 2 problems.
+    Doctor {
+        /// The config to check against (default: the embedded default).
+        #[arg(short, long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, String> {
@@ -60,6 +71,12 @@ fn main() -> ExitCode {
     }
     let (path, check_only) = match &cli.command {
         Some(Command::CheckConfig { file }) => (Some(file), true),
+        Some(Command::Doctor { config, json }) => {
+            return ExitCode::from(ringwire::doctor::command(
+                config.as_ref().or(cli.config.as_ref()).map(|p| p.as_path()),
+                *json,
+            ))
+        }
         None => (cli.config.as_ref(), cli.check),
     };
     let config = match load(path) {
@@ -88,6 +105,7 @@ fn main() -> ExitCode {
     // Only the embedded default's demo credentials are public knowledge; a user's secret
     // must not end up in a terminal scrollback or a log collector's copy of stdout.
     let app_lines = app_lines(&config.apps, path.is_none());
+    log_host_findings(&config);
     run(config, app_lines)
 }
 
@@ -100,6 +118,19 @@ fn app_lines(apps: &[ringwire::config::AppConfig], show_secrets: bool) -> Vec<St
             false => format!("  app id={} key={}", app.id, app.key),
         })
         .collect()
+}
+
+/// Logs, once at start, what `ringwire doctor` would report as not ok, under the limits this
+/// process really runs with (a systemd unit's differ from a login shell's).
+fn log_host_findings(config: &Config) {
+    let report = ringwire::doctor::diagnose(config, &ringwire::doctor::Host::gather(config));
+    for finding in report.not_ok() {
+        let fix = finding.fix.as_deref().unwrap_or("");
+        match finding.verdict {
+            ringwire::doctor::Verdict::Problem => tracing::error!(check = finding.check, fix, "{}", finding.message),
+            _ => tracing::warn!(check = finding.check, fix, "{}", finding.message),
+        }
+    }
 }
 
 fn run(config: Config, app_lines: Vec<String>) -> ExitCode {
