@@ -151,10 +151,16 @@ pub fn data_dir_in_use(config: &Config) -> bool {
     config.apps.iter().any(|app| !app.webhooks.is_empty()) && config.webhooks.durability != DurabilityMode::Memory
 }
 
-/// The TLS files a config names, with their keys. This is the hook for the listener's TLS:
-/// when a `[tls]` table lands, its certificate chain and private key belong in this list.
+/// The TLS files a config names, with their keys: the webhook client's extra CA, and the TLS
+/// listener's certificate chain and private key.
 pub fn tls_files(config: &Config) -> Vec<(&'static str, PathBuf)> {
-    config.webhooks.ca_file.iter().map(|path| ("webhooks.ca_file", path.clone())).collect()
+    let mut files: Vec<(&'static str, PathBuf)> =
+        config.webhooks.ca_file.iter().map(|path| ("webhooks.ca_file", path.clone())).collect();
+    if let Some(tls) = &config.tls {
+        files.push(("tls.cert_file", tls.cert_file.clone()));
+        files.push(("tls.key_file", tls.key_file.clone()));
+    }
+    files
 }
 
 /// Builds an io_uring runtime exactly as `server::run_shard` does, so the answer is the one
