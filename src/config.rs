@@ -143,6 +143,26 @@ pub struct WebhookConfig {
 }
 
 impl WebhookConfig {
+    /// A Pusher-format endpoint for every lifecycle event, with no id (tests, examples).
+    pub fn pusher(url: impl Into<String>) -> WebhookConfig {
+        WebhookConfig {
+            id: None,
+            url: url.into(),
+            format: WebhookFormat::Pusher,
+            events: None,
+            secret: None,
+            secrets: Vec::new(),
+            channels: None,
+            event_types: None,
+            batch_events_max: None,
+        }
+    }
+
+    /// A Standard Webhooks endpoint for every published event, signed with `secret`.
+    pub fn standard(url: impl Into<String>, secret: impl Into<String>) -> WebhookConfig {
+        WebhookConfig { format: WebhookFormat::Standard, secret: Some(secret.into()), ..WebhookConfig::pusher(url) }
+    }
+
     /// Its name in the admin API and the WAL: `id`, or its position in the app's list.
     pub fn endpoint_id(&self, position: usize) -> String {
         self.id.clone().unwrap_or_else(|| position.to_string())

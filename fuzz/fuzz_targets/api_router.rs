@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use ringwire::apps::Apps;
-use ringwire::config::{Config, DurabilityMode, WebhookConfig, WebhookFormat};
+use ringwire::config::{Config, DurabilityMode, WebhookConfig};
 use ringwire::http::api;
 use ringwire::http::parse::{parse_head, HeadLimits};
 use ringwire::metrics::ShardMetrics;
@@ -28,18 +28,10 @@ fn config() -> Config {
     let mut config = Config::default();
     config.server.shards = 1;
     config.webhooks.durability = DurabilityMode::Memory;
-    let standard = WebhookConfig {
-        id: Some("events".into()),
-        url: "http://127.0.0.1:9/hook".into(),
-        format: WebhookFormat::Standard,
-        events: None,
-        secret: Some("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into()),
-        secrets: Vec::new(),
-        channels: None,
-        event_types: None,
-        batch_events_max: None,
-    };
-    let pusher = WebhookConfig { id: Some("lifecycle".into()), format: WebhookFormat::Pusher, secret: None, ..standard.clone() };
+    let url = "http://127.0.0.1:9/hook";
+    let standard =
+        WebhookConfig { id: Some("events".into()), ..WebhookConfig::standard(url, "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD") };
+    let pusher = WebhookConfig { id: Some("lifecycle".into()), ..WebhookConfig::pusher(url) };
     config.apps[0].webhooks = vec![standard, pusher];
     config
 }

@@ -280,14 +280,7 @@ mod tests {
         config.webhooks.dns_threads = 2;
         let hook = |host: &str| crate::config::WebhookConfig {
             id: Some(host.replace('.', "-")),
-            url: format!("http://{host}/"),
-            format: crate::config::WebhookFormat::Pusher,
-            events: None,
-            secret: None,
-            secrets: Vec::new(),
-            channels: None,
-            event_types: None,
-            batch_events_max: None,
+            ..crate::config::WebhookConfig::pusher(format!("http://{host}/"))
         };
         config.apps[0].webhooks = vec![hook("ok.test"), hook("hang.test"), hook("nx.test")];
         config

@@ -207,17 +207,7 @@ fn signed_hostile_admin_paths() {
     let server = TestServer::start(|c| {
         c.server.shards = 1;
         c.webhooks.durability = ringwire::config::DurabilityMode::Memory;
-        c.apps[0].webhooks = vec![ringwire::config::WebhookConfig {
-            id: Some("events".into()),
-            url: "http://127.0.0.1:9/hook".into(),
-            format: ringwire::config::WebhookFormat::Standard,
-            events: None,
-            secret: Some("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into()),
-            secrets: Vec::new(),
-            channels: None,
-            event_types: None,
-            batch_events_max: None,
-        }];
+        c.apps[0].webhooks = vec![standard_hook("events", "http://127.0.0.1:9/hook".into())];
     });
     let split_utf8 = format!("msg_{}é{}", "0".repeat(15), "0".repeat(15));
     let ids = [
@@ -264,17 +254,7 @@ fn test_config() -> ringwire::Config {
 
 /// A Standard Webhooks endpoint called `id` posting to `url`.
 fn standard_hook(id: &str, url: String) -> ringwire::config::WebhookConfig {
-    ringwire::config::WebhookConfig {
-        id: Some(id.into()),
-        url,
-        format: ringwire::config::WebhookFormat::Standard,
-        events: None,
-        secret: Some("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD".into()),
-        secrets: Vec::new(),
-        channels: None,
-        event_types: None,
-        batch_events_max: None,
-    }
+    ringwire::config::WebhookConfig { id: Some(id.into()), ..ringwire::config::WebhookConfig::standard(url, WHSEC) }
 }
 
 /// A webhook host whose DNS lookup never answers fails only its own attempts, with "DNS

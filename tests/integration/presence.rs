@@ -410,14 +410,7 @@ fn lifecycle_hook(config: &mut ringwire::Config, receiver: std::net::SocketAddr,
     config.webhooks.batch_ms = 20;
     config.apps[0].webhooks = vec![ringwire::config::WebhookConfig {
         id: Some("lifecycle".into()),
-        url: format!("http://{receiver}/pusher"),
-        format: ringwire::config::WebhookFormat::Pusher,
-        events: None,
-        secret: None,
-        secrets: Vec::new(),
-        channels: None,
-        event_types: None,
-        batch_events_max: None,
+        ..ringwire::config::WebhookConfig::pusher(format!("http://{receiver}/pusher"))
     }];
 }
 

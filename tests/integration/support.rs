@@ -13,6 +13,8 @@ use tungstenite::{Message, WebSocket};
 pub const APP_ID: &str = "1";
 pub const KEY: &str = "ringwire-demo-key";
 pub const SECRET: &str = "ringwire-demo-secret";
+/// The Standard Webhooks secret test endpoints sign with.
+pub const WHSEC: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 
 /// A server that shuts down when dropped.
 pub struct TestServer {
@@ -398,4 +400,39 @@ pub fn api(addr: SocketAddr, method: &str, path: &str, query: &[(&str, &str)]) -
     let target = signed_path(method, path, b"", query);
     let (status, body) = http(addr, method, &target, b"");
     (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+/// A private CA and a `localhost` certificate it signed (for TLS tests).
+pub struct TestPki {
+    /// The CA certificate, PEM and DER.
+    pub ca_pem: String,
+    pub ca_der: Vec<u8>,
+    /// The leaf certificate, PEM and DER.
+    pub leaf_pem: String,
+    pub leaf_der: Vec<u8>,
+    /// The leaf's private key, PEM and PKCS#8 DER.
+    pub key_pem: String,
+    pub key_der: Vec<u8>,
+}
+
+pub fn test_pki() -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(DnType::CommonName, "ringwire test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))
+        .unwrap();
+    TestPki {
+        ca_pem: ca.pem(),
+        ca_der: ca.der().to_vec(),
+        leaf_pem: leaf.pem(),
+        leaf_der: leaf.der().to_vec(),
+        key_pem: leaf_key.serialize_pem(),
+        key_der: leaf_key.serialize_der(),
+    }
 }

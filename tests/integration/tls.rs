@@ -8,7 +8,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use ringwire::config::TlsConfig;
 use serde_json::{json, Value};
 use tungstenite::Message;
@@ -24,21 +23,12 @@ struct Pki {
 }
 
 fn make_pki(name: &str) -> Pki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "ringwire test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))
-        .unwrap();
+    let pki = test_pki();
     let dir = temp_dir(name);
     let (cert_file, key_file) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_file, format!("{}{}", leaf.pem(), ca.pem())).unwrap();
-    std::fs::write(&key_file, leaf_key.serialize_pem()).unwrap();
-    Pki { ca_pem: ca.pem(), cert_file, key_file, dir }
+    std::fs::write(&cert_file, format!("{}{}", pki.leaf_pem, pki.ca_pem)).unwrap();
+    std::fs::write(&key_file, &pki.key_pem).unwrap();
+    Pki { ca_pem: pki.ca_pem, cert_file, key_file, dir }
 }
 
 fn tls_config(pki: &Pki) -> TlsConfig {

@@ -5,29 +5,17 @@ use std::time::Duration;
 
 use base64::Engine;
 use ring::hmac;
-use ringwire::config::{Config, DurabilityMode, WebhookConfig, WebhookFormat};
+use ringwire::config::{Config, DurabilityMode, WebhookConfig};
 use serde_json::{json, Value};
 
 use crate::support::*;
 
-const WHSEC: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
-
 fn standard(url: String) -> WebhookConfig {
-    WebhookConfig {
-        id: Some("events".into()),
-        url,
-        format: WebhookFormat::Standard,
-        events: None,
-        secret: Some(WHSEC.into()),
-        secrets: Vec::new(),
-        channels: None,
-        event_types: None,
-        batch_events_max: None,
-    }
+    WebhookConfig { id: Some("events".into()), ..WebhookConfig::standard(url, WHSEC) }
 }
 
 fn pusher(url: String) -> WebhookConfig {
-    WebhookConfig { id: Some("lifecycle".into()), secret: None, format: WebhookFormat::Pusher, ..standard(url) }
+    WebhookConfig { id: Some("lifecycle".into()), ..WebhookConfig::pusher(url) }
 }
 
 /// Test settings: private targets allowed, a short retry schedule, a fresh data dir.
@@ -275,21 +263,11 @@ fn memory_durability_delivers() {
 /// certificate the client does not trust gets nothing, and the attempt says why.
 #[test]
 fn https_endpoint_with_a_private_ca() {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "ringwire test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .signed_by(&leaf_key, &Issuer::from_params(&ca_params, &ca_key))
-        .unwrap();
-    let receiver = Receiver::start_tls(vec![leaf.der().to_vec(), ca.der().to_vec()], leaf_key.serialize_der());
+    let pki = test_pki();
+    let receiver = Receiver::start_tls(vec![pki.leaf_der.clone(), pki.ca_der.clone()], pki.key_der.clone());
     let directory = temp_dir("https-ca");
     let ca_file = directory.join("ca.pem");
-    std::fs::write(&ca_file, ca.pem()).unwrap();
+    std::fs::write(&ca_file, &pki.ca_pem).unwrap();
     let url = format!("https://localhost:{}/secure", receiver.addr.port());
     let server = TestServer::start(|c| {
         setup(c, "https", vec![standard(url.clone())]);
@@ -303,7 +281,7 @@ fn https_endpoint_with_a_private_ca() {
     drop(server);
 
     // Without the CA the certificate is refused: no request arrives, the error is visible.
-    let untrusted = Receiver::start_tls(vec![leaf.der().to_vec()], leaf_key.serialize_der());
+    let untrusted = Receiver::start_tls(vec![pki.leaf_der.clone()], pki.key_der.clone());
     let url = format!("https://localhost:{}/secure", untrusted.addr.port());
     let server = TestServer::start(|c| setup(c, "https-untrusted", vec![standard(url.clone())]));
     assert_eq!(publish(server.addr, &["c"], "e", "{}", None).0, 200);

@@ -160,17 +160,7 @@ fn bad_ca_file_names_the_key() {
     let path = std::env::temp_dir().join(format!("ringwire-bad-ca-{}.pem", std::process::id()));
     std::fs::write(&path, "not a certificate\n").unwrap();
     let mut config = Config::default();
-    config.apps[0].webhooks = vec![crate::config::WebhookConfig {
-        id: None,
-        url: "https://example.com/hook".into(),
-        format: WebhookFormat::Pusher,
-        events: None,
-        secret: None,
-        secrets: Vec::new(),
-        channels: None,
-        event_types: None,
-        batch_events_max: None,
-    }];
+    config.apps[0].webhooks = vec![crate::config::WebhookConfig::pusher("https://example.com/hook")];
     config.webhooks.ca_file = Some(path.clone());
     let error = tls_connector(&config).err().expect("no certificate in the file");
     assert!(error.starts_with("webhooks.ca_file:"), "{error}");
