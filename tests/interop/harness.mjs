@@ -34,23 +34,48 @@ export const SHARDS = 2;
 /** The bound on every single wait for a client, an event or a condition. */
 export const WAIT_MS = 5000;
 
+/**
+ * The test CA and the certificate and key it signed for localhost and 127.0.0.1, made by
+ * scripts/interop (which also hands the CA to Node through NODE_EXTRA_CA_CERTS). Unset when the
+ * tests run without the script.
+ */
+export const TLS_FILES = {
+  ca: process.env.RINGWIRE_TLS_CA,
+  cert: process.env.RINGWIRE_TLS_CERT,
+  key: process.env.RINGWIRE_TLS_KEY,
+};
+/** The name the TLS clients connect to: the certificate's DNS name, so that they send it as
+ * SNI and verify it as a browser does (an IP address is neither sent as SNI nor, by RFC 6066,
+ * allowed as one). The TLS listener binds 127.0.0.1; where localhost also resolves to ::1,
+ * Node (autoSelectFamily) and Python (each getaddrinfo address in turn) fall back to it. */
+export const TLS_SERVER_NAME = 'localhost';
+
 /** The bound on each test that waits for the server, should one of its waits be missed. */
 export const BOUNDED = { timeout: 20000 };
 
 /**
  * A ringwire config: [server] on a free port with SHARDS shards, [webhooks] (a data_dir in the
- * temp folder, private targets allowed) when `webhooks` is given, the demo app, and one
+ * temp folder, private targets allowed) when `webhooks` is given, [tls] on another free port
+ * with the certificate of TLS_FILES when `tls` is given, the demo app, and one
  * [[apps.webhooks]] table per entry of `endpoints` (its keys, values written as JSON, which
- * TOML reads alike for strings and arrays of strings). `server`, `webhooks` and `app` hold
- * the extra TOML lines of their tables.
+ * TOML reads alike for strings and arrays of strings). `server`, `webhooks`, `tls` and `app`
+ * hold the extra TOML lines of their tables.
  */
-export function configToml({ server = '', webhooks, app = '', endpoints = [] } = {}) {
+export function configToml({ server = '', webhooks, tls, app = '', endpoints = [] } = {}) {
   const webhooksTable =
     webhooks === undefined ? '' : `[webhooks]\ndata_dir = "{TMP}/data"\nallow_private_targets = true\n${webhooks}\n\n`;
+  if (tls !== undefined && !(TLS_FILES.cert && TLS_FILES.key)) {
+    throw new Error('RINGWIRE_TLS_CERT and RINGWIRE_TLS_KEY are unset: run the TLS tests with scripts/interop');
+  }
+  const tlsTable =
+    tls === undefined
+      ? ''
+      : `[tls]\nbind = "127.0.0.1:0"\ncert_file = ${JSON.stringify(TLS_FILES.cert)}\n` +
+        `key_file = ${JSON.stringify(TLS_FILES.key)}\n${tls}\n\n`;
   const endpointTables = endpoints.map(
     (fields) => `\n[[apps.webhooks]]\n${Object.entries(fields).map(([k, v]) => `${k} = ${JSON.stringify(v)}\n`).join('')}`,
   );
-  return `[server]\nbind = "127.0.0.1:0"\nshards = ${SHARDS}\n${server}\n\n${webhooksTable}` +
+  return `[server]\nbind = "127.0.0.1:0"\nshards = ${SHARDS}\n${server}\n\n${webhooksTable}${tlsTable}` +
     `[[apps]]\nid = "${APP_ID}"\nkey = "${KEY}"\nsecret = "${SECRET}"\n${app}\n${endpointTables.join('')}`;
 }
 
@@ -75,11 +100,13 @@ export function killOnExit(child, cleanup = () => {}) {
 
 /**
  * Spawns `bin --config <config>` (bin defaults to BIN) and resolves once its first stdout
- * line names the address.
+ * line names the address and, when the config has a [tls] table, once its TLS line names the
+ * TLS address too.
  * `onStderr(text)` receives the last 20 000 characters of stderr whenever more arrives.
- * Returns { server, exit, tmpDir, host, port }; `exit` resolves with { code, signal } or
- * { error }. The server is SIGKILLed and the temp folder removed when this process exits,
- * even when the runner is interrupted or times out.
+ * Returns { server, exit, tmpDir, host, port, tlsHost, tlsPort } (the last two only with
+ * [tls]); `exit` resolves with { code, signal } or { error }. The server is SIGKILLed and the
+ * temp folder removed when this process exits, even when the runner is interrupted or times
+ * out.
  */
 export async function spawnRingwire({ bin = BIN, config, prefix, onStderr = () => {} }) {
   const tmpDir = mkdtempSync(path.join(tmpdir(), prefix));
@@ -99,24 +126,56 @@ export async function spawnRingwire({ bin = BIN, config, prefix, onStderr = () =
     onStderr(stderr);
   });
 
-  const lines = createInterface({ input: server.stdout });
-  const firstLine = new Promise((resolve) => lines.once('line', resolve));
+  // The first stdout lines, where ringwire prints its addresses: collected from the start rather
+  // than awaited one by one, since readline may hand over several lines at once. stdout is
+  // drained for the server's lifetime.
+  const startup = [];
+  let lineArrived = () => {};
+  createInterface({ input: server.stdout }).on('line', (line) => {
+    if (startup.length < 100) startup.push(line);
+    lineArrived();
+  });
+  /** Resolves with the first startup line that `pattern` matches, as a match. */
+  const lineMatching = (pattern) =>
+    new Promise((resolve) => {
+      lineArrived = () => {
+        const match = startup.map((line) => pattern.exec(line)).find(Boolean);
+        if (match) resolve(match);
+      };
+      lineArrived();
+    });
+  /** Splits `127.0.0.1:43567` (or `[::1]:43567`) at its last colon. */
+  const hostPort = (address) => {
+    const colon = address.lastIndexOf(':');
+    return [address.slice(0, colon), Number(address.slice(colon + 1))];
+  };
+
   const early = exit.then(({ code, signal, error }) => {
     throw error ?? new Error(`ringwire exited before listening (${code ?? signal}):\n${stderr}`);
   });
   early.catch(() => {}); // only the race below reports it
+  const wantsTls = /^\[tls\]/m.test(config);
   let timer;
   const timeout = new Promise((_, reject) => {
-    timer = setTimeout(() => reject(new Error(`timed out after 10000 ms waiting for the first line of ${bin}`)), 10000);
+    const what = wantsTls ? 'the first and the TLS line' : 'the first line';
+    timer = setTimeout(() => reject(new Error(`timed out after 10000 ms waiting for ${what} of ${bin}`)), 10000);
   });
-  const line = await Promise.race([firstLine, early, timeout]).finally(() => clearTimeout(timer));
-  lines.on('line', () => {}); // keep draining stdout
-
-  // `ringwire listening on 127.0.0.1:43567 (2 shards: IoUring, IoUring)`
-  if (!/^ringwire listening on \S+:\d+ /.test(line)) throw new Error(`unexpected first line: ${line}`);
-  const address = line.trim().split(/\s+/)[3];
-  const colon = address.lastIndexOf(':');
-  return { server, exit, tmpDir, host: address.slice(0, colon), port: Number(address.slice(colon + 1)) };
+  const race = (promise) => Promise.race([promise, early, timeout]);
+  try {
+    // `ringwire listening on 127.0.0.1:43567 (2 shards: IoUring, IoUring)`
+    const [line] = await race(lineMatching(/^.*/));
+    const listening = /^ringwire listening on (\S+:\d+) /.exec(line);
+    if (!listening) throw new Error(`unexpected first line: ${line}`);
+    const [host, port] = hostPort(listening[1]);
+    if (!wantsTls) return { server, exit, tmpDir, host, port };
+    // `  TLS: wss://127.0.0.1:37761/app/{key}?protocol=7   HTTPS API: https://…`, after the app lines.
+    const [, tlsAddress] = await race(lineMatching(/^ {2}TLS: wss:\/\/(\S+:\d+)\/app\//));
+    const [tlsHost, tlsPort] = hostPort(tlsAddress);
+    return { server, exit, tmpDir, host, port, tlsHost, tlsPort };
+  } finally {
+    clearTimeout(timer);
+    lineArrived = () => {};
+  }
 }
 
 /** Resolves after `ms`: to pace writes or polls, or to give what must not happen its chance. */
@@ -145,7 +204,8 @@ export async function until(what, predicate, ms = 10000, why = () => '') {
 
 /**
  * One test file's ringwire, started by `start()` (see spawnRingwire) and stopped by `stop()`;
- * after start it carries server, exit, tmpDir, host and port, and `stderr` as it grows.
+ * after start it carries server, exit, tmpDir, host and port (and tlsHost and tlsPort when the
+ * config has [tls]), and `stderr` as it grows.
  */
 export function ringwireProcess({ config, prefix }) {
   const ringwire = {
@@ -186,14 +246,25 @@ export function ringwireProcess({ config, prefix }) {
   return ringwire;
 }
 
-/** The `pusher` Node SDK as the demo app's backend, aimed at `ringwire`; `options` override. */
-export function pusherServer(ringwire, options = {}) {
-  const { host, port } = ringwire;
-  return new PusherServer({ appId: APP_ID, key: KEY, secret: SECRET, host, port: String(port), useTLS: false, ...options });
+/** The `pusher` Node SDK as the demo app's backend, aimed at `ringwire` (at its TLS listener
+ * over https when `tls`); `options` override. */
+export function pusherServer(ringwire, options = {}, { tls = false } = {}) {
+  const [host, port] = tls ? [TLS_SERVER_NAME, ringwire.tlsPort] : [ringwire.host, ringwire.port];
+  return new PusherServer({ appId: APP_ID, key: KEY, secret: SECRET, host, port: String(port), useTLS: tls, ...options });
 }
 
-/** The pusher-js options that aim a client at `ringwire` the way a browser app would. */
-export function clientOptions(ringwire) {
+/** The pusher-js options that aim a client at `ringwire` the way a browser app would: at its
+ * TLS listener over wss:// when `tls` (as a page served over https must). */
+export function clientOptions(ringwire, { tls = false } = {}) {
+  if (tls) {
+    return {
+      cluster: 'mt1',
+      wsHost: TLS_SERVER_NAME,
+      wssPort: ringwire.tlsPort,
+      forceTLS: true, // the transport named 'ws' then opens wss:// to wsHost:wssPort
+      enabledTransports: ['ws'],
+    };
+  }
   return {
     cluster: 'mt1', // required by pusher-js 8; wsHost/wsPort override the host it implies
     wsHost: ringwire.host,
@@ -250,15 +321,16 @@ export function listening(server, requests, close) {
  * The pusher-js helpers of one test file, aimed at `ringwire` (read when a client is made) with
  * `defaults` added to every client's options. Every wait is bounded by WAIT_MS and says when
  * the cause is that ringwire has exited. `closeAll()` disconnects every client still open.
+ * With `tls`, the clients connect over wss:// to the TLS listener.
  */
-export function pusherClients(ringwire, defaults = {}) {
+export function pusherClients(ringwire, defaults = {}, { tls = false } = {}) {
   const clients = new Set(); // every pusher-js instance, so none is left open at the end
   const sockets = new Set(); // every faye-websocket socket pusher-js opened (see releaseCloseTimers)
   const wait = (promise, what) => withTimeout(promise, WAIT_MS, what, ringwire.gone);
 
   /** A pusher-js client aimed at the test server, configured the way a browser app would be. */
   function newClient(extra = {}) {
-    const client = new Pusher(KEY, { ...clientOptions(ringwire), ...defaults, ...extra });
+    const client = new Pusher(KEY, { ...clientOptions(ringwire, { tls }), ...defaults, ...extra });
     clients.add(client);
     client.connection.bind('connected', () => {
       const socket = client.connection.connection?.transport?.socket;

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Drives ringwire's HTTP API with the official Python server SDK (PyPI `pusher`).
 
-Spawned by interop.test.mjs, which checks what a subscribed pusher-js client receives and
-what this script prints. Steps, in order:
+Spawned by interop.test.mjs (over http://) and tls.test.mjs (over https://, `--ssl`), which
+check what a subscribed pusher-js client receives and what this script prints. Steps, in order:
   1. trigger EVENT on CHANNEL with DATA (a JSON object),
   2. channels_info(prefix_filter=PREFIX, attributes=['subscription_count']),
   3. channel_info(CHANNEL, attributes=['subscription_count']),
@@ -15,6 +15,24 @@ import json
 import sys
 
 import pusher
+from pusher.requests import RequestsBackend
+
+
+def trusting(ca_file):
+    """The SDK's own requests adapter, verifying certificates against `ca_file`.
+
+    With ssl=True, RequestsBackend passes verify=<the cacert.pem bundled in the SDK> to every
+    request (overwriting a `verify` given in backend_options), so requests never consults
+    REQUESTS_CA_BUNDLE; the test CA is trusted through the SDK's documented `backend`
+    parameter (an HTTP adapter class) instead, leaving the SDK itself unmodified.
+    """
+
+    class TrustingBackend(RequestsBackend):
+        def __init__(self, client, **options):
+            super().__init__(client, **options)
+            self.options["verify"] = ca_file
+
+    return TrustingBackend
 
 
 def main():
@@ -28,6 +46,8 @@ def main():
     parser.add_argument("--event", required=True)
     parser.add_argument("--data", required=True, help="JSON object sent as the event data")
     parser.add_argument("--prefix", required=True, help="filter_by_prefix for channels_info")
+    parser.add_argument("--ssl", action="store_true", help="https:// instead of http://")
+    parser.add_argument("--ca-file", help="with --ssl: trust this CA (PEM) instead of the SDK's bundle")
     args = parser.parse_args()
 
     client = pusher.Pusher(
@@ -36,8 +56,9 @@ def main():
         secret=args.secret,
         host=args.host,
         port=args.port,
-        ssl=False,
+        ssl=args.ssl,
         timeout=5,
+        backend=trusting(args.ca_file) if args.ca_file else None,
     )
 
     result = {
