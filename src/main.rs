@@ -106,7 +106,7 @@ fn main() -> ExitCode {
     // must not end up in a terminal scrollback or a log collector's copy of stdout.
     let app_lines = app_lines(&config.apps, path.is_none());
     log_host_findings(&config);
-    run(config, app_lines)
+    run(config, app_lines, path.cloned())
 }
 
 /// One startup line per app: id and key, and the secret only for the embedded default's demo
@@ -133,9 +133,38 @@ fn log_host_findings(config: &Config) {
     }
 }
 
-fn run(config: Config, app_lines: Vec<String>) -> ExitCode {
-    let signals = match signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT])
-    {
+/// SIGHUP: reads the config file again and applies what can change while running (the TLS
+/// certificate today). A file that fails validation is refused whole, naming key and line, and
+/// the running config stays.
+fn reload(server: &Server, path: Option<&PathBuf>) {
+    let Some(path) = path else {
+        tracing::warn!("SIGHUP: running on the embedded default config; nothing to reload");
+        return;
+    };
+    let outcome = match load(Some(path)) {
+        Ok(config) => server.reload(&config),
+        Err(message) => {
+            server.reload_refused();
+            Err(message)
+        }
+    };
+    match outcome {
+        Ok(reloaded) => {
+            tracing::info!(certificates = reloaded.certificates, "config reloaded from {}", path.display());
+            if !reloaded.needs_restart.is_empty() {
+                tracing::warn!(
+                    sections = ?reloaded.needs_restart,
+                    "changed config sections take effect only after a restart"
+                );
+            }
+        }
+        Err(message) => tracing::error!("config reload refused, the running config stays: {message}"),
+    }
+}
+
+fn run(config: Config, app_lines: Vec<String>, path: Option<PathBuf>) -> ExitCode {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let signals = match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
         Ok(signals) => signals,
         Err(e) => {
             eprintln!("ringwire: cannot install signal handlers: {e}");
@@ -162,8 +191,13 @@ fn run(config: Config, app_lines: Vec<String>) -> ExitCode {
         println!("  TLS: wss://{tls}/app/{{key}}?protocol=7   HTTPS API: https://{tls}/apps/{{id}}/events");
     }
     let mut signals = signals;
-    if let Some(signal) = signals.forever().next() {
+    for signal in signals.forever() {
+        if signal == SIGHUP {
+            reload(&server, path.as_ref());
+            continue;
+        }
         tracing::info!(signal, "shutting down: closing connections with 4200");
+        break;
     }
     server.shutdown();
     server.join();

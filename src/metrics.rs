@@ -62,6 +62,10 @@ shard_metrics! {
     connections_refused_total: "counter",
     /// Client messages dropped by the per-connection rate limit (pusher:error 4301).
     rate_limited_total: "counter",
+    /// Config reloads applied (SIGHUP); node-wide, kept in shard 0's slot by the main thread.
+    config_reloads_total: "counter",
+    /// Config reloads refused (invalid file, unreadable certificate); node-wide, shard 0's slot.
+    config_reload_failures_total: "counter",
     /// TLS handshakes completed on the TLS listener.
     tls_handshakes_total: "counter",
     /// TLS handshakes that failed, timed out (`tls.handshake_timeout_ms`) or met plain HTTP.

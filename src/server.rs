@@ -13,7 +13,7 @@ use crate::apps::Apps;
 use crate::config::{Config, IoDriver};
 use crate::metrics::ShardMetrics;
 use crate::net::listener;
-use crate::net::tls::TlsSettings;
+use crate::net::tls::{Certificates, TlsSettings};
 use crate::shard::mesh::Mesh;
 use crate::shard::Shard;
 use crate::webhook::dispatch::Webhooks;
@@ -43,6 +43,20 @@ pub struct Server {
     pub drivers: Vec<Driver>,
     mesh: Arc<Mesh>,
     threads: Vec<JoinHandle<()>>,
+    /// The config the node runs (what a reload compares against).
+    config: Arc<Config>,
+    /// The TLS listener's certificate slot, which a reload swaps.
+    certificates: Option<Arc<Certificates>>,
+    metrics: Arc<[ShardMetrics]>,
+}
+
+/// What a reload did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reloaded {
+    /// New handshakes present the certificate now in the files.
+    pub certificates: bool,
+    /// Changed sections that take effect only after a restart.
+    pub needs_restart: Vec<&'static str>,
 }
 
 impl Server {
@@ -66,16 +80,18 @@ impl Server {
         let shards = config.shard_count();
         let (listeners, addr) = listener::bind(config.server.bind, shards, config.server.backlog)
             .with_context(|| format!("cannot listen on {}", config.server.bind))?;
-        let (mut tls_listeners, tls_addr, tls_settings) = match &config.tls {
-            None => (Vec::new(), None, None),
+        let (mut tls_listeners, tls_addr, tls_settings, certificates) = match &config.tls {
+            None => (Vec::new(), None, None, None),
             Some(tls) => {
+                let (server_config, certificates) =
+                    crate::net::tls::listener_config(tls).map_err(anyhow::Error::msg)?;
                 let settings = TlsSettings {
-                    config: crate::net::tls::server_config(tls).map_err(anyhow::Error::msg)?,
+                    config: server_config,
                     handshake_timeout: std::time::Duration::from_millis(tls.handshake_timeout_ms),
                 };
                 let (listeners, addr) = listener::bind(tls.bind, shards, config.server.backlog)
                     .with_context(|| format!("cannot listen on {} (tls.bind)", tls.bind))?;
-                (listeners, Some(addr), Some(settings))
+                (listeners, Some(addr), Some(settings), Some(certificates))
             }
         };
         check_wal_directories(&config, shards)?;
@@ -132,7 +148,55 @@ impl Server {
                 }
             }
         }
-        Ok(Server { addr, tls_addr, drivers, mesh, threads })
+        Ok(Server { addr, tls_addr, drivers, mesh, threads, config, certificates, metrics })
+    }
+
+    /// Applies a new, already validated config to the running node (SIGHUP): the TLS
+    /// certificate and key are read again and served from the next handshake on, while open
+    /// connections keep theirs. Other changed sections are named in `needs_restart` (they are
+    /// not applied yet). On an error nothing changes. Counted in `ringwire_config_reloads_total`
+    /// and `ringwire_config_reload_failures_total`.
+    pub fn reload(&self, new: &Config) -> Result<Reloaded, String> {
+        let result = self.apply(new);
+        let counter = match result {
+            Ok(_) => &self.metrics[0].config_reloads_total,
+            Err(_) => &self.metrics[0].config_reload_failures_total,
+        };
+        ShardMetrics::add(counter, 1);
+        result
+    }
+
+    /// Counts a reload refused before it reached `reload` (the file did not validate).
+    pub fn reload_refused(&self) {
+        ShardMetrics::add(&self.metrics[0].config_reload_failures_total, 1);
+    }
+
+    fn apply(&self, new: &Config) -> Result<Reloaded, String> {
+        let old = &self.config;
+        let mut reloaded = Reloaded::default();
+        match (&self.certificates, &new.tls) {
+            (Some(certificates), Some(tls)) => {
+                certificates.reload(tls)?;
+                reloaded.certificates = true;
+            }
+            (None, None) => {}
+            _ => reloaded.needs_restart.push("tls"),
+        }
+        let bind_changed = |o: &Config, n: &Config| o.tls.as_ref().map(|t| t.bind) != n.tls.as_ref().map(|t| t.bind);
+        if reloaded.certificates && bind_changed(old, new) {
+            reloaded.needs_restart.push("tls.bind");
+        }
+        let sections: [(&'static str, bool); 7] = [
+            ("server", old.server != new.server),
+            ("http", old.http != new.http),
+            ("websocket", old.websocket != new.websocket),
+            ("mesh", old.mesh != new.mesh),
+            ("webhooks", old.webhooks != new.webhooks),
+            ("cluster", old.cluster != new.cluster),
+            ("apps", old.apps != new.apps),
+        ];
+        reloaded.needs_restart.extend(sections.iter().filter(|(_, changed)| *changed).map(|(name, _)| *name));
+        Ok(reloaded)
     }
 
     /// Begins graceful shutdown on every shard (returns at once).

@@ -22,12 +22,16 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Buf, BytesMut};
 use monoio::io::{AsyncWriteRentExt, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::ServerConnection;
 
 use super::stream::{read_more, ByteReader, ByteStream, FrameWriter, Transport};
@@ -43,25 +47,59 @@ const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 /// Loads `[tls]`: the certificate chain and key, checked to belong together. Called once at
 /// start (and by `check-config`); errors name the file and the reason.
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, String> {
-    let chain = load_chain(&tls.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
-        .map_err(|e| format!("tls.key_file: cannot read a PEM private key from {}: {e}", tls.key_file.display()))?;
+    Ok(listener_config(tls)?.0)
+}
+
+/// The listener's settings and the certificate slot a reload swaps.
+pub fn listener_config(tls: &TlsConfig) -> Result<(Arc<rustls::ServerConfig>, Arc<Certificates>), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certificates = Arc::new(Certificates { current: ArcSwap::from_pointee(certified_key(tls, &provider)?) });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| format!("tls: {e}"))?
         .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| {
-            format!(
-                "tls.key_file: {} does not fit the certificate in {}: {e}",
-                tls.key_file.display(),
-                tls.cert_file.display()
-            )
-        })?;
+        .with_cert_resolver(certificates.clone());
     // RFC 7301: only HTTP/1.1 is spoken here (WebSocket upgrades included).
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), certificates))
+}
+
+/// Reads the chain and key of `tls` and checks that they belong together.
+fn certified_key(tls: &TlsConfig, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+    let chain = load_chain(&tls.cert_file)?;
+    let key = PrivateKeyDer::from_pem_file(&tls.key_file)
+        .map_err(|e| format!("tls.key_file: cannot read a PEM private key from {}: {e}", tls.key_file.display()))?;
+    CertifiedKey::from_der(chain, key, provider).map_err(|e| {
+        format!(
+            "tls.key_file: {} does not fit the certificate in {}: {e}",
+            tls.key_file.display(),
+            tls.cert_file.display()
+        )
+    })
+}
+
+/// The certificate the TLS listener presents, swapped whole by a reload: handshakes after
+/// the swap get the new one, open connections keep theirs. Reading it is lock-free (it is
+/// read on shard threads, once per handshake).
+#[derive(Debug)]
+pub struct Certificates {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl Certificates {
+    /// Loads the files of `tls` and, when they are good, serves them from the next
+    /// handshake on; on an error the current certificate stays.
+    pub fn reload(&self, tls: &TlsConfig) -> Result<(), String> {
+        let provider = rustls::crypto::ring::default_provider();
+        self.current.store(Arc::new(certified_key(tls, &provider)?));
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for Certificates {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
 }
 
 fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {

@@ -41,6 +41,11 @@ impl TestServer {
         TestServer { server: Some(server), addr, tls_addr }
     }
 
+    /// The running node (for reloads).
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
     fn stop_inner(&mut self) {
         if let Some(server) = self.server.take() {
             server.shutdown();

@@ -222,3 +222,114 @@ fn large_messages_over_wss() {
         assert_eq!(ws.read().unwrap().into_text().unwrap().as_str(), text, "{size} bytes echoed");
     }
 }
+
+/// A reload swaps the certificate for new handshakes while open connections stay and keep
+/// receiving; a reload whose certificate is unreadable is refused, naming the file, and the
+/// certificate being served stays.
+#[test]
+fn certificate_reload_keeps_connections() {
+    let old = make_pki("tls-reload-old");
+    let tls = tls_config(&old);
+    let mut config = ringwire::Config::default();
+    let server = TestServer::start(|c| {
+        c.tls = Some(tls.clone());
+        config = c.clone();
+    });
+    let tls_addr = server.tls_addr.unwrap();
+    let url = format!("wss://localhost:{}/app/{KEY}?protocol=7", tls_addr.port());
+    let (mut ws, _) = tungstenite::client(url.as_str(), tls_connect(tls_addr, &old)).expect("wss handshake");
+    let _established = ws.read().unwrap();
+    ws.send(Message::text(json!({"event": "pusher:subscribe", "data": {"channel": "stay"}}).to_string())).unwrap();
+    let _subscribed = ws.read().unwrap();
+
+    // New files at the same paths: another CA's certificate.
+    let new = make_pki("tls-reload-new");
+    std::fs::copy(&new.cert_file, &old.cert_file).unwrap();
+    std::fs::copy(&new.key_file, &old.key_file).unwrap();
+    let reloaded = server.server().reload(&config).expect("reloaded");
+    assert!(reloaded.certificates && reloaded.needs_restart.is_empty(), "{reloaded:?}");
+    assert_eq!(https(tls_addr, &new, "GET", "/health", b"").0, 200, "the new certificate is served");
+    let mut stale = tls_connect(tls_addr, &old);
+    assert!(stale.write_all(b"GET /health HTTP/1.1\r\n\r\n").is_err(), "the old CA no longer verifies");
+
+    assert_eq!(publish(server.addr, &["stay"], "after-reload", "{}", None).0, 200);
+    let message: Value = serde_json::from_str(&ws.read().unwrap().into_text().unwrap()).unwrap();
+    assert_eq!(message["event"], "after-reload", "the open connection stayed");
+
+    std::fs::write(&old.cert_file, "not a certificate\n").unwrap();
+    let error = server.server().reload(&config).expect_err("refused");
+    assert!(error.starts_with("tls.cert_file"), "{error}");
+    assert_eq!(https(tls_addr, &new, "GET", "/health", b"").0, 200, "the served certificate stays");
+    let total = |name: &str| metric(server.addr, name).iter().sum::<u64>();
+    assert_eq!((total("config_reloads_total"), total("config_reload_failures_total")), (1, 1));
+}
+
+/// The binary reloads on SIGHUP: a renewed certificate is served without a restart, and a
+/// config file that fails validation is refused naming key and line while the node keeps
+/// serving.
+#[test]
+fn sighup_reloads_the_certificate() {
+    use std::io::BufRead;
+    let old = make_pki("tls-hup-old");
+    let config_path = old.dir.join("ringwire.toml");
+    let config_text = format!(
+        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n[tls]\nbind = \"127.0.0.1:0\"\ncert_file = \"{}\"\nkey_file = \"{}\"\n",
+        old.cert_file.display(),
+        old.key_file.display()
+    );
+    std::fs::write(&config_path, &config_text).unwrap();
+    let stderr_path = old.dir.join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringwire"))
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = Vec::new();
+    while !lines.iter().any(|l: &String| l.contains("TLS: wss://")) {
+        let mut line = String::new();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "{lines:?}");
+        lines.push(line);
+    }
+    let address = |prefix: &str| -> SocketAddr {
+        let line = lines.iter().find(|l| l.contains(prefix)).unwrap();
+        let rest = &line[line.find(prefix).unwrap() + prefix.len()..];
+        rest.split(['/', ' ']).next().unwrap().parse().unwrap()
+    };
+    let (plain, tls) = (address("listening on "), address("TLS: wss://"));
+    assert_eq!(https(tls, &old, "GET", "/health", b"").0, 200);
+
+    let new = make_pki("tls-hup-new");
+    std::fs::copy(&new.cert_file, &old.cert_file).unwrap();
+    std::fs::copy(&new.key_file, &old.key_file).unwrap();
+    let hup = || std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    assert!(hup().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let renewed = loop {
+        let mut stream = tls_connect(tls, &new);
+        if stream.write_all(b"GET /health HTTP/1.1\r\nConnection: close\r\n\r\n").is_ok() {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(renewed, "the renewed certificate is served after SIGHUP");
+
+    std::fs::write(&config_path, format!("{config_text}[server]\n")).unwrap();
+    assert!(hup().success());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut log = String::new();
+    while !log.contains("config reload refused") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        log = std::fs::read_to_string(&stderr_path).unwrap();
+    }
+    assert!(log.contains("config reload refused") && log.contains("line 8"), "{log}");
+    assert_eq!(raw_http(plain, b"GET /health HTTP/1.1\r\n\r\n").0, 200, "still serving");
+    assert_eq!(https(tls, &new, "GET", "/health", b"").0, 200, "still serving TLS");
+    let _ = child.kill();
+    let _ = child.wait();
+}
