@@ -5,6 +5,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use crate::support::*;
 
 fn binary() -> Command {
@@ -263,8 +266,8 @@ fn kill_9_keeps_relayed_client_event_webhooks() {
     let _ = std::fs::remove_dir_all(&data_dir);
 }
 
-/// A node whose shard 1 panics 300 ms after start (a fault injected through the start hook).
-fn start_with_faulty_shard(shutdown_grace_ms: u64) -> ringwire::Server {
+/// A node whose shard 1 panics once `trigger` is set (a fault injected through the start hook).
+fn start_with_faulty_shard(shutdown_grace_ms: u64, trigger: Arc<AtomicBool>) -> ringwire::Server {
     let mut config = ringwire::Config::default();
     config.server.bind = "127.0.0.1:0".parse().unwrap();
     config.server.shards = 2;
@@ -272,10 +275,13 @@ fn start_with_faulty_shard(shutdown_grace_ms: u64) -> ringwire::Server {
     if std::env::var("RINGWIRE_TEST_DRIVER").as_deref() == Ok("epoll") {
         config.server.io_driver = ringwire::config::IoDriver::Epoll;
     }
-    let hook: ringwire::server::ShardStartHook = std::sync::Arc::new(|index| {
+    let hook: ringwire::server::ShardStartHook = Arc::new(move |index| {
         if index == 1 {
-            monoio::spawn(async {
-                monoio::time::sleep(Duration::from_millis(300)).await;
+            let trigger = trigger.clone();
+            monoio::spawn(async move {
+                while !trigger.load(Ordering::SeqCst) {
+                    monoio::time::sleep(Duration::from_millis(5)).await;
+                }
                 panic!("fault injected by the test");
             });
         }
@@ -287,7 +293,8 @@ fn start_with_faulty_shard(shutdown_grace_ms: u64) -> ringwire::Server {
 /// `/ready` answer 503 naming it while the node stops, and the node stops by itself.
 #[test]
 fn shard_panic_stops_the_node() {
-    let server = start_with_faulty_shard(3000);
+    let trigger = Arc::new(AtomicBool::new(false));
+    let server = start_with_faulty_shard(3000, trigger.clone());
     let addr = server.addr;
     // WebSocket clients that never answer the close keep the surviving shard draining for
     // the grace period, the window in which its health is checked.
@@ -304,7 +311,19 @@ fn shard_panic_stops_the_node() {
             stream
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(600));
+    trigger.store(true, Ordering::SeqCst);
+    // Once one answer says shard 1 is down, no connection may say the node is healthy.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut seen_down = false;
+    while !seen_down && std::time::Instant::now() < deadline {
+        for stream in &mut connections {
+            let _ = stream.write_all(b"GET /health HTTP/1.1\r\n\r\n");
+            let mut buf = [0u8; 512];
+            let n = stream.read(&mut buf).unwrap_or(0);
+            seen_down |= String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 503");
+        }
+    }
+    assert!(seen_down, "a surviving shard reported the dead one");
     let (mut unhealthy, mut healthy) = (0, 0);
     for stream in &mut connections {
         for path in ["/health", "/ready"] {
@@ -336,7 +355,7 @@ fn shard_panic_stops_the_node() {
 fn shard_panic_aborts_the_process() {
     if std::env::var_os("RINGWIRE_PANIC_CHILD").is_some() {
         ringwire::server::abort_on_panic();
-        let _server = start_with_faulty_shard(3000);
+        let _server = start_with_faulty_shard(3000, Arc::new(AtomicBool::new(true)));
         std::thread::sleep(Duration::from_secs(20));
         unreachable!("the process should have aborted");
     }
