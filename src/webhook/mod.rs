@@ -10,8 +10,8 @@
 //! - `client`: outbound HTTP/1.1 (plain or rustls), one keep-alive connection per worker.
 //! - `endpoint`: configured endpoints, request heads, the pipelined transport.
 //! - `health`: the circuit breaker and the pure settle decision.
-//! - `batch`: events waiting to become one delivery.
-//! - `delivery`: the live deliveries, their byte budgets, webhook ids.
+//! - `batch`: events waiting to become one delivery (their records are WAL batch items).
+//! - `delivery`: why a delivery is refused, webhook ids (the live deliveries are in `wal::index`).
 //! - `queue` (private): ready queues, timers, the attempt log.
 //! - `dispatch`: a shard's dispatcher — the tasks and the control flow between the stages.
 
