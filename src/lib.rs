@@ -21,12 +21,18 @@
 //! - `apps`: the applications and their admission counters.
 //! - `metrics`: per-shard counters, Prometheus text.
 //! - `rate`: the fixed one-second window behind every per-second limit.
-//! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
+//! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated, `index`
+//!   the one index of live deliveries and batch items).
+//! - `target`: webhook endpoint URLs, CIDR blocks, the SSRF guard; a pure leaf that `config`
+//!   validates with and `webhook` dials with.
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
-//!   `target` (URLs, SSRF guard), `resolver` (host-name lookups on their own threads), `client`
-//!   (outbound HTTP/1.1, plain or TLS), `admin` (typed admin answers), `dispatch` (per-shard
-//!   queues, workers, health).
-//! - `cluster`: cluster mode on Redis — `url` (`cluster.redis_url`), `link` (RESP2 connection).
+//!   `resolver` (host-name lookups on their own threads), `client` (outbound HTTP/1.1, plain or
+//!   TLS), `admin` (typed admin answers), `dispatch` (per-shard queues, workers, health).
+//! - `redis_url`: what `cluster.redis_url` means; a leaf that `config` validates with.
+//! - `cluster`: cluster mode on Redis — `link` (RESP2 connection), `supervisor`, `message`.
+//!
+//! No two top-level modules import each other (`tests/integration/tidy.rs` checks it): the
+//! parsers `config` validates with live in leaves (`target`, `redis_url`) or in `config`.
 
 pub mod apps;
 pub mod buf;
@@ -34,8 +40,10 @@ pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod rate;
+pub mod redis_url;
 pub mod server;
 pub mod shard;
+pub mod target;
 pub mod wal;
 pub mod webhook;
 

@@ -32,10 +32,10 @@ use super::event::{self, LifecycleEvent};
 use super::health::{BreakerSettings, Verdict};
 use super::queue::{Attempt, DispatchState, EndpointQueue};
 use super::retry::RetryPolicy;
-use super::target::{AddressPolicy, Cidr};
 use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, DurabilityMode, WebhookFormat};
 use crate::metrics::ShardMetrics;
+use crate::target::{AddressPolicy, Cidr};
 use crate::wal::{Durability, FileStorage, Kind, Lsn, Outcome, Wal, WalError};
 use monoio_rustls::TlsConnector;
 

@@ -4,7 +4,6 @@
 //! - `event`: what is sent (payload bodies, channel and event filters, batching).
 //! - `sign`: signatures per attempt.
 //! - `retry`: the retry schedule, a pure function.
-//! - `target`: endpoint URLs and the SSRF guard.
 //! - `resolver`: host-name lookups on their own threads (timeout, single flight, cache).
 //! - `admin`: the admin API's typed requests and answers, and how shards' answers merge.
 //! - `client`: outbound HTTP/1.1 (plain or rustls), one keep-alive connection per worker.
@@ -27,7 +26,6 @@ mod queue;
 pub mod resolver;
 pub mod retry;
 pub mod sign;
-pub mod target;
 
 /// The directory of shard `shard`'s WAL under `webhooks.data_dir` (the one place its name is
 /// built; `wal_directory_shard` reads it back).
