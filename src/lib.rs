@@ -21,14 +21,22 @@
 //! - `apps`: the applications and their admission counters.
 //! - `metrics`: per-shard counters, Prometheus text.
 //! - `rate`: the fixed one-second window behind every per-second limit.
-//! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated).
+//! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated, `index`
+//!   the one index of live deliveries and batch items).
+//! - `target`: webhook endpoint URLs, CIDR blocks, the SSRF guard; a pure leaf that `config`
+//!   validates with and `webhook` dials with.
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
-//!   `target` (URLs, SSRF guard), `resolver` (host-name lookups on their own threads), `client`
-//!   (outbound HTTP/1.1, plain or TLS), `admin` (typed admin answers), `dispatch` (per-shard
-//!   queues, workers, health).
-//! - `cluster`: cluster mode on Redis — `url` (`cluster.redis_url`), `link` (RESP2 connection).
+//!   `resolver` (host-name lookups on their own threads), `client` (outbound HTTP/1.1, plain or
+//!   TLS), `admin` (typed admin answers), `dispatch` (per-shard queues, workers, health).
+//! - `target`: webhook URLs, CIDR blocks, the SSRF guard; a leaf that `config` validates with.
+//! - `redis_url`: what `cluster.redis_url` means; a leaf that `config` validates with.
+//! - `cluster`: cluster mode on Redis — `link` (RESP2 connection), `supervisor`, `message`,
+//!   `bucket`, `sequence`.
 //! - `doctor`: the host checked against the config (`ringwire doctor`, the start-up log) —
 //!   `host` (facts gathered once), `checks` (pure verdicts with their fixes).
+//!
+//! No two top-level modules import each other (`tests/integration/tidy.rs` checks it): the
+//! parsers `config` validates with live in leaves (`target`, `redis_url`) or in `config`.
 
 pub mod apps;
 pub mod buf;
@@ -37,8 +45,10 @@ pub mod config;
 pub mod doctor;
 pub mod metrics;
 pub mod rate;
+pub mod redis_url;
 pub mod server;
 pub mod shard;
+pub mod target;
 pub mod wal;
 pub mod webhook;
 

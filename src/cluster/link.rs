@@ -28,7 +28,7 @@ use redis_protocol::resp2::types::{BorrowedFrame, BytesFrame};
 
 use crate::config::ClusterConfig;
 
-use super::url::RedisUrl;
+use crate::redis_url::RedisUrl;
 
 /// A Redis reply: bulk strings are slices of the link's read buffer (no copy). A Redis error
 /// reply (`-ERR …`) is `Reply::Error`, an answer to one command, not a link failure.

@@ -1,7 +1,7 @@
 //! Cluster mode: several nodes sharing one Redis act as one Pusher app (docs/cluster.md).
 //!
-//! Today this module owns the Redis link and the pieces the fan-out is built from: `url` (what
-//! `cluster.redis_url` means), `link` (one connection from a shard's runtime to Redis:
+//! Today this module owns the Redis link and the pieces the fan-out is built from (what
+//! `cluster.redis_url` means is the leaf `crate::redis_url`, which config validates with), `link` (one connection from a shard's runtime to Redis:
 //! pipelined commands, or sharded pub/sub pushes), `message` (the bucket message format,
 //! sans-IO), `bucket` (channel → bucket, Redis names), `sequence` (gap detection, pure) and
 //! `supervisor` (a shard's two links: reconnects, re-subscribes, checks sequences). It never
@@ -16,4 +16,3 @@ pub mod link;
 pub mod message;
 pub mod sequence;
 pub mod supervisor;
-pub mod url;

@@ -286,7 +286,7 @@ fn inspect_tls_file(key: &'static str, path: PathBuf) -> TlsFile {
 /// One TCP connect to the Redis address (resolving its host name first); no Redis command is
 /// sent, so no password leaves the process.
 fn connect_redis(url: &str, timeout_ms: u64) -> Result<SocketAddr, String> {
-    let url = crate::cluster::url::RedisUrl::parse(url)?;
+    let url = crate::redis_url::RedisUrl::parse(url)?;
     let address = url.resolve().map_err(|e| format!("cannot resolve {}: {e}", url.host))?;
     TcpStream::connect_timeout(&address, Duration::from_millis(timeout_ms.max(1)))
         .map(|_| address)

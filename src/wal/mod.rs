@@ -1,9 +1,16 @@
 //! The webhook write-ahead log of one shard (`docs/wal.md` is the format and its reasons).
 //!
-//! Owns the segments on its `Storage`, the index of live deliveries (pending or dead, with
-//! their bodies) and the group commit. Appends are synchronous and only buffer; `commit`
-//! waits until a position is durable (or written, in `batch` mode); one flusher task
-//! (`run`) writes and fsyncs batches. Only this module calls `fsync`.
+//! Owns the segments on its `Storage`, the shard's one index of live deliveries and batch
+//! items (`index::LiveIndex`: pending or dead, with their bodies and byte budgets) and the
+//! group commit. Appends are synchronous and only buffer; `commit` waits until a position is
+//! durable (or written, in `batch` mode); one flusher task (`run`) writes and fsyncs batches.
+//! Only this module calls `fsync`.
+//!
+//! The log owns the index because every change to it is a record: the index is what recovery
+//! rebuilds, and compaction must know which segment holds each live record. The dispatcher
+//! keeps only what the log does not (attempt counts, ready queues, timers) and reads the index
+//! through `index()`. In `memory` durability (`Wal::memory`) the same index is kept and no
+//! record is written, so the dispatcher has one code path.
 //!
 //! Invariant: a record is acknowledged (its `commit` returns) only after it is durable in a
 //! segment whose creation is durable. Segments are removed oldest first, and only when no
@@ -11,17 +18,19 @@
 //! first, with an explicit state record): an `Ack` in a removed segment can then only refer
 //! to a delivery whose records were removed before it.
 
+pub mod index;
 pub mod record;
 pub mod storage;
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::cell::{Ref, RefCell};
+use std::collections::BTreeMap;
 use std::future::poll_fn;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
 
+pub use index::{Kind, Live, LiveIndex};
 use record::HEADER_BYTES;
 pub use record::{Delivery, Outcome, Record, SegmentHeader};
 pub use storage::{FileStorage, SimStorage, Storage};
@@ -33,6 +42,8 @@ pub enum Durability {
     Fsync,
     /// After the batch is written; fsync on a timer of this period.
     Batch(Duration),
+    /// At once: nothing is written (`Wal::memory`), only the index is kept.
+    Memory,
 }
 
 /// Why the WAL cannot go on.
@@ -79,27 +90,6 @@ impl WalError {
 /// A position in the log's byte stream (since this process opened it).
 pub type Lsn = u64;
 
-/// A live (pending or dead) delivery as the log knows it.
-#[derive(Debug, Clone)]
-pub struct LiveDelivery {
-    /// The delivery.
-    pub delivery: Delivery,
-    /// A dead letter (not retried until replayed).
-    pub dead: bool,
-    /// The segment holding its newest `Delivery` record (stale while a copy is buffered).
-    copy_at: Option<u64>,
-    /// The segment holding its newest `Ack dead` or `Replay` record, if any.
-    state_at: Option<u64>,
-    /// Bytes of its `Delivery` record (for compaction's arithmetic).
-    bytes: u64,
-}
-
-impl LiveDelivery {
-    fn refers_to(&self, segment: u64) -> bool {
-        self.copy_at == Some(segment) || self.state_at == Some(segment)
-    }
-}
-
 #[derive(Debug, Default, Clone, Copy)]
 struct SegmentInfo {
     /// Bytes in the segment, header included.
@@ -128,6 +118,8 @@ struct WalState {
     head_len: u64,
     /// Bytes of the head segment known fsynced (what the next batch's mark claims).
     head_synced: u64,
+    /// Whether records are written (`false` in `memory` durability: only `live` is kept).
+    records: bool,
     buffer: Vec<u8>,
     /// Records of live deliveries in `buffer`: (seq, true for a `Delivery`, false for a state record).
     buffered: Vec<(u64, bool)>,
@@ -141,8 +133,9 @@ struct WalState {
     flusher: Option<Waker>,
     failed: Option<WalError>,
     segments: BTreeMap<u64, SegmentInfo>,
-    live: HashMap<u64, LiveDelivery>,
-    live_bytes: u64,
+    /// The live deliveries and batch items. Invariant: each changes only together with the
+    /// record that says so (appended to `buffer` when `records`).
+    live: LiveIndex,
     /// The oldest segment, to be removed once `durable` reaches the position (its live
     /// records were copied forward before it).
     removable: Option<(u64, Lsn)>,
@@ -153,7 +146,8 @@ struct WalState {
 
 /// One shard's write-ahead log.
 pub struct Wal<S: Storage> {
-    storage: S,
+    /// `None` in `memory` durability.
+    storage: Option<S>,
     shard: u32,
     segment_bytes_max: u64,
     durability: Durability,
@@ -161,37 +155,34 @@ pub struct Wal<S: Storage> {
 }
 
 impl<S: Storage> Wal<S> {
-    /// Opens the log on `storage` (creating it when empty), recovering every live delivery;
-    /// returns them in sequence order with the log.
+    /// A log that writes nothing (`memory` durability): the index with a fresh random
+    /// `log_id`; `commit` returns at once and `run` is never needed.
+    pub fn memory(shard: u32, endpoint_keys: &[&str]) -> Wal<S> {
+        let mut state = WalState::new(endpoint_keys);
+        state.records = false;
+        state.log_id = fastrand::u64(..);
+        Wal {
+            storage: None,
+            shard,
+            segment_bytes_max: u64::MAX,
+            durability: Durability::Memory,
+            state: RefCell::new(state),
+        }
+    }
+
+    /// Opens the log on `storage` (creating it when empty), recovering every live delivery and
+    /// batch item into the index (endpoint ids `0..endpoint_keys.len()` are `endpoint_keys`);
+    /// returns the log and the recovered sequence numbers in order.
     pub async fn open(
         storage: S,
         shard: u32,
         segment_bytes_max: u64,
         durability: Durability,
-    ) -> Result<(Wal<S>, Vec<LiveDelivery>), WalError> {
+        endpoint_keys: &[&str],
+    ) -> Result<(Wal<S>, Vec<u64>), WalError> {
         let failed = WalError::storage;
         let segments = storage.list().await.map_err(failed)?;
-        let mut state = WalState {
-            log_id: 0,
-            next_seq: 0,
-            head: 0,
-            head_len: 0,
-            head_synced: 0,
-            buffer: Vec::new(),
-            buffered: Vec::new(),
-            appended: 0,
-            written: 0,
-            durable: 0,
-            waiters: Vec::new(),
-            flusher: None,
-            failed: None,
-            segments: BTreeMap::new(),
-            live: HashMap::new(),
-            live_bytes: 0,
-            removable: None,
-            last_sync: std::time::Instant::now(),
-            stats: WalStats::default(),
-        };
+        let mut state = WalState::new(endpoint_keys);
         let mut log_id = None;
         for (i, &segment) in segments.iter().enumerate() {
             let last = i + 1 == segments.len();
@@ -220,7 +211,7 @@ impl<S: Storage> Wal<S> {
             state.head_len = end as u64;
             state.head_synced = end as u64;
         }
-        let wal = Wal { storage, shard, segment_bytes_max, durability, state: RefCell::new(state) };
+        let wal = Wal { storage: Some(storage), shard, segment_bytes_max, durability, state: RefCell::new(state) };
         match log_id {
             Some(id) if !wal.state.borrow().segments.is_empty() => wal.state.borrow_mut().log_id = id,
             _ => {
@@ -228,8 +219,7 @@ impl<S: Storage> Wal<S> {
                 wal.create_segment(0).await?;
             }
         }
-        let mut recovered: Vec<LiveDelivery> = wal.state.borrow().live.values().cloned().collect();
-        recovered.sort_by_key(|l| l.delivery.seq);
+        let recovered = wal.state.borrow().live.seqs();
         Ok((wal, recovered))
     }
 
@@ -249,70 +239,74 @@ impl<S: Storage> Wal<S> {
         WalStats { segments: state.segments.len() as u64, ..state.stats }
     }
 
-    /// Bytes of live (pending or dead) deliveries' records.
-    pub fn live_bytes(&self) -> u64 {
-        self.state.borrow().live_bytes
+    /// Whether this log writes records (not `memory` durability).
+    pub fn writes(&self) -> bool {
+        self.storage.is_some()
     }
 
-    /// Live deliveries (pending or dead).
-    pub fn live_count(&self) -> usize {
-        self.state.borrow().live.len()
+    /// The live deliveries and batch items. Do not hold it across an `append_*` call.
+    pub fn index(&self) -> Ref<'_, LiveIndex> {
+        Ref::map(self.state.borrow(), |state| &state.live)
     }
 
-    /// A live delivery.
-    pub fn get(&self, seq: u64) -> Option<LiveDelivery> {
-        self.state.borrow().live.get(&seq).cloned()
+    /// The id of an endpoint key (interned when new).
+    pub fn endpoint_id(&self, key: &str) -> usize {
+        self.state.borrow_mut().live.endpoint_id(key)
     }
 
-    /// Buffers a new delivery; returns its sequence number and log position.
-    pub fn append_delivery(&self, endpoint: &str, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
-        let bytes = record::DELIVERY_OVERHEAD_BYTES + endpoint.len() + body.len();
-        if bytes > record::RECORD_BYTES_MAX || endpoint.len() > usize::from(u16::MAX) {
+    /// Buffers a new delivery or batch item for endpoint id `endpoint`; returns its sequence
+    /// number and log position.
+    pub fn append(&self, kind: Kind, endpoint: usize, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+        let mut state = self.state.borrow_mut();
+        let key_len = state.live.key(endpoint).len();
+        let bytes = record::DELIVERY_OVERHEAD_BYTES + key_len + body.len();
+        if bytes > record::RECORD_BYTES_MAX || key_len > usize::from(u16::MAX) {
             return Err(WalError::RecordTooLarge { bytes, max: record::RECORD_BYTES_MAX });
         }
-        let mut state = self.state.borrow_mut();
         state.check()?;
         let seq = state.next_seq;
         state.next_seq += 1;
-        let delivery = Delivery { seq, created_ms, endpoint: endpoint.into(), body };
-        let lsn = state.push_delivery(delivery, None);
+        let live = Live { kind, endpoint, created_ms, body, dead: false, copy_at: None, state_at: None, bytes: 0 };
+        let lsn = state.push_live(seq, live, None);
         self.wake_flusher(&mut state);
         Ok((seq, lsn))
     }
 
-    /// Buffers the end of a delivery: `Delivered` and `Discarded` forget it, `Dead` keeps it as
-    /// a dead letter.
+    /// Buffers the end of a delivery or batch item: `Delivered` and `Discarded` forget it,
+    /// `Dead` keeps a delivery as a dead letter. The index follows also when the log has
+    /// failed (the error is returned), so the shard's books stay right until the restart.
     pub fn append_ack(&self, seq: u64, outcome: Outcome) -> Result<Lsn, WalError> {
         let mut state = self.state.borrow_mut();
-        state.check()?;
-        let lsn = state.push(&Record::Ack { seq, outcome });
+        let checked = state.check();
+        let lsn = if checked.is_ok() { state.push(&Record::Ack { seq, outcome }) } else { state.appended };
         state.apply_ack(seq, outcome);
         self.wake_flusher(&mut state);
-        Ok(lsn)
+        checked.map(|()| lsn)
     }
 
-    /// Buffers a replay of a dead letter; returns the delivery, now pending again, or `None`
-    /// when the log holds no such dead letter.
-    pub fn append_replay(&self, seq: u64) -> Result<Option<(Delivery, Lsn)>, WalError> {
+    /// Buffers a replay of a dead letter, which is pending again; `None` when the log holds no
+    /// such dead letter.
+    pub fn append_replay(&self, seq: u64) -> Result<Option<Lsn>, WalError> {
         let mut state = self.state.borrow_mut();
         state.check()?;
-        let Some(entry) = state.live.get_mut(&seq).filter(|e| e.dead) else {
+        if !state.live.set_dead(seq, false) {
             return Ok(None);
-        };
-        entry.dead = false;
-        let delivery = entry.delivery.clone();
+        }
         let lsn = state.push(&Record::Replay { seq });
         state.buffered.push((seq, false));
         self.wake_flusher(&mut state);
-        Ok(Some((delivery, lsn)))
+        Ok(Some(lsn))
     }
 
-    /// Waits until `lsn` is durable (`Fsync`) or written (`Batch`).
+    /// Waits until `lsn` is durable (`Fsync`) or written (`Batch`); at once in `Memory`.
     pub async fn commit(&self, lsn: Lsn) -> Result<(), WalError> {
+        if self.durability == Durability::Memory {
+            return Ok(());
+        }
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
             let reached = match self.durability {
-                Durability::Fsync => state.durable,
+                Durability::Fsync | Durability::Memory => state.durable,
                 Durability::Batch(_) => state.written,
             };
             if reached >= lsn {
@@ -366,7 +360,7 @@ impl<S: Storage> Wal<S> {
                 let state = self.state.borrow();
                 (state.durable < state.written).then(|| period.saturating_sub(state.last_sync.elapsed()))
             }
-            Durability::Fsync => None,
+            Durability::Fsync | Durability::Memory => None,
         };
         match sync_due_in {
             None => self.buffered().await,
@@ -407,7 +401,7 @@ impl<S: Storage> Wal<S> {
             let mut state = self.state.borrow_mut();
             let head = state.head;
             for (seq, copy) in std::mem::take(&mut state.buffered) {
-                if let Some(entry) = state.live.get_mut(&seq) {
+                if let Some(entry) = state.live.get_mut(seq) {
                     *(if copy { &mut entry.copy_at } else { &mut entry.state_at }) = Some(head);
                 }
             }
@@ -424,7 +418,7 @@ impl<S: Storage> Wal<S> {
         let bytes_len = bytes.len() as u64;
         if !bytes.is_empty() {
             let length = bytes.len() as u64;
-            self.storage.write_at(head, offset, bytes).await.map_err(failed)?;
+            self.storage().write_at(head, offset, bytes).await.map_err(failed)?;
             if self.written(end, length) {
                 // Rotation fsynced every finished segment, so compaction need not wait for
                 // this batch's fsync (its copies are removed only once durable).
@@ -434,7 +428,7 @@ impl<S: Storage> Wal<S> {
                 return Ok(());
             }
         }
-        self.storage.sync(head).await.map_err(failed)?;
+        self.storage().sync(head).await.map_err(failed)?;
         let copied = {
             let mut state = self.state.borrow_mut();
             state.head_synced = offset + bytes_len;
@@ -477,7 +471,7 @@ impl<S: Storage> Wal<S> {
             let state = self.state.borrow();
             (state.head, state.next_seq.max(state.head + 1))
         };
-        self.storage.sync(old).await.map_err(failed)?;
+        self.storage().sync(old).await.map_err(failed)?;
         self.state.borrow_mut().stats.fsyncs += 1;
         self.create_segment(next).await
     }
@@ -488,10 +482,10 @@ impl<S: Storage> Wal<S> {
             let state = self.state.borrow();
             SegmentHeader { shard: self.shard, log_id: state.log_id, first_seq }
         };
-        self.storage.create(first_seq).await.map_err(failed)?;
-        self.storage.write_at(first_seq, 0, header.encode().to_vec()).await.map_err(failed)?;
-        self.storage.sync(first_seq).await.map_err(failed)?;
-        self.storage.sync_dir().await.map_err(failed)?;
+        self.storage().create(first_seq).await.map_err(failed)?;
+        self.storage().write_at(first_seq, 0, header.encode().to_vec()).await.map_err(failed)?;
+        self.storage().sync(first_seq).await.map_err(failed)?;
+        self.storage().sync_dir().await.map_err(failed)?;
         let mut state = self.state.borrow_mut();
         state.stats.fsyncs += 1;
         state.next_seq = state.next_seq.max(first_seq);
@@ -530,7 +524,7 @@ impl<S: Storage> Wal<S> {
                 break;
             }
             let oldest = *self.state.borrow().segments.keys().next().expect("checked above");
-            self.storage.remove(oldest).await.map_err(failed)?;
+            self.storage().remove(oldest).await.map_err(failed)?;
             let mut state = self.state.borrow_mut();
             state.segments.remove(&oldest);
             state.stats.segments_removed += 1;
@@ -541,9 +535,14 @@ impl<S: Storage> Wal<S> {
             self.wake_flusher(&mut state);
         }
         if removed_any {
-            self.storage.sync_dir().await.map_err(failed)?;
+            self.storage().sync_dir().await.map_err(failed)?;
         }
         Ok(())
+    }
+
+    /// The storage; only a log with storage flushes, rotates or compacts.
+    fn storage(&self) -> &S {
+        self.storage.as_ref().expect("a memory log never flushes")
     }
 
     fn wake_flusher(&self, state: &mut WalState) {
@@ -554,6 +553,30 @@ impl<S: Storage> Wal<S> {
 }
 
 impl WalState {
+    fn new(endpoint_keys: &[&str]) -> WalState {
+        WalState {
+            log_id: 0,
+            next_seq: 0,
+            head: 0,
+            head_len: 0,
+            head_synced: 0,
+            records: true,
+            buffer: Vec::new(),
+            buffered: Vec::new(),
+            appended: 0,
+            written: 0,
+            durable: 0,
+            waiters: Vec::new(),
+            flusher: None,
+            failed: None,
+            segments: BTreeMap::new(),
+            live: LiveIndex::new(endpoint_keys),
+            removable: None,
+            last_sync: std::time::Instant::now(),
+            stats: WalStats::default(),
+        }
+    }
+
     fn check(&self) -> Result<(), WalError> {
         match &self.failed {
             Some(error) => Err(error.clone()),
@@ -561,60 +584,69 @@ impl WalState {
         }
     }
 
-    fn push(&mut self, record: &Record) -> Lsn {
+    /// Starts a batch in the buffer if none is: every batch starts with a mark, filled in
+    /// when the batch is written.
+    fn begin_batch(&mut self) {
         if self.buffer.is_empty() {
-            // Every batch starts with a mark, filled in when the batch is written.
             self.buffer.resize(record::MARK_BYTES, 0);
             self.appended += record::MARK_BYTES as u64;
         }
-        record.encode(&mut self.buffer);
-        self.appended += record.encoded_len() as u64;
+    }
+
+    fn push(&mut self, record: &Record) -> Lsn {
+        if self.records {
+            self.begin_batch();
+            record.encode(&mut self.buffer);
+            self.appended += record.encoded_len() as u64;
+        }
         self.appended
     }
 
-    /// Buffers a delivery's `Delivery` record, with an explicit state record when it is a
-    /// copy (`Ack dead` or `Replay`), and indexes it.
-    fn push_delivery(&mut self, delivery: Delivery, state: Option<bool>) -> Lsn {
-        let seq = delivery.seq;
-        let record = Record::Delivery(delivery);
-        let bytes = record.encoded_len() as u64;
-        let mut lsn = self.push(&record);
-        let Record::Delivery(delivery) = record else { unreachable!("built above") };
-        self.buffered.push((seq, true));
-        let dead = state == Some(true);
+    /// Buffers a `Delivery` or `BatchItem` record for `seq` and indexes it (replacing the
+    /// entry when it is a compaction copy); a copy's `state` (`Some(dead)`) is made explicit
+    /// with an `Ack dead` or `Replay` record after it.
+    fn push_live(&mut self, seq: u64, mut live: Live, state: Option<bool>) -> Lsn {
+        live.bytes = record::delivery_len(self.live.key(live.endpoint), &live.body) as u64;
+        if self.records {
+            self.begin_batch();
+            let (batch_item, key) = (live.kind == Kind::BatchItem, self.live.key(live.endpoint));
+            record::encode_delivery(&mut self.buffer, batch_item, seq, live.created_ms, key, &live.body);
+            self.appended += live.bytes;
+            self.buffered.push((seq, true));
+        }
+        let mut lsn = self.appended;
         match state {
             Some(true) => lsn = self.push(&Record::Ack { seq, outcome: Outcome::Dead }),
             Some(false) => lsn = self.push(&Record::Replay { seq }),
             None => {}
         }
-        if state.is_some() {
+        if state.is_some() && self.records {
             self.buffered.push((seq, false));
         }
-        let previous = self.live.insert(seq, LiveDelivery { delivery, dead, copy_at: None, state_at: None, bytes });
-        if let Some(previous) = previous {
-            self.live_bytes -= previous.bytes;
-        }
-        self.live_bytes += bytes;
+        live.dead = state == Some(true);
+        (live.copy_at, live.state_at) = (None, None);
+        self.live.insert(seq, live);
         lsn
     }
 
     /// Whether the oldest segment can go now; if not, maybe buffers copies of what keeps it.
     fn compact_oldest(&mut self, oldest: u64, oldest_bytes: u64, segment_bytes_max: u64) -> bool {
-        let mut keeping: Vec<u64> =
-            self.live.iter().filter(|(_, l)| l.refers_to(oldest)).map(|(&seq, _)| seq).collect();
+        let keeping = self.live.referring_to(oldest);
         if keeping.is_empty() {
             return true;
         }
-        let keeping_bytes: u64 = keeping.iter().map(|seq| self.live[seq].bytes).sum();
+        let keeping_bytes: u64 = keeping.iter().filter_map(|&seq| self.live.get(seq)).map(Live::bytes).sum();
         let total_bytes: u64 = self.segments.values().map(|i| i.bytes).sum();
         // Copy when that frees at least half the segment, or when the log holds more than
         // twice what is live (so cleaning pays for itself overall).
-        let worth_it = keeping_bytes * 2 <= oldest_bytes || total_bytes > 2 * self.live_bytes + 2 * segment_bytes_max;
+        let worth_it =
+            keeping_bytes * 2 <= oldest_bytes || total_bytes > 2 * self.live.live_bytes() + 2 * segment_bytes_max;
         if worth_it {
-            keeping.sort_unstable();
             for seq in keeping {
-                let entry = self.live.get(&seq).expect("listed above").clone();
-                self.push_delivery(entry.delivery, Some(entry.dead));
+                let entry = self.live.get(seq).expect("listed above").clone();
+                // A batch item has no state record to restate (it is never dead).
+                let state = (entry.kind == Kind::Delivery).then_some(entry.dead);
+                self.push_live(seq, entry, state);
             }
             self.removable = Some((oldest, self.appended));
         }
@@ -624,14 +656,14 @@ impl WalState {
     fn apply_ack(&mut self, seq: u64, outcome: Outcome) {
         match outcome {
             Outcome::Delivered | Outcome::Discarded => {
-                if let Some(entry) = self.live.remove(&seq) {
-                    self.live_bytes -= entry.bytes;
-                }
+                self.live.remove(seq);
             }
             Outcome::Dead => {
-                if let Some(entry) = self.live.get_mut(&seq) {
-                    entry.dead = true;
-                    self.buffered.push((seq, false));
+                if self.live.get(seq).is_some() {
+                    self.live.set_dead(seq, true);
+                    if self.records {
+                        self.buffered.push((seq, false));
+                    }
                 }
             }
         }
@@ -708,6 +740,17 @@ impl WalState {
         Ok(Some(offset))
     }
 
+    /// Indexes a `Delivery` or `BatchItem` record read at recovery. A second one for a seq is a
+    /// copy made by compaction: it keeps the state the earlier records gave it (an explicit
+    /// state record follows it anyway).
+    fn recover_copy(&mut self, kind: Kind, delivery: Delivery, segment: u64, bytes: u64) {
+        let endpoint = self.live.endpoint_id(&delivery.endpoint);
+        let previous = self.live.remove(delivery.seq);
+        let (dead, state_at) = previous.map_or((false, None), |p| (p.dead && kind == Kind::Delivery, p.state_at));
+        let (created_ms, body, copy_at) = (delivery.created_ms, delivery.body, Some(segment));
+        self.live.insert(delivery.seq, Live { kind, endpoint, created_ms, body, dead, copy_at, state_at, bytes });
+    }
+
     /// Replays one record read at recovery from `segment`.
     fn apply_recovered(&mut self, record: Record, segment: u64, bytes: u64) {
         if let Some(seq) = record.seq() {
@@ -715,28 +758,15 @@ impl WalState {
         }
         match record {
             Record::Mark { next_seq, .. } => self.next_seq = self.next_seq.max(next_seq),
-            Record::Delivery(delivery) => {
-                // A second Delivery for a seq is a copy made by compaction: it keeps the state
-                // the earlier records gave it (an explicit state record follows it anyway).
-                let seq = delivery.seq;
-                let previous = self.live.remove(&seq);
-                let (dead, state_at) = previous.as_ref().map_or((false, None), |p| (p.dead, p.state_at));
-                if let Some(previous) = previous {
-                    self.live_bytes -= previous.bytes;
-                }
-                self.live_bytes += bytes;
-                let copy_at = Some(segment);
-                self.live.insert(seq, LiveDelivery { delivery, dead, copy_at, state_at, bytes });
-            }
+            Record::Delivery(delivery) => self.recover_copy(Kind::Delivery, delivery, segment, bytes),
+            Record::BatchItem(item) => self.recover_copy(Kind::BatchItem, item, segment, bytes),
             Record::Ack { seq, outcome: Outcome::Delivered | Outcome::Discarded } => {
-                if let Some(entry) = self.live.remove(&seq) {
-                    self.live_bytes -= entry.bytes;
-                }
+                self.live.remove(seq);
             }
             Record::Ack { seq, outcome: Outcome::Dead } | Record::Replay { seq } => {
                 let dead = matches!(record, Record::Ack { .. });
-                if let Some(entry) = self.live.get_mut(&seq) {
-                    entry.dead = dead;
+                self.live.set_dead(seq, dead);
+                if let Some(entry) = self.live.get_mut(seq) {
                     entry.state_at = Some(segment);
                 }
             }

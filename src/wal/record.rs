@@ -9,10 +9,10 @@ use bytes::Bytes;
 pub const HEADER_BYTES: usize = 40;
 /// Bytes of the header its CRC covers.
 const HEADER_CRC_AT: usize = 32;
-/// Segment magic: "RWWAL", two zero bytes, format 2.
-pub const MAGIC: [u8; 8] = *b"RWWAL\0\0\x02";
-/// Segment format version (2 added the `Mark` record; docs/wal.md).
-pub const VERSION: u32 = 2;
+/// Segment magic: "RWWAL", two zero bytes, format 3.
+pub const MAGIC: [u8; 8] = *b"RWWAL\0\0\x03";
+/// Segment format version (2 added the `Mark` record, 3 the `BatchItem` record; docs/wal.md).
+pub const VERSION: u32 = 3;
 /// What every format's magic starts with, to tell "another version" from "not a header".
 const MAGIC_PREFIX: [u8; 7] = *b"RWWAL\0\0";
 /// Record frame: length + crc.
@@ -26,6 +26,7 @@ const KIND_DELIVERY: u8 = 1;
 const KIND_ACK: u8 = 2;
 const KIND_REPLAY: u8 = 3;
 const KIND_MARK: u8 = 4;
+const KIND_BATCH_ITEM: u8 = 5;
 /// `kind + payload` of a `Mark`: fixed, so recovery can look for marks at every offset.
 const MARK_BODY_BYTES: usize = 17;
 /// Bytes of a framed `Mark`.
@@ -43,7 +44,7 @@ pub struct SegmentHeader {
 }
 
 impl SegmentHeader {
-    /// The 32 header bytes.
+    /// The header bytes.
     pub fn encode(&self) -> [u8; HEADER_BYTES] {
         let mut out = [0u8; HEADER_BYTES];
         out[0..8].copy_from_slice(&MAGIC);
@@ -107,6 +108,10 @@ pub struct Delivery {
 pub enum Record {
     /// A new (or copied-forward) delivery.
     Delivery(Delivery),
+    /// A new (or copied-forward) batch item: an event waiting to be batched into one delivery
+    /// to `endpoint`; its body is the event's JSON object. Acked `Delivered` once the delivery
+    /// holding it is appended.
+    BatchItem(Delivery),
     /// A delivery ended.
     Ack {
         /// Which delivery.
@@ -149,13 +154,10 @@ impl Record {
         out.extend_from_slice(&[0u8; FRAME_BYTES]);
         match self {
             Record::Delivery(d) => {
-                assert!(d.endpoint.len() <= usize::from(u16::MAX), "endpoint keys are validated short");
-                out.push(KIND_DELIVERY);
-                out.extend_from_slice(&d.seq.to_le_bytes());
-                out.extend_from_slice(&d.created_ms.to_le_bytes());
-                out.extend_from_slice(&(d.endpoint.len() as u16).to_le_bytes());
-                out.extend_from_slice(d.endpoint.as_bytes());
-                out.extend_from_slice(&d.body);
+                encode_delivery_payload(out, KIND_DELIVERY, d.seq, d.created_ms, &d.endpoint, &d.body)
+            }
+            Record::BatchItem(d) => {
+                encode_delivery_payload(out, KIND_BATCH_ITEM, d.seq, d.created_ms, &d.endpoint, &d.body)
             }
             Record::Ack { seq, outcome } => {
                 out.push(KIND_ACK);
@@ -176,11 +178,7 @@ impl Record {
                 out.extend_from_slice(&next_seq.to_le_bytes());
             }
         }
-        let length = out.len() - start - FRAME_BYTES;
-        assert!(length <= RECORD_BYTES_MAX, "records are bounded by the API's body limit");
-        let crc = crc32fast::hash(&out[start + FRAME_BYTES..]);
-        out[start..start + 4].copy_from_slice(&(length as u32).to_le_bytes());
-        out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        finish_frame(out, start);
     }
 
     /// Bytes `encode` appends.
@@ -188,7 +186,9 @@ impl Record {
         FRAME_BYTES
             + 1
             + match self {
-                Record::Delivery(d) => DELIVERY_OVERHEAD_BYTES - 1 + d.endpoint.len() + d.body.len(),
+                Record::Delivery(d) | Record::BatchItem(d) => {
+                    DELIVERY_OVERHEAD_BYTES - 1 + d.endpoint.len() + d.body.len()
+                }
                 Record::Ack { .. } => 9,
                 Record::Replay { .. } => 8,
                 Record::Mark { .. } => MARK_BODY_BYTES - 1,
@@ -213,7 +213,8 @@ impl Record {
         }
         let (kind, payload) = (body[0], &body[1..]);
         let record = match kind {
-            KIND_DELIVERY => decode_delivery(payload)?,
+            KIND_DELIVERY => Record::Delivery(decode_delivery(payload)?),
+            KIND_BATCH_ITEM => Record::BatchItem(decode_delivery(payload)?),
             KIND_ACK if payload.len() == 9 => Record::Ack {
                 seq: u64_at(payload, 0),
                 outcome: match payload[8] {
@@ -235,7 +236,7 @@ impl Record {
     /// The delivery sequence number the record is about (`None` for a `Mark`).
     pub fn seq(&self) -> Option<u64> {
         match self {
-            Record::Delivery(d) => Some(d.seq),
+            Record::Delivery(d) | Record::BatchItem(d) => Some(d.seq),
             Record::Ack { seq, .. } | Record::Replay { seq } => Some(*seq),
             Record::Mark { .. } => None,
         }
@@ -272,19 +273,53 @@ pub fn marks_after(bytes: &[u8], from: usize) -> impl Iterator<Item = (usize, u6
     })
 }
 
-fn decode_delivery(payload: &[u8]) -> Result<Record, DecodeError> {
+/// Appends a framed `Delivery` (or, with `batch_item`, `BatchItem`) record without building a
+/// `Record` (the WAL's append path: no copy of the endpoint key).
+pub fn encode_delivery(out: &mut Vec<u8>, batch_item: bool, seq: u64, created_ms: u64, endpoint: &str, body: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(&[0u8; FRAME_BYTES]);
+    let kind = if batch_item { KIND_BATCH_ITEM } else { KIND_DELIVERY };
+    encode_delivery_payload(out, kind, seq, created_ms, endpoint, body);
+    finish_frame(out, start);
+}
+
+/// Bytes `encode_delivery` appends.
+pub fn delivery_len(endpoint: &str, body: &[u8]) -> usize {
+    FRAME_BYTES + DELIVERY_OVERHEAD_BYTES + endpoint.len() + body.len()
+}
+
+fn encode_delivery_payload(out: &mut Vec<u8>, kind: u8, seq: u64, created_ms: u64, endpoint: &str, body: &[u8]) {
+    assert!(endpoint.len() <= usize::from(u16::MAX), "endpoint keys are validated short");
+    out.push(kind);
+    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&created_ms.to_le_bytes());
+    out.extend_from_slice(&(endpoint.len() as u16).to_le_bytes());
+    out.extend_from_slice(endpoint.as_bytes());
+    out.extend_from_slice(body);
+}
+
+/// Fills in the length and CRC of the record that starts at `start` in `out`.
+fn finish_frame(out: &mut [u8], start: usize) {
+    let length = out.len() - start - FRAME_BYTES;
+    assert!(length <= RECORD_BYTES_MAX, "records are bounded by the API's body limit");
+    let crc = crc32fast::hash(&out[start + FRAME_BYTES..]);
+    out[start..start + 4].copy_from_slice(&(length as u32).to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+}
+
+fn decode_delivery(payload: &[u8]) -> Result<Delivery, DecodeError> {
     if payload.len() < 18 {
         return Err(DecodeError::Malformed);
     }
     let endpoint_len = usize::from(u16::from_le_bytes([payload[16], payload[17]]));
     let endpoint = payload.get(18..18 + endpoint_len).ok_or(DecodeError::Malformed)?;
     let endpoint = std::str::from_utf8(endpoint).map_err(|_| DecodeError::Malformed)?;
-    Ok(Record::Delivery(Delivery {
+    Ok(Delivery {
         seq: u64_at(payload, 0),
         created_ms: u64_at(payload, 8),
         endpoint: endpoint.into(),
         body: Bytes::copy_from_slice(&payload[18 + endpoint_len..]),
-    }))
+    })
 }
 
 fn u32_at(bytes: &[u8], at: usize) -> u32 {
@@ -319,6 +354,13 @@ mod tests {
             endpoint: "app/0".into(),
             body: Bytes::from_static(br#"{"a":1}"#),
         }));
+        let item = Delivery { seq: 8, created_ms: 5, endpoint: "app/1".into(), body: Bytes::from_static(b"{}") };
+        check(Record::BatchItem(item.clone()));
+        let mut direct = Vec::new();
+        encode_delivery(&mut direct, true, item.seq, item.created_ms, &item.endpoint, &item.body);
+        let mut built = Vec::new();
+        Record::BatchItem(item.clone()).encode(&mut built);
+        assert_eq!((direct.len(), &direct), (delivery_len(&item.endpoint, &item.body), &built));
         check(Record::Ack { seq: u64::MAX, outcome: Outcome::Delivered });
         check(Record::Ack { seq: 3, outcome: Outcome::Dead });
         check(Record::Ack { seq: 4, outcome: Outcome::Discarded });
@@ -369,6 +411,11 @@ mod tests {
             flipped[i] ^= 0x04;
             assert_eq!(SegmentHeader::decode(&flipped), Ok(None), "a flip in byte {i} is a damaged header");
         }
+        // A format-2 header (same layout, no batch items) is another version, not damage.
+        let mut two = bytes;
+        two[7] = 2;
+        two[8] = 2;
+        assert_eq!(SegmentHeader::decode(&two), Err(2));
         // A format-1 header (32 bytes, no CRC) is recognised as another version.
         let mut other = bytes;
         other[7] = 1;

@@ -7,6 +7,13 @@ use bytes::Bytes;
 
 use super::*;
 
+/// The tests' way to append a delivery: by endpoint key, as the dispatcher's ids are.
+impl<S: Storage> Wal<S> {
+    fn append_delivery(&self, key: &str, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+        self.append(Kind::Delivery, self.endpoint_id(key), created_ms, body)
+    }
+}
+
 fn block_on<F: std::future::Future>(future: F) -> F::Output {
     monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().expect("runtime").block_on(future)
 }
@@ -14,8 +21,8 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 /// What the workload did, as the model sees it.
 #[derive(Default, Debug)]
 struct Model {
-    /// Every delivery appended: seq → (endpoint, body).
-    appended: HashMap<u64, (String, Bytes)>,
+    /// Every delivery and batch item appended: seq → (endpoint, body, kind).
+    appended: HashMap<u64, (String, Bytes, Kind)>,
     /// Deliveries whose append was committed (a flush after it returned Ok).
     committed: Vec<u64>,
     /// Deliveries whose `Delivered` ack was committed.
@@ -36,23 +43,30 @@ fn workload(storage: SimStorage, seed: u64, operations: usize) -> Model {
     block_on(async move {
         let mut rng = fastrand::Rng::with_seed(seed);
         let mut model = Model::default();
-        let Ok((wal, _)) = Wal::open(storage.clone(), 0, SEGMENT_BYTES_MAX, Durability::Fsync).await else {
+        let Ok((wal, _)) = Wal::open(storage.clone(), 0, SEGMENT_BYTES_MAX, Durability::Fsync, &[]).await else {
             return model;
         };
         // Uncommitted operations since the last flush: (seq, kind) with kind 0 append, 1 delivered, 2 dead, 3 replay.
         let mut since_flush: Vec<(u64, u8)> = Vec::new();
         let mut pending: Vec<u64> = Vec::new();
         let mut dead: Vec<u64> = Vec::new();
+        // Batch items: only ever acked delivered (when their batch delivery is made).
+        let mut items: Vec<u64> = Vec::new();
         for _ in 0..operations {
             let choice = rng.u8(0..10);
             let result = match choice {
                 0..=4 => {
                     let body = Bytes::from((0..rng.usize(0..120)).map(|_| rng.u8(..)).collect::<Vec<u8>>());
                     let endpoint = format!("app/{}", rng.u8(0..3));
-                    wal.append_delivery(&endpoint, 1000 + rng.u64(0..1000), body.clone()).map(|(seq, _)| {
-                        model.appended.insert(seq, (endpoint, body));
+                    let kind = if rng.u8(0..4) == 0 { Kind::BatchItem } else { Kind::Delivery };
+                    let id = wal.endpoint_id(&endpoint);
+                    wal.append(kind, id, 1000 + rng.u64(0..1000), body.clone()).map(|(seq, _)| {
+                        model.appended.insert(seq, (endpoint, body, kind));
                         model.seq_max = model.seq_max.max(Some(seq));
-                        pending.push(seq);
+                        match kind {
+                            Kind::Delivery => pending.push(seq),
+                            Kind::BatchItem => items.push(seq),
+                        }
                         since_flush.push((seq, 0));
                     })
                 }
@@ -73,6 +87,11 @@ fn workload(storage: SimStorage, seed: u64, operations: usize) -> Model {
                     assert!(replayed.is_some(), "seq {seq} is a dead letter");
                     since_flush.push((seq, 3));
                     Ok(())
+                }
+                9 if !items.is_empty() => {
+                    let seq = items.swap_remove(rng.usize(..items.len()));
+                    model.delivered_any.push(seq);
+                    wal.append_ack(seq, Outcome::Delivered).map(|_| since_flush.push((seq, 1)))
                 }
                 _ => Ok(()),
             };
@@ -107,32 +126,38 @@ fn workload(storage: SimStorage, seed: u64, operations: usize) -> Model {
 /// Recovers `image` and checks it against the model.
 fn check_recovery(image: SimStorage, model: &Model, context: &str) {
     block_on(async move {
-        let (wal, recovered) = Wal::open(image, 0, SEGMENT_BYTES_MAX, Durability::Fsync)
+        let (wal, recovered) = Wal::open(image, 0, SEGMENT_BYTES_MAX, Durability::Fsync, &[])
             .await
             .unwrap_or_else(|e| panic!("{context}: recovery failed: {e}"));
-        let by_seq: HashMap<u64, &LiveDelivery> = recovered.iter().map(|l| (l.delivery.seq, l)).collect();
-        for live in &recovered {
-            let seq = live.delivery.seq;
-            let (endpoint, body) = model.appended.get(&seq).unwrap_or_else(|| panic!("{context}: invented seq {seq}"));
-            assert_eq!(&*live.delivery.endpoint, endpoint, "{context}: seq {seq} endpoint");
-            assert_eq!(&live.delivery.body, body, "{context}: seq {seq} body");
-            assert!(!model.delivered.contains(&seq), "{context}: seq {seq} was acked delivered durably");
-        }
-        for &seq in &model.committed {
-            if model.delivered_any.contains(&seq) {
-                continue;
+        {
+            let index = wal.index();
+            for &seq in &recovered {
+                let live = index.get(seq).unwrap_or_else(|| panic!("{context}: recovered seq {seq} not indexed"));
+                let (endpoint, body, kind) =
+                    model.appended.get(&seq).unwrap_or_else(|| panic!("{context}: invented seq {seq}"));
+                assert_eq!(index.key(live.endpoint), endpoint, "{context}: seq {seq} endpoint");
+                assert_eq!(&live.body, body, "{context}: seq {seq} body");
+                assert_eq!(live.kind, *kind, "{context}: seq {seq} kind");
+                assert!(!(live.dead && live.kind == Kind::BatchItem), "{context}: batch item {seq} dead");
+                assert!(!model.delivered.contains(&seq), "{context}: seq {seq} was acked delivered durably");
             }
-            let live = by_seq.get(&seq).unwrap_or_else(|| panic!("{context}: committed seq {seq} lost"));
-            if let Some(&(dead, uncommitted_after)) = model.state.get(&seq) {
-                if !uncommitted_after {
-                    assert_eq!(live.dead, dead, "{context}: seq {seq} dead state");
+            assert_eq!(index.len(), recovered.len(), "{context}: recovered = indexed");
+            for &seq in &model.committed {
+                if model.delivered_any.contains(&seq) {
+                    continue;
+                }
+                let live = index.get(seq).unwrap_or_else(|| panic!("{context}: committed seq {seq} lost"));
+                if let Some(&(dead, uncommitted_after)) = model.state.get(&seq) {
+                    if !uncommitted_after {
+                        assert_eq!(live.dead, dead, "{context}: seq {seq} dead state");
+                    }
                 }
             }
         }
         // A new delivery never reuses a committed or recovered seq.
         let (seq, _) = wal.append_delivery("app/0", 1, Bytes::new()).expect("append after recovery");
         let committed_max = model.committed.iter().max().copied();
-        let recovered_max = recovered.last().map(|l| l.delivery.seq);
+        let recovered_max = recovered.last().copied();
         assert!(Some(seq) > committed_max.max(recovered_max), "{context}: seq {seq} reused");
         wal.flush_once().await.unwrap_or_else(|e| panic!("{context}: flush after recovery: {e}"));
     });
@@ -180,7 +205,7 @@ fn crash_at_every_sync_point() {
 fn compaction_removes_finished_segments() {
     block_on(async {
         let storage = SimStorage::new();
-        let (wal, _) = Wal::open(storage.clone(), 0, 1024, Durability::Fsync).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1024, Durability::Fsync, &[]).await.unwrap();
         for round in 0..200u64 {
             let (seq, _) = wal.append_delivery("app/0", round, Bytes::from(vec![b'x'; 100])).unwrap();
             wal.flush_once().await.unwrap();
@@ -199,7 +224,7 @@ fn compaction_removes_finished_segments() {
 fn dead_letters_are_copied_forward() {
     block_on(async {
         let storage = SimStorage::new();
-        let (wal, _) = Wal::open(storage.clone(), 0, 1024, Durability::Fsync).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1024, Durability::Fsync, &[]).await.unwrap();
         let (dead_seq, _) = wal.append_delivery("app/1", 5, Bytes::from_static(b"keep me")).unwrap();
         wal.append_ack(dead_seq, Outcome::Dead).unwrap();
         for round in 0..200u64 {
@@ -209,10 +234,12 @@ fn dead_letters_are_copied_forward() {
         }
         assert!(storage.list().await.unwrap().len() <= 3);
         let image = storage.crash_image(&mut |_| 0, &mut || false);
-        let (_, recovered) = Wal::open(image, 0, 1024, Durability::Fsync).await.unwrap();
-        assert_eq!(recovered.len(), 1);
-        assert!(recovered[0].dead);
-        assert_eq!(&recovered[0].delivery.body[..], b"keep me");
+        let (wal, recovered) = Wal::open(image, 0, 1024, Durability::Fsync, &[]).await.unwrap();
+        assert_eq!(recovered, vec![dead_seq]);
+        let index = wal.index();
+        let live = index.get(dead_seq).unwrap();
+        assert!(live.dead);
+        assert_eq!(&live.body[..], b"keep me");
     });
 }
 
@@ -221,7 +248,7 @@ fn dead_letters_are_copied_forward() {
 fn corruption_in_an_earlier_segment_is_refused() {
     block_on(async {
         let storage = SimStorage::new();
-        let (wal, _) = Wal::open(storage.clone(), 0, 300, Durability::Fsync).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 0, 300, Durability::Fsync, &[]).await.unwrap();
         for round in 0..20u64 {
             wal.append_delivery("app/0", round, Bytes::from(vec![b'y'; 50])).unwrap();
             wal.flush_once().await.unwrap();
@@ -232,7 +259,7 @@ fn corruption_in_an_earlier_segment_is_refused() {
         storage.write_at(first, 0, bytes).await.unwrap();
         storage.sync(first).await.unwrap();
         let image = storage.crash_image(&mut |_| 0, &mut || false);
-        let error = Wal::open(image, 0, 300, Durability::Fsync).await.err().expect("refused");
+        let error = Wal::open(image, 0, 300, Durability::Fsync, &[]).await.err().expect("refused");
         assert!(matches!(error, WalError::Corrupt { segment, .. } if segment == first), "{error}");
     });
 }
@@ -242,10 +269,10 @@ fn corruption_in_an_earlier_segment_is_refused() {
 fn another_shards_log_is_refused() {
     block_on(async {
         let storage = SimStorage::new();
-        let (wal, _) = Wal::open(storage.clone(), 1, 300, Durability::Fsync).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 1, 300, Durability::Fsync, &[]).await.unwrap();
         wal.append_delivery("app/0", 1, Bytes::new()).unwrap();
         wal.flush_once().await.unwrap();
-        let error = Wal::open(storage, 0, 300, Durability::Fsync).await.err().expect("refused");
+        let error = Wal::open(storage, 0, 300, Durability::Fsync, &[]).await.err().expect("refused");
         assert!(error.to_string().contains("shard 1"), "{error}");
     });
 }
@@ -256,7 +283,7 @@ fn batch_mode_syncs_under_steady_load() {
     block_on(async {
         let storage = SimStorage::new();
         let period = std::time::Duration::from_millis(20);
-        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Batch(period)).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Batch(period), &[]).await.unwrap();
         let syncs_before = storage.syncs();
         let started = std::time::Instant::now();
         while started.elapsed() < std::time::Duration::from_millis(200) {
@@ -276,7 +303,7 @@ fn batch_mode_syncs_under_steady_load() {
 fn oversized_delivery_is_refused_without_panic() {
     block_on(async {
         let storage = SimStorage::new();
-        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Fsync).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Fsync, &[]).await.unwrap();
         let body = Bytes::from(vec![b'z'; record::RECORD_BYTES_MAX]);
         let error = wal.append_delivery("app/0", 1, body).expect_err("refused");
         assert!(matches!(error, WalError::RecordTooLarge { .. }), "{error}");
@@ -285,7 +312,7 @@ fn oversized_delivery_is_refused_without_panic() {
         let (seq, lsn) = wal.append_delivery("app/0", 2, Bytes::from_static(b"ok")).unwrap();
         wal.flush_once().await.unwrap();
         wal.commit(lsn).await.unwrap();
-        assert_eq!(wal.get(seq).map(|l| l.delivery.body), Some(Bytes::from_static(b"ok")));
+        assert_eq!(wal.index().get(seq).map(|l| l.body.clone()), Some(Bytes::from_static(b"ok")));
     });
 }
 
@@ -325,20 +352,21 @@ fn bit_flips_before_the_durable_end_are_refused() {
                      {segment} (last: {last}, proven: {})",
                     storage.proven_bytes(segment)
                 );
-                match block_on(Wal::open(image, 0, SEGMENT_BYTES_MAX, Durability::Fsync)) {
+                match block_on(Wal::open(image, 0, SEGMENT_BYTES_MAX, Durability::Fsync, &[])) {
                     Err(WalError::Corrupt { segment: named, offset: at, .. }) => {
                         assert_eq!(named, segment, "{context}");
                         assert!(at as usize <= offset, "{context}: named byte {at}");
                         refused += 1;
                     }
                     Err(error) => panic!("{context}: {error}"),
-                    Ok((_, recovered)) => {
+                    Ok((wal, recovered)) => {
                         assert!(!must_refuse, "{context}: fsynced damage was cut instead of refused");
-                        for live in &recovered {
-                            let seq = live.delivery.seq;
-                            let (_, body) =
+                        for &seq in &recovered {
+                            let (_, body, kind) =
                                 model.appended.get(&seq).unwrap_or_else(|| panic!("{context}: invented {seq}"));
-                            assert_eq!(&live.delivery.body, body, "{context}: seq {seq} body");
+                            let index = wal.index();
+                            let live = index.get(seq).expect("recovered is indexed");
+                            assert_eq!((&live.body, live.kind), (body, *kind), "{context}: seq {seq}");
                         }
                         recovered_after_flip += 1;
                     }
@@ -352,20 +380,48 @@ fn bit_flips_before_the_durable_end_are_refused() {
     );
 }
 
-/// A segment of format 1 is refused with its version named, never taken for a torn header
-/// and deleted.
+/// A segment of format 1 or 2 (before batch items were a record kind) is refused with its
+/// version named, never taken for a torn header and deleted.
 #[test]
 fn another_format_version_is_refused_not_deleted() {
     block_on(async {
-        let storage = SimStorage::new();
-        storage.create(0).await.unwrap();
-        let mut v1 = b"RWWAL\0\0\x01".to_vec();
-        v1.extend_from_slice(&1u32.to_le_bytes());
-        v1.resize(32 + 30, 7);
-        storage.write_at(0, 0, v1).await.unwrap();
-        let error = Wal::open(storage.clone(), 0, 300, Durability::Fsync).await.err().expect("refused");
-        assert!(error.to_string().contains("format version 1"), "{error}");
-        assert_eq!(storage.list().await.unwrap(), vec![0]);
+        for version in [1u8, 2] {
+            let storage = SimStorage::new();
+            storage.create(0).await.unwrap();
+            let mut old = b"RWWAL\0\0\0".to_vec();
+            old[7] = version;
+            old.extend_from_slice(&u32::from(version).to_le_bytes());
+            old.resize(40 + 30, 7);
+            storage.write_at(0, 0, old).await.unwrap();
+            let error = Wal::open(storage.clone(), 0, 300, Durability::Fsync, &[]).await.err().expect("refused");
+            assert!(
+                error.to_string().contains(&format!("format version {version}, this build reads version 3")),
+                "{error}"
+            );
+            assert_eq!(storage.list().await.unwrap(), vec![0]);
+        }
+    });
+}
+
+/// `memory` durability keeps the same index (deliveries, batch items, dead letters, budgets)
+/// without storage: commits return at once and nothing needs a flusher.
+#[test]
+fn memory_log_keeps_the_index_without_storage() {
+    block_on(async {
+        let wal = Wal::<SimStorage>::memory(0, &["app/0"]);
+        assert!(!wal.writes());
+        let (item, _) = wal.append(Kind::BatchItem, 0, 1, Bytes::from_static(b"{}")).unwrap();
+        let (seq, lsn) = wal.append(Kind::Delivery, 0, 2, Bytes::from_static(b"body")).unwrap();
+        wal.commit(lsn).await.unwrap();
+        assert_eq!((wal.index().len(), wal.index().counts(0)), (2, (1, 0)));
+        let bytes = wal.index().endpoint_bytes(0);
+        wal.append_ack(item, Outcome::Delivered).unwrap();
+        assert!(wal.index().endpoint_bytes(0) < bytes, "the batch item's bytes are given back");
+        wal.append_ack(seq, Outcome::Dead).unwrap();
+        assert_eq!(wal.index().dead_before(u64::MAX), vec![seq]);
+        assert!(wal.append_replay(seq).unwrap().is_some() && wal.append_replay(seq).unwrap().is_none());
+        wal.append_ack(seq, Outcome::Delivered).unwrap();
+        assert_eq!((wal.index().len(), wal.index().live_bytes(), wal.stats().bytes_written), (0, 0, 0));
     });
 }
 
@@ -376,7 +432,7 @@ fn batch_mode_flusher_wakes_for_new_appends() {
     block_on(async {
         let storage = SimStorage::new();
         let period = std::time::Duration::from_secs(30);
-        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Batch(period)).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Batch(period), &[]).await.unwrap();
         let wal = std::rc::Rc::new(wal);
         monoio::spawn({
             let wal = wal.clone();
@@ -398,7 +454,7 @@ fn batch_mode_compacts_without_waiting_for_the_period() {
     block_on(async {
         let storage = SimStorage::new();
         let period = std::time::Duration::from_secs(3600);
-        let (wal, _) = Wal::open(storage.clone(), 0, 1024, Durability::Batch(period)).await.unwrap();
+        let (wal, _) = Wal::open(storage.clone(), 0, 1024, Durability::Batch(period), &[]).await.unwrap();
         for round in 0..200u64 {
             let (seq, _) = wal.append_delivery("app/0", round, Bytes::from(vec![b'x'; 100])).unwrap();
             wal.flush_once().await.unwrap();
@@ -420,7 +476,7 @@ fn batch_mode_never_reuses_a_released_seq() {
         sent_total += block_on(async move {
             let storage = SimStorage::new();
             let durability = Durability::Batch(std::time::Duration::from_millis(3));
-            let (wal, _) = Wal::open(storage.clone(), 0, 2048, durability).await.unwrap();
+            let (wal, _) = Wal::open(storage.clone(), 0, 2048, durability, &[]).await.unwrap();
             let wal = std::rc::Rc::new(wal);
             let released = std::rc::Rc::new(std::cell::Cell::new(0));
             monoio::spawn({
@@ -443,7 +499,7 @@ fn batch_mode_never_reuses_a_released_seq() {
             // A power loss: only durable bytes survive.
             storage.crash();
             let image = storage.crash_image(&mut |_| 0, &mut || false);
-            let (wal, _) = Wal::open(image, 0, 2048, durability).await.unwrap();
+            let (wal, _) = Wal::open(image, 0, 2048, durability, &[]).await.unwrap();
             let (next, _) = wal.append_delivery("app/0", 0, Bytes::new()).unwrap();
             assert!(sent.iter().all(|&seq| seq < next), "seed {seed}: seq {next} was already sent: {sent:?}");
             sent.len()

@@ -2,9 +2,9 @@
 //! endpoint) waiting to become one delivery, at `batch_max` events or `batch_ms` after the
 //! first.
 //!
-//! Owns `Batch` and `BatchItem`. Never touches the WAL or sockets: the dispatcher writes each
-//! item to the log before it is pushed here and acks the items once their batch delivery is
-//! created. Time is passed in.
+//! Owns `Batch`. Never touches the WAL or sockets: the dispatcher writes each event to the log
+//! as a batch item (which holds its JSON) before its sequence number is pushed here, and acks
+//! the items once their batch delivery is created. Time is passed in.
 //!
 //! Invariant: `since` is set exactly when the batch holds items (it is the first one's time).
 
@@ -15,33 +15,18 @@ use bytes::Bytes;
 use super::event;
 use crate::config::WebhookFormat;
 
-/// WAL endpoint key of an endpoint's events that are not in a batch delivery yet.
-pub fn batch_item_key(endpoint_key: &str) -> String {
-    format!("{endpoint_key}#batching")
-}
-
-/// One event waiting in its endpoint's batch.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BatchItem {
-    /// Its own WAL record (acked once the batch delivery holding it is written); `None` in
-    /// `memory` mode.
-    pub seq: Option<u64>,
-    /// The event's JSON object.
-    pub json: Box<str>,
-}
-
 /// The events of one endpoint not yet in a delivery.
 #[derive(Debug, Default)]
 pub struct Batch {
-    /// In arrival order.
-    items: Vec<BatchItem>,
+    /// The events' batch items (sequence numbers in the WAL), in arrival order.
+    items: Vec<u64>,
     /// When the first of `items` arrived.
     since: Option<Instant>,
 }
 
 impl Batch {
     /// Adds an event that arrived at `now`; returns how many the batch holds.
-    pub fn push(&mut self, item: BatchItem, now: Instant) -> usize {
+    pub fn push(&mut self, item: u64, now: Instant) -> usize {
         self.items.push(item);
         self.since.get_or_insert(now);
         self.items.len()
@@ -59,33 +44,23 @@ impl Batch {
     }
 
     /// Takes every event, leaving the batch empty.
-    pub fn take(&mut self) -> Vec<BatchItem> {
+    pub fn take(&mut self) -> Vec<u64> {
         self.since = None;
         std::mem::take(&mut self.items)
     }
 }
 
-/// The body of one delivery holding `items`, in `format`'s batch shape.
-pub fn body(format: WebhookFormat, time_ms: u64, items: &[BatchItem]) -> Bytes {
-    let events = items.iter().map(|i| &*i.json);
+/// The body of one delivery holding `events` (JSON objects), in `format`'s batch shape.
+pub fn body<'a>(format: WebhookFormat, time_ms: u64, events: impl Iterator<Item = &'a str>) -> Bytes {
     match format {
         WebhookFormat::Pusher => event::pusher_body(time_ms, events),
         WebhookFormat::Standard => event::standard_batch_body(time_ms, events),
     }
 }
 
-/// Bytes the items count against the queue budgets.
-pub fn bytes(items: &[BatchItem]) -> u64 {
-    items.iter().map(|i| i.json.len() as u64).sum()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn item(n: u64) -> BatchItem {
-        BatchItem { seq: Some(n), json: format!("{{\"n\":{n}}}").into() }
-    }
 
     /// A batch remembers its first event's time, is due `period` later, and empties on take.
     #[test]
@@ -94,24 +69,24 @@ mod tests {
         let period = Duration::from_millis(100);
         let mut batch = Batch::default();
         assert!(!batch.is_due(start + period, period), "an empty batch is never due");
-        assert_eq!(batch.push(item(1), start), 1);
-        assert_eq!(batch.push(item(2), start + Duration::from_millis(90)), 2);
+        assert_eq!(batch.push(1, start), 1);
+        assert_eq!(batch.push(2, start + Duration::from_millis(90)), 2);
         assert_eq!(batch.since(), Some(start));
         assert!(!batch.is_due(start + Duration::from_millis(99), period));
         assert!(batch.is_due(start + period, period));
-        let items = batch.take();
-        assert_eq!(items, vec![item(1), item(2)]);
-        assert_eq!((batch.since(), bytes(&items)), (None, 14));
+        assert_eq!(batch.take(), vec![1, 2]);
+        assert_eq!(batch.since(), None);
     }
 
     /// The delivery body wraps the events in the format's batch shape, in order.
     #[test]
     fn body_keeps_event_order() {
-        let items = [item(1), item(2)];
-        let pusher: serde_json::Value = serde_json::from_slice(&body(WebhookFormat::Pusher, 5, &items)).unwrap();
+        let items = [r#"{"n":1}"#, r#"{"n":2}"#];
+        let pusher: serde_json::Value =
+            serde_json::from_slice(&body(WebhookFormat::Pusher, 5, items.iter().copied())).unwrap();
         assert_eq!(pusher["time_ms"], 5);
         assert_eq!(pusher["events"][1]["n"], 2);
-        let standard = body(WebhookFormat::Standard, 5, &items);
+        let standard = body(WebhookFormat::Standard, 5, items.iter().copied());
         let text = std::str::from_utf8(&standard).unwrap();
         assert!(text.find("\"n\":1").unwrap() < text.find("\"n\":2").unwrap(), "{text}");
     }

@@ -14,7 +14,6 @@
 //! mode), so a webhook id a receiver has seen is never reused after a crash.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::future::{poll_fn, Future};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -24,20 +23,20 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 
 use super::admin::{AdminAnswer, AdminRequest, AttemptReport, DeadLetter};
-use super::batch::{self, batch_item_key, BatchItem};
+use super::batch;
 use super::client::{Connection, Response};
+use super::delivery;
 pub use super::delivery::Refused;
-use super::delivery::{self, Deliveries, Delivery};
 use super::endpoint::{build_endpoints, AttemptError, Endpoint, Transport};
 use super::event::{self, LifecycleEvent};
 use super::health::{BreakerSettings, Verdict};
 use super::queue::{Attempt, DispatchState, EndpointQueue};
 use super::retry::RetryPolicy;
-use super::target::{AddressPolicy, Cidr};
 use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, DurabilityMode, WebhookFormat};
 use crate::metrics::ShardMetrics;
-use crate::wal::{Durability, FileStorage, Lsn, Outcome, Wal, WalError};
+use crate::target::{AddressPolicy, Cidr};
+use crate::wal::{Durability, FileStorage, Kind, Lsn, Outcome, Wal, WalError};
 use monoio_rustls::TlsConnector;
 
 /// One shard's webhook dispatcher.
@@ -53,8 +52,9 @@ pub struct Webhooks {
     endpoints: Vec<Endpoint>,
     /// Per app, the indexes of its endpoints.
     by_app: Vec<Vec<usize>>,
-    /// `None` in `memory` durability.
-    wal: Option<Wal<FileStorage>>,
+    /// The log and the one index of live deliveries and batch items (endpoint ids there are
+    /// indexes into `endpoints`); it writes nothing in `memory` durability.
+    wal: Wal<FileStorage>,
     /// The WAL's id (random in `memory` mode): the first half of every webhook id.
     log_id: u64,
     metrics: Arc<[ShardMetrics]>,
@@ -105,12 +105,12 @@ impl Webhooks {
             cooldown: Duration::from_millis(settings.breaker_cooldown_ms),
         };
         let state = DispatchState {
-            deliveries: Deliveries::new(endpoints.len()),
             queues: (0..endpoints.len()).map(|_| EndpointQueue::default()).collect(),
             ..DispatchState::default()
         };
-        let (wal, recovered, log_id) = match settings.durability {
-            DurabilityMode::Memory => (None, Vec::new(), fastrand::u64(..)),
+        let keys: Vec<&str> = endpoints.iter().map(|e| &*e.key).collect();
+        let (wal, recovered) = match settings.durability {
+            DurabilityMode::Memory => (Wal::memory(shard as u32, &keys), Vec::new()),
             mode => {
                 let directory = super::wal_directory(&settings.data_dir, shard);
                 let storage = FileStorage::open(&directory)
@@ -120,13 +120,12 @@ impl Webhooks {
                     DurabilityMode::Batch => Durability::Batch(Duration::from_millis(settings.batch_sync_ms)),
                     _ => Durability::Fsync,
                 };
-                let (wal, recovered) = Wal::open(storage, shard as u32, settings.segment_bytes_max, durability)
+                Wal::open(storage, shard as u32, settings.segment_bytes_max, durability, &keys)
                     .await
-                    .map_err(|e| format!("webhooks: {} (in {})", e, directory.display()))?;
-                let log_id = wal.log_id();
-                (Some(wal), recovered, log_id)
+                    .map_err(|e| format!("webhooks: {} (in {})", e, directory.display()))?
             }
         };
+        let log_id = wal.log_id();
         if transport.tls.is_none() && endpoints.iter().any(|e| e.target.tls) {
             return Err("an https:// webhook endpoint needs the TLS connector (`tls_connector`)".into());
         }
@@ -151,40 +150,33 @@ impl Webhooks {
         &self.metrics[self.shard]
     }
 
-    /// Queues what the WAL held: pending deliveries get an attempt now, dead letters are kept.
-    fn recover(&self, recovered: Vec<crate::wal::LiveDelivery>) {
-        let by_key: HashMap<&str, usize> = self.endpoints.iter().enumerate().map(|(i, e)| (&*e.key, i)).collect();
+    /// Queues what the WAL held: pending deliveries get an attempt now, batch items are
+    /// batched again, dead letters are kept.
+    fn recover(&self, recovered: Vec<u64>) {
         let (mut pending, mut dead, mut orphans) = (0u64, 0u64, 0u64);
-        for live in recovered {
-            let seq = live.delivery.seq;
-            if let Some(endpoint) = live.delivery.endpoint.strip_suffix("#batching").and_then(|k| by_key.get(k)) {
-                // An event that was not yet in a batch delivery: batch it again.
-                let json = String::from_utf8_lossy(&live.delivery.body).into();
-                let mut state = self.state.borrow_mut();
-                state.deliveries.charge(*endpoint, live.delivery.body.len() as u64);
-                state.queues[*endpoint].batch.push(BatchItem { seq: Some(seq), json }, Instant::now());
-                pending += 1;
-                continue;
-            }
-            let Some(&endpoint) = by_key.get(&*live.delivery.endpoint) else {
+        let now = Instant::now();
+        for seq in recovered {
+            let (kind, endpoint, is_dead) = {
+                let index = self.wal.index();
+                let live = index.get(seq).expect("recovered records are live");
+                (live.kind, live.endpoint, live.dead)
+            };
+            let mut state = self.state.borrow_mut();
+            let Some(queue) = state.queues.get_mut(endpoint) else {
                 // Its endpoint left the config: kept in the log, reported, never sent.
                 orphans += 1;
                 continue;
             };
-            let mut state = self.state.borrow_mut();
-            let delivery = Delivery {
-                endpoint,
-                body: live.delivery.body,
-                created_ms: live.delivery.created_ms,
-                attempts: 0,
-                dead: live.dead,
-            };
-            state.deliveries.insert(seq, delivery);
-            if live.dead {
-                dead += 1;
-            } else {
-                pending += 1;
-                state.queues[endpoint].ready.push_back(seq);
+            match kind {
+                Kind::BatchItem => {
+                    queue.batch.push(seq, now);
+                    pending += 1;
+                }
+                Kind::Delivery if is_dead => dead += 1,
+                Kind::Delivery => {
+                    queue.ready.push_back(seq);
+                    pending += 1;
+                }
             }
         }
         ShardMetrics::add(&self.metrics().webhook_pending, pending);
@@ -199,7 +191,7 @@ impl Webhooks {
 
     /// Starts the WAL flusher, the retry timer, the batcher and the endpoint workers.
     pub fn spawn(self: &Rc<Self>) {
-        if self.wal.is_some() {
+        if self.wal.writes() {
             monoio::spawn(self.clone().flusher());
         }
         monoio::spawn(self.clone().timer_task());
@@ -273,12 +265,12 @@ impl Webhooks {
     /// Refuses new deliveries for `endpoint` while its queue is at `endpoint_queue_bytes_max`
     /// or the shard's is at `queue_bytes_max`.
     fn check_capacity(&self, endpoint: usize) -> Result<(), Refused> {
-        let state = self.state.borrow();
+        let index = self.wal.index();
         let settings = &self.config.webhooks;
-        if state.deliveries.endpoint_bytes(endpoint) >= settings.endpoint_queue_bytes_max {
+        if index.endpoint_bytes(endpoint) >= settings.endpoint_queue_bytes_max {
             return Err(Refused::EndpointFull(self.endpoints[endpoint].key.to_string()));
         }
-        if state.deliveries.live_bytes() >= settings.queue_bytes_max {
+        if index.live_bytes() >= settings.queue_bytes_max {
             return Err(Refused::QueueFull);
         }
         Ok(())
@@ -286,10 +278,7 @@ impl Webhooks {
 
     /// Waits until `lsn` is committed (at once in `memory` mode).
     pub async fn commit(&self, lsn: Lsn) -> Result<(), Refused> {
-        match &self.wal {
-            Some(wal) => wal.commit(lsn).await.map_err(Refused::from),
-            None => Ok(()),
-        }
+        self.wal.commit(lsn).await.map_err(Refused::from)
     }
 
     /// A lifecycle event for an app's Pusher-format endpoints that select it; batched per
@@ -304,7 +293,10 @@ impl Webhooks {
             {
                 continue;
             }
-            match self.check_capacity(index).and_then(|()| self.add_to_batch(index, event.json.clone())) {
+            match self
+                .check_capacity(index)
+                .and_then(|()| self.add_to_batch(index, Bytes::copy_from_slice(event.json.as_bytes())))
+            {
                 Ok(lsn) => last = last.max(lsn),
                 Err(error) => {
                     // Not accepted by anyone yet: counted and logged, not queued.
@@ -318,21 +310,12 @@ impl Webhooks {
 
     /// Adds one event (a JSON object) to an endpoint's batch: written to the WAL at once as
     /// its own record; the batch becomes one delivery at `batch_max` events or after
-    /// `batch_ms`. Returns the event's log position (`None` in `memory` mode).
-    fn add_to_batch(&self, endpoint: usize, json: Box<str>) -> Result<Option<Lsn>, Refused> {
-        let (seq, lsn) = match &self.wal {
-            Some(wal) => {
-                let key = batch_item_key(&self.endpoints[endpoint].key);
-                let (seq, lsn) = wal.append_delivery(&key, now_ms(), Bytes::copy_from_slice(json.as_bytes()))?;
-                (Some(seq), Some(lsn))
-            }
-            None => (None, None),
-        };
+    /// `batch_ms`. Returns the event's log position.
+    fn add_to_batch(&self, endpoint: usize, json: Bytes) -> Result<Option<Lsn>, Refused> {
+        let (seq, lsn) = self.wal.append(Kind::BatchItem, endpoint, now_ms(), json)?;
         let full = {
             let mut state = self.state.borrow_mut();
-            state.deliveries.charge(endpoint, json.len() as u64);
-            let full = state.queues[endpoint].batch.push(BatchItem { seq, json }, Instant::now())
-                >= self.endpoints[endpoint].batch_max;
+            let full = state.queues[endpoint].batch.push(seq, Instant::now()) >= self.endpoints[endpoint].batch_max;
             if let Some(waker) = state.batch_task.take() {
                 waker.wake();
             }
@@ -341,7 +324,7 @@ impl Webhooks {
         if full {
             self.flush_batch(endpoint);
         }
-        Ok(lsn)
+        Ok(Some(lsn))
     }
 
     /// Turns an endpoint's batched events into one delivery, then retires their WAL items (the
@@ -353,41 +336,35 @@ impl Webhooks {
             return;
         }
         let time_ms = now_ms();
-        let body = batch::body(self.endpoints[endpoint].format, time_ms, &items);
+        let body = {
+            let index = self.wal.index();
+            let events: Vec<_> = items
+                .iter()
+                .map(|&seq| String::from_utf8_lossy(&index.get(seq).expect("batched items are live").body))
+                .collect();
+            batch::body(self.endpoints[endpoint].format, time_ms, events.iter().map(|e| &**e))
+        };
         // The items already count against the queue limit, so the batch is not refused for it;
-        // their bytes now belong to the batch delivery.
-        self.state.borrow_mut().deliveries.refund(endpoint, batch::bytes(&items));
+        // their bytes are given back when they are acked below.
         if let Err(error) = self.create(endpoint, body, time_ms) {
             // Only a failed WAL gets here: the items stay in the log and are batched again
             // after a restart.
             tracing::error!(endpoint = %self.endpoints[endpoint].key, %error, "webhook batch not queued");
             return;
         }
-        if let Some(wal) = &self.wal {
-            for seq in items.iter().filter_map(|i| i.seq) {
-                let _ = wal.append_ack(seq, Outcome::Delivered);
-            }
+        for seq in items {
+            let _ = self.wal.append_ack(seq, Outcome::Delivered);
         }
     }
 
     /// Creates one delivery: into the WAL (or memory), then queued once committed.
     fn create(&self, endpoint: usize, body: Bytes, created_ms: u64) -> Result<Lsn, Refused> {
-        let (seq, lsn) = match &self.wal {
-            Some(wal) => wal.append_delivery(&self.endpoints[endpoint].key, created_ms, body.clone())?,
-            None => {
-                let mut state = self.state.borrow_mut();
-                state.next_seq += 1;
-                (state.next_seq, 0)
-            }
-        };
-        let mut state = self.state.borrow_mut();
-        state.deliveries.insert(seq, Delivery { endpoint, body, created_ms, attempts: 0, dead: false });
+        let (seq, lsn) = self.wal.append(Kind::Delivery, endpoint, created_ms, body)?;
         ShardMetrics::add(&self.metrics().webhook_deliveries_total, 1);
         ShardMetrics::add(&self.metrics().webhook_pending, 1);
-        if self.wal.is_some() {
-            state.awaiting.push_back((lsn, seq));
+        if self.wal.writes() {
+            self.state.borrow_mut().awaiting.push_back((lsn, seq));
         } else {
-            drop(state);
             self.make_ready(seq);
         }
         Ok(lsn)
@@ -399,7 +376,7 @@ impl Webhooks {
     /// queues once durable (in `batch` mode the publisher was answered earlier), so a webhook
     /// id that reached a receiver survives a power loss and is never handed out again.
     async fn flusher(self: Rc<Self>) {
-        let wal = self.wal.as_ref().expect("spawned only with a WAL");
+        let wal = &self.wal;
         wal.run_with(|reached| self.release(reached)).await;
         // The flusher ends only when the log failed: say so where /ready on any shard sees it
         // (the error number first, so a reader that sees the flag also sees its cause).
@@ -411,7 +388,7 @@ impl Webhooks {
     }
 
     fn release(&self, reached: Lsn) {
-        let stats = self.wal.as_ref().map(Wal::stats).unwrap_or_default();
+        let stats = self.wal.stats();
         let metrics = self.metrics();
         metrics.wal_fsyncs_total.store(stats.fsyncs, std::sync::atomic::Ordering::Relaxed);
         metrics.wal_bytes_written_total.store(stats.bytes_written, std::sync::atomic::Ordering::Relaxed);
@@ -424,8 +401,9 @@ impl Webhooks {
     /// Queues a delivery for its endpoint's workers (or dead-letters it if the endpoint is
     /// disabled).
     fn make_ready(&self, seq: u64) {
+        let endpoint = self.wal.index().get(seq).filter(|d| !d.dead && d.kind == Kind::Delivery).map(|d| d.endpoint);
         let mut state = self.state.borrow_mut();
-        let Some(endpoint) = state.deliveries.get(seq).filter(|d| !d.dead).map(|d| d.endpoint) else { return };
+        let Some(endpoint) = endpoint.filter(|&e| e < state.queues.len()) else { return };
         if state.queues[endpoint].health.disabled.is_some() {
             drop(state);
             return self.dead_letter(seq);
@@ -525,10 +503,10 @@ impl Webhooks {
         loop {
             let batch = self.take_batch(endpoint).await;
             let requests = {
-                let state = self.state.borrow();
+                let index = self.wal.index();
                 let timestamp_s = now_ms() / 1000;
                 let heads = batch.iter().map(|&seq| {
-                    let body = state.deliveries.get(seq).expect("taken deliveries are live").body.clone();
+                    let body = index.get(seq).expect("taken deliveries are live").body.clone();
                     (self.endpoints[endpoint].request_head(&self.webhook_id(seq), timestamp_s, &body), body)
                 });
                 heads.collect()
@@ -570,7 +548,9 @@ impl Webhooks {
     fn settle(&self, endpoint: usize, seq: u64, result: Result<Response, AttemptError>, duration_ms: u64) {
         let decision = {
             let mut state = self.state.borrow_mut();
-            let attempts = state.deliveries.count_attempt(seq);
+            let attempts = state.attempt_counts.entry(seq).or_insert(0);
+            *attempts += 1;
+            let attempts = *attempts;
             let queue = &mut state.queues[endpoint];
             debug_assert!(queue.in_flight > 0, "settling a delivery no worker took");
             queue.in_flight -= 1;
@@ -619,28 +599,27 @@ impl Webhooks {
 
     /// A 2xx: the delivery is done.
     fn forget(&self, seq: u64) {
-        if let Some(wal) = &self.wal {
-            // No one waits for this ack: if it is lost in a crash, the delivery is sent again
-            // (at least once; receivers deduplicate on the webhook id).
-            let _ = wal.append_ack(seq, Outcome::Delivered);
-        }
-        let mut state = self.state.borrow_mut();
-        if state.deliveries.remove(seq).is_some() {
+        let live = self.wal.index().get(seq).is_some();
+        // No one waits for this ack: if it is lost in a crash, the delivery is sent again (at
+        // least once; receivers deduplicate on the webhook id).
+        let _ = self.wal.append_ack(seq, Outcome::Delivered);
+        self.state.borrow_mut().attempt_counts.remove(&seq);
+        if live {
             ShardMetrics::sub(&self.metrics().webhook_pending, 1);
         }
     }
 
     /// Retries exhausted or endpoint disabled: kept, replayable.
     fn dead_letter(&self, seq: u64) {
-        if let Some(wal) = &self.wal {
-            let _ = wal.append_ack(seq, Outcome::Dead);
+        let pending = self.wal.index().get(seq).is_some_and(|d| !d.dead && d.kind == Kind::Delivery);
+        if !pending {
+            return;
         }
-        let mut state = self.state.borrow_mut();
-        if state.deliveries.mark_dead(seq) {
-            ShardMetrics::sub(&self.metrics().webhook_pending, 1);
-            ShardMetrics::add(&self.metrics().webhook_dead_letters, 1);
-            ShardMetrics::add(&self.metrics().webhook_dead_letters_total, 1);
-        }
+        let _ = self.wal.append_ack(seq, Outcome::Dead);
+        self.state.borrow_mut().attempt_counts.remove(&seq);
+        ShardMetrics::sub(&self.metrics().webhook_pending, 1);
+        ShardMetrics::add(&self.metrics().webhook_dead_letters, 1);
+        ShardMetrics::add(&self.metrics().webhook_dead_letters_total, 1);
     }
 
     /// 410 Gone: stop sending to the endpoint; its queued deliveries become dead letters.
@@ -659,17 +638,11 @@ impl Webhooks {
 
     /// Makes a dead letter pending again and queues it.
     fn replay(&self, seq: u64) -> bool {
-        let is_dead = self.state.borrow().deliveries.get(seq).is_some_and(|d| d.dead);
-        if !is_dead {
+        if !matches!(self.wal.append_replay(seq), Ok(Some(_))) {
             return false;
         }
-        if let Some(wal) = &self.wal {
-            if !matches!(wal.append_replay(seq), Ok(Some(_))) {
-                return false;
-            }
-        }
-        let replayed = self.state.borrow_mut().deliveries.mark_pending(seq);
-        debug_assert!(replayed, "checked above");
+        // A fresh schedule.
+        self.state.borrow_mut().attempt_counts.remove(&seq);
         ShardMetrics::add(&self.metrics().webhook_pending, 1);
         ShardMetrics::sub(&self.metrics().webhook_dead_letters, 1);
         self.make_ready(seq);
@@ -679,16 +652,14 @@ impl Webhooks {
     /// Forgets a dead letter for good (deleted through the admin API, or expired): its budget
     /// is freed and the log says so, so a restart does not bring it back.
     fn discard(&self, seq: u64) -> bool {
-        let mut state = self.state.borrow_mut();
-        if !state.deliveries.get(seq).is_some_and(|d| d.dead) {
+        // A dead letter of an endpoint that left the config is kept, as it was recovered.
+        let configured_dead = self.wal.index().get(seq).is_some_and(|d| d.dead && d.endpoint < self.endpoints.len());
+        if !configured_dead {
             return false;
         }
-        if let Some(wal) = &self.wal {
-            // Not waited for: if the ack is lost in a crash the dead letter comes back, and is
-            // discarded again by the next sweep or request.
-            let _ = wal.append_ack(seq, Outcome::Discarded);
-        }
-        state.deliveries.remove(seq);
+        // Not waited for: if the ack is lost in a crash the dead letter comes back, and is
+        // discarded again by the next sweep or request.
+        let _ = self.wal.append_ack(seq, Outcome::Discarded);
         ShardMetrics::sub(&self.metrics().webhook_dead_letters, 1);
         true
     }
@@ -700,7 +671,7 @@ impl Webhooks {
             return;
         }
         let cutoff = now_ms.saturating_sub(retention_ms);
-        let expired = self.state.borrow().deliveries.dead_before(cutoff);
+        let expired = self.wal.index().dead_before(cutoff);
         let count = expired.into_iter().filter(|&seq| self.discard(seq)).count();
         if count > 0 {
             tracing::info!(
@@ -719,19 +690,21 @@ impl Webhooks {
 
     /// This shard's answer to an admin request, for its own deliveries.
     pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> AdminAnswer {
-        let owned_by_app =
-            |seq: u64| self.state.borrow().deliveries.get(seq).is_some_and(|d| self.endpoints[d.endpoint].app == app);
+        let owned_by_app = |seq: u64| {
+            let index = self.wal.index();
+            index.get(seq).and_then(|d| self.endpoints.get(d.endpoint)).is_some_and(|e| e.app == app)
+        };
         match request {
             AdminRequest::Health => {
-                let state = self.state.borrow();
+                let (state, index) = (self.state.borrow(), self.wal.index());
                 AdminAnswer::Health(
-                    self.by_app[app as usize].iter().map(|&i| state.health(i, &self.endpoints[i])).collect(),
+                    self.by_app[app as usize].iter().map(|&i| state.health(i, &self.endpoints[i], &index)).collect(),
                 )
             }
             AdminRequest::DeadLetters { endpoint } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let state = self.state.borrow();
-                let letters = state.deliveries.dead_of(index).into_iter().map(|(seq, d)| DeadLetter {
+                let live = self.wal.index();
+                let letters = live.dead_of(index).into_iter().map(|(seq, d)| DeadLetter {
                     webhook_id: self.webhook_id(seq),
                     created_ms: d.created_ms,
                     body: String::from_utf8_lossy(&d.body).into_owned(),
@@ -762,7 +735,7 @@ impl Webhooks {
             }
             AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.state.borrow().deliveries.dead_between(index, *from_ms, *to_ms);
+                let seqs = self.wal.index().dead_between(index, *from_ms, *to_ms);
                 AdminAnswer::Replayed(
                     seqs.into_iter().filter(|&s| self.replay(s)).map(|s| self.webhook_id(s)).collect(),
                 )
@@ -773,7 +746,7 @@ impl Webhooks {
             }
             AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.state.borrow().deliveries.dead_between(index, *from_ms, *to_ms);
+                let seqs = self.wal.index().dead_between(index, *from_ms, *to_ms);
                 AdminAnswer::Deleted(
                     seqs.into_iter().filter(|&s| self.discard(s)).map(|s| self.webhook_id(s)).collect(),
                 )

@@ -18,10 +18,11 @@ use monoio_rustls::TlsConnector;
 use ring::hmac;
 
 use super::client::{self, Connection, Response, SendError};
+use super::resolver;
 use super::sign::{self, StandardSigner};
-use super::target::{self, AddressPolicy, Target};
 use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, WebhookFormat};
+use crate::target::{AddressPolicy, Target};
 
 /// How an endpoint signs.
 pub enum Signer {
@@ -209,7 +210,7 @@ impl Transport {
 
     /// Resolves, vets and dials the endpoint (exactly a vetted address).
     async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, AttemptError> {
-        let addresses = target::resolve(&endpoint.target)
+        let addresses = resolver::resolve_target(&endpoint.target)
             .await
             .map_err(|e| AttemptError::Other(format!("cannot resolve {}: {e}", endpoint.target.host)))?;
         let vetted: Vec<SocketAddr> = addresses.into_iter().filter(|a| self.addresses.permits(a.ip())).collect();

@@ -4,14 +4,13 @@
 //! - `event`: what is sent (payload bodies, channel and event filters, batching).
 //! - `sign`: signatures per attempt.
 //! - `retry`: the retry schedule, a pure function.
-//! - `target`: endpoint URLs and the SSRF guard.
 //! - `resolver`: host-name lookups on their own threads (timeout, single flight, cache).
 //! - `admin`: the admin API's typed requests and answers, and how shards' answers merge.
 //! - `client`: outbound HTTP/1.1 (plain or rustls), one keep-alive connection per worker.
 //! - `endpoint`: configured endpoints, request heads, the pipelined transport.
 //! - `health`: the circuit breaker and the pure settle decision.
-//! - `batch`: events waiting to become one delivery.
-//! - `delivery`: the live deliveries, their byte budgets, webhook ids.
+//! - `batch`: events waiting to become one delivery (their records are WAL batch items).
+//! - `delivery`: why a delivery is refused, webhook ids (the live deliveries are in `wal::index`).
 //! - `queue` (private): ready queues, timers, the attempt log.
 //! - `dispatch`: a shard's dispatcher — the tasks and the control flow between the stages.
 
@@ -27,7 +26,6 @@ mod queue;
 pub mod resolver;
 pub mod retry;
 pub mod sign;
-pub mod target;
 
 /// The directory of shard `shard`'s WAL under `webhooks.data_dir` (the one place its name is
 /// built; `wal_directory_shard` reads it back).

@@ -9,17 +9,16 @@
 //! Invariant: a pending delivery is in exactly one of `awaiting`, `timers`, an endpoint's
 //! `ready`, or in flight (taken by a worker, counted in `in_flight`).
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::task::Waker;
 use std::time::Instant;
 
 use super::admin::{self, EndpointState};
 use super::batch::Batch;
-use super::delivery::Deliveries;
 use super::endpoint::Endpoint;
 use super::health::Breaker;
 use crate::config::WebhookFormat;
-use crate::wal::Lsn;
+use crate::wal::{LiveIndex, Lsn};
 
 /// One endpoint's work on this shard. Invariant: every seq in `ready` is a pending delivery
 /// of this endpoint; `in_flight` counts those taken by workers and not yet settled.
@@ -33,8 +32,8 @@ pub(super) struct EndpointQueue {
     pub(super) in_flight: usize,
     /// The breaker and counters.
     pub(super) health: Breaker,
-    /// Events waiting to be batched (each with its WAL item, so a crash before the batch is
-    /// formed loses none).
+    /// Events waiting to be batched (each a batch item in the WAL, so a crash before the
+    /// batch is formed loses none).
     pub(super) batch: Batch,
 }
 
@@ -42,8 +41,10 @@ pub(super) struct EndpointQueue {
 /// `awaiting`, `timers`, an endpoint's `ready`, or in flight.
 #[derive(Default)]
 pub(super) struct DispatchState {
-    /// Live deliveries and the byte budgets.
-    pub(super) deliveries: Deliveries,
+    /// Attempts since creation or the last replay, of deliveries attempted at least once
+    /// (not logged: a restart starts the count again). The deliveries themselves live in the
+    /// WAL's index.
+    pub(super) attempt_counts: HashMap<u64, u32>,
     /// Created, waiting for their WAL records to be committed before the first attempt.
     pub(super) awaiting: VecDeque<(Lsn, u64)>,
     /// Retries by due time.
@@ -52,8 +53,6 @@ pub(super) struct DispatchState {
     pub(super) queues: Vec<EndpointQueue>,
     /// The last `attempt_log_max` attempts, for the admin API.
     pub(super) attempts: VecDeque<Attempt>,
-    /// `memory` durability: the next sequence number.
-    pub(super) next_seq: u64,
     /// The retry timer task, while it sleeps.
     pub(super) timer_task: Option<Waker>,
     /// The batch task, while it waits for a first event.
@@ -100,7 +99,7 @@ impl DispatchState {
     }
 
     /// One endpoint's health on this shard, for the admin API.
-    pub(super) fn health(&self, index: usize, endpoint: &Endpoint) -> admin::Health {
+    pub(super) fn health(&self, index: usize, endpoint: &Endpoint, live: &LiveIndex) -> admin::Health {
         let health = &self.queues[index].health;
         let state = if health.disabled.is_some() {
             EndpointState::Disabled
@@ -111,7 +110,7 @@ impl DispatchState {
         } else {
             EndpointState::Healthy
         };
-        let (pending, dead_letters) = self.deliveries.counts(index);
+        let (pending, dead_letters) = live.counts(index);
         admin::Health {
             id: endpoint.id.clone(),
             url: endpoint.url.clone(),
@@ -126,7 +125,7 @@ impl DispatchState {
             consecutive_failures: health.consecutive_failures,
             pending,
             dead_letters,
-            queued_bytes: self.deliveries.endpoint_bytes(index),
+            queued_bytes: live.endpoint_bytes(index),
             delivered: health.delivered,
             failed_attempts: health.failed,
         }

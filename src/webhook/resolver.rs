@@ -36,6 +36,19 @@ use std::time::{Duration, Instant};
 use atomic_waker::AtomicWaker;
 
 use crate::config::Config;
+use crate::target::Target;
+
+/// Resolves a target's host: literal IPs directly, names through this shard's resolver
+/// (its own threads, single flight per host, a timeout and a short cache).
+pub async fn resolve_target(target: &Target) -> io::Result<Vec<SocketAddr>> {
+    if let Some(ip) = target.literal_ip() {
+        return Ok(vec![SocketAddr::new(ip, target.port)]);
+    }
+    match current() {
+        Some(resolver) => resolver.resolve(&target.host, target.port).await,
+        None => Err(io::Error::other("no DNS resolver on this thread (not a shard thread)")),
+    }
+}
 
 /// A blocking host-name lookup. It runs on the resolver's threads and may block as long as
 /// it likes; the resolver bounds what that costs.
@@ -93,7 +106,7 @@ impl Resolver {
             .apps
             .iter()
             .flat_map(|app| &app.webhooks)
-            .filter_map(|hook| super::target::Target::parse(&hook.url).ok())
+            .filter_map(|hook| Target::parse(&hook.url).ok())
             .filter(|target| target.literal_ip().is_none())
             .map(|target| (target.host, Arc::new(AtomicBool::new(false))))
             .collect();

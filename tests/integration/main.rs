@@ -8,6 +8,7 @@ mod http_api;
 mod presence;
 mod process;
 mod support;
+mod tidy;
 mod tls;
 mod webhooks;
 mod websocket;

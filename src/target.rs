@@ -1,13 +1,18 @@
-//! Where a webhook goes, and whether it may go there (the SSRF guard).
+//! Where a webhook goes, and whether it may go there (the SSRF guard): endpoint URLs, CIDR
+//! blocks and the address policy.
+//!
+//! A leaf: pure parsing and checks, no I/O and no other ringwire module, so that `config`
+//! validates with the same parsers `webhook` dials with and neither imports the other's
+//! direction. (Host-name resolution is `webhook::resolver`'s.)
 //!
 //! A URL is parsed once at start-up. Before each connect the host is resolved (literal IPs
 //! need no lookup), every address is checked against the policy, and the socket dials exactly
 //! a vetted address, so a DNS answer that changes between check and connect (rebinding)
 //! cannot bypass the guard. Non-public ranges (loopback, private, link-local, CGNAT, ULA,
-//! multicast, documentation, …, IPv4-mapped forms canonicalised first; reference/webhooks.md
-//! §8) are refused unless `allow_private_targets` or a CIDR in `allowed_cidrs` permits them.
+//! multicast, documentation, …, IPv4-mapped forms canonicalised first; the IANA
+//! special-purpose address registries, RFC 6890) are refused unless `allow_private_targets` or a CIDR in `allowed_cidrs` permits them.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A parsed endpoint URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,19 +160,6 @@ impl AddressPolicy {
     /// Whether an address may be dialled.
     pub fn permits(&self, ip: IpAddr) -> bool {
         self.allow_private || is_public(ip) || self.allowed.iter().any(|c| c.contains(ip))
-    }
-}
-
-/// Resolves a target's host: literal IPs directly, names through this shard's resolver
-/// (its own threads, single flight per host, a timeout and a short cache; see
-/// `webhook::resolver`).
-pub async fn resolve(target: &Target) -> std::io::Result<Vec<SocketAddr>> {
-    if let Some(ip) = target.literal_ip() {
-        return Ok(vec![SocketAddr::new(ip, target.port)]);
-    }
-    match super::resolver::current() {
-        Some(resolver) => resolver.resolve(&target.host, target.port).await,
-        None => Err(std::io::Error::other("no DNS resolver on this thread (not a shard thread)")),
     }
 }
 

@@ -1,6 +1,7 @@
 //! `cluster.redis_url`: `redis://[[username]:password@]host[:port][/db]`.
 //!
-//! Parsing is pure; resolving a host name is a blocking call (`RedisUrl::resolve`) that belongs
+//! A leaf (no other ringwire module), so that `config` validates with the parser `cluster`
+//! connects with and neither imports the other's direction. Parsing is pure; resolving a host name is a blocking call (`RedisUrl::resolve`) that belongs
 //! at start-up or on a helper thread, never on a shard thread.
 
 use std::fmt;
