@@ -36,6 +36,20 @@ pub struct ClusterHandle {
     pub buckets: u16,
 }
 
+impl ClusterHandle {
+    /// Publishes through Redis and waits until Redis executed it.
+    pub async fn publish(
+        &self,
+        kind: Kind,
+        app: AppIndex,
+        channel: &str,
+        frame: Bytes,
+        exclude: Option<SocketId>,
+    ) -> Result<(), Unavailable> {
+        self.outbound.send(kind, app, channel, frame, exclude)?.outcome().await
+    }
+}
+
 /// The supervisor's `Events`, delivered on this shard.
 struct ShardEvents {
     shard: Rc<Shard>,
@@ -95,18 +109,6 @@ impl Shard {
         monoio::spawn(supervisor.run());
     }
 
-    /// Publishes through Redis and waits until Redis executed it.
-    pub async fn publish_cluster(
-        cluster: &ClusterHandle,
-        kind: Kind,
-        app: AppIndex,
-        channel: &str,
-        frame: Bytes,
-        exclude: Option<SocketId>,
-    ) -> Result<(), Unavailable> {
-        cluster.outbound.send(kind, app, channel, frame, exclude)?.outcome().await
-    }
-
     /// Relays a client event to the channel's other subscribers: through the mesh on a single
     /// node, through Redis in cluster mode (where a refusal is told to the sender as a
     /// `pusher:error`, docs/cluster.md open question 4).
@@ -114,7 +116,7 @@ impl Shard {
         let Some(cluster) = self.cluster() else {
             return self.publish(app, channel, frame, Some(sender)).await;
         };
-        if Shard::publish_cluster(cluster, Kind::ClientEvent, app, channel, frame, Some(sender)).await.is_err() {
+        if cluster.publish(Kind::ClientEvent, app, channel, frame, Some(sender)).await.is_err() {
             self.send(key, relay_refused(channel));
         }
     }
