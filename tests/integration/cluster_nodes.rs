@@ -158,7 +158,8 @@ fn client_events_across_nodes() {
 }
 
 /// Redis killed: node A's /ready answers 503 naming the shards whose link is down, and its
-/// publishes 503 with a JSON reason (never a 200 for an event nobody can get). Redis back
+/// publishes 503 with a JSON reason (never a 200 for an event nobody can get); a client event
+/// is answered with `pusher:error` instead of vanishing. Redis back
 /// (empty): the links come back, /ready 200; node B's old subscriber, whose bucket's numbers
 /// were lost with Redis, is closed with 4200; a new subscriber on B gets A's publishes again.
 #[test]
@@ -169,6 +170,10 @@ fn redis_outage_and_return() {
     subscribe(&mut old, "my-channel");
     assert_eq!(publish(nodes[0].addr, &["my-channel"], "my-event", "1", None).0, 200);
     assert_eq!(recv_text(&mut old), event("1"));
+    let (mut sender, sender_id) = connect(nodes[0].addr);
+    let auth = sign(&format!("{sender_id}:private-chat"));
+    send_json(&mut sender, json!({"event": "pusher:subscribe", "data": {"channel": "private-chat", "auth": auth}}));
+    assert_eq!(recv_json(&mut sender)["event"], "pusher_internal:subscription_succeeded");
 
     redis.kill();
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -185,6 +190,11 @@ fn redis_outage_and_return() {
         let (status, body) = publish(nodes[0].addr, &["my-channel"], "my-event", "2", None);
         assert_eq!((status, body.as_str()), (503, r#"{"error":"cluster unavailable, retry","status":503}"#));
     }
+    send_json(&mut sender, json!({"event": "client-typing", "channel": "private-chat", "data": {}}));
+    assert_eq!(
+        recv_text(&mut sender),
+        r#"{"event":"pusher:error","channel":"private-chat","data":{"code":null,"message":"client event not relayed: cluster unavailable, retry"}}"#
+    );
 
     redis.restart();
     wait_ready(nodes[0].addr, 200);
@@ -241,5 +251,31 @@ fn gap_closes_the_bucket_with_4200() {
     let expected = format!(r#"{{"event":"my-event","channel":"{other}","data":"2"}}"#);
     for ws in &mut unaffected {
         assert_eq!(recv_text(ws), expected);
+    }
+}
+
+/// Publish-to-delivery latency through the API, single node against two nodes on one Redis (a
+/// measurement, not an assertion):
+/// `cargo test --release --test integration cluster_nodes::latency -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn latency() {
+    let redis = RedisServer::start();
+    let single = TestServer::start(|_| {});
+    let pair = nodes(&redis, "latency", 2);
+    for (name, publisher, subscriber) in
+        [("single node", single.addr, single.addr), ("node A -> node B", pair[0].addr, pair[1].addr)]
+    {
+        let (mut ws, _) = connect(subscriber);
+        subscribe(&mut ws, "my-channel");
+        let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+        for n in 0..2000 {
+            let start = Instant::now();
+            assert_eq!(publish(publisher, &["my-channel"], "my-event", &n.to_string(), None).0, 200);
+            assert_eq!(recv_text(&mut ws), event(&n.to_string()));
+            histogram.record(start.elapsed().as_micros() as u64).unwrap();
+        }
+        let (p50, p99) = (histogram.value_at_quantile(0.5), histogram.value_at_quantile(0.99));
+        println!("{name}: publish answered and delivered, p50 {p50} us, p99 {p99} us");
     }
 }
