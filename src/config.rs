@@ -830,8 +830,6 @@ impl Config {
             if let Err(reason) = crate::redis_url::RedisUrl::parse(url) {
                 return err("redis_url", reason);
             }
-            // Refused rather than ignored: a node that silently ran alone would split the app.
-            return err("redis_url", "cluster mode is not wired into the server yet (docs/cluster.md)".into());
         }
         if let Some(node_id) = &cluster.node_id {
             if let Some(reason) = name_problem(node_id, b"._-") {
@@ -1086,12 +1084,11 @@ mod tests {
     }
 
     /// `[cluster]` values are checked with key and line: hostile URLs, names that would break
-    /// Redis keys, limits out of range; a URL is refused until cluster mode is wired in.
+    /// Redis keys, limits out of range; a good URL is accepted.
     #[test]
     fn cluster_errors_name_key_and_line() {
         check_error("[cluster]\nredis_url = \"http://x\"\n", "cluster.redis_url", Some(2), "redis://");
         check_error("[cluster]\nredis_url = \"redis://h:0\"\n", "cluster.redis_url", Some(2), "port");
-        check_error("[cluster]\nredis_url = \"redis://h\"\n", "cluster.redis_url", Some(2), "not wired");
         check_error("[cluster]\nnode_id = \"a{b}\"\n", "cluster.node_id", Some(2), "ASCII");
         check_error("[cluster]\n\nnode_id = \"\"\n", "cluster.node_id", Some(3), "1 to 64");
         check_error(&format!("[cluster]\nnode_id = \"{}\"\n", "n".repeat(65)), "cluster.node_id", Some(2), "64");
@@ -1109,6 +1106,11 @@ mod tests {
         assert_eq!(e.line, Some(2), "{e}");
         let good = "[cluster]\nnode_id = \"eu-1.a\"\nprefix = \"prod:rw\"\nlease_ms = 5000\n";
         assert_eq!(Config::from_toml(good).unwrap().cluster.node_id.as_deref(), Some("eu-1.a"));
+        let url = "[cluster]\nredis_url = \"redis://:pw@redis.internal:6380/2\"\n";
+        assert_eq!(
+            Config::from_toml(url).unwrap().cluster.redis_url.as_deref(),
+            Some("redis://:pw@redis.internal:6380/2")
+        );
     }
 
     /// Semantic errors name the key and find its line.

@@ -10,6 +10,10 @@ use std::thread::JoinHandle;
 use anyhow::{bail, Context};
 
 use crate::apps::Apps;
+use crate::cluster::link::LinkOptions;
+use crate::cluster::supervisor::SupervisorOptions;
+use crate::redis_url::RedisUrl;
+use crate::cluster::NodeIdentity;
 use crate::config::{Config, IoDriver};
 use crate::metrics::ShardMetrics;
 use crate::net::listener;
@@ -101,6 +105,7 @@ impl Server {
         let blocking_pool = monoio::blocking::DefaultThreadPool::new(2);
         let resolver = Arc::new(Resolver::new(&config, lookup).context("cannot start the DNS threads")?);
         let apps = Arc::new(Apps::new(&config.apps));
+        let cluster = cluster_options(&config, &apps, shards)?;
         let webhook_tls = crate::webhook::endpoint::tls_connector(&config).map_err(anyhow::Error::msg)?;
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
@@ -119,6 +124,7 @@ impl Server {
             let resolver = resolver.clone();
             let hook = on_shard_start.clone();
             let webhook_tls = webhook_tls.clone();
+            let cluster = cluster.clone().map(|options| SupervisorOptions { shard: index, ..options });
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
@@ -128,7 +134,8 @@ impl Server {
                         tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
                     }
                     let shard = Shard::new(index, config.clone(), apps, mesh, metrics);
-                    run_shard(shard, listeners, config.server.io_driver, pool, ready, hook, webhook_tls);
+                    let extras = ShardExtras { hook, webhook_tls, cluster };
+                    run_shard(shard, listeners, config.server.io_driver, pool, ready, extras);
                 })
                 .context("cannot start a shard thread")?;
             threads.push(thread);
@@ -218,6 +225,38 @@ struct ShardListeners {
     tls: Option<(std::net::TcpListener, TlsSettings)>,
 }
 
+/// What a shard starts besides its listeners.
+struct ShardExtras {
+    hook: Option<ShardStartHook>,
+    webhook_tls: Option<TlsConnector>,
+    /// Cluster mode: this shard's link supervisor's options.
+    cluster: Option<SupervisorOptions>,
+}
+
+/// Cluster mode's per-node settings (`shard` 0, to be set per shard), or `None` on a single
+/// node. Resolves the Redis host here, before any shard runs (resolution blocks), and draws the
+/// node's identity (docs/cluster.md, "Message format").
+fn cluster_options(config: &Config, apps: &Apps, shards: usize) -> anyhow::Result<Option<SupervisorOptions>> {
+    let cluster = &config.cluster;
+    let Some(url) = &cluster.redis_url else { return Ok(None) };
+    let url = RedisUrl::parse(url).map_err(|reason| anyhow::anyhow!("cluster.redis_url: {reason}"))?;
+    let address = url.resolve().with_context(|| format!("cluster.redis_url: cannot resolve {}", url.host))?;
+    let node = NodeIdentity::new(cluster.node_id.as_deref(), &mut fastrand::Rng::new());
+    tracing::info!(node_id = %node.node_id, incarnation = format!("{:016x}", node.incarnation), %address,
+        "cluster mode");
+    Ok(Some(SupervisorOptions {
+        address,
+        link: LinkOptions::new(cluster, &url),
+        prefix: cluster.prefix.clone(),
+        apps: apps.list.iter().map(|app| (app.index, app.config.id.clone())).collect(),
+        buckets: u16::try_from(cluster.buckets).context("cluster.buckets is at most 4096")?,
+        shards,
+        shard: 0,
+        senders_max: cluster.senders_max,
+        node,
+    }))
+}
+
 /// Builds the shard's runtime on the configured driver and runs it to shutdown.
 fn run_shard(
     shard: Shard,
@@ -225,8 +264,7 @@ fn run_shard(
     driver: IoDriver,
     pool: monoio::blocking::DefaultThreadPool,
     ready: mpsc::Sender<Result<Driver, String>>,
-    hook: Option<ShardStartHook>,
-    webhook_tls: Option<TlsConnector>,
+    extras: ShardExtras,
 ) {
     let index = shard.index;
     if driver != IoDriver::Epoll {
@@ -235,9 +273,7 @@ fn run_shard(
             .enable_timer()
             .attach_thread_pool(Box::new(pool.clone()));
         match builder.build() {
-            Ok(mut runtime) => {
-                return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready, hook, webhook_tls))
-            }
+            Ok(mut runtime) => return runtime.block_on(shard_main(shard, listener, Driver::IoUring, ready, extras)),
             Err(e) if driver == IoDriver::IoUring => {
                 let _ = ready.send(Err(format!(
                     "shard {index}: io_uring is unavailable ({e}) and server.io_driver = \"io_uring\""
@@ -254,7 +290,7 @@ fn run_shard(
         .attach_thread_pool(Box::new(pool))
         .build()
     {
-        Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready, hook, webhook_tls)),
+        Ok(mut runtime) => runtime.block_on(shard_main(shard, listener, Driver::Epoll, ready, extras)),
         Err(e) => {
             let _ = ready.send(Err(format!("shard {index}: cannot build an epoll runtime: {e}")));
         }
@@ -268,9 +304,9 @@ async fn shard_main(
     listeners: ShardListeners,
     driver: Driver,
     ready: mpsc::Sender<Result<Driver, String>>,
-    hook: Option<ShardStartHook>,
-    webhook_tls: Option<TlsConnector>,
+    extras: ShardExtras,
 ) {
+    let ShardExtras { hook, webhook_tls, cluster } = extras;
     let register = |listener| monoio::net::TcpListener::from_std(listener);
     let tls = listeners.tls.map(|(listener, settings)| register(listener).map(|l| (l, settings))).transpose();
     let (listener, tls) = match (register(listeners.plain), tls) {
@@ -294,6 +330,10 @@ async fn shard_main(
         }
     }
     shard.spawn_background();
+    // The link comes up in the background; /ready answers 503 until it has.
+    if let Some(options) = cluster {
+        shard.start_cluster(options);
+    }
     let _ = ready.send(Ok(driver));
     if let Some(hook) = hook {
         hook(shard.index);

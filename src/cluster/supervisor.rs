@@ -8,12 +8,19 @@
 //! link down (`cluster_link_down`, which `/ready` on any shard can read), waits with
 //! exponential backoff and jitter, and starts again.
 //!
+//! It is also the shard's only sender to Redis: the shard's API publishes and client events wait
+//! in its `Outbound` queue, and it writes them in batches, one `MULTI`, an `SPUBLISH` per
+//! message (numbered per bucket), one `HSET` of the bucket's latest number, `EXEC`; each sender
+//! learns the outcome after `EXEC` (docs/cluster.md, "Gap detection").
+//!
 //! Owns no shard state: what a message or a gap does to connections is the `Events`
 //! implementation's. Invariant: the link is reported up only after every bucket of the shard is
-//! subscribed and its barrier has passed, and down from the first error on.
+//! subscribed and its barrier has passed, and down from the first error on; the outbound queue
+//! accepts messages exactly while it is up.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,8 +32,10 @@ use crate::metrics::ShardMetrics;
 
 use super::bucket;
 use super::link::{Link, LinkError, LinkOptions, Push, Pushes, Reply, Subscriptions};
-use super::message::{self, Header, MessageError};
+use super::message::{self, Header, MessageError, Sender};
+use super::outbound::{Outbound, Outgoing, Unavailable};
 use super::sequence::{Barrier, BucketId, GapDetector, GapReason, Verdict};
+use super::NodeIdentity;
 
 /// First reconnect delay.
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
@@ -85,6 +94,21 @@ pub struct SupervisorOptions {
     pub shard: usize,
     /// `cluster.senders_max`.
     pub senders_max: usize,
+    /// This node's id and incarnation, for the messages it sends.
+    pub node: NodeIdentity,
+}
+
+/// Room kept in a pipeline for a batch's `MULTI` and `EXEC`.
+const PIPELINE_OVERHEAD_BYTES: usize = 1024;
+/// Bytes a message may add to a pipeline beyond its frame: its header (at most 684 bytes by
+/// the format's field limits), the bucket's channel name, RESP framing, and one `HSET`.
+const MESSAGE_OVERHEAD_BYTES: usize = 4096;
+
+/// A bucket this shard sends to: its Redis names and the last number it gave a message there.
+struct Sending {
+    channel: Bytes,
+    sequence_key: String,
+    last: u64,
 }
 
 /// A shard's bucket: its pub/sub channel and `:seq` hash.
@@ -106,6 +130,13 @@ pub struct Supervisor<E: Events> {
     rng: fastrand::Rng,
     /// Whether a barrier passed once (later ones check for gaps instead of learning).
     baseline_done: bool,
+    /// Messages this shard wants published.
+    outbound: Rc<Outbound>,
+    /// Per (app, bucket) this shard has sent to: names and last number. Numbers are never
+    /// taken back, also when a batch fails (receivers then see a gap, never a reuse).
+    sending: HashMap<(AppIndex, u16), Sending>,
+    /// This shard's field in every bucket's `:seq` hash.
+    sequence_field: String,
 }
 
 impl<E: Events> Supervisor<E> {
@@ -125,8 +156,22 @@ impl<E: Events> Supervisor<E> {
         }
         let by_channel = buckets.iter().enumerate().map(|(i, b)| (b.channel.clone(), i)).collect();
         let detector = GapDetector::new(options.senders_max);
-        let supervisor =
-            Supervisor { options, buckets, by_channel, detector, events, metrics, rng, baseline_done: false };
+        let mut sequence_field = String::new();
+        let sender = Sender { incarnation: options.node.incarnation, shard: options.shard as u16 };
+        bucket::sequence_field(sender, &mut sequence_field);
+        let supervisor = Supervisor {
+            options,
+            buckets,
+            by_channel,
+            detector,
+            events,
+            metrics,
+            rng,
+            baseline_done: false,
+            outbound: Rc::new(Outbound::default()),
+            sending: HashMap::new(),
+            sequence_field,
+        };
         supervisor.set_down(true);
         supervisor
     }
@@ -148,8 +193,14 @@ impl<E: Events> Supervisor<E> {
         }
     }
 
+    /// The queue through which the shard sends; hand it to the shard before `run`.
+    pub fn outbound(&self) -> Rc<Outbound> {
+        self.outbound.clone()
+    }
+
     fn set_down(&self, down: bool) {
         self.metrics[self.options.shard].cluster_link_down.store(u64::from(down), Ordering::Relaxed);
+        self.outbound.set_up(!down);
     }
 
     /// One connection of both links, until it fails.
@@ -232,15 +283,27 @@ impl<E: Events> Supervisor<E> {
         let timeout = self.options.link.command_timeout;
         let tick = (timeout / 4).max(Duration::from_millis(1));
         let mut ping_sent: Option<Instant> = None;
+        let outbound = self.outbound.clone();
+        let mut batch = Vec::new();
+        let mut next_tick = Instant::now() + tick;
         loop {
-            // Kept across ticks: dropping a read in flight would lose what it read.
+            // Kept across ticks and batches: dropping a read in flight would lose what it read.
             let next = pushes.next();
             let mut next = std::pin::pin!(next);
             let push = loop {
+                // A deadline, not a fresh sleep per turn, so a steady stream of batches cannot
+                // starve the heartbeat.
+                let until_tick = next_tick.saturating_duration_since(Instant::now());
                 monoio::select! {
                     push = &mut next => break push,
-                    _ = monoio::time::sleep(tick) => {
+                    _ = monoio::time::sleep(until_tick) => {
+                        next_tick = Instant::now() + tick;
                         if let Err(error) = heartbeat(command, subscriptions, &mut ping_sent, timeout).await {
+                            return error;
+                        }
+                    }
+                    _ = outbound.work() => {
+                        if let Err(error) = self.send_batch(command, &mut batch).await {
                             return error;
                         }
                     }
@@ -301,6 +364,95 @@ impl<E: Events> Supervisor<E> {
         }
         if verdict.deliver() {
             self.events.message(id, &header, frame);
+        }
+    }
+}
+
+impl<E: Events> Supervisor<E> {
+    /// Publishes one batch of the outbound queue in one `MULTI`…`EXEC` round trip and tells
+    /// each sender the outcome. An error ends the session (the senders in the batch get
+    /// `Unavailable`; the numbers they took stay taken).
+    async fn send_batch(&mut self, command: &mut Link, batch: &mut Vec<Outgoing>) -> Result<(), LinkError> {
+        let budget = self.options.link.pipeline_bytes_max.saturating_sub(PIPELINE_OVERHEAD_BYTES);
+        self.outbound.take_batch(budget, MESSAGE_OVERHEAD_BYTES, batch);
+        // A message that alone overflows a pipeline is refused without taking a number (the
+        // link would refuse it and end the session for everyone).
+        let (fit, oversize): (Vec<_>, Vec<_>) =
+            batch.drain(..).partition(|o| o.frame.len() + MESSAGE_OVERHEAD_BYTES <= budget);
+        for outgoing in oversize {
+            tracing::error!(bytes = outgoing.frame.len(), "an event frame is over cluster.pipeline_bytes_max");
+            outgoing.complete(Err(Unavailable));
+        }
+        *batch = fit;
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let result = self.write_batch(command, batch).await;
+        let outcome = result.as_ref().map(|_| ()).map_err(|_| Unavailable);
+        for outgoing in batch.drain(..) {
+            outgoing.complete(outcome);
+        }
+        result
+    }
+
+    async fn write_batch(&mut self, command: &mut Link, batch: &[Outgoing]) -> Result<(), LinkError> {
+        let buckets = self.options.buckets;
+        let sender = Sender { incarnation: self.options.node.incarnation, shard: self.options.shard as u16 };
+        let mut touched: Vec<(AppIndex, u16)> = Vec::new();
+        let mut payload = Vec::new();
+        command.queue(&[b"MULTI"])?;
+        for outgoing in batch {
+            let Some(app_id) = self.options.apps.iter().find(|(index, _)| *index == outgoing.app).map(|(_, id)| id)
+            else {
+                return Err(LinkError::Protocol(format!("app index {} is not served", outgoing.app)));
+            };
+            let number = bucket::of_channel(&outgoing.channel, buckets);
+            let prefix = &self.options.prefix;
+            let sending = self.sending.entry((outgoing.app, number)).or_insert_with(|| {
+                let mut name = String::new();
+                bucket::channel_name(prefix, app_id, number, &mut name);
+                let channel = Bytes::from(name.clone().into_bytes());
+                bucket::sequence_key(prefix, app_id, number, &mut name);
+                Sending { channel, sequence_key: name, last: 0 }
+            });
+            let header = Header {
+                kind: outgoing.kind,
+                sender,
+                sequence: sending.last + 1,
+                node_id: &self.options.node.node_id,
+                app_id,
+                channel: &outgoing.channel,
+                user_id: "",
+                exclude: outgoing.exclude,
+            };
+            payload.clear();
+            // The shard validated channel and exclusion before queuing, so this is a bug.
+            message::encode(&header, &outgoing.frame, &mut payload)
+                .unwrap_or_else(|error| panic!("an outbound message breaks the format: {error}"));
+            sending.last += 1;
+            command.queue(&[b"SPUBLISH", &sending.channel, &payload])?;
+            if !touched.contains(&(outgoing.app, number)) {
+                touched.push((outgoing.app, number));
+            }
+        }
+        for key in &touched {
+            let sending = &self.sending[key];
+            let last = sending.last.to_string();
+            command.queue(&[
+                b"HSET",
+                sending.sequence_key.as_bytes(),
+                self.sequence_field.as_bytes(),
+                last.as_bytes(),
+            ])?;
+        }
+        command.queue(&[b"EXEC"])?;
+        let mut replies = Vec::with_capacity(command.queued());
+        command.flush(&mut replies).await?;
+        // MULTI answers OK, each command QUEUED, EXEC the array of results; a command Redis
+        // refused to queue makes EXEC an error (EXECABORT) and nothing was published.
+        match replies.last() {
+            Some(Reply::Array(results)) if results.len() == batch.len() + touched.len() => Ok(()),
+            other => Err(LinkError::Protocol(format!("EXEC answered {other:?}"))),
         }
     }
 }

@@ -16,12 +16,15 @@ use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
 use crate::apps::App;
+use crate::cluster::message::Kind;
+use crate::cluster::outbound::Unavailable;
 use crate::http::parse::{error_body, RequestHead};
 use crate::metrics::{self, ShardMetrics};
 use crate::pusher::auth::{self, param, parse_query, Params, SignedRequest};
 use crate::pusher::channel::{self, ChannelKind};
 use crate::pusher::message::{self, SocketId};
 use crate::shard::accept::{Acknowledged, NotAccepted};
+use crate::shard::cluster_link::ClusterHandle;
 use crate::shard::mesh::{Query, QueryReply};
 use crate::shard::Shard;
 use crate::wal::Lsn;
@@ -110,6 +113,16 @@ fn ready(shard: &Shard) -> Response {
     }
     if shard.is_shutting_down() {
         return Response::json(StatusCode::SERVICE_UNAVAILABLE, &json!({"ready": false, "reason": "shutting down"}));
+    }
+    // Cluster mode: a shard whose Redis link is down cannot publish or receive cluster-wide
+    // (docs/cluster.md, "When Redis is unreachable"); single-node shards keep the gauge at 0.
+    let link_down: Vec<usize> = (shard.all_metrics.iter().enumerate())
+        .filter(|(_, m)| m.cluster_link_down.load(std::sync::atomic::Ordering::Relaxed) != 0)
+        .map(|(index, _)| index)
+        .collect();
+    if !link_down.is_empty() {
+        let body = json!({"ready": false, "reason": "redis link down", "cluster_link_down": link_down});
+        return Response::json(StatusCode::SERVICE_UNAVAILABLE, &body);
     }
     // A failed webhook WAL stays failed until a restart (docs/wal.md): not ready, naming each
     // failed shard and its error, so an orchestrator stops routing here and restarts it.
@@ -307,17 +320,21 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
     serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
 
-async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Option<Value> {
-    for channel in &event.channels {
-        let frame = message::channel_event(event.name, channel, event.data);
-        if channel::is_cache(channel) {
-            shard.cache_store(app.index, channel, frame.clone(), event.data.get());
+async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Result<Option<Value>, Response> {
+    if let Some(cluster) = shard.cluster() {
+        publish_cluster(shard, cluster, app, event).await?;
+    } else {
+        for channel in &event.channels {
+            let frame = message::channel_event(event.name, channel, event.data);
+            if channel::is_cache(channel) {
+                shard.cache_store(app.index, channel, frame.clone(), event.data.get());
+            }
+            shard.publish(app.index, channel, frame, event.exclude).await;
         }
-        shard.publish(app.index, channel, frame, event.exclude).await;
     }
     ShardMetrics::add(&shard.metrics().published_total, event.channels.len() as u64);
     if !(event.info.subscription_count || event.info.user_count) {
-        return None;
+        return Ok(None);
     }
     let mut channels = serde_json::Map::new();
     for channel in &event.channels {
@@ -332,7 +349,40 @@ async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Option<Value> {
         }
         channels.insert((*channel).to_string(), Value::Object(attributes));
     }
-    Some(json!({ "channels": channels }))
+    Ok(Some(json!({ "channels": channels })))
+}
+
+/// Cluster mode: every channel's message goes to Redis in order (one queue per shard, so one
+/// pipeline can carry them all), and the event counts as published once Redis executed them
+/// all (docs/cluster.md: 200 only after Redis replied). Cache channels keep their last event on
+/// this node only in this slice.
+async fn publish_cluster(shard: &Shard, cluster: &ClusterHandle, app: &App, event: &Event<'_>) -> Result<(), Response> {
+    let mut sent = Vec::with_capacity(event.channels.len());
+    for channel in &event.channels {
+        let frame = message::channel_event(event.name, channel, event.data);
+        if channel::is_cache(channel) {
+            shard.cache_store(app.index, channel, frame.clone(), event.data.get());
+        }
+        let queued = cluster.outbound.send(Kind::Publication, app.index, channel, frame, event.exclude);
+        sent.push(queued.map_err(cluster_unavailable)?);
+    }
+    for sent in sent {
+        sent.outcome().await.map_err(cluster_unavailable)?;
+    }
+    Ok(())
+}
+
+/// 503 with a JSON reason: the publisher should retry (perhaps on another node).
+fn cluster_unavailable(error: Unavailable) -> Response {
+    Response::error(StatusCode::SERVICE_UNAVAILABLE, &error.to_string())
+}
+
+/// Refuses a publish before anything is created for it while this shard cannot reach Redis.
+fn cluster_ready(shard: &Shard) -> Result<(), Response> {
+    if shard.cluster_down() {
+        return Err(cluster_unavailable(Unavailable));
+    }
+    Ok(())
 }
 
 /// Applies `backend_events_per_second_max` to `events` events (429 over it).
@@ -386,9 +436,10 @@ async fn events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     let request: EventRequest = parse_json(body)?;
     let event = validate_event(app, &request, false)?;
     admit(app, event.channels.len())?;
+    cluster_ready(shard)?;
     let create = || create_deliveries(shard, app, std::slice::from_ref(&event));
     let accepted = shard.accept(Acknowledged::ByAnswer, create, publish(shard, app, &event)).await;
-    let info = accepted.map_err(|e| not_accepted(shard, e))?;
+    let info = accepted.map_err(|e| not_accepted(shard, e))??;
     Ok(Response::json(StatusCode::OK, &info.unwrap_or_else(|| json!({}))))
 }
 
@@ -400,17 +451,18 @@ async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     // Validate every event before publishing any: a batch is accepted whole or not at all.
     let events = request.batch.iter().map(|e| validate_event(app, e, true)).collect::<Result<Vec<_>, _>>()?;
     admit(app, events.len())?;
+    cluster_ready(shard)?;
     let publish_all = async {
         let mut infos = Vec::with_capacity(events.len());
         for event in &events {
-            let info = publish(shard, app, event).await;
+            let info = publish(shard, app, event).await?;
             infos.push(info.map(|i| i["channels"][event.channels[0]].clone()).unwrap_or_else(|| json!({})));
         }
-        infos
+        Ok(infos)
     };
     let create = || create_deliveries(shard, app, &events);
     let accepted = shard.accept(Acknowledged::ByAnswer, create, publish_all).await;
-    let infos = accepted.map_err(|e| not_accepted(shard, e))?;
+    let infos = accepted.map_err(|e| not_accepted(shard, e))??;
     if events.iter().any(|e| e.info.subscription_count || e.info.user_count) {
         Ok(Response::json(StatusCode::OK, &json!({ "batch": infos })))
     } else {

@@ -285,6 +285,13 @@ pub enum MeshMessage {
     },
     /// Deliver to local subscribers.
     Publish(Arc<Publication>),
+    /// Cluster mode: a bucket may have lost messages; close its local connections with 4200.
+    BucketGap {
+        /// The app.
+        app: AppIndex,
+        /// The bucket number.
+        bucket: u16,
+    },
     /// Answer `query` and send the reply back to shard `from` under `id`.
     Query {
         /// Asking shard.

@@ -15,9 +15,12 @@
 //! slab, write queues, liveness), `outbox` (messages waiting for ring space), `session` (what
 //! a Pusher connection's messages do), `home` and `presence` (pure state owned by one home
 //! shard per channel or user), `home_link` (routing to home shards, executing home effects),
-//! `accept` (the one accept rule: create webhook records, publish, commit, acknowledge).
+//! `accept` (the one accept rule: create webhook records, publish, commit, acknowledge),
+//! `cluster_link` (cluster mode: the shard's Redis link supervisor, fan-out through Redis, 4200
+//! on gaps).
 
 pub mod accept;
+pub mod cluster_link;
 pub mod connections;
 pub mod home;
 mod home_link;
@@ -110,6 +113,8 @@ pub struct Shard {
     pub state: RefCell<ShardState>,
     /// The webhook dispatcher, when some app has webhooks (set once at start).
     pub webhooks_cell: OnceCell<Rc<Webhooks>>,
+    /// The Redis link, in cluster mode (set once at start).
+    cluster_cell: OnceCell<cluster_link::ClusterHandle>,
     /// The WAL position of the last lifecycle event created here, committed at shutdown.
     lifecycle_lsn_max: Cell<Lsn>,
     started: Instant,
@@ -147,6 +152,7 @@ impl Shard {
             all_metrics,
             state: RefCell::new(state),
             webhooks_cell: OnceCell::new(),
+            cluster_cell: OnceCell::new(),
             lifecycle_lsn_max: Cell::new(0),
             started: Instant::now(),
         }
@@ -431,6 +437,7 @@ impl Shard {
             MeshMessage::SendTo { watcher, frame } => self.send_to(watcher, frame),
             MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
+            MeshMessage::BucketGap { app, bucket } => self.close_bucket(app, bucket),
             MeshMessage::Query { from, id, query } => {
                 let reply = self.answer_locally(&query);
                 self.mesh_send(from, MeshMessage::Reply { id, reply });

@@ -189,6 +189,11 @@ impl Shard {
         if let Some(reason) = refusal {
             return self.send(key, message::error(None, reason, Some(name)));
         }
+        // Refused before its webhook is created, as an event that cannot be relayed is not
+        // accepted.
+        if self.cluster_down() {
+            return self.send(key, super::cluster_link::relay_refused(name));
+        }
         if open {
             // On presence channels the relayed event names its sender (Pusher's client events
             // docs: "user_id" is added on presence channels).
@@ -204,7 +209,7 @@ impl Shard {
             };
             // The design's contract: a client event is accepted when relayed, so its webhook is
             // durable first (group commit; only for apps whose webhooks select client_event).
-            let publish = self.publish(app_index, name, frame, Some(socket_id));
+            let publish = self.relay(key, app_index, name, frame, socket_id);
             let relayed = self.accept(Acknowledged::ByRelay, create, publish).await;
             debug_assert!(relayed.is_ok(), "a relayed event is published whatever the commit");
         }

@@ -19,6 +19,7 @@ use ringwire::cluster::link::{Link, LinkError, LinkOptions, Push, Reply};
 use ringwire::cluster::message::{self, Header, Kind, Sender};
 use ringwire::cluster::sequence::{BucketId, GapReason};
 use ringwire::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
+use ringwire::cluster::NodeIdentity;
 use ringwire::metrics::ShardMetrics;
 
 /// A redis-server of the test's own; killed (and reaped) when dropped.
@@ -109,7 +110,7 @@ fn answers_ping(addr: SocketAddr) -> bool {
 }
 
 /// Runs a future on a monoio runtime with timers, on the driver the test run asks for.
-fn run<F: Future>(future: F) -> F::Output {
+pub fn run<F: Future>(future: F) -> F::Output {
     if std::env::var("RINGWIRE_TEST_DRIVER").as_deref() == Ok("epoll") {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap().block_on(future)
     } else {
@@ -117,7 +118,7 @@ fn run<F: Future>(future: F) -> F::Output {
     }
 }
 
-fn options() -> LinkOptions {
+pub fn options() -> LinkOptions {
     LinkOptions {
         connect_timeout: Duration::from_secs(2),
         command_timeout: Duration::from_secs(2),
@@ -341,6 +342,7 @@ fn start_supervisor(redis: SocketAddr, command_timeout: Duration) -> (Arc<[Shard
         shards: 1,
         shard: 0,
         senders_max: 64,
+        node: NodeIdentity { node_id: "test".into(), incarnation: 0x99 },
     };
     let supervisor = Supervisor::new(options, Recorder(told.clone()), metrics.clone(), fastrand::Rng::with_seed(7));
     assert_eq!(metrics[0].cluster_link_down.load(Ordering::Relaxed), 1, "down until the first barrier");
