@@ -1,5 +1,6 @@
 //! The `ringwire` binary: parse flags and config, start the shards, wait for a signal.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -179,17 +180,24 @@ fn run(config: Config, app_lines: Vec<String>, path: Option<PathBuf>) -> ExitCod
         }
     };
     let drivers: Vec<String> = server.drivers.iter().map(|d| format!("{d:?}")).collect();
-    println!("ringwire listening on {} ({} shards: {})", server.addr, drivers.len(), drivers.join(", "));
-    println!(
+    // The start-up lines go to whoever started the node; if they stopped reading (a closed
+    // pipe), the node goes on serving: a failed write is not a reason to stop (println! would
+    // panic, and a panic aborts the process).
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "ringwire listening on {} ({} shards: {})", server.addr, drivers.len(), drivers.join(", "));
+    let _ = writeln!(
+        out,
         "  WebSocket: ws://{}/app/{{key}}?protocol=7   HTTP API: http://{}/apps/{{id}}/events",
         server.addr, server.addr
     );
     for line in &app_lines {
-        println!("{line}");
+        let _ = writeln!(out, "{line}");
     }
     if let Some(tls) = server.tls_addr {
-        println!("  TLS: wss://{tls}/app/{{key}}?protocol=7   HTTPS API: https://{tls}/apps/{{id}}/events");
+        let _ =
+            writeln!(out, "  TLS: wss://{tls}/app/{{key}}?protocol=7   HTTPS API: https://{tls}/apps/{{id}}/events");
     }
+    drop(out);
     let mut signals = signals;
     for signal in signals.forever() {
         if signal == SIGHUP {

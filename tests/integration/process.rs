@@ -371,3 +371,18 @@ fn shard_panic_aborts_the_process() {
     assert!(stderr.contains("thread ringwire-shard-1 panicked") && stderr.contains("aborting"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// A reader of the start-up lines that goes away (a closed pipe) does not stop the node: it
+/// keeps serving and still shuts down cleanly on SIGTERM.
+#[test]
+fn closed_stdout_does_not_stop_the_node() {
+    let config = temp_config("stdout", "[server]\nbind = \"127.0.0.1:0\"\nshards = 1\n");
+    let mut child = binary().arg("--config").arg(&config).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let addr: SocketAddr = first.split_whitespace().nth(3).unwrap().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(raw_http(addr, b"GET /health HTTP/1.1\r\n\r\n").0, 200);
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    assert!(child.wait().unwrap().success());
+}
