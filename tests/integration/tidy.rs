@@ -24,12 +24,7 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Files over `FILE_LINES_MAX` that are known and due to be split, each with the lines it
-/// may have at most until then (a ratchet: it may shrink, never grow). An entry whose file is
-/// back under the limit must go.
-const OVER_LIMIT_KNOWN: &[(&str, usize)] = &[("src/config.rs", 1120)];
-
-/// No file in `src/` is over `FILE_LINES_MAX` lines (or, for a known one, over its ratchet).
+/// No file in `src/` is over `FILE_LINES_MAX` lines.
 #[test]
 fn source_files_stay_small() {
     let mut files = Vec::new();
@@ -38,12 +33,8 @@ fn source_files_stay_small() {
     for file in &files {
         let lines = std::fs::read_to_string(file).unwrap().lines().count();
         let name = file.strip_prefix(root()).unwrap().display().to_string();
-        let known = OVER_LIMIT_KNOWN.iter().find(|(known, _)| *known == name).map(|&(_, max)| max);
-        match known {
-            Some(_) if lines <= FILE_LINES_MAX => long.push(format!("{name} has {lines} lines: drop its ratchet")),
-            Some(max) if lines > max => long.push(format!("{name} has {lines} lines, more than its ratchet of {max}")),
-            None if lines > FILE_LINES_MAX => long.push(format!("{name} has {lines} lines")),
-            _ => {}
+        if lines > FILE_LINES_MAX {
+            long.push(format!("{name} has {lines} lines"));
         }
     }
     assert!(long.is_empty(), "over {FILE_LINES_MAX} lines: split by concern:\n{}", long.join("\n"));
