@@ -11,12 +11,19 @@
 //!   `--publish-connections` keep-alive connections, round-robin over the channels. It never
 //!   waits for the server to catch up before scheduling the next event.
 //! - Output: one JSON object on stdout (for scripts/bench), a summary on stderr.
+//! - `--tls-addr ADDR --ca FILE`: subscribers connect with TLS (`wss://`, rustls through
+//!   monoio-rustls, the CA's certificates as the only roots) while the publisher keeps the plain
+//!   HTTP API on `--addr`, so only the fan-out path changes between a ws and a wss run.
+//! - `handshakes`: N full TLS handshakes plus WebSocket upgrades with concurrency C (see
+//!   `--help`), for handshakes/s; `connections` holds idle subscribed connections, over TLS too.
 //!
 //! The generator's own cost is reported (`generator_cpu_s`) so a run can show that the
 //! generator was not the bottleneck it measured.
 
 use std::io::{self, Write as _};
 use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
@@ -25,8 +32,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::{Buf, BytesMut};
 use hdrhistogram::Histogram;
 use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
+use monoio_rustls::{ClientTlsStream, TlsConnector};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -45,18 +55,57 @@ struct Options {
     publish_connections: usize,
     nchan: bool,
     ceiling: bool,
+    /// Subscribers use `wss://` on this address (the publisher stays on `addr`).
+    tls_addr: Option<SocketAddr>,
+    /// The client side of TLS: the `--ca` roots and the name the certificate must carry.
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// `handshakes`: how many, and how many at once.
+    count: u64,
+    concurrency: usize,
 }
 
 const USAGE: &str = "usage: loadgen fanout [--addr 127.0.0.1:6001] [--app-id 1] [--key K] [--secret S]
   [--channels 10] [--subscribers 1000] [--rate 1000] [--duration 10] [--payload 100]
   [--threads 1] [--publish-connections 4] [--nchan | --ceiling]
+  [--tls-addr ADDR --ca FILE [--server-name localhost]]
+       loadgen handshakes --tls-addr ADDR --ca FILE [--count 2000] [--concurrency 50] [--threads 1]
+  [--key K] [--server-name localhost] [--nchan]
+       loadgen connections --addr ADDR --count N [--source-ips 4] [--key K] [--ca FILE [--server-name N]]
 --nchan speaks nginx+Nchan's pub/sub URLs (/sub/{channel} WebSocket, POST /pub/{channel}) instead of Pusher.
---ceiling drives benches/ceiling.rs, which publishes by itself on the same schedule.";
+--ceiling drives benches/ceiling.rs, which publishes by itself on the same schedule.
+--tls-addr: subscribers connect with TLS to ADDR, trusting only the certificates in --ca.
+handshakes: full TLS handshakes (no session resumption) each followed by a WebSocket upgrade
+  and pusher:connection_established, then a close; prints handshakes/s.
+connections: with --ca, ADDR is a TLS listener and every held connection is wss://.";
+
+/// The TLS client settings: the PEM certificates in `ca` as the only roots, no session
+/// resumption (every handshake is a full one), ALPN `http/1.1`, ring as the provider.
+fn client_config(ca: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+        roots.add(cert).map_err(|e| format!("--ca {}: {e}", ca.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn server_name(name: &str) -> Result<ServerName<'static>, String> {
+    ServerName::try_from(name.to_string()).map_err(|e| format!("--server-name {name}: {e}"))
+}
 
 fn parse_options() -> Result<Options, String> {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench");
     match args.next().as_deref() {
-        Some("fanout") => {}
+        Some("fanout" | "handshakes") => {}
         _ => return Err(USAGE.into()),
     }
     let mut options = Options {
@@ -73,7 +122,12 @@ fn parse_options() -> Result<Options, String> {
         publish_connections: 4,
         nchan: false,
         ceiling: false,
+        tls_addr: None,
+        tls: None,
+        count: 2000,
+        concurrency: 50,
     };
+    let (mut ca, mut name) = (None, "localhost".to_string());
     while let Some(flag) = args.next() {
         if flag == "--nchan" {
             options.nchan = true;
@@ -100,8 +154,18 @@ fn parse_options() -> Result<Options, String> {
             "--payload" => options.payload = number()? as usize,
             "--threads" => options.threads = number()?.max(1) as usize,
             "--publish-connections" => options.publish_connections = number()?.max(1) as usize,
+            "--tls-addr" => options.tls_addr = Some(value.parse().map_err(|_| format!("--tls-addr: {value}"))?),
+            "--ca" => ca = Some(std::path::PathBuf::from(&value)),
+            "--server-name" => name = value.clone(),
+            "--count" => options.count = number()?,
+            "--concurrency" => options.concurrency = number()?.max(1) as usize,
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
+    }
+    match (options.tls_addr, ca) {
+        (Some(_), Some(ca)) => options.tls = Some((TlsConnector::from(client_config(&ca)?), server_name(&name)?)),
+        (None, None) => {}
+        _ => return Err(format!("--tls-addr and --ca go together\n{USAGE}")),
     }
     Ok(options)
 }
@@ -129,6 +193,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if std::env::args().skip(1).find(|a| a != "--bench").as_deref() == Some("handshakes") {
+        return handshakes_main(options);
+    }
     let totals = Arc::new(Totals::default());
     let stop = Arc::new(AtomicBool::new(false));
     let cpu_start = process_cpu_s();
@@ -139,7 +206,11 @@ fn main() {
         let (options, totals, stop, ready) = (options.clone(), totals.clone(), stop.clone(), ready.clone());
         handles.push(std::thread::spawn(move || {
             let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
-            runtime.block_on(subscriber_thread(thread, options, totals, stop, ready))
+            if options.tls.is_some() {
+                runtime.block_on(subscriber_thread::<ClientTlsStream<TcpStream>>(thread, options, totals, stop, ready))
+            } else {
+                runtime.block_on(subscriber_thread::<TcpStream>(thread, options, totals, stop, ready))
+            }
         }));
     }
     ready.wait();
@@ -160,6 +231,9 @@ fn main() {
     loop {
         let delivered = totals.delivered.load(Ordering::Relaxed);
         if delivered >= expected || Instant::now() >= drain_deadline {
+            if delivered != last_count {
+                last_progress = Instant::now();
+            }
             break;
         }
         if delivered != last_count {
@@ -170,6 +244,10 @@ fn main() {
         std::thread::sleep(Duration::from_millis(20));
     }
     stop.store(true, Ordering::Relaxed);
+    // From the first publish to the last delivery seen (within the 20 ms poll): what a
+    // saturated server sustained, where `delivered_per_s` also credits the drained backlog
+    // to the publishing window.
+    let until_last_delivery = last_progress.saturating_duration_since(publish_start).max(publish_elapsed);
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
     for handle in handles {
         histogram.add(handle.join().unwrap()).unwrap();
@@ -179,6 +257,7 @@ fn main() {
     let result = serde_json::json!({
         "scenario": "fanout",
         "target": if options.nchan { "nchan" } else { "pusher" },
+        "transport": if options.tls.is_some() { "wss" } else { "ws" },
         "subscribers": options.subscribers,
         "subscribed": subscribed,
         "channels": options.channels,
@@ -190,6 +269,7 @@ fn main() {
         "expected_deliveries": expected,
         "delivered": delivered,
         "delivered_per_s": delivered as f64 / publish_elapsed.as_secs_f64(),
+        "sustained_per_s": delivered as f64 / until_last_delivery.as_secs_f64(),
         "failed_connections": totals.failed.load(Ordering::Relaxed),
         "latency_us": {
             "p50": histogram.value_at_quantile(0.50),
@@ -233,7 +313,37 @@ fn process_cpu_s() -> f64 {
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
 }
 
-async fn subscriber_thread(
+/// A subscriber's connection: plain TCP (`ws://`) or TLS over it (`wss://`).
+trait Dial: AsyncReadRent + AsyncWriteRent + Sized + 'static {
+    /// Connects to the server the subscribers use; also returns the socket's descriptor, so
+    /// the end of a run can shut it down under a pending read (see `subscriber_thread`).
+    async fn dial(options: &Options) -> io::Result<(Self, RawFd)>;
+}
+
+impl Dial for TcpStream {
+    async fn dial(options: &Options) -> io::Result<(Self, RawFd)> {
+        let stream = TcpStream::connect(options.addr).await?;
+        stream.set_nodelay(true)?;
+        let fd = stream.as_raw_fd();
+        Ok((stream, fd))
+    }
+}
+
+impl Dial for ClientTlsStream<TcpStream> {
+    async fn dial(options: &Options) -> io::Result<(Self, RawFd)> {
+        let (Some(addr), Some((connector, name))) = (options.tls_addr, options.tls.as_ref()) else {
+            return Err(io::Error::other("TLS needs --tls-addr and --ca"));
+        };
+        let tcp = TcpStream::connect(addr).await?;
+        // Without TCP_NODELAY each handshake flight waits for a delayed ACK (tens of ms).
+        tcp.set_nodelay(true)?;
+        let fd = tcp.as_raw_fd();
+        let stream = connector.connect(name.clone(), tcp).await.map_err(io::Error::other)?;
+        Ok((stream, fd))
+    }
+}
+
+async fn subscriber_thread<S: Dial>(
     thread: usize,
     options: Arc<Options>,
     totals: Arc<Totals>,
@@ -247,7 +357,7 @@ async fn subscriber_thread(
         let mut pending = Vec::new();
         for &subscriber in chunk {
             let channel = format!("bench-{}", subscriber % options.channels);
-            pending.push(monoio::spawn(subscribe(options.clone(), channel)));
+            pending.push(monoio::spawn(subscribe::<S>(options.clone(), channel)));
         }
         for handle in pending {
             match handle.await {
@@ -262,22 +372,35 @@ async fn subscriber_thread(
             }
         }
     }
+    let fds: Vec<RawFd> = streams.iter().map(|(_, fd, _)| *fd).collect();
     let mut readers = Vec::new();
-    for (stream, buf) in streams {
+    for (stream, _, buf) in streams {
         readers.push(monoio::spawn(receive(stream, buf, histogram.clone(), totals.clone(), stop.clone())));
     }
-    // Let this runtime run the readers while other threads finish subscribing.
+    // Let this runtime run the readers while other threads finish subscribing and the
+    // publisher runs; `stop` comes after the barrier released everyone.
     let ready_wait = std::thread::spawn(move || ready.wait());
-    while !ready_wait.is_finished() {
-        monoio::time::sleep(Duration::from_millis(1)).await;
+    while !stop.load(Ordering::Relaxed) {
+        monoio::time::sleep(Duration::from_millis(5)).await;
     }
+    let _ = ready_wait.join();
+    // Readers end by their pending read returning 0 after shutdown(2), not by dropping the
+    // read on a timeout: a dropped read loses what the kernel had just read, and a TLS
+    // stream (monoio-rustls) cannot be read again after one of its reads was dropped.
+    for fd in fds {
+        // SAFETY: every descriptor belongs to a stream that is still open: readers hand their
+        // stream back instead of dropping it, and the streams are dropped only below.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+    let mut finished = Vec::with_capacity(readers.len());
     for reader in readers {
-        reader.await;
+        finished.push(reader.await);
     }
+    drop(finished);
     Rc::try_unwrap(histogram).map(|h| h.into_inner()).unwrap_or_else(|rc| rc.borrow().clone())
 }
 
-async fn read_more(stream: &mut TcpStream, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
+async fn read_more<S: AsyncReadRent>(stream: &mut S, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
@@ -286,24 +409,43 @@ async fn read_more(stream: &mut TcpStream, mut buf: BytesMut) -> (io::Result<usi
     (result, slice.into_inner())
 }
 
-/// Opens a WebSocket, subscribes, and returns the stream with any bytes read past the reply.
-async fn subscribe(options: Arc<Options>, channel: String) -> io::Result<(TcpStream, BytesMut)> {
-    let mut stream = TcpStream::connect(options.addr).await?;
-    stream.set_nodelay(true)?;
+/// Opens a WebSocket, subscribes, and returns the stream, its socket and any bytes read past
+/// the reply.
+async fn subscribe<S: Dial>(options: Arc<Options>, channel: String) -> io::Result<(S, RawFd, BytesMut)> {
+    let (mut stream, fd) = S::dial(&options).await?;
     let path = if options.nchan {
         format!("/sub/{channel}")
     } else {
         format!("/app/{}?protocol=7&client=loadgen", options.key)
     };
+    let mut buf = upgrade(&mut stream, &path, options.tls_addr.unwrap_or(options.addr)).await?;
+    if options.nchan {
+        return Ok((stream, fd, buf));
+    }
+    // connection_established, then subscribe and wait for subscription_succeeded.
+    wait_for(&mut stream, &mut buf, b"pusher:connection_established").await?;
+    let subscribe = format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
+    let (result, _) = stream.write_all(masked_text(subscribe.as_bytes())).await;
+    result?;
+    wait_for(&mut stream, &mut buf, b"pusher_internal:subscription_succeeded").await?;
+    Ok((stream, fd, buf))
+}
+
+/// Sends a WebSocket upgrade request for `path` and reads the 101 answer; returns the bytes
+/// read past it.
+async fn upgrade<S: AsyncReadRent + AsyncWriteRent>(
+    stream: &mut S,
+    path: &str,
+    host: SocketAddr,
+) -> io::Result<BytesMut> {
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-        options.addr
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     let (result, _) = stream.write_all(request.into_bytes()).await;
     result?;
     let mut buf = BytesMut::with_capacity(4096);
     let head_end = loop {
-        let (result, b) = read_more(&mut stream, buf).await;
+        let (result, b) = read_more(stream, buf).await;
         buf = b;
         if result? == 0 {
             return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed during handshake"));
@@ -316,19 +458,10 @@ async fn subscribe(options: Arc<Options>, channel: String) -> io::Result<(TcpStr
         return Err(io::Error::other(format!("handshake refused: {}", String::from_utf8_lossy(&buf[..head_end]))));
     }
     buf.advance(head_end);
-    if options.nchan {
-        return Ok((stream, buf));
-    }
-    // connection_established, then subscribe and wait for subscription_succeeded.
-    wait_for(&mut stream, &mut buf, b"pusher:connection_established").await?;
-    let subscribe = format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
-    let (result, _) = stream.write_all(masked_text(subscribe.as_bytes())).await;
-    result?;
-    wait_for(&mut stream, &mut buf, b"pusher_internal:subscription_succeeded").await?;
-    Ok((stream, buf))
+    Ok(buf)
 }
 
-async fn wait_for(stream: &mut TcpStream, buf: &mut BytesMut, needle: &[u8]) -> io::Result<()> {
+async fn wait_for<S: AsyncReadRent>(stream: &mut S, buf: &mut BytesMut, needle: &[u8]) -> io::Result<()> {
     loop {
         while let Some((payload, consumed)) = next_frame(buf) {
             let found = payload.windows(needle.len()).any(|w| w == needle);
@@ -368,13 +501,15 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
     Some(digits.fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
 }
 
-async fn receive(
-    mut stream: TcpStream,
+/// Counts and times deliveries until the run stops; hands the stream back (see
+/// `subscriber_thread` for why it is not dropped here).
+async fn receive<S: AsyncReadRent>(
+    mut stream: S,
     mut buf: BytesMut,
     histogram: Rc<std::cell::RefCell<Histogram<u64>>>,
     totals: Arc<Totals>,
     stop: Arc<AtomicBool>,
-) {
+) -> S {
     loop {
         let mut delivered = 0;
         let now = now_ns();
@@ -390,14 +525,13 @@ async fn receive(
             totals.delivered.fetch_add(delivered, Ordering::Relaxed);
         }
         if stop.load(Ordering::Relaxed) {
-            return;
+            return stream;
         }
-        let read =
-            monoio::time::timeout(Duration::from_millis(200), read_more(&mut stream, std::mem::take(&mut buf))).await;
-        match read {
-            Ok((Ok(n), b)) if n > 0 => buf = b,
-            Ok(_) => return,
-            Err(_) => buf = BytesMut::new(),
+        let (result, b) = read_more(&mut stream, std::mem::take(&mut buf)).await;
+        buf = b;
+        match result {
+            Ok(n) if n > 0 => {}
+            _ => return stream,
         }
     }
 }
@@ -572,35 +706,160 @@ fn read_response(stream: &mut std::net::TcpStream, buf: &mut Vec<u8>) -> (bool, 
     }
 }
 
+// ---- handshakes scenario -------------------------------------------------------------------
+
+/// `loadgen handshakes`: `--count` full TLS handshakes, each followed by a WebSocket upgrade and
+/// `pusher:connection_established` and then a close (close_notify + FIN), `--concurrency` at a
+/// time over `--threads` runtime threads. Prints one JSON line: handshakes/s and the latency
+/// of one handshake + upgrade. The server's CPU per handshake is measured by scripts/bench.
+fn handshakes_main(options: Arc<Options>) {
+    if options.tls.is_none() {
+        eprintln!("loadgen: handshakes needs --tls-addr and --ca\n{USAGE}");
+        std::process::exit(2);
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let cpu_start = process_cpu_s();
+    let start = Instant::now();
+    let handles: Vec<_> = (0..options.threads)
+        .map(|thread| {
+            // This thread's share of the concurrency (the first threads take the remainder).
+            let workers =
+                options.concurrency / options.threads + usize::from(thread < options.concurrency % options.threads);
+            let (options, next, failed) = (options.clone(), next.clone(), failed.clone());
+            std::thread::spawn(move || {
+                let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
+                runtime.block_on(handshake_workers(workers, options, next, failed))
+            })
+        })
+        .collect();
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    for handle in handles {
+        histogram.add(handle.join().unwrap()).unwrap();
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    let completed = histogram.len();
+    let generator_cpu_s = process_cpu_s() - cpu_start;
+    let result = serde_json::json!({
+        "scenario": "handshakes",
+        "count": options.count,
+        "completed": completed,
+        "failed": failed.load(Ordering::Relaxed),
+        "concurrency": options.concurrency,
+        "seconds": seconds,
+        "handshakes_per_s": completed as f64 / seconds,
+        "latency_us": {
+            "p50": histogram.value_at_quantile(0.50),
+            "p99": histogram.value_at_quantile(0.99),
+            "max": histogram.max(),
+        },
+        "generator_cpu_s": generator_cpu_s,
+    });
+    eprintln!(
+        "loadgen: {completed}/{} TLS handshakes + upgrades in {seconds:.2} s: {:.0}/s at concurrency {}; p50 {} µs p99 {} µs; generator CPU {generator_cpu_s:.2} s",
+        options.count,
+        completed as f64 / seconds,
+        options.concurrency,
+        histogram.value_at_quantile(0.5),
+        histogram.value_at_quantile(0.99)
+    );
+    println!("{result}");
+}
+
+/// `workers` tasks taking handshake numbers from `next` until `--count` are taken.
+async fn handshake_workers(
+    workers: usize,
+    options: Arc<Options>,
+    next: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) -> Histogram<u64> {
+    let histogram = Rc::new(std::cell::RefCell::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
+    let tasks: Vec<_> = (0..workers)
+        .map(|_| {
+            let (options, next, failed, histogram) = (options.clone(), next.clone(), failed.clone(), histogram.clone());
+            monoio::spawn(async move {
+                while next.fetch_add(1, Ordering::Relaxed) < options.count {
+                    let begun = Instant::now();
+                    match one_handshake(&options).await {
+                        Ok(()) => {
+                            let _ = histogram.borrow_mut().record((begun.elapsed().as_micros() as u64).max(1));
+                        }
+                        Err(e) => {
+                            // The first few reasons are enough to see what went wrong.
+                            if failed.fetch_add(1, Ordering::Relaxed) < 5 {
+                                eprintln!("loadgen: handshake failed: {e}");
+                            }
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+    Rc::try_unwrap(histogram).map(|h| h.into_inner()).unwrap_or_else(|rc| rc.borrow().clone())
+}
+
+/// One TLS connection: handshake, WebSocket upgrade, `connection_established` (with `--nchan`
+/// the 101 answer is the end), close.
+async fn one_handshake(options: &Options) -> io::Result<()> {
+    let (mut stream, _) = ClientTlsStream::<TcpStream>::dial(options).await?;
+    let path = if options.nchan {
+        "/sub/bench-handshake".to_string()
+    } else {
+        format!("/app/{}?protocol=7&client=loadgen", options.key)
+    };
+    let host = options.tls_addr.unwrap_or(options.addr);
+    let mut buf = upgrade(&mut stream, &path, host).await?;
+    if !options.nchan {
+        wait_for(&mut stream, &mut buf, b"pusher:connection_established").await?;
+    }
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
 // ---- connections scenario ------------------------------------------------------------------
 
-/// `loadgen connections --addr A --count N [--source-ips K] [--key K]`: opens N WebSockets
-/// (bound round-robin to source addresses 127.0.0.2 … 127.0.0.(K+1), so many connections do not
-/// exhaust one address's ports), subscribes each to one of 100 channels, prints one JSON line
-/// `{"ready":N,...}` once all are subscribed, then holds them idle until its standard input
-/// closes. Plain blocking sockets: set-up speed is measured, not the idle phase.
+/// `loadgen connections --addr A --count N [--source-ips K] [--key K] [--ca FILE]`: opens N
+/// WebSockets (bound round-robin to source addresses 127.0.0.2 … 127.0.0.(K+1), so many
+/// connections do not exhaust one address's ports), subscribes each to one of 100 channels,
+/// prints one JSON line `{"ready":N,...}` once all are subscribed, then holds them idle until
+/// its standard input closes. With `--ca`, `A` is a TLS listener and every connection is
+/// `wss://` (a full handshake each). Plain blocking sockets: set-up speed is measured, not the
+/// idle phase.
 fn connections_main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench").skip(1);
     let (mut addr, mut count, mut source_ips, mut key) =
         ("127.0.0.1:6001".to_string(), 1000usize, 4u8, "ringwire-demo-key".to_string());
+    let (mut ca, mut name) = (None, "localhost".to_string());
     while let (Some(flag), Some(value)) = (args.next(), args.next()) {
         match flag.as_str() {
             "--addr" => addr = value,
             "--count" => count = value.parse().expect("--count"),
             "--source-ips" => source_ips = value.parse::<u8>().expect("--source-ips").clamp(1, 250),
             "--key" => key = value,
+            "--ca" => ca = Some(std::path::PathBuf::from(value)),
+            "--server-name" => name = value,
             other => {
                 eprintln!("unknown option {other}");
                 std::process::exit(2);
             }
         }
     }
+    let tls = match ca.map(|ca| Ok::<_, String>((client_config(&ca)?, server_name(&name)?))).transpose() {
+        Ok(tls) => tls,
+        Err(message) => {
+            eprintln!("loadgen: {message}");
+            std::process::exit(2);
+        }
+    };
     let addr: SocketAddr = addr.parse().expect("--addr");
     let start = Instant::now();
-    let mut held = Vec::with_capacity(count);
+    let mut held: Vec<Box<dyn std::any::Any>> = Vec::with_capacity(count);
     for i in 0..count {
         let source = SocketAddr::from(([127, 0, 0, 2 + (i % source_ips as usize) as u8], 0));
-        match open_idle(addr, source, &key, &format!("idle-{}", i % 100)) {
+        match open_idle(addr, source, &key, &format!("idle-{}", i % 100), tls.as_ref()) {
             Ok(stream) => held.push(stream),
             Err(e) => {
                 eprintln!("loadgen: connection {i} failed: {e}");
@@ -619,21 +878,45 @@ fn connections_main() {
     drop(held);
 }
 
-/// One idle, subscribed WebSocket on a blocking socket bound to `source`.
-fn open_idle(addr: SocketAddr, source: SocketAddr, key: &str, channel: &str) -> io::Result<std::net::TcpStream> {
-    use std::io::{Read, Write};
+/// One idle, subscribed WebSocket on a blocking socket bound to `source`, over TLS when `tls`
+/// is given (rustls's blocking `StreamOwned`).
+fn open_idle(
+    addr: SocketAddr,
+    source: SocketAddr,
+    key: &str,
+    channel: &str,
+    tls: Option<&(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+) -> io::Result<Box<dyn std::any::Any>> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&source.into())?;
     socket.connect(&addr.into())?;
     let mut stream: std::net::TcpStream = socket.into();
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_nodelay(true)?;
+    match tls {
+        None => {
+            subscribe_blocking(&mut stream, key, channel)?;
+            Ok(Box::new(stream))
+        }
+        Some((config, name)) => {
+            let connection = rustls::ClientConnection::new(config.clone(), name.clone()).map_err(io::Error::other)?;
+            let mut stream = rustls::StreamOwned::new(connection, stream);
+            subscribe_blocking(&mut stream, key, channel)?;
+            Ok(Box::new(stream))
+        }
+    }
+}
+
+/// Upgrades to a WebSocket and subscribes to `channel`, blocking.
+fn subscribe_blocking<S: io::Read + io::Write>(stream: &mut S, key: &str, channel: &str) -> io::Result<()> {
     let request = format!(
         "GET /app/{key}?protocol=7 HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(request.as_bytes())?;
+    stream.flush()?;
     let mut received = Vec::new();
     let mut chunk = [0u8; 2048];
-    let mut wait_for = |stream: &mut std::net::TcpStream, needle: &[u8]| -> io::Result<()> {
+    let mut wait_for = |stream: &mut S, needle: &[u8]| -> io::Result<()> {
         while !received.windows(needle.len()).any(|w| w == needle) {
             let n = stream.read(&mut chunk)?;
             if n == 0 {
@@ -644,9 +927,9 @@ fn open_idle(addr: SocketAddr, source: SocketAddr, key: &str, channel: &str) -> 
         received.clear();
         Ok(())
     };
-    wait_for(&mut stream, b"connection_established")?;
+    wait_for(stream, b"connection_established")?;
     let subscribe = format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
     stream.write_all(&masked_text(subscribe.as_bytes()))?;
-    wait_for(&mut stream, b"subscription_succeeded")?;
-    Ok(stream)
+    stream.flush()?;
+    wait_for(stream, b"subscription_succeeded")
 }
