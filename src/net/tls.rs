@@ -38,9 +38,13 @@ use super::stream::{read_more, ByteReader, ByteStream, FrameWriter, Transport};
 use crate::buf::FrameBatch;
 use crate::config::TlsConfig;
 
-/// Ciphertext bytes asked for per socket read: one TLS record's worth at most is useful, and a
-/// small read keeps an idle connection's pinned buffer small.
-const CIPHER_READ_SPARE: usize = 2048;
+/// Ciphertext bytes asked for by a read that may wait (an idle connection's buffer is pinned by
+/// its pending read, so it is small: most client messages fit).
+const CIPHER_READ_SPARE: usize = 512;
+/// Ciphertext bytes asked for by the further reads of a record that is arriving: one whole
+/// TLS record (RFC 8446 §5.2: 2^14 bytes of plaintext plus at most 256 of expansion, and the
+/// 5-byte header).
+const CIPHER_RECORD_SPARE: usize = (1 << 14) + 256 + 5;
 /// The first byte of a TLS record carrying a handshake (RFC 8446 §5.1: ContentType 22).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
@@ -235,6 +239,9 @@ async fn read_plaintext(
     mut buf: BytesMut,
     spare: usize,
 ) -> (io::Result<usize>, BytesMut) {
+    // The first socket read of a call is the one an idle connection waits in; once bytes flow,
+    // the rest of a record is read in one go.
+    let mut read_spare = CIPHER_READ_SPARE;
     loop {
         {
             let mut tls = tls.borrow_mut();
@@ -251,8 +258,9 @@ async fn read_plaintext(
                 continue; // rustls took more: there may be plaintext now
             }
         }
-        let (result, returned) = read_more(tcp, std::mem::take(cipher), CIPHER_READ_SPARE).await;
+        let (result, returned) = read_more(tcp, std::mem::take(cipher), read_spare).await;
         *cipher = returned;
+        read_spare = CIPHER_RECORD_SPARE;
         match result {
             // The peer closed the socket without close_notify: the end of the stream all the
             // same (what was read before was authenticated record by record).
