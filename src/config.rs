@@ -32,6 +32,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `wss://` and `https://` beside the plain listener; off unless `[tls]` is present.
     pub tls: Option<TlsConfig>,
+    /// The operator dashboard at `/dashboard` (docs/dashboard.md); off by default.
+    pub dashboard: DashboardConfig,
     /// The applications this node serves (at least one).
     pub apps: Vec<AppConfig>,
 }
@@ -327,6 +329,38 @@ impl TlsConfig {
     }
 }
 
+/// `[dashboard]`: the operator page at `/dashboard` (docs/dashboard.md).
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardConfig {
+    /// Serve the dashboard; without it `/dashboard` answers 404.
+    pub enabled: bool,
+    /// The operator's credential (at least `DASHBOARD_TOKEN_BYTES_MIN` printable ASCII bytes).
+    pub token: String,
+    /// Hottest channels and largest presence channels shown per app.
+    pub channels_shown_max: usize,
+}
+
+/// Shortest dashboard token accepted: 16 bytes, so that guessing it online is hopeless.
+pub const DASHBOARD_TOKEN_BYTES_MIN: usize = 16;
+
+impl Default for DashboardConfig {
+    fn default() -> Self {
+        DashboardConfig { enabled: false, token: String::new(), channels_shown_max: 10 }
+    }
+}
+
+// Hand-written so that the token never reaches a log line through `{:?}`.
+impl fmt::Debug for DashboardConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DashboardConfig")
+            .field("enabled", &self.enabled)
+            .field("token", &if self.token.is_empty() { "" } else { "<redacted>" })
+            .field("channels_shown_max", &self.channels_shown_max)
+            .finish()
+    }
+}
+
 /// `[cluster]`: several nodes sharing one Redis (docs/cluster.md).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -513,6 +547,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             cluster: ClusterConfig::default(),
             tls: None,
+            dashboard: DashboardConfig::default(),
             apps: vec![AppConfig::demo()],
         }
     }
@@ -639,6 +674,7 @@ impl Config {
         }
         self.validate_webhooks(text)?;
         self.validate_cluster(text)?;
+        self.validate_dashboard(text)?;
         if let Some(tls) = &self.tls {
             if tls.handshake_timeout_ms == 0 {
                 return err("tls.handshake_timeout_ms".into(), "must be greater than 0".into());
@@ -852,6 +888,31 @@ impl Config {
             if !(min..=max).contains(&value) {
                 return err(field, format!("must be between {min} and {max}"));
             }
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// The `[dashboard]` table: an enabled dashboard needs a token worth the name.
+    fn validate_dashboard(&self, text: &str) -> Result<(), ConfigError> {
+        let err = |field: &str, message: String| {
+            let key = format!("dashboard.{field}");
+            let line = find_key_line(text, &key).or_else(|| find_key_line(text, "dashboard.enabled"));
+            Err(ConfigError { key, line, message })
+        };
+        let dashboard = &self.dashboard;
+        if !(1..=1000).contains(&dashboard.channels_shown_max) {
+            return err("channels_shown_max", "must be between 1 and 1000".into());
+        }
+        // A token travels in an `Authorization` header and a form field: visible ASCII only.
+        if !dashboard.token.bytes().all(|b| b.is_ascii_graphic()) {
+            return err("token", "must be printable ASCII without spaces".into());
+        }
+        if dashboard.enabled && dashboard.token.len() < DASHBOARD_TOKEN_BYTES_MIN {
+            let message =
+                format!("an enabled dashboard needs a token of at least {DASHBOARD_TOKEN_BYTES_MIN} characters");
+            return err("token", message);
         }
         Ok(())
     }
@@ -1118,5 +1179,21 @@ mod tests {
     #[test]
     fn write_timeout_must_be_positive() {
         check_error("[http]\nwrite_timeout_ms = 0\n", "http.write_timeout_ms", Some(2), "greater than 0");
+    }
+
+    /// An enabled dashboard needs a printable token of at least 16 characters; a short, absent
+    /// or spaced token and a zero or huge list size are refused naming the key and line.
+    #[test]
+    fn dashboard_token_and_limits_are_checked() {
+        check_error("[dashboard]\nenabled = true\n", "dashboard.token", Some(2), "at least 16");
+        check_error("[dashboard]\nenabled = true\ntoken = \"short\"\n", "dashboard.token", Some(3), "at least 16");
+        let spaced = "[dashboard]\ntoken = \"0123456789 abcdef\"\n";
+        check_error(spaced, "dashboard.token", Some(2), "printable ASCII");
+        check_error("[dashboard]\nchannels_shown_max = 0\n", "dashboard.channels_shown_max", Some(2), "between 1");
+        check_error("[dashboard]\nchannels_shown_max = 100000\n", "dashboard.channels_shown_max", Some(2), "between 1");
+        check_error("[dashboard]\ntokn = \"x\"\n", "tokn", Some(2), "unknown field");
+        let ok = Config::from_toml("[dashboard]\nenabled = true\ntoken = \"0123456789abcdef\"\n").unwrap();
+        assert!(ok.dashboard.enabled);
+        assert!(!format!("{ok:?}").contains("0123456789abcdef"), "Debug must not print the token");
     }
 }

@@ -27,6 +27,8 @@
 //!   (outbound HTTP/1.1, plain or TLS), `admin` (typed admin answers), `dispatch` (per-shard
 //!   queues, workers, health).
 //! - `cluster`: cluster mode on Redis — `url` (`cluster.redis_url`), `link` (RESP2 connection).
+//! - `dashboard`: the operator page at `/dashboard` — `auth` (token, cookie), `snapshot` (the
+//!   live JSON from one scatter-gather); the page's HTML, CSS and JS are embedded files.
 //! - `doctor`: the host checked against the config (`ringwire doctor`, the start-up log) —
 //!   `host` (facts gathered once), `checks` (pure verdicts with their fixes).
 
@@ -34,6 +36,7 @@ pub mod apps;
 pub mod buf;
 pub mod cluster;
 pub mod config;
+pub mod dashboard;
 pub mod doctor;
 pub mod metrics;
 pub mod rate;
