@@ -7,6 +7,7 @@
 const POLL_MS = 1000;
 const TIMEOUT_MS = 3000;
 const HISTORY_POINTS = 180;
+const SPARK_SPAN_MIN = 30;
 
 const history = { connections: [], in: [], out: [], published: [], delivered: [], dead: [] };
 let previous = null;
@@ -85,11 +86,15 @@ function drawSparkline(canvas, values) {
   context.clearRect(0, 0, width, height);
   if (values.length < 2) return;
   const max = Math.max(1, ...values);
+  // The newest value sits at the right edge; a short history is spread over at least
+  // SPARK_SPAN_MIN points so it is visible from the first seconds.
+  const span = Math.max(values.length, SPARK_SPAN_MIN);
+  const offset = span - values.length;
   context.strokeStyle = '#58a6ff';
   context.lineWidth = 1.5;
   context.beginPath();
   values.forEach((value, i) => {
-    const x = (i / (HISTORY_POINTS - 1)) * width;
+    const x = ((offset + i) / (span - 1)) * width;
     const y = height - 2 - (value / max) * (height - 4);
     if (i === 0) context.moveTo(x, y);
     else context.lineTo(x, y);
@@ -97,10 +102,11 @@ function drawSparkline(canvas, values) {
   context.stroke();
 }
 
-/** Replaces a tbody's rows with `rows` (arrays of cell texts); `empty` when there are none. */
+/** Replaces a tbody's rows with `rows` (arrays of cell texts); `empty` when there are none;
+ * `decorate(tr, cells, index)` adds to each row. */
 function fillRows(tbody, rows, empty, decorate = () => {}) {
   const fragment = document.createDocumentFragment();
-  for (const cells of rows) {
+  rows.forEach((cells, index) => {
     const tr = document.createElement('tr');
     for (const text of cells) {
       const td = document.createElement('td');
@@ -108,9 +114,9 @@ function fillRows(tbody, rows, empty, decorate = () => {}) {
       td.title = text;
       tr.append(td);
     }
-    decorate(tr, cells);
+    decorate(tr, cells, index);
     fragment.append(tr);
-  }
+  });
   if (rows.length === 0) {
     const tr = document.createElement('tr');
     tr.className = 'empty';
@@ -163,24 +169,49 @@ function renderApp(app) {
   fillRows($('table.presence tbody', section), app.presence.map((c) => [c.name, number(c.members)]),
     'no presence channels', (tr, cells) => { tr.dataset.presence = cells[0]; });
   $('.webhooks-block', section).hidden = app.webhooks.length === 0;
-  const rows = app.webhooks.map((e) => [
+  renderEndpoints(section, app);
+}
+
+/** One endpoint's cells: id and URL, state, last status, last error, queue, dead, success. */
+function endpointCells(e) {
+  return [
     `${e.id} ${e.url}`, e.state.replace('_', ' '), e.last_status === null ? '–' : String(e.last_status),
     e.last_error || e.disabled_reason || '', number(e.pending), number(e.dead_letters),
-    e.success_rate === null ? '–' : `${(e.success_rate * 100).toFixed(1)}%`, '',
-  ]);
-  fillRows($('table.webhooks tbody', section), rows, 'no endpoints', (tr, cells) => {
-    const endpoint = app.webhooks[rows.indexOf(cells)];
-    tr.dataset.endpoint = endpoint.id;
+    e.success_rate === null ? '–' : `${(e.success_rate * 100).toFixed(1)}%`,
+  ];
+}
+
+/** Updates the endpoint rows in place while the endpoints stay the same, so that a button is
+ * never replaced under the operator's pointer; rebuilds them when the list changed. */
+function renderEndpoints(section, app) {
+  const tbody = $('table.webhooks tbody', section);
+  const rows = [...tbody.rows];
+  const same = rows.length === app.webhooks.length && rows.every((tr, i) => tr.dataset.endpoint === app.webhooks[i].id);
+  if (!same) {
+    fillRows(tbody, app.webhooks.map((e) => [...endpointCells(e), '']), 'no endpoints', (tr, _cells, index) => {
+      const endpoint = app.webhooks[index];
+      tr.dataset.endpoint = endpoint.id;
+      const path = (action) => `endpoints/${enc(endpoint.id)}/${action}`;
+      tr.cells[7].append(
+        button('Dead letters', 'dead-letters', () => showDeadLetters(section, app.id, endpoint.id)),
+        button('Replay all', 'replay-all', () => act(section, app.id, endpoint.id, path('replay'))),
+        button('Enable', 'enable', () => act(section, app.id, endpoint.id, path('enable'))),
+      );
+    });
+  }
+  [...tbody.rows].forEach((tr, i) => {
+    const endpoint = app.webhooks[i];
+    if (!endpoint) return;
+    endpointCells(endpoint).forEach((value, j) => {
+      if (tr.cells[j].textContent !== value) {
+        tr.cells[j].textContent = value;
+        tr.cells[j].title = value;
+      }
+    });
     tr.cells[1].className = `state state-${endpoint.state}`;
     tr.cells[1].dataset.state = endpoint.state;
-    const actions = tr.cells[7];
-    actions.append(
-      button('Dead letters', 'dead-letters', () => showDeadLetters(section, app.id, endpoint.id)),
-      button('Replay all', 'replay-all', () => act(section, app.id, endpoint.id, `endpoints/${enc(endpoint.id)}/replay`)),
-    );
-    if (endpoint.state !== 'healthy') {
-      actions.append(button('Enable', 'enable', () => act(section, app.id, endpoint.id, `endpoints/${enc(endpoint.id)}/enable`)));
-    }
+    // Re-enabling only means something for an endpoint that is not healthy.
+    $('button[data-action="enable"]', tr).hidden = endpoint.state === 'healthy';
   });
 }
 

@@ -206,6 +206,9 @@ test('published events move the counters', async () => {
   try {
     await until('messages out per second above 0', async () => Number((await text('#rate-out')) || 0) > 0);
     await until('publishes per second above 0', async () => Number((await text('#rate-published')) || 0) > 0);
+    // A few more updates while events flow, so the screenshot's sparklines have a shape.
+    const seen = new Set();
+    await until('five more updates', async () => seen.add(await text('#updated')).size > 5);
   } finally {
     clearInterval(publishing);
   }

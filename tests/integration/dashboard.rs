@@ -260,3 +260,34 @@ fn webhook_actions_go_through_the_admin_path() {
         404
     );
 }
+
+/// Hostile requests get a status and a JSON reason, never a panic or a page: malformed
+/// cookies and Authorization values, bytes that are not UTF-8, odd paths and methods.
+#[test]
+fn hostile_requests_are_refused_cleanly() {
+    let server = TestServer::start(enable);
+    let cases: [(&str, &str, Vec<String>, u16); 10] = [
+        ("GET", "/dashboard/api/snapshot", vec!["Cookie: ringwire_dashboard".into()], 401),
+        ("GET", "/dashboard/api/snapshot", vec!["Cookie: ;;=;ringwire_dashboard=;".into()], 401),
+        ("GET", "/dashboard/api/snapshot", vec![format!("Cookie: ringwire_dashboard={}", "a".repeat(4000))], 401),
+        ("GET", "/dashboard/api/snapshot", vec!["Authorization: Bearer".into()], 401),
+        ("GET", "/dashboard/api/snapshot", vec!["Authorization:".into()], 401),
+        ("GET", "/dashboard/api/../../apps/1/channels", bearer(TOKEN), 404),
+        ("GET", "/dashboard/api/apps/%ff%00/endpoints/%2e%2e/dead_letters", bearer(TOKEN), 404),
+        ("DELETE", "/dashboard/api/snapshot", bearer(TOKEN), 405),
+        ("POST", "/dashboard", bearer(TOKEN), 405),
+        ("GET", "/dashboard/login", vec![], 405),
+    ];
+    for (method, path, headers, status) in cases {
+        let answer = request(server.addr, method, path, &headers, b"");
+        assert_eq!(answer.status, status, "{method} {path} {headers:?}: {}", answer.body);
+        assert_eq!(answer.json()["status"], status, "{method} {path}");
+    }
+    // Raw bytes that are not UTF-8 in the Authorization value and the form body.
+    let mut raw = b"GET /dashboard/api/snapshot HTTP/1.1\r\nHost: t\r\nConnection: close\r\nAuthorization: Bearer \xff\xfe\r\n\r\n".to_vec();
+    assert_eq!(raw_http(server.addr, &raw).0, 401);
+    raw = b"POST /dashboard/login HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: 8\r\n\r\ntoken=\xff\xfe"
+        .to_vec();
+    assert_eq!(raw_http(server.addr, &raw).0, 401);
+    assert_eq!(request(server.addr, "GET", "/health", &[], b"").status, 200, "the node still serves");
+}
