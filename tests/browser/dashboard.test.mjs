@@ -253,6 +253,23 @@ test('a failing endpoint changes state and its dead letter can be replayed from 
   await until('no dead letter in the table', async () => (await text(`${row} td:nth-child(6)`)) === '0');
 });
 
+test('an endpoint disabled by 410 Gone is re-enabled and its dead letters replayed from the page', async () => {
+  const row = 'tr[data-endpoint="orders"]';
+  const state = () => page.$eval(`${row} td[data-state]`, (e) => e.dataset.state).catch(() => null);
+  receiver.status = 410;
+  await publish('orders-2', 'order.created', '{"id":2}');
+  await until('the endpoint disabled', async () => (await state()) === 'disabled');
+  assert.ok(await page.$eval(`${row} button[data-action="enable"]`, (b) => !b.hidden), 'Enable is offered');
+  const before = receiver.requests.length;
+  receiver.status = 200;
+  await page.click(`${row} button[data-action="enable"]`);
+  await until('the endpoint enabled', async () => (await state()) === 'healthy');
+  await page.click(`${row} button[data-action="replay-all"]`);
+  await until('the dead letter delivered', async () =>
+    receiver.requests.slice(before).some((r) => r.status === 200 && r.body.includes('"id":2')));
+  await until('no dead letter in the table', async () => (await text(`${row} td:nth-child(6)`)) === '0');
+});
+
 test('the layout holds at a phone width', async () => {
   await page.setViewport({ width: 390, height: 844, isMobile: true });
   await until('live', async () => (await text('#status')) === 'live');
