@@ -15,7 +15,8 @@
 //!   reader/writer), `stream` (plain or TLS, as `conn` sees it), `tls` (rustls on accepted
 //!   sockets).
 //! - `http`: the server side — `parse` (sans-IO request heads, responses), `api` (Pusher REST,
-//!   health, metrics, webhook admin).
+//!   health, metrics, webhook admin), `dashboard` (the operator page at `/dashboard`: `auth`,
+//!   `snapshot` from one scatter-gather; its HTML, CSS and JS are embedded files).
 //! - `ws`: `handshake` (RFC 6455 upgrade), `frame` (sans-IO frame decoder, encoders).
 //! - `pusher`: `message` (protocol JSON), `channel` (names, kinds), `auth` (request signing).
 //! - `apps`: the applications and their admission counters.
@@ -23,8 +24,6 @@
 //! - `rate`: the fixed one-second window behind every per-second limit.
 //! - `wal`: the webhook write-ahead log (`record` format, `storage` real and simulated, `index`
 //!   the one index of live deliveries and batch items).
-//! - `target`: webhook endpoint URLs, CIDR blocks, the SSRF guard; a pure leaf that `config`
-//!   validates with and `webhook` dials with.
 //! - `webhook`: lifecycle and event webhooks — `event` (payloads, filters), `sign`, `retry`,
 //!   `resolver` (host-name lookups on their own threads), `client` (outbound HTTP/1.1, plain or
 //!   TLS), `admin` (typed admin answers), `dispatch` (per-shard queues, workers, health).
@@ -63,6 +62,7 @@ pub mod net {
 /// HTTP/1.1 server side: parsing and the API.
 pub mod http {
     pub mod api;
+    pub mod dashboard;
     pub mod parse;
 }
 

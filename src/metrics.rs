@@ -100,6 +100,8 @@ shard_metrics! {
     wal_failed_os_error: "gauge",
     /// 1 while this shard's links to Redis are down in cluster mode (then /ready says 503).
     cluster_link_down: "gauge",
+    /// Dashboard requests refused for a wrong token (Bearer header or login form).
+    dashboard_auth_failures_total: "counter",
 }
 
 impl ShardMetrics {

@@ -109,6 +109,13 @@ impl Server {
         let webhook_tls = crate::webhook::endpoint::tls_connector(&config).map_err(anyhow::Error::msg)?;
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
+        if cluster.is_some() {
+            // Not ready until each shard's supervisor has subscribed its buckets and says so:
+            // a node that answered 200 before would take clients whose events it cannot see yet.
+            for shard in metrics.iter() {
+                shard.cluster_link_down.store(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
         let mut threads = Vec::with_capacity(shards);

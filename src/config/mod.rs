@@ -11,11 +11,13 @@ use serde::Deserialize;
 
 mod apps;
 mod cluster;
+mod dashboard;
 mod server;
 mod webhooks;
 
 pub use apps::AppConfig;
 pub use cluster::ClusterConfig;
+pub use dashboard::{DashboardConfig, DASHBOARD_TOKEN_BYTES_MIN};
 pub use server::{HttpConfig, IoDriver, MeshConfig, ServerConfig, TlsConfig, WebSocketConfig};
 pub use webhooks::{
     decode_standard_secret, DurabilityMode, WebhookConfig, WebhookFormat, WebhooksConfig, PUSHER_WEBHOOK_EVENTS,
@@ -42,6 +44,8 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// `wss://` and `https://` beside the plain listener; off unless `[tls]` is present.
     pub tls: Option<TlsConfig>,
+    /// The operator dashboard at `/dashboard` (docs/dashboard.md); off by default.
+    pub dashboard: DashboardConfig,
     /// The applications this node serves (at least one).
     pub apps: Vec<AppConfig>,
 }
@@ -56,6 +60,7 @@ impl Default for Config {
             webhooks: WebhooksConfig::default(),
             cluster: ClusterConfig::default(),
             tls: None,
+            dashboard: DashboardConfig::default(),
             apps: vec![AppConfig::demo()],
         }
     }
@@ -157,6 +162,7 @@ impl Config {
         }
         self.validate_webhooks(text)?;
         self.validate_cluster(text)?;
+        self.validate_dashboard(text)?;
         if let Some(tls) = &self.tls {
             if tls.handshake_timeout_ms == 0 {
                 return err("tls.handshake_timeout_ms".into(), "must be greater than 0".into());

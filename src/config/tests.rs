@@ -142,3 +142,19 @@ fn dns_settings_are_bounded() {
 fn write_timeout_must_be_positive() {
     check_error("[http]\nwrite_timeout_ms = 0\n", "http.write_timeout_ms", Some(2), "greater than 0");
 }
+
+/// An enabled dashboard needs a printable token of at least 16 characters; a short, absent
+/// or spaced token and a zero or huge list size are refused naming the key and line.
+#[test]
+fn dashboard_token_and_limits_are_checked() {
+    check_error("[dashboard]\nenabled = true\n", "dashboard.token", Some(2), "at least 16");
+    check_error("[dashboard]\nenabled = true\ntoken = \"short\"\n", "dashboard.token", Some(3), "at least 16");
+    let spaced = "[dashboard]\ntoken = \"0123456789 abcdef\"\n";
+    check_error(spaced, "dashboard.token", Some(2), "printable ASCII");
+    check_error("[dashboard]\nchannels_shown_max = 0\n", "dashboard.channels_shown_max", Some(2), "between 1");
+    check_error("[dashboard]\nchannels_shown_max = 100000\n", "dashboard.channels_shown_max", Some(2), "between 1");
+    check_error("[dashboard]\ntokn = \"x\"\n", "tokn", Some(2), "unknown field");
+    let ok = Config::from_toml("[dashboard]\nenabled = true\ntoken = \"0123456789abcdef\"\n").unwrap();
+    assert!(ok.dashboard.enabled);
+    assert!(!format!("{ok:?}").contains("0123456789abcdef"), "Debug must not print the token");
+}

@@ -42,19 +42,27 @@ pub struct Response {
     pub content_type: &'static str,
     /// Body.
     pub body: Vec<u8>,
+    /// More header lines, each ending in CRLF (the dashboard's cookie and page headers).
+    pub extra_headers: String,
 }
 
 impl Response {
-    fn json(status: StatusCode, value: &Value) -> Response {
+    pub(crate) fn json(status: StatusCode, value: &Value) -> Response {
         Response {
             status,
             content_type: "application/json",
             body: serde_json::to_vec(value).expect("JSON values serialize"),
+            extra_headers: String::new(),
         }
     }
 
-    fn error(status: StatusCode, reason: &str) -> Response {
-        Response { status, content_type: "application/json", body: error_body(status, reason) }
+    pub(crate) fn error(status: StatusCode, reason: &str) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body: error_body(status, reason),
+            extra_headers: String::new(),
+        }
     }
 }
 
@@ -71,6 +79,7 @@ pub async fn handle(shard: &Shard, head: &RequestHead, body: &[u8]) -> Response 
         ["health"] => only_get(head).map(|()| health(shard)),
         ["ready"] => only_get(head).map(|()| ready(shard)),
         ["metrics"] => only_get(head).map(|()| metrics_text(shard)),
+        ["dashboard", ..] => Ok(crate::http::dashboard::handle(shard, head, body).await),
         ["apps", app_id, rest @ ..] => app_request(shard, head, body, app_id, rest).await,
         _ => Err(Response::error(StatusCode::NOT_FOUND, "no such endpoint")),
     };
@@ -148,7 +157,8 @@ fn ready(shard: &Shard) -> Response {
 fn metrics_text(shard: &Shard) -> Response {
     let depths: Vec<usize> = (0..shard.mesh.shards()).map(|i| shard.mesh.depth(i)).collect();
     let text = metrics::render(&shard.all_metrics, &depths, !shard.is_shutting_down());
-    Response { status: StatusCode::OK, content_type: "text/plain; version=0.0.4", body: text.into_bytes() }
+    let content_type = "text/plain; version=0.0.4";
+    Response { status: StatusCode::OK, content_type, body: text.into_bytes(), extra_headers: String::new() }
 }
 
 async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &str, rest: &[&str]) -> ApiResult {
@@ -471,7 +481,7 @@ async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
 }
 
 /// The webhook admin API: every shard answers for its own deliveries; health is summed.
-async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, params: &Params) -> ApiResult {
+pub(crate) async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, params: &Params) -> ApiResult {
     if app.config.webhooks.is_empty() {
         return Err(Response::error(StatusCode::NOT_FOUND, "this app has no webhooks"));
     }
@@ -537,7 +547,7 @@ async fn webhooks_admin(shard: &Shard, app: &App, mut request: AdminRequest, par
 }
 
 /// One endpoint's health, summed over the shards, as the admin API shows it.
-fn health_json(health: &admin::Health) -> Value {
+pub(crate) fn health_json(health: &admin::Health) -> Value {
     json!({
         "id": health.id, "url": health.url, "format": health.format,
         "state": health.state.as_str(), "disabled_reason": health.disabled_reason,

@@ -274,13 +274,24 @@ fn header_too_large() -> HttpError {
 
 /// A complete response: status line, headers, body.
 pub fn response(status: StatusCode, content_type: &str, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    response_with_headers(status, content_type, "", body, keep_alive)
+}
+
+/// A response with more header lines (`extra`: each line ending in CRLF, or empty).
+pub fn response_with_headers(
+    status: StatusCode,
+    content_type: &str,
+    extra: &str,
+    body: &[u8],
+    keep_alive: bool,
+) -> Vec<u8> {
     use std::io::Write;
     let mut out = Vec::with_capacity(128 + body.len());
     let reason = status.canonical_reason().unwrap_or("");
     let connection = if keep_alive { "keep-alive" } else { "close" };
     let _ = write!(
         out,
-        "HTTP/1.1 {} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n\r\n",
+        "HTTP/1.1 {} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: {connection}\r\n{extra}\r\n",
         status.as_u16(),
         body.len()
     );

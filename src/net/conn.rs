@@ -99,7 +99,8 @@ pub async fn serve<S: Transport>(shard: &Rc<Shard>, mut stream: S) -> Option<Upg
         ShardMetrics::add(&metrics.http_requests_total, 1);
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
         let response = crate::http::api::handle(shard, &head, &body).await;
-        let bytes = parse::response(response.status, response.content_type, &response.body, keep_alive);
+        let (status, content_type, extra) = (response.status, response.content_type, &response.extra_headers);
+        let bytes = parse::response_with_headers(status, content_type, extra, &response.body, keep_alive);
         if !write_response(&mut stream, bytes, write_timeout).await || !keep_alive {
             break;
         }

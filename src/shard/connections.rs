@@ -135,6 +135,11 @@ impl Connection {
         }
     }
 
+    /// Bytes queued and not yet written (the dashboard's per-shard write-queue load).
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
     /// Queues a shared frame on an open connection, enforcing `write_queue_bytes_max`.
     #[inline]
     pub fn enqueue(&mut self, frame: &Bytes, now_s: u64, write_queue_bytes_max: usize) -> Enqueued {

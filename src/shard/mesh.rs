@@ -86,6 +86,24 @@ pub enum Query {
         /// What to do or report.
         request: AdminRequest,
     },
+    /// Everything the operator dashboard shows of one shard, in one round trip (`dashboard`).
+    Dashboard,
+}
+
+/// One shard's part of a dashboard snapshot: its load and, per app (by index), its occupied
+/// channels, the presence channels it is home for and its webhook endpoints' health.
+#[derive(Debug, Default)]
+pub struct ShardSnapshot {
+    /// The shard.
+    pub shard: usize,
+    /// Bytes queued on this shard's connections, waiting to be written.
+    pub write_queue_bytes: u64,
+    /// Per app: (channel, local subscribers).
+    pub channels: Vec<Vec<(Box<str>, u32)>>,
+    /// Per app: (presence channel, members), from the channels this shard is home for.
+    pub presence: Vec<Vec<(Box<str>, u32)>>,
+    /// Per app: this shard's view of each webhook endpoint.
+    pub webhooks: Vec<Vec<crate::webhook::admin::Health>>,
 }
 
 /// One shard's answer to a `Query`, or the merged answers of all shards (`merge`). Each query
@@ -103,6 +121,8 @@ pub enum QueryReply {
     Cache(Option<(Box<str>, u64)>),
     /// To `Webhooks`.
     Webhooks(AdminAnswer),
+    /// To `Dashboard`: one part per shard, kept apart (the dashboard shows per-shard load).
+    Dashboard(Vec<ShardSnapshot>),
 }
 
 impl QueryReply {
@@ -118,6 +138,7 @@ impl QueryReply {
                 }
             }
             (QueryReply::Webhooks(mine), QueryReply::Webhooks(theirs)) => mine.merge(theirs),
+            (QueryReply::Dashboard(mine), QueryReply::Dashboard(theirs)) => mine.extend(theirs),
             (mine, theirs) => debug_assert!(false, "replies to different queries: {mine:?} and {theirs:?}"),
         }
     }

@@ -466,9 +466,12 @@ impl Shard {
             let answer = self.webhooks().map(|w| w.admin(*app, request));
             return QueryReply::Webhooks(answer.unwrap_or_else(|| AdminAnswer::empty(request)));
         }
+        if let Query::Dashboard = query {
+            return QueryReply::Dashboard(vec![self.dashboard_part()]);
+        }
         let state = self.state.borrow();
         match query {
-            Query::Cache { .. } | Query::Webhooks { .. } => unreachable!("answered above"),
+            Query::Cache { .. } | Query::Webhooks { .. } | Query::Dashboard => unreachable!("answered above"),
             Query::Channels { app, prefix } => QueryReply::Channels(
                 state
                     .router
@@ -489,6 +492,26 @@ impl Shard {
                     .unwrap_or_default(),
             ),
         }
+    }
+
+    /// This shard's part of a dashboard snapshot: O(connections + channels), once per second
+    /// per open dashboard page, never per message.
+    fn dashboard_part(&self) -> crate::shard::mesh::ShardSnapshot {
+        let mut part = crate::shard::mesh::ShardSnapshot { shard: self.index, ..Default::default() };
+        for app in self.apps.list.iter().map(|a| a.index) {
+            let health = self.webhooks().map(|w| w.admin(app, &crate::webhook::admin::AdminRequest::Health));
+            part.webhooks.push(match health {
+                Some(AdminAnswer::Health(list)) => list,
+                _ => Vec::new(),
+            });
+        }
+        let state = self.state.borrow();
+        part.write_queue_bytes = state.connections.iter().map(|(_, c)| c.queued_bytes() as u64).sum();
+        for app in self.apps.list.iter().map(|a| a.index) {
+            part.channels.push(state.router.occupied(app).map(|(name, count)| (name.into(), count as u32)).collect());
+            part.presence.push(state.home.presence.counts(app, "presence-"));
+        }
+        part
     }
 
     /// Asks every shard (this one included) and returns all answers, or `None` when another

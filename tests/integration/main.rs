@@ -3,6 +3,7 @@
 
 mod cluster;
 mod cluster_nodes;
+mod dashboard;
 mod doctor;
 mod hostile;
 mod http_api;
