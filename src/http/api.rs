@@ -625,7 +625,8 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
         body.insert("user_count".into(), count.into());
     }
     if info.cache {
-        // Reference §1.7: "cache":{"data":"...","ttl":N}, from the channel's home shard.
+        // Pusher's HTTP API reference (`GET /channels/{name}` with `info=cache`): the answer
+        // holds "cache":{"data":"...","ttl":N}, from the channel's home shard (docs/protocol.md).
         let query = Query::Cache { app: app.index, name: name.to_string() };
         let reply = shard.query_all(query).await.ok_or_else(unavailable)?;
         if let Some((data, ttl)) = reply.into_cache() {

@@ -148,7 +148,8 @@ async fn read_request(
 fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppIndex, (u16, String)> {
     let key = &head.path["/app/".len()..];
     let params = parse_query(&head.query);
-    // Reference §1.1: clients send ?protocol=7; 5 to 7 behave identically here.
+    // Pusher Channels protocol ("Connection", pusher.com/docs/channels/library_auth_reference/
+    // pusher-websockets-protocol): clients send ?protocol=7; 5 to 7 behave identically here.
     match param(&params, "protocol") {
         None => return Err((4008, "No protocol version supplied".into())),
         Some(p) => match p.parse::<u32>() {
