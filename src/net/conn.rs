@@ -317,6 +317,7 @@ async fn dispatch(shard: &Rc<Shard>, key: ConnKey, incoming: Incoming) -> bool {
         }
         Incoming::Text(text) => {
             ShardMetrics::add(&metrics.messages_in_total, 1);
+            shard.message_received(key);
             ShardMetrics::add(&metrics.bytes_in_total, text.len() as u64);
             if state != ConnState::Open {
                 return true;

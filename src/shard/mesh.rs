@@ -104,6 +104,19 @@ pub struct ShardSnapshot {
     pub presence: Vec<Vec<(Box<str>, u32)>>,
     /// Per app: this shard's view of each webhook endpoint.
     pub webhooks: Vec<Vec<crate::webhook::admin::Health>>,
+    /// Per app: messages this shard received from and wrote to its connections, since start.
+    pub traffic: Vec<AppTraffic>,
+}
+
+/// One app's WebSocket messages on one shard since it started. Plain counters in the shard's
+/// own state: bumped where the shard already holds its state borrowed, read once per
+/// dashboard snapshot, so per-app counts cost no atomics and no shared cache lines.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct AppTraffic {
+    /// Text frames received from the app's connections.
+    pub messages_in: u64,
+    /// Frames written to the app's connections.
+    pub messages_out: u64,
 }
 
 /// One shard's answer to a `Query`, or the merged answers of all shards (`merge`). Each query

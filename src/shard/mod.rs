@@ -95,6 +95,20 @@ pub struct ShardState {
     /// Set once shutdown begins.
     pub shutting_down: bool,
     shutdown_waiters: Vec<Waker>,
+    /// Per app (by index): its WebSocket messages on this shard, for the dashboard.
+    app_traffic: Vec<crate::shard::mesh::AppTraffic>,
+}
+
+impl ShardState {
+    /// The traffic counters of `app`, growing the table for an index it has not seen (so an
+    /// app list that grows never indexes out of bounds).
+    fn traffic_mut(&mut self, app: AppIndex) -> &mut crate::shard::mesh::AppTraffic {
+        let index = app as usize;
+        if index >= self.app_traffic.len() {
+            self.app_traffic.resize(index + 1, Default::default());
+        }
+        &mut self.app_traffic[index]
+    }
 }
 
 /// A shard and everything its tasks share.
@@ -143,6 +157,7 @@ impl Shard {
             now_s: 0,
             shutting_down: false,
             shutdown_waiters: Vec::new(),
+            app_traffic: vec![Default::default(); apps.list.len()],
         };
         Shard {
             index,
@@ -254,6 +269,10 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         if let Some(conn) = state.connections.get_mut(key) {
             conn.written(bytes);
+            if !conn.echo {
+                let app = conn.app;
+                state.traffic_mut(app).messages_out += frames as u64;
+            }
         }
         ShardMetrics::add(&self.metrics().messages_out_total, frames as u64);
         ShardMetrics::add(&self.metrics().bytes_out_total, bytes as u64);
@@ -511,6 +530,7 @@ impl Shard {
             part.channels.push(state.router.occupied(app).map(|(name, count)| (name.into(), count as u32)).collect());
             part.presence.push(state.home.presence.counts(app, "presence-"));
         }
+        part.traffic = state.app_traffic.clone();
         part
     }
 
@@ -594,6 +614,18 @@ impl Shard {
         let mut state = self.state.borrow_mut();
         let now_s = state.now_s;
         state.connections[key].record_activity(now_s, messages, max)
+    }
+
+    /// Counts a text message received on a Pusher connection for its app, wherever
+    /// `messages_in_total` counts it (rate-limited and closing ones too), so the per-app
+    /// counts add up to the node's.
+    pub fn message_received(&self, key: ConnKey) {
+        let mut state = self.state.borrow_mut();
+        let conn = &state.connections[key];
+        if !conn.echo {
+            let app = conn.app;
+            state.traffic_mut(app).messages_in += 1;
+        }
     }
 
     /// Flips to shutting down (once): readiness fails, the acceptor stops.

@@ -214,6 +214,48 @@ fn snapshot_contents() {
     assert!(after["time_ms"].as_u64() >= before["time_ms"].as_u64());
 }
 
+/// Messages in and out are counted per app: a publish to one app and pings on another move
+/// only their own app's counters, by exactly what each sent and received.
+#[test]
+fn messages_are_counted_per_app() {
+    let server = TestServer::start(|config| {
+        enable(config);
+        let mut second = ringwire::config::AppConfig::demo();
+        second.id = "2".into();
+        second.key = "second-app-key".into();
+        second.secret = "second-app-secret".into();
+        config.apps.push(second);
+    });
+    let (mut first, _) = connect(server.addr);
+    subscribe(&mut first, "hot");
+    let mut second = ws_connect(server.addr, "/app/second-app-key?protocol=7");
+    assert_eq!(recv_json(&mut second)["event"], "pusher:connection_established");
+    subscribe(&mut second, "hot");
+    let count = |s: &Value, app: usize, field: &str| {
+        s["apps"][app][field].as_u64().unwrap_or_else(|| panic!("apps[{app}].{field} in {s}"))
+    };
+    // Both subscription_succeeded frames must be counted before the baseline is taken.
+    let before = snapshot_until(server.addr, "both subscriptions answered", |s| {
+        s["apps"][0]["messages_out_total"].as_u64() >= Some(1) && s["apps"][1]["messages_out_total"].as_u64() >= Some(1)
+    });
+
+    assert_eq!(publish(server.addr, &["hot"], "tick", "\"1\"", None).0, 200);
+    assert_eq!(recv_json(&mut first)["event"], "tick");
+    for _ in 0..3 {
+        send_json(&mut second, json!({"event": "pusher:ping", "data": {}}));
+        assert_eq!(recv_json(&mut second)["event"], "pusher:pong");
+    }
+
+    let after = snapshot_until(server.addr, "the pongs and the tick counted", |s| {
+        count(s, 0, "messages_out_total") > count(&before, 0, "messages_out_total")
+            && count(s, 1, "messages_out_total") >= count(&before, 1, "messages_out_total") + 3
+    });
+    assert_eq!(count(&after, 0, "messages_out_total"), count(&before, 0, "messages_out_total") + 1);
+    assert_eq!(count(&after, 0, "messages_in_total"), count(&before, 0, "messages_in_total"));
+    assert_eq!(count(&after, 1, "messages_out_total"), count(&before, 1, "messages_out_total") + 3);
+    assert_eq!(count(&after, 1, "messages_in_total"), count(&before, 1, "messages_in_total") + 3);
+}
+
 /// The dashboard's webhook buttons reach the admin code path: a dead letter is listed, its
 /// attempts shown, and replaying it delivers it to the receiver; unknown endpoints are 404.
 #[test]

@@ -75,7 +75,7 @@ function render(snapshot) {
     drawSparkline($(`canvas[data-spark="${name}"]`), history[name]);
   }
   renderShards(snapshot, seconds);
-  for (const app of snapshot.apps) renderApp(app);
+  for (const app of snapshot.apps) renderApp(app, seconds);
   $('#updated').textContent = new Date(snapshot.time_ms).toLocaleTimeString('en-GB');
   previous = snapshot;
 }
@@ -159,11 +159,19 @@ function appSection(id) {
   return section;
 }
 
-function renderApp(app) {
+/** The app's message rate from its counter in this and the previous snapshot. */
+function appRate(app, field, seconds) {
+  const old = previous && previous.apps.find((a) => a.id === app.id);
+  return old && seconds > 0 ? rate(Math.max(0, (app[field] - old[field]) / seconds)) : '–';
+}
+
+function renderApp(app, seconds) {
   const section = appSection(app.id);
   for (const field of ['id', 'connections', 'channels', 'subscriptions', 'presence_channels']) {
     $(`[data-field="${field}"]`, section).textContent = field === 'id' ? app.id : number(app[field]);
   }
+  $('[data-field="rate-in"]', section).textContent = appRate(app, 'messages_in_total', seconds);
+  $('[data-field="rate-out"]', section).textContent = appRate(app, 'messages_out_total', seconds);
   fillRows($('table.hot tbody', section), app.hot_channels.map((c) => [c.name, number(c.subscribers)]),
     'no occupied channels', (tr, cells) => { tr.dataset.channel = cells[0]; });
   fillRows($('table.presence tbody', section), app.presence.map((c) => [c.name, number(c.members)]),

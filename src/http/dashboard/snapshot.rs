@@ -126,12 +126,17 @@ fn app_json(inputs: &Inputs<'_>, parts: &[ShardSnapshot], app: &crate::apps::App
     let crate::webhook::admin::AdminAnswer::Health(webhooks) = webhooks else {
         unreachable!("health merges to health")
     };
+    // A connection lives on one shard, so the app's messages are the sum of the shards' counts.
+    let traffic = parts.iter().filter_map(|p| p.traffic.get(index));
+    let (messages_in, messages_out) = traffic.fold((0u64, 0u64), |(i, o), t| (i + t.messages_in, o + t.messages_out));
     json!({
         "id": app.config.id,
         "connections": app.connections(),
         "channels": channels.len(),
         "subscriptions": subscriptions,
         "presence_channels": presence_channels,
+        "messages_in_total": messages_in,
+        "messages_out_total": messages_out,
         "hot_channels": hot.iter().map(|(n, c)| json!({"name": n, "subscribers": c})).collect::<Vec<_>>(),
         "presence": presence.iter().map(|(n, c)| json!({"name": n, "members": c})).collect::<Vec<_>>(),
         "webhooks": webhooks.iter().map(crate::http::api::health_json).collect::<Vec<_>>(),
@@ -142,6 +147,7 @@ fn app_json(inputs: &Inputs<'_>, parts: &[ShardSnapshot], app: &crate::apps::App
 mod tests {
     use super::*;
     use crate::config::AppConfig;
+    use crate::shard::mesh::AppTraffic;
 
     fn part(shard: usize, channels: &[(&str, u32)], presence: &[(&str, u32)], queued: u64) -> ShardSnapshot {
         let list = |l: &[(&str, u32)]| l.iter().map(|(n, c)| (Box::<str>::from(*n), *c)).collect();
@@ -151,11 +157,13 @@ mod tests {
             channels: vec![list(channels)],
             presence: vec![list(presence)],
             webhooks: vec![Vec::new()],
+            traffic: vec![AppTraffic { messages_in: shard as u64 + 1, messages_out: 10 * (shard as u64 + 1) }],
         }
     }
 
     /// Subscribers of one channel on several shards are summed, the hottest listed first and
-    /// cut at `channels_shown_max`; shards come out in order with their own load.
+    /// cut at `channels_shown_max`, and so are an app's messages; shards come out in order
+    /// with their own load.
     #[test]
     fn sums_channels_over_shards_and_ranks_them() {
         let metrics: Vec<ShardMetrics> = (0..2).map(|_| ShardMetrics::default()).collect();
@@ -173,6 +181,7 @@ mod tests {
         assert_eq!(app["subscriptions"], 10);
         assert_eq!(app["hot_channels"], json!([{"name": "c", "subscribers": 4}, {"name": "a", "subscribers": 3}]));
         assert_eq!(app["presence"], json!([{"name": "presence-x", "members": 2}]));
+        assert_eq!((&app["messages_in_total"], &app["messages_out_total"]), (&json!(3), &json!(30)));
         assert_eq!(snapshot["shards"][0]["shard"], 0);
         assert_eq!(snapshot["shards"][1]["ring_depth"], 3);
         assert_eq!(snapshot["shards"][1]["write_queue_bytes"], 40);
