@@ -1,9 +1,14 @@
 //! The applications a node serves: immutable settings shared by every shard, plus the one
 //! piece of cross-shard admission state, each app's live connection count (an atomic touched
 //! once per connect and disconnect, never per message).
+//!
+//! A reload (`Apps::reloaded`) builds a new registry that keeps every app's `AppIndex` and
+//! its counters: indexes name apps in shard state and mesh messages, so a removed app stays
+//! as a tombstone (`removed`) rather than shifting the apps after it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use ring::hmac;
 
@@ -26,10 +31,13 @@ pub struct App {
     /// Channel occupancy must be counted on home shards (subscription_count or
     /// occupied/vacated webhooks).
     pub counts_subscriptions: bool,
-    /// Live WebSocket connections across all shards.
-    connections: AtomicU32,
+    /// Removed by a reload: unknown to key and id lookups, kept so indexes stay stable.
+    pub removed: bool,
+    /// Live WebSocket connections across all shards (shared with the app's successors after
+    /// a reload, so connections admitted before it are released against the same count).
+    connections: Arc<AtomicU32>,
     /// Backend-event rate window, all shards: a `RateWindow::pack`ed word.
-    backend_events: AtomicU64,
+    backend_events: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for App {
@@ -39,9 +47,72 @@ impl std::fmt::Debug for App {
     }
 }
 
+/// What `Apps::reloaded` changed beyond keys, secrets and limits.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct AppsChange {
+    /// Apps removed by this reload (their connections are to be closed with 4001).
+    pub removed: Vec<AppIndex>,
+    /// `apps.webhooks` or `apps.subscription_count_enabled` changed: not applied live.
+    pub needs_restart: Vec<&'static str>,
+}
+
+impl AppsChange {
+    fn restart(&mut self, what: &'static str) {
+        if !self.needs_restart.contains(&what) {
+            self.needs_restart.push(what);
+        }
+    }
+}
+
 impl App {
+    /// A kept app under its new config; its webhooks and subscription counting stay.
+    fn succeeded_by(&self, config: &AppConfig, change: &mut AppsChange) -> App {
+        if config.webhooks != self.config.webhooks {
+            change.restart("apps.webhooks");
+        }
+        if config.subscription_count_enabled != self.config.subscription_count_enabled {
+            change.restart("apps.subscription_count_enabled");
+        }
+        let config = AppConfig {
+            webhooks: self.config.webhooks.clone(),
+            subscription_count_enabled: self.config.subscription_count_enabled,
+            ..config.clone()
+        };
+        App {
+            index: self.index,
+            secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
+            config,
+            wants_lifecycle: self.wants_lifecycle,
+            counts_subscriptions: self.counts_subscriptions,
+            removed: false,
+            connections: self.connections.clone(),
+            backend_events: self.backend_events.clone(),
+        }
+    }
+
+    /// An app added by a reload, without webhooks until a restart.
+    fn fresh(index: AppIndex, config: &AppConfig, change: &mut AppsChange) -> App {
+        if !config.webhooks.is_empty() {
+            change.restart("apps.webhooks");
+        }
+        let config = AppConfig { webhooks: Vec::new(), ..config.clone() };
+        App {
+            index,
+            secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
+            wants_lifecycle: false,
+            counts_subscriptions: config.subscription_count_enabled,
+            removed: false,
+            connections: Arc::default(),
+            backend_events: Arc::default(),
+            config,
+        }
+    }
+
     /// Admits one more connection unless the app is at `max_connections`.
     pub fn try_admit(&self) -> bool {
+        if self.removed {
+            return false;
+        }
         let max = self.config.max_connections;
         self.connections
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
@@ -98,14 +169,52 @@ impl Apps {
                     secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
                     wants_lifecycle,
                     counts_subscriptions: config.subscription_count_enabled || wants_lifecycle,
-                    connections: AtomicU32::new(0),
-                    backend_events: AtomicU64::new(0),
+                    removed: false,
+                    connections: Arc::default(),
+                    backend_events: Arc::default(),
                 }
             })
             .collect();
-        let by_key = list.iter().map(|a| (a.config.key.clone(), a.index)).collect();
-        let by_id = list.iter().map(|a| (a.config.id.clone(), a.index)).collect();
+        Apps::indexed(list)
+    }
+
+    fn indexed(list: Vec<App>) -> Apps {
+        let live = || list.iter().filter(|a| !a.removed);
+        let by_key = live().map(|a| (a.config.key.clone(), a.index)).collect();
+        let by_id = live().map(|a| (a.config.id.clone(), a.index)).collect();
         Apps { list, by_key, by_id }
+    }
+
+    /// The registry after a reload to `configs` (validated), matching apps by id: a kept app
+    /// keeps its index and counters and takes its new key, secret and limits; an app no
+    /// longer configured becomes a tombstone; a new app is appended (or revives its own
+    /// tombstone). Webhook endpoints and subscription counting are not changed live (the
+    /// dispatcher and the home shards' counts are built at start): a kept app keeps its
+    /// running ones, a new app starts without webhooks, and `AppsChange::needs_restart` says so.
+    pub fn reloaded(&self, configs: &[AppConfig]) -> (Apps, AppsChange) {
+        let mut change = AppsChange::default();
+        let mut list: Vec<App> = Vec::with_capacity(self.list.len().max(configs.len()));
+        for old in &self.list {
+            let successor = configs.iter().find(|c| c.id == old.config.id);
+            if !old.removed && successor.is_none() {
+                change.removed.push(old.index);
+            }
+            list.push(match successor {
+                Some(config) if !old.removed => old.succeeded_by(config, &mut change),
+                // A revived app keeps the tombstone's counters: connections of its previous
+                // life may still be tearing down and release against them.
+                Some(config) => App {
+                    connections: old.connections.clone(),
+                    backend_events: old.backend_events.clone(),
+                    ..App::fresh(old.index, config, &mut change)
+                },
+                None => App { removed: true, ..old.succeeded_by(&old.config, &mut change) },
+            });
+        }
+        for config in configs.iter().filter(|c| !self.list.iter().any(|a| a.config.id == c.id)) {
+            list.push(App::fresh(list.len() as AppIndex, config, &mut change));
+        }
+        (Apps::indexed(list), change)
     }
 
     /// The app with this public key.
@@ -140,5 +249,39 @@ mod tests {
         assert!(app.try_publish(2, 100));
         assert!(!app.try_publish(1, 100));
         assert!(app.try_publish(5, 101), "a new second starts empty");
+    }
+
+    fn app(id: &str) -> AppConfig {
+        AppConfig { id: id.into(), key: format!("key-{id}"), secret: format!("secret-{id}"), ..AppConfig::demo() }
+    }
+
+    /// A reload keeps indexes and connection counts, tombstones a removed app (unknown to
+    /// lookups, admitting nobody), appends a new one, and revives a tombstone in place.
+    #[test]
+    fn reload_keeps_indexes_and_counters() {
+        let apps = Apps::new(&[app("a"), app("b"), app("c")]);
+        assert!(apps.get(1).try_admit());
+        let rotated = AppConfig { secret: "new".into(), max_connections: 7, ..app("c") };
+        let (next, change) = apps.reloaded(&[app("a"), rotated, app("d")]);
+        assert_eq!(change, AppsChange { removed: vec![1], needs_restart: vec![] });
+        assert!(next.by_id("b").is_none() && next.by_key("key-b").is_none() && !next.get(1).try_admit());
+        assert_eq!(next.get(1).connections(), 1, "the removed app's count outlives it");
+        let c = next.by_id("c").unwrap();
+        assert_eq!((c.index, c.config.secret.as_str(), c.config.max_connections), (2, "new", 7));
+        assert_eq!(next.by_key("key-d").unwrap().index, 3);
+        let (revived, _) = next.reloaded(&[app("a"), app("b"), app("c"), app("d")]);
+        assert_eq!((revived.by_id("b").unwrap().index, revived.get(1).connections()), (1, 1));
+        assert_eq!(revived.list.len(), 4);
+    }
+
+    /// Webhook endpoints and subscription counting are not changed live, and the reload says so.
+    #[test]
+    fn reload_reports_webhooks_as_needing_a_restart() {
+        let apps = Apps::new(&[app("a")]);
+        let mut changed = app("a");
+        changed.subscription_count_enabled = true;
+        let (next, change) = apps.reloaded(&[changed]);
+        assert_eq!(change.needs_restart, ["apps.subscription_count_enabled"]);
+        assert!(!next.get(0).counts_subscriptions && !next.get(0).config.subscription_count_enabled);
     }
 }

@@ -135,7 +135,7 @@ fn log_host_findings(config: &Config) {
 }
 
 /// SIGHUP: reads the config file again and applies what can change while running (the TLS
-/// certificate today). A file that fails validation is refused whole, naming key and line, and
+/// certificate and the apps). A file that fails validation is refused whole, naming key and line, and
 /// the running config stays.
 fn reload(server: &Server, path: Option<&PathBuf>) {
     let Some(path) = path else {
@@ -151,7 +151,13 @@ fn reload(server: &Server, path: Option<&PathBuf>) {
     };
     match outcome {
         Ok(reloaded) => {
-            tracing::info!(certificates = reloaded.certificates, "config reloaded from {}", path.display());
+            tracing::info!(
+                certificates = reloaded.certificates,
+                apps = reloaded.apps,
+                apps_removed = ?reloaded.apps_removed,
+                "config reloaded from {}",
+                path.display()
+            );
             if !reloaded.needs_restart.is_empty() {
                 tracing::warn!(
                     sections = ?reloaded.needs_restart,

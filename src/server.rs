@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context};
@@ -23,6 +23,9 @@ use crate::shard::Shard;
 use crate::webhook::dispatch::Webhooks;
 use crate::webhook::resolver::{self, Lookup, Resolver};
 use monoio_rustls::TlsConnector;
+
+/// How long a reload waits for every shard to take the new apps.
+const RELOAD_APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The io driver a shard ended up on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,8 +50,11 @@ pub struct Server {
     pub drivers: Vec<Driver>,
     mesh: Arc<Mesh>,
     threads: Vec<JoinHandle<()>>,
-    /// The config the node runs (what a reload compares against).
-    config: Arc<Config>,
+    /// The config the node runs (what a reload compares against); a reload replaces its
+    /// apps. Locked only by reloads, on the signal-handling thread, never by a shard.
+    config: Mutex<Arc<Config>>,
+    /// The apps every shard reads (a reload builds their successor from it).
+    apps: Mutex<Arc<Apps>>,
     /// The TLS listener's certificate slot, which a reload swaps.
     certificates: Option<Arc<Certificates>>,
     metrics: Arc<[ShardMetrics]>,
@@ -59,6 +65,11 @@ pub struct Server {
 pub struct Reloaded {
     /// New handshakes present the certificate now in the files.
     pub certificates: bool,
+    /// `[[apps]]` changed and every shard now serves the new apps: added apps accept
+    /// connections, keys, secrets and limits are the new ones.
+    pub apps: bool,
+    /// Ids of the apps this reload removed (their connections were closed with 4001).
+    pub apps_removed: Vec<String>,
     /// Changed sections that take effect only after a restart.
     pub needs_restart: Vec<&'static str>,
 }
@@ -162,13 +173,16 @@ impl Server {
                 }
             }
         }
-        Ok(Server { addr, tls_addr, drivers, mesh, threads, config, certificates, metrics })
+        let (config, apps) = (Mutex::new(config), Mutex::new(apps));
+        Ok(Server { addr, tls_addr, drivers, mesh, threads, config, apps, certificates, metrics })
     }
 
     /// Applies a new, already validated config to the running node (SIGHUP): the TLS
     /// certificate and key are read again and served from the next handshake on, while open
-    /// connections keep theirs. Other changed sections are named in `needs_restart` (they are
-    /// not applied yet). On an error nothing changes. Counted in `ringwire_config_reloads_total`
+    /// connections keep theirs; `[[apps]]` are swapped on every shard (see `apply_apps`). Other
+    /// changed sections, app webhook endpoints and `subscription_count_enabled` are named in
+    /// `needs_restart` (they are not applied yet). On an error nothing changes (the
+    /// certificate is read before anything is swapped). Counted in `ringwire_config_reloads_total`
     /// and `ringwire_config_reload_failures_total`.
     pub fn reload(&self, new: &Config) -> Result<Reloaded, String> {
         let result = self.apply(new);
@@ -186,7 +200,8 @@ impl Server {
     }
 
     fn apply(&self, new: &Config) -> Result<Reloaded, String> {
-        let old = &self.config;
+        let mut config = self.config.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let old = config.clone();
         let mut reloaded = Reloaded::default();
         match (&self.certificates, &new.tls) {
             (Some(certificates), Some(tls)) => {
@@ -197,20 +212,67 @@ impl Server {
             _ => reloaded.needs_restart.push("tls"),
         }
         let bind_changed = |o: &Config, n: &Config| o.tls.as_ref().map(|t| t.bind) != n.tls.as_ref().map(|t| t.bind);
-        if reloaded.certificates && bind_changed(old, new) {
+        if reloaded.certificates && bind_changed(&old, new) {
             reloaded.needs_restart.push("tls.bind");
         }
-        let sections: [(&'static str, bool); 7] = [
+        let sections: [(&'static str, bool); 6] = [
             ("server", old.server != new.server),
             ("http", old.http != new.http),
             ("websocket", old.websocket != new.websocket),
             ("mesh", old.mesh != new.mesh),
             ("webhooks", old.webhooks != new.webhooks),
             ("cluster", old.cluster != new.cluster),
-            ("apps", old.apps != new.apps),
         ];
         reloaded.needs_restart.extend(sections.iter().filter(|(_, changed)| *changed).map(|(name, _)| *name));
+        if old.apps != new.apps {
+            if old.cluster.redis_url.is_some() {
+                // The cluster link subscribes each app's buckets at start.
+                reloaded.needs_restart.push("apps (cluster mode)");
+            } else {
+                let running = self.apply_apps(&new.apps, &mut reloaded)?;
+                *config = Arc::new(Config { apps: running, ..(*old).clone() });
+            }
+        }
         Ok(reloaded)
+    }
+
+    /// Swaps the apps on every shard through the mesh (the only way work crosses threads) and
+    /// waits until each has applied them; returns the app configs now running.
+    fn apply_apps(
+        &self,
+        configs: &[crate::config::AppConfig],
+        reloaded: &mut Reloaded,
+    ) -> Result<Vec<crate::config::AppConfig>, String> {
+        let mut apps = self.apps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let (next, change) = apps.reloaded(configs);
+        let next = Arc::new(next);
+        let (done, applied) = mpsc::channel();
+        let deadline = std::time::Instant::now() + RELOAD_APPLY_TIMEOUT;
+        for shard in 0..self.mesh.shards() {
+            let mut message = crate::shard::mesh::MeshMessage::ReloadApps { apps: next.clone(), done: done.clone() };
+            // Counted as sent for shutdown's quiescence check, which pairs every handled
+            // message with a sent one.
+            self.mesh.count_sent(shard);
+            while let Err(back) = self.mesh.try_send(shard, message) {
+                if std::time::Instant::now() > deadline || self.mesh.is_shutting_down() {
+                    return Err(format!("apps: shard {shard}'s mesh ring stayed full; the apps were not reloaded"));
+                }
+                // Not a shard thread: a short sleep while the shard drains its ring is fine.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                message = back;
+            }
+        }
+        *apps = next.clone();
+        for _ in 0..self.mesh.shards() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if applied.recv_timeout(left).is_err() {
+                return Err("apps: a shard did not apply the reload in time; it will when it drains its ring".into());
+            }
+        }
+        reloaded.apps = true;
+        reloaded.apps_removed = change.removed.iter().map(|&i| next.get(i).config.id.clone()).collect();
+        reloaded.needs_restart.extend(change.needs_restart);
+        Ok(next.list.iter().filter(|app| !app.removed).map(|app| app.config.clone()).collect())
     }
 
     /// Begins graceful shutdown on every shard (returns at once).
@@ -325,7 +387,8 @@ async fn shard_main(
     };
     let shard = Rc::new(shard);
     // Recover the webhook queue before accepting anything, so deliveries resume in order.
-    match Webhooks::open(shard.index, shard.config.clone(), &shard.apps, shard.all_metrics.clone(), webhook_tls).await {
+    match Webhooks::open(shard.index, shard.config.clone(), &shard.apps(), shard.all_metrics.clone(), webhook_tls).await
+    {
         Ok(Some(webhooks)) => {
             webhooks.spawn();
             let _ = shard.webhooks_cell.set(webhooks);

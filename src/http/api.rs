@@ -162,8 +162,8 @@ fn metrics_text(shard: &Shard) -> Response {
 }
 
 async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &str, rest: &[&str]) -> ApiResult {
-    let app = shard
-        .apps
+    let apps = shard.apps();
+    let app = apps
         .by_id(app_id)
         .ok_or_else(|| Response::error(StatusCode::NOT_FOUND, &format!("unknown app id {app_id}")))?;
     // Check the route and method before the signature so a wrong URL says so.

@@ -158,7 +158,8 @@ fn pusher_refusal(shard: &Shard, head: &RequestHead) -> Result<crate::apps::AppI
             Err(_) => return Err((4006, format!("Invalid protocol version '{p}'"))),
         },
     }
-    let Some(app) = shard.apps.by_key(key) else {
+    let apps = shard.apps();
+    let Some(app) = apps.by_key(key) else {
         return Err((4001, format!("App key {key} does not exist")));
     };
     if shard.is_shutting_down() {
@@ -212,7 +213,7 @@ pub async fn websocket<S: Transport>(shard: &Rc<Shard>, upgrade: Upgrade<S>) -> 
     };
     if !write_response(&mut stream, response, write_timeout).await {
         if !echo {
-            shard.apps.get(app).release();
+            shard.apps().get(app).release();
         }
         return None;
     }
@@ -224,6 +225,11 @@ pub async fn websocket<S: Transport>(shard: &Rc<Shard>, upgrade: Upgrade<S>) -> 
     if !echo {
         let activity_timeout_s = shard.config.websocket.activity_timeout_s;
         shard.send(key, message::connection_established(socket_id, activity_timeout_s));
+        // A reload may have removed the app while the handshake answer was being written,
+        // after its sweep of this shard's connections.
+        if shard.apps().get(app).removed {
+            shard.refuse(key, 4001, "Application does not exist");
+        }
     }
     // The HTTP buffer is sized for request heads; an idle WebSocket should not keep it.
     buf = BytesMut::from(&buf[..]);

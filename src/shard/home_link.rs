@@ -92,7 +92,7 @@ impl Shard {
     /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
     /// and answers the joining shard with the frames for the connection.
     pub(super) fn home_join_at_home(&self, join: HomeJoin) {
-        let members_max = self.apps.get(join.app).config.presence_members_max;
+        let members_max = self.apps().get(join.app).config.presence_members_max;
         let effects = self.state.borrow_mut().home.join(join, members_max, Instant::now());
         self.apply(effects);
     }
@@ -175,7 +175,8 @@ impl Shard {
     /// count subscriptions (`subscription_count`, or lifecycle webhooks: the home shard is the
     /// one place that knows when a channel becomes occupied or vacated).
     pub fn subscription_changed(&self, app: AppIndex, channel: &str, delta: i32) {
-        let config = self.apps.get(app);
+        let apps = self.apps();
+        let config = apps.get(app);
         if !config.counts_subscriptions {
             return;
         }
@@ -202,7 +203,7 @@ impl Shard {
     pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
         let home = presence::home(app, channel, self.mesh.shards());
         if home == self.index {
-            let expires = Instant::now() + Duration::from_secs(self.apps.get(app).config.cache_ttl_s);
+            let expires = Instant::now() + Duration::from_secs(self.apps().get(app).config.cache_ttl_s);
             self.state.borrow_mut().home.cache_store(app, channel, frame, data, expires);
         } else {
             self.mesh_send(home, MeshMessage::CacheStore { app, channel: channel.into(), frame, data: data.into() });

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
 
-use crate::apps::AppIndex;
+use crate::apps::{AppIndex, Apps};
 use crate::pusher::message::SocketId;
 use crate::webhook::admin::{AdminAnswer, AdminRequest};
 
@@ -325,6 +325,14 @@ pub enum MeshMessage {
         app: AppIndex,
         /// The bucket number.
         bucket: u16,
+    },
+    /// A config reload (from `Server::reload`, not a shard): read these apps from now on and
+    /// close the removed apps' connections, then send this shard's index on `done`.
+    ReloadApps {
+        /// The new registry (indexes and counters of kept apps unchanged).
+        apps: Arc<Apps>,
+        /// Where the shard reports that it has applied the reload.
+        done: std::sync::mpsc::Sender<usize>,
     },
     /// Answer `query` and send the reply back to shard `from` under `id`.
     Query {

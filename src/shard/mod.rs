@@ -27,6 +27,7 @@ mod home_link;
 pub mod mesh;
 mod outbox;
 pub mod presence;
+mod reload;
 pub mod router;
 pub mod session;
 #[cfg(test)]
@@ -117,8 +118,11 @@ pub struct Shard {
     pub index: usize,
     /// The validated config.
     pub config: Arc<Config>,
-    /// The apps.
-    pub apps: Arc<Apps>,
+    /// The apps, swapped whole by a reload (`reload::reload_apps`). An `Rc` around the shared
+    /// `Arc` so that taking a snapshot (`apps()`) is a shard-local count, not an atomic one on
+    /// a cache line every shard writes.
+    #[allow(clippy::redundant_allocation, reason = "the Rc makes snapshots shard-local counts")]
+    apps_cell: RefCell<Rc<Arc<Apps>>>,
     /// The rings to and from every shard.
     pub mesh: Arc<Mesh>,
     /// Every shard's metrics; this shard writes only `metrics[index]`.
@@ -162,7 +166,7 @@ impl Shard {
         Shard {
             index,
             config,
-            apps,
+            apps_cell: RefCell::new(Rc::new(apps)),
             mesh,
             all_metrics,
             state: RefCell::new(state),
@@ -171,6 +175,13 @@ impl Shard {
             lifecycle_lsn_max: Cell::new(0),
             started: Instant::now(),
         }
+    }
+
+    /// The apps as of now: a snapshot that a reload does not change (a caller that awaits
+    /// keeps the registry it started with).
+    #[allow(clippy::redundant_allocation, reason = "the Rc makes snapshots shard-local counts")]
+    pub fn apps(&self) -> Rc<Arc<Apps>> {
+        self.apps_cell.borrow().clone()
     }
 
     /// The webhook dispatcher, if any app has webhooks.
@@ -182,7 +193,7 @@ impl Shard {
     /// the WAL position that makes it durable, for a caller that must wait for that.
     pub fn lifecycle(&self, app: AppIndex, event: impl FnOnce() -> LifecycleEvent) -> Option<Lsn> {
         let webhooks = self.webhooks()?;
-        if !self.apps.get(app).wants_lifecycle {
+        if !self.apps().get(app).wants_lifecycle {
             return None;
         }
         let lsn = webhooks.lifecycle(app, event());
@@ -318,7 +329,7 @@ impl Shard {
         ShardMetrics::sub(&self.metrics().subscriptions, subscriptions);
         ShardMetrics::sub(&self.metrics().connections, 1);
         if !conn.echo {
-            self.apps.get(conn.app).release();
+            self.apps().get(conn.app).release();
         }
     }
 
@@ -457,6 +468,7 @@ impl Shard {
             MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::BucketGap { app, bucket } => self.close_bucket(app, bucket),
+            MeshMessage::ReloadApps { apps, done } => self.reload_apps(apps, done),
             MeshMessage::Query { from, id, query } => {
                 let reply = self.answer_locally(&query);
                 self.mesh_send(from, MeshMessage::Reply { id, reply });
@@ -517,7 +529,8 @@ impl Shard {
     /// per open dashboard page, never per message.
     fn dashboard_part(&self) -> crate::shard::mesh::ShardSnapshot {
         let mut part = crate::shard::mesh::ShardSnapshot { shard: self.index, ..Default::default() };
-        for app in self.apps.list.iter().map(|a| a.index) {
+        let apps = self.apps();
+        for app in apps.list.iter().map(|a| a.index) {
             let health = self.webhooks().map(|w| w.admin(app, &crate::webhook::admin::AdminRequest::Health));
             part.webhooks.push(match health {
                 Some(AdminAnswer::Health(list)) => list,
@@ -526,7 +539,7 @@ impl Shard {
         }
         let state = self.state.borrow();
         part.write_queue_bytes = state.connections.iter().map(|(_, c)| c.queued_bytes() as u64).sum();
-        for app in self.apps.list.iter().map(|a| a.index) {
+        for app in apps.list.iter().map(|a| a.index) {
             part.channels.push(state.router.occupied(app).map(|(name, count)| (name.into(), count as u32)).collect());
             part.presence.push(state.home.presence.counts(app, "presence-"));
         }
@@ -579,16 +592,17 @@ impl Shard {
     /// cut connections whose close handshake timed out.
     async fn ticker(self: Rc<Self>) {
         let activity = u64::from(self.config.websocket.activity_timeout_s);
-        let apps = self.apps.clone();
         let rules = Liveness {
             ping_after_s: activity,
             dead_after_s: activity + u64::from(self.config.websocket.pong_timeout_s),
             close_timeout_s: CLOSE_TIMEOUT.as_secs(),
         };
-        let authorized_timeout_s = |app| u64::from(apps.get(app).config.authorized_connections_timeout_s);
         let ping = message::ping();
         loop {
             monoio::time::sleep(Duration::from_secs(1)).await;
+            // Read each tick: a reload may have changed the apps' timeouts.
+            let apps = self.apps();
+            let authorized_timeout_s = |app| u64::from(apps.get(app).config.authorized_connections_timeout_s);
             let now_s = self.started.elapsed().as_secs();
             let mut state = self.state.borrow_mut();
             debug_assert!(now_s >= state.now_s, "the shard clock never goes back");

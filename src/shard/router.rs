@@ -25,8 +25,17 @@ impl Router {
         Router { apps: (0..apps).map(|_| HashMap::new()).collect() }
     }
 
+    /// Makes room for `apps` apps (a reload added some); never shrinks, since a removed app
+    /// keeps its index.
+    pub fn grow(&mut self, apps: usize) {
+        if apps > self.apps.len() {
+            self.apps.resize_with(apps, HashMap::new);
+        }
+    }
+
     /// Adds a subscriber; false if it was already subscribed.
     pub fn subscribe(&mut self, app: AppIndex, channel: &str, conn: ConnKey) -> bool {
+        self.grow(app as usize + 1);
         let table = &mut self.apps[app as usize];
         match table.get_mut(channel) {
             Some(set) => set.insert(conn),
@@ -39,7 +48,9 @@ impl Router {
 
     /// Removes a subscriber; false if it was not subscribed. Empty channels are dropped.
     pub fn unsubscribe(&mut self, app: AppIndex, channel: &str, conn: ConnKey) -> bool {
-        let table = &mut self.apps[app as usize];
+        let Some(table) = self.apps.get_mut(app as usize) else {
+            return false;
+        };
         let Some(set) = table.get_mut(channel) else {
             return false;
         };
@@ -52,12 +63,14 @@ impl Router {
 
     /// This shard's subscribers of a channel.
     pub fn subscribers(&self, app: AppIndex, channel: &str) -> Option<&IndexSet<ConnKey>> {
-        self.apps[app as usize].get(channel)
+        // An app this shard does not know yet (another shard applied a reload first) has no
+        // subscribers here.
+        self.apps.get(app as usize)?.get(channel)
     }
 
     /// Channels of an app with at least one subscriber here, with their subscriber counts.
     pub fn occupied(&self, app: AppIndex) -> impl Iterator<Item = (&str, usize)> {
-        self.apps[app as usize].iter().map(|(name, set)| (name.as_ref(), set.len()))
+        self.apps.get(app as usize).into_iter().flatten().map(|(name, set)| (name.as_ref(), set.len()))
     }
 }
 

@@ -58,7 +58,8 @@ impl Shard {
             let already = conn.channels.iter().any(|c| c.as_ref() == name);
             (conn.app, conn.socket_id, already, conn.channels.len())
         };
-        let app = self.apps.get(app_index);
+        let apps = self.apps();
+        let app = apps.get(app_index);
         let auth = subscribe.auth.as_deref();
         let member = match ChannelKind::of(name) {
             ChannelKind::Public => None,
@@ -169,7 +170,8 @@ impl Shard {
             let user_id = conn.presence.iter().find(|(c, _)| c.as_ref() == name).map(|(_, u)| u.clone());
             (conn.app, conn.socket_id, subscribed, conn.state == ConnState::Open, user_id)
         };
-        let app = self.apps.get(app_index);
+        let apps = self.apps();
+        let app = apps.get(app_index);
         let kind = ChannelKind::of(name);
         let max = app.config.client_events_per_second_max;
         if max > 0 && !self.count_client_event(key, max) {
@@ -256,7 +258,8 @@ impl Shard {
             let conn = &state.connections[key];
             (conn.app, conn.socket_id)
         };
-        let app = self.apps.get(app_index);
+        let apps = self.apps();
+        let app = apps.get(app_index);
         let to_sign = format!("{socket_id}::user::{}", signin.user_data);
         let user = check_auth(&app.config.key, &app.secret_key, &to_sign, Some(&signin.auth))
             .and_then(|()| parse_user(&signin.user_data));

@@ -40,7 +40,8 @@ fn shards() -> Vec<Shard> {
 
 /// `key:signature` for a private or presence subscription, as an auth endpoint would sign it.
 fn auth(shard: &Shard, app: AppIndex, to_sign: &str) -> String {
-    let app = shard.apps.get(app);
+    let apps = shard.apps();
+    let app = apps.get(app);
     let signature = ring::hmac::sign(&app.secret_key, to_sign.as_bytes());
     format!("{}:{}", app.config.key, hex::encode(signature.as_ref()))
 }
@@ -88,7 +89,7 @@ fn deliver_one(shards: &[Shard], rng: &mut fastrand::Rng) -> bool {
 fn check_step(shards: &[Shard]) {
     for shard in shards {
         let state = shard.state.borrow();
-        for app in 0..shard.apps.list.len() as AppIndex {
+        for app in 0..shard.apps().list.len() as AppIndex {
             for (channel, _) in state.router.occupied(app) {
                 for &key in state.router.subscribers(app, channel).expect("occupied") {
                     let conn = state.connections.get(key).expect("the router names a live connection");
@@ -127,7 +128,7 @@ fn check_quiescent(shards: &[Shard]) {
                 *members.entry((conn.app, channel.clone(), user.clone())).or_default() += 1;
             }
         }
-        for app in 0..shard.apps.list.len() as AppIndex {
+        for app in 0..shard.apps().list.len() as AppIndex {
             for (channel, count) in state.router.occupied(app) {
                 *routed.entry((app, channel.into())).or_default() += count as i64;
             }
@@ -166,7 +167,7 @@ fn router_connections_and_counts_agree() {
                 0..=9 if live.len() < 8 => {
                     let shard = rng.usize(..SHARDS);
                     let app = rng.u32(..2);
-                    assert!(shards[shard].apps.get(app).try_admit());
+                    assert!(shards[shard].apps().get(app).try_admit());
                     let (key, _) = shards[shard].register(app, false, -1);
                     live.push((shard, key));
                 }
@@ -221,7 +222,7 @@ fn expired_cache_events_are_swept() {
     let shard = &shards[0];
     let names: Vec<String> =
         (0..5000).map(|i| format!("cache-user-{i}")).filter(|n| super::presence::home(0, n, SHARDS) == 0).collect();
-    let ttl = std::time::Duration::from_secs(shard.apps.get(0).config.cache_ttl_s);
+    let ttl = std::time::Duration::from_secs(shard.apps().get(0).config.cache_ttl_s);
     let stored_at = std::time::Instant::now();
     for name in &names {
         shard.cache_store(0, name, bytes::Bytes::from_static(b"frame"), "data");

@@ -227,9 +227,14 @@ impl Webhooks {
 
     // ---- sources -----------------------------------------------------------------------
 
+    /// The app's endpoints; none for an app added by a reload (endpoints are built at start).
+    fn endpoints_of(&self, app: AppIndex) -> &[usize] {
+        self.by_app.get(app as usize).map_or(&[], Vec::as_slice)
+    }
+
     /// Whether an app has Standard Webhooks endpoints (a publish must then be durable first).
     pub fn has_standard(&self, app: AppIndex) -> bool {
-        self.by_app[app as usize].iter().any(|&e| self.endpoints[e].format == WebhookFormat::Standard)
+        self.endpoints_of(app).iter().any(|&e| self.endpoints[e].format == WebhookFormat::Standard)
     }
 
     /// Creates the deliveries of a published event for every matching Standard Webhooks
@@ -238,7 +243,7 @@ impl Webhooks {
         // Two passes: every budget is checked before anything is created, so a refused publish
         // leaves no delivery behind (its retry creates them all once).
         let mut matches: Vec<(usize, &str)> = Vec::new();
-        for &index in &self.by_app[app as usize] {
+        for &index in self.endpoints_of(app) {
             let endpoint = &self.endpoints[index];
             if endpoint.format != WebhookFormat::Standard || !event::any_match(endpoint.event_types.as_deref(), event) {
                 continue;
@@ -286,7 +291,7 @@ impl Webhooks {
     /// commit for it to be durable.
     pub fn lifecycle(&self, app: AppIndex, event: LifecycleEvent) -> Option<Lsn> {
         let mut last = None;
-        for &index in &self.by_app[app as usize] {
+        for &index in self.endpoints_of(app) {
             let endpoint = &self.endpoints[index];
             if endpoint.format != WebhookFormat::Pusher
                 || endpoint.events.as_ref().is_some_and(|list| !list.iter().any(|e| e == event.name))
@@ -685,7 +690,7 @@ impl Webhooks {
     // ---- admin -------------------------------------------------------------------------
 
     fn endpoint_index(&self, app: AppIndex, id: &str) -> Option<usize> {
-        self.by_app[app as usize].iter().copied().find(|&i| self.endpoints[i].id == id)
+        self.endpoints_of(app).iter().copied().find(|&i| self.endpoints[i].id == id)
     }
 
     /// This shard's answer to an admin request, for its own deliveries.
@@ -698,7 +703,7 @@ impl Webhooks {
             AdminRequest::Health => {
                 let (state, index) = (self.state.borrow(), self.wal.index());
                 AdminAnswer::Health(
-                    self.by_app[app as usize].iter().map(|&i| state.health(i, &self.endpoints[i], &index)).collect(),
+                    self.endpoints_of(app).iter().map(|&i| state.health(i, &self.endpoints[i], &index)).collect(),
                 )
             }
             AdminRequest::DeadLetters { endpoint } => {

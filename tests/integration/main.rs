@@ -9,6 +9,7 @@ mod hostile;
 mod http_api;
 mod presence;
 mod process;
+mod reload;
 mod support;
 mod tidy;
 mod tls;

@@ -166,7 +166,8 @@ async fn api_request(shard: &Shard, head: &RequestHead, rest: &[&str]) -> Respon
     if head.method != method {
         return Response::error(StatusCode::METHOD_NOT_ALLOWED, &format!("use {method} on this endpoint"));
     }
-    let Some(app) = shard.apps.by_id(&decode(app_id)) else {
+    let apps = shard.apps();
+    let Some(app) = apps.by_id(&decode(app_id)) else {
         return Response::error(StatusCode::NOT_FOUND, "unknown app id");
     };
     // The signed API's own code path: the same checks, the same scatter-gather, the same JSON.
@@ -186,7 +187,7 @@ async fn snapshot_response(shard: &Shard) -> Response {
     let inputs = snapshot::Inputs {
         metrics: &shard.all_metrics,
         ring_depths: &ring_depths,
-        apps: &shard.apps,
+        apps: &shard.apps(),
         channels_shown_max: shard.config.dashboard.channels_shown_max,
         now_ms,
     };

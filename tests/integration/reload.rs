@@ -1,0 +1,178 @@
+//! Live reload of `[[apps]]` (`Server::reload`, SIGHUP): apps are added, rotated and removed
+//! while the other apps' connections stay up and keep receiving; a removed app's connections
+//! are closed with 4001; a config file that fails validation changes nothing.
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ringwire::config::AppConfig;
+use ringwire::Config;
+use serde_json::{json, Value};
+
+use crate::support::*;
+
+fn app(id: &str, key: &str, secret: &str) -> AppConfig {
+    AppConfig { id: id.into(), key: key.into(), secret: secret.into(), ..AppConfig::demo() }
+}
+
+/// Connects with an app key and returns the socket and its socket_id.
+fn connect_key(addr: SocketAddr, key: &str) -> (Ws, String) {
+    let mut ws = ws_connect(addr, &format!("/app/{key}?protocol=7"));
+    let established = recv_json(&mut ws);
+    assert_eq!(established["event"], "pusher:connection_established", "{established}");
+    let data: Value = serde_json::from_str(established["data"].as_str().unwrap()).unwrap();
+    (ws, data["socket_id"].as_str().unwrap().to_string())
+}
+
+/// Publishes on an app, signed with the given key and secret.
+fn publish_as(addr: SocketAddr, id: &str, key: &str, secret: &str, channel: &str, event: &str) -> u16 {
+    let body = json!({"name": event, "channels": [channel], "data": "{}"}).to_string();
+    let path = format!("/apps/{id}/events");
+    let query = ringwire::pusher::auth::signed_query("POST", &path, key, secret, body.as_bytes(), now(), &[]);
+    http(addr, "POST", &format!("{path}?{query}"), body.as_bytes()).0
+}
+
+/// The next event on a socket is `event` (pings skipped).
+fn expect_event(ws: &mut Ws, event: &str) {
+    let message = recv_json(ws);
+    assert_eq!(message["event"], event, "{message}");
+}
+
+/// Under connected, subscribed clients of app A: adding app B lets B's key connect, rotating
+/// A's secret makes the new secret sign API requests and private-channel auth (the old one gets
+/// 401), removing B closes B's clients with 4001 and refuses its key; A's first connection
+/// stays open and receives throughout.
+#[test]
+fn apps_are_added_rotated_and_removed_live() {
+    let a = app(APP_ID, KEY, SECRET);
+    let mut config = Config::default();
+    let server = TestServer::start(|c| {
+        c.apps = vec![a.clone()];
+        config = c.clone();
+    });
+    let addr = server.addr;
+    let (mut stay, _) = connect_key(addr, KEY);
+    subscribe(&mut stay, "stay");
+
+    // Add B.
+    let b = app("b", "key-b", "secret-b");
+    config.apps = vec![a.clone(), b.clone()];
+    let reloaded = server.server().reload(&config).expect("reloaded");
+    assert!(reloaded.apps && reloaded.apps_removed.is_empty() && reloaded.needs_restart.is_empty(), "{reloaded:?}");
+    let (mut b_client, _) = connect_key(addr, "key-b");
+    subscribe(&mut b_client, "b-news");
+    assert_eq!(publish_as(addr, "b", "key-b", "secret-b", "b-news", "to-b"), 200);
+    expect_event(&mut b_client, "to-b");
+    assert_eq!(publish_as(addr, APP_ID, KEY, SECRET, "stay", "after-add"), 200);
+    expect_event(&mut stay, "after-add");
+
+    // Rotate A's secret (and a limit).
+    let rotated = AppConfig { secret: "rotated-secret".into(), client_events_per_second_max: 3, ..a.clone() };
+    config.apps = vec![rotated.clone(), b.clone()];
+    assert!(server.server().reload(&config).expect("reloaded").apps);
+    assert_eq!(publish_as(addr, APP_ID, KEY, SECRET, "stay", "old-secret"), 401, "the old secret no longer signs");
+    assert_eq!(publish_as(addr, APP_ID, KEY, "rotated-secret", "stay", "new-secret"), 200);
+    expect_event(&mut stay, "new-secret");
+    let (mut private, socket_id) = connect_key(addr, KEY);
+    let sign = |secret: &str| {
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret.as_bytes());
+        let signature = ring::hmac::sign(&key, format!("{socket_id}:private-a").as_bytes());
+        format!("{KEY}:{}", hex::encode(signature.as_ref()))
+    };
+    send_json(
+        &mut private,
+        json!({"event": "pusher:subscribe", "data": {"channel": "private-a", "auth": sign(SECRET)}}),
+    );
+    let refused = recv_json(&mut private);
+    let reason = refused["data"]["message"].as_str().unwrap_or_default();
+    assert!(reason.starts_with("Invalid signature"), "the old secret's auth is refused: {refused}");
+    send_json(
+        &mut private,
+        json!({"event": "pusher:subscribe", "data": {"channel": "private-a", "auth": sign("rotated-secret")}}),
+    );
+    expect_event(&mut private, "pusher_internal:subscription_succeeded");
+
+    // Remove B.
+    config.apps = vec![rotated.clone()];
+    let reloaded = server.server().reload(&config).expect("reloaded");
+    assert_eq!(reloaded.apps_removed, ["b"]);
+    let error = recv_json(&mut b_client);
+    assert_eq!((error["event"].as_str(), error["data"]["code"].as_u64()), (Some("pusher:error"), Some(4001)));
+    assert_eq!(recv_close(&mut b_client), 4001);
+    let mut refused = ws_connect(addr, "/app/key-b?protocol=7");
+    assert_eq!(recv_json(&mut refused)["data"]["code"], 4001, "the removed key is unknown");
+    assert_eq!(publish_as(addr, "b", "key-b", "secret-b", "b-news", "gone"), 404);
+    assert_eq!(publish_as(addr, APP_ID, KEY, "rotated-secret", "stay", "after-remove"), 200);
+    expect_event(&mut stay, "after-remove");
+    let total = |name: &str| metric(addr, name).iter().sum::<u64>();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while total("connections") != 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(total("connections"), 2, "A's two connections stay, B's is gone");
+    assert_eq!((total("config_reloads_total"), total("config_reload_failures_total")), (3, 0));
+}
+
+/// Connecting with a key answers connection_established (true) or a 4001 error (false).
+fn key_connects(addr: SocketAddr, key: &str) -> bool {
+    let mut ws = ws_connect(addr, &format!("/app/{key}?protocol=7"));
+    let message = recv_json(&mut ws);
+    message["event"] == "pusher:connection_established"
+}
+
+/// The binary applies `[[apps]]` on SIGHUP while a client of another app stays connected, and
+/// refuses a config file that fails validation whole: the apps it adds or removes stay as they
+/// were and the error names the line.
+#[test]
+fn sighup_reloads_apps_and_refuses_a_broken_file_whole() {
+    let dir = temp_dir("reload-apps-hup");
+    let config_path = dir.join("ringwire.toml");
+    let head = "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n";
+    let app_a = format!("[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n");
+    let app_b = "[[apps]]\nid = \"b\"\nkey = \"key-b\"\nsecret = \"secret-b\"\n";
+    std::fs::write(&config_path, format!("{head}{app_a}")).unwrap();
+    let stderr_path = dir.join("stderr.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringwire"))
+        .arg("--config")
+        .arg(&config_path)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("listening on ") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the node printed its address");
+    }
+    let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+    let addr: SocketAddr = rest.split(' ').next().unwrap().parse().unwrap();
+    let (mut stay, _) = connect_key(addr, KEY);
+    subscribe(&mut stay, "stay");
+    let hup = || std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
+    let poll = |what: &dyn Fn() -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !what() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        what()
+    };
+
+    std::fs::write(&config_path, format!("{head}{app_a}{app_b}")).unwrap();
+    assert!(hup().success());
+    assert!(poll(&|| key_connects(addr, "key-b")), "app b is served after SIGHUP");
+
+    // Removes b, adds c, and has an unknown key on line 12: refused whole.
+    let app_c = "[[apps]]\nid = \"c\"\nkey = \"key-c\"\nsecret = \"secret-c\"\nsekret = \"typo\"\n";
+    std::fs::write(&config_path, format!("{head}{app_a}{app_c}")).unwrap();
+    assert!(hup().success());
+    let refused = poll(&|| std::fs::read_to_string(&stderr_path).unwrap().contains("config reload refused"));
+    let log = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(refused && log.contains("line 12"), "{log}");
+    assert!(key_connects(addr, "key-b") && !key_connects(addr, "key-c"), "nothing changed");
+    assert_eq!(publish(addr, &["stay"], "still-here", "{}", None).0, 200);
+    expect_event(&mut stay, "still-here");
+    let _ = child.kill();
+    let _ = child.wait();
+}
