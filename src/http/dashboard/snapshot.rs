@@ -70,7 +70,8 @@ pub fn render(inputs: &Inputs<'_>, mut parts: Vec<ShardSnapshot>) -> Value {
             Value::Object(shard)
         })
         .collect();
-    let apps: Vec<Value> = inputs.apps.list.iter().map(|app| app_json(inputs, &parts, app)).collect();
+    let apps: Vec<Value> =
+        inputs.apps.list.iter().filter(|app| !app.removed).map(|app| app_json(inputs, &parts, app)).collect();
     json!({ "time_ms": inputs.now_ms, "totals": totals, "shards": shards, "apps": apps })
 }
 
