@@ -456,3 +456,44 @@ export function pusherClients(ringwire, defaults = {}, { tls = false } = {}) {
     waitFor,
   };
 }
+
+/**
+ * Runs tests/interop/python_sdk.py (the official Python `pusher` SDK) against `host:port`:
+ * it triggers `from-python` with `data` on `py-room`, then queries channels with prefix `py-`.
+ * `extra` are further arguments (`--ssl`, `--ca-file`). Asserts a zero exit within 15 s and
+ * returns what the script printed (its JSON).
+ */
+export async function runPythonSdk({ host, port, data, extra = [] }) {
+  const args = [
+    path.join(HERE, 'python_sdk.py'),
+    '--host', host,
+    '--port', String(port),
+    ...extra,
+    '--app-id', APP_ID,
+    '--key', KEY,
+    '--secret', SECRET,
+    '--channel', 'py-room',
+    '--event', 'from-python',
+    '--data', JSON.stringify(data),
+    '--prefix', 'py-',
+  ];
+  const child = spawn(PYTHON, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.setEncoding('utf8').on('data', (c) => (stdout += c));
+  child.stderr.setEncoding('utf8').on('data', (c) => (stderr += c));
+  const what = `${PYTHON} python_sdk.py ${extra.join(' ')}`.trim();
+  const code = await withTimeout(
+    new Promise((resolve, reject) => {
+      child.on('error', reject);
+      child.on('exit', resolve);
+    }),
+    15000,
+    what,
+  ).catch((err) => {
+    child.kill('SIGKILL');
+    throw err;
+  });
+  assert.equal(code, 0, `${what} failed:\n${stderr}`);
+  return JSON.parse(stdout);
+}

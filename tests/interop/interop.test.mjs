@@ -7,8 +7,6 @@
 
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import path from 'node:path';
 
 import PusherServer from 'pusher';
 
@@ -16,9 +14,7 @@ import {
   APP_ID,
   BOUNDED,
   ENCRYPTION_MASTER_KEY,
-  HERE,
   KEY,
-  PYTHON,
   SECRET,
   WAIT_MS,
   configToml,
@@ -27,6 +23,7 @@ import {
   pusherClients,
   pusherServer,
   ringwireProcess,
+  runPythonSdk,
   sleep,
   withTimeout,
 } from './harness.mjs';
@@ -332,41 +329,9 @@ describe('ringwire with the official Pusher libraries', () => {
     await subscribed(b, 'py-other');
 
     const data = { lang: 'python', n: 42, text: 'grüße' };
-    const child = spawn(
-      PYTHON,
-      [
-        path.join(HERE, 'python_sdk.py'),
-        '--host', ringwire.host,
-        '--port', String(ringwire.port),
-        '--app-id', APP_ID,
-        '--key', KEY,
-        '--secret', SECRET,
-        '--channel', 'py-room',
-        '--event', 'from-python',
-        '--data', JSON.stringify(data),
-        '--prefix', 'py-',
-      ],
-      { stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c) => (stderr += c));
-    const code = await withTimeout(
-      new Promise((resolve, reject) => {
-        child.on('error', reject);
-        child.on('exit', resolve);
-      }),
-      15000,
-      `${PYTHON} python_sdk.py`,
-    ).catch((err) => {
-      child.kill('SIGKILL');
-      throw err;
-    });
-    assert.equal(code, 0, `python_sdk.py failed:\n${stderr}`);
+    const printed = await runPythonSdk({ host: ringwire.host, port: ringwire.port, data });
 
     assert.deepEqual(await events.until(1), [data]);
-    const printed = JSON.parse(stdout);
     assert.deepEqual(printed.trigger, {});
     assert.deepEqual(printed.channels_info, {
       channels: { 'py-other': { subscription_count: 1 }, 'py-room': { subscription_count: 2 } },

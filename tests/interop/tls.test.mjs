@@ -11,9 +11,7 @@
 
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import { connect } from 'node:net';
-import path from 'node:path';
 
 import Pusher from 'pusher-js';
 import PusherServer from 'pusher';
@@ -22,9 +20,7 @@ import Echo from 'laravel-echo';
 import {
   APP_ID,
   BOUNDED,
-  HERE,
   KEY,
-  PYTHON,
   SECRET,
   TLS_FILES,
   TLS_SERVER_NAME,
@@ -35,6 +31,7 @@ import {
   pusherClients,
   pusherServer,
   ringwireProcess,
+  runPythonSdk,
   withTimeout,
 } from './harness.mjs';
 
@@ -250,43 +247,14 @@ describe('ringwire over wss:// and https:// with the official Pusher libraries',
     await subscribed(b, 'py-other');
 
     const data = { lang: 'python', over: 'https', text: 'grüße' };
-    const child = spawn(
-      PYTHON,
-      [
-        path.join(HERE, 'python_sdk.py'),
-        '--host', TLS_SERVER_NAME,
-        '--port', String(ringwire.tlsPort),
-        '--ssl',
-        '--ca-file', TLS_FILES.ca,
-        '--app-id', APP_ID,
-        '--key', KEY,
-        '--secret', SECRET,
-        '--channel', 'py-room',
-        '--event', 'from-python',
-        '--data', JSON.stringify(data),
-        '--prefix', 'py-',
-      ],
-      { stdio: ['ignore', 'pipe', 'pipe'] },
-    );
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (c) => (stdout += c));
-    child.stderr.setEncoding('utf8').on('data', (c) => (stderr += c));
-    const code = await withTimeout(
-      new Promise((resolve, reject) => {
-        child.on('error', reject);
-        child.on('exit', resolve);
-      }),
-      15000,
-      `${PYTHON} python_sdk.py --ssl`,
-    ).catch((err) => {
-      child.kill('SIGKILL');
-      throw err;
+    const printed = await runPythonSdk({
+      host: TLS_SERVER_NAME,
+      port: ringwire.tlsPort,
+      data,
+      extra: ['--ssl', '--ca-file', TLS_FILES.ca],
     });
-    assert.equal(code, 0, `python_sdk.py --ssl failed:\n${stderr}`);
 
     assert.deepEqual(await events.until(1), [data]);
-    const printed = JSON.parse(stdout);
     assert.deepEqual(printed.trigger, {});
     assert.deepEqual(printed.channels_info, {
       channels: { 'py-other': { subscription_count: 1 }, 'py-room': { subscription_count: 2 } },
