@@ -133,14 +133,7 @@ fn sighup_reloads_apps_and_refuses_a_broken_file_whole() {
     let app_b = "[[apps]]\nid = \"b\"\nkey = \"key-b\"\nsecret = \"secret-b\"\n";
     std::fs::write(&config_path, format!("{head}{app_a}")).unwrap();
     let stderr_path = dir.join("stderr.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringwire"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut child, mut stdout) = spawn_node(&config_path, &stderr_path);
     let mut line = String::new();
     while !line.contains("listening on ") {
         line.clear();

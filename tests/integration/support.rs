@@ -441,3 +441,20 @@ pub fn test_pki() -> TestPki {
         key_der: leaf_key.serialize_der(),
     }
 }
+
+/// Starts the ringwire binary on `config`, its stderr going to the file `stderr`; returns the
+/// process and a reader of its stdout (kept open: the node's start-up lines go there).
+pub fn spawn_node(
+    config: &std::path::Path,
+    stderr: &std::path::Path,
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringwire"))
+        .arg("--config")
+        .arg(config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(stderr).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    (child, stdout)
+}

@@ -284,14 +284,7 @@ fn sighup_reloads_the_certificate() {
     );
     std::fs::write(&config_path, &config_text).unwrap();
     let stderr_path = old.dir.join("stderr.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringwire"))
-        .arg("--config")
-        .arg(&config_path)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::fs::File::create(&stderr_path).unwrap())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut child, mut stdout) = spawn_node(&config_path, &stderr_path);
     let mut lines = Vec::new();
     while !lines.iter().any(|l: &String| l.contains("TLS: wss://")) {
         let mut line = String::new();
