@@ -127,7 +127,9 @@ impl Server {
                 shard.cluster_link_down.store(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
-        let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        // Shard i is pinned to the i-th CPU this process may run on (its cpuset), round robin:
+        // in a cpuset such as {2, 3}, `i % parallelism` would name CPUs outside it.
+        let cpus = crate::doctor::host::cpus_allowed();
         let (ready_tx, ready_rx) = mpsc::channel::<Result<Driver, String>>();
         let mut threads = Vec::with_capacity(shards);
         for (index, plain) in listeners.into_iter().enumerate() {
@@ -142,13 +144,15 @@ impl Server {
             let resolver = resolver.clone();
             let hook = on_shard_start.clone();
             let webhook_tls = webhook_tls.clone();
+            let cpus = cpus.clone();
             let cluster = cluster.clone().map(|options| SupervisorOptions { shard: index, ..options });
             let thread = std::thread::Builder::new()
                 .name(format!("ringwire-shard-{index}"))
                 .spawn(move || {
                     let _guard = ShardGuard { index, metrics: metrics.clone(), mesh: mesh.clone() };
                     resolver::install(resolver);
-                    if let Err(e) = monoio::utils::bind_to_cpu_set([index % cpus]) {
+                    let cpu = pinned_cpu(&cpus, index);
+                    if let Err(e) = monoio::utils::bind_to_cpu_set([cpu]) {
                         tracing::warn!(shard = index, error = ?e, "could not pin the shard to its CPU");
                     }
                     let shard = Shard::new(index, config.clone(), apps, mesh, metrics);
@@ -285,6 +289,16 @@ impl Server {
         for thread in self.threads {
             let _ = thread.join();
         }
+    }
+}
+
+/// The CPU shard `index` is pinned to: the `index`-th of the CPUs this process may run on,
+/// round robin (`index` itself when the affinity mask could not be read).
+fn pinned_cpu(allowed: &[usize], index: usize) -> usize {
+    if allowed.is_empty() {
+        index
+    } else {
+        allowed[index % allowed.len()]
     }
 }
 
@@ -482,4 +496,17 @@ fn check_wal_directories(config: &Config, shards: usize) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Shards pin inside the process's cpuset, round robin, whatever CPU numbers it holds.
+    #[test]
+    fn shards_pin_inside_the_cpuset() {
+        assert_eq!((0..4).map(|i| pinned_cpu(&[2, 3], i)).collect::<Vec<_>>(), [2, 3, 2, 3]);
+        assert_eq!((0..3).map(|i| pinned_cpu(&[0, 5, 9], i)).collect::<Vec<_>>(), [0, 5, 9]);
+        assert_eq!(pinned_cpu(&[], 7), 7);
+    }
 }

@@ -294,24 +294,6 @@ pub fn cpus(config: &Config, host: &Host) -> Finding {
             ),
         );
     }
-    // A shard pins itself to CPU `index % available CPUs`; in a cpuset that does not start at
-    // CPU 0 those numbers can lie outside it, the pinning fails (logged) and the shard floats.
-    let parallelism = host.parallelism.max(1);
-    let mut outside: Vec<usize> =
-        (0..shards as usize).map(|i| i % parallelism).filter(|cpu| !host.cpus_allowed.contains(cpu)).collect();
-    outside.sort_unstable();
-    outside.dedup();
-    if !host.cpus_allowed.is_empty() && !outside.is_empty() {
-        return Finding::with_fix(
-            "cpus",
-            Verdict::Warning,
-            format!(
-                "shards pin to CPUs {} but this process may run on {list} only: those shards stay unpinned",
-                cpu_list(&outside)
-            ),
-            "run ringwire in a cpuset that starts at CPU 0 (CPUAffinity=0-N), or accept unpinned shards".into(),
-        );
-    }
     Finding::ok("cpus", format!("{shards} shard(s) on {allowed} allowed CPU(s) ({list})"))
 }
 

@@ -197,7 +197,9 @@ fn rlimit(resource: libc::__rlimit_resource_t) -> Limit {
     Limit { soft: widen(limit.rlim_cur), hard: widen(limit.rlim_max) }
 }
 
-fn cpus_allowed() -> Vec<usize> {
+/// The CPUs this process may run on (its affinity mask), ascending; empty when it cannot be
+/// read. `server` pins shards to these.
+pub fn cpus_allowed() -> Vec<usize> {
     // SAFETY: an all-zero cpu_set_t is a valid empty set.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
     // SAFETY: sched_getaffinity writes at most `size_of::<cpu_set_t>()` bytes into `set`.
