@@ -27,7 +27,7 @@ use super::batch;
 use super::client::{Connection, Response};
 use super::delivery;
 pub use super::delivery::Refused;
-use super::endpoint::{build_endpoints, AttemptError, Endpoint, Transport};
+use super::endpoint::{build_endpoints, AttemptError, Endpoint, EndpointIndex, Transport};
 use super::event::{self, LifecycleEvent};
 use super::health::{BreakerSettings, Verdict};
 use super::queue::{Attempt, DispatchState, EndpointQueue};
@@ -51,7 +51,7 @@ pub struct Webhooks {
     /// Every app's endpoints, in config order; an endpoint's index is its place here.
     endpoints: Vec<Endpoint>,
     /// Per app, the indexes of its endpoints.
-    by_app: Vec<Vec<usize>>,
+    by_app: Vec<Vec<EndpointIndex>>,
     /// The log and the one index of live deliveries and batch items (endpoint ids there are
     /// indexes into `endpoints`); it writes nothing in `memory` durability.
     wal: Wal<FileStorage>,
@@ -82,7 +82,7 @@ impl Webhooks {
         let settings = &config.webhooks;
         let mut by_app = vec![Vec::new(); apps.list.len()];
         for (i, endpoint) in endpoints.iter().enumerate() {
-            by_app[endpoint.app as usize].push(i);
+            by_app[endpoint.app as usize].push(EndpointIndex::new(i));
         }
         let policy = RetryPolicy {
             schedule_ms: settings.retry_schedule_ms.clone(),
@@ -196,7 +196,7 @@ impl Webhooks {
         }
         monoio::spawn(self.clone().timer_task());
         monoio::spawn(self.clone().batch_task());
-        for endpoint in 0..self.endpoints.len() {
+        for endpoint in (0..self.endpoints.len()).map(EndpointIndex::new) {
             for _ in 0..self.config.webhooks.connections_per_endpoint_max {
                 monoio::spawn(self.clone().worker(endpoint));
             }
@@ -228,13 +228,13 @@ impl Webhooks {
     // ---- sources -----------------------------------------------------------------------
 
     /// The app's endpoints; none for an app added by a reload (endpoints are built at start).
-    fn endpoints_of(&self, app: AppIndex) -> &[usize] {
+    fn endpoints_of(&self, app: AppIndex) -> &[EndpointIndex] {
         self.by_app.get(app as usize).map_or(&[], Vec::as_slice)
     }
 
     /// Whether an app has Standard Webhooks endpoints (a publish must then be durable first).
     pub fn has_standard(&self, app: AppIndex) -> bool {
-        self.endpoints_of(app).iter().any(|&e| self.endpoints[e].format == WebhookFormat::Standard)
+        self.endpoints_of(app).iter().any(|&e| self.endpoints[e.get()].format == WebhookFormat::Standard)
     }
 
     /// Creates the deliveries of a published event for every matching Standard Webhooks
@@ -242,9 +242,9 @@ impl Webhooks {
     pub fn published(&self, app: AppIndex, event: &str, channels: &[&str], data: &str) -> Result<Option<Lsn>, Refused> {
         // Two passes: every budget is checked before anything is created, so a refused publish
         // leaves no delivery behind (its retry creates them all once).
-        let mut matches: Vec<(usize, &str)> = Vec::new();
+        let mut matches: Vec<(EndpointIndex, &str)> = Vec::new();
         for &index in self.endpoints_of(app) {
-            let endpoint = &self.endpoints[index];
+            let endpoint = &self.endpoints[index.get()];
             if endpoint.format != WebhookFormat::Standard || !event::any_match(endpoint.event_types.as_deref(), event) {
                 continue;
             }
@@ -258,7 +258,7 @@ impl Webhooks {
         let time_ms = now_ms();
         for (index, channel) in matches {
             let body = event::standard_body(event, channel, data, time_ms);
-            if self.endpoints[index].batch_max > 1 {
+            if self.endpoints[index.get()].batch_max > 1 {
                 last = last.max(self.add_to_batch(index, body.into())?);
             } else {
                 last = Some(self.create(index, body.into(), time_ms)?);
@@ -269,11 +269,11 @@ impl Webhooks {
 
     /// Refuses new deliveries for `endpoint` while its queue is at `endpoint_queue_bytes_max`
     /// or the shard's is at `queue_bytes_max`.
-    fn check_capacity(&self, endpoint: usize) -> Result<(), Refused> {
+    fn check_capacity(&self, endpoint: EndpointIndex) -> Result<(), Refused> {
         let index = self.wal.index();
         let settings = &self.config.webhooks;
-        if index.endpoint_bytes(endpoint) >= settings.endpoint_queue_bytes_max {
-            return Err(Refused::EndpointFull(self.endpoints[endpoint].key.to_string()));
+        if index.endpoint_bytes(endpoint.get()) >= settings.endpoint_queue_bytes_max {
+            return Err(Refused::EndpointFull(self.endpoints[endpoint.get()].key.to_string()));
         }
         if index.live_bytes() >= settings.queue_bytes_max {
             return Err(Refused::QueueFull);
@@ -292,7 +292,7 @@ impl Webhooks {
     pub fn lifecycle(&self, app: AppIndex, event: LifecycleEvent) -> Option<Lsn> {
         let mut last = None;
         for &index in self.endpoints_of(app) {
-            let endpoint = &self.endpoints[index];
+            let endpoint = &self.endpoints[index.get()];
             if endpoint.format != WebhookFormat::Pusher
                 || endpoint.events.as_ref().is_some_and(|list| !list.iter().any(|e| e == event.name))
             {
@@ -316,11 +316,12 @@ impl Webhooks {
     /// Adds one event (a JSON object) to an endpoint's batch: written to the WAL at once as
     /// its own record; the batch becomes one delivery at `batch_max` events or after
     /// `batch_ms`. Returns the event's log position.
-    fn add_to_batch(&self, endpoint: usize, json: Bytes) -> Result<Option<Lsn>, Refused> {
-        let (seq, lsn) = self.wal.append(Kind::BatchItem, endpoint, now_ms(), json)?;
+    fn add_to_batch(&self, endpoint: EndpointIndex, json: Bytes) -> Result<Option<Lsn>, Refused> {
+        let (seq, lsn) = self.wal.append(Kind::BatchItem, endpoint.get(), now_ms(), json)?;
         let full = {
             let mut state = self.state.borrow_mut();
-            let full = state.queues[endpoint].batch.push(seq, Instant::now()) >= self.endpoints[endpoint].batch_max;
+            let full = state.queues[endpoint.get()].batch.push(seq, Instant::now())
+                >= self.endpoints[endpoint.get()].batch_max;
             if let Some(waker) = state.batch_task.take() {
                 waker.wake();
             }
@@ -335,8 +336,8 @@ impl Webhooks {
     /// Turns an endpoint's batched events into one delivery, then retires their WAL items (the
     /// acks follow the batch's record in the log, so a crash keeps one or the other: at least
     /// once).
-    fn flush_batch(&self, endpoint: usize) {
-        let items = self.state.borrow_mut().queues[endpoint].batch.take();
+    fn flush_batch(&self, endpoint: EndpointIndex) {
+        let items = self.state.borrow_mut().queues[endpoint.get()].batch.take();
         if items.is_empty() {
             return;
         }
@@ -347,14 +348,14 @@ impl Webhooks {
                 .iter()
                 .map(|&seq| String::from_utf8_lossy(&index.get(seq).expect("batched items are live").body))
                 .collect();
-            batch::body(self.endpoints[endpoint].format, time_ms, events.iter().map(|e| &**e))
+            batch::body(self.endpoints[endpoint.get()].format, time_ms, events.iter().map(|e| &**e))
         };
         // The items already count against the queue limit, so the batch is not refused for it;
         // their bytes are given back when they are acked below.
         if let Err(error) = self.create(endpoint, body, time_ms) {
             // Only a failed WAL gets here: the items stay in the log and are batched again
             // after a restart.
-            tracing::error!(endpoint = %self.endpoints[endpoint].key, %error, "webhook batch not queued");
+            tracing::error!(endpoint = %self.endpoints[endpoint.get()].key, %error, "webhook batch not queued");
             return;
         }
         for seq in items {
@@ -363,8 +364,8 @@ impl Webhooks {
     }
 
     /// Creates one delivery: into the WAL (or memory), then queued once committed.
-    fn create(&self, endpoint: usize, body: Bytes, created_ms: u64) -> Result<Lsn, Refused> {
-        let (seq, lsn) = self.wal.append(Kind::Delivery, endpoint, created_ms, body)?;
+    fn create(&self, endpoint: EndpointIndex, body: Bytes, created_ms: u64) -> Result<Lsn, Refused> {
+        let (seq, lsn) = self.wal.append(Kind::Delivery, endpoint.get(), created_ms, body)?;
         ShardMetrics::add(&self.metrics().webhook_deliveries_total, 1);
         ShardMetrics::add(&self.metrics().webhook_pending, 1);
         if self.wal.writes() {
@@ -408,12 +409,12 @@ impl Webhooks {
     fn make_ready(&self, seq: u64) {
         let endpoint = self.wal.index().get(seq).filter(|d| !d.dead && d.kind == Kind::Delivery).map(|d| d.endpoint);
         let mut state = self.state.borrow_mut();
-        let Some(endpoint) = endpoint.filter(|&e| e < state.queues.len()) else { return };
-        if state.queues[endpoint].health.disabled.is_some() {
+        let Some(endpoint) = endpoint.filter(|&e| e < state.queues.len()).map(EndpointIndex::new) else { return };
+        if state.queues[endpoint.get()].health.disabled.is_some() {
             drop(state);
             return self.dead_letter(seq);
         }
-        let queue = &mut state.queues[endpoint];
+        let queue = &mut state.queues[endpoint.get()];
         queue.ready.push_back(seq);
         if let Some(waker) = queue.idle_workers.pop() {
             waker.wake();
@@ -491,9 +492,10 @@ impl Webhooks {
             .await;
             monoio::time::sleep_until(monoio::time::Instant::from_std(oldest + period)).await;
             let now = Instant::now();
-            let due: Vec<usize> = {
+            let due: Vec<EndpointIndex> = {
                 let state = self.state.borrow();
-                (0..state.queues.len()).filter(|&i| state.queues[i].batch.is_due(now, period)).collect()
+                let due = |i: &EndpointIndex| state.queues[i.get()].batch.is_due(now, period);
+                (0..state.queues.len()).map(EndpointIndex::new).filter(due).collect()
             };
             for endpoint in due {
                 self.flush_batch(endpoint);
@@ -503,7 +505,7 @@ impl Webhooks {
 
     /// One of an endpoint's workers: owns one keep-alive connection, takes batches of ready
     /// deliveries (at most `pipeline_max`), sends them pipelined, and settles each.
-    async fn worker(self: Rc<Self>, endpoint: usize) {
+    async fn worker(self: Rc<Self>, endpoint: EndpointIndex) {
         let mut connection: Option<Connection> = None;
         loop {
             let batch = self.take_batch(endpoint).await;
@@ -512,12 +514,12 @@ impl Webhooks {
                 let timestamp_s = now_ms() / 1000;
                 let heads = batch.iter().map(|&seq| {
                     let body = index.get(seq).expect("taken deliveries are live").body.clone();
-                    (self.endpoints[endpoint].request_head(&self.webhook_id(seq), timestamp_s, &body), body)
+                    (self.endpoints[endpoint.get()].request_head(&self.webhook_id(seq), timestamp_s, &body), body)
                 });
                 heads.collect()
             };
             let started = Instant::now();
-            let results = self.transport.exchange(&self.endpoints[endpoint], &mut connection, requests).await;
+            let results = self.transport.exchange(&self.endpoints[endpoint.get()], &mut connection, requests).await;
             let duration_ms = started.elapsed().as_millis() as u64;
             if matches!(results.first(), Some(Err(AttemptError::Refused(_)))) {
                 ShardMetrics::add(&self.metrics().webhook_ssrf_refused_total, 1);
@@ -529,11 +531,11 @@ impl Webhooks {
     }
 
     /// Waits for deliveries this endpoint may send now (breaker closed or probing).
-    async fn take_batch(&self, endpoint: usize) -> Vec<u64> {
+    async fn take_batch(&self, endpoint: EndpointIndex) -> Vec<u64> {
         let pipeline_max = self.config.webhooks.pipeline_max;
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            let queue = &mut state.queues[endpoint];
+            let queue = &mut state.queues[endpoint.get()];
             match queue.health.admit(Instant::now(), queue.in_flight, queue.ready.len(), pipeline_max) {
                 Some(n) => {
                     queue.in_flight += n;
@@ -550,13 +552,13 @@ impl Webhooks {
 
     /// Applies an attempt's result (`health::Breaker::settle` decides): delivered, retried
     /// later, or dead; and logs the attempt for the admin API.
-    fn settle(&self, endpoint: usize, seq: u64, result: Result<Response, AttemptError>, duration_ms: u64) {
+    fn settle(&self, endpoint: EndpointIndex, seq: u64, result: Result<Response, AttemptError>, duration_ms: u64) {
         let decision = {
             let mut state = self.state.borrow_mut();
             let attempts = state.attempt_counts.entry(seq).or_insert(0);
             *attempts += 1;
             let attempts = *attempts;
-            let queue = &mut state.queues[endpoint];
+            let queue = &mut state.queues[endpoint.get()];
             debug_assert!(queue.in_flight > 0, "settling a delivery no worker took");
             queue.in_flight -= 1;
             let mut rng = fastrand::Rng::new();
@@ -628,14 +630,14 @@ impl Webhooks {
     }
 
     /// 410 Gone: stop sending to the endpoint; its queued deliveries become dead letters.
-    fn disable(&self, endpoint: usize, reason: &str) {
+    fn disable(&self, endpoint: EndpointIndex, reason: &str) {
         let queued: Vec<u64> = {
             let mut state = self.state.borrow_mut();
-            let queue = &mut state.queues[endpoint];
+            let queue = &mut state.queues[endpoint.get()];
             queue.health.disabled = Some(reason.into());
             queue.ready.drain(..).collect()
         };
-        tracing::warn!(endpoint = %self.endpoints[endpoint].key, reason, "webhook endpoint disabled");
+        tracing::warn!(endpoint = %self.endpoints[endpoint.get()].key, reason, "webhook endpoint disabled");
         for seq in queued {
             self.dead_letter(seq);
         }
@@ -689,8 +691,8 @@ impl Webhooks {
 
     // ---- admin -------------------------------------------------------------------------
 
-    fn endpoint_index(&self, app: AppIndex, id: &str) -> Option<usize> {
-        self.endpoints_of(app).iter().copied().find(|&i| self.endpoints[i].id == id)
+    fn endpoint_index(&self, app: AppIndex, id: &str) -> Option<EndpointIndex> {
+        self.endpoints_of(app).iter().copied().find(|&i| self.endpoints[i.get()].id == id)
     }
 
     /// This shard's answer to an admin request, for its own deliveries.
@@ -703,13 +705,13 @@ impl Webhooks {
             AdminRequest::Health => {
                 let (state, index) = (self.state.borrow(), self.wal.index());
                 AdminAnswer::Health(
-                    self.endpoints_of(app).iter().map(|&i| state.health(i, &self.endpoints[i], &index)).collect(),
+                    self.endpoints_of(app).iter().map(|&i| state.health(i, &self.endpoints[i.get()], &index)).collect(),
                 )
             }
             AdminRequest::DeadLetters { endpoint } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
                 let live = self.wal.index();
-                let letters = live.dead_of(index).into_iter().map(|(seq, d)| DeadLetter {
+                let letters = live.dead_of(index.get()).into_iter().map(|(seq, d)| DeadLetter {
                     webhook_id: self.webhook_id(seq),
                     created_ms: d.created_ms,
                     body: String::from_utf8_lossy(&d.body).into_owned(),
@@ -719,12 +721,13 @@ impl Webhooks {
             AdminRequest::Attempts { webhook_id } => {
                 let Some(seq) = self.parse_webhook_id(webhook_id) else { return AdminAnswer::empty(request) };
                 let state = self.state.borrow();
-                let attempts = state.attempts.iter().filter(|a| a.seq == seq && self.endpoints[a.endpoint].app == app);
+                let attempts =
+                    state.attempts.iter().filter(|a| a.seq == seq && self.endpoints[a.endpoint.get()].app == app);
                 AdminAnswer::Attempts(
                     attempts
                         .map(|a| AttemptReport {
                             webhook_id: webhook_id.clone(),
-                            endpoint: self.endpoints[a.endpoint].id.clone(),
+                            endpoint: self.endpoints[a.endpoint.get()].id.clone(),
                             at_ms: a.at_ms,
                             status: a.status,
                             error: a.error.clone(),
@@ -740,7 +743,7 @@ impl Webhooks {
             }
             AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.wal.index().dead_between(index, *from_ms, *to_ms);
+                let seqs = self.wal.index().dead_between(index.get(), *from_ms, *to_ms);
                 AdminAnswer::Replayed(
                     seqs.into_iter().filter(|&s| self.replay(s)).map(|s| self.webhook_id(s)).collect(),
                 )
@@ -751,7 +754,7 @@ impl Webhooks {
             }
             AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.wal.index().dead_between(index, *from_ms, *to_ms);
+                let seqs = self.wal.index().dead_between(index.get(), *from_ms, *to_ms);
                 AdminAnswer::Deleted(
                     seqs.into_iter().filter(|&s| self.discard(s)).map(|s| self.webhook_id(s)).collect(),
                 )
@@ -759,7 +762,7 @@ impl Webhooks {
             AdminRequest::Enable { endpoint } => {
                 let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
                 let mut state = self.state.borrow_mut();
-                let queue = &mut state.queues[index];
+                let queue = &mut state.queues[index.get()];
                 queue.health.enable();
                 for waker in queue.idle_workers.drain(..) {
                     waker.wake();

@@ -37,6 +37,23 @@ pub enum Signer {
     Standard(StandardSigner),
 }
 
+/// An endpoint's place in its shard's list (`Webhooks::endpoints`, in config order), fixed for
+/// the life of the process: what queues, batches and attempts refer to an endpoint by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointIndex(usize);
+
+impl EndpointIndex {
+    /// The endpoint at `position` in the list.
+    pub fn new(position: usize) -> EndpointIndex {
+        EndpointIndex(position)
+    }
+
+    /// Its position in the list, for indexing the per-endpoint tables.
+    pub fn get(self) -> usize {
+        self.0
+    }
+}
+
 /// One configured endpoint.
 pub struct Endpoint {
     /// The app it belongs to.

@@ -15,7 +15,7 @@ use std::time::Instant;
 
 use super::admin::{self, EndpointState};
 use super::batch::Batch;
-use super::endpoint::Endpoint;
+use super::endpoint::{Endpoint, EndpointIndex};
 use super::health::Breaker;
 use crate::config::WebhookFormat;
 use crate::wal::{LiveIndex, Lsn};
@@ -63,7 +63,7 @@ pub(super) struct DispatchState {
 #[derive(Debug, Clone)]
 pub(super) struct Attempt {
     pub(super) seq: u64,
-    pub(super) endpoint: usize,
+    pub(super) endpoint: EndpointIndex,
     pub(super) at_ms: u64,
     pub(super) status: Option<u16>,
     pub(super) error: Option<String>,
@@ -99,8 +99,8 @@ impl DispatchState {
     }
 
     /// One endpoint's health on this shard, for the admin API.
-    pub(super) fn health(&self, index: usize, endpoint: &Endpoint, live: &LiveIndex) -> admin::Health {
-        let health = &self.queues[index].health;
+    pub(super) fn health(&self, index: EndpointIndex, endpoint: &Endpoint, live: &LiveIndex) -> admin::Health {
+        let health = &self.queues[index.get()].health;
         let state = if health.disabled.is_some() {
             EndpointState::Disabled
         } else if health.open_until.is_some() {
@@ -110,7 +110,7 @@ impl DispatchState {
         } else {
             EndpointState::Healthy
         };
-        let (pending, dead_letters) = live.counts(index);
+        let (pending, dead_letters) = live.counts(index.get());
         admin::Health {
             id: endpoint.id.clone(),
             url: endpoint.url.clone(),
@@ -125,7 +125,7 @@ impl DispatchState {
             consecutive_failures: health.consecutive_failures,
             pending,
             dead_letters,
-            queued_bytes: live.endpoint_bytes(index),
+            queued_bytes: live.endpoint_bytes(index.get()),
             delivered: health.delivered,
             failed_attempts: health.failed,
         }
