@@ -1,11 +1,31 @@
-//! `FrameBatch`: shared frames handed to one `writev`, without copying them.
+//! Buffers handed to monoio's owned-buffer I/O: `FrameBatch` (shared frames for one `writev`,
+//! without copying them) and `read_more` (a read that appends).
 //!
 //! monoio ships `IoVecBuf` only for `Vec<Vec<u8>>` and raw iovec vectors. Broadcast frames are
 //! `Bytes` shared by every recipient, so this type owns the `Bytes` handles and an iovec array
 //! pointing into them. The batch moves into the write op, so the kernel never sees freed
 //! memory even if the writing task were dropped mid-write.
 
-use bytes::Bytes;
+use std::io;
+
+use bytes::{Bytes, BytesMut};
+use monoio::buf::IoBufMut;
+use monoio::io::AsyncReadRent;
+
+/// Reads more bytes from a socket, appending to `buf` (monoio reads at the start of the
+/// buffer it is given, so it gets only the spare room after what is there).
+pub async fn read_more<R: AsyncReadRent>(
+    reader: &mut R,
+    mut buf: BytesMut,
+    spare: usize,
+) -> (io::Result<usize>, BytesMut) {
+    if buf.capacity() - buf.len() < spare {
+        buf.reserve(spare);
+    }
+    let len = buf.len();
+    let (result, slice) = reader.read(buf.slice_mut(len..)).await;
+    (result, slice.into_inner())
+}
 
 /// Frames for one vectored write, with partial-write bookkeeping.
 pub struct FrameBatch {

@@ -9,8 +9,9 @@
 //!   liveness), `shard::outbox`, `shard::session` (Pusher per connection), `shard::home` (pure
 //!   home-shard state returning effects) and `shard::home_link` (routing to it),
 //!   `shard::accept` (the accept rule).
-//! - `buf`: `FrameBatch` (shared frames for one writev), used by the WebSocket writer and the
-//!   webhook client; a leaf that imports nothing of the crate.
+//! - `buf`: `FrameBatch` (shared frames for one writev) and `read_more` (a read that appends),
+//!   used by the connections, the webhook client and the Redis link; a leaf that imports
+//!   nothing of the crate.
 //! - `net`: sockets — `listener` (SO_REUSEPORT, accept), `conn` (HTTP keep-alive, WebSocket
 //!   reader/writer), `stream` (plain or TLS, as `conn` sees it), `tls` (rustls on accepted
 //!   sockets).

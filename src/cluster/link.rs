@@ -19,13 +19,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
+use monoio::io::{AsyncWriteRentExt, OwnedReadHalf, OwnedWriteHalf, Splitable};
 use monoio::net::TcpStream;
 use redis_protocol::resp2::decode::decode_bytes_mut;
 use redis_protocol::resp2::encode::extend_encode_borrowed;
 use redis_protocol::resp2::types::{BorrowedFrame, BytesFrame};
 
+use crate::buf::read_more;
 use crate::config::ClusterConfig;
 
 use crate::redis_url::RedisUrl;
@@ -162,12 +162,8 @@ impl Reader {
     }
 
     async fn fill(&mut self) -> Result<(), LinkError> {
-        self.buffer.reserve(READ_BYTES);
-        let filled = self.buffer.len();
-        // monoio reads at offset 0 of the buffer it is given: offer only the spare part.
-        let spare = std::mem::take(&mut self.buffer).slice_mut(filled..);
-        let (result, spare) = self.stream.read(spare).await;
-        self.buffer = spare.into_inner();
+        let (result, buffer) = read_more(&mut self.stream, std::mem::take(&mut self.buffer), READ_BYTES).await;
+        self.buffer = buffer;
         match result {
             Ok(0) => Err(LinkError::Closed),
             Ok(_) => Ok(()),

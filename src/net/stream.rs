@@ -9,27 +9,11 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use bytes::BytesMut;
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
 use monoio::net::tcp::{TcpOwnedReadHalf, TcpOwnedWriteHalf};
 use monoio::net::TcpStream;
 
-use crate::buf::FrameBatch;
-
-/// Reads more bytes from a socket, appending to `buf` (monoio reads at the start of the
-/// buffer it is given, so it gets only the spare room after what is there).
-pub async fn read_more<R: AsyncReadRent>(
-    reader: &mut R,
-    mut buf: BytesMut,
-    spare: usize,
-) -> (io::Result<usize>, BytesMut) {
-    if buf.capacity() - buf.len() < spare {
-        buf.reserve(spare);
-    }
-    let len = buf.len();
-    let (result, slice) = reader.read(buf.slice_mut(len..)).await;
-    (result, slice.into_inner())
-}
+use crate::buf::{read_more, FrameBatch};
 
 /// A whole connection before its WebSocket upgrade: requests in, responses out.
 pub trait ByteStream {

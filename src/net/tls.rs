@@ -34,8 +34,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::ServerConnection;
 
-use super::stream::{read_more, ByteReader, ByteStream, FrameWriter, Transport};
-use crate::buf::FrameBatch;
+use super::stream::{ByteReader, ByteStream, FrameWriter, Transport};
+use crate::buf::{read_more, FrameBatch};
 use crate::config::TlsConfig;
 
 /// Ciphertext bytes asked for by a read that may wait (an idle connection's buffer is pinned by

@@ -16,14 +16,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use monoio::buf::IoBufMut;
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 use monoio_rustls::{ClientTlsStream, TlsConnector};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::buf::FrameBatch;
+use crate::buf::{read_more, FrameBatch};
 
 /// Response headers parsed at most.
 const RESPONSE_HEADERS_MAX: usize = 64;
@@ -525,20 +524,17 @@ impl Connection {
                 Ok(None) => {}
                 Err(e) => return (responses, Some(e.into())),
             }
-            // monoio reads into a buffer from its index 0: hand it the spare room after what
-            // is already buffered (a head can arrive in several reads).
-            self.buffer.reserve(READ_BYTES);
-            let filled = self.buffer.len();
-            let spare = std::mem::take(&mut self.buffer).slice_mut(filled..);
+            // Appending (a head can arrive in several reads).
+            let buffer = std::mem::take(&mut self.buffer);
             let read = async {
                 match &mut self.stream {
-                    Stream::Plain(stream) => stream.read(spare).await,
-                    Stream::Tls(stream) => stream.read(spare).await,
+                    Stream::Plain(stream) => read_more(stream, buffer, READ_BYTES).await,
+                    Stream::Tls(stream) => read_more(stream.as_mut(), buffer, READ_BYTES).await,
                 }
             };
             match monoio::time::timeout_at(deadline, read).await {
-                Ok((Ok(n), spare)) => {
-                    self.buffer = spare.into_inner();
+                Ok((Ok(n), buffer)) => {
+                    self.buffer = buffer;
                     eof = n == 0;
                 }
                 Ok((Err(e), _)) => return (responses, Some(SendError::Io(e.to_string()))),
