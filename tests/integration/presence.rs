@@ -414,26 +414,6 @@ fn lifecycle_hook(config: &mut ringwire::Config, receiver: std::net::SocketAddr,
     }];
 }
 
-/// Lifecycle event names the receiver has got so far, as (name, channel, user_id).
-fn lifecycle_events(receiver: &Receiver) -> Vec<(String, String, String)> {
-    receiver
-        .requests()
-        .iter()
-        .flat_map(|r| {
-            let body: Value = serde_json::from_slice(&r.body).unwrap();
-            body["events"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|e| {
-                    let field = |k: &str| e[k].as_str().unwrap_or("").to_string();
-                    (field("name"), field("channel"), field("user_id"))
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect()
-}
-
 /// Polls until `done` holds for the receiver's lifecycle events (or 5 s pass); returns them.
 fn wait_lifecycle(
     receiver: &Receiver,
@@ -441,7 +421,7 @@ fn wait_lifecycle(
 ) -> Vec<(String, String, String)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let events = lifecycle_events(receiver);
+        let events = receiver.lifecycle_events();
         if done(&events) || std::time::Instant::now() > deadline {
             return events;
         }

@@ -287,6 +287,25 @@ impl Receiver {
         self.requests.lock().unwrap().clone()
     }
 
+    /// The Pusher lifecycle events received so far, in order: (name, channel, user_id).
+    pub fn lifecycle_events(&self) -> Vec<(String, String, String)> {
+        self.requests()
+            .iter()
+            .flat_map(|r| {
+                let body: Value = serde_json::from_slice(&r.body).unwrap();
+                body["events"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| {
+                        let field = |k: &str| e[k].as_str().unwrap_or("").to_string();
+                        (field("name"), field("channel"), field("user_id"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     /// Waits until at least `n` requests arrived.
     pub fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
         let deadline = std::time::Instant::now() + timeout;

@@ -103,19 +103,7 @@ fn pusher_lifecycle_webhooks() {
     let mut names = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while names.len() < 5 && std::time::Instant::now() < deadline {
-        names = receiver
-            .requests()
-            .iter()
-            .flat_map(|r| {
-                let body: Value = serde_json::from_slice(&r.body).unwrap();
-                body["events"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| e["name"].as_str().unwrap().to_string())
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        names = receiver.lifecycle_events().into_iter().map(|(name, _, _)| name).collect();
         std::thread::sleep(Duration::from_millis(20));
     }
     // The client event is sent by the connection's shard, the others by the channel's home
