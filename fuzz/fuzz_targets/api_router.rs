@@ -3,6 +3,8 @@
 //! (so the fuzzer gets past the signature check) on a one-shard node in this process: no
 //! input may panic, and every answer is a known status with a JSON body.
 //!
+//! The dashboard is on, and every request carries its Bearer token.
+//!
 //! Input: one byte choosing the method, then lines: the path (relative ones are put under
 //! `/apps/1/`), extra query parameters `k=v&k=v`, and the body (the rest).
 #![no_main]
@@ -20,6 +22,9 @@ use ringwire::shard::mesh::Mesh;
 use ringwire::shard::Shard;
 use ringwire::webhook::dispatch::Webhooks;
 
+/// Every request carries it, so the dashboard's routes are reached past their login check.
+const DASHBOARD_TOKEN: &str = "fuzz-dashboard-token-0123456789";
+
 type Runtime = monoio::Runtime<monoio::time::TimeDriver<monoio::LegacyDriver>>;
 
 /// The demo app with a Standard and a Pusher webhook endpoint (in memory; its private
@@ -33,6 +38,8 @@ fn config() -> Config {
         WebhookConfig { id: Some("events".into()), ..WebhookConfig::standard(url, "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD") };
     let pusher = WebhookConfig { id: Some("lifecycle".into()), ..WebhookConfig::pusher(url) };
     config.apps[0].webhooks = vec![standard, pusher];
+    config.dashboard.enabled = true;
+    config.dashboard.token = DASHBOARD_TOKEN.into();
     config
 }
 
@@ -78,7 +85,11 @@ fuzz_target!(|data: &[u8]| {
         now,
         &extra,
     );
-    let mut request = format!("{method} {path}?{query} HTTP/1.1\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+    let mut request = format!(
+        "{method} {path}?{query} HTTP/1.1\r\nAuthorization: Bearer {DASHBOARD_TOKEN}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
     request.extend_from_slice(body);
     // What the server's own head parser refuses never reaches the API.
     let Ok(Some(head)) = parse_head(&request, &HeadLimits::default()) else { return };
