@@ -110,12 +110,36 @@ fn answers_ping(addr: SocketAddr) -> bool {
 }
 
 /// Runs a future on a monoio runtime with timers, on the driver the test run asks for.
-pub fn run<F: Future>(future: F) -> F::Output {
-    if std::env::var("RINGWIRE_TEST_DRIVER").as_deref() == Ok("epoll") {
-        monoio::RuntimeBuilder::<monoio::LegacyDriver>::new().enable_timer().build().unwrap().block_on(future)
-    } else {
-        monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap().block_on(future)
-    }
+/// Runs a future on a monoio runtime of its own thread. Not on the test's thread: io_uring
+/// completes work on the thread that submitted it, and a completion left behind by a dropped
+/// runtime interrupts that thread's next blocking socket read with EINTR (seen in CI as
+/// "Interrupted system call" in a tungstenite read right after a `run`).
+pub fn run<F, Fut>(make: F) -> Fut::Output
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future,
+    Fut::Output: Send,
+{
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                if std::env::var("RINGWIRE_TEST_DRIVER").as_deref() == Ok("epoll") {
+                    monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .unwrap()
+                        .block_on(make())
+                } else {
+                    monoio::RuntimeBuilder::<monoio::FusionDriver>::new()
+                        .enable_timer()
+                        .build()
+                        .unwrap()
+                        .block_on(make())
+                }
+            })
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
 }
 
 pub fn options() -> LinkOptions {
@@ -142,7 +166,7 @@ fn simple(text: &str) -> Reply {
 #[test]
 fn link_ping_set_get() {
     let redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let mut link = Link::connect(redis.addr, &options()).await.unwrap();
         assert_eq!(link.command(&[b"PING"]).await.unwrap(), simple("PONG"));
         assert_eq!(link.command(&[b"SET", b"k", b"v\r\n\0binary"]).await.unwrap(), simple("OK"));
@@ -160,7 +184,7 @@ fn link_ping_set_get() {
 #[test]
 fn link_pipelines_1000_commands() {
     let redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let mut link = Link::connect(redis.addr, &options()).await.unwrap();
         for i in 0..500 {
             let value = i.to_string();
@@ -188,7 +212,7 @@ fn link_pipelines_1000_commands() {
 #[test]
 fn sharded_pubsub_delivers_messages() {
     let redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let (mut subscriptions, mut pushes) =
             Link::connect(redis.addr, &options()).await.unwrap().into_subscriber().unwrap();
         subscriptions.ssubscribe(&[b"rw:b:1:0"]).await.unwrap();
@@ -220,7 +244,7 @@ fn sharded_pubsub_delivers_messages() {
 #[test]
 fn link_notices_redis_killed() {
     let mut redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let mut link = Link::connect(redis.addr, &options()).await.unwrap();
         let (mut subscriptions, mut pushes) =
             Link::connect(redis.addr, &options()).await.unwrap().into_subscriber().unwrap();
@@ -244,7 +268,7 @@ fn link_notices_redis_killed() {
 #[test]
 fn link_limits_reply_and_pipeline_size() {
     let redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let limits = LinkOptions { reply_bytes_max: 65_536, pipeline_bytes_max: 300_000, ..options() };
         let mut link = Link::connect(redis.addr, &limits).await.unwrap();
         let big = vec![b'y'; 200_000];
@@ -268,7 +292,7 @@ fn link_times_out_on_a_silent_peer() {
     let silent = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = silent.local_addr().unwrap();
     let accepter = std::thread::spawn(move || silent.accept().map(|(stream, _)| stream));
-    run(async {
+    run(|| async {
         let quick = LinkOptions { command_timeout: Duration::from_millis(200), ..options() };
         let error = Link::connect(addr, &quick).await.err().expect("a silent peer is no redis");
         assert!(matches!(error, LinkError::Timeout(_)), "{error:?}");
@@ -280,7 +304,7 @@ fn link_times_out_on_a_silent_peer() {
 #[test]
 fn link_authenticates_and_selects() {
     let redis = RedisServer::start_with(&["--requirepass", "s3cret"]);
-    run(async {
+    run(|| async {
         let good = LinkOptions { password: Some("s3cret".into()), db: 3, ..options() };
         let mut link = Link::connect(redis.addr, &good).await.unwrap();
         link.command(&[b"SET", b"in3", b"x"]).await.unwrap();
@@ -415,7 +439,7 @@ fn the_bucket() -> BucketId {
 #[test]
 fn supervisor_survives_a_redis_restart() {
     let mut redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let timeout = Duration::from_millis(500);
         let (metrics, told) = start_supervisor(redis.addr, timeout);
         wait_until(Duration::from_secs(5), "link up", || !link_down(&metrics)).await;
@@ -447,7 +471,7 @@ fn supervisor_survives_a_redis_restart() {
 #[test]
 fn supervisor_finds_messages_missed_while_cut_off() {
     let redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let (metrics, told) = start_supervisor(redis.addr, Duration::from_secs(2));
         wait_until(Duration::from_secs(5), "link up", || !link_down(&metrics)).await;
         let mut publisher = Link::connect(redis.addr, &options()).await.unwrap();
@@ -474,7 +498,7 @@ fn supervisor_finds_messages_missed_while_cut_off() {
 #[test]
 fn supervisor_notices_a_silent_redis() {
     let redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let timeout = Duration::from_millis(300);
         let (metrics, told) = start_supervisor(redis.addr, timeout);
         wait_until(Duration::from_secs(5), "link up", || !link_down(&metrics)).await;
@@ -494,7 +518,7 @@ fn supervisor_notices_a_silent_redis() {
 #[ignore]
 fn latency() {
     let redis = RedisServer::start();
-    run(async {
+    run(|| async {
         let mut link = Link::connect(redis.addr, &options()).await.unwrap();
         let (mut subscriptions, mut pushes) =
             Link::connect(redis.addr, &options()).await.unwrap().into_subscriber().unwrap();

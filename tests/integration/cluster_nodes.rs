@@ -223,7 +223,7 @@ fn gap_closes_the_bucket_with_4200() {
     let mut unaffected = subscribers(&nodes, &other);
     let frame = |text: &str| [&[0x81, text.len() as u8][..], text.as_bytes()].concat();
     // Another node's shard, numbering its messages in the bucket: 1, then 3 (2 was lost).
-    run(async {
+    run(|| async {
         let mut link = Link::connect(redis.addr, &options()).await.unwrap();
         let mut channel = String::new();
         bucket::channel_name("gap", APP_ID, bucket::of_channel("my-channel", 64), &mut channel);
