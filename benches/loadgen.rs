@@ -57,6 +57,9 @@ struct Options {
     ceiling: bool,
     /// Subscribers use `wss://` on this address (the publisher stays on `addr`).
     tls_addr: Option<SocketAddr>,
+    /// `--sub-addrs`: subscribers spread over these servers (cluster nodes) instead of `addr`;
+    /// latency is also reported per address.
+    sub_addrs: Vec<SocketAddr>,
     /// The client side of TLS: the `--ca` roots and the name the certificate must carry.
     tls: Option<(TlsConnector, ServerName<'static>)>,
     /// `handshakes`: how many, and how many at once.
@@ -67,13 +70,15 @@ struct Options {
 const USAGE: &str = "usage: loadgen fanout [--addr 127.0.0.1:6001] [--app-id 1] [--key K] [--secret S]
   [--channels 10] [--subscribers 1000] [--rate 1000] [--duration 10] [--payload 100]
   [--threads 1] [--publish-connections 4] [--nchan | --ceiling]
-  [--tls-addr ADDR --ca FILE [--server-name localhost]]
+  [--tls-addr ADDR --ca FILE [--server-name localhost]] [--sub-addrs A,B,...]
        loadgen handshakes --tls-addr ADDR --ca FILE [--count 2000] [--concurrency 50] [--threads 1]
   [--key K] [--server-name localhost] [--nchan]
        loadgen connections --addr ADDR --count N [--source-ips 4] [--key K] [--ca FILE [--server-name N]]
 --nchan speaks nginx+Nchan's pub/sub URLs (/sub/{channel} WebSocket, POST /pub/{channel}) instead of Pusher.
 --ceiling drives benches/ceiling.rs, which publishes by itself on the same schedule.
 --tls-addr: subscribers connect with TLS to ADDR, trusting only the certificates in --ca.
+--sub-addrs: subscribers connect to these addresses (cluster nodes; the publisher stays on --addr),
+  so that every channel's subscribers are spread over all of them; latency is also given per address.
 handshakes: full TLS handshakes (no session resumption) each followed by a WebSocket upgrade
   and pusher:connection_established, then a close; prints handshakes/s.
 connections: with --ca, ADDR is a TLS listener and every held connection is wss://.";
@@ -123,6 +128,7 @@ fn parse_options() -> Result<Options, String> {
         nchan: false,
         ceiling: false,
         tls_addr: None,
+        sub_addrs: Vec::new(),
         tls: None,
         count: 2000,
         concurrency: 50,
@@ -154,6 +160,12 @@ fn parse_options() -> Result<Options, String> {
             "--payload" => options.payload = number()? as usize,
             "--threads" => options.threads = number()?.max(1) as usize,
             "--publish-connections" => options.publish_connections = number()?.max(1) as usize,
+            "--sub-addrs" => {
+                options.sub_addrs = value
+                    .split(',')
+                    .map(|a| a.parse().map_err(|_| format!("--sub-addrs: {a}")))
+                    .collect::<Result<_, _>>()?
+            }
             "--tls-addr" => options.tls_addr = Some(value.parse().map_err(|_| format!("--tls-addr: {value}"))?),
             "--ca" => ca = Some(std::path::PathBuf::from(&value)),
             "--server-name" => name = value.clone(),
@@ -167,7 +179,29 @@ fn parse_options() -> Result<Options, String> {
         (None, None) => {}
         _ => return Err(format!("--tls-addr and --ca go together\n{USAGE}")),
     }
+    if options.tls_addr.is_some() && !options.sub_addrs.is_empty() {
+        return Err(format!("--sub-addrs is for plain ws:// only\n{USAGE}"));
+    }
     Ok(options)
+}
+
+impl Options {
+    /// Where subscribers connect: `--sub-addrs`, else `--addr`.
+    fn subscriber_addrs(&self) -> Vec<SocketAddr> {
+        if self.sub_addrs.is_empty() {
+            vec![self.addr]
+        } else {
+            self.sub_addrs.clone()
+        }
+    }
+
+    /// The slot in `subscriber_addrs` of subscriber `subscriber`. Subscriber `s` is on channel
+    /// `s % channels`, so taking the slot from `s / channels` spreads every channel's
+    /// subscribers over every address (`s % slots` would put a channel's all on one when the
+    /// channel count is a multiple of the slot count).
+    fn slot_of(&self, subscriber: usize) -> usize {
+        (subscriber / self.channels) % self.subscriber_addrs().len()
+    }
 }
 
 fn now_ns() -> u64 {
@@ -248,10 +282,30 @@ fn main() {
     // saturated server sustained, where `delivered_per_s` also credits the drained backlog
     // to the publishing window.
     let until_last_delivery = last_progress.saturating_duration_since(publish_start).max(publish_elapsed);
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+    let addrs = options.subscriber_addrs();
+    let mut by_addr = vec![new_histogram(); addrs.len()];
     for handle in handles {
-        histogram.add(handle.join().unwrap()).unwrap();
+        for (merged, thread) in by_addr.iter_mut().zip(handle.join().unwrap()) {
+            merged.add(thread).unwrap();
+        }
     }
+    let mut histogram = new_histogram();
+    for one in &by_addr {
+        histogram.add(one).unwrap();
+    }
+    let by_sub_addr: Vec<_> = addrs
+        .iter()
+        .zip(&by_addr)
+        .map(|(addr, h)| {
+            serde_json::json!({
+                "addr": addr.to_string(),
+                "samples": h.len(),
+                "p50": h.value_at_quantile(0.50),
+                "p99": h.value_at_quantile(0.99),
+                "p999": h.value_at_quantile(0.999),
+            })
+        })
+        .collect();
     let delivered = totals.delivered.load(Ordering::Relaxed);
     let generator_cpu_s = process_cpu_s() - cpu_start;
     let result = serde_json::json!({
@@ -279,6 +333,7 @@ fn main() {
             "max": histogram.max(),
             "samples": histogram.len(),
         },
+        "latency_by_sub_addr_us": by_sub_addr,
         "generator_cpu_s": generator_cpu_s,
     });
     eprintln!(
@@ -317,12 +372,12 @@ fn process_cpu_s() -> f64 {
 trait Dial: AsyncReadRent + AsyncWriteRent + Sized + 'static {
     /// Connects to the server the subscribers use; also returns the socket's descriptor, so
     /// the end of a run can shut it down under a pending read (see `subscriber_thread`).
-    async fn dial(options: &Options) -> io::Result<(Self, RawFd)>;
+    async fn dial(options: &Options, slot: usize) -> io::Result<(Self, RawFd)>;
 }
 
 impl Dial for TcpStream {
-    async fn dial(options: &Options) -> io::Result<(Self, RawFd)> {
-        let stream = TcpStream::connect(options.addr).await?;
+    async fn dial(options: &Options, slot: usize) -> io::Result<(Self, RawFd)> {
+        let stream = TcpStream::connect(options.subscriber_addrs()[slot]).await?;
         stream.set_nodelay(true)?;
         let fd = stream.as_raw_fd();
         Ok((stream, fd))
@@ -330,7 +385,7 @@ impl Dial for TcpStream {
 }
 
 impl Dial for ClientTlsStream<TcpStream> {
-    async fn dial(options: &Options) -> io::Result<(Self, RawFd)> {
+    async fn dial(options: &Options, _slot: usize) -> io::Result<(Self, RawFd)> {
         let (Some(addr), Some((connector, name))) = (options.tls_addr, options.tls.as_ref()) else {
             return Err(io::Error::other("TLS needs --tls-addr and --ca"));
         };
@@ -349,15 +404,17 @@ async fn subscriber_thread<S: Dial>(
     totals: Arc<Totals>,
     stop: Arc<AtomicBool>,
     ready: Arc<Barrier>,
-) -> Histogram<u64> {
-    let histogram = Rc::new(std::cell::RefCell::new(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()));
+) -> Vec<Histogram<u64>> {
+    let slots = options.subscriber_addrs().len();
+    let histograms = Rc::new(std::cell::RefCell::new(vec![new_histogram(); slots]));
     let mine: Vec<usize> = (0..options.subscribers).filter(|s| s % options.threads == thread).collect();
     let mut streams = Vec::with_capacity(mine.len());
     for chunk in mine.chunks(100) {
         let mut pending = Vec::new();
         for &subscriber in chunk {
             let channel = format!("bench-{}", subscriber % options.channels);
-            pending.push(monoio::spawn(subscribe::<S>(options.clone(), channel)));
+            let slot = options.slot_of(subscriber);
+            pending.push(monoio::spawn(subscribe::<S>(options.clone(), channel, slot)));
         }
         for handle in pending {
             match handle.await {
@@ -372,10 +429,11 @@ async fn subscriber_thread<S: Dial>(
             }
         }
     }
-    let fds: Vec<RawFd> = streams.iter().map(|(_, fd, _)| *fd).collect();
+    let fds: Vec<RawFd> = streams.iter().map(|(_, fd, _, _)| *fd).collect();
     let mut readers = Vec::new();
-    for (stream, _, buf) in streams {
-        readers.push(monoio::spawn(receive(stream, buf, histogram.clone(), totals.clone(), stop.clone())));
+    for (stream, _, buf, slot) in streams {
+        let recorder = Recorder { histograms: histograms.clone(), slot };
+        readers.push(monoio::spawn(receive(stream, buf, recorder, totals.clone(), stop.clone())));
     }
     // Let this runtime run the readers while other threads finish subscribing and the
     // publisher runs; `stop` comes after the barrier released everyone.
@@ -397,7 +455,17 @@ async fn subscriber_thread<S: Dial>(
         finished.push(reader.await);
     }
     drop(finished);
-    Rc::try_unwrap(histogram).map(|h| h.into_inner()).unwrap_or_else(|rc| rc.borrow().clone())
+    Rc::try_unwrap(histograms).map(|h| h.into_inner()).unwrap_or_else(|rc| rc.borrow().clone())
+}
+
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap()
+}
+
+/// Where one reader records its latencies: its address's histogram of its thread.
+struct Recorder {
+    histograms: Rc<std::cell::RefCell<Vec<Histogram<u64>>>>,
+    slot: usize,
 }
 
 async fn read_more<S: AsyncReadRent>(stream: &mut S, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
@@ -411,16 +479,21 @@ async fn read_more<S: AsyncReadRent>(stream: &mut S, mut buf: BytesMut) -> (io::
 
 /// Opens a WebSocket, subscribes, and returns the stream, its socket and any bytes read past
 /// the reply.
-async fn subscribe<S: Dial>(options: Arc<Options>, channel: String) -> io::Result<(S, RawFd, BytesMut)> {
-    let (mut stream, fd) = S::dial(&options).await?;
+async fn subscribe<S: Dial>(
+    options: Arc<Options>,
+    channel: String,
+    slot: usize,
+) -> io::Result<(S, RawFd, BytesMut, usize)> {
+    let (mut stream, fd) = S::dial(&options, slot).await?;
     let path = if options.nchan {
         format!("/sub/{channel}")
     } else {
         format!("/app/{}?protocol=7&client=loadgen", options.key)
     };
-    let mut buf = upgrade(&mut stream, &path, options.tls_addr.unwrap_or(options.addr)).await?;
+    let host = options.tls_addr.unwrap_or(options.subscriber_addrs()[slot]);
+    let mut buf = upgrade(&mut stream, &path, host).await?;
     if options.nchan {
-        return Ok((stream, fd, buf));
+        return Ok((stream, fd, buf, slot));
     }
     // connection_established, then subscribe and wait for subscription_succeeded.
     wait_for(&mut stream, &mut buf, b"pusher:connection_established").await?;
@@ -428,7 +501,7 @@ async fn subscribe<S: Dial>(options: Arc<Options>, channel: String) -> io::Resul
     let (result, _) = stream.write_all(masked_text(subscribe.as_bytes())).await;
     result?;
     wait_for(&mut stream, &mut buf, b"pusher_internal:subscription_succeeded").await?;
-    Ok((stream, fd, buf))
+    Ok((stream, fd, buf, slot))
 }
 
 /// Sends a WebSocket upgrade request for `path` and reads the 101 answer; returns the bytes
@@ -506,7 +579,7 @@ fn sent_at(payload: &[u8]) -> Option<u64> {
 async fn receive<S: AsyncReadRent>(
     mut stream: S,
     mut buf: BytesMut,
-    histogram: Rc<std::cell::RefCell<Histogram<u64>>>,
+    recorder: Recorder,
     totals: Arc<Totals>,
     stop: Arc<AtomicBool>,
 ) -> S {
@@ -516,7 +589,7 @@ async fn receive<S: AsyncReadRent>(
         while let Some((payload, consumed)) = next_frame(&buf) {
             if let Some(sent) = sent_at(payload) {
                 let latency_us = now.saturating_sub(sent) / 1000;
-                let _ = histogram.borrow_mut().record(latency_us.max(1));
+                let _ = recorder.histograms.borrow_mut()[recorder.slot].record(latency_us.max(1));
                 delivered += 1;
             }
             buf.advance(consumed);
@@ -804,7 +877,7 @@ async fn handshake_workers(
 /// One TLS connection: handshake, WebSocket upgrade, `connection_established` (with `--nchan`
 /// the 101 answer is the end), close.
 async fn one_handshake(options: &Options) -> io::Result<()> {
-    let (mut stream, _) = ClientTlsStream::<TcpStream>::dial(options).await?;
+    let (mut stream, _) = ClientTlsStream::<TcpStream>::dial(options, 0).await?;
     let path = if options.nchan {
         "/sub/bench-handshake".to_string()
     } else {
