@@ -23,13 +23,18 @@ use crate::ws::frame::{self, close_code, Decoder, FrameLimits, Incoming};
 use crate::ws::handshake;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-/// Free space a WebSocket read asks for: small, because most connections mostly listen and
-/// an in-flight read pins its buffer.
-const WS_READ_SPARE: usize = 512;
+/// Free space a WebSocket read asks for: tiny, because most connections mostly listen and
+/// the read that waits for their next message pins its buffer (512 bytes here cost 700 more
+/// bytes of RSS per idle connection than 64; BENCHMARKS.md). A longer message takes more
+/// reads, the buffer doubling as it grows.
+const WS_READ_SPARE: usize = 64;
+/// An empty WebSocket read buffer with more room than this is freed before the next read, so
+/// one large message does not leave a large buffer pinned for the connection's idle life.
+/// Not lower: a buffer freed and allocated again after every ordinary message (a subscribe is
+/// 70 to 300 bytes) fragments the allocator's pages, which measured worse than keeping it.
+const WS_IDLE_BUFFER_MAX: usize = 1024;
 /// Free space an HTTP read asks for.
 const HTTP_READ_SPARE: usize = 4096;
-/// A read buffer larger than this is replaced by a fresh one once it is empty again.
-const READ_BUFFER_KEEP_MAX: usize = 16 * 1024;
 
 /// Writes one whole response; false when it failed or did not finish within `timeout` (the
 /// caller then closes the connection). Without the bound a client that never reads would hold
@@ -277,7 +282,7 @@ async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut impl ByteReader
                 }
             }
         }
-        if buf.is_empty() && buf.capacity() > READ_BUFFER_KEEP_MAX {
+        if buf.is_empty() && buf.capacity() > WS_IDLE_BUFFER_MAX {
             buf = BytesMut::new();
         }
         let (result, b) = reader.read_into(buf, WS_READ_SPARE).await;
