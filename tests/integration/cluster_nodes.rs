@@ -207,7 +207,7 @@ fn redis_outage_and_return() {
 }
 
 /// A channel whose bucket differs from `channel`'s (for 64 buckets).
-fn other_bucket_channel(channel: &str) -> String {
+pub(crate) fn other_bucket_channel(channel: &str) -> String {
     let taken = bucket::of_channel(channel, 64);
     (0..).map(|n| format!("other-{n}")).find(|c| bucket::of_channel(c, 64) != taken).unwrap()
 }

@@ -2,6 +2,7 @@
 //! Run with RINGWIRE_TEST_DRIVER=epoll to put every shard on the epoll driver.
 
 mod cluster;
+mod cluster_faults;
 mod cluster_nodes;
 mod dashboard;
 mod doctor;
