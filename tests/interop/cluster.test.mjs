@@ -1,0 +1,261 @@
+// Cluster mode with the real libraries: three ringwire nodes (two shards each) on one
+// redis-server that this file starts, pusher-js and Laravel Echo clients spread over the nodes,
+// the Node and Python server SDKs talking to whichever node (docs/cluster.md). What is wired
+// today is proven here: fan-out from any node's API to every node, order, socket_id exclusion,
+// client events relayed across nodes, Echo's private channels and whispers across nodes.
+// Presence, cache channels and users are still per node and are not tested across nodes yet.
+//
+// Needs redis-server on PATH (scripts/test installs it with scripts/redis install).
+
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { Socket, createServer } from 'node:net';
+
+import Pusher from 'pusher-js';
+import Echo from 'laravel-echo';
+
+import {
+  BOUNDED,
+  clientOptions,
+  configToml,
+  killOnExit,
+  pusherClients,
+  pusherServer,
+  ringwireProcess,
+  runPythonSdk,
+  sleep,
+  until,
+  withTimeout,
+} from './harness.mjs';
+
+const NODES = 3;
+const SETTLE_MS = 300; // how long "nothing more arrives" is watched for, after a sentinel
+
+/** A free 127.0.0.1 port (released just before redis-server takes it). */
+async function freePort() {
+  const server = createServer();
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const { port } = server.address();
+  await new Promise((resolve) => server.close(resolve));
+  return port;
+}
+
+/** redis-server on a free port, no persistence; killed when this process exits. */
+async function startRedis() {
+  const port = await freePort();
+  const redis = spawn('redis-server', ['--bind', '127.0.0.1', '--port', String(port), '--save', '', '--appendonly', 'no'], {
+    stdio: 'ignore',
+  });
+  killOnExit(redis);
+  const exited = new Promise((resolve) => redis.on('exit', resolve));
+  await until(
+    'redis-server to listen',
+    async () => {
+      const code = await Promise.race([exited, sleep(0)]);
+      if (code !== undefined) throw new Error(`redis-server exited (${code}); is it installed? (scripts/redis install)`);
+      return new Promise((resolve) => {
+        const socket = new Socket();
+        socket.once('error', () => resolve(false));
+        socket.connect(port, '127.0.0.1', () => {
+          socket.destroy();
+          resolve(true);
+        });
+      });
+    },
+    10000,
+  );
+  return { redis, port };
+}
+
+let redis;
+const nodes = [];
+const clientSets = [];
+let sdks = [];
+
+/** GET /ready on `node` until 200 (its links to Redis are up and subscribed). */
+async function ready(node) {
+  await until(`node ${node.port} to be ready`, async () => {
+    const res = await fetch(`http://${node.host}:${node.port}/ready`).catch(() => null);
+    return res?.status === 200;
+  });
+}
+
+/** The channel authorizer an app's backend runs, with the Node SDK. */
+function channelAuth(sdk) {
+  return {
+    customHandler: ({ socketId, channelName }, callback) => {
+      try {
+        callback(null, sdk.authorizeChannel(socketId, channelName));
+      } catch (err) {
+        callback(err, null);
+      }
+    },
+  };
+}
+
+describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and the server SDKs', () => {
+  before(async () => {
+    redis = await startRedis();
+    const cluster = `\n[cluster]\nredis_url = "redis://127.0.0.1:${redis.port}"\nprefix = "interop"\n`;
+    for (let i = 0; i < NODES; i++) {
+      const node = ringwireProcess({ config: configToml({ app: 'enable_client_events = true' }) + cluster, prefix: `ringwire-cluster-${i}-` });
+      await node.start();
+      await ready(node);
+      nodes.push(node);
+      clientSets.push(pusherClients(node));
+    }
+    sdks = nodes.map((node) => pusherServer(node));
+  });
+
+  after(async () => {
+    for (const set of clientSets) {
+      set.closeAll();
+      set.releaseCloseTimers();
+    }
+    for (const node of nodes) await node.stop();
+    redis?.redis.kill('SIGKILL');
+  });
+
+  /** One pusher-js client per node, subscribed to `name`. */
+  async function subscribersOnEveryNode(name, options = {}) {
+    const all = [];
+    for (const set of clientSets) {
+      const client = await set.connectedClient(options);
+      const channel = await set.subscribed(client, name);
+      all.push({ set, client, channel });
+    }
+    return all;
+  }
+
+  // Proves fan-out from any node's API: an event the Node SDK triggers through node A and one
+  // the Python SDK triggers through node C each reach a pusher-js client on every node, once.
+  it('1. an event triggered on any node reaches subscribers on every node, once', BOUNDED, async () => {
+    const subscribers = await subscribersOnEveryNode('py-room');
+    const greetings = subscribers.map(({ set, channel }) => set.recordData(channel, 'greeting'));
+    const fromPython = subscribers.map(({ set, channel }) => set.recordData(channel, 'from-python'));
+    await sdks[0].trigger('py-room', 'greeting', { hello: 'from node A' });
+    for (const r of greetings) assert.deepEqual(await r.until(1), [{ hello: 'from node A' }]);
+
+    const data = { hello: 'from python on node C' };
+    const printed = await runPythonSdk({ host: nodes[2].host, port: nodes[2].port, data });
+    assert.deepEqual(printed.trigger, {});
+    for (const r of fromPython) assert.deepEqual(await r.until(1), [data]);
+    await sleep(SETTLE_MS);
+    for (const r of [...greetings, ...fromPython]) assert.equal(r.got.length, 1, 'delivered once');
+    for (const { set, client } of subscribers) set.disconnect(client);
+  });
+
+  // Proves order across nodes: 60 events from one publisher, each triggered after the previous
+  // answer and spread over the three nodes' APIs, arrive in that order on every node.
+  it('2. one publisher’s events arrive in order on every node', BOUNDED, async () => {
+    const subscribers = await subscribersOnEveryNode('cluster-order');
+    const received = subscribers.map(({ set, channel }) => set.recordData(channel, 'tick'));
+    for (let n = 0; n < 60; n++) await sdks[n % NODES].trigger('cluster-order', 'tick', { n });
+    const expected = Array.from({ length: 60 }, (_, n) => ({ n }));
+    for (const r of received) assert.deepEqual(await r.until(60), expected);
+    for (const { set, client } of subscribers) set.disconnect(client);
+  });
+
+  // Proves socket_id exclusion across nodes: the Node SDK triggers through node A excluding the
+  // client on node B; the clients on A and C get the event, B's gets only the next one.
+  it('3. socket_id exclusion works across nodes', BOUNDED, async () => {
+    const subscribers = await subscribersOnEveryNode('cluster-exclude');
+    const received = subscribers.map(({ set, channel }) => set.recordData(channel, 'news'));
+    const excluded = subscribers[1].client.connection.socket_id;
+    await sdks[0].trigger('cluster-exclude', 'news', { n: 1 }, { socket_id: excluded });
+    await sdks[2].trigger('cluster-exclude', 'news', { n: 2 });
+    assert.deepEqual(await received[0].until(2), [{ n: 1 }, { n: 2 }]);
+    assert.deepEqual(await received[2].until(2), [{ n: 1 }, { n: 2 }]);
+    assert.deepEqual(await received[1].until(1), [{ n: 2 }]);
+    await sleep(SETTLE_MS);
+    assert.deepEqual(received[1].got, [{ n: 2 }]);
+    for (const { set, client } of subscribers) set.disconnect(client);
+  });
+
+  // Proves client events across nodes: a client on node A triggers client-typing on a private
+  // channel; the clients on B and C get it, A does not get its own event back.
+  it('4. client events are relayed to the other nodes, not back to the sender', BOUNDED, async () => {
+    const subscribers = [];
+    for (const [index, set] of clientSets.entries()) {
+      const client = await set.connectedClient({ channelAuthorization: channelAuth(sdks[index]) });
+      subscribers.push({ set, client, channel: await set.subscribed(client, 'private-cluster-chat') });
+    }
+    const received = subscribers.map(({ set, channel }) => set.recordData(channel, 'client-typing'));
+    assert.ok(subscribers[0].channel.trigger('client-typing', { who: 'a' }));
+    assert.deepEqual(await received[1].until(1), [{ who: 'a' }]);
+    assert.deepEqual(await received[2].until(1), [{ who: 'a' }]);
+    // A sentinel on A's channel: whatever A was sent before it has arrived by then.
+    const sentinel = subscribers[0].set.recordData(subscribers[0].channel, 'sentinel');
+    await sdks[2].trigger('private-cluster-chat', 'sentinel', {});
+    await sentinel.until(1);
+    await sleep(SETTLE_MS);
+    assert.deepEqual(received[0].got, [], 'the sender does not get its own client event');
+    for (const { set, client } of subscribers) set.disconnect(client);
+  });
+
+  // Proves Laravel Echo across nodes: Echo on node B listens on private('orders') for
+  // '.OrderShipped' triggered by the Node SDK through node A, and gets a whisper sent by an
+  // Echo client on node C.
+  it('5. Laravel Echo: a private channel and whispers across nodes', BOUNDED, async () => {
+    const make = (index) => {
+      const instance = new Echo({
+        broadcaster: 'pusher',
+        Pusher,
+        key: 'ringwire-demo-key',
+        ...clientOptions(nodes[index]),
+        authorizer: (channel) => ({
+          authorize: (socketId, callback) => {
+            try {
+              callback(null, sdks[index].authorizeChannel(socketId, channel.name));
+            } catch (err) {
+              callback(err, null);
+            }
+          },
+        }),
+      });
+      clientSets[index].clients.add(instance.connector.pusher);
+      return instance;
+    };
+    const echoB = make(1);
+    const echoC = make(2);
+    const shipped = [];
+    const whispers = [];
+    echoB
+      .private('orders')
+      .listen('.OrderShipped', (data) => shipped.push(data))
+      .listenForWhisper('typing', (data) => whispers.push(data));
+    const ordersC = echoC.private('orders');
+    await until('both Echo clients to subscribe', () =>
+      [echoB, echoC].every((e) => e.connector.pusher.channel('private-orders')?.subscribed),
+    );
+    await sdks[0].trigger('private-orders', 'OrderShipped', { id: 7 });
+    await until('OrderShipped to reach Echo on node B', () => shipped.length === 1);
+    assert.deepEqual(shipped, [{ id: 7 }]);
+    ordersC.whisper('typing', { name: 'Ada' });
+    await until('the whisper from node C to reach node B', () => whispers.length === 1);
+    assert.deepEqual(whispers, [{ name: 'Ada' }]);
+    echoB.disconnect();
+    echoC.disconnect();
+  });
+
+  // Proves the outage contract as the Node SDK sees it: with Redis gone, a trigger through any
+  // node is refused with 503 (the SDK raises, so the app retries), and /ready answers 503.
+  it('6. while Redis is down, triggers are refused with 503 and /ready is 503', BOUNDED, async () => {
+    redis.redis.kill('SIGSTOP');
+    try {
+      await until('node A to notice', async () => {
+        const res = await fetch(`http://${nodes[0].host}:${nodes[0].port}/ready`);
+        return res.status === 503;
+      });
+      await assert.rejects(
+        withTimeout(sdks[0].trigger('cluster-room', 'lost', {}), 5000, 'the SDK to get an answer'),
+        (err) => err.status === 503,
+      );
+    } finally {
+      redis.redis.kill('SIGCONT');
+    }
+    for (const node of nodes) await ready(node);
+    await sdks[0].trigger('cluster-room', 'back', {});
+  });
+});
