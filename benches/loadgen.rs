@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -62,6 +62,9 @@ struct Options {
     sub_addrs: Vec<SocketAddr>,
     /// The client side of TLS: the `--ca` roots and the name the certificate must carry.
     tls: Option<(TlsConnector, ServerName<'static>)>,
+    /// `--storm N`: N more idle subscribed connections (channels `storm-*`), all dropped and
+    /// reconnected at once a third of the way into the publishing.
+    storm: usize,
     /// `handshakes`: how many, and how many at once.
     count: u64,
     concurrency: usize,
@@ -70,13 +73,16 @@ struct Options {
 const USAGE: &str = "usage: loadgen fanout [--addr 127.0.0.1:6001] [--app-id 1] [--key K] [--secret S]
   [--channels 10] [--subscribers 1000] [--rate 1000] [--duration 10] [--payload 100]
   [--threads 1] [--publish-connections 4] [--nchan | --ceiling]
-  [--tls-addr ADDR --ca FILE [--server-name localhost]] [--sub-addrs A,B,...]
+  [--tls-addr ADDR --ca FILE [--server-name localhost]] [--sub-addrs A,B,...] [--storm N]
        loadgen handshakes --tls-addr ADDR --ca FILE [--count 2000] [--concurrency 50] [--threads 1]
   [--key K] [--server-name localhost] [--nchan]
-       loadgen connections --addr ADDR --count N [--source-ips 4] [--key K] [--ca FILE [--server-name N]]
+       loadgen connections --addr ADDR --count N [--source-ips 4] [--key K] [--ca FILE [--server-name N]] [--nchan]
 --nchan speaks nginx+Nchan's pub/sub URLs (/sub/{channel} WebSocket, POST /pub/{channel}) instead of Pusher.
 --ceiling drives benches/ceiling.rs, which publishes by itself on the same schedule.
 --tls-addr: subscribers connect with TLS to ADDR, trusting only the certificates in --ca.
+--storm N: N more idle subscribed connections, all dropped and reconnected at once a third of the way
+  into the publishing (a reconnect storm, as after a deploy); reports the time until all are
+  subscribed again and the latency of the other channels' events before, during and after it.
 --sub-addrs: subscribers connect to these addresses (cluster nodes; the publisher stays on --addr),
   so that every channel's subscribers are spread over all of them; latency is also given per address.
 handshakes: full TLS handshakes (no session resumption) each followed by a WebSocket upgrade
@@ -130,6 +136,7 @@ fn parse_options() -> Result<Options, String> {
         tls_addr: None,
         sub_addrs: Vec::new(),
         tls: None,
+        storm: 0,
         count: 2000,
         concurrency: 50,
     };
@@ -170,6 +177,7 @@ fn parse_options() -> Result<Options, String> {
             "--ca" => ca = Some(std::path::PathBuf::from(&value)),
             "--server-name" => name = value.clone(),
             "--count" => options.count = number()?,
+            "--storm" => options.storm = number()? as usize,
             "--concurrency" => options.concurrency = number()?.max(1) as usize,
             _ => return Err(format!("unknown option {flag}\n{USAGE}")),
         }
@@ -204,6 +212,11 @@ impl Options {
     }
 }
 
+/// The reconnect storm's phase, for the latency of the other channels' events: before it,
+/// from the drop until every storm connection is subscribed again, after it.
+static STORM_PHASE: AtomicU8 = AtomicU8::new(0);
+const PHASES: [&str; 3] = ["before", "storm", "after"];
+
 fn now_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
 }
@@ -234,7 +247,15 @@ fn main() {
     let stop = Arc::new(AtomicBool::new(false));
     let cpu_start = process_cpu_s();
     // Subscribers connect first; the barrier releases the publisher once all are subscribed.
-    let ready = Arc::new(Barrier::new(options.threads + 1));
+    let storm_thread = usize::from(options.storm > 0);
+    let ready = Arc::new(Barrier::new(options.threads + 1 + storm_thread));
+    let storm = (options.storm > 0).then(|| {
+        let (options, ready) = (options.clone(), ready.clone());
+        std::thread::spawn(move || {
+            let mut runtime = monoio::RuntimeBuilder::<monoio::FusionDriver>::new().enable_timer().build().unwrap();
+            runtime.block_on(storm_thread_main(options, ready))
+        })
+    });
     let mut handles = Vec::new();
     for thread in 0..options.threads {
         let (options, totals, stop, ready) = (options.clone(), totals.clone(), stop.clone(), ready.clone());
@@ -284,11 +305,30 @@ fn main() {
     let until_last_delivery = last_progress.saturating_duration_since(publish_start).max(publish_elapsed);
     let addrs = options.subscriber_addrs();
     let mut by_addr = vec![new_histogram(); addrs.len()];
+    let mut by_phase = vec![new_histogram(); PHASES.len()];
     for handle in handles {
-        for (merged, thread) in by_addr.iter_mut().zip(handle.join().unwrap()) {
+        let (slots, phases) = handle.join().unwrap();
+        for (merged, thread) in by_addr.iter_mut().zip(slots) {
+            merged.add(thread).unwrap();
+        }
+        for (merged, thread) in by_phase.iter_mut().zip(phases) {
             merged.add(thread).unwrap();
         }
     }
+    let storm = storm.map(|thread| thread.join().unwrap());
+    let phases: serde_json::Map<String, serde_json::Value> = PHASES
+        .iter()
+        .zip(&by_phase)
+        .map(|(name, h)| {
+            let summary = serde_json::json!({
+                "samples": h.len(),
+                "p50": h.value_at_quantile(0.50),
+                "p99": h.value_at_quantile(0.99),
+                "p999": h.value_at_quantile(0.999),
+            });
+            (name.to_string(), summary)
+        })
+        .collect();
     let mut histogram = new_histogram();
     for one in &by_addr {
         histogram.add(one).unwrap();
@@ -334,6 +374,8 @@ fn main() {
             "samples": histogram.len(),
         },
         "latency_by_sub_addr_us": by_sub_addr,
+        "storm": storm,
+        "latency_by_storm_phase_us": if options.storm > 0 { serde_json::Value::Object(phases) } else { serde_json::Value::Null },
         "generator_cpu_s": generator_cpu_s,
     });
     eprintln!(
@@ -347,6 +389,51 @@ fn main() {
         histogram.max()
     );
     println!("{result}");
+}
+
+/// The reconnect storm (`--storm N`): opens N idle subscribed connections, joins the start
+/// barrier, and a third of the way into the publishing drops them all and reconnects every one
+/// at once. Returns what it measured, as JSON.
+async fn storm_thread_main(options: Arc<Options>, ready: Arc<Barrier>) -> serde_json::Value {
+    let channel = |n: usize| format!("storm-{}", n % 100);
+    let open = |count: usize| {
+        let options = options.clone();
+        async move {
+            let tasks: Vec<_> =
+                (0..count).map(|n| monoio::spawn(subscribe::<TcpStream>(options.clone(), channel(n), 0))).collect();
+            let mut held = Vec::with_capacity(count);
+            for task in tasks {
+                if let Ok((stream, _, _, _)) = task.await {
+                    held.push(stream);
+                }
+            }
+            held
+        }
+    };
+    // The crowd connects in slices, as clients arriving over time would.
+    let mut crowd = Vec::with_capacity(options.storm);
+    while crowd.len() < options.storm {
+        let before = crowd.len();
+        crowd.extend(open((options.storm - crowd.len()).min(500)).await);
+        if crowd.len() == before {
+            break;
+        }
+    }
+    let crowd_size = crowd.len();
+    eprintln!("loadgen: storm crowd of {crowd_size} subscribed");
+    let ready_wait = std::thread::spawn(move || ready.wait());
+    while !ready_wait.is_finished() {
+        monoio::time::sleep(Duration::from_millis(5)).await;
+    }
+    monoio::time::sleep(options.duration / 3).await;
+    STORM_PHASE.store(1, Ordering::Relaxed);
+    let start = Instant::now();
+    drop(crowd);
+    let back = open(crowd_size).await.len();
+    let recovery = start.elapsed();
+    STORM_PHASE.store(2, Ordering::Relaxed);
+    eprintln!("loadgen: storm: {back}/{crowd_size} reconnected and subscribed in {:.3} s", recovery.as_secs_f64());
+    serde_json::json!({"connections": crowd_size, "reconnected": back, "recovery_s": recovery.as_secs_f64()})
 }
 
 /// Subscribers per channel times the events the server accepted for that channel.
@@ -404,9 +491,10 @@ async fn subscriber_thread<S: Dial>(
     totals: Arc<Totals>,
     stop: Arc<AtomicBool>,
     ready: Arc<Barrier>,
-) -> Vec<Histogram<u64>> {
+) -> (Vec<Histogram<u64>>, Vec<Histogram<u64>>) {
     let slots = options.subscriber_addrs().len();
     let histograms = Rc::new(std::cell::RefCell::new(vec![new_histogram(); slots]));
+    let phases = Rc::new(std::cell::RefCell::new(vec![new_histogram(); PHASES.len()]));
     let mine: Vec<usize> = (0..options.subscribers).filter(|s| s % options.threads == thread).collect();
     let mut streams = Vec::with_capacity(mine.len());
     for chunk in mine.chunks(100) {
@@ -432,7 +520,7 @@ async fn subscriber_thread<S: Dial>(
     let fds: Vec<RawFd> = streams.iter().map(|(_, fd, _, _)| *fd).collect();
     let mut readers = Vec::new();
     for (stream, _, buf, slot) in streams {
-        let recorder = Recorder { histograms: histograms.clone(), slot };
+        let recorder = Recorder { histograms: histograms.clone(), slot, phases: phases.clone() };
         readers.push(monoio::spawn(receive(stream, buf, recorder, totals.clone(), stop.clone())));
     }
     // Let this runtime run the readers while other threads finish subscribing and the
@@ -455,7 +543,10 @@ async fn subscriber_thread<S: Dial>(
         finished.push(reader.await);
     }
     drop(finished);
-    Rc::try_unwrap(histograms).map(|h| h.into_inner()).unwrap_or_else(|rc| rc.borrow().clone())
+    let take = |rc: Rc<std::cell::RefCell<Vec<Histogram<u64>>>>| {
+        Rc::try_unwrap(rc).map(|h| h.into_inner()).unwrap_or_else(|rc| rc.borrow().clone())
+    };
+    (take(histograms), take(phases))
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -466,6 +557,8 @@ fn new_histogram() -> Histogram<u64> {
 struct Recorder {
     histograms: Rc<std::cell::RefCell<Vec<Histogram<u64>>>>,
     slot: usize,
+    /// By storm phase (`STORM_PHASE`), all addresses together.
+    phases: Rc<std::cell::RefCell<Vec<Histogram<u64>>>>,
 }
 
 async fn read_more<S: AsyncReadRent>(stream: &mut S, mut buf: BytesMut) -> (io::Result<usize>, BytesMut) {
@@ -590,6 +683,8 @@ async fn receive<S: AsyncReadRent>(
             if let Some(sent) = sent_at(payload) {
                 let latency_us = now.saturating_sub(sent) / 1000;
                 let _ = recorder.histograms.borrow_mut()[recorder.slot].record(latency_us.max(1));
+                let phase = usize::from(STORM_PHASE.load(Ordering::Relaxed));
+                let _ = recorder.phases.borrow_mut()[phase].record(latency_us.max(1));
                 delivered += 1;
             }
             buf.advance(consumed);
@@ -905,8 +1000,16 @@ fn connections_main() {
     let mut args = std::env::args().skip(1).filter(|a| a != "--bench").skip(1);
     let (mut addr, mut count, mut source_ips, mut key) =
         ("127.0.0.1:6001".to_string(), 1000usize, 4u8, "ringwire-demo-key".to_string());
-    let (mut ca, mut name) = (None, "localhost".to_string());
-    while let (Some(flag), Some(value)) = (args.next(), args.next()) {
+    let (mut ca, mut name, mut nchan) = (None, "localhost".to_string(), false);
+    while let Some(flag) = args.next() {
+        if flag == "--nchan" {
+            nchan = true;
+            continue;
+        }
+        let Some(value) = args.next() else {
+            eprintln!("{flag} needs a value");
+            std::process::exit(2);
+        };
         match flag.as_str() {
             "--addr" => addr = value,
             "--count" => count = value.parse().expect("--count"),
@@ -932,7 +1035,7 @@ fn connections_main() {
     let mut held: Vec<Box<dyn std::any::Any>> = Vec::with_capacity(count);
     for i in 0..count {
         let source = SocketAddr::from(([127, 0, 0, 2 + (i % source_ips as usize) as u8], 0));
-        match open_idle(addr, source, &key, &format!("idle-{}", i % 100), tls.as_ref()) {
+        match open_idle(addr, source, &key, &format!("idle-{}", i % 100), tls.as_ref(), nchan) {
             Ok(stream) => held.push(stream),
             Err(e) => {
                 eprintln!("loadgen: connection {i} failed: {e}");
@@ -959,6 +1062,7 @@ fn open_idle(
     key: &str,
     channel: &str,
     tls: Option<&(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    nchan: bool,
 ) -> io::Result<Box<dyn std::any::Any>> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&source.into())?;
@@ -968,22 +1072,29 @@ fn open_idle(
     stream.set_nodelay(true)?;
     match tls {
         None => {
-            subscribe_blocking(&mut stream, key, channel)?;
+            subscribe_blocking(&mut stream, key, channel, nchan)?;
             Ok(Box::new(stream))
         }
         Some((config, name)) => {
             let connection = rustls::ClientConnection::new(config.clone(), name.clone()).map_err(io::Error::other)?;
             let mut stream = rustls::StreamOwned::new(connection, stream);
-            subscribe_blocking(&mut stream, key, channel)?;
+            subscribe_blocking(&mut stream, key, channel, nchan)?;
             Ok(Box::new(stream))
         }
     }
 }
 
-/// Upgrades to a WebSocket and subscribes to `channel`, blocking.
-fn subscribe_blocking<S: io::Read + io::Write>(stream: &mut S, key: &str, channel: &str) -> io::Result<()> {
+/// Upgrades to a WebSocket and subscribes to `channel`, blocking. With `nchan`, the upgrade
+/// to Nchan's `/sub/{channel}` is the subscription.
+fn subscribe_blocking<S: io::Read + io::Write>(
+    stream: &mut S,
+    key: &str,
+    channel: &str,
+    nchan: bool,
+) -> io::Result<()> {
+    let path = if nchan { format!("/sub/{channel}") } else { format!("/app/{key}?protocol=7") };
     let request = format!(
-        "GET /app/{key}?protocol=7 HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: bench\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     stream.write_all(request.as_bytes())?;
     stream.flush()?;
@@ -1000,6 +1111,9 @@ fn subscribe_blocking<S: io::Read + io::Write>(stream: &mut S, key: &str, channe
         received.clear();
         Ok(())
     };
+    if nchan {
+        return wait_for(stream, b"HTTP/1.1 101");
+    }
     wait_for(stream, b"connection_established")?;
     let subscribe = format!(r#"{{"event":"pusher:subscribe","data":{{"auth":"","channel":"{channel}"}}}}"#);
     stream.write_all(&masked_text(subscribe.as_bytes()))?;
