@@ -37,12 +37,14 @@ pub struct Unavailable;
 /// A message waiting for the supervisor.
 #[derive(Debug)]
 pub struct Outgoing {
-    /// `Publication` or `ClientEvent` (the kinds this slice sends).
+    /// `Publication`, `ClientEvent` (to a channel) or `TerminateUser` (to a user).
     pub kind: Kind,
     /// The app, by this node's index.
     pub app: AppIndex,
-    /// The channel.
+    /// The channel; empty for a kind addressed to a user.
     pub channel: Box<str>,
+    /// The user; empty for a kind addressed to a channel. Picks the bucket when set.
+    pub user_id: Box<str>,
     /// A connection that must not receive it.
     pub exclude: Option<SocketId>,
     /// The WebSocket frame, encoded once by this node.
@@ -115,12 +117,38 @@ impl Outbound {
         frame: Bytes,
         exclude: Option<SocketId>,
     ) -> Result<Sent, Unavailable> {
+        self.push(Outgoing {
+            kind,
+            app,
+            channel: channel.into(),
+            user_id: "".into(),
+            exclude,
+            frame,
+            done: Rc::default(),
+        })
+    }
+
+    /// Queues a message addressed to a user (it goes to the bucket of the user's
+    /// `#server-to-user-` channel); `Unavailable` at once while the link is down.
+    pub fn send_to_user(&self, kind: Kind, app: AppIndex, user_id: &str, frame: Bytes) -> Result<Sent, Unavailable> {
+        self.push(Outgoing {
+            kind,
+            app,
+            channel: "".into(),
+            user_id: user_id.into(),
+            exclude: None,
+            frame,
+            done: Rc::default(),
+        })
+    }
+
+    fn push(&self, outgoing: Outgoing) -> Result<Sent, Unavailable> {
         let mut state = self.state.borrow_mut();
         if !state.up {
             return Err(Unavailable);
         }
-        let done = Rc::new(Done::default());
-        state.queue.push_back(Outgoing { kind, app, channel: channel.into(), exclude, frame, done: done.clone() });
+        let done = outgoing.done.clone();
+        state.queue.push_back(outgoing);
         if let Some(waker) = state.waker.take() {
             waker.wake();
         }

@@ -406,7 +406,11 @@ impl<E: Events> Supervisor<E> {
             else {
                 return Err(LinkError::Protocol(format!("app index {} is not served", outgoing.app)));
             };
-            let number = bucket::of_channel(&outgoing.channel, buckets);
+            let number = if outgoing.user_id.is_empty() {
+                bucket::of_channel(&outgoing.channel, buckets)
+            } else {
+                bucket::of_user(&outgoing.user_id, buckets)
+            };
             let prefix = &self.options.prefix;
             let sending = self.sending.entry((outgoing.app, number)).or_insert_with(|| {
                 let mut name = String::new();
@@ -422,7 +426,7 @@ impl<E: Events> Supervisor<E> {
                 node_id: &self.options.node.node_id,
                 app_id,
                 channel: &outgoing.channel,
-                user_id: "",
+                user_id: &outgoing.user_id,
                 exclude: outgoing.exclude,
             };
             payload.clear();

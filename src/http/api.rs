@@ -214,7 +214,11 @@ async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &st
         Route::Users(name) => users(shard, app, name).await,
         Route::Terminate(user_id) => {
             let user_id = percent_encoding::percent_decode_str(user_id).decode_utf8_lossy();
-            shard.terminate_user(app.index, &user_id);
+            match shard.cluster() {
+                // Through Redis to every node (this one too), answered after Redis executed it.
+                Some(cluster) => cluster.terminate_user(app.index, &user_id).await.map_err(cluster_unavailable)?,
+                None => shard.terminate_user(app.index, &user_id),
+            }
             Ok(Response::json(StatusCode::OK, &json!({})))
         }
         Route::Webhooks(request) => webhooks_admin(shard, app, request, &params).await,

@@ -2,8 +2,9 @@
 //! delivers the bucket messages it hands over, closes a gapped bucket's connections with 4200,
 //! and relays this shard's client events through Redis.
 //!
-//! Only fan-out is wired (kinds 1 and 2); presence, occupancy, queries, cache and users stay
-//! per node (home state), so the supervisor's other kinds are logged and ignored here.
+//! Wired: fan-out (kinds 1 and 2, `#server-to-user-` events among them, as kind 1 to the
+//! channel's subscribers exactly as on a single node) and `terminate_connections` (kind 7);
+//! the supervisor's other kinds are logged and ignored here.
 //!
 //! Invariant: in cluster mode every publish and client event reaches this node's own
 //! subscribers through Redis too (never directly), so all nodes see one order per bucket.
@@ -48,6 +49,16 @@ impl ClusterHandle {
     ) -> Result<(), Unavailable> {
         self.outbound.send(kind, app, channel, frame, exclude)?.outcome().await
     }
+
+    /// Closes a user's connections on every node (`terminate_connections`) and waits until
+    /// Redis executed it. A user id no connection can sign in with (empty or over
+    /// `USER_ID_BYTES_MAX`) has no connections anywhere: nothing is sent.
+    pub async fn terminate_user(&self, app: AppIndex, user_id: &str) -> Result<(), Unavailable> {
+        if user_id.is_empty() || user_id.len() > message::USER_ID_BYTES_MAX {
+            return Ok(());
+        }
+        self.outbound.send_to_user(Kind::TerminateUser, app, user_id, Bytes::new())?.outcome().await
+    }
 }
 
 /// The supervisor's `Events`, delivered on this shard.
@@ -63,6 +74,8 @@ impl Events for ShardEvents {
             Kind::Publication | Kind::ClientEvent => {
                 self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
             }
+            // The user's connections on every shard of this node, closed as on a single node.
+            Kind::TerminateUser => self.shard.terminate_user(bucket.app, header.user_id),
             other => tracing::debug!(kind = ?other, node = header.node_id, "cluster message kind not wired; ignored"),
         }
     }
@@ -129,15 +142,19 @@ impl Shard {
         }
     }
 
-    /// Closes this shard's connections subscribed (or joining) to a channel of the bucket
-    /// with 4200, so their clients reconnect and resubscribe.
+    /// Closes this shard's connections subscribed (or joining) to a channel of the bucket, or
+    /// signed in as a user whose messages go to it (a missed `terminate_connections`), with
+    /// 4200, so their clients reconnect, sign in and resubscribe.
     pub(super) fn close_bucket(&self, app: AppIndex, number: u16) {
         let Some(buckets) = self.cluster().map(|c| c.buckets) else { return };
         let keys: Vec<ConnKey> = {
             let state = self.state.borrow();
             let in_bucket = |name: &str| bucket::of_channel(name, buckets) == number;
-            let affected =
-                state.connections.iter().filter(|(_, c)| c.app == app && c.channels.iter().any(|n| in_bucket(n)));
+            let user_in_bucket =
+                |user: &Option<Box<str>>| user.as_deref().is_some_and(|u| bucket::of_user(u, buckets) == number);
+            let affected = state.connections.iter().filter(|(_, c)| {
+                c.app == app && (c.channels.iter().any(|n| in_bucket(n)) || user_in_bucket(&c.user_id))
+            });
             affected.map(|(key, _)| key).collect()
         };
         for key in keys {

@@ -14,7 +14,7 @@ use crate::cluster::{options, run, RedisServer};
 use crate::support::*;
 
 /// A node of the cluster on `redis`, keys under `prefix`; returns once its links are up.
-fn node(redis: &RedisServer, prefix: &str) -> TestServer {
+pub(crate) fn node(redis: &RedisServer, prefix: &str) -> TestServer {
     let url = format!("redis://{}", redis.addr);
     let prefix = prefix.to_string();
     let server = TestServer::start(move |c| {
@@ -27,12 +27,12 @@ fn node(redis: &RedisServer, prefix: &str) -> TestServer {
     server
 }
 
-fn nodes(redis: &RedisServer, prefix: &str, count: usize) -> Vec<TestServer> {
+pub(crate) fn nodes(redis: &RedisServer, prefix: &str, count: usize) -> Vec<TestServer> {
     (0..count).map(|_| node(redis, prefix)).collect()
 }
 
 /// Polls `/ready` until it answers `status`; returns the body.
-fn wait_ready(addr: SocketAddr, status: u16) -> Value {
+pub(crate) fn wait_ready(addr: SocketAddr, status: u16) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let (got, body) = http(addr, "GET", "/ready", b"");
@@ -44,17 +44,17 @@ fn wait_ready(addr: SocketAddr, status: u16) -> Value {
     }
 }
 
-fn sign(to_sign: &str) -> String {
+pub(crate) fn sign(to_sign: &str) -> String {
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
     format!("{KEY}:{}", hex::encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref()))
 }
 
-fn event(data: &str) -> String {
+pub(crate) fn event(data: &str) -> String {
     format!(r#"{{"event":"my-event","channel":"my-channel","data":"{}"}}"#, data.replace('"', "\\\""))
 }
 
 /// Subscribers on every node, two each, so both shards of a node are likely covered.
-fn subscribers(nodes: &[TestServer], channel: &str) -> Vec<Ws> {
+pub(crate) fn subscribers(nodes: &[TestServer], channel: &str) -> Vec<Ws> {
     let mut all = Vec::new();
     for node in nodes {
         for _ in 0..2 {
@@ -207,7 +207,7 @@ fn redis_outage_and_return() {
 }
 
 /// A channel whose bucket differs from `channel`'s (for 64 buckets).
-fn other_bucket_channel(channel: &str) -> String {
+pub(crate) fn other_bucket_channel(channel: &str) -> String {
     let taken = bucket::of_channel(channel, 64);
     (0..).map(|n| format!("other-{n}")).find(|c| bucket::of_channel(c, 64) != taken).unwrap()
 }

@@ -1,0 +1,132 @@
+//! Cluster mode, users and cache channels across nodes: `#server-to-user-` events,
+//! `terminate_connections`, cache channels' last events (docs/cluster.md), as plain WebSocket
+//! clients on three nodes sharing one redis-server see them.
+
+use serde_json::json;
+
+use crate::cluster::RedisServer;
+use crate::cluster_nodes::{nodes, sign};
+use crate::support::*;
+
+/// Signs `ws` in as `user_data` and subscribes its `#server-to-user-` channel, as pusher-js does.
+fn signin(ws: &mut Ws, socket_id: &str, user_id: &str) {
+    let user_data = json!({ "id": user_id }).to_string();
+    let auth = sign(&format!("{socket_id}::user::{user_data}"));
+    send_json(ws, json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}));
+    assert_eq!(recv_json(ws)["event"], "pusher:signin_success");
+    subscribe(ws, &format!("#server-to-user-{user_id}"));
+}
+
+fn terminate(addr: std::net::SocketAddr, user_id: &str) -> (u16, String) {
+    let path = format!("/apps/{APP_ID}/users/{user_id}/terminate_connections");
+    http(addr, "POST", &signed_path("POST", &path, b"{}", &[]), b"{}")
+}
+
+/// An event published to `#server-to-user-alice` on node A reaches alice's connections on A, B
+/// and C as the exact frame, except the one its `socket_id` excludes (its next message is the
+/// next event); bob's connection gets none of them.
+#[test]
+fn user_events_reach_every_node() {
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, "user-events", 3);
+    let mut alice: Vec<(Ws, String)> = nodes.iter().map(|n| connect(n.addr)).collect();
+    for (ws, id) in &mut alice {
+        signin(ws, id, "alice");
+    }
+    let (mut bob, bob_id) = connect(nodes[1].addr);
+    signin(&mut bob, &bob_id, "bob");
+    let excluded = alice[2].1.clone();
+    let frame = |data: &str| format!(r##"{{"event":"note","channel":"#server-to-user-alice","data":"{data}"}}"##);
+    assert_eq!(publish(nodes[0].addr, &["#server-to-user-alice"], "note", "one", Some(&excluded)).0, 200);
+    assert_eq!(publish(nodes[1].addr, &["#server-to-user-alice"], "note", "two", None).0, 200);
+    for (ws, _) in &mut alice[..2] {
+        assert_eq!(recv_text(ws), frame("one"));
+        assert_eq!(recv_text(ws), frame("two"));
+    }
+    assert_eq!(recv_text(&mut alice[2].0), frame("two"));
+    assert_eq!(publish(nodes[2].addr, &["#server-to-user-bob"], "note", "b", None).0, 200);
+    assert_eq!(recv_text(&mut bob), r##"{"event":"note","channel":"#server-to-user-bob","data":"b"}"##);
+}
+
+/// `terminate_connections` on node C closes alice's connections on A, B and C with the
+/// single-node frames (pusher:error 4009, then close 4009), answered 200 `{}`; bob's stays
+/// open. A hostile user id (over 128 bytes) is answered 200 `{}` as on a single node.
+#[test]
+fn terminate_connections_on_every_node() {
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, "terminate", 3);
+    let mut alice: Vec<(Ws, String)> = nodes.iter().flat_map(|n| [connect(n.addr), connect(n.addr)]).collect();
+    for (ws, id) in &mut alice {
+        signin(ws, id, "alice");
+    }
+    let (mut bob, bob_id) = connect(nodes[0].addr);
+    signin(&mut bob, &bob_id, "bob");
+    assert_eq!(terminate(nodes[2].addr, &"x".repeat(129)), (200, "{}".into()));
+    assert_eq!(terminate(nodes[2].addr, "alice"), (200, "{}".into()));
+    for (ws, _) in &mut alice {
+        assert_eq!(
+            recv_text(ws),
+            r#"{"event":"pusher:error","data":{"code":4009,"message":"Connection terminated by the server"}}"#
+        );
+        assert_eq!(recv_close(ws), 4009);
+    }
+    assert_eq!(publish(nodes[1].addr, &["#server-to-user-bob"], "note", "still here", None).0, 200);
+    assert_eq!(recv_json(&mut bob)["data"], "still here");
+}
+
+/// A gap in the bucket of a user's messages (a `terminate_connections` may be lost) closes the
+/// user's signed-in connections with 4200 even when they subscribed to nothing in it; another
+/// user's, in another bucket, stays.
+#[test]
+fn gap_in_a_user_bucket_closes_the_user() {
+    use ringwire::cluster::bucket;
+    use ringwire::cluster::link::Link;
+    use ringwire::cluster::message::{self, Header, Kind, Sender};
+
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, "user-gap", 2);
+    let user_bucket = bucket::of_user("alice", 64);
+    let other = (0..).map(|n| format!("u{n}")).find(|u| bucket::of_user(u, 64) != user_bucket).unwrap();
+    let mut signed_in = Vec::new();
+    for node in &nodes {
+        for user in ["alice", other.as_str()] {
+            let (mut ws, id) = connect(node.addr);
+            let user_data = json!({ "id": user }).to_string();
+            let auth = sign(&format!("{id}::user::{user_data}"));
+            send_json(&mut ws, json!({"event": "pusher:signin", "data": {"auth": auth, "user_data": user_data}}));
+            assert_eq!(recv_json(&mut ws)["event"], "pusher:signin_success");
+            signed_in.push((user, ws));
+        }
+    }
+    // Another node's shard, numbering its messages in alice's bucket: 1, then 3 (2 was lost).
+    crate::cluster::run(|| async {
+        let mut link = Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+        let mut channel = String::new();
+        bucket::channel_name("user-gap", APP_ID, user_bucket, &mut channel);
+        for sequence in [1, 3] {
+            let header = Header {
+                kind: Kind::TerminateUser,
+                sender: Sender { incarnation: 0x5eed, shard: 0 },
+                sequence,
+                node_id: "elsewhere",
+                app_id: APP_ID,
+                channel: "",
+                user_id: "nobody",
+                exclude: None,
+            };
+            let mut payload = Vec::new();
+            message::encode(&header, b"", &mut payload).unwrap();
+            link.command(&[b"SPUBLISH", channel.as_bytes(), &payload]).await.unwrap();
+        }
+    });
+    for (user, ws) in &mut signed_in {
+        if *user == "alice" {
+            assert_eq!(recv_close(ws), 4200);
+        }
+    }
+    for (user, ws) in &mut signed_in {
+        if *user != "alice" {
+            subscribe(ws, "still-open");
+        }
+    }
+}
