@@ -306,6 +306,9 @@ impl<E: Events> Supervisor<E> {
                         if let Err(error) = self.send_batch(command, &mut batch).await {
                             return error;
                         }
+                        if let Err(error) = self.answer_requests(command).await {
+                            return error;
+                        }
                     }
                 }
             };
@@ -378,7 +381,7 @@ impl<E: Events> Supervisor<E> {
         // A message that alone overflows a pipeline is refused without taking a number (the
         // link would refuse it and end the session for everyone).
         let (fit, oversize): (Vec<_>, Vec<_>) =
-            batch.drain(..).partition(|o| o.frame.len() + MESSAGE_OVERHEAD_BYTES <= budget);
+            batch.drain(..).partition(|o| o.pipeline_bytes(MESSAGE_OVERHEAD_BYTES) <= budget);
         for outgoing in oversize {
             tracing::error!(bytes = outgoing.frame.len(), "an event frame is over cluster.pipeline_bytes_max");
             outgoing.complete(Err(Unavailable));
@@ -395,11 +398,50 @@ impl<E: Events> Supervisor<E> {
         result
     }
 
+    /// Answers one batch of the outbound queue's requests in one pipeline round trip. An
+    /// error ends the session (the askers get `Unavailable`).
+    async fn answer_requests(&mut self, command: &mut Link) -> Result<(), LinkError> {
+        let budget = self.options.link.pipeline_bytes_max.saturating_sub(PIPELINE_OVERHEAD_BYTES);
+        let mut requests = Vec::new();
+        self.outbound.take_requests(budget, &mut requests);
+        let (fit, oversize): (Vec<_>, Vec<_>) = requests.into_iter().partition(|r| r.pipeline_bytes() <= budget);
+        for request in oversize {
+            tracing::error!(bytes = request.pipeline_bytes(), "a request is over cluster.pipeline_bytes_max");
+            request.complete(Err(Unavailable));
+        }
+        if fit.is_empty() {
+            return Ok(());
+        }
+        let mut queued = Ok(());
+        for args in fit.iter().flat_map(|r| r.commands.iter()) {
+            let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+            queued = queued.and_then(|()| command.queue(&args));
+        }
+        let mut replies = Vec::with_capacity(command.queued());
+        let result = match queued {
+            Ok(()) => command.flush(&mut replies).await,
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            for request in fit {
+                request.complete(Err(Unavailable));
+            }
+            return result;
+        }
+        let mut replies = replies.into_iter();
+        for request in fit {
+            let mine: Vec<Reply> = replies.by_ref().take(request.commands.len()).collect();
+            request.complete(Ok(mine));
+        }
+        Ok(())
+    }
+
     async fn write_batch(&mut self, command: &mut Link, batch: &[Outgoing]) -> Result<(), LinkError> {
         let buckets = self.options.buckets;
         let sender = Sender { incarnation: self.options.node.incarnation, shard: self.options.shard as u16 };
         let mut touched: Vec<(AppIndex, u16)> = Vec::new();
         let mut payload = Vec::new();
+        let (mut key, mut cached) = (String::new(), 0);
         command.queue(&[b"MULTI"])?;
         for outgoing in batch {
             let Some(app_id) = self.options.apps.iter().find(|(index, _)| *index == outgoing.app).map(|(_, id)| id)
@@ -435,6 +477,13 @@ impl<E: Events> Supervisor<E> {
                 .unwrap_or_else(|error| panic!("an outbound message breaks the format: {error}"));
             sending.last += 1;
             command.queue(&[b"SPUBLISH", &sending.channel, &payload])?;
+            if let Some(ttl) = outgoing.cache_ttl {
+                // The whole message, so a reader gets the frame and who numbered it.
+                bucket::channel_key(prefix, app_id, &outgoing.channel, "cache", &mut key);
+                let ttl_ms = ttl.as_millis().max(1).to_string();
+                command.queue(&[b"SET", key.as_bytes(), &payload, b"PX", ttl_ms.as_bytes()])?;
+                cached += 1;
+            }
             if !touched.contains(&(outgoing.app, number)) {
                 touched.push((outgoing.app, number));
             }
@@ -455,7 +504,7 @@ impl<E: Events> Supervisor<E> {
         // MULTI answers OK, each command QUEUED, EXEC the array of results; a command Redis
         // refused to queue makes EXEC an error (EXECABORT) and nothing was published.
         match replies.last() {
-            Some(Reply::Array(results)) if results.len() == batch.len() + touched.len() => Ok(()),
+            Some(Reply::Array(results)) if results.len() == batch.len() + cached + touched.len() => Ok(()),
             other => Err(LinkError::Protocol(format!("EXEC answered {other:?}"))),
         }
     }

@@ -92,6 +92,15 @@ impl Shard {
     /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
     /// and answers the joining shard with the frames for the connection.
     pub(super) fn home_join_at_home(&self, join: HomeJoin) {
+        // Cluster mode: a cache channel this node holds no event for may have one in Redis.
+        if join.cache && self.cluster().is_some() && self.cached(join.app, &join.channel).is_none() {
+            return self.cache_join_from_redis(join);
+        }
+        self.home_join_answer(join);
+    }
+
+    /// Home shard: answers a join from this shard's home state.
+    pub(super) fn home_join_answer(&self, join: HomeJoin) {
         let members_max = self.apps().get(join.app).config.presence_members_max;
         let effects = self.state.borrow_mut().home.join(join, members_max, Instant::now());
         self.apply(effects);
