@@ -17,6 +17,15 @@ fn signin(ws: &mut Ws, socket_id: &str, user_id: &str) {
     subscribe(ws, &format!("#server-to-user-{user_id}"));
 }
 
+/// Waits until every shard of the node at `addr` reports its link down.
+fn wait_all_down(addr: std::net::SocketAddr) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while crate::cluster_nodes::wait_ready(addr, 503)["cluster_link_down"] != json!([0, 1]) {
+        assert!(std::time::Instant::now() < deadline, "the links stay up");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 fn terminate(addr: std::net::SocketAddr, user_id: &str) -> (u16, String) {
     let path = format!("/apps/{APP_ID}/users/{user_id}/terminate_connections");
     http(addr, "POST", &signed_path("POST", &path, b"{}", &[]), b"{}")
@@ -239,7 +248,27 @@ fn cache_subscribe_during_outage_closes_4200() {
     let nodes = nodes(&redis, "cache-outage", 1);
     let (mut ws, _) = connect(nodes[0].addr);
     redis.kill();
-    crate::cluster_nodes::wait_ready(nodes[0].addr, 503);
+    wait_all_down(nodes[0].addr);
     send_json(&mut ws, json!({"event": "pusher:subscribe", "data": {"channel": "cache-prices"}}));
     assert_eq!(recv_close(&mut ws), 4200);
+}
+
+/// While the node's link to Redis is down, a WebSocket upgrade is answered 503 with a JSON
+/// reason (a load balancer or pusher-js tries again, elsewhere); once the link is back,
+/// upgrades are accepted again.
+#[test]
+fn upgrades_refused_503_while_the_link_is_down() {
+    let mut redis = RedisServer::start();
+    let nodes = nodes(&redis, "upgrade", 1);
+    redis.kill();
+    wait_all_down(nodes[0].addr);
+    let request = format!(
+        "GET /app/{KEY}?protocol=7 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let (status, body) = raw_http(nodes[0].addr, request.as_bytes());
+    assert_eq!((status, body.as_str()), (503, r#"{"error":"cluster unavailable, retry","status":503}"#));
+    redis.restart();
+    crate::cluster_nodes::wait_ready(nodes[0].addr, 200);
+    connect(nodes[0].addr);
 }
