@@ -25,6 +25,7 @@ use crate::cluster::message::{self as cluster_message, Header, Kind};
 use crate::cluster::outbound::{Outbound, Unavailable};
 use crate::cluster::sequence::BucketId;
 use crate::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
+use crate::metrics::ShardMetrics;
 use crate::pusher::channel;
 use crate::pusher::message::{self, SocketId};
 
@@ -105,6 +106,7 @@ impl Events for ShardEvents {
             ?gap,
             "messages may be missed in a bucket: closing its connections with 4200"
         );
+        ShardMetrics::add(&self.shard.metrics().cluster_gaps_total, 1);
         self.shard.bucket_gap(bucket.app, bucket.number);
     }
 
@@ -226,6 +228,7 @@ impl Shard {
             });
             affected.map(|(key, _)| key).collect()
         };
+        ShardMetrics::add(&self.metrics().cluster_gap_closes_total, keys.len() as u64);
         for key in keys {
             self.close(key, MISSED_MESSAGES, "messages may have been missed, reconnect");
         }

@@ -138,6 +138,11 @@ fn gap_in_a_user_bucket_closes_the_user() {
             subscribe(ws, "still-open");
         }
     }
+    // On /metrics of each node: one gap found, one connection closed for it.
+    for node in &nodes {
+        assert_eq!(metric(node.addr, "cluster_gaps_total").iter().sum::<u64>(), 1);
+        assert_eq!(metric(node.addr, "cluster_gap_closes_total").iter().sum::<u64>(), 1);
+    }
 }
 
 const CACHED: &str = r#"{"event":"price","channel":"cache-prices","data":"2"}"#;
