@@ -209,6 +209,9 @@ impl<E: Events> Supervisor<E> {
             Ok(links) => links,
             Err(error) => return error,
         };
+        if let Err(error) = self.restore_sequences(&mut command).await {
+            return error;
+        }
         if let Err(error) = self.subscribe_and_sync(&mut command, &mut subscriptions, &mut pushes).await {
             return error;
         }
@@ -223,6 +226,27 @@ impl<E: Events> Supervisor<E> {
         let (subscriptions, pushes) =
             Link::connect(self.options.address, &self.options.link).await?.into_subscriber()?;
         Ok((command, subscriptions, pushes))
+    }
+
+    /// Writes this shard's last number in every bucket it has sent to again (`HSET`, one
+    /// pipeline), before the link counts as up. Redis may have restarted empty meanwhile: a
+    /// node whose first barrier comes after that would otherwise not know this sender and take
+    /// its next number (above 1) for a gap. A number only ever grows, and it counts the
+    /// messages of a batch that failed in flight, so receivers that missed them still see the
+    /// difference at their barrier.
+    async fn restore_sequences(&mut self, command: &mut Link) -> Result<(), LinkError> {
+        let sendings: Vec<&Sending> = self.sending.values().collect();
+        let mut replies = Vec::new();
+        // In pipelines of SUBSCRIBE_BATCH commands (a few KiB), far below pipeline_bytes_max.
+        for chunk in sendings.chunks(SUBSCRIBE_BATCH) {
+            for sending in chunk {
+                let (key, field, last) = (&sending.sequence_key, &self.sequence_field, sending.last.to_string());
+                command.queue(&[b"HSET", key.as_bytes(), field.as_bytes(), last.as_bytes()])?;
+            }
+            replies.clear();
+            command.flush(&mut replies).await?;
+        }
+        Ok(())
     }
 
     /// Subscribes every bucket, then runs the barrier: `HGETALL` of each bucket's `:seq` hash

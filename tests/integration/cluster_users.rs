@@ -277,3 +277,28 @@ fn upgrades_refused_503_while_the_link_is_down() {
     crate::cluster_nodes::wait_ready(nodes[0].addr, 200);
     connect(nodes[0].addr);
 }
+
+/// Senders write their last numbers again after every reconnect: after Redis restarted empty,
+/// a node whose first connect comes after the restart knows node A's senders, so A's next
+/// publish is no gap there (no 4200, `ringwire_cluster_gaps_total` stays 0).
+#[test]
+fn new_node_after_redis_restart_sees_no_spurious_gap() {
+    let mut redis = RedisServer::start();
+    let a = crate::cluster_nodes::node(&redis, "rehset");
+    // Enough publishes that each of A's shards (connections land on either) numbers some.
+    for n in 0..20 {
+        assert_eq!(publish(a.addr, &["my-channel"], "my-event", &n.to_string(), None).0, 200);
+    }
+    redis.kill();
+    wait_all_down(a.addr);
+    redis.restart();
+    crate::cluster_nodes::wait_ready(a.addr, 200);
+    let late = crate::cluster_nodes::node(&redis, "rehset");
+    let (mut ws, _) = connect(late.addr);
+    subscribe(&mut ws, "my-channel");
+    for n in 0..4 {
+        assert_eq!(publish(a.addr, &["my-channel"], "my-event", &n.to_string(), None).0, 200);
+        assert_eq!(recv_text(&mut ws), crate::cluster_nodes::event(&n.to_string()));
+    }
+    assert_eq!(metric(late.addr, "cluster_gaps_total").iter().sum::<u64>(), 0);
+}
