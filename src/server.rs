@@ -117,6 +117,9 @@ impl Server {
         let resolver = Arc::new(Resolver::new(&config, lookup).context("cannot start the DNS threads")?);
         let apps = Arc::new(Apps::new(&config.apps));
         let cluster = cluster_options(&config, &apps, shards)?;
+        if let Some(options) = &cluster {
+            check_cluster_buckets(options)?;
+        }
         let webhook_tls = crate::webhook::endpoint::tls_connector(&config).map_err(anyhow::Error::msg)?;
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
@@ -314,6 +317,34 @@ struct ShardExtras {
     webhook_tls: Option<TlsConnector>,
     /// Cluster mode: this shard's link supervisor's options.
     cluster: Option<SupervisorOptions>,
+}
+
+/// Refuses to start a node whose `cluster.buckets` differs from the one the nodes sharing its
+/// Redis use (docs/cluster.md, "Fan-out"). Runs on a thread of its own with a small runtime
+/// (start-up may block; no shard runs yet). Redis unreachable at start is no error: each
+/// shard's link checks again whenever it connects, and stays down on a mismatch.
+fn check_cluster_buckets(options: &SupervisorOptions) -> anyhow::Result<()> {
+    let options = options.clone();
+    let checked = std::thread::spawn(move || {
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map_err(crate::cluster::link::LinkError::Io)?;
+        runtime.block_on(async {
+            let mut link = crate::cluster::link::Link::connect(options.address, &options.link).await?;
+            crate::cluster::supervisor::check_buckets(&mut link, &options.prefix, options.buckets).await
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the cluster.buckets check panicked"))?;
+    match checked {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err(anyhow::anyhow!(reason)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot check cluster.buckets in redis at start; each link checks it when it connects");
+            Ok(())
+        }
+    }
 }
 
 /// Cluster mode's per-node settings (`shard` 0, to be set per shard), or `None` on a single

@@ -75,6 +75,28 @@ pub enum Gap {
     Malformed(MessageError),
 }
 
+/// Writes this node's `cluster.buckets` to Redis for the nodes that come later (`HSETNX
+/// {prefix}:config buckets N`) and reads back the value there (docs/cluster.md, "Fan-out"):
+/// `Ok(Err(reason))` when it is another one, which this node must not run with (it would
+/// publish to buckets where the other nodes' subscribers never look).
+pub async fn check_buckets(command: &mut Link, prefix: &str, buckets: u16) -> Result<Result<(), String>, LinkError> {
+    let key = format!("{prefix}:config");
+    let mine = buckets.to_string();
+    command.queue(&[b"HSETNX", key.as_bytes(), b"buckets", mine.as_bytes()])?;
+    command.queue(&[b"HGET", key.as_bytes(), b"buckets"])?;
+    let mut replies = Vec::with_capacity(2);
+    command.flush(&mut replies).await?;
+    match replies.get(1) {
+        Some(Reply::BulkString(held)) if held[..] == *mine.as_bytes() => Ok(Ok(())),
+        Some(Reply::BulkString(held)) => Ok(Err(format!(
+            "cluster.buckets is {buckets} here, but the nodes sharing this redis and cluster.prefix use {} \
+             (the buckets field of {key}): every node needs the same cluster.buckets",
+            String::from_utf8_lossy(held)
+        ))),
+        other => Err(LinkError::Protocol(format!("HGET {key} buckets answered {other:?}"))),
+    }
+}
+
 /// Where the supervisor connects and which buckets it serves.
 #[derive(Debug, Clone)]
 pub struct SupervisorOptions {
@@ -211,6 +233,13 @@ impl<E: Events> Supervisor<E> {
         };
         if let Err(error) = self.restore_sequences(&mut command).await {
             return error;
+        }
+        // Checked at every connect: Redis may have restarted empty, and the first node to come
+        // back writes the value (start-up refuses a mismatch; here the link just stays down).
+        match check_buckets(&mut command, &self.options.prefix, self.options.buckets).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return LinkError::Handshake(reason),
+            Err(error) => return error,
         }
         if let Err(error) = self.subscribe_and_sync(&mut command, &mut subscriptions, &mut pushes).await {
             return error;

@@ -302,3 +302,23 @@ fn new_node_after_redis_restart_sees_no_spurious_gap() {
     }
     assert_eq!(metric(late.addr, "cluster_gaps_total").iter().sum::<u64>(), 0);
 }
+
+/// A node configured with another `cluster.buckets` than the nodes already sharing its Redis
+/// and prefix refuses to start, with an error naming the key and both values; one with the
+/// same value starts.
+#[test]
+fn other_buckets_refuse_to_start() {
+    let redis = RedisServer::start();
+    let _first = crate::cluster_nodes::node(&redis, "buckets");
+    let mut config = ringwire::config::Config::default();
+    config.server.bind = "127.0.0.1:0".parse().unwrap();
+    config.cluster.redis_url = Some(format!("redis://{}", redis.addr));
+    config.cluster.prefix = "buckets".into();
+    config.cluster.buckets = 32;
+    let error = ringwire::server::Server::start(config.clone()).err().expect("refused").to_string();
+    assert!(error.contains("cluster.buckets is 32 here") && error.contains("use 64"), "{error}");
+    config.cluster.buckets = 64;
+    let same = ringwire::server::Server::start(config).expect("the same buckets start");
+    same.shutdown();
+    same.join();
+}
