@@ -160,9 +160,26 @@ impl Asked {
     }
 }
 
+/// Apps a reload adds, whose buckets the supervisor subscribes (and baselines) before the
+/// shard serves them; `done` learns when, or that the link failed first.
+pub struct NewApps {
+    /// Index on this node and configured id of each app.
+    pub apps: Vec<(AppIndex, String)>,
+    /// Called once: `Ok` when every bucket is subscribed and its barrier passed.
+    pub done: Box<dyn FnOnce(Result<(), Unavailable>)>,
+}
+
+impl std::fmt::Debug for NewApps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewApps").field("apps", &self.apps).finish_non_exhaustive()
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     queue: VecDeque<Outgoing>,
+    /// Apps added by reloads, waiting for their subscriptions (at most one entry per reload).
+    new_apps: Vec<NewApps>,
     /// Requests waiting for the command link (bounded like `queue`: one per waiting asker).
     requests: VecDeque<Request>,
     /// The supervisor, waiting for work.
@@ -255,6 +272,25 @@ impl Outbound {
         Ok(Asked(answer))
     }
 
+    /// Asks the supervisor to subscribe the buckets of apps a reload adds; `done` is told at
+    /// once (`Unavailable`) while the link is down.
+    pub fn add_apps(&self, new: NewApps) {
+        let mut state = self.state.borrow_mut();
+        if !state.up {
+            drop(state);
+            return (new.done)(Err(Unavailable));
+        }
+        state.new_apps.push(new);
+        if let Some(waker) = state.waker.take() {
+            waker.wake();
+        }
+    }
+
+    /// Supervisor: takes every waiting `add_apps`.
+    pub fn take_new_apps(&self) -> Vec<NewApps> {
+        std::mem::take(&mut self.state.borrow_mut().new_apps)
+    }
+
     /// Supervisor: takes queued requests in order while they fit in `bytes_max` (always at
     /// least one, if any waits).
     pub fn take_requests(&self, bytes_max: usize, requests: &mut Vec<Request>) {
@@ -276,14 +312,17 @@ impl Outbound {
 
     /// Supervisor: the link came up, or went down (then every queued message fails).
     pub fn set_up(&self, up: bool) {
-        let (failed, unanswered) = {
+        let (failed, unanswered, unsubscribed) = {
             let mut state = self.state.borrow_mut();
             state.up = up;
             if up {
                 return;
             }
-            (std::mem::take(&mut state.queue), std::mem::take(&mut state.requests))
+            (std::mem::take(&mut state.queue), std::mem::take(&mut state.requests), std::mem::take(&mut state.new_apps))
         };
+        for new in unsubscribed {
+            (new.done)(Err(Unavailable));
+        }
         for outgoing in failed {
             outgoing.complete(Err(Unavailable));
         }
@@ -296,7 +335,7 @@ impl Outbound {
     pub async fn work(&self) {
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            if state.queue.is_empty() && state.requests.is_empty() {
+            if state.queue.is_empty() && state.requests.is_empty() && state.new_apps.is_empty() {
                 state.waker = Some(cx.waker().clone());
                 Poll::Pending
             } else {

@@ -18,7 +18,7 @@
 //! subscribed and its barrier has passed, and down from the first error on; the outbound queue
 //! accepts messages exactly while it is up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -159,6 +159,28 @@ pub struct Supervisor<E: Events> {
     sending: HashMap<(AppIndex, u16), Sending>,
     /// This shard's field in every bucket's `:seq` hash.
     sequence_field: String,
+    /// Apps a reload added, whose buckets are being subscribed, oldest first.
+    adding: VecDeque<Adding>,
+}
+
+/// Buckets a reload added: subscribed (`unconfirmed` confirmations still due), then baselined
+/// (their `HGETALL`s, compared at the pong of a `PING` sent after them), then `done`.
+struct Adding {
+    /// Their place in `Supervisor::buckets`.
+    range: std::ops::Range<usize>,
+    unconfirmed: usize,
+    /// Whether its `SSUBSCRIBE`s were written.
+    requested: bool,
+    /// The `HGETALL` replies, once the barrier is under way.
+    hashes: Option<Vec<Reply>>,
+    done: Box<dyn FnOnce(Result<(), Unavailable>)>,
+}
+
+/// What a pong on the subscriber link answers.
+enum PingFor {
+    Heartbeat,
+    /// The barrier of the oldest `Adding`.
+    Barrier,
 }
 
 impl<E: Events> Supervisor<E> {
@@ -193,6 +215,7 @@ impl<E: Events> Supervisor<E> {
             outbound: Rc::new(Outbound::default()),
             sending: HashMap::new(),
             sequence_field,
+            adding: VecDeque::new(),
         };
         supervisor.set_down(true);
         supervisor
@@ -205,6 +228,10 @@ impl<E: Events> Supervisor<E> {
             let mut was_up = false;
             let error = self.session(&mut was_up).await;
             self.set_down(true);
+            // Their buckets stay in the list: the next session subscribes them with the rest.
+            for adding in self.adding.drain(..) {
+                (adding.done)(Err(Unavailable));
+            }
             self.events.link_down(&error);
             if was_up {
                 attempt = 0;
@@ -312,22 +339,114 @@ impl<E: Events> Supervisor<E> {
         }
         let barrier = if self.baseline_done { Barrier::Reconnect } else { Barrier::Baseline };
         for (index, hash) in hashes.iter().enumerate() {
-            let Reply::Array(items) = hash else {
-                return Err(LinkError::Protocol(format!("HGETALL answered {hash:?}")));
-            };
-            let pairs = items.chunks_exact(2).filter_map(|pair| match pair {
-                [Reply::BulkString(field), Reply::BulkString(value)] => Some((&field[..], &value[..])),
-                _ => None,
-            });
-            let id = self.buckets[index].id;
-            // A pair that is not two bulk strings is left out, so the count tells.
-            let unreadable = pairs.clone().count() * 2 != items.len();
-            let found = self.detector.resync(id, barrier, pairs);
-            if let Some(reason) = found.or(unreadable.then_some(GapReason::Unreadable)) {
-                self.events.gap(id, Gap::Barrier(reason));
-            }
+            self.resync(index, barrier, hash)?;
         }
         self.baseline_done = true;
+        Ok(())
+    }
+
+    /// Compares bucket `index`'s `HGETALL …:seq` reply with what was seen (`barrier`).
+    fn resync(&mut self, index: usize, barrier: Barrier, hash: &Reply) -> Result<(), LinkError> {
+        let Reply::Array(items) = hash else {
+            return Err(LinkError::Protocol(format!("HGETALL answered {hash:?}")));
+        };
+        let pairs = items.chunks_exact(2).filter_map(|pair| match pair {
+            [Reply::BulkString(field), Reply::BulkString(value)] => Some((&field[..], &value[..])),
+            _ => None,
+        });
+        let id = self.buckets[index].id;
+        // A pair that is not two bulk strings is left out, so the count tells.
+        let unreadable = pairs.clone().count() * 2 != items.len();
+        let found = self.detector.resync(id, barrier, pairs);
+        if let Some(reason) = found.or(unreadable.then_some(GapReason::Unreadable)) {
+            self.events.gap(id, Gap::Barrier(reason));
+        }
+        Ok(())
+    }
+
+    /// Takes the apps reloads added: their buckets of this shard join the list and are
+    /// subscribed; confirmations and the barrier follow in `serve`.
+    async fn start_adding(&mut self, subscriptions: &mut Subscriptions) -> Result<(), LinkError> {
+        for new in self.outbound.take_new_apps() {
+            // An index this shard subscribed for another app (a reload that failed on another
+            // shard, then a different app added): its buckets carry the other app's names.
+            let taken = |(app, app_id): &(AppIndex, String)| {
+                self.options.apps.iter().any(|(known, known_id)| known == app && known_id != app_id)
+            };
+            if new.apps.iter().any(taken) {
+                tracing::error!("an app index is subscribed for another app after a failed reload: restart the node");
+                (new.done)(Err(Unavailable));
+                continue;
+            }
+            let first = self.buckets.len();
+            let mut name = String::new();
+            for (app, app_id) in new.apps {
+                // An app revived by a reload keeps its index, and its buckets stayed subscribed.
+                if self.options.apps.iter().any(|(known, _)| *known == app) {
+                    continue;
+                }
+                for number in bucket::of_shard(self.options.buckets, self.options.shards, self.options.shard) {
+                    bucket::channel_name(&self.options.prefix, &app_id, number, &mut name);
+                    let channel = Bytes::from(name.clone().into_bytes());
+                    bucket::sequence_key(&self.options.prefix, &app_id, number, &mut name);
+                    self.by_channel.insert(channel.clone(), self.buckets.len());
+                    let id = BucketId { app, number };
+                    self.buckets.push(Subscribed { id, channel, sequence_key: name.clone(), app_id: app_id.clone() });
+                }
+                self.options.apps.push((app, app_id));
+            }
+            let range = first..self.buckets.len();
+            if range.is_empty() {
+                (new.done)(Ok(()));
+                continue;
+            }
+            // Queued before subscribing: if the link fails now, `run` tells every waiter.
+            let unconfirmed = range.len();
+            self.adding.push_back(Adding { range, unconfirmed, requested: false, hashes: None, done: new.done });
+        }
+        let fresh = self.adding.iter_mut().filter(|a| !a.requested);
+        let ranges: Vec<std::ops::Range<usize>> = fresh.map(|a| (a.requested = true, a.range.clone()).1).collect();
+        for range in ranges {
+            for batch in self.buckets[range].chunks(SUBSCRIBE_BATCH) {
+                let channels: Vec<&[u8]> = batch.iter().map(|b| &b.channel[..]).collect();
+                subscriptions.ssubscribe(&channels).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A subscription confirmed for an `Adding`; its last one starts its barrier.
+    async fn confirm_adding(
+        &mut self,
+        command: &mut Link,
+        subscriptions: &mut Subscriptions,
+        pongs: &mut VecDeque<PingFor>,
+    ) -> Result<(), LinkError> {
+        let adding = self.adding.iter_mut().find(|a| a.unconfirmed > 0).expect("the caller checked");
+        adding.unconfirmed -= 1;
+        if adding.unconfirmed > 0 {
+            return Ok(());
+        }
+        for subscribed in &self.buckets[adding.range.clone()] {
+            command.queue(&[b"HGETALL", subscribed.sequence_key.as_bytes()])?;
+        }
+        let mut hashes = Vec::with_capacity(adding.range.len());
+        command.flush(&mut hashes).await?;
+        adding.hashes = Some(hashes);
+        subscriptions.ping().await?;
+        pongs.push_back(PingFor::Barrier);
+        Ok(())
+    }
+
+    /// The barrier pong of the oldest `Adding`: its buckets learn their baseline (this node
+    /// had no clients of these apps, as at a first connect), and the reload may go on.
+    fn finish_adding(&mut self) -> Result<(), LinkError> {
+        let adding = self.adding.pop_front().expect("a barrier ping was sent for it");
+        let hashes = adding.hashes.expect("its barrier was under way");
+        for (index, hash) in adding.range.zip(hashes.iter()) {
+            self.resync(index, Barrier::Baseline, hash)?;
+        }
+        (adding.done)(Ok(()));
         Ok(())
     }
 
@@ -336,6 +455,7 @@ impl<E: Events> Supervisor<E> {
         let timeout = self.options.link.command_timeout;
         let tick = (timeout / 4).max(Duration::from_millis(1));
         let mut ping_sent: Option<Instant> = None;
+        let mut pongs: VecDeque<PingFor> = VecDeque::new();
         let outbound = self.outbound.clone();
         let mut batch = Vec::new();
         let mut next_tick = Instant::now() + tick;
@@ -351,8 +471,12 @@ impl<E: Events> Supervisor<E> {
                     push = &mut next => break push,
                     _ = monoio::time::sleep(until_tick) => {
                         next_tick = Instant::now() + tick;
+                        let idle = ping_sent.is_none();
                         if let Err(error) = heartbeat(command, subscriptions, &mut ping_sent, timeout).await {
                             return error;
+                        }
+                        if idle && ping_sent.is_some() {
+                            pongs.push_back(PingFor::Heartbeat);
                         }
                     }
                     _ = outbound.work() => {
@@ -362,13 +486,22 @@ impl<E: Events> Supervisor<E> {
                         if let Err(error) = self.answer_requests(command).await {
                             return error;
                         }
+                        if let Err(error) = self.start_adding(subscriptions).await {
+                            return error;
+                        }
                     }
                 }
             };
             let result = match push {
-                Ok(Push::Pong) => {
-                    ping_sent = None;
-                    Ok(())
+                Ok(Push::Pong) => match pongs.pop_front() {
+                    Some(PingFor::Barrier) => self.finish_adding(),
+                    Some(PingFor::Heartbeat) | None => {
+                        ping_sent = None;
+                        Ok(())
+                    }
+                },
+                Ok(Push::Subscribed { .. }) if self.adding.iter().any(|a| a.unconfirmed > 0) => {
+                    self.confirm_adding(command, subscriptions, &mut pongs).await
                 }
                 Ok(other) => self.on_push(other),
                 Err(error) => Err(error),

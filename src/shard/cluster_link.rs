@@ -22,7 +22,7 @@ use crate::apps::AppIndex;
 use crate::cluster::bucket;
 use crate::cluster::link::{LinkError, Reply};
 use crate::cluster::message::{self as cluster_message, Header, Kind};
-use crate::cluster::outbound::{Outbound, Unavailable};
+use crate::cluster::outbound::{NewApps, Outbound, Unavailable};
 use crate::cluster::sequence::BucketId;
 use crate::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
 use crate::metrics::ShardMetrics;
@@ -203,6 +203,26 @@ impl Shard {
             }
         }
         self.home_join_answer(join);
+    }
+
+    /// Reload in cluster mode: this shard's supervisor subscribes the added apps' buckets;
+    /// `done` learns the outcome (the reloading thread waits for every shard before any of
+    /// them serves the apps).
+    pub(super) fn cluster_apps(
+        &self,
+        apps: Vec<(AppIndex, String)>,
+        done: std::sync::mpsc::Sender<Result<usize, usize>>,
+    ) {
+        let index = self.index;
+        let Some(cluster) = self.cluster() else {
+            let _ = done.send(Ok(index));
+            return;
+        };
+        // The reloading thread may have given up waiting; nothing is lost if so.
+        let done = Box::new(move |result: Result<(), Unavailable>| {
+            let _ = done.send(result.map(|()| index).map_err(|_| index));
+        });
+        cluster.outbound.add_apps(NewApps { apps, done });
     }
 
     /// A bucket of `app` may have lost messages: its connections on every shard are closed.

@@ -212,7 +212,10 @@ impl Shard {
     pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
         let home = presence::home(app, channel, self.mesh.shards());
         if home == self.index {
-            let expires = Instant::now() + Duration::from_secs(self.apps().get(app).config.cache_ttl_s);
+            // Cluster mode: an app another shard serves already and this one not yet (a reload
+            // in progress) has no subscribers here to want its event.
+            let Some(ttl_s) = self.apps().list.get(app as usize).map(|a| a.config.cache_ttl_s) else { return };
+            let expires = Instant::now() + Duration::from_secs(ttl_s);
             self.state.borrow_mut().home.cache_store(app, channel, frame, data, expires);
         } else {
             self.mesh_send(home, MeshMessage::CacheStore { app, channel: channel.into(), frame, data: data.into() });
