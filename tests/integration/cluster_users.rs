@@ -272,8 +272,8 @@ fn cache_subscribe_during_outage_closes_4200() {
 }
 
 /// While the node's link to Redis is down, a WebSocket upgrade is answered 503 with a JSON
-/// reason (a load balancer or pusher-js tries again, elsewhere); once the link is back,
-/// upgrades are accepted again.
+/// reason (a load balancer or pusher-js tries again, elsewhere), and so is
+/// `terminate_connections`; once the link is back, upgrades are accepted again.
 #[test]
 fn upgrades_refused_503_while_the_link_is_down() {
     let mut redis = RedisServer::start();
@@ -285,6 +285,9 @@ fn upgrades_refused_503_while_the_link_is_down() {
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
     let (status, body) = raw_http(nodes[0].addr, request.as_bytes());
+    assert_eq!((status, body.as_str()), (503, r#"{"error":"cluster unavailable, retry","status":503}"#));
+    // terminate_connections cannot reach the other nodes either: 503, so the backend retries.
+    let (status, body) = terminate(nodes[0].addr, "alice");
     assert_eq!((status, body.as_str()), (503, r#"{"error":"cluster unavailable, retry","status":503}"#));
     redis.restart();
     crate::cluster_nodes::wait_ready(nodes[0].addr, 200);
@@ -410,4 +413,22 @@ fn apps_reload_refused_while_the_link_is_down() {
     crate::cluster_nodes::wait_ready(node.addr, 200);
     let mut ws = ws_connect(node.addr, "/app/key-b?protocol=7");
     assert_eq!(recv_json(&mut ws)["data"]["code"], 4001);
+}
+
+/// presence-cache channels across nodes: a member joining on node B gets its member list, then
+/// the event published on node A (read from Redis by B, which never saw it: it started after).
+#[test]
+fn presence_cache_across_nodes() {
+    let redis = RedisServer::start();
+    let a = crate::cluster_nodes::node(&redis, "presence-cache");
+    assert_eq!(publish(a.addr, &["presence-cache-room"], "state", "s1", None).0, 200);
+    let b = crate::cluster_nodes::node(&redis, "presence-cache");
+    let (mut ws, id) = connect(b.addr);
+    let channel_data = json!({"user_id": "9"}).to_string();
+    let auth = sign(&format!("{id}:presence-cache-room:{channel_data}"));
+    let data = json!({"channel": "presence-cache-room", "auth": auth, "channel_data": channel_data});
+    send_json(&mut ws, json!({"event": "pusher:subscribe", "data": data}));
+    let succeeded = recv_json(&mut ws);
+    assert_eq!(succeeded["event"], "pusher_internal:subscription_succeeded", "{succeeded}");
+    assert_eq!(recv_text(&mut ws), r#"{"event":"state","channel":"presence-cache-room","data":"s1"}"#);
 }
