@@ -10,6 +10,8 @@
 //! Invariant: in cluster mode every publish and client event reaches this node's own
 //! subscribers through Redis too (never directly), so all nodes see one order per bucket.
 
+use std::cell::RefCell;
+use std::collections::hash_map::{Entry, HashMap};
 use std::rc::{Rc, Weak};
 use std::time::{Duration, Instant};
 
@@ -33,6 +35,9 @@ use crate::pusher::message::{self, SocketId};
 /// (Pusher's protocol: 4200–4299 mean "reconnect immediately").
 pub const MISSED_MESSAGES: u16 = 4200;
 
+/// A cache channel of an app.
+type CacheChannel = (AppIndex, Box<str>);
+
 /// What a shard in cluster mode keeps of its supervisor.
 pub struct ClusterHandle {
     /// Where this shard's publishes and client events wait for the command link.
@@ -43,6 +48,9 @@ pub struct ClusterHandle {
     pub prefix: String,
     /// The shard itself, for the tasks that wait on Redis for it (weak: the shard owns this).
     shard: Weak<Shard>,
+    /// Cache joins waiting for their channel's `{k}:cache`, in arrival order: one read per
+    /// channel however many clients join at once (a reconnect storm after a gap).
+    cache_reads: RefCell<HashMap<CacheChannel, Vec<HomeJoin>>>,
 }
 
 impl ClusterHandle {
@@ -136,7 +144,8 @@ impl Shard {
         let rng = fastrand::Rng::new();
         let events = ShardEvents { shard: self.clone() };
         let supervisor = Supervisor::new(options, events, self.all_metrics.clone(), rng);
-        let handle = ClusterHandle { outbound: supervisor.outbound(), buckets, prefix, shard: Rc::downgrade(self) };
+        let (outbound, shard, cache_reads) = (supervisor.outbound(), Rc::downgrade(self), RefCell::default());
+        let handle = ClusterHandle { outbound, buckets, prefix, shard, cache_reads };
         assert!(self.cluster_cell.set(handle).is_ok(), "the cluster link starts once");
         monoio::spawn(supervisor.run());
     }
@@ -159,8 +168,13 @@ impl Shard {
     pub(super) fn cache_join_from_redis(&self, join: HomeJoin) {
         let Some(cluster) = self.cluster() else { return self.home_join_answer(join) };
         let Some(shard) = cluster.shard.upgrade() else { return };
+        let (app, channel) = (join.app, join.channel.clone());
+        match cluster.cache_reads.borrow_mut().entry((app, channel.clone())) {
+            Entry::Occupied(mut waiting) => return waiting.get_mut().push(join),
+            Entry::Vacant(first) => first.insert(Vec::new()).push(join),
+        }
         let mut key = String::new();
-        bucket::channel_key(&cluster.prefix, &self.apps().get(join.app).config.id, &join.channel, "cache", &mut key);
+        bucket::channel_key(&cluster.prefix, &self.apps().get(app).config.id, &channel, "cache", &mut key);
         let key = Bytes::from(key);
         let get = |command: &'static [u8]| vec![Bytes::from_static(command), key.clone()];
         let asked = cluster.outbound.request(vec![get(b"GET"), get(b"PTTL")]);
@@ -169,40 +183,53 @@ impl Shard {
                 Ok(asked) => asked.replies().await,
                 Err(unavailable) => Err(unavailable),
             };
-            shard.cache_fetched(join, replies);
+            shard.cache_fetched(app, channel, replies);
         });
     }
 
-    fn cache_fetched(&self, join: HomeJoin, replies: Result<Vec<Reply>, Unavailable>) {
+    /// The channel's `{k}:cache` was read (or not): every join waiting for it is answered.
+    fn cache_fetched(&self, app: AppIndex, channel: Box<str>, replies: Result<Vec<Reply>, Unavailable>) {
+        let key = (app, channel);
+        let joins = self.cluster().and_then(|c| c.cache_reads.borrow_mut().remove(&key)).unwrap_or_default();
+        let (app, channel) = key;
         let Ok(replies) = replies else {
-            // Loud rather than a cache_miss that may be wrong: the client may subscribe again.
-            let reason = "cache channel unavailable: cluster unavailable, retry";
-            let HomeJoin { from, conn, socket_id, ticket, channel, .. } = join;
-            let frames = vec![message::error(None, reason, Some(&channel))];
-            let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: false };
-            return match from == self.index {
-                true => self.joined(reply),
-                false => self.mesh_send(from, MeshMessage::Joined(Box::new(reply))),
-            };
+            for join in joins {
+                self.cache_join_refused(join);
+            }
+            return;
         };
         // One that arrived through the bucket meanwhile is as new or newer: it stays.
-        if self.cached(join.app, &join.channel).is_none() {
+        if self.cached(app, &channel).is_none() {
             let apps = self.apps();
-            let app_id = &apps.get(join.app).config.id;
-            match last_event(&replies, app_id, &join.channel) {
+            let app_id = &apps.get(app).config.id;
+            match last_event(&replies, app_id, &channel) {
                 Ok(Some(LastEvent { frame, data, ttl })) => {
                     let expires = Instant::now() + ttl;
-                    self.state.borrow_mut().home.cache_store(join.app, &join.channel, frame, &data, expires);
+                    self.state.borrow_mut().home.cache_store(app, &channel, frame, &data, expires);
                 }
                 Ok(None) => {}
                 Err(reason) => tracing::warn!(
-                    channel = &*join.channel,
+                    channel = &*channel,
                     reason,
                     "a cache channel's last event in Redis is unreadable; ignored"
                 ),
             }
         }
-        self.home_join_answer(join);
+        for join in joins {
+            self.home_join_answer(join);
+        }
+    }
+
+    /// Loud rather than a cache_miss that may be wrong: the client may subscribe again.
+    fn cache_join_refused(&self, join: HomeJoin) {
+        let reason = "cache channel unavailable: cluster unavailable, retry";
+        let HomeJoin { from, conn, socket_id, ticket, channel, .. } = join;
+        let frames = vec![message::error(None, reason, Some(&channel))];
+        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: false };
+        match from == self.index {
+            true => self.joined(reply),
+            false => self.mesh_send(from, MeshMessage::Joined(Box::new(reply))),
+        }
     }
 
     /// Reload in cluster mode: this shard's supervisor subscribes the added apps' buckets;

@@ -432,3 +432,35 @@ fn presence_cache_across_nodes() {
     assert_eq!(succeeded["event"], "pusher_internal:subscription_succeeded", "{succeeded}");
     assert_eq!(recv_text(&mut ws), r#"{"event":"state","channel":"presence-cache-room","data":"s1"}"#);
 }
+
+/// Clients joining one cache channel at once on a node that holds no event for it cause one
+/// read of `{k}:cache`, not one each (a reconnect storm after a gap): Redis, paused while ten
+/// joins arrive, counts one `GET`; all ten get the event.
+#[test]
+fn concurrent_cache_joins_read_redis_once() {
+    use ringwire::cluster::link::{Link, Reply};
+
+    let redis = RedisServer::start();
+    let a = crate::cluster_nodes::node(&redis, "cache-storm");
+    assert_eq!(publish(a.addr, &["cache-prices"], "price", "2", None).0, 200);
+    let late = crate::cluster_nodes::node(&redis, "cache-storm");
+    let mut clients: Vec<Ws> = (0..10).map(|_| connect(late.addr).0).collect();
+    let command = |args: &'static [&'static [u8]]| {
+        crate::cluster::run(|| async move {
+            let mut link = Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+            link.command(args).await.unwrap()
+        })
+    };
+    command(&[b"CONFIG", b"RESETSTAT"]);
+    command(&[b"CLIENT", b"PAUSE", b"300", b"ALL"]);
+    for ws in &mut clients {
+        send_json(ws, json!({"event": "pusher:subscribe", "data": {"channel": "cache-prices"}}));
+    }
+    for ws in &mut clients {
+        assert_eq!(recv_json(ws)["event"], "pusher_internal:subscription_succeeded");
+        assert_eq!(recv_text(ws), CACHED);
+    }
+    let Reply::BulkString(stats) = command(&[b"INFO", b"commandstats"]) else { panic!("INFO answered no text") };
+    let stats = String::from_utf8_lossy(&stats);
+    assert!(stats.contains("cmdstat_get:calls=1,"), "{stats}");
+}
