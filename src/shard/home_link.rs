@@ -213,7 +213,7 @@ impl Shard {
         let home = presence::home(app, channel, self.mesh.shards());
         if home == self.index {
             // Cluster mode: an app another shard serves already and this one not yet (a reload
-            // in progress) has no subscribers here to want its event.
+            // in progress) is not kept here; a later join, finding nothing, reads Redis.
             let Some(ttl_s) = self.apps().list.get(app as usize).map(|a| a.config.cache_ttl_s) else { return };
             let expires = Instant::now() + Duration::from_secs(ttl_s);
             self.state.borrow_mut().home.cache_store(app, channel, frame, data, expires);
