@@ -100,6 +100,10 @@ shard_metrics! {
     wal_failed_os_error: "gauge",
     /// 1 while this shard's links to Redis are down in cluster mode (then /ready says 503).
     cluster_link_down: "gauge",
+    /// Buckets found gapped by this shard's link (a message may be missed; docs/cluster.md).
+    cluster_gaps_total: "counter",
+    /// Connections this shard closed with 4200 because a bucket they use was gapped.
+    cluster_gap_closes_total: "counter",
     /// Dashboard requests refused for a wrong token (Bearer header or login form).
     dashboard_auth_failures_total: "counter",
 }

@@ -117,6 +117,9 @@ impl Server {
         let resolver = Arc::new(Resolver::new(&config, lookup).context("cannot start the DNS threads")?);
         let apps = Arc::new(Apps::new(&config.apps));
         let cluster = cluster_options(&config, &apps, shards)?;
+        if let Some(options) = &cluster {
+            check_cluster_buckets(options)?;
+        }
         let webhook_tls = crate::webhook::endpoint::tls_connector(&config).map_err(anyhow::Error::msg)?;
         let mesh = Arc::new(Mesh::new(shards, config.mesh.ring_capacity));
         let metrics: Arc<[ShardMetrics]> = (0..shards).map(|_| ShardMetrics::default()).collect();
@@ -229,13 +232,9 @@ impl Server {
         ];
         reloaded.needs_restart.extend(sections.iter().filter(|(_, changed)| *changed).map(|(name, _)| *name));
         if old.apps != new.apps {
-            if old.cluster.redis_url.is_some() {
-                // The cluster link subscribes each app's buckets at start.
-                reloaded.needs_restart.push("apps (cluster mode)");
-            } else {
-                let running = self.apply_apps(&new.apps, &mut reloaded)?;
-                *config = Arc::new(Config { apps: running, ..(*old).clone() });
-            }
+            let cluster = old.cluster.redis_url.is_some();
+            let running = self.apply_apps(&new.apps, cluster, &mut reloaded)?;
+            *config = Arc::new(Config { apps: running, ..(*old).clone() });
         }
         Ok(reloaded)
     }
@@ -245,13 +244,27 @@ impl Server {
     fn apply_apps(
         &self,
         configs: &[crate::config::AppConfig],
+        cluster: bool,
         reloaded: &mut Reloaded,
     ) -> Result<Vec<crate::config::AppConfig>, String> {
         let mut apps = self.apps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let (next, change) = apps.reloaded(configs);
         let next = Arc::new(next);
-        let (done, applied) = mpsc::channel();
         let deadline = std::time::Instant::now() + RELOAD_APPLY_TIMEOUT;
+        if cluster {
+            // docs/cluster.md: an app's buckets are subscribed on every shard before any shard
+            // serves it, so its first clients miss nothing other nodes publish.
+            let added: Vec<(crate::apps::AppIndex, String)> = next
+                .list
+                .iter()
+                .filter(|app| !app.removed && apps.list.get(app.index as usize).is_none_or(|old| old.removed))
+                .map(|app| (app.index, app.config.id.clone()))
+                .collect();
+            if !added.is_empty() {
+                self.subscribe_apps(&added, deadline)?;
+            }
+        }
+        let (done, applied) = mpsc::channel();
         for shard in 0..self.mesh.shards() {
             let mut message = crate::shard::mesh::MeshMessage::ReloadApps { apps: next.clone(), done: done.clone() };
             // Counted as sent for shutdown's quiescence check, which pairs every handled
@@ -277,6 +290,43 @@ impl Server {
         reloaded.apps_removed = change.removed.iter().map(|&i| next.get(i).config.id.clone()).collect();
         reloaded.needs_restart.extend(change.needs_restart);
         Ok(next.list.iter().filter(|app| !app.removed).map(|app| app.config.clone()).collect())
+    }
+
+    /// Cluster mode: has every shard's link supervisor subscribe (and baseline) its buckets of
+    /// the `added` apps, and waits until all have; an error (a link down) reloads nothing.
+    fn subscribe_apps(
+        &self,
+        added: &[(crate::apps::AppIndex, String)],
+        deadline: std::time::Instant,
+    ) -> Result<(), String> {
+        let (done, subscribed) = mpsc::channel();
+        for shard in 0..self.mesh.shards() {
+            let mut message = crate::shard::mesh::MeshMessage::ClusterApps { apps: added.to_vec(), done: done.clone() };
+            self.mesh.count_sent(shard);
+            while let Err(back) = self.mesh.try_send(shard, message) {
+                if std::time::Instant::now() > deadline || self.mesh.is_shutting_down() {
+                    return Err(format!("apps: shard {shard}'s mesh ring stayed full; the apps were not reloaded"));
+                }
+                // Not a shard thread: a short sleep while the shard drains its ring is fine.
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                message = back;
+            }
+        }
+        for _ in 0..self.mesh.shards() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match subscribed.recv_timeout(left) {
+                Ok(Ok(_)) => {}
+                Ok(Err(shard)) => {
+                    return Err(format!(
+                        "apps: shard {shard}'s link to redis is down, so the added apps' buckets are not \
+                         subscribed; the apps were not reloaded (reload again once /ready answers 200; \
+                         if it is up, an earlier failed reload left another app there: restart)"
+                    ))
+                }
+                Err(_) => return Err("apps: the added apps' buckets were not subscribed in time; not reloaded".into()),
+            }
+        }
+        Ok(())
     }
 
     /// Begins graceful shutdown on every shard (returns at once).
@@ -314,6 +364,34 @@ struct ShardExtras {
     webhook_tls: Option<TlsConnector>,
     /// Cluster mode: this shard's link supervisor's options.
     cluster: Option<SupervisorOptions>,
+}
+
+/// Refuses to start a node whose `cluster.buckets` differs from the one the nodes sharing its
+/// Redis use (docs/cluster.md, "Fan-out"). Runs on a thread of its own with a small runtime
+/// (start-up may block; no shard runs yet). Redis unreachable at start is no error: each
+/// shard's link checks again whenever it connects, and stays down on a mismatch.
+fn check_cluster_buckets(options: &SupervisorOptions) -> anyhow::Result<()> {
+    let options = options.clone();
+    let checked = std::thread::spawn(move || {
+        let mut runtime = monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+            .enable_timer()
+            .build()
+            .map_err(crate::cluster::link::LinkError::Io)?;
+        runtime.block_on(async {
+            let mut link = crate::cluster::link::Link::connect(options.address, &options.link).await?;
+            crate::cluster::supervisor::check_buckets(&mut link, &options.prefix, options.buckets).await
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the cluster.buckets check panicked"))?;
+    match checked {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(reason)) => Err(anyhow::anyhow!(reason)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot check cluster.buckets in redis at start; each link checks it when it connects");
+            Ok(())
+        }
+    }
 }
 
 /// Cluster mode's per-node settings (`shard` 0, to be set per shard), or `None` on a single

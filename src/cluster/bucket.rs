@@ -63,6 +63,14 @@ pub fn sequence_field(sender: Sender, out: &mut String) {
     let _ = write!(out, "{:016x}:{}", sender.incarnation, sender.shard);
 }
 
+/// Writes a key of a channel, `{prefix:c:app_id:channel}:suffix`, into `out`: the channel's
+/// keys share one hash tag, so one script or transaction touches one slot (docs/cluster.md,
+/// "Presence, occupancy, users: keys and scripts").
+pub fn channel_key(prefix: &str, app_id: &str, channel: &str, suffix: &str, out: &mut String) {
+    out.clear();
+    let _ = write!(out, "{{{prefix}:c:{app_id}:{channel}}}:{suffix}");
+}
+
 /// Reads a field `sequence_field` wrote; `None` for anything else.
 pub fn parse_sequence_field(field: &[u8]) -> Option<Sender> {
     let text = std::str::from_utf8(field).ok()?;

@@ -18,7 +18,7 @@
 //! subscribed and its barrier has passed, and down from the first error on; the outbound queue
 //! accepts messages exactly while it is up.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -73,6 +73,28 @@ pub enum Gap {
     Barrier(GapReason),
     /// A payload in the bucket was not a message: its sender and number are unknown.
     Malformed(MessageError),
+}
+
+/// Writes this node's `cluster.buckets` to Redis for the nodes that come later (`HSETNX
+/// {prefix}:config buckets N`) and reads back the value there (docs/cluster.md, "Fan-out"):
+/// `Ok(Err(reason))` when it is another one, which this node must not run with (it would
+/// publish to buckets where the other nodes' subscribers never look).
+pub async fn check_buckets(command: &mut Link, prefix: &str, buckets: u16) -> Result<Result<(), String>, LinkError> {
+    let key = format!("{prefix}:config");
+    let mine = buckets.to_string();
+    command.queue(&[b"HSETNX", key.as_bytes(), b"buckets", mine.as_bytes()])?;
+    command.queue(&[b"HGET", key.as_bytes(), b"buckets"])?;
+    let mut replies = Vec::with_capacity(2);
+    command.flush(&mut replies).await?;
+    match replies.get(1) {
+        Some(Reply::BulkString(held)) if held[..] == *mine.as_bytes() => Ok(Ok(())),
+        Some(Reply::BulkString(held)) => Ok(Err(format!(
+            "cluster.buckets is {buckets} here, but the nodes sharing this redis and cluster.prefix use {} \
+             (the buckets field of {key}): every node needs the same cluster.buckets",
+            String::from_utf8_lossy(held)
+        ))),
+        other => Err(LinkError::Protocol(format!("HGET {key} buckets answered {other:?}"))),
+    }
 }
 
 /// Where the supervisor connects and which buckets it serves.
@@ -137,6 +159,28 @@ pub struct Supervisor<E: Events> {
     sending: HashMap<(AppIndex, u16), Sending>,
     /// This shard's field in every bucket's `:seq` hash.
     sequence_field: String,
+    /// Apps a reload added, whose buckets are being subscribed, oldest first.
+    adding: VecDeque<Adding>,
+}
+
+/// Buckets a reload added: subscribed (`unconfirmed` confirmations still due), then baselined
+/// (their `HGETALL`s, compared at the pong of a `PING` sent after them), then `done`.
+struct Adding {
+    /// Their place in `Supervisor::buckets`.
+    range: std::ops::Range<usize>,
+    unconfirmed: usize,
+    /// Whether its `SSUBSCRIBE`s were written.
+    requested: bool,
+    /// The `HGETALL` replies, once the barrier is under way.
+    hashes: Option<Vec<Reply>>,
+    done: Box<dyn FnOnce(Result<(), Unavailable>)>,
+}
+
+/// What a pong on the subscriber link answers.
+enum PingFor {
+    Heartbeat,
+    /// The barrier of the oldest `Adding`.
+    Barrier,
 }
 
 impl<E: Events> Supervisor<E> {
@@ -171,6 +215,7 @@ impl<E: Events> Supervisor<E> {
             outbound: Rc::new(Outbound::default()),
             sending: HashMap::new(),
             sequence_field,
+            adding: VecDeque::new(),
         };
         supervisor.set_down(true);
         supervisor
@@ -183,6 +228,10 @@ impl<E: Events> Supervisor<E> {
             let mut was_up = false;
             let error = self.session(&mut was_up).await;
             self.set_down(true);
+            // Their buckets stay in the list: the next session subscribes them with the rest.
+            for adding in self.adding.drain(..) {
+                (adding.done)(Err(Unavailable));
+            }
             self.events.link_down(&error);
             if was_up {
                 attempt = 0;
@@ -209,6 +258,16 @@ impl<E: Events> Supervisor<E> {
             Ok(links) => links,
             Err(error) => return error,
         };
+        if let Err(error) = self.restore_sequences(&mut command).await {
+            return error;
+        }
+        // Checked at every connect: Redis may have restarted empty, and the first node to come
+        // back writes the value (start-up refuses a mismatch; here the link just stays down).
+        match check_buckets(&mut command, &self.options.prefix, self.options.buckets).await {
+            Ok(Ok(())) => {}
+            Ok(Err(reason)) => return LinkError::Handshake(reason),
+            Err(error) => return error,
+        }
         if let Err(error) = self.subscribe_and_sync(&mut command, &mut subscriptions, &mut pushes).await {
             return error;
         }
@@ -223,6 +282,27 @@ impl<E: Events> Supervisor<E> {
         let (subscriptions, pushes) =
             Link::connect(self.options.address, &self.options.link).await?.into_subscriber()?;
         Ok((command, subscriptions, pushes))
+    }
+
+    /// Writes this shard's last number in every bucket it has sent to again (`HSET`, one
+    /// pipeline), before the link counts as up. Redis may have restarted empty meanwhile: a
+    /// node whose first barrier comes after that would otherwise not know this sender and take
+    /// its next number (above 1) for a gap. A number only ever grows, and it counts the
+    /// messages of a batch that failed in flight, so receivers that missed them still see the
+    /// difference at their barrier.
+    async fn restore_sequences(&mut self, command: &mut Link) -> Result<(), LinkError> {
+        let sendings: Vec<&Sending> = self.sending.values().collect();
+        let mut replies = Vec::new();
+        // In pipelines of SUBSCRIBE_BATCH commands (a few KiB), far below pipeline_bytes_max.
+        for chunk in sendings.chunks(SUBSCRIBE_BATCH) {
+            for sending in chunk {
+                let (key, field, last) = (&sending.sequence_key, &self.sequence_field, sending.last.to_string());
+                command.queue(&[b"HSET", key.as_bytes(), field.as_bytes(), last.as_bytes()])?;
+            }
+            replies.clear();
+            command.flush(&mut replies).await?;
+        }
+        Ok(())
     }
 
     /// Subscribes every bucket, then runs the barrier: `HGETALL` of each bucket's `:seq` hash
@@ -259,22 +339,114 @@ impl<E: Events> Supervisor<E> {
         }
         let barrier = if self.baseline_done { Barrier::Reconnect } else { Barrier::Baseline };
         for (index, hash) in hashes.iter().enumerate() {
-            let Reply::Array(items) = hash else {
-                return Err(LinkError::Protocol(format!("HGETALL answered {hash:?}")));
-            };
-            let pairs = items.chunks_exact(2).filter_map(|pair| match pair {
-                [Reply::BulkString(field), Reply::BulkString(value)] => Some((&field[..], &value[..])),
-                _ => None,
-            });
-            let id = self.buckets[index].id;
-            // A pair that is not two bulk strings is left out, so the count tells.
-            let unreadable = pairs.clone().count() * 2 != items.len();
-            let found = self.detector.resync(id, barrier, pairs);
-            if let Some(reason) = found.or(unreadable.then_some(GapReason::Unreadable)) {
-                self.events.gap(id, Gap::Barrier(reason));
-            }
+            self.resync(index, barrier, hash)?;
         }
         self.baseline_done = true;
+        Ok(())
+    }
+
+    /// Compares bucket `index`'s `HGETALL …:seq` reply with what was seen (`barrier`).
+    fn resync(&mut self, index: usize, barrier: Barrier, hash: &Reply) -> Result<(), LinkError> {
+        let Reply::Array(items) = hash else {
+            return Err(LinkError::Protocol(format!("HGETALL answered {hash:?}")));
+        };
+        let pairs = items.chunks_exact(2).filter_map(|pair| match pair {
+            [Reply::BulkString(field), Reply::BulkString(value)] => Some((&field[..], &value[..])),
+            _ => None,
+        });
+        let id = self.buckets[index].id;
+        // A pair that is not two bulk strings is left out, so the count tells.
+        let unreadable = pairs.clone().count() * 2 != items.len();
+        let found = self.detector.resync(id, barrier, pairs);
+        if let Some(reason) = found.or(unreadable.then_some(GapReason::Unreadable)) {
+            self.events.gap(id, Gap::Barrier(reason));
+        }
+        Ok(())
+    }
+
+    /// Takes the apps reloads added: their buckets of this shard join the list and are
+    /// subscribed; confirmations and the barrier follow in `serve`.
+    async fn start_adding(&mut self, subscriptions: &mut Subscriptions) -> Result<(), LinkError> {
+        for new in self.outbound.take_new_apps() {
+            // An index this shard subscribed for another app (a reload that failed on another
+            // shard, then a different app added): its buckets carry the other app's names.
+            let taken = |(app, app_id): &(AppIndex, String)| {
+                self.options.apps.iter().any(|(known, known_id)| known == app && known_id != app_id)
+            };
+            if new.apps.iter().any(taken) {
+                tracing::error!("an app index is subscribed for another app after a failed reload: restart the node");
+                (new.done)(Err(Unavailable));
+                continue;
+            }
+            let first = self.buckets.len();
+            let mut name = String::new();
+            for (app, app_id) in new.apps {
+                // An app revived by a reload keeps its index, and its buckets stayed subscribed.
+                if self.options.apps.iter().any(|(known, _)| *known == app) {
+                    continue;
+                }
+                for number in bucket::of_shard(self.options.buckets, self.options.shards, self.options.shard) {
+                    bucket::channel_name(&self.options.prefix, &app_id, number, &mut name);
+                    let channel = Bytes::from(name.clone().into_bytes());
+                    bucket::sequence_key(&self.options.prefix, &app_id, number, &mut name);
+                    self.by_channel.insert(channel.clone(), self.buckets.len());
+                    let id = BucketId { app, number };
+                    self.buckets.push(Subscribed { id, channel, sequence_key: name.clone(), app_id: app_id.clone() });
+                }
+                self.options.apps.push((app, app_id));
+            }
+            let range = first..self.buckets.len();
+            if range.is_empty() {
+                (new.done)(Ok(()));
+                continue;
+            }
+            // Queued before subscribing: if the link fails now, `run` tells every waiter.
+            let unconfirmed = range.len();
+            self.adding.push_back(Adding { range, unconfirmed, requested: false, hashes: None, done: new.done });
+        }
+        let fresh = self.adding.iter_mut().filter(|a| !a.requested);
+        let ranges: Vec<std::ops::Range<usize>> = fresh.map(|a| (a.requested = true, a.range.clone()).1).collect();
+        for range in ranges {
+            for batch in self.buckets[range].chunks(SUBSCRIBE_BATCH) {
+                let channels: Vec<&[u8]> = batch.iter().map(|b| &b.channel[..]).collect();
+                subscriptions.ssubscribe(&channels).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A subscription confirmed for an `Adding`; its last one starts its barrier.
+    async fn confirm_adding(
+        &mut self,
+        command: &mut Link,
+        subscriptions: &mut Subscriptions,
+        pongs: &mut VecDeque<PingFor>,
+    ) -> Result<(), LinkError> {
+        let adding = self.adding.iter_mut().find(|a| a.unconfirmed > 0).expect("the caller checked");
+        adding.unconfirmed -= 1;
+        if adding.unconfirmed > 0 {
+            return Ok(());
+        }
+        for subscribed in &self.buckets[adding.range.clone()] {
+            command.queue(&[b"HGETALL", subscribed.sequence_key.as_bytes()])?;
+        }
+        let mut hashes = Vec::with_capacity(adding.range.len());
+        command.flush(&mut hashes).await?;
+        adding.hashes = Some(hashes);
+        subscriptions.ping().await?;
+        pongs.push_back(PingFor::Barrier);
+        Ok(())
+    }
+
+    /// The barrier pong of the oldest `Adding`: its buckets learn their baseline (this node
+    /// had no clients of these apps, as at a first connect), and the reload may go on.
+    fn finish_adding(&mut self) -> Result<(), LinkError> {
+        let adding = self.adding.pop_front().expect("a barrier ping was sent for it");
+        let hashes = adding.hashes.expect("its barrier was under way");
+        for (index, hash) in adding.range.zip(hashes.iter()) {
+            self.resync(index, Barrier::Baseline, hash)?;
+        }
+        (adding.done)(Ok(()));
         Ok(())
     }
 
@@ -283,6 +455,7 @@ impl<E: Events> Supervisor<E> {
         let timeout = self.options.link.command_timeout;
         let tick = (timeout / 4).max(Duration::from_millis(1));
         let mut ping_sent: Option<Instant> = None;
+        let mut pongs: VecDeque<PingFor> = VecDeque::new();
         let outbound = self.outbound.clone();
         let mut batch = Vec::new();
         let mut next_tick = Instant::now() + tick;
@@ -298,21 +471,37 @@ impl<E: Events> Supervisor<E> {
                     push = &mut next => break push,
                     _ = monoio::time::sleep(until_tick) => {
                         next_tick = Instant::now() + tick;
+                        let idle = ping_sent.is_none();
                         if let Err(error) = heartbeat(command, subscriptions, &mut ping_sent, timeout).await {
                             return error;
+                        }
+                        if idle && ping_sent.is_some() {
+                            pongs.push_back(PingFor::Heartbeat);
                         }
                     }
                     _ = outbound.work() => {
                         if let Err(error) = self.send_batch(command, &mut batch).await {
                             return error;
                         }
+                        if let Err(error) = self.answer_requests(command).await {
+                            return error;
+                        }
+                        if let Err(error) = self.start_adding(subscriptions).await {
+                            return error;
+                        }
                     }
                 }
             };
             let result = match push {
-                Ok(Push::Pong) => {
-                    ping_sent = None;
-                    Ok(())
+                Ok(Push::Pong) => match pongs.pop_front() {
+                    Some(PingFor::Barrier) => self.finish_adding(),
+                    Some(PingFor::Heartbeat) | None => {
+                        ping_sent = None;
+                        Ok(())
+                    }
+                },
+                Ok(Push::Subscribed { .. }) if self.adding.iter().any(|a| a.unconfirmed > 0) => {
+                    self.confirm_adding(command, subscriptions, &mut pongs).await
                 }
                 Ok(other) => self.on_push(other),
                 Err(error) => Err(error),
@@ -378,7 +567,7 @@ impl<E: Events> Supervisor<E> {
         // A message that alone overflows a pipeline is refused without taking a number (the
         // link would refuse it and end the session for everyone).
         let (fit, oversize): (Vec<_>, Vec<_>) =
-            batch.drain(..).partition(|o| o.frame.len() + MESSAGE_OVERHEAD_BYTES <= budget);
+            batch.drain(..).partition(|o| o.pipeline_bytes(MESSAGE_OVERHEAD_BYTES) <= budget);
         for outgoing in oversize {
             tracing::error!(bytes = outgoing.frame.len(), "an event frame is over cluster.pipeline_bytes_max");
             outgoing.complete(Err(Unavailable));
@@ -395,18 +584,61 @@ impl<E: Events> Supervisor<E> {
         result
     }
 
+    /// Answers one batch of the outbound queue's requests in one pipeline round trip. An
+    /// error ends the session (the askers get `Unavailable`).
+    async fn answer_requests(&mut self, command: &mut Link) -> Result<(), LinkError> {
+        let budget = self.options.link.pipeline_bytes_max.saturating_sub(PIPELINE_OVERHEAD_BYTES);
+        let mut requests = Vec::new();
+        self.outbound.take_requests(budget, &mut requests);
+        let (fit, oversize): (Vec<_>, Vec<_>) = requests.into_iter().partition(|r| r.pipeline_bytes() <= budget);
+        for request in oversize {
+            tracing::error!(bytes = request.pipeline_bytes(), "a request is over cluster.pipeline_bytes_max");
+            request.complete(Err(Unavailable));
+        }
+        if fit.is_empty() {
+            return Ok(());
+        }
+        let mut queued = Ok(());
+        for args in fit.iter().flat_map(|r| r.commands.iter()) {
+            let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+            queued = queued.and_then(|()| command.queue(&args));
+        }
+        let mut replies = Vec::with_capacity(command.queued());
+        let result = match queued {
+            Ok(()) => command.flush(&mut replies).await,
+            Err(error) => Err(error),
+        };
+        if result.is_err() {
+            for request in fit {
+                request.complete(Err(Unavailable));
+            }
+            return result;
+        }
+        let mut replies = replies.into_iter();
+        for request in fit {
+            let mine: Vec<Reply> = replies.by_ref().take(request.commands.len()).collect();
+            request.complete(Ok(mine));
+        }
+        Ok(())
+    }
+
     async fn write_batch(&mut self, command: &mut Link, batch: &[Outgoing]) -> Result<(), LinkError> {
         let buckets = self.options.buckets;
         let sender = Sender { incarnation: self.options.node.incarnation, shard: self.options.shard as u16 };
         let mut touched: Vec<(AppIndex, u16)> = Vec::new();
         let mut payload = Vec::new();
+        let (mut key, mut cached) = (String::new(), 0);
         command.queue(&[b"MULTI"])?;
         for outgoing in batch {
             let Some(app_id) = self.options.apps.iter().find(|(index, _)| *index == outgoing.app).map(|(_, id)| id)
             else {
                 return Err(LinkError::Protocol(format!("app index {} is not served", outgoing.app)));
             };
-            let number = bucket::of_channel(&outgoing.channel, buckets);
+            let number = if outgoing.user_id.is_empty() {
+                bucket::of_channel(&outgoing.channel, buckets)
+            } else {
+                bucket::of_user(&outgoing.user_id, buckets)
+            };
             let prefix = &self.options.prefix;
             let sending = self.sending.entry((outgoing.app, number)).or_insert_with(|| {
                 let mut name = String::new();
@@ -422,7 +654,7 @@ impl<E: Events> Supervisor<E> {
                 node_id: &self.options.node.node_id,
                 app_id,
                 channel: &outgoing.channel,
-                user_id: "",
+                user_id: &outgoing.user_id,
                 exclude: outgoing.exclude,
             };
             payload.clear();
@@ -431,6 +663,13 @@ impl<E: Events> Supervisor<E> {
                 .unwrap_or_else(|error| panic!("an outbound message breaks the format: {error}"));
             sending.last += 1;
             command.queue(&[b"SPUBLISH", &sending.channel, &payload])?;
+            if let Some(ttl) = outgoing.cache_ttl {
+                // The whole message, so a reader gets the frame and who numbered it.
+                bucket::channel_key(prefix, app_id, &outgoing.channel, "cache", &mut key);
+                let ttl_ms = ttl.as_millis().max(1).to_string();
+                command.queue(&[b"SET", key.as_bytes(), &payload, b"PX", ttl_ms.as_bytes()])?;
+                cached += 1;
+            }
             if !touched.contains(&(outgoing.app, number)) {
                 touched.push((outgoing.app, number));
             }
@@ -451,7 +690,7 @@ impl<E: Events> Supervisor<E> {
         // MULTI answers OK, each command QUEUED, EXEC the array of results; a command Redis
         // refused to queue makes EXEC an error (EXECABORT) and nothing was published.
         match replies.last() {
-            Some(Reply::Array(results)) if results.len() == batch.len() + touched.len() => Ok(()),
+            Some(Reply::Array(results)) if results.len() == batch.len() + cached + touched.len() => Ok(()),
             other => Err(LinkError::Protocol(format!("EXEC answered {other:?}"))),
         }
     }

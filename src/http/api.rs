@@ -214,7 +214,11 @@ async fn app_request(shard: &Shard, head: &RequestHead, body: &[u8], app_id: &st
         Route::Users(name) => users(shard, app, name).await,
         Route::Terminate(user_id) => {
             let user_id = percent_encoding::percent_decode_str(user_id).decode_utf8_lossy();
-            shard.terminate_user(app.index, &user_id);
+            match shard.cluster() {
+                // Through Redis to every node (this one too), answered after Redis executed it.
+                Some(cluster) => cluster.terminate_user(app.index, &user_id).await.map_err(cluster_unavailable)?,
+                None => shard.terminate_user(app.index, &user_id),
+            }
             Ok(Response::json(StatusCode::OK, &json!({})))
         }
         Route::Webhooks(request) => webhooks_admin(shard, app, request, &params).await,
@@ -332,7 +336,7 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Response> {
 
 async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Result<Option<Value>, Response> {
     if let Some(cluster) = shard.cluster() {
-        publish_cluster(shard, cluster, app, event).await?;
+        publish_cluster(cluster, app, event).await?;
     } else {
         for channel in &event.channels {
             let frame = message::channel_event(event.name, channel, event.data);
@@ -364,16 +368,18 @@ async fn publish(shard: &Shard, app: &App, event: &Event<'_>) -> Result<Option<V
 
 /// Cluster mode: every channel's message goes to Redis in order (one queue per shard, so one
 /// pipeline can carry them all), and the event counts as published once Redis executed them
-/// all (docs/cluster.md: 200 only after Redis replied). Cache channels keep their last event on
-/// this node only in this slice.
-async fn publish_cluster(shard: &Shard, cluster: &ClusterHandle, app: &App, event: &Event<'_>) -> Result<(), Response> {
+/// all (docs/cluster.md: 200 only after Redis replied). A cache channel's event is also kept in
+/// Redis, in the same transaction; every node (this one too) keeps it when it arrives.
+async fn publish_cluster(cluster: &ClusterHandle, app: &App, event: &Event<'_>) -> Result<(), Response> {
     let mut sent = Vec::with_capacity(event.channels.len());
+    let ttl = std::time::Duration::from_secs(app.config.cache_ttl_s);
     for channel in &event.channels {
         let frame = message::channel_event(event.name, channel, event.data);
-        if channel::is_cache(channel) {
-            shard.cache_store(app.index, channel, frame.clone(), event.data.get());
-        }
-        let queued = cluster.outbound.send(Kind::Publication, app.index, channel, frame, event.exclude);
+        let queued = if channel::is_cache(channel) {
+            cluster.outbound.send_cached(app.index, channel, frame, event.exclude, ttl)
+        } else {
+            cluster.outbound.send(Kind::Publication, app.index, channel, frame, event.exclude)
+        };
         sent.push(queued.map_err(cluster_unavailable)?);
     }
     for sent in sent {

@@ -203,6 +203,13 @@ pub async fn websocket<S: Transport>(shard: &Rc<Shard>, upgrade: Upgrade<S>) -> 
             return None;
         }
     };
+    // Cluster mode (docs/cluster.md, "When Redis is unreachable"): a shard that cannot reach
+    // Redis would give a new client no other node's messages; 503 sends it elsewhere.
+    if !echo && shard.cluster_down() {
+        let error = HttpError::new(StatusCode::SERVICE_UNAVAILABLE, "cluster unavailable, retry");
+        write_response(&mut stream, parse::error_response(&error, false), write_timeout).await;
+        return None;
+    }
     let checked = if echo { Ok(0) } else { pusher_refusal(shard, &head) };
     let app = match checked {
         Ok(app) => app,

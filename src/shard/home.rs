@@ -325,6 +325,13 @@ impl HomeState {
         debug_assert!(self.cache_sweep_cursor <= self.cache.len(), "the sweep cursor stays in the table");
     }
 
+    /// Drops the cached events of the channels `forget` names (cluster mode: their bucket may
+    /// have missed newer events, so the next join reads Redis instead).
+    pub fn cache_forget(&mut self, mut forget: impl FnMut(AppIndex, &str) -> bool) {
+        self.cache.retain(|(app, channel), _| !forget(*app, channel));
+        self.cache_sweep_cursor = self.cache_sweep_cursor.min(self.cache.len());
+    }
+
     /// Cached events held, expired or not.
     #[cfg(test)]
     pub fn cache_len(&self) -> usize {

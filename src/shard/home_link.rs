@@ -92,6 +92,15 @@ impl Shard {
     /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
     /// and answers the joining shard with the frames for the connection.
     pub(super) fn home_join_at_home(&self, join: HomeJoin) {
+        // Cluster mode: a cache channel this node holds no event for may have one in Redis.
+        if join.cache && self.cluster().is_some() && self.cached(join.app, &join.channel).is_none() {
+            return self.cache_join_from_redis(join);
+        }
+        self.home_join_answer(join);
+    }
+
+    /// Home shard: answers a join from this shard's home state.
+    pub(super) fn home_join_answer(&self, join: HomeJoin) {
         let members_max = self.apps().get(join.app).config.presence_members_max;
         let effects = self.state.borrow_mut().home.join(join, members_max, Instant::now());
         self.apply(effects);
@@ -203,7 +212,10 @@ impl Shard {
     pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
         let home = presence::home(app, channel, self.mesh.shards());
         if home == self.index {
-            let expires = Instant::now() + Duration::from_secs(self.apps().get(app).config.cache_ttl_s);
+            // Cluster mode: an app another shard serves already and this one not yet (a reload
+            // in progress) is not kept here; a later join, finding nothing, reads Redis.
+            let Some(ttl_s) = self.apps().list.get(app as usize).map(|a| a.config.cache_ttl_s) else { return };
+            let expires = Instant::now() + Duration::from_secs(ttl_s);
             self.state.borrow_mut().home.cache_store(app, channel, frame, data, expires);
         } else {
             self.mesh_send(home, MeshMessage::CacheStore { app, channel: channel.into(), frame, data: data.into() });

@@ -334,6 +334,15 @@ pub enum MeshMessage {
         /// Where the shard reports that it has applied the reload.
         done: std::sync::mpsc::Sender<usize>,
     },
+    /// A config reload in cluster mode (from `Server::reload`, before `ReloadApps`): subscribe
+    /// this shard's buckets of the added apps, then send `Ok(shard)` on `done` (`Err(shard)`
+    /// when the shard's link is down or fails first).
+    ClusterApps {
+        /// Index and configured id of each added app.
+        apps: Vec<(AppIndex, String)>,
+        /// Where the shard reports the outcome.
+        done: std::sync::mpsc::Sender<Result<usize, usize>>,
+    },
     /// Answer `query` and send the reply back to shard `from` under `id`.
     Query {
         /// Asking shard.

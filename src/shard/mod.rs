@@ -469,6 +469,7 @@ impl Shard {
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::BucketGap { app, bucket } => self.close_bucket(app, bucket),
             MeshMessage::ReloadApps { apps, done } => self.reload_apps(apps, done),
+            MeshMessage::ClusterApps { apps, done } => self.cluster_apps(apps, done),
             MeshMessage::Query { from, id, query } => {
                 let reply = self.answer_locally(&query);
                 self.mesh_send(from, MeshMessage::Reply { id, reply });

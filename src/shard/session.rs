@@ -52,6 +52,13 @@ impl Shard {
             let reason = format!("invalid channel name: {e}");
             return self.send(key, message::error(None, &reason, Some(name)));
         }
+        // Cluster mode, link down: the channel's last event may be in Redis only, so the client
+        // is sent to reconnect (to a healthy node) rather than given a cache_miss that may be
+        // wrong (docs/cluster.md, "When Redis is unreachable").
+        if channel::is_cache(name) && self.cluster_down() {
+            let code = super::cluster_link::MISSED_MESSAGES;
+            return self.close(key, code, "cluster unavailable, reconnect");
+        }
         let (app_index, socket_id, already, count) = {
             let state = self.state.borrow();
             let conn = &state.connections[key];
