@@ -9,7 +9,7 @@ use super::*;
 
 /// The tests' way to append a delivery: by endpoint key, as the dispatcher's ids are.
 impl<S: Storage> Wal<S> {
-    fn append_delivery(&self, key: &str, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+    fn append_delivery(&self, key: &str, created_ms: u64, body: Bytes) -> Result<(SequenceNumber, Lsn), WalError> {
         self.append(Kind::Delivery, self.endpoint_id(key), created_ms, body)
     }
 }
@@ -22,18 +22,18 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 #[derive(Default, Debug)]
 struct Model {
     /// Every delivery and batch item appended: seq → (endpoint, body, kind).
-    appended: HashMap<u64, (String, Bytes, Kind)>,
+    appended: HashMap<SequenceNumber, (String, Bytes, Kind)>,
     /// Deliveries whose append was committed (a flush after it returned Ok).
-    committed: Vec<u64>,
+    committed: Vec<SequenceNumber>,
     /// Deliveries whose `Delivered` ack was committed.
-    delivered: Vec<u64>,
+    delivered: Vec<SequenceNumber>,
     /// Deliveries with a `Delivered` ack appended, committed or not (a real 2xx: losing
     /// them in a crash is right).
-    delivered_any: Vec<u64>,
+    delivered_any: Vec<SequenceNumber>,
     /// Latest committed dead/pending state, and whether a later transition is uncommitted.
-    state: HashMap<u64, (bool, bool)>,
+    state: HashMap<SequenceNumber, (bool, bool)>,
     /// The largest seq ever handed out.
-    seq_max: Option<u64>,
+    seq_max: Option<SequenceNumber>,
 }
 
 const SEGMENT_BYTES_MAX: u64 = 600;
@@ -47,11 +47,11 @@ fn workload(storage: SimStorage, seed: u64, operations: usize) -> Model {
             return model;
         };
         // Uncommitted operations since the last flush: (seq, kind) with kind 0 append, 1 delivered, 2 dead, 3 replay.
-        let mut since_flush: Vec<(u64, u8)> = Vec::new();
-        let mut pending: Vec<u64> = Vec::new();
-        let mut dead: Vec<u64> = Vec::new();
+        let mut since_flush: Vec<(SequenceNumber, u8)> = Vec::new();
+        let mut pending: Vec<SequenceNumber> = Vec::new();
+        let mut dead: Vec<SequenceNumber> = Vec::new();
         // Batch items: only ever acked delivered (when their batch delivery is made).
-        let mut items: Vec<u64> = Vec::new();
+        let mut items: Vec<SequenceNumber> = Vec::new();
         for _ in 0..operations {
             let choice = rng.u8(0..10);
             let result = match choice {

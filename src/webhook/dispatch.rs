@@ -36,7 +36,7 @@ use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, DurabilityMode, WebhookFormat};
 use crate::metrics::ShardMetrics;
 use crate::target::{AddressPolicy, Cidr};
-use crate::wal::{Durability, FileStorage, Kind, Lsn, Outcome, Wal, WalError};
+use crate::wal::{Durability, FileStorage, Kind, Lsn, Outcome, SequenceNumber, Wal, WalError};
 use monoio_rustls::TlsConnector;
 
 /// One shard's webhook dispatcher.
@@ -152,7 +152,7 @@ impl Webhooks {
 
     /// Queues what the WAL held: pending deliveries get an attempt now, batch items are
     /// batched again, dead letters are kept.
-    fn recover(&self, recovered: Vec<u64>) {
+    fn recover(&self, recovered: Vec<SequenceNumber>) {
         let (mut pending, mut dead, mut orphans) = (0u64, 0u64, 0u64);
         let now = Instant::now();
         for seq in recovered {
@@ -216,12 +216,12 @@ impl Webhooks {
     }
 
     /// The webhook id a receiver sees for a delivery (stable across attempts and restarts).
-    pub fn webhook_id(&self, seq: u64) -> String {
+    pub fn webhook_id(&self, seq: SequenceNumber) -> String {
         delivery::webhook_id(self.log_id, seq)
     }
 
     /// The sequence number in one of this shard's webhook ids; `None` for anything else.
-    fn parse_webhook_id(&self, id: &str) -> Option<u64> {
+    fn parse_webhook_id(&self, id: &str) -> Option<SequenceNumber> {
         delivery::parse_webhook_id(self.log_id, id)
     }
 
@@ -406,7 +406,7 @@ impl Webhooks {
 
     /// Queues a delivery for its endpoint's workers (or dead-letters it if the endpoint is
     /// disabled).
-    fn make_ready(&self, seq: u64) {
+    fn make_ready(&self, seq: SequenceNumber) {
         let endpoint = self.wal.index().get(seq).filter(|d| !d.dead && d.kind == Kind::Delivery).map(|d| d.endpoint);
         let mut state = self.state.borrow_mut();
         let Some(endpoint) = endpoint.filter(|&e| e < state.queues.len()).map(EndpointIndex::new) else { return };
@@ -467,7 +467,7 @@ impl Webhooks {
         }
     }
 
-    fn schedule(&self, seq: u64, delay: Duration) {
+    fn schedule(&self, seq: SequenceNumber, delay: Duration) {
         let mut state = self.state.borrow_mut();
         state.timers.insert((Instant::now() + delay, seq));
         if let Some(waker) = state.timer_task.take() {
@@ -531,7 +531,7 @@ impl Webhooks {
     }
 
     /// Waits for deliveries this endpoint may send now (breaker closed or probing).
-    async fn take_batch(&self, endpoint: EndpointIndex) -> Vec<u64> {
+    async fn take_batch(&self, endpoint: EndpointIndex) -> Vec<SequenceNumber> {
         let pipeline_max = self.config.webhooks.pipeline_max;
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
@@ -552,7 +552,13 @@ impl Webhooks {
 
     /// Applies an attempt's result (`health::Breaker::settle` decides): delivered, retried
     /// later, or dead; and logs the attempt for the admin API.
-    fn settle(&self, endpoint: EndpointIndex, seq: u64, result: Result<Response, AttemptError>, duration_ms: u64) {
+    fn settle(
+        &self,
+        endpoint: EndpointIndex,
+        seq: SequenceNumber,
+        result: Result<Response, AttemptError>,
+        duration_ms: u64,
+    ) {
         let decision = {
             let mut state = self.state.borrow_mut();
             let attempts = state.attempt_counts.entry(seq).or_insert(0);
@@ -605,7 +611,7 @@ impl Webhooks {
     }
 
     /// A 2xx: the delivery is done.
-    fn forget(&self, seq: u64) {
+    fn forget(&self, seq: SequenceNumber) {
         let live = self.wal.index().get(seq).is_some();
         // No one waits for this ack: if it is lost in a crash, the delivery is sent again (at
         // least once; receivers deduplicate on the webhook id).
@@ -617,7 +623,7 @@ impl Webhooks {
     }
 
     /// Retries exhausted or endpoint disabled: kept, replayable.
-    fn dead_letter(&self, seq: u64) {
+    fn dead_letter(&self, seq: SequenceNumber) {
         let pending = self.wal.index().get(seq).is_some_and(|d| !d.dead && d.kind == Kind::Delivery);
         if !pending {
             return;
@@ -631,7 +637,7 @@ impl Webhooks {
 
     /// 410 Gone: stop sending to the endpoint; its queued deliveries become dead letters.
     fn disable(&self, endpoint: EndpointIndex, reason: &str) {
-        let queued: Vec<u64> = {
+        let queued: Vec<SequenceNumber> = {
             let mut state = self.state.borrow_mut();
             let queue = &mut state.queues[endpoint.get()];
             queue.health.disabled = Some(reason.into());
@@ -644,7 +650,7 @@ impl Webhooks {
     }
 
     /// Makes a dead letter pending again and queues it.
-    fn replay(&self, seq: u64) -> bool {
+    fn replay(&self, seq: SequenceNumber) -> bool {
         if !matches!(self.wal.append_replay(seq), Ok(Some(_))) {
             return false;
         }
@@ -658,7 +664,7 @@ impl Webhooks {
 
     /// Forgets a dead letter for good (deleted through the admin API, or expired): its budget
     /// is freed and the log says so, so a restart does not bring it back.
-    fn discard(&self, seq: u64) -> bool {
+    fn discard(&self, seq: SequenceNumber) -> bool {
         // A dead letter of an endpoint that left the config is kept, as it was recovered.
         let configured_dead = self.wal.index().get(seq).is_some_and(|d| d.dead && d.endpoint < self.endpoints.len());
         if !configured_dead {
@@ -697,7 +703,7 @@ impl Webhooks {
 
     /// This shard's answer to an admin request, for its own deliveries.
     pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> AdminAnswer {
-        let owned_by_app = |seq: u64| {
+        let owned_by_app = |seq: SequenceNumber| {
             let index = self.wal.index();
             index.get(seq).and_then(|d| self.endpoints.get(d.endpoint)).is_some_and(|e| e.app == app)
         };
