@@ -105,6 +105,11 @@ impl LiveIndex {
         id
     }
 
+    /// Endpoint keys interned so far (ids are `0..endpoint_count()`).
+    pub fn endpoint_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// The key of endpoint id `id`.
     pub fn key(&self, id: usize) -> &str {
         &self.keys[id]

@@ -297,6 +297,39 @@ fn batch_mode_syncs_under_steady_load() {
     });
 }
 
+/// Endpoints are known to the log by key, not by place: after a reload that reorders,
+/// removes and adds endpoints (the dispatcher interns the new keys) and a crash, a restart on
+/// the new config maps every recovered delivery to its own endpoint's key, whatever ids the
+/// new config gives them, and a removed endpoint's deliveries to its key as an orphan.
+#[test]
+fn recovery_maps_deliveries_by_endpoint_key_across_a_reload() {
+    block_on(async {
+        let storage = SimStorage::new();
+        let started_with = ["app/orders", "app/audit"];
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Fsync, &started_with).await.unwrap();
+        let (orders, _) = wal.append(Kind::Delivery, 0, 1, Bytes::from_static(b"to orders")).unwrap();
+        // A reload adds `app/new`: the next free id.
+        let new_id = wal.endpoint_id("app/new");
+        let (fresh, _) = wal.append(Kind::Delivery, new_id, 2, Bytes::from_static(b"to new")).unwrap();
+        let (audit, lsn) = wal.append(Kind::Delivery, 1, 3, Bytes::from_static(b"to audit")).unwrap();
+        wal.flush_once().await.unwrap();
+        wal.commit(lsn).await.unwrap();
+        let image = storage.crash_image(&mut |_| 0, &mut || false);
+        // The reloaded config: `new` first, `audit`, `orders` removed.
+        let (wal, recovered) =
+            Wal::open(image, 0, 1 << 20, Durability::Fsync, &["app/new", "app/audit"]).await.unwrap();
+        assert_eq!(recovered, [orders, fresh, audit]);
+        let index = wal.index();
+        let key_of = |seq| index.key(index.get(seq).unwrap().endpoint).to_string();
+        assert_eq!(
+            (key_of(fresh), key_of(audit), key_of(orders)),
+            ("app/new".into(), "app/audit".into(), "app/orders".into())
+        );
+        assert_eq!((index.get(fresh).unwrap().endpoint, index.get(audit).unwrap().endpoint), (0, 1));
+        assert_eq!(index.get(orders).unwrap().endpoint, 2, "an orphan: past the configured ids");
+    });
+}
+
 /// A delivery over the record limit is refused with an error value (no panic), and the log
 /// goes on accepting and committing normal deliveries.
 #[test]

@@ -30,6 +30,9 @@ pub(super) struct EndpointQueue {
     pub(super) idle_workers: Vec<Waker>,
     /// Deliveries taken by workers and not yet settled.
     pub(super) in_flight: usize,
+    /// Worker tasks running for this endpoint (at most `connections_per_endpoint_max`; they
+    /// end once a reload removes the endpoint).
+    pub(super) workers: usize,
     /// The breaker and counters.
     pub(super) health: Breaker,
     /// Events waiting to be batched (each a batch item in the WAL, so a crash before the
