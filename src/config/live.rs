@@ -4,13 +4,15 @@
 //! anything (`Server::reload` does, through the mesh).
 //!
 //! Applied live (new connections and requests read them; a connection reads its limits once,
-//! when it starts): all of `[http]`, `[websocket]` and `[dashboard]`;
-//! `server.connections_per_shard_max` and the shutdown windows; `[webhooks]` except the keys
-//! below. Restart only: what is bound, spawned or opened at start — `server.bind`,
+//! when it starts): all of `[http]` and `[dashboard]`; `[websocket]` except the two timeouts
+//! below; `server.connections_per_shard_max` and the shutdown windows; `[webhooks]` except the
+//! keys below. Restart only: what is bound, spawned or opened at start — `server.bind`,
 //! `server.shards`, `server.io_driver`, `server.backlog`, all of `[mesh]` and `[cluster]`, and
 //! `webhooks.{data_dir, durability, batch_sync_ms, segment_bytes_max, ca_file, dns_timeout_ms,
-//! dns_threads, dns_cache_ttl_ms, connections_per_endpoint_max}`. `[tls]` and `[[apps]]` are
-//! `Server::reload`'s own.
+//! dns_threads, dns_cache_ttl_ms, connections_per_endpoint_max}` — and
+//! `websocket.{activity_timeout_s, pong_timeout_s}`: every open client was told its activity
+//! timeout in `pusher:connection_established` and pings at that pace, so the shard's liveness
+//! sweep must keep judging it by that value. `[tls]` and `[[apps]]` are `Server::reload`'s own.
 
 use super::Config;
 
@@ -33,6 +35,7 @@ pub fn running_config(old: &Config, new: &Config) -> (Config, Vec<&'static str>)
     let mut restart = Vec::new();
     let mut running = Config { apps: old.apps.clone(), tls: old.tls.clone(), ..new.clone() };
     restart_only!(restart, running.server, old.server, "server", [bind, shards, io_driver, backlog]);
+    restart_only!(restart, running.websocket, old.websocket, "websocket", [activity_timeout_s, pong_timeout_s]);
     restart_only!(restart, running.mesh, old.mesh, "mesh", [ring_capacity]);
     #[rustfmt::skip]
     restart_only!(restart, running.cluster, old.cluster, "cluster", [redis_url, node_id, prefix, lease_ms,
@@ -62,6 +65,7 @@ mod tests {
         new.server.bind = "127.0.0.1:7001".parse().unwrap();
         new.server.shards = 3;
         new.mesh.ring_capacity = 8;
+        new.websocket.pong_timeout_s = 5;
         new.webhooks.retry_schedule_ms = vec![0, 5];
         new.webhooks.durability = crate::config::DurabilityMode::Memory;
         new.cluster.buckets = 8;
@@ -69,7 +73,14 @@ mod tests {
         let (running, restart) = running_config(&old, &new);
         assert_eq!(
             restart,
-            ["server.bind", "server.shards", "mesh.ring_capacity", "cluster.buckets", "webhooks.durability"]
+            [
+                "server.bind",
+                "server.shards",
+                "websocket.pong_timeout_s",
+                "mesh.ring_capacity",
+                "cluster.buckets",
+                "webhooks.durability"
+            ]
         );
         assert_eq!((running.websocket.message_bytes_max, running.http.body_bytes_max), (100, 1000));
         assert_eq!(running.server.connections_per_shard_max, 7);
