@@ -1,17 +1,21 @@
 //! A shard's webhook dispatcher: creating deliveries (into its WAL), releasing them once
-//! committed, the worker tasks that send them, the retry timer, the batcher, dead letters and
-//! the admin operations on them.
+//! committed, the worker tasks that send them, the retry timer, the batcher and dead letters;
+//! its children apply a reload (`reload`) and answer the admin API (`admin`).
 //!
 //! Owns `Webhooks` and the control flow between the stages; the data they hand each other
-//! live in their own modules (`endpoint`: endpoints and the transport; `health`: the breaker
-//! and the settle decision; `batch`; `delivery`: the live index and budgets; `queue`: the
-//! work in progress; `admin`: typed answers). Never renders JSON, never crosses threads:
+//! live in their own modules (`endpoint`: endpoints and the transport; `setup`: the endpoints
+//! and settings a reload swaps; `health`: the breaker and the settle decision; `batch`;
+//! `delivery`: the live index and budgets; `queue`: the work in progress; `admin`: typed
+//! answers). Never renders JSON, never crosses threads:
 //! every shard runs its own dispatcher for the deliveries it created (published events on the
 //! shard that accepted them, lifecycle events on the channel's home shard); the admin API
 //! merges the shards' answers.
 //!
 //! Invariant: a delivery is sent only after its WAL record is committed (durable in `fsync`
 //! mode), so a webhook id a receiver has seen is never reused after a crash.
+
+mod admin;
+mod reload;
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -22,7 +26,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use super::admin::{AdminAnswer, AdminRequest, AttemptReport, DeadLetter};
 use super::batch;
 use super::client::{Connection, Response};
 use super::delivery;
@@ -211,77 +214,6 @@ impl Webhooks {
                     );
                 }
             }
-        }
-    }
-
-    // ---- reload ------------------------------------------------------------------------
-
-    /// Applies a reload (`shard::reload`): the apps' endpoints and the `[webhooks]` settings of
-    /// `config` from now on, matched to the running ones by key (`"{app_id}/{endpoint_id}"`).
-    /// An endpoint that stays keeps its queue, in order, and sends it to its new URL with its
-    /// new secret; an added one gets its workers; a removed one's batch is flushed into a
-    /// delivery and everything it had queued becomes a dead letter (as `disable` does), and its
-    /// workers end. `tls` replaces the connector for `https://` endpoints when given.
-    pub fn reload(self: &Rc<Self>, config: Arc<Config>, apps: &Apps, tls: Option<TlsConnector>) {
-        let old = self.setup();
-        let tls = tls.or_else(|| old.transport.tls.clone());
-        let next = Setup::new(config, apps, tls, |key| self.wal.endpoint_id(key));
-        let removed: Vec<EndpointIndex> = old
-            .configured_endpoints()
-            .map(|(index, _)| index)
-            .filter(|&index| next.endpoint(index).is_none())
-            .collect();
-        // Under the old setup, which knows the endpoint's batch format.
-        for &index in &removed {
-            self.flush_batch(index);
-        }
-        {
-            let mut state = self.state.borrow_mut();
-            let endpoints = self.wal.index().endpoint_count();
-            state.queues.resize_with(endpoints, EndpointQueue::default);
-            for (index, endpoint) in next.configured_endpoints() {
-                // A new URL (or a re-added endpoint) starts with a closed breaker, not disabled.
-                if old.endpoint(index).is_none_or(|before| before.url != endpoint.url) {
-                    state.queues[index.get()].health.enable();
-                }
-            }
-        }
-        *self.setup_cell.borrow_mut() = Rc::new(next);
-        for index in removed {
-            self.retire(index);
-        }
-        self.spawn_workers();
-        // Workers waiting for work look again: their endpoint may be gone or changed.
-        for queue in &mut self.state.borrow_mut().queues {
-            for waker in queue.idle_workers.drain(..) {
-                waker.wake();
-            }
-        }
-    }
-
-    /// Dead-letters what a removed endpoint had queued: its ready deliveries and those waiting
-    /// for a retry. Deliveries still waiting for their commit, and those in flight, follow
-    /// when they reach `make_ready` or `settle`.
-    fn retire(&self, endpoint: EndpointIndex) {
-        let queued: Vec<SequenceNumber> = {
-            let mut state = self.state.borrow_mut();
-            let mut queued: Vec<SequenceNumber> = state.queues[endpoint.get()].ready.drain(..).collect();
-            let index = self.wal.index();
-            let of_endpoint = |seq: &SequenceNumber| index.get(*seq).is_some_and(|d| d.endpoint == endpoint.get());
-            let timed: Vec<_> = state.timers.iter().filter(|(_, seq)| of_endpoint(seq)).copied().collect();
-            for entry in timed {
-                state.timers.remove(&entry);
-                queued.push(entry.1);
-            }
-            queued
-        };
-        let count = queued.len();
-        for seq in queued {
-            self.dead_letter(seq);
-        }
-        if self.shard == 0 || count > 0 {
-            tracing::info!(shard = self.shard, endpoint = %self.key_of(endpoint), dead_letters = count,
-                "webhook endpoint removed by a reload");
         }
     }
 
@@ -790,93 +722,6 @@ impl Webhooks {
                 count,
                 "expired dead letters discarded (webhooks.dead_letter_retention_s)"
             );
-        }
-    }
-
-    // ---- admin -------------------------------------------------------------------------
-
-    fn endpoint_index(&self, app: AppIndex, id: &str) -> Option<EndpointIndex> {
-        let setup = self.setup_cell.borrow();
-        setup.endpoints_of(app).iter().copied().find(|&i| setup.configured(i).id == id)
-    }
-
-    /// This shard's answer to an admin request, for its own deliveries (of the endpoints
-    /// configured now).
-    pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> AdminAnswer {
-        let setup = self.setup();
-        let of_app = |endpoint: usize| setup.endpoint(EndpointIndex::new(endpoint)).filter(|e| e.app == app);
-        let owned_by_app = |seq: SequenceNumber| {
-            let index = self.wal.index();
-            index.get(seq).and_then(|d| of_app(d.endpoint)).is_some()
-        };
-        match request {
-            AdminRequest::Health => {
-                let (state, index) = (self.state.borrow(), self.wal.index());
-                AdminAnswer::Health(
-                    setup.endpoints_of(app).iter().map(|&i| state.health(i, setup.configured(i), &index)).collect(),
-                )
-            }
-            AdminRequest::DeadLetters { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let live = self.wal.index();
-                let letters = live.dead_of(index.get()).into_iter().map(|(seq, d)| DeadLetter {
-                    webhook_id: self.webhook_id(seq),
-                    created_ms: d.created_ms,
-                    body: String::from_utf8_lossy(&d.body).into_owned(),
-                });
-                AdminAnswer::DeadLetters(letters.collect())
-            }
-            AdminRequest::Attempts { webhook_id } => {
-                let Some(seq) = self.parse_webhook_id(webhook_id) else { return AdminAnswer::empty(request) };
-                let state = self.state.borrow();
-                let attempts = state.attempts.iter().filter(|a| a.seq == seq);
-                let attempts = attempts.filter_map(|a| of_app(a.endpoint.get()).map(|endpoint| (a, endpoint)));
-                AdminAnswer::Attempts(
-                    attempts
-                        .map(|(a, endpoint)| AttemptReport {
-                            webhook_id: webhook_id.clone(),
-                            endpoint: endpoint.id.clone(),
-                            at_ms: a.at_ms,
-                            status: a.status,
-                            error: a.error.clone(),
-                            duration_ms: a.duration_ms,
-                            next_attempt_in_ms: a.next_attempt_in_ms,
-                        })
-                        .collect(),
-                )
-            }
-            AdminRequest::Replay { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
-                AdminAnswer::Replayed(seq.filter(|&s| self.replay(s)).map(|_| webhook_id.clone()).into_iter().collect())
-            }
-            AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.wal.index().dead_between(index.get(), *from_ms, *to_ms);
-                AdminAnswer::Replayed(
-                    seqs.into_iter().filter(|&s| self.replay(s)).map(|s| self.webhook_id(s)).collect(),
-                )
-            }
-            AdminRequest::Delete { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
-                AdminAnswer::Deleted(seq.filter(|&s| self.discard(s)).map(|_| webhook_id.clone()).into_iter().collect())
-            }
-            AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.wal.index().dead_between(index.get(), *from_ms, *to_ms);
-                AdminAnswer::Deleted(
-                    seqs.into_iter().filter(|&s| self.discard(s)).map(|s| self.webhook_id(s)).collect(),
-                )
-            }
-            AdminRequest::Enable { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let mut state = self.state.borrow_mut();
-                let queue = &mut state.queues[index.get()];
-                queue.health.enable();
-                for waker in queue.idle_workers.drain(..) {
-                    waker.wake();
-                }
-                AdminAnswer::Enabled
-            }
         }
     }
 }
