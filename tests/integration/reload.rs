@@ -115,6 +115,18 @@ fn apps_are_added_rotated_and_removed_live() {
     assert_eq!((total("config_reloads_total"), total("config_reload_failures_total")), (3, 0));
 }
 
+/// Starts the binary on a config file, its stderr to a file; returns it and its address.
+fn start_node(config: &std::path::Path, stderr: &std::path::Path) -> (std::process::Child, SocketAddr) {
+    let (child, mut stdout) = spawn_node(config, stderr);
+    let mut line = String::new();
+    while !line.contains("listening on ") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the node printed its address");
+    }
+    let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+    (child, rest.split(' ').next().unwrap().parse().unwrap())
+}
+
 /// Connecting with a key answers connection_established (true) or a 4001 error (false).
 fn key_connects(addr: SocketAddr, key: &str) -> bool {
     let mut ws = ws_connect(addr, &format!("/app/{key}?protocol=7"));
@@ -134,14 +146,7 @@ fn sighup_reloads_apps_and_refuses_a_broken_file_whole() {
     let app_b = "[[apps]]\nid = \"b\"\nkey = \"key-b\"\nsecret = \"secret-b\"\n";
     std::fs::write(&config_path, format!("{head}{app_a}")).unwrap();
     let stderr_path = dir.join("stderr.log");
-    let (mut child, mut stdout) = spawn_node(&config_path, &stderr_path);
-    let mut line = String::new();
-    while !line.contains("listening on ") {
-        line.clear();
-        assert!(stdout.read_line(&mut line).unwrap() > 0, "the node printed its address");
-    }
-    let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
-    let addr: SocketAddr = rest.split(' ').next().unwrap().parse().unwrap();
+    let (mut child, addr) = start_node(&config_path, &stderr_path);
     let (mut stay, _) = connect_key(addr, KEY);
     subscribe(&mut stay, "stay");
     let hup = || std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap();
@@ -185,6 +190,12 @@ fn eventually(what: impl Fn() -> bool) -> bool {
     what()
 }
 
+/// An http URL on a port nobody listens on (connections are refused).
+fn closed_url() -> String {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}/gone", closed.local_addr().unwrap())
+}
+
 /// A Standard Webhooks endpoint of the test app, with an explicit id (its identity across
 /// reloads).
 fn endpoint(id: &str, url: String) -> ringwire::config::WebhookConfig {
@@ -209,10 +220,7 @@ fn delivered(receiver: &Receiver) -> Vec<String> {
 /// queued deliveries become dead letters. The crowd stays connected and receives throughout.
 #[test]
 fn webhook_endpoints_change_live_without_losing_a_delivery() {
-    let dead_url = {
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}/gone", closed.local_addr().unwrap())
-    };
+    let dead_url = closed_url();
     let (moved, added) = (Receiver::start(), Receiver::start());
     let mut config = Config::default();
     let server = TestServer::start(|c| {
@@ -321,4 +329,63 @@ fn limits_change_live_for_new_connections() {
     }
     let total = |name: &str| metric(addr, name).iter().sum::<u64>();
     assert!(eventually(|| total("connections") == 10), "the crowd stayed, the refused one is gone");
+}
+
+/// A config file with the test app and these `(id, url)` Standard Webhooks endpoints, in order.
+fn webhook_config(data_dir: &std::path::Path, endpoints: &[(&str, String)]) -> String {
+    let mut text = format!(
+        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n[webhooks]\ndata_dir = {:?}\nallow_private_targets = true\n\
+         retry_schedule_ms = [0, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200, 200]\n\
+         [[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n",
+        data_dir.to_str().unwrap()
+    );
+    for (id, url) in endpoints {
+        text += &format!(
+            "[[apps.webhooks]]\nid = \"{id}\"\nurl = \"{url}\"\nformat = \"standard\"\nsecret = \"{WHSEC}\"\n"
+        );
+    }
+    text
+}
+
+/// The WAL names endpoints by key: deliveries queued before and after a SIGHUP that inserts an
+/// endpoint ahead of another survive `kill -9`, and the restart on a config that lists them
+/// in that new order sends each endpoint its own deliveries, once.
+#[test]
+fn kill_9_after_a_reload_keeps_each_endpoint_its_own_deliveries() {
+    let dir = temp_dir("reload-kill-9");
+    let (config_path, stderr_path) = (dir.join("ringwire.toml"), dir.join("stderr.log"));
+    let data_dir = dir.join("data");
+    std::fs::write(&config_path, webhook_config(&data_dir, &[("orders", closed_url())])).unwrap();
+    let (mut child, addr) = start_node(&config_path, &stderr_path);
+    for n in 0..5 {
+        assert_eq!(publish(addr, &["a"], &format!("a-{n}"), "{}", None).0, 200);
+    }
+    let reordered = [("audit", closed_url()), ("orders", closed_url())];
+    std::fs::write(&config_path, webhook_config(&data_dir, &reordered)).unwrap();
+    assert!(std::process::Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    let reloaded = || std::fs::read_to_string(&stderr_path).unwrap().contains("config reloaded");
+    assert!(eventually(reloaded), "{}", std::fs::read_to_string(&stderr_path).unwrap());
+    for n in 0..3 {
+        assert_eq!(publish(addr, &["b"], &format!("b-{n}"), "{}", None).0, 200);
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let (orders, audit) = (Receiver::start(), Receiver::start());
+    let urls = [("audit", format!("http://{}/", audit.addr)), ("orders", format!("http://{}/", orders.addr))];
+    std::fs::write(&config_path, webhook_config(&data_dir, &urls)).unwrap();
+    let (mut child, addr) = start_node(&config_path, &stderr_path);
+    let events = |receiver: &Receiver| {
+        let mut events = delivered(receiver);
+        events.sort();
+        events
+    };
+    let quote = |names: &[&str]| names.iter().map(|n| format!("\"{n}\"")).collect::<Vec<_>>();
+    // Nothing pending on any shard: everything recovered was delivered (and no more will be).
+    let pending = || metric(addr, "webhook_pending").iter().sum::<u64>();
+    assert!(eventually(|| orders.requests().len() >= 8 && audit.requests().len() >= 3 && pending() == 0));
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(events(&orders), quote(&["a-0", "a-1", "a-2", "a-3", "a-4", "b-0", "b-1", "b-2"]));
+    assert_eq!(events(&audit), quote(&["b-0", "b-1", "b-2"]), "audit existed only after the reload");
 }
