@@ -145,13 +145,15 @@ impl Webhooks {
                 let live = index.get(seq).expect("recovered records are live");
                 (live.kind, live.endpoint, live.dead)
             };
+            let mut state = self.state.borrow_mut();
+            let queue = &mut state.queues[endpoint];
             if !self.configured(EndpointIndex::new(endpoint)) {
-                // Its endpoint left the config: kept in the log, reported, never sent.
+                // Its endpoint left the config: kept in the log, reported, and sent if a reload
+                // configures the endpoint again (`reload::unpark`).
+                queue.parked.push(seq);
                 orphans += 1;
                 continue;
             }
-            let mut state = self.state.borrow_mut();
-            let queue = &mut state.queues[endpoint];
             match kind {
                 Kind::BatchItem => {
                     queue.batch.push(seq, now);

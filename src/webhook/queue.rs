@@ -35,6 +35,9 @@ pub(super) struct EndpointQueue {
     pub(super) workers: usize,
     /// The breaker and counters.
     pub(super) health: Breaker,
+    /// What recovery found for this endpoint while it was not configured (pending deliveries,
+    /// batch items, dead letters), in log order: kept aside until a reload configures it.
+    pub(super) parked: Vec<SequenceNumber>,
     /// Events waiting to be batched (each a batch item in the WAL, so a crash before the
     /// batch is formed loses none).
     pub(super) batch: Batch,

@@ -389,3 +389,40 @@ fn kill_9_after_a_reload_keeps_each_endpoint_its_own_deliveries() {
     assert_eq!(events(&orders), quote(&["a-0", "a-1", "a-2", "a-3", "a-4", "b-0", "b-1", "b-2"]));
     assert_eq!(events(&audit), quote(&["b-0", "b-1", "b-2"]), "audit existed only after the reload");
 }
+
+/// Deliveries the log holds for an endpoint the config left out at start (kept aside, not
+/// sent) go out once a reload configures that endpoint again, each once.
+#[test]
+fn a_reload_that_brings_an_endpoint_back_sends_what_it_left_in_the_log() {
+    let data_dir = temp_dir("reload-orphans");
+    let settings = |c: &mut Config| {
+        c.webhooks.data_dir = data_dir.clone();
+        c.webhooks.allow_private_targets = true;
+        c.webhooks.retry_schedule_ms = std::iter::once(0).chain(std::iter::repeat_n(200, 100)).collect();
+        c.webhooks.breaker_failures = 1000;
+    };
+    {
+        let server = TestServer::start(|c| {
+            settings(c);
+            c.apps[0].webhooks = vec![endpoint("orders", closed_url()), endpoint("audit", closed_url())];
+        });
+        for n in 0..3 {
+            assert_eq!(publish(server.addr, &["a"], &format!("left-{n}"), "{}", None).0, 200);
+        }
+    }
+    let receiver = Receiver::start();
+    let mut config = Config::default();
+    let server = TestServer::start(|c| {
+        settings(c);
+        c.apps[0].webhooks = vec![endpoint("audit", closed_url())];
+        config = c.clone();
+    });
+    let pending = || metric(server.addr, "webhook_pending").iter().sum::<u64>();
+    assert_eq!(pending(), 3, "only audit's three are queued; orders' are kept aside");
+    config.apps[0].webhooks.push(endpoint("orders", format!("http://{}/", receiver.addr)));
+    assert!(server.server().reload(&config).expect("reloaded").needs_restart.is_empty());
+    assert!(eventually(|| receiver.requests().len() >= 3 && pending() == 3), "orders' three delivered");
+    let mut events = delivered(&receiver);
+    events.sort();
+    assert_eq!(events, ["\"left-0\"", "\"left-1\"", "\"left-2\""]);
+}

@@ -11,7 +11,8 @@ use monoio_rustls::TlsConnector;
 use super::Webhooks;
 use crate::apps::Apps;
 use crate::config::Config;
-use crate::wal::SequenceNumber;
+use crate::metrics::ShardMetrics;
+use crate::wal::{Kind, SequenceNumber};
 use crate::webhook::endpoint::EndpointIndex;
 use crate::webhook::queue::EndpointQueue;
 use crate::webhook::setup::Setup;
@@ -47,9 +48,17 @@ impl Webhooks {
                 }
             }
         }
+        let added: Vec<EndpointIndex> = next
+            .configured_endpoints()
+            .map(|(index, _)| index)
+            .filter(|&index| old.endpoint(index).is_none())
+            .collect();
         *self.setup_cell.borrow_mut() = Rc::new(next);
         for index in removed {
             self.retire(index);
+        }
+        for index in added {
+            self.unpark(index);
         }
         self.spawn_workers();
         // Workers waiting for work look again: their endpoint may be gone or changed.
@@ -57,6 +66,38 @@ impl Webhooks {
             for waker in queue.idle_workers.drain(..) {
                 waker.wake();
             }
+        }
+    }
+
+    /// Queues what recovery kept aside for an endpoint that was not configured at start and
+    /// now is: its pending deliveries get an attempt, its batch items are batched again, its
+    /// dead letters are counted (and replayable).
+    fn unpark(&self, endpoint: EndpointIndex) {
+        let parked = std::mem::take(&mut self.state.borrow_mut().queues[endpoint.get()].parked);
+        let (mut pending, mut dead, mut ready) = (0, 0, Vec::new());
+        for seq in parked {
+            let Some((kind, is_dead)) = self.wal.index().get(seq).map(|live| (live.kind, live.dead)) else { continue };
+            match kind {
+                Kind::Delivery if is_dead => dead += 1,
+                Kind::Delivery => ready.push(seq),
+                Kind::BatchItem => {
+                    let mut state = self.state.borrow_mut();
+                    state.queues[endpoint.get()].batch.push(seq, std::time::Instant::now());
+                    if let Some(waker) = state.batch_task.take() {
+                        waker.wake();
+                    }
+                }
+            }
+            pending += u64::from(!is_dead);
+        }
+        ShardMetrics::add(&self.metrics().webhook_pending, pending);
+        ShardMetrics::add(&self.metrics().webhook_dead_letters, dead);
+        for seq in ready {
+            self.make_ready(seq);
+        }
+        if pending + dead > 0 {
+            tracing::info!(shard = self.shard, endpoint = %self.key_of(endpoint), pending, dead,
+                "recovered deliveries of an endpoint configured again by a reload");
         }
     }
 
