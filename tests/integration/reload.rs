@@ -426,3 +426,39 @@ fn a_reload_that_brings_an_endpoint_back_sends_what_it_left_in_the_log() {
     events.sort();
     assert_eq!(events, ["\"left-0\"", "\"left-1\"", "\"left-2\""]);
 }
+
+/// Whether the node closes a new connection at once (over `connections_per_shard_max`) rather
+/// than answering a request on it.
+fn refused_at_accept(addr: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = stream.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.is_empty()
+}
+
+/// Lowering `server.connections_per_shard_max` live refuses the next connection over it while
+/// the open ones stay; raising it admits again.
+#[test]
+fn connection_limit_changes_live() {
+    let mut config = Config::default();
+    let server = TestServer::start(|c| {
+        c.server.shards = 1;
+        config = c.clone();
+    });
+    let addr = server.addr;
+    let mut open: Vec<Ws> = (0..3).map(|_| connect(addr).0).collect();
+    assert!(!refused_at_accept(addr));
+    config.server.connections_per_shard_max = 3;
+    assert!(server.server().reload(&config).expect("reloaded").settings);
+    assert!(refused_at_accept(addr), "a fourth socket is over the new limit");
+    for ws in &mut open {
+        send_json(ws, json!({"event": "pusher:ping", "data": {}}));
+        assert_eq!(recv_json(ws)["event"], "pusher:pong", "the open ones stay");
+    }
+    config.server.connections_per_shard_max = 100;
+    server.server().reload(&config).expect("reloaded");
+    assert!(!refused_at_accept(addr));
+}
