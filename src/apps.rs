@@ -52,7 +52,9 @@ impl std::fmt::Debug for App {
 pub struct AppsChange {
     /// Apps removed by this reload (their connections are to be closed with 4001).
     pub removed: Vec<AppIndex>,
-    /// `apps.webhooks` or `apps.subscription_count_enabled` changed: not applied live.
+    /// What changed and is not applied live: `apps.subscription_count_enabled`, and
+    /// `apps.webhooks` on a node that started without any endpoint (it runs no dispatcher) or
+    /// when a kept app gains its first lifecycle endpoint (its channels were not counted).
     pub needs_restart: Vec<&'static str>,
 }
 
@@ -64,17 +66,34 @@ impl AppsChange {
     }
 }
 
+/// Whether any of these endpoints is Pusher-format (lifecycle events).
+fn has_lifecycle(webhooks: &[crate::config::WebhookConfig]) -> bool {
+    webhooks.iter().any(|w| w.format == WebhookFormat::Pusher)
+}
+
 impl App {
-    /// A kept app under its new config; its webhooks and subscription counting stay.
-    fn succeeded_by(&self, config: &AppConfig, change: &mut AppsChange) -> App {
-        if config.webhooks != self.config.webhooks {
+    /// A kept app under its new config. Its webhook endpoints are the new ones when
+    /// `webhooks_live` (the dispatcher takes them); its subscription counting stays: the home
+    /// shards' counts start at zero, so turning it on for channels that already have
+    /// subscribers would count them wrong.
+    fn succeeded_by(&self, config: &AppConfig, webhooks_live: bool, change: &mut AppsChange) -> App {
+        let mut webhooks = config.webhooks.clone();
+        if webhooks != self.config.webhooks && !webhooks_live {
             change.restart("apps.webhooks");
+            webhooks = self.config.webhooks.clone();
+        }
+        let mut wants_lifecycle = has_lifecycle(&webhooks);
+        if wants_lifecycle && !self.counts_subscriptions {
+            // channel_occupied/vacated need the counts; the endpoint gets them after a restart.
+            change.restart("apps.webhooks (a first lifecycle endpoint)");
+            wants_lifecycle = self.wants_lifecycle;
+            webhooks.retain(|w| w.format != WebhookFormat::Pusher);
         }
         if config.subscription_count_enabled != self.config.subscription_count_enabled {
             change.restart("apps.subscription_count_enabled");
         }
         let config = AppConfig {
-            webhooks: self.config.webhooks.clone(),
+            webhooks,
             subscription_count_enabled: self.config.subscription_count_enabled,
             ..config.clone()
         };
@@ -82,7 +101,7 @@ impl App {
             index: self.index,
             secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
             config,
-            wants_lifecycle: self.wants_lifecycle,
+            wants_lifecycle,
             counts_subscriptions: self.counts_subscriptions,
             removed: false,
             connections: self.connections.clone(),
@@ -90,17 +109,20 @@ impl App {
         }
     }
 
-    /// An app added by a reload, without webhooks until a restart.
-    fn fresh(index: AppIndex, config: &AppConfig, change: &mut AppsChange) -> App {
-        if !config.webhooks.is_empty() {
+    /// An app added by a reload, with its webhook endpoints when `webhooks_live` (it has no
+    /// subscribers yet, so its subscriptions are counted from zero rightly).
+    fn fresh(index: AppIndex, config: &AppConfig, webhooks_live: bool, change: &mut AppsChange) -> App {
+        let mut config = config.clone();
+        if !config.webhooks.is_empty() && !webhooks_live {
             change.restart("apps.webhooks");
+            config.webhooks.clear();
         }
-        let config = AppConfig { webhooks: Vec::new(), ..config.clone() };
+        let wants_lifecycle = has_lifecycle(&config.webhooks);
         App {
             index,
             secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
-            wants_lifecycle: false,
-            counts_subscriptions: config.subscription_count_enabled,
+            wants_lifecycle,
+            counts_subscriptions: config.subscription_count_enabled || wants_lifecycle,
             removed: false,
             connections: Arc::default(),
             backend_events: Arc::default(),
@@ -162,7 +184,7 @@ impl Apps {
             .iter()
             .enumerate()
             .map(|(i, config)| {
-                let wants_lifecycle = config.webhooks.iter().any(|w| w.format == WebhookFormat::Pusher);
+                let wants_lifecycle = has_lifecycle(&config.webhooks);
                 App {
                     index: i as AppIndex,
                     config: config.clone(),
@@ -188,10 +210,11 @@ impl Apps {
     /// The registry after a reload to `configs` (validated), matching apps by id: a kept app
     /// keeps its index and counters and takes its new key, secret and limits; an app no
     /// longer configured becomes a tombstone; a new app is appended (or revives its own
-    /// tombstone). Webhook endpoints and subscription counting are not changed live (the
-    /// dispatcher and the home shards' counts are built at start): a kept app keeps its
-    /// running ones, a new app starts without webhooks, and `AppsChange::needs_restart` says so.
-    pub fn reloaded(&self, configs: &[AppConfig]) -> (Apps, AppsChange) {
+    /// tombstone). Webhook endpoints change live when `webhooks_live` (the node runs a webhook
+    /// dispatcher, which takes them); subscription counting does not (the home shards' counts
+    /// start at zero). What is not applied is kept as it runs and named in
+    /// `AppsChange::needs_restart`.
+    pub fn reloaded(&self, configs: &[AppConfig], webhooks_live: bool) -> (Apps, AppsChange) {
         let mut change = AppsChange::default();
         let mut list: Vec<App> = Vec::with_capacity(self.list.len().max(configs.len()));
         for old in &self.list {
@@ -200,19 +223,19 @@ impl Apps {
                 change.removed.push(old.index);
             }
             list.push(match successor {
-                Some(config) if !old.removed => old.succeeded_by(config, &mut change),
+                Some(config) if !old.removed => old.succeeded_by(config, webhooks_live, &mut change),
                 // A revived app keeps the tombstone's counters: connections of its previous
                 // life may still be tearing down and release against them.
                 Some(config) => App {
                     connections: old.connections.clone(),
                     backend_events: old.backend_events.clone(),
-                    ..App::fresh(old.index, config, &mut change)
+                    ..App::fresh(old.index, config, webhooks_live, &mut change)
                 },
-                None => App { removed: true, ..old.succeeded_by(&old.config, &mut change) },
+                None => App { removed: true, ..old.succeeded_by(&old.config, webhooks_live, &mut change) },
             });
         }
         for config in configs.iter().filter(|c| !self.list.iter().any(|a| a.config.id == c.id)) {
-            list.push(App::fresh(list.len() as AppIndex, config, &mut change));
+            list.push(App::fresh(list.len() as AppIndex, config, webhooks_live, &mut change));
         }
         (Apps::indexed(list), change)
     }
@@ -262,26 +285,50 @@ mod tests {
         let apps = Apps::new(&[app("a"), app("b"), app("c")]);
         assert!(apps.get(1).try_admit());
         let rotated = AppConfig { secret: "new".into(), max_connections: 7, ..app("c") };
-        let (next, change) = apps.reloaded(&[app("a"), rotated, app("d")]);
+        let (next, change) = apps.reloaded(&[app("a"), rotated, app("d")], false);
         assert_eq!(change, AppsChange { removed: vec![1], needs_restart: vec![] });
         assert!(next.by_id("b").is_none() && next.by_key("key-b").is_none() && !next.get(1).try_admit());
         assert_eq!(next.get(1).connections(), 1, "the removed app's count outlives it");
         let c = next.by_id("c").unwrap();
         assert_eq!((c.index, c.config.secret.as_str(), c.config.max_connections), (2, "new", 7));
         assert_eq!(next.by_key("key-d").unwrap().index, 3);
-        let (revived, _) = next.reloaded(&[app("a"), app("b"), app("c"), app("d")]);
+        let (revived, _) = next.reloaded(&[app("a"), app("b"), app("c"), app("d")], false);
         assert_eq!((revived.by_id("b").unwrap().index, revived.get(1).connections()), (1, 1));
         assert_eq!(revived.list.len(), 4);
     }
 
-    /// Webhook endpoints and subscription counting are not changed live, and the reload says so.
+    /// Subscription counting is not changed live, nor webhook endpoints on a node without a
+    /// dispatcher, and the reload says so.
     #[test]
     fn reload_reports_webhooks_as_needing_a_restart() {
         let apps = Apps::new(&[app("a")]);
         let mut changed = app("a");
         changed.subscription_count_enabled = true;
-        let (next, change) = apps.reloaded(&[changed]);
-        assert_eq!(change.needs_restart, ["apps.subscription_count_enabled"]);
-        assert!(!next.get(0).counts_subscriptions && !next.get(0).config.subscription_count_enabled);
+        changed.webhooks = vec![hook(WebhookFormat::Standard)];
+        let (next, change) = apps.reloaded(&[changed], false);
+        assert_eq!(change.needs_restart, ["apps.webhooks", "apps.subscription_count_enabled"]);
+        let a = next.get(0);
+        assert!(!a.counts_subscriptions && !a.config.subscription_count_enabled && a.config.webhooks.is_empty());
+    }
+
+    fn hook(format: WebhookFormat) -> crate::config::WebhookConfig {
+        match format {
+            WebhookFormat::Pusher => crate::config::WebhookConfig::pusher("http://127.0.0.1:9/hook"),
+            WebhookFormat::Standard => crate::config::WebhookConfig::standard("http://127.0.0.1:9/hook", "whsec_AAAA"),
+        }
+    }
+
+    /// With a dispatcher, endpoints change live; a kept app's first lifecycle endpoint is held
+    /// back (its channels were never counted), a new app's is taken and counted from zero.
+    #[test]
+    fn reload_takes_webhooks_live_with_a_dispatcher() {
+        let apps = Apps::new(&[app("a")]);
+        let a = AppConfig { webhooks: vec![hook(WebhookFormat::Standard), hook(WebhookFormat::Pusher)], ..app("a") };
+        let b = AppConfig { webhooks: vec![hook(WebhookFormat::Pusher)], ..app("b") };
+        let (next, change) = apps.reloaded(&[a, b], true);
+        assert_eq!(change.needs_restart, ["apps.webhooks (a first lifecycle endpoint)"]);
+        let (a, b) = (next.get(0), next.get(1));
+        assert_eq!(a.config.webhooks, [hook(WebhookFormat::Standard)]);
+        assert!(!a.wants_lifecycle && b.wants_lifecycle && b.counts_subscriptions);
     }
 }

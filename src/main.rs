@@ -135,7 +135,7 @@ fn log_host_findings(config: &Config) {
 }
 
 /// SIGHUP: reads the config file again and applies what can change while running (the TLS
-/// certificate and the apps). A file that fails validation is refused whole, naming key and line, and
+/// certificate, the apps and their webhook endpoints, and the live keys of `config::running_config`). A file that fails validation is refused whole, naming key and line, and
 /// the running config stays.
 fn reload(server: &Server, path: Option<&PathBuf>) {
     let Some(path) = path else {
@@ -155,13 +155,14 @@ fn reload(server: &Server, path: Option<&PathBuf>) {
                 certificates = reloaded.certificates,
                 apps = reloaded.apps,
                 apps_removed = ?reloaded.apps_removed,
+                settings = reloaded.settings,
                 "config reloaded from {}",
                 path.display()
             );
             if !reloaded.needs_restart.is_empty() {
                 tracing::warn!(
-                    sections = ?reloaded.needs_restart,
-                    "changed config sections take effect only after a restart"
+                    keys = ?reloaded.needs_restart,
+                    "changed config keys take effect only after a restart"
                 );
             }
         }

@@ -24,7 +24,7 @@ use crate::webhook::dispatch::Webhooks;
 use crate::webhook::resolver::{self, Lookup, Resolver};
 use monoio_rustls::TlsConnector;
 
-/// How long a reload waits for every shard to take the new apps.
+/// How long a reload waits for every shard to take the new config and apps.
 const RELOAD_APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The io driver a shard ended up on.
@@ -57,6 +57,9 @@ pub struct Server {
     apps: Mutex<Arc<Apps>>,
     /// The TLS listener's certificate slot, which a reload swaps.
     certificates: Option<Arc<Certificates>>,
+    /// The shards run a webhook dispatcher (some app had an endpoint at start), so a reload
+    /// can change endpoints live.
+    webhooks_live: bool,
     metrics: Arc<[ShardMetrics]>,
 }
 
@@ -70,6 +73,9 @@ pub struct Reloaded {
     pub apps: bool,
     /// Ids of the apps this reload removed (their connections were closed with 4001).
     pub apps_removed: Vec<String>,
+    /// Every shard runs the new file's live keys (`config::running_config`): `[http]`,
+    /// `[websocket]`, `[dashboard]`, most of `[webhooks]` and some of `[server]` changed.
+    pub settings: bool,
     /// Changed sections that take effect only after a restart.
     pub needs_restart: Vec<&'static str>,
 }
@@ -180,17 +186,18 @@ impl Server {
                 }
             }
         }
+        let webhooks_live = config.apps.iter().any(|app| !app.webhooks.is_empty());
         let (config, apps) = (Mutex::new(config), Mutex::new(apps));
-        Ok(Server { addr, tls_addr, drivers, mesh, threads, config, apps, certificates, metrics })
+        Ok(Server { addr, tls_addr, drivers, mesh, threads, config, apps, certificates, webhooks_live, metrics })
     }
 
     /// Applies a new, already validated config to the running node (SIGHUP): the TLS
     /// certificate and key are read again and served from the next handshake on, while open
-    /// connections keep theirs; `[[apps]]` are swapped on every shard (see `apply_apps`). Other
-    /// changed sections, app webhook endpoints and `subscription_count_enabled` are named in
-    /// `needs_restart` (they are not applied yet). On an error nothing changes (the
-    /// certificate is read before anything is swapped). Counted in `ringwire_config_reloads_total`
-    /// and `ringwire_config_reload_failures_total`.
+    /// connections keep theirs; the live keys (`config::running_config`), `[[apps]]` and their
+    /// webhook endpoints are swapped on every shard (see `apply_on_shards`). Keys that need a
+    /// restart are named in `needs_restart` and keep their running values. On an error nothing
+    /// changes (the certificate is read before anything is swapped). Counted in
+    /// `ringwire_config_reloads_total` and `ringwire_config_reload_failures_total`.
     pub fn reload(&self, new: &Config) -> Result<Reloaded, String> {
         let result = self.apply(new);
         let counter = match result {
@@ -210,6 +217,13 @@ impl Server {
         let mut config = self.config.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = config.clone();
         let mut reloaded = Reloaded::default();
+        // Read first, off the shards (the CA file is blocking file I/O), so that a bad CA file
+        // refuses the reload before anything is swapped. `webhooks.ca_file` needs a restart:
+        // the running one serves the new endpoints.
+        let webhook_tls = match self.webhooks_live {
+            true => crate::webhook::endpoint::tls_connector(&Config { apps: new.apps.clone(), ..(*old).clone() })?,
+            false => None,
+        };
         match (&self.certificates, &new.tls) {
             (Some(certificates), Some(tls)) => {
                 certificates.reload(tls)?;
@@ -222,74 +236,83 @@ impl Server {
         if reloaded.certificates && bind_changed(&old, new) {
             reloaded.needs_restart.push("tls.bind");
         }
-        let sections: [(&'static str, bool); 6] = [
-            ("server", old.server != new.server),
-            ("http", old.http != new.http),
-            ("websocket", old.websocket != new.websocket),
-            ("mesh", old.mesh != new.mesh),
-            ("webhooks", old.webhooks != new.webhooks),
-            ("cluster", old.cluster != new.cluster),
-        ];
-        reloaded.needs_restart.extend(sections.iter().filter(|(_, changed)| *changed).map(|(name, _)| *name));
+        let (mut running, restart) = crate::config::running_config(&old, new);
+        reloaded.needs_restart.extend(restart);
+        reloaded.settings = running != *old;
+        let mut apps = self.apps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut next_apps = apps.clone();
         if old.apps != new.apps {
-            let cluster = old.cluster.redis_url.is_some();
-            let running = self.apply_apps(&new.apps, cluster, &mut reloaded)?;
-            *config = Arc::new(Config { apps: running, ..(*old).clone() });
+            let (next, change) = apps.reloaded(&new.apps, self.webhooks_live);
+            if old.cluster.redis_url.is_some() {
+                // docs/cluster.md: an app's buckets are subscribed on every shard before any
+                // shard serves it, so its first clients miss nothing other nodes publish.
+                let added: Vec<(crate::apps::AppIndex, String)> = next
+                    .list
+                    .iter()
+                    .filter(|app| !app.removed && apps.list.get(app.index as usize).is_none_or(|old| old.removed))
+                    .map(|app| (app.index, app.config.id.clone()))
+                    .collect();
+                if !added.is_empty() {
+                    self.subscribe_apps(&added, std::time::Instant::now() + RELOAD_APPLY_TIMEOUT)?;
+                }
+            }
+            reloaded.apps = true;
+            reloaded.apps_removed = change.removed.iter().map(|&i| next.get(i).config.id.clone()).collect();
+            reloaded.needs_restart.extend(change.needs_restart);
+            running.apps = next.list.iter().filter(|app| !app.removed).map(|app| app.config.clone()).collect();
+            next_apps = Arc::new(next);
         }
+        if !reloaded.settings && !reloaded.apps {
+            return Ok(reloaded);
+        }
+        let running = Arc::new(running);
+        let sent = self.apply_on_shards(&running, &next_apps, webhook_tls);
+        // Once sent, every shard applies it (if late, when it drains its ring): what runs is new.
+        if !matches!(sent, Err(Unsent::Ring(_))) {
+            *apps = next_apps;
+            *config = running;
+        }
+        sent.map_err(|e| e.to_string())?;
         Ok(reloaded)
     }
 
-    /// Swaps the apps on every shard through the mesh (the only way work crosses threads) and
-    /// waits until each has applied them; returns the app configs now running.
-    fn apply_apps(
+    /// Sends the reload to every shard through the mesh (the only way work crosses threads)
+    /// and waits until each has applied it.
+    fn apply_on_shards(
         &self,
-        configs: &[crate::config::AppConfig],
-        cluster: bool,
-        reloaded: &mut Reloaded,
-    ) -> Result<Vec<crate::config::AppConfig>, String> {
-        let mut apps = self.apps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (next, change) = apps.reloaded(configs);
-        let next = Arc::new(next);
+        config: &Arc<Config>,
+        apps: &Arc<Apps>,
+        webhook_tls: Option<TlsConnector>,
+    ) -> Result<(), Unsent> {
         let deadline = std::time::Instant::now() + RELOAD_APPLY_TIMEOUT;
-        if cluster {
-            // docs/cluster.md: an app's buckets are subscribed on every shard before any shard
-            // serves it, so its first clients miss nothing other nodes publish.
-            let added: Vec<(crate::apps::AppIndex, String)> = next
-                .list
-                .iter()
-                .filter(|app| !app.removed && apps.list.get(app.index as usize).is_none_or(|old| old.removed))
-                .map(|app| (app.index, app.config.id.clone()))
-                .collect();
-            if !added.is_empty() {
-                self.subscribe_apps(&added, deadline)?;
-            }
-        }
         let (done, applied) = mpsc::channel();
         for shard in 0..self.mesh.shards() {
-            let mut message = crate::shard::mesh::MeshMessage::ReloadApps { apps: next.clone(), done: done.clone() };
+            let reload = crate::shard::reload::Reload {
+                config: config.clone(),
+                apps: apps.clone(),
+                webhook_tls: webhook_tls.clone(),
+                done: done.clone(),
+            };
+            let mut message = crate::shard::mesh::MeshMessage::Reload(Box::new(reload));
             // Counted as sent for shutdown's quiescence check, which pairs every handled
             // message with a sent one.
             self.mesh.count_sent(shard);
             while let Err(back) = self.mesh.try_send(shard, message) {
                 if std::time::Instant::now() > deadline || self.mesh.is_shutting_down() {
-                    return Err(format!("apps: shard {shard}'s mesh ring stayed full; the apps were not reloaded"));
+                    return Err(Unsent::Ring(shard));
                 }
                 // Not a shard thread: a short sleep while the shard drains its ring is fine.
                 std::thread::sleep(std::time::Duration::from_millis(1));
                 message = back;
             }
         }
-        *apps = next.clone();
         for _ in 0..self.mesh.shards() {
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if applied.recv_timeout(left).is_err() {
-                return Err("apps: a shard did not apply the reload in time; it will when it drains its ring".into());
+                return Err(Unsent::Late);
             }
         }
-        reloaded.apps = true;
-        reloaded.apps_removed = change.removed.iter().map(|&i| next.get(i).config.id.clone()).collect();
-        reloaded.needs_restart.extend(change.needs_restart);
-        Ok(next.list.iter().filter(|app| !app.removed).map(|app| app.config.clone()).collect())
+        Ok(())
     }
 
     /// Cluster mode: has every shard's link supervisor subscribe (and baseline) its buckets of
@@ -340,6 +363,18 @@ impl Server {
             let _ = thread.join();
         }
     }
+}
+
+/// Why a reload did not reach every shard in time.
+#[derive(Debug, thiserror::Error)]
+enum Unsent {
+    /// A shard's ring stayed full: shards before it took the reload, it and those after did
+    /// not (a reload of the same file again sends it whole).
+    #[error("shard {0}'s mesh ring stayed full; the config was not reloaded on it")]
+    Ring(usize),
+    /// Sent everywhere, but some shard has not applied it yet; it will when it drains its ring.
+    #[error("a shard did not apply the reload in time; it will when it drains its ring")]
+    Late,
 }
 
 /// The CPU shard `index` is pinned to: the `index`-th of the CPUs this process may run on,
@@ -479,7 +514,8 @@ async fn shard_main(
     };
     let shard = Rc::new(shard);
     // Recover the webhook queue before accepting anything, so deliveries resume in order.
-    match Webhooks::open(shard.index, shard.config.clone(), &shard.apps(), shard.all_metrics.clone(), webhook_tls).await
+    match Webhooks::open(shard.index, (*shard.config()).clone(), &shard.apps(), shard.all_metrics.clone(), webhook_tls)
+        .await
     {
         Ok(Some(webhooks)) => {
             webhooks.spawn();

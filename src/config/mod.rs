@@ -12,12 +12,14 @@ use serde::Deserialize;
 mod apps;
 mod cluster;
 mod dashboard;
+mod live;
 mod server;
 mod webhooks;
 
 pub use apps::AppConfig;
 pub use cluster::ClusterConfig;
 pub use dashboard::{DashboardConfig, DASHBOARD_TOKEN_BYTES_MIN};
+pub use live::running_config;
 pub use server::{HttpConfig, IoDriver, MeshConfig, ServerConfig, TlsConfig, WebSocketConfig};
 pub use webhooks::{
     decode_standard_secret, DurabilityMode, WebhookConfig, WebhookFormat, WebhooksConfig, PUSHER_WEBHOOK_EVENTS,

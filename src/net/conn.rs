@@ -65,10 +65,12 @@ pub struct Upgrade<S> {
 pub async fn serve<S: Transport>(shard: &Rc<Shard>, mut stream: S) -> Option<Upgrade<S>> {
     let metrics = shard.metrics();
     ShardMetrics::add(&metrics.http_connections, 1);
-    let limits = HeadLimits::from(&shard.config.http);
-    let header_timeout = Duration::from_millis(shard.config.http.header_timeout_ms);
-    let keepalive_timeout = Duration::from_millis(shard.config.http.keepalive_timeout_ms);
-    let write_timeout = Duration::from_millis(shard.config.http.write_timeout_ms);
+    // Read once: a reload applies to the connections that start after it.
+    let http = shard.config().http.clone();
+    let limits = HeadLimits::from(&http);
+    let header_timeout = Duration::from_millis(http.header_timeout_ms);
+    let keepalive_timeout = Duration::from_millis(http.keepalive_timeout_ms);
+    let write_timeout = Duration::from_millis(http.write_timeout_ms);
     let mut buf = BytesMut::with_capacity(HTTP_READ_SPARE);
     let mut first = true;
     loop {
@@ -96,7 +98,7 @@ pub async fn serve<S: Transport>(shard: &Rc<Shard>, mut stream: S) -> Option<Upg
             }
         };
         buf = rest;
-        let echo = head.path == "/echo" && shard.config.websocket.echo_enabled;
+        let echo = head.path == "/echo" && shard.config().websocket.echo_enabled;
         if head.path.starts_with("/app/") || echo {
             ShardMetrics::sub(&metrics.http_connections, 1);
             return Some(Upgrade { stream, head, buf, echo });
@@ -189,7 +191,7 @@ pub struct Session<R> {
 /// caller runs the returned session in a task of its own: an idle connection keeps only that.
 pub async fn websocket<S: Transport>(shard: &Rc<Shard>, upgrade: Upgrade<S>) -> Option<Session<S::Reader>> {
     let Upgrade { mut stream, head, mut buf, echo } = upgrade;
-    let write_timeout = Duration::from_millis(shard.config.http.write_timeout_ms);
+    let write_timeout = Duration::from_millis(shard.config().http.write_timeout_ms);
     let mut response = match handshake::accept(&head) {
         Ok(response) => response,
         Err(e) => {
@@ -235,7 +237,7 @@ pub async fn websocket<S: Transport>(shard: &Rc<Shard>, upgrade: Upgrade<S>) -> 
     let (reader, writer) = stream.split_for_upgrade();
     let writer = monoio::spawn(write_loop(shard.clone(), key, writer));
     if !echo {
-        let activity_timeout_s = shard.config.websocket.activity_timeout_s;
+        let activity_timeout_s = shard.config().websocket.activity_timeout_s;
         shard.send(key, message::connection_established(socket_id, activity_timeout_s));
         // A reload may have removed the app while the handshake answer was being written,
         // after its sweep of this shard's connections.
@@ -260,9 +262,10 @@ pub async fn session<R: ByteReader>(shard: &Rc<Shard>, session: Session<R>) {
 /// Reads and dispatches frames until the peer closes, the socket fails, or the close
 /// handshake completes.
 async fn read_loop(shard: &Rc<Shard>, key: ConnKey, reader: &mut impl ByteReader, mut buf: BytesMut) {
+    let running = shard.config();
     let limits = FrameLimits {
-        frame_bytes_max: shard.config.websocket.frame_bytes_max,
-        message_bytes_max: shard.config.websocket.message_bytes_max,
+        frame_bytes_max: running.websocket.frame_bytes_max,
+        message_bytes_max: running.websocket.message_bytes_max,
     };
     let mut decoder = Decoder::default();
     // After a protocol violation nothing more is parsed; bytes are discarded until the peer

@@ -37,7 +37,6 @@ pub fn bind(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<(Vec<std
 /// once and counted. Accept errors (EMFILE when the process is out of descriptors) back off
 /// for 50 ms rather than spin: the pending connection stays in the backlog until then.
 pub async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, tls: Option<TlsSettings>) {
-    let limit = shard.config.server.connections_per_shard_max;
     loop {
         let accepted = monoio::select! {
             _ = shard.shutdown_requested() => return,
@@ -46,6 +45,8 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: monoio::net::TcpListener, t
         match accepted {
             Ok((stream, _peer)) => {
                 {
+                    // Read per connection: a reload may change it.
+                    let limit = shard.config().server.connections_per_shard_max;
                     let mut state = shard.state.borrow_mut();
                     if state.open_sockets >= limit {
                         ShardMetrics::add(&shard.metrics().connections_refused_total, 1);

@@ -24,7 +24,7 @@ use bytes::Bytes;
 use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
 
-use crate::apps::{AppIndex, Apps};
+use crate::apps::AppIndex;
 use crate::pusher::message::SocketId;
 use crate::webhook::admin::{AdminAnswer, AdminRequest};
 
@@ -326,15 +326,10 @@ pub enum MeshMessage {
         /// The bucket number.
         bucket: u16,
     },
-    /// A config reload (from `Server::reload`, not a shard): read these apps from now on and
-    /// close the removed apps' connections, then send this shard's index on `done`.
-    ReloadApps {
-        /// The new registry (indexes and counters of kept apps unchanged).
-        apps: Arc<Apps>,
-        /// Where the shard reports that it has applied the reload.
-        done: std::sync::mpsc::Sender<usize>,
-    },
-    /// A config reload in cluster mode (from `Server::reload`, before `ReloadApps`): subscribe
+    /// A config reload (from `Server::reload`, not a shard): the running config, apps and
+    /// webhook endpoints from now on (`shard::reload`).
+    Reload(Box<crate::shard::reload::Reload>),
+    /// A config reload in cluster mode (from `Server::reload`, before `Reload`): subscribe
     /// this shard's buckets of the added apps, then send `Ok(shard)` on `done` (`Err(shard)`
     /// when the shard's link is down or fails first).
     ClusterApps {

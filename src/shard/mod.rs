@@ -27,7 +27,7 @@ mod home_link;
 pub mod mesh;
 mod outbox;
 pub mod presence;
-mod reload;
+pub mod reload;
 pub mod router;
 pub mod session;
 #[cfg(test)]
@@ -116,8 +116,11 @@ impl ShardState {
 pub struct Shard {
     /// This shard's number.
     pub index: usize,
-    /// The validated config.
-    pub config: Arc<Config>,
+    /// The running config, swapped whole by a reload (`reload::reload`): what can change live
+    /// (`[http]`, `[websocket]`, some `[server]` keys) is new, the rest is the start's. An `Rc`
+    /// around the shared `Arc`, as `apps_cell`.
+    #[allow(clippy::redundant_allocation, reason = "the Rc makes snapshots shard-local counts")]
+    config_cell: RefCell<Rc<Arc<Config>>>,
     /// The apps, swapped whole by a reload (`reload::reload_apps`). An `Rc` around the shared
     /// `Arc` so that taking a snapshot (`apps()`) is a shard-local count, not an atomic one on
     /// a cache line every shard writes.
@@ -165,7 +168,7 @@ impl Shard {
         };
         Shard {
             index,
-            config,
+            config_cell: RefCell::new(Rc::new(config)),
             apps_cell: RefCell::new(Rc::new(apps)),
             mesh,
             all_metrics,
@@ -182,6 +185,13 @@ impl Shard {
     #[allow(clippy::redundant_allocation, reason = "the Rc makes snapshots shard-local counts")]
     pub fn apps(&self) -> Rc<Arc<Apps>> {
         self.apps_cell.borrow().clone()
+    }
+
+    /// The running config as of now: a snapshot that a reload does not change (a connection
+    /// reads its limits once, when it starts, so a reload applies to new connections).
+    #[allow(clippy::redundant_allocation, reason = "the Rc makes snapshots shard-local counts")]
+    pub fn config(&self) -> Rc<Arc<Config>> {
+        self.config_cell.borrow().clone()
     }
 
     /// The webhook dispatcher, if any app has webhooks.
@@ -247,7 +257,9 @@ impl Shard {
     /// Queues a shared frame on an open connection, enforcing the write-queue limit.
     #[inline]
     fn enqueue(&self, conn: &mut Connection, frame: &Bytes, now_s: u64) {
-        if conn.enqueue(frame, now_s, self.config.websocket.write_queue_bytes_max) == Enqueued::SlowConsumer {
+        if conn.enqueue(frame, now_s, self.config_cell.borrow().websocket.write_queue_bytes_max)
+            == Enqueued::SlowConsumer
+        {
             ShardMetrics::add(&self.metrics().slow_consumer_closes_total, 1);
         }
     }
@@ -468,7 +480,7 @@ impl Shard {
             MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::BucketGap { app, bucket } => self.close_bucket(app, bucket),
-            MeshMessage::ReloadApps { apps, done } => self.reload_apps(apps, done),
+            MeshMessage::Reload(reload) => self.reload(*reload),
             MeshMessage::ClusterApps { apps, done } => self.cluster_apps(apps, done),
             MeshMessage::Query { from, id, query } => {
                 let reply = self.answer_locally(&query);
@@ -592,10 +604,10 @@ impl Shard {
     /// Every second: advance the clock, ping silent clients, close dead ones with 4201, and
     /// cut connections whose close handshake timed out.
     async fn ticker(self: Rc<Self>) {
-        let activity = u64::from(self.config.websocket.activity_timeout_s);
+        let activity = u64::from(self.config().websocket.activity_timeout_s);
         let rules = Liveness {
             ping_after_s: activity,
-            dead_after_s: activity + u64::from(self.config.websocket.pong_timeout_s),
+            dead_after_s: activity + u64::from(self.config().websocket.pong_timeout_s),
             close_timeout_s: CLOSE_TIMEOUT.as_secs(),
         };
         let ping = message::ping();
@@ -625,7 +637,7 @@ impl Shard {
     /// Records activity from a client; false when it is over its message rate (the message
     /// must then be dropped and answered with 4301).
     pub fn record_activity(&self, key: ConnKey, messages: u32) -> bool {
-        let max = self.config.websocket.messages_per_second_max;
+        let max = self.config().websocket.messages_per_second_max;
         let mut state = self.state.borrow_mut();
         let now_s = state.now_s;
         state.connections[key].record_activity(now_s, messages, max)
@@ -683,7 +695,7 @@ impl Shard {
     pub async fn shut_down_in_order(&self) {
         self.drain_connections().await;
         self.mesh.mark_drained();
-        let grace = Duration::from_millis(self.config.server.shutdown_grace_ms);
+        let grace = Duration::from_millis(self.config().server.shutdown_grace_ms);
         let deadline = Instant::now() + grace;
         while !self.mesh.quiescent() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(1)).await;
@@ -704,7 +716,7 @@ impl Shard {
     /// cut, so their teardown (and leaves) still happens.
     pub async fn drain_connections(&self) {
         let keys = self.state.borrow().connections.keys();
-        let window_ms = self.config.server.shutdown_close_window_ms.max(1);
+        let window_ms = self.config().server.shutdown_close_window_ms.max(1);
         let per_ms = keys.len().div_ceil(window_ms as usize).max(1);
         for chunk in keys.chunks(per_ms) {
             for &key in chunk {
@@ -712,7 +724,7 @@ impl Shard {
             }
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
-        let deadline = Instant::now() + Duration::from_millis(self.config.server.shutdown_grace_ms);
+        let deadline = Instant::now() + Duration::from_millis(self.config().server.shutdown_grace_ms);
         while !self.state.borrow().connections.is_empty() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(10)).await;
         }

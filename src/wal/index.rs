@@ -20,6 +20,8 @@ use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
 
+use super::record::SequenceNumber;
+
 /// What a live record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -67,9 +69,9 @@ impl Live {
 #[derive(Debug, Default)]
 pub struct LiveIndex {
     /// By sequence number.
-    entries: HashMap<u64, Live>,
+    entries: HashMap<SequenceNumber, Live>,
     /// Dead letters by (created_ms, seq), for `dead_letter_retention_s` and ranges.
-    dead: BTreeSet<(u64, u64)>,
+    dead: BTreeSet<(u64, SequenceNumber)>,
     /// Endpoint keys by id.
     keys: Vec<Box<str>>,
     /// Endpoint ids by key.
@@ -103,17 +105,22 @@ impl LiveIndex {
         id
     }
 
+    /// Endpoint keys interned so far (ids are `0..endpoint_count()`).
+    pub fn endpoint_count(&self) -> usize {
+        self.keys.len()
+    }
+
     /// The key of endpoint id `id`.
     pub fn key(&self, id: usize) -> &str {
         &self.keys[id]
     }
 
     /// A live record.
-    pub fn get(&self, seq: u64) -> Option<&Live> {
+    pub fn get(&self, seq: SequenceNumber) -> Option<&Live> {
         self.entries.get(&seq)
     }
 
-    pub(super) fn get_mut(&mut self, seq: u64) -> Option<&mut Live> {
+    pub(super) fn get_mut(&mut self, seq: SequenceNumber) -> Option<&mut Live> {
         self.entries.get_mut(&seq)
     }
 
@@ -138,7 +145,7 @@ impl LiveIndex {
     }
 
     /// Adds a record, or replaces it with its compaction copy; returns the one it replaced.
-    pub(super) fn insert(&mut self, seq: u64, live: Live) -> Option<Live> {
+    pub(super) fn insert(&mut self, seq: SequenceNumber, live: Live) -> Option<Live> {
         debug_assert!(!(live.dead && live.kind == Kind::BatchItem), "a batch item is never dead");
         // The copy's entry is uncounted first: it may have the same place in `dead`.
         let previous = self.remove(seq);
@@ -152,13 +159,13 @@ impl LiveIndex {
     }
 
     /// Removes a record (delivered, discarded, or a batch item now in a delivery).
-    pub(super) fn remove(&mut self, seq: u64) -> Option<Live> {
+    pub(super) fn remove(&mut self, seq: SequenceNumber) -> Option<Live> {
         let live = self.entries.remove(&seq)?;
         self.uncount(seq, &live);
         Some(live)
     }
 
-    fn uncount(&mut self, seq: u64, live: &Live) {
+    fn uncount(&mut self, seq: SequenceNumber, live: &Live) {
         debug_assert!(self.live_bytes >= live.bytes && self.endpoint_bytes[live.endpoint] >= live.bytes);
         self.live_bytes -= live.bytes;
         self.endpoint_bytes[live.endpoint] -= live.bytes;
@@ -169,7 +176,7 @@ impl LiveIndex {
 
     /// Makes a delivery dead (`true`) or pending again; `false` when it is not a delivery in
     /// the other state.
-    pub(super) fn set_dead(&mut self, seq: u64, dead: bool) -> bool {
+    pub(super) fn set_dead(&mut self, seq: SequenceNumber, dead: bool) -> bool {
         let Some(live) = self.entries.get_mut(&seq) else { return false };
         if live.dead == dead || live.kind != Kind::Delivery {
             return false;
@@ -184,33 +191,34 @@ impl LiveIndex {
     }
 
     /// The records whose newest copy or state record is in `segment`, by sequence number.
-    pub(super) fn referring_to(&self, segment: u64) -> Vec<u64> {
-        let mut seqs: Vec<u64> = self.entries.iter().filter(|(_, l)| l.refers_to(segment)).map(|(&s, _)| s).collect();
+    pub(super) fn referring_to(&self, segment: u64) -> Vec<SequenceNumber> {
+        let mut seqs: Vec<SequenceNumber> =
+            self.entries.iter().filter(|(_, l)| l.refers_to(segment)).map(|(&s, _)| s).collect();
         seqs.sort_unstable();
         seqs
     }
 
     /// Every live record's sequence number, in order.
-    pub fn seqs(&self) -> Vec<u64> {
-        let mut seqs: Vec<u64> = self.entries.keys().copied().collect();
+    pub fn seqs(&self) -> Vec<SequenceNumber> {
+        let mut seqs: Vec<SequenceNumber> = self.entries.keys().copied().collect();
         seqs.sort_unstable();
         seqs
     }
 
     /// Dead letters created before `cutoff_ms`, oldest first.
-    pub fn dead_before(&self, cutoff_ms: u64) -> Vec<u64> {
-        self.dead.range(..(cutoff_ms, 0)).map(|&(_, seq)| seq).collect()
+    pub fn dead_before(&self, cutoff_ms: u64) -> Vec<SequenceNumber> {
+        self.dead.range(..(cutoff_ms, SequenceNumber::MIN)).map(|&(_, seq)| seq).collect()
     }
 
     /// Dead letters of `endpoint` created in `[from_ms, to_ms]`, oldest first.
-    pub fn dead_between(&self, endpoint: usize, from_ms: u64, to_ms: u64) -> Vec<u64> {
-        let range = self.dead.range((from_ms, 0)..=(to_ms, u64::MAX));
+    pub fn dead_between(&self, endpoint: usize, from_ms: u64, to_ms: u64) -> Vec<SequenceNumber> {
+        let range = self.dead.range((from_ms, SequenceNumber::MIN)..=(to_ms, SequenceNumber::MAX));
         range.map(|&(_, seq)| seq).filter(|seq| self.entries[seq].endpoint == endpoint).collect()
     }
 
     /// Dead letters of `endpoint`, by sequence number.
-    pub fn dead_of(&self, endpoint: usize) -> Vec<(u64, &Live)> {
-        let mut list: Vec<(u64, &Live)> =
+    pub fn dead_of(&self, endpoint: usize) -> Vec<(SequenceNumber, &Live)> {
+        let mut list: Vec<(SequenceNumber, &Live)> =
             self.entries.iter().filter(|(_, l)| l.dead && l.endpoint == endpoint).map(|(&s, l)| (s, l)).collect();
         list.sort_by_key(|&(seq, _)| seq);
         list
@@ -227,6 +235,14 @@ impl LiveIndex {
 mod tests {
     use super::*;
 
+    fn seq(n: u64) -> SequenceNumber {
+        SequenceNumber::new(n)
+    }
+
+    fn seqs(list: &[u64]) -> Vec<SequenceNumber> {
+        list.iter().copied().map(SequenceNumber::new).collect()
+    }
+
     fn live(kind: Kind, endpoint: usize, created_ms: u64, dead: bool) -> Live {
         let body = Bytes::from_static(b"0123456789");
         Live { kind, endpoint, created_ms, body, dead, copy_at: None, state_at: None, bytes: 10 }
@@ -239,24 +255,24 @@ mod tests {
         let mut index = LiveIndex::new(&["app/a", "app/b"]);
         assert_eq!((index.endpoint_id("app/b"), index.endpoint_id("gone/x")), (1, 2));
         assert_eq!(index.key(2), "gone/x");
-        index.insert(1, live(Kind::Delivery, 0, 100, false));
-        index.insert(2, live(Kind::Delivery, 0, 200, true));
-        index.insert(3, live(Kind::Delivery, 1, 150, false));
-        index.insert(4, live(Kind::BatchItem, 1, 160, false));
+        index.insert(seq(1), live(Kind::Delivery, 0, 100, false));
+        index.insert(seq(2), live(Kind::Delivery, 0, 200, true));
+        index.insert(seq(3), live(Kind::Delivery, 1, 150, false));
+        index.insert(seq(4), live(Kind::BatchItem, 1, 160, false));
         assert_eq!((index.live_bytes(), index.endpoint_bytes(0), index.endpoint_bytes(1)), (40, 20, 20));
         assert_eq!((index.counts(0), index.counts(1)), ((1, 1), (1, 0)));
         // A compaction copy replaces the entry without counting it twice.
-        assert!(index.insert(2, live(Kind::Delivery, 0, 200, true)).is_some());
-        assert_eq!((index.live_bytes(), index.dead_before(u64::MAX)), (40, vec![2]));
-        assert!(index.set_dead(3, true) && !index.set_dead(3, true), "only a pending delivery dies");
-        assert!(!index.set_dead(4, true), "a batch item never dies");
-        assert_eq!(index.dead_before(u64::MAX), vec![3, 2]);
-        assert_eq!(index.dead_between(0, 0, 1000), vec![2]);
-        assert!(index.set_dead(2, false) && !index.set_dead(2, false), "only a dead letter is replayed");
+        assert!(index.insert(seq(2), live(Kind::Delivery, 0, 200, true)).is_some());
+        assert_eq!((index.live_bytes(), index.dead_before(u64::MAX)), (40, seqs(&[2])));
+        assert!(index.set_dead(seq(3), true) && !index.set_dead(seq(3), true), "only a pending delivery dies");
+        assert!(!index.set_dead(seq(4), true), "a batch item never dies");
+        assert_eq!(index.dead_before(u64::MAX), seqs(&[3, 2]));
+        assert_eq!(index.dead_between(0, 0, 1000), seqs(&[2]));
+        assert!(index.set_dead(seq(2), false) && !index.set_dead(seq(2), false), "only a dead letter is replayed");
         assert_eq!(index.dead_of(0).len(), 0);
-        assert_eq!(index.remove(3).map(|l| l.dead), Some(true));
-        assert_eq!(index.dead_before(u64::MAX), Vec::<u64>::new());
-        index.remove(4);
-        assert_eq!((index.live_bytes(), index.endpoint_bytes(1), index.seqs()), (20, 0, vec![1, 2]));
+        assert_eq!(index.remove(seq(3)).map(|l| l.dead), Some(true));
+        assert_eq!(index.dead_before(u64::MAX), seqs(&[]));
+        index.remove(seq(4));
+        assert_eq!((index.live_bytes(), index.endpoint_bytes(1), index.seqs()), (20, 0, seqs(&[1, 2])));
     }
 }

@@ -32,7 +32,7 @@ use bytes::Bytes;
 
 pub use index::{Kind, Live, LiveIndex};
 use record::HEADER_BYTES;
-pub use record::{Delivery, Outcome, Record, SegmentHeader};
+pub use record::{Delivery, Outcome, Record, SegmentHeader, SequenceNumber};
 pub use storage::{FileStorage, SimStorage, Storage};
 
 /// When `commit` returns.
@@ -113,7 +113,7 @@ pub struct WalStats {
 
 struct WalState {
     log_id: u64,
-    next_seq: u64,
+    next_seq: SequenceNumber,
     head: u64,
     head_len: u64,
     /// Bytes of the head segment known fsynced (what the next batch's mark claims).
@@ -122,7 +122,7 @@ struct WalState {
     records: bool,
     buffer: Vec<u8>,
     /// Records of live deliveries in `buffer`: (seq, true for a `Delivery`, false for a state record).
-    buffered: Vec<(u64, bool)>,
+    buffered: Vec<(SequenceNumber, bool)>,
     /// End of the records buffered so far. Invariant: appended ≥ written ≥ durable.
     appended: Lsn,
     /// End of what the storage has been handed (written, maybe not synced).
@@ -179,7 +179,7 @@ impl<S: Storage> Wal<S> {
         segment_bytes_max: u64,
         durability: Durability,
         endpoint_keys: &[&str],
-    ) -> Result<(Wal<S>, Vec<u64>), WalError> {
+    ) -> Result<(Wal<S>, Vec<SequenceNumber>), WalError> {
         let failed = WalError::storage;
         let segments = storage.list().await.map_err(failed)?;
         let mut state = WalState::new(endpoint_keys);
@@ -256,7 +256,13 @@ impl<S: Storage> Wal<S> {
 
     /// Buffers a new delivery or batch item for endpoint id `endpoint`; returns its sequence
     /// number and log position.
-    pub fn append(&self, kind: Kind, endpoint: usize, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+    pub fn append(
+        &self,
+        kind: Kind,
+        endpoint: usize,
+        created_ms: u64,
+        body: Bytes,
+    ) -> Result<(SequenceNumber, Lsn), WalError> {
         let mut state = self.state.borrow_mut();
         let key_len = state.live.key(endpoint).len();
         let bytes = record::DELIVERY_OVERHEAD_BYTES + key_len + body.len();
@@ -265,7 +271,7 @@ impl<S: Storage> Wal<S> {
         }
         state.check()?;
         let seq = state.next_seq;
-        state.next_seq += 1;
+        state.next_seq = seq.next();
         let live = Live { kind, endpoint, created_ms, body, dead: false, copy_at: None, state_at: None, bytes: 0 };
         let lsn = state.push_live(seq, live, None);
         self.wake_flusher(&mut state);
@@ -275,7 +281,7 @@ impl<S: Storage> Wal<S> {
     /// Buffers the end of a delivery or batch item: `Delivered` and `Discarded` forget it,
     /// `Dead` keeps a delivery as a dead letter. The index follows also when the log has
     /// failed (the error is returned), so the shard's books stay right until the restart.
-    pub fn append_ack(&self, seq: u64, outcome: Outcome) -> Result<Lsn, WalError> {
+    pub fn append_ack(&self, seq: SequenceNumber, outcome: Outcome) -> Result<Lsn, WalError> {
         let mut state = self.state.borrow_mut();
         let checked = state.check();
         let lsn = if checked.is_ok() { state.push(&Record::Ack { seq, outcome }) } else { state.appended };
@@ -286,7 +292,7 @@ impl<S: Storage> Wal<S> {
 
     /// Buffers a replay of a dead letter, which is pending again; `None` when the log holds no
     /// such dead letter.
-    pub fn append_replay(&self, seq: u64) -> Result<Option<Lsn>, WalError> {
+    pub fn append_replay(&self, seq: SequenceNumber) -> Result<Option<Lsn>, WalError> {
         let mut state = self.state.borrow_mut();
         state.check()?;
         if !state.live.set_dead(seq, false) {
@@ -469,7 +475,9 @@ impl<S: Storage> Wal<S> {
         let failed = WalError::storage;
         let (old, next) = {
             let state = self.state.borrow();
-            (state.head, state.next_seq.max(state.head + 1))
+            // A segment is named (its file name, `SegmentHeader::first_seq`) by the first
+            // sequence number it may hold, so names sort in log order.
+            (state.head, state.next_seq.get().max(state.head + 1))
         };
         self.storage().sync(old).await.map_err(failed)?;
         self.state.borrow_mut().stats.fsyncs += 1;
@@ -488,7 +496,7 @@ impl<S: Storage> Wal<S> {
         self.storage().sync_dir().await.map_err(failed)?;
         let mut state = self.state.borrow_mut();
         state.stats.fsyncs += 1;
-        state.next_seq = state.next_seq.max(first_seq);
+        state.next_seq = state.next_seq.max(SequenceNumber::new(first_seq));
         state.head = first_seq;
         state.head_len = HEADER_BYTES as u64;
         state.head_synced = HEADER_BYTES as u64;
@@ -556,7 +564,7 @@ impl WalState {
     fn new(endpoint_keys: &[&str]) -> WalState {
         WalState {
             log_id: 0,
-            next_seq: 0,
+            next_seq: SequenceNumber::MIN,
             head: 0,
             head_len: 0,
             head_synced: 0,
@@ -605,7 +613,7 @@ impl WalState {
     /// Buffers a `Delivery` or `BatchItem` record for `seq` and indexes it (replacing the
     /// entry when it is a compaction copy); a copy's `state` (`Some(dead)`) is made explicit
     /// with an `Ack dead` or `Replay` record after it.
-    fn push_live(&mut self, seq: u64, mut live: Live, state: Option<bool>) -> Lsn {
+    fn push_live(&mut self, seq: SequenceNumber, mut live: Live, state: Option<bool>) -> Lsn {
         live.bytes = record::delivery_len(self.live.key(live.endpoint), &live.body) as u64;
         if self.records {
             self.begin_batch();
@@ -653,7 +661,7 @@ impl WalState {
         false
     }
 
-    fn apply_ack(&mut self, seq: u64, outcome: Outcome) {
+    fn apply_ack(&mut self, seq: SequenceNumber, outcome: Outcome) {
         match outcome {
             Outcome::Delivered | Outcome::Discarded => {
                 self.live.remove(seq);
@@ -704,7 +712,7 @@ impl WalState {
         if *log_id.get_or_insert(header.log_id) != header.log_id {
             return Err(corrupt(16, "belongs to another log (log_id differs)".into()));
         }
-        self.next_seq = self.next_seq.max(header.first_seq);
+        self.next_seq = self.next_seq.max(SequenceNumber::new(header.first_seq));
         let mut offset = HEADER_BYTES;
         let reason = loop {
             match Record::decode(&bytes[offset..]) {
@@ -754,7 +762,7 @@ impl WalState {
     /// Replays one record read at recovery from `segment`.
     fn apply_recovered(&mut self, record: Record, segment: u64, bytes: u64) {
         if let Some(seq) = record.seq() {
-            self.next_seq = self.next_seq.max(seq + 1);
+            self.next_seq = self.next_seq.max(seq.next());
         }
         match record {
             Record::Mark { next_seq, .. } => self.next_seq = self.next_seq.max(next_seq),

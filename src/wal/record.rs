@@ -32,6 +32,41 @@ const MARK_BODY_BYTES: usize = 17;
 /// Bytes of a framed `Mark`.
 pub const MARK_BYTES: usize = FRAME_BYTES + MARK_BODY_BYTES;
 
+/// A live record's sequence number in its shard's log: handed out once, in order, and never
+/// again by that log (recovery resumes above every number it has seen). It names a delivery or
+/// a batch item everywhere (the index, the dispatcher's queues, the webhook id); the record
+/// encoder and decoder alone turn it into the plain little-endian number of the format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SequenceNumber(u64);
+
+impl SequenceNumber {
+    /// The lowest number, where a new log starts.
+    pub const MIN: SequenceNumber = SequenceNumber(0);
+    /// The highest number (a range bound; never handed out in practice).
+    pub const MAX: SequenceNumber = SequenceNumber(u64::MAX);
+
+    /// The number `value` as read from the log or a webhook id.
+    pub fn new(value: u64) -> SequenceNumber {
+        SequenceNumber(value)
+    }
+
+    /// The plain number, for the log's bytes and the webhook id.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+
+    /// The number after this one.
+    pub fn next(self) -> SequenceNumber {
+        SequenceNumber(self.0 + 1)
+    }
+}
+
+impl std::fmt::Display for SequenceNumber {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// A segment's header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentHeader {
@@ -94,7 +129,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Delivery {
     /// Sequence number within its log (part of the webhook id).
-    pub seq: u64,
+    pub seq: SequenceNumber,
     /// Unix milliseconds when it was created.
     pub created_ms: u64,
     /// `"{app_id}/{endpoint_id}"`.
@@ -115,14 +150,14 @@ pub enum Record {
     /// A delivery ended.
     Ack {
         /// Which delivery.
-        seq: u64,
+        seq: SequenceNumber,
         /// How.
         outcome: Outcome,
     },
     /// A delivery is pending again.
     Replay {
         /// Which delivery.
-        seq: u64,
+        seq: SequenceNumber,
     },
     /// The first record of every batch: what was known durable when the batch was written.
     /// A valid mark proves that the bytes before `durable` were fsynced, so damage there is
@@ -132,7 +167,7 @@ pub enum Record {
         /// most the mark's own offset.
         durable: u64,
         /// The log's next sequence number when the batch was written (above every seq in it).
-        next_seq: u64,
+        next_seq: SequenceNumber,
     },
 }
 
@@ -161,7 +196,7 @@ impl Record {
             }
             Record::Ack { seq, outcome } => {
                 out.push(KIND_ACK);
-                out.extend_from_slice(&seq.to_le_bytes());
+                out.extend_from_slice(&seq.get().to_le_bytes());
                 out.push(match outcome {
                     Outcome::Delivered => 1,
                     Outcome::Dead => 2,
@@ -170,12 +205,12 @@ impl Record {
             }
             Record::Replay { seq } => {
                 out.push(KIND_REPLAY);
-                out.extend_from_slice(&seq.to_le_bytes());
+                out.extend_from_slice(&seq.get().to_le_bytes());
             }
             Record::Mark { durable, next_seq } => {
                 out.push(KIND_MARK);
                 out.extend_from_slice(&durable.to_le_bytes());
-                out.extend_from_slice(&next_seq.to_le_bytes());
+                out.extend_from_slice(&next_seq.get().to_le_bytes());
             }
         }
         finish_frame(out, start);
@@ -216,7 +251,7 @@ impl Record {
             KIND_DELIVERY => Record::Delivery(decode_delivery(payload)?),
             KIND_BATCH_ITEM => Record::BatchItem(decode_delivery(payload)?),
             KIND_ACK if payload.len() == 9 => Record::Ack {
-                seq: u64_at(payload, 0),
+                seq: SequenceNumber::new(u64_at(payload, 0)),
                 outcome: match payload[8] {
                     1 => Outcome::Delivered,
                     2 => Outcome::Dead,
@@ -224,9 +259,9 @@ impl Record {
                     _ => return Err(DecodeError::Malformed),
                 },
             },
-            KIND_REPLAY if payload.len() == 8 => Record::Replay { seq: u64_at(payload, 0) },
+            KIND_REPLAY if payload.len() == 8 => Record::Replay { seq: SequenceNumber::new(u64_at(payload, 0)) },
             KIND_MARK if payload.len() == MARK_BODY_BYTES - 1 => {
-                Record::Mark { durable: u64_at(payload, 0), next_seq: u64_at(payload, 8) }
+                Record::Mark { durable: u64_at(payload, 0), next_seq: SequenceNumber::new(u64_at(payload, 8)) }
             }
             _ => return Err(DecodeError::Malformed),
         };
@@ -234,7 +269,7 @@ impl Record {
     }
 
     /// The delivery sequence number the record is about (`None` for a `Mark`).
-    pub fn seq(&self) -> Option<u64> {
+    pub fn seq(&self) -> Option<SequenceNumber> {
         match self {
             Record::Delivery(d) | Record::BatchItem(d) => Some(d.seq),
             Record::Ack { seq, .. } | Record::Replay { seq } => Some(*seq),
@@ -244,12 +279,12 @@ impl Record {
 }
 
 /// The framed bytes of a `Mark` (written over the placeholder that starts every batch).
-pub fn mark_bytes(durable: u64, next_seq: u64) -> [u8; MARK_BYTES] {
+pub fn mark_bytes(durable: u64, next_seq: SequenceNumber) -> [u8; MARK_BYTES] {
     let mut out = [0u8; MARK_BYTES];
     out[0..4].copy_from_slice(&(MARK_BODY_BYTES as u32).to_le_bytes());
     out[8] = KIND_MARK;
     out[9..17].copy_from_slice(&durable.to_le_bytes());
-    out[17..25].copy_from_slice(&next_seq.to_le_bytes());
+    out[17..25].copy_from_slice(&next_seq.get().to_le_bytes());
     let crc = crc32fast::hash(&out[FRAME_BYTES..]);
     out[4..8].copy_from_slice(&crc.to_le_bytes());
     out
@@ -258,7 +293,7 @@ pub fn mark_bytes(durable: u64, next_seq: u64) -> [u8; MARK_BYTES] {
 /// The valid `Mark`s that start after `from` in a segment's bytes, with their offsets.
 /// Marks have one fixed size, so this looks at every offset in linear time: it finds them
 /// even past bytes that do not parse (a damaged length hides where the next record starts).
-pub fn marks_after(bytes: &[u8], from: usize) -> impl Iterator<Item = (usize, u64, u64)> + '_ {
+pub fn marks_after(bytes: &[u8], from: usize) -> impl Iterator<Item = (usize, u64, SequenceNumber)> + '_ {
     let last = bytes.len().saturating_sub(MARK_BYTES);
     (from..=last).filter_map(move |at| {
         let frame = &bytes[at..at + MARK_BYTES];
@@ -275,7 +310,14 @@ pub fn marks_after(bytes: &[u8], from: usize) -> impl Iterator<Item = (usize, u6
 
 /// Appends a framed `Delivery` (or, with `batch_item`, `BatchItem`) record without building a
 /// `Record` (the WAL's append path: no copy of the endpoint key).
-pub fn encode_delivery(out: &mut Vec<u8>, batch_item: bool, seq: u64, created_ms: u64, endpoint: &str, body: &[u8]) {
+pub fn encode_delivery(
+    out: &mut Vec<u8>,
+    batch_item: bool,
+    seq: SequenceNumber,
+    created_ms: u64,
+    endpoint: &str,
+    body: &[u8],
+) {
     let start = out.len();
     out.extend_from_slice(&[0u8; FRAME_BYTES]);
     let kind = if batch_item { KIND_BATCH_ITEM } else { KIND_DELIVERY };
@@ -288,10 +330,17 @@ pub fn delivery_len(endpoint: &str, body: &[u8]) -> usize {
     FRAME_BYTES + DELIVERY_OVERHEAD_BYTES + endpoint.len() + body.len()
 }
 
-fn encode_delivery_payload(out: &mut Vec<u8>, kind: u8, seq: u64, created_ms: u64, endpoint: &str, body: &[u8]) {
+fn encode_delivery_payload(
+    out: &mut Vec<u8>,
+    kind: u8,
+    seq: SequenceNumber,
+    created_ms: u64,
+    endpoint: &str,
+    body: &[u8],
+) {
     assert!(endpoint.len() <= usize::from(u16::MAX), "endpoint keys are validated short");
     out.push(kind);
-    out.extend_from_slice(&seq.to_le_bytes());
+    out.extend_from_slice(&seq.get().to_le_bytes());
     out.extend_from_slice(&created_ms.to_le_bytes());
     out.extend_from_slice(&(endpoint.len() as u16).to_le_bytes());
     out.extend_from_slice(endpoint.as_bytes());
@@ -315,7 +364,7 @@ fn decode_delivery(payload: &[u8]) -> Result<Delivery, DecodeError> {
     let endpoint = payload.get(18..18 + endpoint_len).ok_or(DecodeError::Malformed)?;
     let endpoint = std::str::from_utf8(endpoint).map_err(|_| DecodeError::Malformed)?;
     Ok(Delivery {
-        seq: u64_at(payload, 0),
+        seq: SequenceNumber::new(u64_at(payload, 0)),
         created_ms: u64_at(payload, 8),
         endpoint: endpoint.into(),
         body: Bytes::copy_from_slice(&payload[18 + endpoint_len..]),
@@ -349,26 +398,31 @@ mod tests {
     #[test]
     fn records_round_trip() {
         check(Record::Delivery(Delivery {
-            seq: 7,
+            seq: SequenceNumber::new(7),
             created_ms: 1_700_000_000_123,
             endpoint: "app/0".into(),
             body: Bytes::from_static(br#"{"a":1}"#),
         }));
-        let item = Delivery { seq: 8, created_ms: 5, endpoint: "app/1".into(), body: Bytes::from_static(b"{}") };
+        let item = Delivery {
+            seq: SequenceNumber::new(8),
+            created_ms: 5,
+            endpoint: "app/1".into(),
+            body: Bytes::from_static(b"{}"),
+        };
         check(Record::BatchItem(item.clone()));
         let mut direct = Vec::new();
         encode_delivery(&mut direct, true, item.seq, item.created_ms, &item.endpoint, &item.body);
         let mut built = Vec::new();
         Record::BatchItem(item.clone()).encode(&mut built);
         assert_eq!((direct.len(), &direct), (delivery_len(&item.endpoint, &item.body), &built));
-        check(Record::Ack { seq: u64::MAX, outcome: Outcome::Delivered });
-        check(Record::Ack { seq: 3, outcome: Outcome::Dead });
-        check(Record::Ack { seq: 4, outcome: Outcome::Discarded });
-        check(Record::Replay { seq: 9 });
-        check(Record::Mark { durable: 4096, next_seq: 12 });
+        check(Record::Ack { seq: SequenceNumber::new(u64::MAX), outcome: Outcome::Delivered });
+        check(Record::Ack { seq: SequenceNumber::new(3), outcome: Outcome::Dead });
+        check(Record::Ack { seq: SequenceNumber::new(4), outcome: Outcome::Discarded });
+        check(Record::Replay { seq: SequenceNumber::new(9) });
+        check(Record::Mark { durable: 4096, next_seq: SequenceNumber::new(12) });
         let mut mark = Vec::new();
-        Record::Mark { durable: 4096, next_seq: 12 }.encode(&mut mark);
-        assert_eq!(mark, mark_bytes(4096, 12));
+        Record::Mark { durable: 4096, next_seq: SequenceNumber::new(12) }.encode(&mut mark);
+        assert_eq!(mark, mark_bytes(4096, SequenceNumber::new(12)));
     }
 
     /// Marks are found at any offset, past garbage, and never when they claim bytes past
@@ -376,12 +430,12 @@ mod tests {
     #[test]
     fn marks_are_found_past_garbage() {
         let mut out = vec![0xEE; 5];
-        Record::Mark { durable: 3, next_seq: 9 }.encode(&mut out);
-        Record::Replay { seq: 1 }.encode(&mut out);
-        Record::Mark { durable: 1000, next_seq: 10 }.encode(&mut out);
-        Record::Mark { durable: 30, next_seq: 11 }.encode(&mut out);
+        Record::Mark { durable: 3, next_seq: SequenceNumber::new(9) }.encode(&mut out);
+        Record::Replay { seq: SequenceNumber::new(1) }.encode(&mut out);
+        Record::Mark { durable: 1000, next_seq: SequenceNumber::new(10) }.encode(&mut out);
+        Record::Mark { durable: 30, next_seq: SequenceNumber::new(11) }.encode(&mut out);
         let found: Vec<_> = marks_after(&out, 1).collect();
-        assert_eq!(found, vec![(5, 3, 9), (5 + 2 * MARK_BYTES + 17, 30, 11)]);
+        assert_eq!(found, vec![(5, 3, SequenceNumber::new(9)), (5 + 2 * MARK_BYTES + 17, 30, SequenceNumber::new(11))]);
         assert_eq!(marks_after(&out, 6).count(), 1);
     }
 
@@ -389,7 +443,7 @@ mod tests {
     #[test]
     fn corruption_is_detected() {
         let mut out = Vec::new();
-        Record::Replay { seq: 1 }.encode(&mut out);
+        Record::Replay { seq: SequenceNumber::new(1) }.encode(&mut out);
         for i in 4..out.len() {
             let mut bad = out.clone();
             bad[i] ^= 0x10;

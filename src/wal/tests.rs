@@ -9,7 +9,7 @@ use super::*;
 
 /// The tests' way to append a delivery: by endpoint key, as the dispatcher's ids are.
 impl<S: Storage> Wal<S> {
-    fn append_delivery(&self, key: &str, created_ms: u64, body: Bytes) -> Result<(u64, Lsn), WalError> {
+    fn append_delivery(&self, key: &str, created_ms: u64, body: Bytes) -> Result<(SequenceNumber, Lsn), WalError> {
         self.append(Kind::Delivery, self.endpoint_id(key), created_ms, body)
     }
 }
@@ -22,18 +22,18 @@ fn block_on<F: std::future::Future>(future: F) -> F::Output {
 #[derive(Default, Debug)]
 struct Model {
     /// Every delivery and batch item appended: seq → (endpoint, body, kind).
-    appended: HashMap<u64, (String, Bytes, Kind)>,
+    appended: HashMap<SequenceNumber, (String, Bytes, Kind)>,
     /// Deliveries whose append was committed (a flush after it returned Ok).
-    committed: Vec<u64>,
+    committed: Vec<SequenceNumber>,
     /// Deliveries whose `Delivered` ack was committed.
-    delivered: Vec<u64>,
+    delivered: Vec<SequenceNumber>,
     /// Deliveries with a `Delivered` ack appended, committed or not (a real 2xx: losing
     /// them in a crash is right).
-    delivered_any: Vec<u64>,
+    delivered_any: Vec<SequenceNumber>,
     /// Latest committed dead/pending state, and whether a later transition is uncommitted.
-    state: HashMap<u64, (bool, bool)>,
+    state: HashMap<SequenceNumber, (bool, bool)>,
     /// The largest seq ever handed out.
-    seq_max: Option<u64>,
+    seq_max: Option<SequenceNumber>,
 }
 
 const SEGMENT_BYTES_MAX: u64 = 600;
@@ -47,11 +47,11 @@ fn workload(storage: SimStorage, seed: u64, operations: usize) -> Model {
             return model;
         };
         // Uncommitted operations since the last flush: (seq, kind) with kind 0 append, 1 delivered, 2 dead, 3 replay.
-        let mut since_flush: Vec<(u64, u8)> = Vec::new();
-        let mut pending: Vec<u64> = Vec::new();
-        let mut dead: Vec<u64> = Vec::new();
+        let mut since_flush: Vec<(SequenceNumber, u8)> = Vec::new();
+        let mut pending: Vec<SequenceNumber> = Vec::new();
+        let mut dead: Vec<SequenceNumber> = Vec::new();
         // Batch items: only ever acked delivered (when their batch delivery is made).
-        let mut items: Vec<u64> = Vec::new();
+        let mut items: Vec<SequenceNumber> = Vec::new();
         for _ in 0..operations {
             let choice = rng.u8(0..10);
             let result = match choice {
@@ -294,6 +294,39 @@ fn batch_mode_syncs_under_steady_load() {
         }
         let syncs = storage.syncs() - syncs_before;
         assert!((3..=30).contains(&syncs), "about one fsync per period, got {syncs}");
+    });
+}
+
+/// Endpoints are known to the log by key, not by place: after a reload that reorders,
+/// removes and adds endpoints (the dispatcher interns the new keys) and a crash, a restart on
+/// the new config maps every recovered delivery to its own endpoint's key, whatever ids the
+/// new config gives them, and a removed endpoint's deliveries to its key as an orphan.
+#[test]
+fn recovery_maps_deliveries_by_endpoint_key_across_a_reload() {
+    block_on(async {
+        let storage = SimStorage::new();
+        let started_with = ["app/orders", "app/audit"];
+        let (wal, _) = Wal::open(storage.clone(), 0, 1 << 20, Durability::Fsync, &started_with).await.unwrap();
+        let (orders, _) = wal.append(Kind::Delivery, 0, 1, Bytes::from_static(b"to orders")).unwrap();
+        // A reload adds `app/new`: the next free id.
+        let new_id = wal.endpoint_id("app/new");
+        let (fresh, _) = wal.append(Kind::Delivery, new_id, 2, Bytes::from_static(b"to new")).unwrap();
+        let (audit, lsn) = wal.append(Kind::Delivery, 1, 3, Bytes::from_static(b"to audit")).unwrap();
+        wal.flush_once().await.unwrap();
+        wal.commit(lsn).await.unwrap();
+        let image = storage.crash_image(&mut |_| 0, &mut || false);
+        // The reloaded config: `new` first, `audit`, `orders` removed.
+        let (wal, recovered) =
+            Wal::open(image, 0, 1 << 20, Durability::Fsync, &["app/new", "app/audit"]).await.unwrap();
+        assert_eq!(recovered, [orders, fresh, audit]);
+        let index = wal.index();
+        let key_of = |seq| index.key(index.get(seq).unwrap().endpoint).to_string();
+        assert_eq!(
+            (key_of(fresh), key_of(audit), key_of(orders)),
+            ("app/new".into(), "app/audit".into(), "app/orders".into())
+        );
+        assert_eq!((index.get(fresh).unwrap().endpoint, index.get(audit).unwrap().endpoint), (0, 1));
+        assert_eq!(index.get(orders).unwrap().endpoint, 2, "an orphan: past the configured ids");
     });
 }
 

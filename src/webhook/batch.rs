@@ -14,19 +14,20 @@ use bytes::Bytes;
 
 use super::event;
 use crate::config::WebhookFormat;
+use crate::wal::SequenceNumber;
 
 /// The events of one endpoint not yet in a delivery.
 #[derive(Debug, Default)]
 pub struct Batch {
     /// The events' batch items (sequence numbers in the WAL), in arrival order.
-    items: Vec<u64>,
+    items: Vec<SequenceNumber>,
     /// When the first of `items` arrived.
     since: Option<Instant>,
 }
 
 impl Batch {
     /// Adds an event that arrived at `now`; returns how many the batch holds.
-    pub fn push(&mut self, item: u64, now: Instant) -> usize {
+    pub fn push(&mut self, item: SequenceNumber, now: Instant) -> usize {
         self.items.push(item);
         self.since.get_or_insert(now);
         self.items.len()
@@ -44,7 +45,7 @@ impl Batch {
     }
 
     /// Takes every event, leaving the batch empty.
-    pub fn take(&mut self) -> Vec<u64> {
+    pub fn take(&mut self) -> Vec<SequenceNumber> {
         self.since = None;
         std::mem::take(&mut self.items)
     }
@@ -69,12 +70,12 @@ mod tests {
         let period = Duration::from_millis(100);
         let mut batch = Batch::default();
         assert!(!batch.is_due(start + period, period), "an empty batch is never due");
-        assert_eq!(batch.push(1, start), 1);
-        assert_eq!(batch.push(2, start + Duration::from_millis(90)), 2);
+        assert_eq!(batch.push(SequenceNumber::new(1), start), 1);
+        assert_eq!(batch.push(SequenceNumber::new(2), start + Duration::from_millis(90)), 2);
         assert_eq!(batch.since(), Some(start));
         assert!(!batch.is_due(start + Duration::from_millis(99), period));
         assert!(batch.is_due(start + period, period));
-        assert_eq!(batch.take(), vec![1, 2]);
+        assert_eq!(batch.take(), vec![SequenceNumber::new(1), SequenceNumber::new(2)]);
         assert_eq!(batch.since(), None);
     }
 

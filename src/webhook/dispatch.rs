@@ -1,17 +1,21 @@
 //! A shard's webhook dispatcher: creating deliveries (into its WAL), releasing them once
-//! committed, the worker tasks that send them, the retry timer, the batcher, dead letters and
-//! the admin operations on them.
+//! committed, the worker tasks that send them, the retry timer, the batcher and dead letters;
+//! its children apply a reload (`reload`) and answer the admin API (`admin`).
 //!
 //! Owns `Webhooks` and the control flow between the stages; the data they hand each other
-//! live in their own modules (`endpoint`: endpoints and the transport; `health`: the breaker
-//! and the settle decision; `batch`; `delivery`: the live index and budgets; `queue`: the
-//! work in progress; `admin`: typed answers). Never renders JSON, never crosses threads:
+//! live in their own modules (`endpoint`: endpoints and the transport; `setup`: the endpoints
+//! and settings a reload swaps; `health`: the breaker and the settle decision; `batch`;
+//! `delivery`: the live index and budgets; `queue`: the work in progress; `admin`: typed
+//! answers). Never renders JSON, never crosses threads:
 //! every shard runs its own dispatcher for the deliveries it created (published events on the
 //! shard that accepted them, lifecycle events on the channel's home shard); the admin API
 //! merges the shards' answers.
 //!
 //! Invariant: a delivery is sent only after its WAL record is committed (durable in `fsync`
 //! mode), so a webhook id a receiver has seen is never reused after a crash.
+
+mod admin;
+mod reload;
 
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
@@ -22,38 +26,30 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 
-use super::admin::{AdminAnswer, AdminRequest, AttemptReport, DeadLetter};
 use super::batch;
 use super::client::{Connection, Response};
 use super::delivery;
 pub use super::delivery::Refused;
-use super::endpoint::{build_endpoints, AttemptError, Endpoint, EndpointIndex, Transport};
+use super::endpoint::{build_endpoints, AttemptError, EndpointIndex};
 use super::event::{self, LifecycleEvent};
-use super::health::{BreakerSettings, Verdict};
+use super::health::Verdict;
 use super::queue::{Attempt, DispatchState, EndpointQueue};
-use super::retry::RetryPolicy;
+use super::setup::Setup;
 use crate::apps::{AppIndex, Apps};
 use crate::config::{Config, DurabilityMode, WebhookFormat};
 use crate::metrics::ShardMetrics;
-use crate::target::{AddressPolicy, Cidr};
-use crate::wal::{Durability, FileStorage, Kind, Lsn, Outcome, Wal, WalError};
+use crate::wal::{Durability, FileStorage, Kind, Lsn, Outcome, SequenceNumber, Wal, WalError};
 use monoio_rustls::TlsConnector;
 
 /// One shard's webhook dispatcher.
 pub struct Webhooks {
     /// This shard's index.
     shard: usize,
-    config: Arc<Config>,
-    policy: RetryPolicy,
-    breaker: BreakerSettings,
-    /// Dials and exchanges with endpoints (address guard, TLS, timeouts).
-    transport: Transport,
-    /// Every app's endpoints, in config order; an endpoint's index is its place here.
-    endpoints: Vec<Endpoint>,
-    /// Per app, the indexes of its endpoints.
-    by_app: Vec<Vec<EndpointIndex>>,
-    /// The log and the one index of live deliveries and batch items (endpoint ids there are
-    /// indexes into `endpoints`); it writes nothing in `memory` durability.
+    /// The endpoints and `[webhooks]` settings, swapped whole by a reload (`reload`); a task
+    /// that awaits holds its own snapshot (`setup()`), never a borrow.
+    setup_cell: RefCell<Rc<Setup>>,
+    /// The log and the one index of live deliveries and batch items (its endpoint ids are the
+    /// endpoints' indexes); it writes nothing in `memory` durability.
     wal: Wal<FileStorage>,
     /// The WAL's id (random in `memory` mode): the first half of every webhook id.
     log_id: u64,
@@ -80,34 +76,6 @@ impl Webhooks {
             return Ok(None);
         }
         let settings = &config.webhooks;
-        let mut by_app = vec![Vec::new(); apps.list.len()];
-        for (i, endpoint) in endpoints.iter().enumerate() {
-            by_app[endpoint.app as usize].push(EndpointIndex::new(i));
-        }
-        let policy = RetryPolicy {
-            schedule_ms: settings.retry_schedule_ms.clone(),
-            jitter_percent: settings.retry_jitter_percent,
-            overload_floor_ms: settings.retry_overload_floor_ms,
-            retry_after_max_ms: settings.retry_after_max_ms,
-        };
-        let transport = Transport {
-            addresses: AddressPolicy {
-                allow_private: settings.allow_private_targets,
-                allowed: settings.allowed_cidrs.iter().filter_map(|c| Cidr::parse(c).ok()).collect(),
-            },
-            tls,
-            connect_timeout: Duration::from_millis(settings.connect_timeout_ms),
-            request_timeout: Duration::from_millis(settings.request_timeout_ms),
-            response_bytes_max: settings.response_bytes_max,
-        };
-        let breaker = BreakerSettings {
-            failures: settings.breaker_failures,
-            cooldown: Duration::from_millis(settings.breaker_cooldown_ms),
-        };
-        let state = DispatchState {
-            queues: (0..endpoints.len()).map(|_| EndpointQueue::default()).collect(),
-            ..DispatchState::default()
-        };
         let keys: Vec<&str> = endpoints.iter().map(|e| &*e.key).collect();
         let (wal, recovered) = match settings.durability {
             DurabilityMode::Memory => (Wal::memory(shard as u32, &keys), Vec::new()),
@@ -126,17 +94,18 @@ impl Webhooks {
             }
         };
         let log_id = wal.log_id();
-        if transport.tls.is_none() && endpoints.iter().any(|e| e.target.tls) {
+        if tls.is_none() && endpoints.iter().any(|e| e.target.tls) {
             return Err("an https:// webhook endpoint needs the TLS connector (`tls_connector`)".into());
         }
+        // The keys given to the log are its ids 0..n, so this interns nothing new.
+        let setup = Setup::new(config.clone(), apps, tls, |key| wal.endpoint_id(key));
+        let state = DispatchState {
+            queues: (0..wal.index().endpoint_count()).map(|_| EndpointQueue::default()).collect(),
+            ..DispatchState::default()
+        };
         let webhooks = Rc::new(Webhooks {
             shard,
-            config: config.clone(),
-            policy,
-            breaker,
-            transport,
-            endpoints,
-            by_app,
+            setup_cell: RefCell::new(Rc::new(setup)),
             wal,
             log_id,
             metrics,
@@ -150,9 +119,24 @@ impl Webhooks {
         &self.metrics[self.shard]
     }
 
+    /// The endpoints and settings as of now.
+    fn setup(&self) -> Rc<Setup> {
+        self.setup_cell.borrow().clone()
+    }
+
+    /// Whether the endpoint at `index` is configured now.
+    fn configured(&self, index: EndpointIndex) -> bool {
+        self.setup_cell.borrow().endpoint(index).is_some()
+    }
+
+    /// An endpoint's key (`"{app_id}/{endpoint_id}"`), also after it left the config.
+    fn key_of(&self, index: EndpointIndex) -> String {
+        self.wal.index().key(index.get()).to_string()
+    }
+
     /// Queues what the WAL held: pending deliveries get an attempt now, batch items are
     /// batched again, dead letters are kept.
-    fn recover(&self, recovered: Vec<u64>) {
+    fn recover(&self, recovered: Vec<SequenceNumber>) {
         let (mut pending, mut dead, mut orphans) = (0u64, 0u64, 0u64);
         let now = Instant::now();
         for seq in recovered {
@@ -162,11 +146,14 @@ impl Webhooks {
                 (live.kind, live.endpoint, live.dead)
             };
             let mut state = self.state.borrow_mut();
-            let Some(queue) = state.queues.get_mut(endpoint) else {
-                // Its endpoint left the config: kept in the log, reported, never sent.
+            let queue = &mut state.queues[endpoint];
+            if !self.configured(EndpointIndex::new(endpoint)) {
+                // Its endpoint left the config: kept in the log, reported, and sent if a reload
+                // configures the endpoint again (`reload::unpark`).
+                queue.parked.push(seq);
                 orphans += 1;
                 continue;
-            };
+            }
             match kind {
                 Kind::BatchItem => {
                     queue.batch.push(seq, now);
@@ -196,14 +183,31 @@ impl Webhooks {
         }
         monoio::spawn(self.clone().timer_task());
         monoio::spawn(self.clone().batch_task());
-        for endpoint in (0..self.endpoints.len()).map(EndpointIndex::new) {
-            for _ in 0..self.config.webhooks.connections_per_endpoint_max {
-                monoio::spawn(self.clone().worker(endpoint));
+        self.spawn_workers();
+    }
+
+    /// Tops every configured endpoint up to `connections_per_endpoint_max` workers (all of
+    /// them at start; an endpoint a reload added, or whose workers ended when a reload removed
+    /// it); warns about endpoints the address guard will refuse.
+    fn spawn_workers(self: &Rc<Self>) {
+        let setup = self.setup();
+        let workers_max = setup.config.webhooks.connections_per_endpoint_max;
+        for (index, endpoint) in setup.configured_endpoints() {
+            let missing = {
+                let mut state = self.state.borrow_mut();
+                let queue = &mut state.queues[index.get()];
+                let missing = workers_max.saturating_sub(queue.workers);
+                queue.workers += missing;
+                missing
+            };
+            for _ in 0..missing {
+                monoio::spawn(self.clone().worker(index));
             }
-        }
-        for endpoint in &self.endpoints {
+            if missing == 0 {
+                continue;
+            }
             if let Some(ip) = endpoint.target.literal_ip() {
-                if !self.transport.addresses.permits(ip) && self.shard == 0 {
+                if !setup.transport.addresses.permits(ip) && self.shard == 0 {
                     tracing::warn!(
                         endpoint = %endpoint.key,
                         url = %endpoint.url,
@@ -216,25 +220,21 @@ impl Webhooks {
     }
 
     /// The webhook id a receiver sees for a delivery (stable across attempts and restarts).
-    pub fn webhook_id(&self, seq: u64) -> String {
+    pub fn webhook_id(&self, seq: SequenceNumber) -> String {
         delivery::webhook_id(self.log_id, seq)
     }
 
     /// The sequence number in one of this shard's webhook ids; `None` for anything else.
-    fn parse_webhook_id(&self, id: &str) -> Option<u64> {
+    fn parse_webhook_id(&self, id: &str) -> Option<SequenceNumber> {
         delivery::parse_webhook_id(self.log_id, id)
     }
 
     // ---- sources -----------------------------------------------------------------------
 
-    /// The app's endpoints; none for an app added by a reload (endpoints are built at start).
-    fn endpoints_of(&self, app: AppIndex) -> &[EndpointIndex] {
-        self.by_app.get(app as usize).map_or(&[], Vec::as_slice)
-    }
-
     /// Whether an app has Standard Webhooks endpoints (a publish must then be durable first).
     pub fn has_standard(&self, app: AppIndex) -> bool {
-        self.endpoints_of(app).iter().any(|&e| self.endpoints[e.get()].format == WebhookFormat::Standard)
+        let setup = self.setup_cell.borrow();
+        setup.endpoints_of(app).iter().any(|&e| setup.configured(e).format == WebhookFormat::Standard)
     }
 
     /// Creates the deliveries of a published event for every matching Standard Webhooks
@@ -242,9 +242,10 @@ impl Webhooks {
     pub fn published(&self, app: AppIndex, event: &str, channels: &[&str], data: &str) -> Result<Option<Lsn>, Refused> {
         // Two passes: every budget is checked before anything is created, so a refused publish
         // leaves no delivery behind (its retry creates them all once).
+        let setup = self.setup();
         let mut matches: Vec<(EndpointIndex, &str)> = Vec::new();
-        for &index in self.endpoints_of(app) {
-            let endpoint = &self.endpoints[index.get()];
+        for &index in setup.endpoints_of(app) {
+            let endpoint = setup.configured(index);
             if endpoint.format != WebhookFormat::Standard || !event::any_match(endpoint.event_types.as_deref(), event) {
                 continue;
             }
@@ -258,7 +259,7 @@ impl Webhooks {
         let time_ms = now_ms();
         for (index, channel) in matches {
             let body = event::standard_body(event, channel, data, time_ms);
-            if self.endpoints[index.get()].batch_max > 1 {
+            if setup.configured(index).batch_max > 1 {
                 last = last.max(self.add_to_batch(index, body.into())?);
             } else {
                 last = Some(self.create(index, body.into(), time_ms)?);
@@ -271,9 +272,10 @@ impl Webhooks {
     /// or the shard's is at `queue_bytes_max`.
     fn check_capacity(&self, endpoint: EndpointIndex) -> Result<(), Refused> {
         let index = self.wal.index();
-        let settings = &self.config.webhooks;
+        let setup = self.setup_cell.borrow();
+        let settings = &setup.config.webhooks;
         if index.endpoint_bytes(endpoint.get()) >= settings.endpoint_queue_bytes_max {
-            return Err(Refused::EndpointFull(self.endpoints[endpoint.get()].key.to_string()));
+            return Err(Refused::EndpointFull(index.key(endpoint.get()).to_string()));
         }
         if index.live_bytes() >= settings.queue_bytes_max {
             return Err(Refused::QueueFull);
@@ -291,8 +293,9 @@ impl Webhooks {
     /// commit for it to be durable.
     pub fn lifecycle(&self, app: AppIndex, event: LifecycleEvent) -> Option<Lsn> {
         let mut last = None;
-        for &index in self.endpoints_of(app) {
-            let endpoint = &self.endpoints[index.get()];
+        let setup = self.setup();
+        for &index in setup.endpoints_of(app) {
+            let endpoint = setup.configured(index);
             if endpoint.format != WebhookFormat::Pusher
                 || endpoint.events.as_ref().is_some_and(|list| !list.iter().any(|e| e == event.name))
             {
@@ -318,10 +321,10 @@ impl Webhooks {
     /// `batch_ms`. Returns the event's log position.
     fn add_to_batch(&self, endpoint: EndpointIndex, json: Bytes) -> Result<Option<Lsn>, Refused> {
         let (seq, lsn) = self.wal.append(Kind::BatchItem, endpoint.get(), now_ms(), json)?;
+        let batch_max = self.setup_cell.borrow().configured(endpoint).batch_max;
         let full = {
             let mut state = self.state.borrow_mut();
-            let full = state.queues[endpoint.get()].batch.push(seq, Instant::now())
-                >= self.endpoints[endpoint.get()].batch_max;
+            let full = state.queues[endpoint.get()].batch.push(seq, Instant::now()) >= batch_max;
             if let Some(waker) = state.batch_task.take() {
                 waker.wake();
             }
@@ -342,20 +345,22 @@ impl Webhooks {
             return;
         }
         let time_ms = now_ms();
+        // A batch of an endpoint a reload removed is flushed before the reload swaps it out.
+        let format = self.setup_cell.borrow().configured(endpoint).format;
         let body = {
             let index = self.wal.index();
             let events: Vec<_> = items
                 .iter()
                 .map(|&seq| String::from_utf8_lossy(&index.get(seq).expect("batched items are live").body))
                 .collect();
-            batch::body(self.endpoints[endpoint.get()].format, time_ms, events.iter().map(|e| &**e))
+            batch::body(format, time_ms, events.iter().map(|e| &**e))
         };
         // The items already count against the queue limit, so the batch is not refused for it;
         // their bytes are given back when they are acked below.
         if let Err(error) = self.create(endpoint, body, time_ms) {
             // Only a failed WAL gets here: the items stay in the log and are batched again
             // after a restart.
-            tracing::error!(endpoint = %self.endpoints[endpoint.get()].key, %error, "webhook batch not queued");
+            tracing::error!(endpoint = %self.key_of(endpoint), %error, "webhook batch not queued");
             return;
         }
         for seq in items {
@@ -405,11 +410,14 @@ impl Webhooks {
     }
 
     /// Queues a delivery for its endpoint's workers (or dead-letters it if the endpoint is
-    /// disabled).
-    fn make_ready(&self, seq: u64) {
+    /// disabled, or was removed by a reload).
+    fn make_ready(&self, seq: SequenceNumber) {
         let endpoint = self.wal.index().get(seq).filter(|d| !d.dead && d.kind == Kind::Delivery).map(|d| d.endpoint);
+        let Some(endpoint) = endpoint.map(EndpointIndex::new) else { return };
+        if !self.configured(endpoint) {
+            return self.dead_letter(seq);
+        }
         let mut state = self.state.borrow_mut();
-        let Some(endpoint) = endpoint.filter(|&e| e < state.queues.len()).map(EndpointIndex::new) else { return };
         if state.queues[endpoint.get()].health.disabled.is_some() {
             drop(state);
             return self.dead_letter(seq);
@@ -467,7 +475,7 @@ impl Webhooks {
         }
     }
 
-    fn schedule(&self, seq: u64, delay: Duration) {
+    fn schedule(&self, seq: SequenceNumber, delay: Duration) {
         let mut state = self.state.borrow_mut();
         state.timers.insert((Instant::now() + delay, seq));
         if let Some(waker) = state.timer_task.take() {
@@ -477,7 +485,6 @@ impl Webhooks {
 
     /// Flushes endpoints' batches `batch_ms` after their first event.
     async fn batch_task(self: Rc<Self>) {
-        let period = Duration::from_millis(self.config.webhooks.batch_ms);
         loop {
             let oldest = poll_fn(|cx| {
                 let mut state = self.state.borrow_mut();
@@ -490,6 +497,8 @@ impl Webhooks {
                 }
             })
             .await;
+            // Read for each batch: a reload may change it.
+            let period = Duration::from_millis(self.setup_cell.borrow().config.webhooks.batch_ms);
             monoio::time::sleep_until(monoio::time::Instant::from_std(oldest + period)).await;
             let now = Instant::now();
             let due: Vec<EndpointIndex> = {
@@ -504,22 +513,31 @@ impl Webhooks {
     }
 
     /// One of an endpoint's workers: owns one keep-alive connection, takes batches of ready
-    /// deliveries (at most `pipeline_max`), sends them pipelined, and settles each.
+    /// deliveries (at most `pipeline_max`), sends them pipelined, and settles each. Each batch
+    /// is sent to the endpoint as configured when it is taken (a reload may change its URL or
+    /// secret: the connection to the old URL is dropped); the worker ends once a reload has
+    /// removed its endpoint.
     async fn worker(self: Rc<Self>, endpoint: EndpointIndex) {
         let mut connection: Option<Connection> = None;
-        loop {
-            let batch = self.take_batch(endpoint).await;
+        let mut connected_to = String::new();
+        while let Some(batch) = self.take_batch(endpoint).await {
+            let setup = self.setup();
+            let target = setup.configured(endpoint);
+            if target.url != connected_to {
+                connection = None;
+                connected_to.clone_from(&target.url);
+            }
             let requests = {
                 let index = self.wal.index();
                 let timestamp_s = now_ms() / 1000;
                 let heads = batch.iter().map(|&seq| {
                     let body = index.get(seq).expect("taken deliveries are live").body.clone();
-                    (self.endpoints[endpoint.get()].request_head(&self.webhook_id(seq), timestamp_s, &body), body)
+                    (target.request_head(&self.webhook_id(seq), timestamp_s, &body), body)
                 });
                 heads.collect()
             };
             let started = Instant::now();
-            let results = self.transport.exchange(&self.endpoints[endpoint.get()], &mut connection, requests).await;
+            let results = setup.transport.exchange(target, &mut connection, requests).await;
             let duration_ms = started.elapsed().as_millis() as u64;
             if matches!(results.first(), Some(Err(AttemptError::Refused(_)))) {
                 ShardMetrics::add(&self.metrics().webhook_ssrf_refused_total, 1);
@@ -528,18 +546,23 @@ impl Webhooks {
                 self.settle(endpoint, seq, result, duration_ms);
             }
         }
+        self.state.borrow_mut().queues[endpoint.get()].workers -= 1;
     }
 
-    /// Waits for deliveries this endpoint may send now (breaker closed or probing).
-    async fn take_batch(&self, endpoint: EndpointIndex) -> Vec<u64> {
-        let pipeline_max = self.config.webhooks.pipeline_max;
+    /// Waits for deliveries this endpoint may send now (breaker closed or probing); `None`
+    /// once a reload has removed the endpoint.
+    async fn take_batch(&self, endpoint: EndpointIndex) -> Option<Vec<SequenceNumber>> {
         poll_fn(|cx| {
+            if !self.configured(endpoint) {
+                return Poll::Ready(None);
+            }
+            let pipeline_max = self.setup_cell.borrow().config.webhooks.pipeline_max;
             let mut state = self.state.borrow_mut();
             let queue = &mut state.queues[endpoint.get()];
             match queue.health.admit(Instant::now(), queue.in_flight, queue.ready.len(), pipeline_max) {
                 Some(n) => {
                     queue.in_flight += n;
-                    Poll::Ready(queue.ready.drain(..n).collect())
+                    Poll::Ready(Some(queue.ready.drain(..n).collect()))
                 }
                 None => {
                     queue.idle_workers.push(cx.waker().clone());
@@ -552,7 +575,13 @@ impl Webhooks {
 
     /// Applies an attempt's result (`health::Breaker::settle` decides): delivered, retried
     /// later, or dead; and logs the attempt for the admin API.
-    fn settle(&self, endpoint: EndpointIndex, seq: u64, result: Result<Response, AttemptError>, duration_ms: u64) {
+    fn settle(
+        &self,
+        endpoint: EndpointIndex,
+        seq: SequenceNumber,
+        result: Result<Response, AttemptError>,
+        duration_ms: u64,
+    ) {
         let decision = {
             let mut state = self.state.borrow_mut();
             let attempts = state.attempt_counts.entry(seq).or_insert(0);
@@ -562,7 +591,9 @@ impl Webhooks {
             debug_assert!(queue.in_flight > 0, "settling a delivery no worker took");
             queue.in_flight -= 1;
             let mut rng = fastrand::Rng::new();
-            let decision = queue.health.settle(&result, attempts, Instant::now(), &self.policy, self.breaker, &mut rng);
+            let setup = self.setup_cell.borrow();
+            let decision =
+                queue.health.settle(&result, attempts, Instant::now(), &setup.policy, setup.breaker, &mut rng);
             if decision.verdict == Verdict::Delivered {
                 // A recovered endpoint: every worker may go on.
                 for waker in queue.idle_workers.drain(..) {
@@ -580,6 +611,11 @@ impl Webhooks {
             Verdict::Gone => {
                 ShardMetrics::add(&self.metrics().webhook_attempts_failed_total, 1);
                 self.disable(endpoint, "the receiver answered 410 Gone");
+                self.dead_letter(seq);
+            }
+            Verdict::Retry(_) if !self.configured(endpoint) => {
+                // A reload removed the endpoint while this attempt was in flight.
+                ShardMetrics::add(&self.metrics().webhook_attempts_failed_total, 1);
                 self.dead_letter(seq);
             }
             Verdict::Retry(delay) => {
@@ -601,11 +637,12 @@ impl Webhooks {
             duration_ms,
             next_attempt_in_ms,
         };
-        self.state.borrow_mut().log_attempt(attempt, self.config.webhooks.attempt_log_max);
+        let attempt_log_max = self.setup_cell.borrow().config.webhooks.attempt_log_max;
+        self.state.borrow_mut().log_attempt(attempt, attempt_log_max);
     }
 
     /// A 2xx: the delivery is done.
-    fn forget(&self, seq: u64) {
+    fn forget(&self, seq: SequenceNumber) {
         let live = self.wal.index().get(seq).is_some();
         // No one waits for this ack: if it is lost in a crash, the delivery is sent again (at
         // least once; receivers deduplicate on the webhook id).
@@ -617,7 +654,7 @@ impl Webhooks {
     }
 
     /// Retries exhausted or endpoint disabled: kept, replayable.
-    fn dead_letter(&self, seq: u64) {
+    fn dead_letter(&self, seq: SequenceNumber) {
         let pending = self.wal.index().get(seq).is_some_and(|d| !d.dead && d.kind == Kind::Delivery);
         if !pending {
             return;
@@ -631,20 +668,20 @@ impl Webhooks {
 
     /// 410 Gone: stop sending to the endpoint; its queued deliveries become dead letters.
     fn disable(&self, endpoint: EndpointIndex, reason: &str) {
-        let queued: Vec<u64> = {
+        let queued: Vec<SequenceNumber> = {
             let mut state = self.state.borrow_mut();
             let queue = &mut state.queues[endpoint.get()];
             queue.health.disabled = Some(reason.into());
             queue.ready.drain(..).collect()
         };
-        tracing::warn!(endpoint = %self.endpoints[endpoint.get()].key, reason, "webhook endpoint disabled");
+        tracing::warn!(endpoint = %self.key_of(endpoint), reason, "webhook endpoint disabled");
         for seq in queued {
             self.dead_letter(seq);
         }
     }
 
     /// Makes a dead letter pending again and queues it.
-    fn replay(&self, seq: u64) -> bool {
+    fn replay(&self, seq: SequenceNumber) -> bool {
         if !matches!(self.wal.append_replay(seq), Ok(Some(_))) {
             return false;
         }
@@ -658,9 +695,10 @@ impl Webhooks {
 
     /// Forgets a dead letter for good (deleted through the admin API, or expired): its budget
     /// is freed and the log says so, so a restart does not bring it back.
-    fn discard(&self, seq: u64) -> bool {
+    fn discard(&self, seq: SequenceNumber) -> bool {
         // A dead letter of an endpoint that left the config is kept, as it was recovered.
-        let configured_dead = self.wal.index().get(seq).is_some_and(|d| d.dead && d.endpoint < self.endpoints.len());
+        let dead_of = self.wal.index().get(seq).filter(|d| d.dead).map(|d| EndpointIndex::new(d.endpoint));
+        let configured_dead = dead_of.is_some_and(|endpoint| self.configured(endpoint));
         if !configured_dead {
             return false;
         }
@@ -673,7 +711,7 @@ impl Webhooks {
 
     /// Discards the dead letters created more than `dead_letter_retention_s` before `now_ms`.
     fn expire_dead_letters(&self, now_ms: u64) {
-        let retention_ms = self.config.webhooks.dead_letter_retention_s.saturating_mul(1000);
+        let retention_ms = self.setup_cell.borrow().config.webhooks.dead_letter_retention_s.saturating_mul(1000);
         if retention_ms == 0 {
             return;
         }
@@ -686,89 +724,6 @@ impl Webhooks {
                 count,
                 "expired dead letters discarded (webhooks.dead_letter_retention_s)"
             );
-        }
-    }
-
-    // ---- admin -------------------------------------------------------------------------
-
-    fn endpoint_index(&self, app: AppIndex, id: &str) -> Option<EndpointIndex> {
-        self.endpoints_of(app).iter().copied().find(|&i| self.endpoints[i.get()].id == id)
-    }
-
-    /// This shard's answer to an admin request, for its own deliveries.
-    pub fn admin(&self, app: AppIndex, request: &AdminRequest) -> AdminAnswer {
-        let owned_by_app = |seq: u64| {
-            let index = self.wal.index();
-            index.get(seq).and_then(|d| self.endpoints.get(d.endpoint)).is_some_and(|e| e.app == app)
-        };
-        match request {
-            AdminRequest::Health => {
-                let (state, index) = (self.state.borrow(), self.wal.index());
-                AdminAnswer::Health(
-                    self.endpoints_of(app).iter().map(|&i| state.health(i, &self.endpoints[i.get()], &index)).collect(),
-                )
-            }
-            AdminRequest::DeadLetters { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let live = self.wal.index();
-                let letters = live.dead_of(index.get()).into_iter().map(|(seq, d)| DeadLetter {
-                    webhook_id: self.webhook_id(seq),
-                    created_ms: d.created_ms,
-                    body: String::from_utf8_lossy(&d.body).into_owned(),
-                });
-                AdminAnswer::DeadLetters(letters.collect())
-            }
-            AdminRequest::Attempts { webhook_id } => {
-                let Some(seq) = self.parse_webhook_id(webhook_id) else { return AdminAnswer::empty(request) };
-                let state = self.state.borrow();
-                let attempts =
-                    state.attempts.iter().filter(|a| a.seq == seq && self.endpoints[a.endpoint.get()].app == app);
-                AdminAnswer::Attempts(
-                    attempts
-                        .map(|a| AttemptReport {
-                            webhook_id: webhook_id.clone(),
-                            endpoint: self.endpoints[a.endpoint.get()].id.clone(),
-                            at_ms: a.at_ms,
-                            status: a.status,
-                            error: a.error.clone(),
-                            duration_ms: a.duration_ms,
-                            next_attempt_in_ms: a.next_attempt_in_ms,
-                        })
-                        .collect(),
-                )
-            }
-            AdminRequest::Replay { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
-                AdminAnswer::Replayed(seq.filter(|&s| self.replay(s)).map(|_| webhook_id.clone()).into_iter().collect())
-            }
-            AdminRequest::ReplayRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.wal.index().dead_between(index.get(), *from_ms, *to_ms);
-                AdminAnswer::Replayed(
-                    seqs.into_iter().filter(|&s| self.replay(s)).map(|s| self.webhook_id(s)).collect(),
-                )
-            }
-            AdminRequest::Delete { webhook_id } => {
-                let seq = self.parse_webhook_id(webhook_id).filter(|&s| owned_by_app(s));
-                AdminAnswer::Deleted(seq.filter(|&s| self.discard(s)).map(|_| webhook_id.clone()).into_iter().collect())
-            }
-            AdminRequest::DeleteRange { endpoint, from_ms, to_ms } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let seqs = self.wal.index().dead_between(index.get(), *from_ms, *to_ms);
-                AdminAnswer::Deleted(
-                    seqs.into_iter().filter(|&s| self.discard(s)).map(|s| self.webhook_id(s)).collect(),
-                )
-            }
-            AdminRequest::Enable { endpoint } => {
-                let Some(index) = self.endpoint_index(app, endpoint) else { return AdminAnswer::empty(request) };
-                let mut state = self.state.borrow_mut();
-                let queue = &mut state.queues[index.get()];
-                queue.health.enable();
-                for waker in queue.idle_workers.drain(..) {
-                    waker.wake();
-                }
-                AdminAnswer::Enabled
-            }
         }
     }
 }

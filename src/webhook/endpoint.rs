@@ -37,8 +37,9 @@ pub enum Signer {
     Standard(StandardSigner),
 }
 
-/// An endpoint's place in its shard's list (`Webhooks::endpoints`, in config order), fixed for
-/// the life of the process: what queues, batches and attempts refer to an endpoint by.
+/// An endpoint's place in its shard's tables: the id of its key in the WAL's key table, fixed
+/// for the life of the process (a reload keeps it, since it names the endpoint by its key):
+/// what queues, batches and attempts refer to an endpoint by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointIndex(usize);
 
@@ -110,10 +111,10 @@ impl Endpoint {
     }
 }
 
-/// The endpoints of every app, in config order.
+/// The endpoints of every app, in config order (a removed app has none).
 pub fn build_endpoints(apps: &Apps, batch_events_max: usize) -> Vec<Endpoint> {
     let mut endpoints = Vec::new();
-    for app in &apps.list {
+    for app in apps.list.iter().filter(|app| !app.removed) {
         for (j, hook) in app.config.webhooks.iter().enumerate() {
             let id = hook.endpoint_id(j);
             let signer = match hook.format {

@@ -12,6 +12,7 @@
 //! - `batch`: events waiting to become one delivery (their records are WAL batch items).
 //! - `delivery`: why a delivery is refused, webhook ids (the live deliveries are in `wal::index`).
 //! - `queue` (private): ready queues, timers, the attempt log.
+//! - `setup` (private): the endpoints and `[webhooks]` settings a reload swaps.
 //! - `dispatch`: a shard's dispatcher — the tasks and the control flow between the stages.
 
 pub mod admin;
@@ -25,6 +26,7 @@ pub mod health;
 mod queue;
 pub mod resolver;
 pub mod retry;
+mod setup;
 pub mod sign;
 
 /// The directory of shard `shard`'s WAL under `webhooks.data_dir` (the one place its name is

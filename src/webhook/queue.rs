@@ -18,20 +18,26 @@ use super::batch::Batch;
 use super::endpoint::{Endpoint, EndpointIndex};
 use super::health::Breaker;
 use crate::config::WebhookFormat;
-use crate::wal::{LiveIndex, Lsn};
+use crate::wal::{LiveIndex, Lsn, SequenceNumber};
 
 /// One endpoint's work on this shard. Invariant: every seq in `ready` is a pending delivery
 /// of this endpoint; `in_flight` counts those taken by workers and not yet settled.
 #[derive(Default)]
 pub(super) struct EndpointQueue {
     /// Deliveries whose attempt is due, oldest first.
-    pub(super) ready: VecDeque<u64>,
+    pub(super) ready: VecDeque<SequenceNumber>,
     /// Workers waiting for `ready` or the breaker.
     pub(super) idle_workers: Vec<Waker>,
     /// Deliveries taken by workers and not yet settled.
     pub(super) in_flight: usize,
+    /// Worker tasks running for this endpoint (at most `connections_per_endpoint_max`; they
+    /// end once a reload removes the endpoint).
+    pub(super) workers: usize,
     /// The breaker and counters.
     pub(super) health: Breaker,
+    /// What recovery found for this endpoint while it was not configured (pending deliveries,
+    /// batch items, dead letters), in log order: kept aside until a reload configures it.
+    pub(super) parked: Vec<SequenceNumber>,
     /// Events waiting to be batched (each a batch item in the WAL, so a crash before the
     /// batch is formed loses none).
     pub(super) batch: Batch,
@@ -44,11 +50,11 @@ pub(super) struct DispatchState {
     /// Attempts since creation or the last replay, of deliveries attempted at least once
     /// (not logged: a restart starts the count again). The deliveries themselves live in the
     /// WAL's index.
-    pub(super) attempt_counts: HashMap<u64, u32>,
+    pub(super) attempt_counts: HashMap<SequenceNumber, u32>,
     /// Created, waiting for their WAL records to be committed before the first attempt.
-    pub(super) awaiting: VecDeque<(Lsn, u64)>,
+    pub(super) awaiting: VecDeque<(Lsn, SequenceNumber)>,
     /// Retries by due time.
-    pub(super) timers: BTreeSet<(Instant, u64)>,
+    pub(super) timers: BTreeSet<(Instant, SequenceNumber)>,
     /// Per endpoint, by index.
     pub(super) queues: Vec<EndpointQueue>,
     /// The last `attempt_log_max` attempts, for the admin API.
@@ -62,7 +68,7 @@ pub(super) struct DispatchState {
 /// One attempt, for the admin API.
 #[derive(Debug, Clone)]
 pub(super) struct Attempt {
-    pub(super) seq: u64,
+    pub(super) seq: SequenceNumber,
     pub(super) endpoint: EndpointIndex,
     pub(super) at_ms: u64,
     pub(super) status: Option<u16>,
@@ -73,7 +79,7 @@ pub(super) struct Attempt {
 
 impl DispatchState {
     /// Pops the first delivery whose WAL record is committed by `reached`.
-    pub(super) fn pop_released(&mut self, reached: Lsn) -> Option<u64> {
+    pub(super) fn pop_released(&mut self, reached: Lsn) -> Option<SequenceNumber> {
         match self.awaiting.front() {
             Some(&(lsn, seq)) if lsn <= reached => {
                 self.awaiting.pop_front();
@@ -84,8 +90,8 @@ impl DispatchState {
     }
 
     /// Takes the retries due by `now`, earliest first.
-    pub(super) fn take_due(&mut self, now: Instant) -> Vec<u64> {
-        let later = self.timers.split_off(&(now, u64::MAX));
+    pub(super) fn take_due(&mut self, now: Instant) -> Vec<SequenceNumber> {
+        let later = self.timers.split_off(&(now, SequenceNumber::MAX));
         let due = std::mem::replace(&mut self.timers, later);
         due.into_iter().map(|(_, seq)| seq).collect()
     }

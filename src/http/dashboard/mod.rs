@@ -41,7 +41,8 @@ const PAGE_HEADERS: &str = "Cache-Control: no-store\r\nX-Content-Type-Options: n
 
 /// Routes and answers one request under `/dashboard`.
 pub async fn handle(shard: &Shard, head: &RequestHead, body: &[u8]) -> Response {
-    let config = &shard.config.dashboard;
+    let running = shard.config();
+    let config = &running.dashboard;
     if !config.enabled {
         return Response::error(StatusCode::NOT_FOUND, "no such endpoint");
     }
@@ -104,7 +105,7 @@ fn login(shard: &Shard, head: &RequestHead, body: &[u8]) -> Response {
     if head.method != Method::POST {
         return Response::error(StatusCode::METHOD_NOT_ALLOWED, "use POST on this endpoint");
     }
-    let token = &shard.config.dashboard.token;
+    let token = &shard.config().dashboard.token;
     match auth::form_token(body) {
         Some(presented) if auth::token_matches(presented.as_bytes(), token) => {
             let mut response = text(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "logged in\n");
@@ -188,7 +189,7 @@ async fn snapshot_response(shard: &Shard) -> Response {
         metrics: &shard.all_metrics,
         ring_depths: &ring_depths,
         apps: &shard.apps(),
-        channels_shown_max: shard.config.dashboard.channels_shown_max,
+        channels_shown_max: shard.config().dashboard.channels_shown_max,
         now_ms,
     };
     let mut response = Response::json(StatusCode::OK, &snapshot::render(&inputs, parts));
