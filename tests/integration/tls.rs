@@ -207,6 +207,30 @@ fn bad_certificate_files_are_refused() {
     }
 }
 
+/// `ringwire check-config` reads the certificate files too: a good pair passes, a key that
+/// does not match the certificate exits 2 with the key's name and the file on stderr.
+#[test]
+fn check_config_reads_the_certificates() {
+    let pki = make_pki("tls-check");
+    let other = make_pki("tls-check-other");
+    let check = |key_file: &std::path::Path| {
+        let config = pki.dir.join("check.toml");
+        let text = format!(
+            "[tls]\nbind = \"127.0.0.1:0\"\ncert_file = {:?}\nkey_file = {:?}\n",
+            pki.cert_file.display().to_string(),
+            key_file.display().to_string()
+        );
+        std::fs::write(&config, text).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringwire")).arg("check-config").arg(&config).output().unwrap()
+    };
+    let good = check(&pki.key_file);
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    let bad = check(&other.key_file);
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert_eq!(bad.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("tls.key_file") && stderr.contains(&other.key_file.display().to_string()), "{stderr}");
+}
+
 /// Messages larger than rustls's 64 KiB send buffer go out whole (found by Autobahn over
 /// wss: a 65 535-byte echo used to drop the connection).
 #[test]
