@@ -17,6 +17,7 @@ pub mod message;
 pub mod outbound;
 pub mod sequence;
 pub mod supervisor;
+pub mod users;
 /// Who this node is in messages and Redis keys (docs/cluster.md, "Message format").
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeIdentity {

@@ -3,9 +3,10 @@
 //! and relays this shard's client events through Redis.
 //!
 //! Wired: fan-out (kinds 1 and 2, `#server-to-user-` events among them, as kind 1 to the
-//! channel's subscribers exactly as on a single node), `terminate_connections` (kind 7) and
+//! channel's subscribers exactly as on a single node), `terminate_connections` (kind 7),
 //! cache channels (each arriving publication kept on its home shard; a join this node holds
-//! nothing for reads Redis first); the supervisor's other kinds are logged and ignored here.
+//! nothing for reads Redis first) and watchlist events (kinds 8–9, to the user's home shard,
+//! `shard::cluster_watch`); the supervisor's other kinds are logged and ignored here.
 //!
 //! Invariant: in cluster mode every publish and client event reaches this node's own
 //! subscribers through Redis too (never directly), so all nodes see one order per bucket.
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::cluster_watch::ClusterOnline;
 use super::mesh::{HomeJoin, JoinReply, MeshMessage};
 use super::router::ConnKey;
 use super::Shard;
@@ -27,6 +29,7 @@ use crate::cluster::message::{self as cluster_message, Header, Kind};
 use crate::cluster::outbound::{NewApps, Outbound, Unavailable};
 use crate::cluster::sequence::BucketId;
 use crate::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
+use crate::cluster::NodeIdentity;
 use crate::metrics::ShardMetrics;
 use crate::pusher::channel;
 use crate::pusher::message::{self, SocketId};
@@ -47,7 +50,11 @@ pub struct ClusterHandle {
     /// `cluster.prefix`, for the keys this shard reads.
     pub prefix: String,
     /// The shard itself, for the tasks that wait on Redis for it (weak: the shard owns this).
-    shard: Weak<Shard>,
+    pub(super) shard: Weak<Shard>,
+    /// This node, for the keys of its contributions (users online).
+    pub(super) node: NodeIdentity,
+    /// What this shard, as home of watched users, knows of their cluster-wide online state.
+    pub(super) online: RefCell<ClusterOnline>,
     /// Cache joins waiting for their channel's `{k}:cache`, in arrival order: one read per
     /// channel however many clients join at once (a reconnect storm after a gap).
     cache_reads: RefCell<HashMap<CacheChannel, Vec<HomeJoin>>>,
@@ -102,6 +109,11 @@ impl Events for ShardEvents {
             }
             // The user's connections on every shard of this node, closed as on a single node.
             Kind::TerminateUser => self.shard.terminate_user(bucket.app, header.user_id),
+            // Decided once cluster-wide by a script; the user's home shard tells the watchers.
+            Kind::UserOnline | Kind::UserOffline => {
+                let online = header.kind == Kind::UserOnline;
+                self.shard.watchlist_arrived(bucket.app, header.user_id, online, frame)
+            }
             other => tracing::debug!(kind = ?other, node = header.node_id, "cluster message kind not wired; ignored"),
         }
     }
@@ -120,6 +132,7 @@ impl Events for ShardEvents {
 
     fn link_up(&mut self) {
         tracing::info!(shard = self.shard.index, "cluster link up");
+        self.shard.users_register();
     }
 
     fn link_down(&mut self, error: &LinkError) {
@@ -140,12 +153,13 @@ impl Shard {
 
     /// Starts this shard's link supervisor (call once, inside the shard's runtime).
     pub fn start_cluster(self: &Rc<Self>, options: SupervisorOptions) {
-        let (buckets, prefix) = (options.buckets, options.prefix.clone());
+        let (buckets, prefix, node) = (options.buckets, options.prefix.clone(), options.node.clone());
         let rng = fastrand::Rng::new();
         let events = ShardEvents { shard: self.clone() };
         let supervisor = Supervisor::new(options, events, self.all_metrics.clone(), rng);
         let (outbound, shard, cache_reads) = (supervisor.outbound(), Rc::downgrade(self), RefCell::default());
-        let handle = ClusterHandle { outbound, buckets, prefix, shard, cache_reads };
+        let online = RefCell::default();
+        let handle = ClusterHandle { outbound, buckets, prefix, shard, node, online, cache_reads };
         assert!(self.cluster_cell.set(handle).is_ok(), "the cluster link starts once");
         monoio::spawn(supervisor.run());
     }
@@ -261,8 +275,9 @@ impl Shard {
     }
 
     /// Closes this shard's connections subscribed (or joining) to a channel of the bucket, or
-    /// signed in as a user whose messages go to it (a missed `terminate_connections`), with
-    /// 4200, so their clients reconnect, sign in and resubscribe.
+    /// signed in as a user whose messages go to it (a missed `terminate_connections`), or
+    /// watching one (a missed watchlist event), with 4200, so their clients reconnect, sign in
+    /// and resubscribe.
     pub(super) fn close_bucket(&self, app: AppIndex, number: u16) {
         let Some(buckets) = self.cluster().map(|c| c.buckets) else { return };
         let keys: Vec<ConnKey> = {
@@ -271,7 +286,8 @@ impl Shard {
             let user_in_bucket =
                 |user: &Option<Box<str>>| user.as_deref().is_some_and(|u| bucket::of_user(u, buckets) == number);
             let affected = state.connections.iter().filter(|(_, c)| {
-                c.app == app && (c.channels.iter().any(|n| in_bucket(n)) || user_in_bucket(&c.user_id))
+                let watches = c.watchlist.iter().any(|u| bucket::of_user(u, buckets) == number);
+                c.app == app && (c.channels.iter().any(|n| in_bucket(n)) || user_in_bucket(&c.user_id) || watches)
             });
             affected.map(|(key, _)| key).collect()
         };

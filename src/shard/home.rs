@@ -246,25 +246,46 @@ impl HomeState {
     /// when the first connection arrives and when the last one leaves.
     pub fn user_presence(&mut self, app: AppIndex, user_id: Box<str>, online: bool) -> Vec<HomeEffect> {
         let key = (app, user_id);
-        let changed = if online {
+        let changed = self.count_user(&key, online);
+        let Some(watchers) = self.watchers.get(&key).filter(|_| changed) else {
+            return Vec::new();
+        };
+        let frame = message::watchlist_event(if online { "online" } else { "offline" }, &[&key.1]);
+        watchers.iter().map(|&watcher| HomeEffect::SendTo { watcher, frame: frame.clone() }).collect()
+    }
+
+    /// Counts a signed-in connection of a user arriving (`online`) or ending here; true when
+    /// it was the first or the last one (cluster mode: a node-level transition).
+    pub fn count_user(&mut self, key: &(AppIndex, Box<str>), online: bool) -> bool {
+        if online {
             let count = self.users_online.entry(key.clone()).or_default();
             *count += 1;
             *count == 1
         } else {
-            match self.users_online.get_mut(&key) {
-                Some(1) => self.users_online.remove(&key).is_some(),
+            match self.users_online.get_mut(key) {
+                Some(1) => self.users_online.remove(key).is_some(),
                 Some(count) => {
                     *count -= 1;
                     false
                 }
                 None => false,
             }
-        };
-        let Some(watchers) = self.watchers.get(&key).filter(|_| changed) else {
-            return Vec::new();
-        };
-        let frame = message::watchlist_event(if online { "online" } else { "offline" }, &[&key.1]);
-        watchers.iter().map(|&watcher| HomeEffect::SendTo { watcher, frame: frame.clone() }).collect()
+        }
+    }
+
+    /// Whether a user has signed-in connections here (this shard counts all of the node's).
+    pub fn is_online(&self, key: &(AppIndex, Box<str>)) -> bool {
+        self.users_online.contains_key(key)
+    }
+
+    /// The users with signed-in connections here.
+    pub fn online_users(&self) -> impl Iterator<Item = &(AppIndex, Box<str>)> {
+        self.users_online.keys()
+    }
+
+    /// The connections watching a user.
+    pub fn watchers_of(&self, key: &(AppIndex, Box<str>)) -> &[Watcher] {
+        self.watchers.get(key).map_or(&[], Vec::as_slice)
     }
 
     /// Starts or stops watching a user; a new watcher of a user who is online hears so at once.

@@ -50,6 +50,9 @@ impl Shard {
             };
             return self.mesh_send(home, message);
         }
+        if self.cluster().is_some() {
+            return self.cluster_user_presence(app, user_id, online);
+        }
         let effects = self.state.borrow_mut().home.user_presence(app, user_id, online);
         self.apply(effects);
     }
@@ -60,6 +63,9 @@ impl Shard {
         let home = presence::home(app, &user_home_key(&user_id), self.mesh.shards());
         if home != self.index {
             return self.mesh_send(home, MeshMessage::Watch { app, user_id, watcher, watch });
+        }
+        if self.cluster().is_some() {
+            return self.cluster_watch(app, user_id, watcher, watch);
         }
         let effects = self.state.borrow_mut().home.watch(app, user_id, watcher, watch);
         self.apply(effects);
@@ -234,6 +240,6 @@ impl Shard {
 }
 
 /// What a user's home shard is computed from (distinct from any channel name).
-fn user_home_key(user_id: &str) -> String {
+pub(super) fn user_home_key(user_id: &str) -> String {
     format!("#user:{user_id}")
 }

@@ -274,6 +274,18 @@ pub enum MeshMessage {
         /// Start (true) or stop (false).
         watch: bool,
     },
+    /// Cluster mode: a user came online (`online`) or went offline cluster-wide, as a Redis
+    /// script decided (to the user's home shard, which tells the user's watchers).
+    Watchlist {
+        /// The app.
+        app: AppIndex,
+        /// The user.
+        user_id: Box<str>,
+        /// Online (true) or offline.
+        online: bool,
+        /// The `pusher_internal:watchlist_events` frame, as received.
+        frame: Bytes,
+    },
     /// A frame for one connection.
     SendTo {
         /// The connection.

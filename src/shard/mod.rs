@@ -21,6 +21,7 @@
 
 pub mod accept;
 pub mod cluster_link;
+mod cluster_watch;
 pub mod connections;
 pub mod home;
 mod home_link;
@@ -477,6 +478,9 @@ impl Shard {
             MeshMessage::UserOffline { app, user_id } => self.user_presence(app, user_id, false),
             MeshMessage::Watch { app, user_id, watcher, watch } => self.watch(app, user_id, watcher, watch),
             MeshMessage::SendTo { watcher, frame } => self.send_to(watcher, frame),
+            MeshMessage::Watchlist { app, user_id, online, frame } => {
+                self.watchlist_decided(app, user_id, online, frame)
+            }
             MeshMessage::PresenceLeave { app, channel, user_id } => self.presence_leave(app, channel, user_id),
             MeshMessage::TerminateUser { app, user_id } => self.terminate_user_locally(app, &user_id),
             MeshMessage::BucketGap { app, bucket } => self.close_bucket(app, bucket),

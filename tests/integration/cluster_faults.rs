@@ -16,7 +16,7 @@ use crate::cluster::RedisServer;
 use crate::support::*;
 
 /// A cluster node on the Redis at `url`, with short timeouts so that faults show quickly.
-fn node_on(url: String, prefix: &str) -> TestServer {
+pub(crate) fn node_on(url: String, prefix: &str) -> TestServer {
     let prefix = prefix.to_string();
     TestServer::start(move |c| {
         c.cluster.redis_url = Some(url);
@@ -118,14 +118,14 @@ fn check_run(seen: &[u64], accepted: &[u64], all: bool) {
 
 /// A TCP proxy in front of Redis for one node: `cut` resets every connection through it and
 /// refuses new ones until `heal`, which is how a network partition looks to the node.
-struct Proxy {
-    addr: SocketAddr,
+pub(crate) struct Proxy {
+    pub(crate) addr: SocketAddr,
     cut: Arc<AtomicBool>,
     open: Arc<Mutex<Vec<TcpStream>>>,
 }
 
 impl Proxy {
-    fn start(upstream: SocketAddr) -> Proxy {
+    pub(crate) fn start(upstream: SocketAddr) -> Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let cut = Arc::new(AtomicBool::new(false));
@@ -151,14 +151,14 @@ impl Proxy {
         Proxy { addr, cut, open }
     }
 
-    fn cut(&self) {
+    pub(crate) fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
         for stream in self.open.lock().unwrap().drain(..) {
             let _ = stream.shutdown(std::net::Shutdown::Both);
         }
     }
 
-    fn heal(&self) {
+    pub(crate) fn heal(&self) {
         self.cut.store(false, Ordering::SeqCst);
     }
 }

@@ -5,6 +5,7 @@ mod cluster;
 mod cluster_faults;
 mod cluster_nodes;
 mod cluster_users;
+mod cluster_watch;
 mod dashboard;
 mod doctor;
 mod hostile;
