@@ -38,6 +38,9 @@ pub struct App {
     connections: Arc<AtomicU32>,
     /// Backend-event rate window, all shards: a `RateWindow::pack`ed word.
     backend_events: Arc<AtomicU64>,
+    /// Cluster mode: live connections on the other nodes, as last read from Redis (0 on a
+    /// single node); shared with the app's successors after a reload like `connections`.
+    elsewhere: Arc<AtomicU32>,
 }
 
 impl std::fmt::Debug for App {
@@ -106,6 +109,7 @@ impl App {
             removed: false,
             connections: self.connections.clone(),
             backend_events: self.backend_events.clone(),
+            elsewhere: self.elsewhere.clone(),
         }
     }
 
@@ -126,19 +130,29 @@ impl App {
             removed: false,
             connections: Arc::default(),
             backend_events: Arc::default(),
+            elsewhere: Arc::default(),
             config,
         }
     }
 
-    /// Admits one more connection unless the app is at `max_connections`.
+    /// Admits one more connection unless the app is at `max_connections` (in cluster mode,
+    /// counting the other nodes' connections as last read).
     pub fn try_admit(&self) -> bool {
         if self.removed {
             return false;
         }
         let max = self.config.max_connections;
+        let elsewhere = self.elsewhere.load(Ordering::Relaxed);
         self.connections
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (max == 0 || n < max).then_some(n + 1))
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n.saturating_add(elsewhere) < max).then_some(n + 1)
+            })
             .is_ok()
+    }
+
+    /// Cluster mode: the other nodes' live connections, as just read from Redis.
+    pub fn set_elsewhere(&self, connections: u32) {
+        self.elsewhere.store(connections, Ordering::Relaxed);
     }
 
     /// Releases a connection admitted by `try_admit`.
@@ -194,6 +208,7 @@ impl Apps {
                     removed: false,
                     connections: Arc::default(),
                     backend_events: Arc::default(),
+                    elsewhere: Arc::default(),
                 }
             })
             .collect();
@@ -229,6 +244,7 @@ impl Apps {
                 Some(config) => App {
                     connections: old.connections.clone(),
                     backend_events: old.backend_events.clone(),
+                    elsewhere: old.elsewhere.clone(),
                     ..App::fresh(old.index, config, webhooks_live, &mut change)
                 },
                 None => App { removed: true, ..old.succeeded_by(&old.config, webhooks_live, &mut change) },

@@ -12,6 +12,7 @@
 //! never share a Redis connection (the thread-per-core rule).
 
 pub mod bucket;
+pub mod limits;
 pub mod link;
 pub mod message;
 pub mod outbound;

@@ -401,10 +401,15 @@ fn cluster_ready(shard: &Shard) -> Result<(), Response> {
     Ok(())
 }
 
-/// Applies `backend_events_per_second_max` to `events` events (429 over it).
-fn admit(app: &App, events: usize) -> Result<(), Response> {
+/// Applies `backend_events_per_second_max` to `events` events (429 over it); in cluster mode
+/// over every node, in Redis (503 when Redis cannot say).
+async fn admit(shard: &Shard, app: &App, events: usize) -> Result<(), Response> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    if app.try_publish(events as u32, now) {
+    let admitted = match shard.cluster() {
+        Some(_) => shard.cluster_admit_events(app, events as u32).await.map_err(cluster_unavailable)?,
+        None => app.try_publish(events as u32, now),
+    };
+    if admitted {
         Ok(())
     } else {
         let limit = app.config.backend_events_per_second_max;
@@ -451,7 +456,7 @@ fn not_accepted(shard: &Shard, error: NotAccepted<Response>) -> Response {
 async fn events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     let request: EventRequest = parse_json(body)?;
     let event = validate_event(app, &request, false)?;
-    admit(app, event.channels.len())?;
+    admit(shard, app, event.channels.len()).await?;
     cluster_ready(shard)?;
     let create = || create_deliveries(shard, app, std::slice::from_ref(&event));
     let accepted = shard.accept(Acknowledged::ByAnswer, create, publish(shard, app, &event)).await;
@@ -466,7 +471,7 @@ async fn batch_events(shard: &Shard, app: &App, body: &[u8]) -> ApiResult {
     }
     // Validate every event before publishing any: a batch is accepted whole or not at all.
     let events = request.batch.iter().map(|e| validate_event(app, e, true)).collect::<Result<Vec<_>, _>>()?;
-    admit(app, events.len())?;
+    admit(shard, app, events.len()).await?;
     cluster_ready(shard)?;
     let publish_all = async {
         let mut infos = Vec::with_capacity(events.len());

@@ -161,6 +161,9 @@ impl Shard {
         let online = RefCell::default();
         let handle = ClusterHandle { outbound, buckets, prefix, shard, node, online, cache_reads };
         assert!(self.cluster_cell.set(handle).is_ok(), "the cluster link starts once");
+        if self.index == 0 {
+            self.start_connection_sharing();
+        }
         monoio::spawn(supervisor.run());
     }
 

@@ -20,6 +20,7 @@
 //! on gaps).
 
 pub mod accept;
+mod cluster_limits;
 pub mod cluster_link;
 mod cluster_watch;
 pub mod connections;

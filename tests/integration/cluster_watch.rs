@@ -154,3 +154,113 @@ fn offline_decided_after_the_link_is_back() {
     wait_ready(b.addr, 200);
     assert_eq!(recv_text(&mut bob), watchlist("offline", "alice"));
 }
+
+/// A cluster node on `redis` with the demo app's config changed by `app`.
+fn limited_node(redis: &RedisServer, prefix: &str, app: fn(&mut ringwire::config::AppConfig)) -> TestServer {
+    let url = format!("redis://{}", redis.addr);
+    let prefix = prefix.to_string();
+    let server = TestServer::start(move |c| {
+        c.cluster.redis_url = Some(url);
+        c.cluster.prefix = prefix;
+        c.cluster.command_timeout_ms = 500;
+        c.cluster.connect_timeout_ms = 500;
+        app(&mut c.apps[0]);
+    });
+    crate::cluster_nodes::wait_ready(server.addr, 200);
+    server
+}
+
+/// The `{prefix}:a:{app}:conns` entries as (connections, Redis ms) per node.
+fn conns_entries(redis: &RedisServer, prefix: &str) -> Vec<(u64, u64)> {
+    use ringwire::cluster::link::{Link, Reply};
+    let key = format!("{prefix}:a:{APP_ID}:conns");
+    let reply = crate::cluster::run(|| async move {
+        let mut link = Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+        link.command(&[b"HVALS", key.as_bytes()]).await.unwrap()
+    });
+    let Reply::Array(values) = reply else { panic!("{reply:?}") };
+    let text = |v: &Reply| match v {
+        Reply::BulkString(b) => String::from_utf8(b.to_vec()).unwrap(),
+        other => panic!("{other:?}"),
+    };
+    let entry = |t: String| t.split_once(':').map(|(c, at)| (c.parse().unwrap(), at.parse().unwrap())).unwrap();
+    values.iter().map(text).map(entry).collect()
+}
+
+/// Connects to `addr`: true when refused with Pusher's over-quota error (exact), then close
+/// 4004; false when admitted (the connection is closed again).
+fn refused_over_quota(addr: std::net::SocketAddr) -> bool {
+    let mut ws = ws_connect(addr, &format!("/app/{KEY}?protocol=7"));
+    let first = recv_text(&mut ws);
+    if first.contains("pusher:connection_established") {
+        return false;
+    }
+    assert_eq!(
+        first,
+        r#"{"event":"pusher:error","data":{"code":4004,"message":"Application is over connection quota"}}"#
+    );
+    assert_eq!(recv_close(&mut ws), 4004);
+    true
+}
+
+/// `max_connections` 4 across two nodes: with 3 connections on A, B admits one and refuses the
+/// next with 4004 once it has read A's count (refreshed every second); when A's connections
+/// close, B admits again after the next refresh.
+#[test]
+fn max_connections_across_nodes() {
+    let redis = RedisServer::start();
+    let a = limited_node(&redis, "conns", |app| app.max_connections = 4);
+    let b = limited_node(&redis, "conns", |app| app.max_connections = 4);
+    let on_a: Vec<(Ws, String)> = (0..3).map(|_| connect(a.addr)).collect();
+    // B has read A's 3 when B's entry was written after A's entry with 3 (same script).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let entries = conns_entries(&redis, "conns");
+        let a_at = entries.iter().find(|(count, _)| *count == 3).map(|e| e.1);
+        if a_at.is_some_and(|a_at| entries.iter().any(|&(count, at)| count == 0 && at > a_at)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _fourth = connect(b.addr);
+    assert!(refused_over_quota(b.addr), "a fifth connection was admitted on B");
+    drop(on_a);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while refused_over_quota(b.addr) {
+        assert!(std::time::Instant::now() < deadline, "B keeps refusing after A's connections closed");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A signed batch of `count` events on `channel`.
+fn batch(addr: std::net::SocketAddr, count: usize) -> (u16, String) {
+    let events: Vec<_> = (0..count).map(|n| json!({"name": "e", "channel": "rated", "data": n.to_string()})).collect();
+    let body = json!({ "batch": events }).to_string();
+    let path = format!("/apps/{APP_ID}/batch_events");
+    http(addr, "POST", &signed_path("POST", &path, body.as_bytes(), &[]), body.as_bytes())
+}
+
+/// `backend_events_per_second_max` 5 through two nodes: within one second 3 events on A are
+/// admitted, 3 more on B refused with 429 and a JSON reason, 2 on B admitted, 1 more on A
+/// refused (exact: refused events are not counted).
+#[test]
+fn backend_events_per_second_across_nodes() {
+    let redis = RedisServer::start();
+    let a = limited_node(&redis, "rate", |app| app.backend_events_per_second_max = 5);
+    let b = limited_node(&redis, "rate", |app| app.backend_events_per_second_max = 5);
+    let over = r#"{"error":"over this app's limit of 5 events per second","status":429}"#;
+    for _attempt in 0..5 {
+        // Start early in a second, so the four requests likely share it (else try again).
+        while std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_millis() > 100 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let second = now();
+        let got = [batch(a.addr, 3), batch(b.addr, 3), batch(b.addr, 2), batch(a.addr, 1)];
+        if now() != second {
+            continue;
+        }
+        assert_eq!(got, [(200, "{}".into()), (429, over.into()), (200, "{}".into()), (429, over.into())]);
+        return;
+    }
+    panic!("no second held the four requests");
+}

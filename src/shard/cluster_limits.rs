@@ -1,0 +1,76 @@
+//! Cluster-wide app limits (docs/cluster.md, "Cluster-wide queries and limits"):
+//! `backend_events_per_second_max` counted in Redis per second of Redis's clock (one round trip
+//! per publish request, before anything is created for it), and `max_connections` over this
+//! node's count plus the other nodes' last shared counts, which shard 0 writes and reads once a
+//! second. Over-admission is bounded by what the other nodes admit between two refreshes.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::Shard;
+use crate::apps::App;
+use crate::cluster::limits;
+use crate::cluster::outbound::Unavailable;
+
+/// How often a node shares its connections and reads the others'.
+const CONNECTIONS_REFRESH: Duration = Duration::from_secs(1);
+/// An entry not refreshed for this long is a node that died or left: it no longer counts.
+const CONNECTIONS_STALE_MS: u64 = 3_000;
+
+impl Shard {
+    /// Cluster mode: admits `events` published events of `app` against its
+    /// `backend_events_per_second_max` over every node; `Unavailable` when Redis cannot say.
+    pub async fn cluster_admit_events(&self, app: &App, events: u32) -> Result<bool, Unavailable> {
+        let limit = app.config.backend_events_per_second_max;
+        let Some(cluster) = self.cluster().filter(|_| limit > 0) else { return Ok(true) };
+        let command = limits::admit_events(&cluster.prefix, &app.config.id, events, limit);
+        let replies = cluster.outbound.request(vec![command])?.replies().await?;
+        match replies.first().map(limits::admitted) {
+            Some(Ok(admitted)) => Ok(admitted),
+            Some(Err(reason)) => {
+                tracing::error!(reason, "the events-per-second script failed");
+                Err(Unavailable)
+            }
+            None => Err(Unavailable),
+        }
+    }
+
+    /// Shard 0 in cluster mode: once a second, shares the node's connections of every app
+    /// with a connection limit and reads the other nodes'.
+    pub(super) fn start_connection_sharing(self: &Rc<Self>) {
+        let shard = Rc::downgrade(self);
+        monoio::spawn(async move {
+            loop {
+                monoio::time::sleep(CONNECTIONS_REFRESH).await;
+                let Some(shard) = shard.upgrade() else { return };
+                shard.share_connections().await;
+            }
+        });
+    }
+
+    /// One refresh; while the link is down the last values stay (the node admits no new
+    /// WebSockets then anyway).
+    async fn share_connections(&self) {
+        let Some(cluster) = self.cluster() else { return };
+        let apps = self.apps();
+        let limited: Vec<&App> = apps.list.iter().filter(|a| !a.removed && a.config.max_connections > 0).collect();
+        if limited.is_empty() {
+            return;
+        }
+        let node = &cluster.node;
+        let commands = limited
+            .iter()
+            .map(|a| {
+                limits::share_connections(&cluster.prefix, &a.config.id, node, a.connections(), CONNECTIONS_STALE_MS)
+            })
+            .collect();
+        let Ok(asked) = cluster.outbound.request(commands) else { return };
+        let Ok(replies) = asked.replies().await else { return };
+        for (app, reply) in limited.iter().zip(&replies) {
+            match limits::elsewhere(reply) {
+                Ok(connections) => app.set_elsewhere(connections),
+                Err(reason) => tracing::error!(reason, app = app.config.id, "the connections script failed"),
+            }
+        }
+    }
+}
