@@ -2,8 +2,10 @@
 // redis-server that this file starts, pusher-js and Laravel Echo clients spread over the nodes,
 // the Node and Python server SDKs talking to whichever node (docs/cluster.md). What is wired
 // today is proven here: fan-out from any node's API to every node, order, socket_id exclusion,
-// client events relayed across nodes, Echo's private channels and whispers across nodes.
-// Presence, cache channels and users are still per node and are not tested across nodes yet.
+// client events relayed across nodes, Echo's private channels and whispers across nodes,
+// sign-in with server-to-user events and watchlists across nodes, and the app limits
+// (max_connections, backend_events_per_second_max) counted over every node.
+// Presence is still per node and is not tested across nodes yet.
 //
 // Needs redis-server on PATH (scripts/test installs it with scripts/redis install).
 
@@ -30,6 +32,11 @@ import {
 } from './harness.mjs';
 
 const NODES = 3;
+// A second app whose limits are counted over every node (test 7).
+const LIMITED = { appId: '2', key: 'limited-key', secret: 'limited-secret' };
+const LIMITED_APP =
+  `\n[[apps]]\nid = "${LIMITED.appId}"\nkey = "${LIMITED.key}"\nsecret = "${LIMITED.secret}"\n` +
+  'max_connections = 2\nbackend_events_per_second_max = 3\n';
 const SETTLE_MS = 300; // how long "nothing more arrives" is watched for, after a sentinel
 
 /** A free 127.0.0.1 port (released just before redis-server takes it). */
@@ -99,7 +106,7 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     redis = await startRedis();
     const cluster = `\n[cluster]\nredis_url = "redis://127.0.0.1:${redis.port}"\nprefix = "interop"\n`;
     for (let i = 0; i < NODES; i++) {
-      const node = ringwireProcess({ config: configToml({ app: 'enable_client_events = true' }) + cluster, prefix: `ringwire-cluster-${i}-` });
+      const node = ringwireProcess({ config: configToml({ app: `enable_client_events = true\n${LIMITED_APP}` }) + cluster, prefix: `ringwire-cluster-${i}-` });
       await node.start();
       await ready(node);
       nodes.push(node);
@@ -239,9 +246,112 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     echoC.disconnect();
   });
 
+  /** The user authenticator an app's backend runs, with the Node SDK of node `index`. */
+  function userAuth(index, userData) {
+    return {
+      customHandler: ({ socketId }, callback) => {
+        try {
+          callback(null, sdks[index].authenticateUser(socketId, userData));
+        } catch (err) {
+          callback(err, null);
+        }
+      },
+    };
+  }
+
+  /** A pusher-js client on node `index`, signed in as `userData` (and subscribed to its
+   * #server-to-user- channel, as pusher-js does), with its watchlist events recorded. */
+  async function signedIn(index, userData) {
+    const set = clientSets[index];
+    const client = await set.connectedClient({ userAuthentication: userAuth(index, userData) });
+    const online = set.record(client.user.watchlist, 'online');
+    const offline = set.record(client.user.watchlist, 'offline');
+    client.signin();
+    await set.waitFor(
+      () => client.user.user_data?.id === userData.id && client.user.serverToUserChannel?.subscribed,
+      `${userData.id} to sign in on node ${index}`,
+    );
+    return { set, client, online, offline };
+  }
+
+  // Proves sign-in and watchlists across nodes: bob on node B watches cl-alice; she signs in
+  // on node A and bob's pusher.user.watchlist emits online once; carl, signing in on node C
+  // while she is online, hears online at once; an event the SDK sends to her through node C
+  // reaches her on A; when her connection goes, bob and carl hear offline once.
+  it('6. sign-in and watchlists across nodes', BOUNDED, async () => {
+    const bob = await signedIn(1, { id: 'cl-bob', watchlist: ['cl-alice'] });
+    const alice = await signedIn(0, { id: 'cl-alice' });
+    assert.deepEqual((await bob.online.until(1))[0].data, { name: 'online', user_ids: ['cl-alice'] });
+    const carl = await signedIn(2, { id: 'cl-carl', watchlist: ['cl-alice'] });
+    assert.deepEqual((await carl.online.until(1))[0].data, { name: 'online', user_ids: ['cl-alice'] });
+
+    const notes = alice.set.record(alice.client.user, 'note');
+    await sdks[2].sendToUser('cl-alice', 'note', { from: 'node C' });
+    assert.deepEqual((await notes.until(1))[0].data, { from: 'node C' });
+
+    alice.set.disconnect(alice.client);
+    for (const watcher of [bob, carl]) {
+      assert.deepEqual((await watcher.offline.until(1))[0].data, { name: 'offline', user_ids: ['cl-alice'] });
+    }
+    await sleep(SETTLE_MS);
+    for (const watcher of [bob, carl]) {
+      assert.equal(watcher.online.got.length, 1, JSON.stringify(watcher.online.got));
+      assert.equal(watcher.offline.got.length, 1, JSON.stringify(watcher.offline.got));
+    }
+    bob.set.disconnect(bob.client);
+    carl.set.disconnect(carl.client);
+  });
+
+  /** A pusher-js client of the limited app on node `index`: resolves 'connected', or the
+   * code of the pusher:error it was refused with. */
+  function limitedClient(index) {
+    const client = new Pusher(LIMITED.key, clientOptions(nodes[index]));
+    clientSets[index].clients.add(client);
+    const outcome = new Promise((resolve) => {
+      client.connection.bind('connected', () => resolve('connected'));
+      // pusher-js 8 wraps the server's pusher:error in a WebSocketError.
+      client.connection.bind('error', (err) => resolve(err?.error?.data?.code ?? JSON.stringify(err)));
+    });
+    return { client, outcome: withTimeout(outcome, 5000, 'the limited client to connect or be refused') };
+  }
+
+  // Proves the cluster-wide limits as the libraries see them: with max_connections 2, one
+  // pusher-js client on A and one on B, a client on C is refused with 4004 once C has read the
+  // others' counts (refreshed every second); with backend_events_per_second_max 3, a batch of
+  // 3 through node A and one more event through node B in the same second: the SDK gets 429.
+  it('7. app limits are counted over every node', BOUNDED, async () => {
+    const held = [limitedClient(0), limitedClient(1)];
+    for (const { outcome } of held) assert.equal(await outcome, 'connected');
+    let refused;
+    await until('a third connection, on node C, to be refused', async () => {
+      const third = limitedClient(2);
+      refused = await third.outcome;
+      third.client.disconnect();
+      return refused !== 'connected';
+    });
+    assert.equal(refused, 4004);
+    for (const { client } of held) client.disconnect();
+
+    const limitedSdk = (index) => pusherServer(nodes[index], LIMITED);
+    for (let attempt = 0; ; attempt++) {
+      // Early in a second, so both requests likely share it (else try again).
+      while (Date.now() % 1000 > 100) await sleep(5);
+      const second = Math.floor(Date.now() / 1000);
+      const batch = [0, 1, 2].map((n) => ({ channel: 'limited-room', name: 'e', data: { n } }));
+      await limitedSdk(0).triggerBatch(batch);
+      const over = await limitedSdk(1).trigger('limited-room', 'e', { n: 3 }).then(
+        (res) => res.status,
+        (err) => err.status,
+      );
+      if (Math.floor(Date.now() / 1000) !== second && attempt < 4) continue;
+      assert.equal(over, 429);
+      break;
+    }
+  });
+
   // Proves the outage contract as the Node SDK sees it: with Redis gone, a trigger through any
   // node is refused with 503 (the SDK raises, so the app retries), and /ready answers 503.
-  it('6. while Redis is down, triggers are refused with 503 and /ready is 503', BOUNDED, async () => {
+  it('8. while Redis is down, triggers are refused with 503 and /ready is 503', BOUNDED, async () => {
     redis.redis.kill('SIGSTOP');
     try {
       await until('node A to notice', async () => {
