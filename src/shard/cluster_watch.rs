@@ -8,9 +8,8 @@
 //!
 //! A watcher's first interest in a user reads `HEXISTS` of the app's online hash (the user may
 //! have come online before); `ClusterOnline` reconciles that read with the messages that
-//! arrive meanwhile. A script that may not have run (the link failed) is run again when the
-//! link is up; so are the online scripts of every user the node holds (Redis may have lost
-//! them); both scripts are idempotent.
+//! arrive meanwhile. A script that may not have run (the link failed) is run again, for the
+//! node's state then, when the link is up; both scripts are idempotent.
 
 use std::collections::hash_map::{Entry, HashMap};
 use std::collections::HashSet;
@@ -155,17 +154,19 @@ impl Shard {
         }
     }
 
-    /// Link up: runs the scripts that may not have run, and `online` for every user the
-    /// node holds here (Redis may have restarted empty; `online` of a user it holds decides
-    /// nothing).
+    /// Link up: runs the scripts that may not have run, for the state the node holds now.
+    ///
+    /// Users whose scripts did run are not registered again: Redis keeps them unless it lost
+    /// its data, and then the script sender's numbers in every online user's bucket are gone
+    /// too, so the barrier reports a gap there and the user's connections (and watchers) are
+    /// closed with 4200 and sign in anew. That keeps a reconnect O(unsynced users), not
+    /// O(users online).
     pub(super) fn users_register(&self) {
         let Some(cluster) = self.cluster() else { return };
         let unsynced = cluster.online.borrow_mut().take_unsynced();
         let users: Vec<(UserKey, bool)> = {
             let state = self.state.borrow();
-            let held = state.home.online_users().map(|key| (key.clone(), true));
-            let gone = unsynced.into_iter().filter(|key| !state.home.is_online(key)).map(|key| (key, false));
-            held.chain(gone).collect()
+            unsynced.into_iter().map(|key| (key.clone(), state.home.is_online(&key))).collect()
         };
         for (key, online) in users {
             self.run_user_script(key, online);

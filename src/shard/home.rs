@@ -278,11 +278,6 @@ impl HomeState {
         self.users_online.contains_key(key)
     }
 
-    /// The users with signed-in connections here.
-    pub fn online_users(&self) -> impl Iterator<Item = &(AppIndex, Box<str>)> {
-        self.users_online.keys()
-    }
-
     /// The connections watching a user.
     pub fn watchers_of(&self, key: &(AppIndex, Box<str>)) -> &[Watcher] {
         self.watchers.get(key).map_or(&[], Vec::as_slice)

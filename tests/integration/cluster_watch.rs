@@ -264,3 +264,30 @@ fn backend_events_per_second_across_nodes() {
     }
     panic!("no second held the four requests");
 }
+
+/// Redis restarted empty (its online hash is gone): the barrier's gap in the online user's
+/// bucket closes her connection and her watchers with 4200, so nobody keeps a state Redis lost;
+/// signed in again, she is online for a new watcher on the other node.
+#[test]
+fn redis_restart_closes_online_users_and_watchers() {
+    use crate::cluster_nodes::wait_ready;
+
+    let mut redis = RedisServer::start();
+    let nodes = nodes(&redis, "watch-restart", 2);
+    let (mut alice, alice_id) = connect(nodes[0].addr);
+    signin(&mut alice, &alice_id, r#"{"id":"alice"}"#);
+    let (mut bob, bob_id) = connect(nodes[1].addr);
+    signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice"]}"#);
+    assert_eq!(recv_text(&mut bob), watchlist("online", "alice"));
+    redis.restart();
+    assert_eq!(recv_close(&mut alice), 4200);
+    assert_eq!(recv_close(&mut bob), 4200);
+    for node in &nodes {
+        wait_ready(node.addr, 200);
+    }
+    let (mut alice, alice_id) = connect(nodes[0].addr);
+    signin(&mut alice, &alice_id, r#"{"id":"alice"}"#);
+    let (mut bob, bob_id) = connect(nodes[1].addr);
+    signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice"]}"#);
+    assert_eq!(recv_text(&mut bob), watchlist("online", "alice"));
+}
