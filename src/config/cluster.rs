@@ -29,6 +29,10 @@ pub struct ClusterConfig {
     pub buckets: usize,
     /// Most senders (node shards) whose sequences a shard tracks for gap detection.
     pub senders_max: usize,
+    /// How often a node shares its app connection counts and reads the others' (for
+    /// `apps.max_connections` over every node); a count not refreshed for three times this
+    /// stops counting.
+    pub connections_refresh_ms: u64,
 }
 
 impl Default for ClusterConfig {
@@ -44,6 +48,7 @@ impl Default for ClusterConfig {
             pipeline_bytes_max: 4 * 1024 * 1024,
             buckets: 64,
             senders_max: 4096,
+            connections_refresh_ms: 1_000,
         }
     }
 }
@@ -72,7 +77,7 @@ impl Config {
         if let Some(reason) = name_problem(&cluster.prefix, b"._:-") {
             return err("prefix", reason);
         }
-        let ranges: [(&str, u64, u64, u64); 7] = [
+        let ranges: [(&str, u64, u64, u64); 8] = [
             ("lease_ms", cluster.lease_ms, 1_000, 3_600_000),
             ("connect_timeout_ms", cluster.connect_timeout_ms, 1, 600_000),
             ("command_timeout_ms", cluster.command_timeout_ms, 1, 600_000),
@@ -80,6 +85,7 @@ impl Config {
             ("pipeline_bytes_max", cluster.pipeline_bytes_max as u64, 65_536, 1 << 30),
             ("buckets", cluster.buckets as u64, 1, 4096),
             ("senders_max", cluster.senders_max as u64, 16, 1 << 20),
+            ("connections_refresh_ms", cluster.connections_refresh_ms, 100, 60_000),
         ];
         for (field, value, min, max) in ranges {
             if !(min..=max).contains(&value) {

@@ -39,7 +39,8 @@ pub fn running_config(old: &Config, new: &Config) -> (Config, Vec<&'static str>)
     restart_only!(restart, running.mesh, old.mesh, "mesh", [ring_capacity]);
     #[rustfmt::skip]
     restart_only!(restart, running.cluster, old.cluster, "cluster", [redis_url, node_id, prefix, lease_ms,
-        connect_timeout_ms, command_timeout_ms, reply_bytes_max, pipeline_bytes_max, buckets, senders_max]);
+        connect_timeout_ms, command_timeout_ms, reply_bytes_max, pipeline_bytes_max, buckets, senders_max,
+        connections_refresh_ms]);
     #[rustfmt::skip]
     restart_only!(restart, running.webhooks, old.webhooks, "webhooks", [data_dir, durability, batch_sync_ms,
         segment_bytes_max, ca_file, dns_timeout_ms, dns_threads, dns_cache_ttl_ms, connections_per_endpoint_max]);

@@ -105,6 +105,10 @@ fn cluster_errors_name_key_and_line() {
     check_error("[cluster]\nbuckets = 0\n", "cluster.buckets", Some(2), "between 1 and 4096");
     check_error("[cluster]\nbuckets = 4097\n", "cluster.buckets", Some(2), "between 1 and 4096");
     check_error("[cluster]\nsenders_max = 15\n", "cluster.senders_max", Some(2), "between 16");
+    check_error("[cluster]\nconnections_refresh_ms = 99\n", "cluster.connections_refresh_ms", Some(2), "between 100");
+    check_error("[cluster]\n\nconnections_refresh_ms = 60001\n", "cluster.connections_refresh_ms", Some(3), "60000");
+    let e = Config::from_toml("[cluster]\nconnections_refresh_ms = -1\n").unwrap_err();
+    assert_eq!(e.line, Some(2), "{e}");
     let e = Config::from_toml("[cluster]\npipeline_bytes_max = -1\n").unwrap_err();
     assert_eq!(e.line, Some(2), "{e}");
     check_error("[cluster]\n\nbuckets = 70000\n", "cluster.buckets", Some(3), "between 1 and 4096");

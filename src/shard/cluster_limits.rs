@@ -1,8 +1,9 @@
 //! Cluster-wide app limits (docs/cluster.md, "Cluster-wide queries and limits"):
 //! `backend_events_per_second_max` counted in Redis per second of Redis's clock (one round trip
 //! per publish request, before anything is created for it), and `max_connections` over this
-//! node's count plus the other nodes' last shared counts, which shard 0 writes and reads once a
-//! second. Over-admission is bounded by what the other nodes admit between two refreshes.
+//! node's count plus the other nodes' last shared counts, which shard 0 writes and reads every
+//! `cluster.connections_refresh_ms`. Over-admission is bounded by what the other nodes admit
+//! between two refreshes.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -12,10 +13,9 @@ use crate::apps::App;
 use crate::cluster::limits;
 use crate::cluster::outbound::Unavailable;
 
-/// How often a node shares its connections and reads the others'.
-const CONNECTIONS_REFRESH: Duration = Duration::from_secs(1);
-/// An entry not refreshed for this long is a node that died or left: it no longer counts.
-const CONNECTIONS_STALE_MS: u64 = 3_000;
+/// An entry not refreshed for this many refresh periods is a node that died or left: it no
+/// longer counts.
+const CONNECTIONS_STALE_PERIODS: u64 = 3;
 
 impl Shard {
     /// Cluster mode: admits `events` published events of `app` against its
@@ -35,22 +35,23 @@ impl Shard {
         }
     }
 
-    /// Shard 0 in cluster mode: once a second, shares the node's connections of every app
-    /// with a connection limit and reads the other nodes'.
+    /// Shard 0 in cluster mode: every `cluster.connections_refresh_ms`, shares the node's
+    /// connections of every app with a connection limit and reads the other nodes'.
     pub(super) fn start_connection_sharing(self: &Rc<Self>) {
+        let refresh_ms = self.config().cluster.connections_refresh_ms;
         let shard = Rc::downgrade(self);
         monoio::spawn(async move {
             loop {
-                monoio::time::sleep(CONNECTIONS_REFRESH).await;
+                monoio::time::sleep(Duration::from_millis(refresh_ms)).await;
                 let Some(shard) = shard.upgrade() else { return };
-                shard.share_connections().await;
+                shard.share_connections(refresh_ms * CONNECTIONS_STALE_PERIODS).await;
             }
         });
     }
 
     /// One refresh; while the link is down the last values stay (the node admits no new
     /// WebSockets then anyway).
-    async fn share_connections(&self) {
+    async fn share_connections(&self, stale_ms: u64) {
         let Some(cluster) = self.cluster() else { return };
         let apps = self.apps();
         let limited: Vec<&App> = apps.list.iter().filter(|a| !a.removed && a.config.max_connections > 0).collect();
@@ -60,9 +61,7 @@ impl Shard {
         let node = &cluster.node;
         let commands = limited
             .iter()
-            .map(|a| {
-                limits::share_connections(&cluster.prefix, &a.config.id, node, a.connections(), CONNECTIONS_STALE_MS)
-            })
+            .map(|a| limits::share_connections(&cluster.prefix, &a.config.id, node, a.connections(), stale_ms))
             .collect();
         let Ok(asked) = cluster.outbound.request(commands) else { return };
         let Ok(replies) = asked.replies().await else { return };
