@@ -59,6 +59,9 @@ pub struct ClusterOnline {
     tracked: HashMap<UserKey, Tracked>,
     /// Users whose last script may not have run (the link failed): decided again at link up.
     unsynced: HashSet<UserKey>,
+    /// Watched users whose read failed before any message about them arrived: read again at
+    /// link up (their watchers have not been told anything yet).
+    unread: HashSet<UserKey>,
 }
 
 impl ClusterOnline {
@@ -88,15 +91,30 @@ impl ClusterOnline {
         changed
     }
 
-    /// A read of whether `key` is online answered (`None`: it failed); true when every
-    /// watcher must hear `online` now.
+    /// A read of whether `key` is online answered (`None`: it failed, and is to be done
+    /// again at link up); true when every watcher must hear `online` now.
     pub fn read_done(&mut self, key: &UserKey, online: Option<bool>) -> bool {
         let Some(tracked) = self.tracked.get_mut(key) else { return false };
-        if tracked.heard || tracked.online || online != Some(true) {
+        if tracked.heard || tracked.online {
             return false;
         }
-        tracked.online = true;
-        true
+        match online {
+            None => {
+                self.unread.insert(key.clone());
+                false
+            }
+            Some(online) => {
+                tracked.online = online;
+                online
+            }
+        }
+    }
+
+    /// Takes the watched users to read again (a message since the failed read made that
+    /// unnecessary for some: they are left out).
+    pub fn take_unread(&mut self) -> Vec<UserKey> {
+        let unread = std::mem::take(&mut self.unread);
+        unread.into_iter().filter(|key| self.tracked.get(key).is_some_and(|t| !t.heard)).collect()
     }
 
     /// A script for `key` may not have run.
@@ -154,7 +172,8 @@ impl Shard {
         }
     }
 
-    /// Link up: runs the scripts that may not have run, for the state the node holds now.
+    /// Link up: runs the scripts that may not have run, for the state the node holds now,
+    /// and the reads of watched users that failed.
     ///
     /// Users whose scripts did run are not registered again: Redis keeps them unless it lost
     /// its data, and then the script sender's numbers in every online user's bucket are gone
@@ -170,6 +189,10 @@ impl Shard {
         };
         for (key, online) in users {
             self.run_user_script(key, online);
+        }
+        let unread = cluster.online.borrow_mut().take_unread();
+        for key in unread {
+            self.read_online(key);
         }
     }
 
@@ -195,8 +218,8 @@ impl Shard {
         }
     }
 
-    /// Reads whether a newly watched user is online anywhere; a failed read tells nothing
-    /// (the messages that follow still do).
+    /// Reads whether a newly watched user is online anywhere; a failed read is done again at
+    /// link up unless a message about the user arrives first.
     fn read_online(&self, key: UserKey) {
         let Some(cluster) = self.cluster() else { return };
         let Some(shard) = cluster.shard.upgrade() else { return };
@@ -276,8 +299,12 @@ mod tests {
         let bob = key("bob");
         assert_eq!(state.watch_started(&bob), Start::Read);
         assert!(!state.read_done(&bob, None), "a failed read tells nothing");
+        assert_eq!(state.take_unread(), vec![bob.clone()], "and is done again");
+        assert!(state.take_unread().is_empty());
         assert!(!state.read_done(&bob, Some(false)));
+        assert!(!state.read_done(&bob, None));
         assert!(state.decided(&bob, true));
+        assert!(state.take_unread().is_empty(), "a message made the read unnecessary");
         state.unsynced(bob.clone());
         assert_eq!(state.take_unsynced().into_iter().collect::<Vec<_>>(), vec![bob]);
         assert!(state.take_unsynced().is_empty());

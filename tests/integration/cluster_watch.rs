@@ -291,3 +291,26 @@ fn redis_restart_closes_online_users_and_watchers() {
     signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice"]}"#);
     assert_eq!(recv_text(&mut bob), watchlist("online", "alice"));
 }
+
+/// A watcher signs in while its node is cut off from Redis, watching a user online on another
+/// node: the read that failed is done again when the link is back, and it hears `online`.
+#[test]
+fn watch_read_again_after_the_link_is_back() {
+    use crate::cluster_faults::{node_on, Proxy};
+    use crate::cluster_nodes::wait_ready;
+
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr);
+    let a = node_on(format!("redis://{}", redis.addr), "watch-reread");
+    let b = node_on(format!("redis://{}", proxy.addr), "watch-reread");
+    wait_ready(a.addr, 200);
+    wait_ready(b.addr, 200);
+    let (mut alice, alice_id) = connect(a.addr);
+    signin(&mut alice, &alice_id, r#"{"id":"alice"}"#);
+    let (mut bob, bob_id) = connect(b.addr);
+    proxy.cut();
+    wait_ready(b.addr, 503);
+    signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice"]}"#);
+    proxy.heal();
+    assert_eq!(recv_text(&mut bob), watchlist("online", "alice"));
+}
