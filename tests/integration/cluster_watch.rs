@@ -48,6 +48,8 @@ fn watchlist_online_offline_across_nodes() {
     }
     let (mut alice_c, alice_c_id) = connect(nodes[2].addr);
     signin(&mut alice_c, &alice_c_id, r#"{"id":"alice"}"#);
+    // Node C's part is decided before A's leaves (else alice would really be offline a moment).
+    wait_nodes_holding(&redis, "watch", "alice", 2);
     drop(alice_a);
     // zed's sign-in is the marker: nothing about alice comes before it.
     let (mut zed, zed_id) = connect(nodes[1].addr);
@@ -307,10 +309,57 @@ fn watch_read_again_after_the_link_is_back() {
     wait_ready(b.addr, 200);
     let (mut alice, alice_id) = connect(a.addr);
     signin(&mut alice, &alice_id, r#"{"id":"alice"}"#);
+    online_seen_by(&redis, "watch-reread", "alice", a.addr, b.addr);
     let (mut bob, bob_id) = connect(b.addr);
     proxy.cut();
     wait_ready(b.addr, 503);
     signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice"]}"#);
     proxy.heal();
     assert_eq!(recv_text(&mut bob), watchlist("online", "alice"));
+}
+
+/// Returns once `user`'s `online` has been decided in Redis and has reached the node at
+/// `observer`: a marker published through `publisher` after the decision, to a channel of the
+/// user's bucket, arrives there after it (one bucket is one stream). Otherwise a test that cuts
+/// the observer off next would see it find the missed `online` as a gap and close with 4200.
+fn online_seen_by(
+    redis: &RedisServer,
+    prefix: &str,
+    user: &str,
+    publisher: std::net::SocketAddr,
+    observer: std::net::SocketAddr,
+) {
+    use ringwire::cluster::bucket;
+
+    let marker = (0..).map(|n| format!("marker-{n}")).find(|c| bucket::of_channel(c, 64) == bucket::of_user(user, 64));
+    let marker = marker.unwrap();
+    let (mut ws, _) = connect(observer);
+    subscribe(&mut ws, &marker);
+    wait_nodes_holding(redis, prefix, user, 1);
+    assert_eq!(publish(publisher, &[&marker], "m", "1", None).0, 200);
+    assert_eq!(recv_json(&mut ws)["channel"], marker.as_str());
+}
+
+/// Polls the app's online hash until `count` nodes hold `user`.
+fn wait_nodes_holding(redis: &RedisServer, prefix: &str, user: &str, count: i64) {
+    use ringwire::cluster::link::{Link, Reply};
+
+    let (key, field) = (format!("{prefix}:a:{APP_ID}:online"), user.to_string());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let (key, field) = (key.clone(), field.clone());
+        let held = crate::cluster::run(|| async move {
+            let mut link = Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+            link.command(&[b"HGET", key.as_bytes(), field.as_bytes()]).await.unwrap()
+        });
+        let held = match held {
+            Reply::BulkString(n) => std::str::from_utf8(&n).unwrap().parse().unwrap(),
+            _ => 0,
+        };
+        if held == count {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{user} is held by {held} nodes, not {count}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
