@@ -12,9 +12,11 @@
 //! never share a Redis connection (the thread-per-core rule).
 
 pub mod bucket;
+pub mod commands;
 pub mod link;
 pub mod message;
 pub mod outbound;
+pub mod scripts;
 pub mod sequence;
 pub mod supervisor;
 /// Who this node is in messages and Redis keys (docs/cluster.md, "Message format").

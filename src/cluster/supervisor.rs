@@ -31,6 +31,7 @@ use crate::apps::AppIndex;
 use crate::metrics::ShardMetrics;
 
 use super::bucket;
+use super::commands::{Commands, Request};
 use super::link::{Link, LinkError, LinkOptions, Push, Pushes, Reply, Subscriptions};
 use super::message::{self, Header, MessageError, Sender};
 use super::outbound::{Outbound, Outgoing, Unavailable};
@@ -132,6 +133,8 @@ pub struct Supervisor<E: Events> {
     baseline_done: bool,
     /// Messages this shard wants published.
     outbound: Rc<Outbound>,
+    /// Commands (scripts, queries) whose replies this shard awaits.
+    commands: Rc<Commands>,
     /// Per (app, bucket) this shard has sent to: names and last number. Numbers are never
     /// taken back, also when a batch fails (receivers then see a gap, never a reuse).
     sending: HashMap<(AppIndex, u16), Sending>,
@@ -169,6 +172,7 @@ impl<E: Events> Supervisor<E> {
             rng,
             baseline_done: false,
             outbound: Rc::new(Outbound::default()),
+            commands: Rc::new(Commands::default()),
             sending: HashMap::new(),
             sequence_field,
         };
@@ -198,9 +202,15 @@ impl<E: Events> Supervisor<E> {
         self.outbound.clone()
     }
 
+    /// The queue through which the shard runs scripts and queries; hand it over before `run`.
+    pub fn commands(&self) -> Rc<Commands> {
+        self.commands.clone()
+    }
+
     fn set_down(&self, down: bool) {
         self.metrics[self.options.shard].cluster_link_down.store(u64::from(down), Ordering::Relaxed);
         self.outbound.set_up(!down);
+        self.commands.set_up(!down);
     }
 
     /// One connection of both links, until it fails.
@@ -210,6 +220,9 @@ impl<E: Events> Supervisor<E> {
             Err(error) => return error,
         };
         if let Err(error) = self.subscribe_and_sync(&mut command, &mut subscriptions, &mut pushes).await {
+            return error;
+        }
+        if let Err(error) = super::scripts::load(&mut command).await {
             return error;
         }
         self.set_down(false);
@@ -284,7 +297,9 @@ impl<E: Events> Supervisor<E> {
         let tick = (timeout / 4).max(Duration::from_millis(1));
         let mut ping_sent: Option<Instant> = None;
         let outbound = self.outbound.clone();
+        let commands = self.commands.clone();
         let mut batch = Vec::new();
+        let mut requests = Vec::new();
         let mut next_tick = Instant::now() + tick;
         loop {
             // Kept across ticks and batches: dropping a read in flight would lose what it read.
@@ -304,6 +319,11 @@ impl<E: Events> Supervisor<E> {
                     }
                     _ = outbound.work() => {
                         if let Err(error) = self.send_batch(command, &mut batch).await {
+                            return error;
+                        }
+                    }
+                    _ = commands.work() => {
+                        if let Err(error) = self.run_requests(command, &mut requests).await {
                             return error;
                         }
                     }
@@ -393,6 +413,40 @@ impl<E: Events> Supervisor<E> {
             outgoing.complete(outcome);
         }
         result
+    }
+
+    /// Runs one batch of the command queue in one pipeline and hands each request its
+    /// replies. An error ends the session (the requests in the batch get `Unavailable`).
+    async fn run_requests(&mut self, command: &mut Link, batch: &mut Vec<Request>) -> Result<(), LinkError> {
+        let budget = self.options.link.pipeline_bytes_max.saturating_sub(PIPELINE_OVERHEAD_BYTES);
+        self.commands.take_batch(budget, batch);
+        let mut result = Ok(());
+        for request in batch.iter() {
+            for args in &request.commands {
+                let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+                if let Err(error) = command.queue(&args) {
+                    result = Err(error);
+                }
+            }
+        }
+        let mut replies = Vec::with_capacity(command.queued());
+        if result.is_ok() {
+            result = command.flush(&mut replies).await;
+        }
+        if let Err(error) = result {
+            for request in batch.drain(..) {
+                request.complete(Err(Unavailable));
+            }
+            // A group over the pipeline limit alone is refused; the link itself is fine then,
+            // but its queued commands were not sent, so it starts again clean.
+            return Err(error);
+        }
+        let mut replies = replies.into_iter();
+        for request in batch.drain(..) {
+            let own: Vec<Reply> = replies.by_ref().take(request.commands.len()).collect();
+            request.complete(Ok(own));
+        }
+        Ok(())
     }
 
     async fn write_batch(&mut self, command: &mut Link, batch: &[Outgoing]) -> Result<(), LinkError> {
