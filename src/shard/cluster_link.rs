@@ -2,13 +2,15 @@
 //! delivers the bucket messages it hands over, closes a gapped bucket's connections with 4200,
 //! and relays this shard's client events through Redis.
 //!
-//! Only fan-out is wired (kinds 1 and 2); presence, occupancy, queries, cache and users stay
-//! per node (home state), so the supervisor's other kinds are logged and ignored here.
+//! Wired: fan-out (kinds 1 and 2), and the channel state of `shard::cluster_home` (kinds 3–5);
+//! cache and users stay per node (home state), so the supervisor's other kinds are logged and
+//! ignored here.
 //!
 //! Invariant: in cluster mode every publish and client event reaches this node's own
 //! subscribers through Redis too (never directly), so all nodes see one order per bucket.
 
-use std::rc::Rc;
+use std::cell::RefCell;
+use std::rc::{Rc, Weak};
 
 use bytes::Bytes;
 
@@ -17,11 +19,13 @@ use super::router::ConnKey;
 use super::Shard;
 use crate::apps::AppIndex;
 use crate::cluster::bucket;
+use crate::cluster::commands::Commands;
 use crate::cluster::link::LinkError;
 use crate::cluster::message::{Header, Kind};
 use crate::cluster::outbound::{Outbound, Unavailable};
 use crate::cluster::sequence::BucketId;
 use crate::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
+use crate::cluster::NodeIdentity;
 use crate::pusher::message::{self, SocketId};
 
 /// Close code for connections that may have missed messages: pusher-js reconnects at once
@@ -32,8 +36,18 @@ pub const MISSED_MESSAGES: u16 = 4200;
 pub struct ClusterHandle {
     /// Where this shard's publishes and client events wait for the command link.
     pub outbound: Rc<Outbound>,
+    /// Where its scripts and queries wait for the command link.
+    pub commands: Rc<Commands>,
     /// `cluster.buckets`.
     pub buckets: u16,
+    /// `cluster.prefix`.
+    pub prefix: String,
+    /// This node.
+    pub node: NodeIdentity,
+    /// The shard itself, for the tasks that await script replies.
+    pub(super) shard: Weak<Shard>,
+    /// Cluster-side state of the home shard (`shard::cluster_home`).
+    pub(super) home: RefCell<super::cluster_home::ClusterHome>,
 }
 
 impl ClusterHandle {
@@ -60,7 +74,11 @@ impl Events for ShardEvents {
         match header.kind {
             // The frame is a slice of the link's read buffer: every local subscriber, on
             // every shard, queues these same bytes.
-            Kind::Publication | Kind::ClientEvent => {
+            Kind::Publication | Kind::ClientEvent | Kind::SubscriptionCount => {
+                self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
+            }
+            // Decided once cluster-wide by a script (`shard::cluster_home`).
+            Kind::MemberAdded | Kind::MemberRemoved => {
                 self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
             }
             other => tracing::debug!(kind = ?other, node = header.node_id, "cluster message kind not wired; ignored"),
@@ -80,6 +98,7 @@ impl Events for ShardEvents {
 
     fn link_up(&mut self) {
         tracing::info!(shard = self.shard.index, "cluster link up");
+        self.shard.cluster_link_up();
     }
 
     fn link_down(&mut self, error: &LinkError) {
@@ -101,12 +120,22 @@ impl Shard {
     /// Starts this shard's link supervisor (call once, inside the shard's runtime).
     pub fn start_cluster(self: &Rc<Self>, options: SupervisorOptions) {
         let buckets = options.buckets;
+        let (prefix, node) = (options.prefix.clone(), options.node.clone());
         let rng = fastrand::Rng::new();
         let events = ShardEvents { shard: self.clone() };
         let supervisor = Supervisor::new(options, events, self.all_metrics.clone(), rng);
-        let handle = ClusterHandle { outbound: supervisor.outbound(), buckets };
+        let handle = ClusterHandle {
+            outbound: supervisor.outbound(),
+            commands: supervisor.commands(),
+            buckets,
+            prefix,
+            node,
+            shard: Rc::downgrade(self),
+            home: RefCell::default(),
+        };
         assert!(self.cluster_cell.set(handle).is_ok(), "the cluster link starts once");
         monoio::spawn(supervisor.run());
+        self.start_cluster_home();
     }
 
     /// Relays a client event to the channel's other subscribers: through the mesh on a single

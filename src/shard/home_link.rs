@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::home::{Answered, HomeEffect, JoinTicket};
+use super::home::{Answered, HomeEffect, JoinTicket, LifecycleKind};
 use super::mesh::{HomeJoin, JoinReply, MeshMessage, Watcher};
 use super::presence;
 use super::Shard;
@@ -21,9 +21,18 @@ use crate::pusher::channel::ChannelKind;
 impl Shard {
     /// Executes home effects in order. Call with no state borrowed: effects reach connections
     /// on this shard.
-    fn apply(&self, effects: Vec<HomeEffect>) {
+    pub(super) fn apply(&self, effects: Vec<HomeEffect>) {
         for effect in effects {
             match effect {
+                // Cluster mode: a node-level change of occupancy goes to Redis, which decides
+                // whether it is one cluster-wide (`shard::cluster_home`).
+                HomeEffect::Lifecycle {
+                    app,
+                    channel,
+                    kind: kind @ (LifecycleKind::Occupied | LifecycleKind::Vacated),
+                } if self.cluster().is_some() => {
+                    self.cluster_occupancy(app, channel, kind == LifecycleKind::Occupied);
+                }
                 HomeEffect::Broadcast { app, channel, frame, exclude } => self.broadcast(app, &channel, frame, exclude),
                 HomeEffect::SendTo { watcher, frame } => self.send_to(watcher, frame),
                 HomeEffect::Lifecycle { app, channel, kind } => {
@@ -92,6 +101,9 @@ impl Shard {
     /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
     /// and answers the joining shard with the frames for the connection.
     pub(super) fn home_join_at_home(&self, join: HomeJoin) {
+        if self.cluster().is_some() && join.member.is_some() {
+            return self.cluster_presence_join(join);
+        }
         let members_max = self.apps().get(join.app).config.presence_members_max;
         let effects = self.state.borrow_mut().home.join(join, members_max, Instant::now());
         self.apply(effects);
@@ -165,6 +177,9 @@ impl Shard {
         if home != self.index {
             return self.mesh_send(home, MeshMessage::PresenceLeave { app, channel, user_id });
         }
+        if self.cluster().is_some() {
+            return self.cluster_presence_leave(app, channel, user_id);
+        }
         let effects = self.state.borrow_mut().home.presence_leave(app, channel, user_id);
         self.apply(effects);
     }
@@ -177,7 +192,9 @@ impl Shard {
     pub fn subscription_changed(&self, app: AppIndex, channel: &str, delta: i32) {
         let apps = self.apps();
         let config = apps.get(app);
-        if !config.counts_subscriptions {
+        // In cluster mode every channel is counted: occupancy and counts are queried from Redis.
+        let cluster = self.cluster().is_some();
+        if !config.counts_subscriptions && !cluster {
             return;
         }
         let home = presence::home(app, channel, self.mesh.shards());
@@ -186,13 +203,17 @@ impl Shard {
         }
         // subscription_count is never sent for presence channels, whose members are counted
         // by the presence protocol itself.
-        let announce = config.config.subscription_count_enabled && ChannelKind::of(channel) != ChannelKind::Presence;
+        let announce =
+            cluster || config.config.subscription_count_enabled && ChannelKind::of(channel) != ChannelKind::Presence;
         let effects = self.state.borrow_mut().home.count_subscriptions(app, channel, delta, announce);
         self.apply(effects);
     }
 
     /// Announces the counts that changed since the last tick (the throttle: once a second).
     pub(super) fn announce_subscription_counts(&self) {
+        if self.cluster().is_some() {
+            return self.cluster_announce_counts();
+        }
         let effects = self.state.borrow_mut().home.announce_subscription_counts();
         self.apply(effects);
     }

@@ -17,9 +17,11 @@
 //! shard per channel or user), `home_link` (routing to home shards, executing home effects),
 //! `accept` (the one accept rule: create webhook records, publish, commit, acknowledge),
 //! `cluster_link` (cluster mode: the shard's Redis link supervisor, fan-out through Redis, 4200
-//! on gaps).
+//! on gaps), `cluster_home` (cluster mode: presence and occupancy decided by scripts in Redis,
+//! the node's lease and the reaper, channel queries from Redis).
 
 pub mod accept;
+pub mod cluster_home;
 pub mod cluster_link;
 pub mod connections;
 pub mod home;

@@ -3,6 +3,7 @@
 
 mod cluster;
 mod cluster_nodes;
+mod cluster_presence;
 mod dashboard;
 mod doctor;
 mod hostile;

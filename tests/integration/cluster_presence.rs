@@ -1,0 +1,315 @@
+//! Channel state cluster-wide: presence members, occupancy, counts and queries across 3 nodes
+//! (2 shards each) on one real redis-server, as plain WebSocket and HTTP clients see them
+//! (docs/cluster.md, "Presence, occupancy, users: keys and scripts", "Dead nodes",
+//! "Cluster-wide queries").
+
+use std::io::BufRead;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::cluster::RedisServer;
+use crate::support::*;
+
+/// A node on `redis` with keys under `prefix`; returns once its links are up.
+fn node(redis: &RedisServer, prefix: &str, change: impl FnOnce(&mut ringwire::Config)) -> TestServer {
+    let url = format!("redis://{}", redis.addr);
+    let prefix = prefix.to_string();
+    let server = TestServer::start(move |c| {
+        c.cluster.redis_url = Some(url);
+        c.cluster.prefix = prefix;
+        c.cluster.command_timeout_ms = 500;
+        c.cluster.connect_timeout_ms = 500;
+        c.cluster.lease_ms = 1_000;
+        change(c);
+    });
+    wait_ready(server.addr, 200);
+    server
+}
+
+fn nodes(redis: &RedisServer, prefix: &str) -> Vec<TestServer> {
+    (0..3).map(|_| node(redis, prefix, |_| {})).collect()
+}
+
+/// Polls `/ready` until it answers `status`.
+fn wait_ready(addr: SocketAddr, status: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (got, body) = http(addr, "GET", "/ready", b"");
+        if got == status {
+            return;
+        }
+        assert!(Instant::now() < deadline, "/ready stayed {got} {body}, not {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn sign(to_sign: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, SECRET.as_bytes());
+    format!("{KEY}:{}", hex::encode(ring::hmac::sign(&key, to_sign.as_bytes()).as_ref()))
+}
+
+fn presence_subscribe(ws: &mut Ws, socket_id: &str, channel: &str, user_id: &str) {
+    let channel_data = json!({"user_id": user_id, "user_info": {"name": format!("user {user_id}")}}).to_string();
+    let auth = sign(&format!("{socket_id}:{channel}:{channel_data}"));
+    let data = json!({"channel": channel, "auth": auth, "channel_data": channel_data});
+    send_json(ws, json!({"event": "pusher:subscribe", "data": data}));
+}
+
+/// Joins `channel` as `user_id` and returns the member ids subscription_succeeded lists.
+fn join(ws: &mut Ws, socket_id: &str, channel: &str, user_id: &str) -> Vec<String> {
+    presence_subscribe(ws, socket_id, channel, user_id);
+    let reply = recv_json(ws);
+    assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
+    let data: Value = serde_json::from_str(reply["data"].as_str().unwrap()).unwrap();
+    let ids: Vec<String> =
+        data["presence"]["ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap().into()).collect();
+    assert_eq!(data["presence"]["count"], ids.len(), "{data}");
+    for id in &ids {
+        assert_eq!(data["presence"]["hash"][id], json!({"name": format!("user {id}")}), "{data}");
+    }
+    ids
+}
+
+fn sorted(mut ids: Vec<String>) -> Vec<String> {
+    ids.sort();
+    ids
+}
+
+fn member_added(channel: &str, user_id: &str) -> String {
+    format!(
+        r#"{{"event":"pusher_internal:member_added","channel":"{channel}","data":"{{\"user_id\":\"{user_id}\",\"user_info\":{{\"name\":\"user {user_id}\"}}}}"}}"#
+    )
+}
+
+fn member_removed(channel: &str, user_id: &str) -> String {
+    format!(
+        r#"{{"event":"pusher_internal:member_removed","channel":"{channel}","data":"{{\"user_id\":\"{user_id}\"}}"}}"#
+    )
+}
+
+/// Publishes a marker through node `via` and expects it as the next message of every socket:
+/// whatever was expected before it arrived exactly once, and nothing else came in between.
+fn marker(via: SocketAddr, channel: &str, n: u32, sockets: &mut [&mut Ws]) {
+    assert_eq!(publish(via, &[channel], "marker", &n.to_string(), None).0, 200);
+    let expected = format!(r#"{{"event":"marker","channel":"{channel}","data":"{n}"}}"#);
+    for ws in sockets.iter_mut() {
+        assert_eq!(recv_text(ws), expected);
+    }
+}
+
+/// Users on different nodes see each other; member_added and member_removed reach every node
+/// exactly once per user: two connections of one user on two nodes make one member_added (to
+/// the others, not the joiner), and one member_removed only after both left.
+#[test]
+fn members_across_nodes_exactly_once() {
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, "members");
+    let room = "presence-room";
+    let (mut a, a_id) = connect(nodes[0].addr);
+    assert_eq!(join(&mut a, &a_id, room, "1"), ["1"]);
+    let (mut b, b_id) = connect(nodes[1].addr);
+    assert_eq!(sorted(join(&mut b, &b_id, room, "2")), ["1", "2"]);
+    assert_eq!(recv_text(&mut a), member_added(room, "2"));
+    marker(nodes[2].addr, room, 1, &mut [&mut a, &mut b]);
+
+    // User 2 again, on node C: listed with everyone, announced to nobody.
+    let (mut c, c_id) = connect(nodes[2].addr);
+    assert_eq!(sorted(join(&mut c, &c_id, room, "2")), ["1", "2"]);
+    marker(nodes[0].addr, room, 2, &mut [&mut a, &mut b, &mut c]);
+
+    // Its connection on B leaves: user 2 is still on C, so nothing is announced.
+    drop(b);
+    marker(nodes[1].addr, room, 3, &mut [&mut a, &mut c]);
+    let (mut d, d_id) = connect(nodes[1].addr);
+    assert_eq!(sorted(join(&mut d, &d_id, room, "3")), ["1", "2", "3"]);
+    assert_eq!(recv_text(&mut a), member_added(room, "3"));
+    assert_eq!(recv_text(&mut c), member_added(room, "3"));
+
+    // Its last connection leaves: member_removed once, on every node.
+    drop(c);
+    assert_eq!(recv_text(&mut a), member_removed(room, "2"));
+    assert_eq!(recv_text(&mut d), member_removed(room, "2"));
+    marker(nodes[2].addr, room, 4, &mut [&mut a, &mut d]);
+    let (status, users) = api(nodes[2].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
+    assert_eq!((status, users), (200, json!({"users": [{"id": "1"}, {"id": "3"}]})));
+}
+
+/// The member limit holds cluster-wide: with presence_members_max 2, a third user on another
+/// node is refused with pusher:error, while a member's second connection is accepted.
+#[test]
+fn member_limit_is_cluster_wide() {
+    let redis = RedisServer::start();
+    let limited = |c: &mut ringwire::Config| c.apps[0].presence_members_max = 2;
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "limit", limited)).collect();
+    let room = "presence-full";
+    let (mut a, a_id) = connect(nodes[0].addr);
+    join(&mut a, &a_id, room, "1");
+    let (mut b, b_id) = connect(nodes[1].addr);
+    join(&mut b, &b_id, room, "2");
+    let (mut c, c_id) = connect(nodes[1].addr);
+    presence_subscribe(&mut c, &c_id, room, "3");
+    assert_eq!(
+        recv_text(&mut c),
+        format!(
+            r#"{{"event":"pusher:error","channel":"{room}","data":{{"code":null,"message":"presence channel is full: at most 2 members"}}}}"#
+        )
+    );
+    let (mut again, again_id) = connect(nodes[1].addr);
+    assert_eq!(sorted(join(&mut again, &again_id, room, "1")), ["1", "2"]);
+}
+
+/// While a node's link to Redis is down, a presence subscribe there is refused with
+/// pusher:error 4200 and close 4200 (the client reconnects, to a healthy node).
+#[test]
+fn presence_subscribe_during_outage_is_4200() {
+    let mut redis = RedisServer::start();
+    let node = node(&redis, "outage", |_| {});
+    let (mut ws, id) = connect(node.addr);
+    redis.kill();
+    wait_ready(node.addr, 503);
+    presence_subscribe(&mut ws, &id, "presence-room", "1");
+    assert_eq!(
+        recv_text(&mut ws),
+        r#"{"event":"pusher:error","data":{"code":4200,"message":"presence unavailable while the cluster link is down, reconnect"}}"#
+    );
+    assert_eq!(recv_close(&mut ws), 4200);
+}
+
+/// Polls `what` until it returns true or `timeout` passes.
+fn eventually(timeout: Duration, what: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if what() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    what()
+}
+
+/// `GET /channels`, `/channels/{name}` (info=subscription_count,user_count) and
+/// `/channels/{name}/users` answer the same cluster-wide counts on every node.
+#[test]
+fn queries_are_cluster_wide_on_every_node() {
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, "queries");
+    let room = "presence-lobby";
+    let mut sockets = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let (mut ws, id) = connect(node.addr);
+        join(&mut ws, &id, room, &(i % 2).to_string());
+        sockets.push(ws);
+        let (mut ws, _) = connect(node.addr);
+        subscribe(&mut ws, "news");
+        sockets.push(ws);
+    }
+    let channel = |addr: SocketAddr, name: &str, info: &str| {
+        api(addr, "GET", &format!("/apps/{APP_ID}/channels/{name}"), &[("info", info)])
+    };
+    for node in &nodes {
+        let want = (200, json!({"occupied": true, "subscription_count": 3, "user_count": 2}));
+        assert!(
+            eventually(Duration::from_secs(5), || channel(node.addr, room, "subscription_count,user_count") == want),
+            "{:?}",
+            channel(node.addr, room, "subscription_count,user_count")
+        );
+        let want = (200, json!({"occupied": true, "subscription_count": 3}));
+        assert!(eventually(Duration::from_secs(5), || channel(node.addr, "news", "subscription_count") == want));
+        let all = api(node.addr, "GET", &format!("/apps/{APP_ID}/channels"), &[("info", "subscription_count")]);
+        let want = json!({"channels": {"news": {"subscription_count": 3}, room: {"subscription_count": 3}}});
+        assert_eq!(all, (200, want));
+        let query = [("filter_by_prefix", "presence-"), ("info", "user_count")];
+        let presence = api(node.addr, "GET", &format!("/apps/{APP_ID}/channels"), &query);
+        assert_eq!(presence, (200, json!({"channels": {room: {"user_count": 2}}})));
+        let (status, users) = api(node.addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
+        let mut ids: Vec<&str> = users["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap()).collect();
+        ids.sort();
+        assert_eq!((status, ids), (200, vec!["0", "1"]));
+    }
+    drop(sockets);
+    for node in &nodes {
+        let want = (200, json!({"occupied": false}));
+        assert!(eventually(Duration::from_secs(5), || channel(node.addr, "news", "") == want));
+        let all = api(node.addr, "GET", &format!("/apps/{APP_ID}/channels"), &[]);
+        assert_eq!(all, (200, json!({"channels": {}})));
+    }
+}
+
+/// subscription_count events count the subscribers of every node.
+#[test]
+fn subscription_count_events_are_cluster_wide() {
+    let redis = RedisServer::start();
+    let counting = |c: &mut ringwire::Config| c.apps[0].subscription_count_enabled = true;
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "counts", counting)).collect();
+    let (mut a, _) = connect(nodes[0].addr);
+    subscribe(&mut a, "my-channel");
+    let (mut b, _) = connect(nodes[1].addr);
+    subscribe(&mut b, "my-channel");
+    let two =
+        r#"{"event":"pusher_internal:subscription_count","channel":"my-channel","data":"{\"subscription_count\":2}"}"#;
+    for ws in [&mut a, &mut b] {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let text = recv_text(ws);
+            if text == two {
+                break;
+            }
+            assert!(text.contains("subscription_count") && Instant::now() < deadline, "{text}");
+        }
+    }
+}
+
+/// A node killed with SIGKILL: within lease_ms plus slack its member is removed with one
+/// member_removed at the other nodes' subscribers, and the channel it alone occupied is vacated.
+#[test]
+fn dead_node_is_reaped_once() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "reap", |_| {})).collect();
+    let dir = temp_dir("cluster-reap");
+    let config_path = dir.join("ringwire.toml");
+    let config = format!(
+        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n\n[cluster]\nredis_url = \"redis://{}\"\nprefix = \"reap\"\n\
+         lease_ms = 1000\n\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n",
+        redis.addr
+    );
+    std::fs::write(&config_path, config).unwrap();
+    let (mut child, mut stdout) = spawn_node(&config_path, &dir.join("stderr.log"));
+    let mut line = String::new();
+    while !line.contains("listening on ") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "the node printed its address");
+    }
+    let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
+    let doomed: SocketAddr = rest.split(' ').next().unwrap().parse().unwrap();
+    wait_ready(doomed, 200);
+
+    let room = "presence-room";
+    let (mut a, a_id) = connect(nodes[0].addr);
+    join(&mut a, &a_id, room, "1");
+    let (mut b, b_id) = connect(nodes[1].addr);
+    join(&mut b, &b_id, room, "2");
+    assert_eq!(recv_text(&mut a), member_added(room, "2"));
+    let (mut gone, gone_id) = connect(doomed);
+    join(&mut gone, &gone_id, room, "9");
+    subscribe(&mut gone, "only-there");
+    assert_eq!(recv_text(&mut a), member_added(room, "9"));
+    assert_eq!(recv_text(&mut b), member_added(room, "9"));
+    let info = |name: &str| api(nodes[0].addr, "GET", &format!("/apps/{APP_ID}/channels/{name}"), &[]);
+    assert!(eventually(Duration::from_secs(5), || info("only-there") == (200, json!({"occupied": true}))));
+
+    let _ = child.kill();
+    let _ = child.wait();
+    let killed = Instant::now();
+    assert_eq!(recv_text(&mut a), member_removed(room, "9"));
+    assert_eq!(recv_text(&mut b), member_removed(room, "9"));
+    let waited = killed.elapsed();
+    assert!(waited < Duration::from_millis(1_000 + 1_500), "reaped after {waited:?}");
+    marker(nodes[1].addr, room, 1, &mut [&mut a, &mut b]);
+    assert_eq!(info("only-there"), (200, json!({"occupied": false})));
+    let (status, users) = api(nodes[1].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
+    let mut ids: Vec<&str> = users["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap()).collect();
+    ids.sort();
+    assert_eq!((status, ids), (200, vec!["1", "2"]));
+}
