@@ -182,7 +182,7 @@ impl Shard {
         if decided == Some(1) {
             let (user_id, _) = join.member.as_ref().expect("a presence join");
             let kind = LifecycleKind::MemberAdded(user_id.clone());
-            self.apply(vec![HomeEffect::Lifecycle { app: join.app, channel: join.channel.clone(), kind }]);
+            self.decided(join.app, &*join.channel, kind);
         }
         let mut frames = vec![message::presence_subscription_succeeded(&join.channel, &snapshot)];
         frames.extend(cache);
@@ -190,6 +190,12 @@ impl Shard {
     }
 
     /// Takes back this node's count of a join that was not accepted, and refuses it.
+    /// Creates the lifecycle webhook of a transition Redis decided (not through `apply`, which
+    /// sends node-level occupancy changes to Redis).
+    fn decided(&self, app: AppIndex, channel: impl AsRef<str>, kind: LifecycleKind) {
+        self.lifecycle(app, || kind.event(channel.as_ref()));
+    }
+
     fn refuse_join(&self, join: HomeJoin, first_here: bool, frame: Bytes) {
         let (user_id, _) = join.member.as_ref().expect("a presence join");
         let last_here = self.state.borrow_mut().home.presence.leave(join.app, &join.channel, user_id);
@@ -210,7 +216,7 @@ impl Shard {
             Some((frame, _, _)) => vec![frame],
             None => {
                 let kind = LifecycleKind::CacheMiss;
-                self.apply(vec![HomeEffect::Lifecycle { app, channel: channel.into(), kind }]);
+                self.decided(app, channel, kind);
                 vec![message::cache_miss(channel)]
             }
         }
@@ -239,7 +245,7 @@ impl Shard {
             match pending.replies().await.as_deref().map(|r| r.first().and_then(integer)) {
                 Ok(Some(1)) => {
                     let kind = LifecycleKind::MemberRemoved(user_id);
-                    shard.apply(vec![HomeEffect::Lifecycle { app, channel, kind }]);
+                    shard.decided(app, channel, kind);
                 }
                 Ok(Some(_)) => {}
                 _ => shard.cluster_handle().home.borrow_mut().retry(retry),
@@ -269,7 +275,7 @@ impl Shard {
             match pending.replies().await.as_deref().map(|r| r.last().and_then(integer)) {
                 Ok(Some(1)) => {
                     let kind = if occupied { LifecycleKind::Occupied } else { LifecycleKind::Vacated };
-                    shard.apply(vec![HomeEffect::Lifecycle { app, channel, kind }]);
+                    shard.decided(app, channel, kind);
                 }
                 Ok(Some(_)) => {}
                 _ => shard.cluster_handle().home.borrow_mut().retry(retry),
@@ -307,7 +313,7 @@ impl Shard {
                     let _ = sent.outcome().await;
                 }
                 let kind = LifecycleKind::SubscriptionCount(sum);
-                shard.apply(vec![HomeEffect::Lifecycle { app, channel, kind }]);
+                shard.decided(app, channel, kind);
             });
         }
     }
@@ -447,7 +453,7 @@ impl Shard {
                 ])
                 .await?;
             if let (Some(1), Some(app)) = (replies.first().and_then(integer), app) {
-                self.apply(vec![HomeEffect::Lifecycle { app, channel: channel.into(), kind: LifecycleKind::Vacated }]);
+                self.decided(app, channel, LifecycleKind::Vacated);
             }
         }
         let (_, reaping) = scripts::leases(&prefix);
@@ -491,7 +497,7 @@ impl Shard {
         for (user_id, reply) in users.into_iter().zip(&replies) {
             if let (Some(1), Some(app)) = (integer(reply), app) {
                 let kind = LifecycleKind::MemberRemoved(user_id.into());
-                self.apply(vec![HomeEffect::Lifecycle { app, channel: channel.into(), kind }]);
+                self.decided(app, channel, kind);
             }
         }
         Ok(())

@@ -313,3 +313,56 @@ fn dead_node_is_reaped_once() {
     ids.sort();
     assert_eq!((status, ids), (200, vec!["1", "2"]));
 }
+
+/// Lifecycle webhooks of 3 nodes into one receiver: each cluster-wide transition makes exactly
+/// one event (one member_added and one member_removed per user, however many nodes hold it;
+/// one channel_occupied and one channel_vacated per channel), not one per node.
+#[test]
+fn lifecycle_webhooks_once_cluster_wide() {
+    let redis = RedisServer::start();
+    let receiver = Receiver::start();
+    let url = format!("http://{}/lifecycle", receiver.addr);
+    let hooked = |c: &mut ringwire::Config| {
+        c.webhooks.data_dir = temp_dir("cluster-lifecycle");
+        c.webhooks.allow_private_targets = true;
+        c.webhooks.batch_ms = 10;
+        c.apps[0].webhooks = vec![ringwire::config::WebhookConfig::pusher(url.clone())];
+    };
+    let nodes: Vec<TestServer> = (0..3).map(|_| node(&redis, "hooks", hooked)).collect();
+    let room = "presence-hooks";
+    let mut sockets = Vec::new();
+    for (node, user) in nodes.iter().zip(["1", "1", "2"]) {
+        let (mut ws, id) = connect(node.addr);
+        join(&mut ws, &id, room, user);
+        sockets.push(ws);
+    }
+    drop(sockets);
+    let event = |name: &str, channel: &str, user: &str| (name.to_string(), channel.to_string(), user.to_string());
+    let mut expected = vec![
+        event("channel_occupied", room, ""),
+        event("channel_vacated", room, ""),
+        event("member_added", room, "1"),
+        event("member_added", room, "2"),
+        event("member_removed", room, "1"),
+        event("member_removed", room, "2"),
+    ];
+    let received = || {
+        let mut events = receiver.lifecycle_events();
+        events.sort();
+        events
+    };
+    assert!(eventually(Duration::from_secs(10), || received().len() >= expected.len()), "{:?}", received());
+    // A marker channel occupied on each node: once all three are in, so would be any
+    // duplicate the nodes made of the events above.
+    let mut markers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let (mut ws, _) = connect(node.addr);
+        let channel = format!("marker-{i}");
+        subscribe(&mut ws, &channel);
+        markers.push(ws);
+        expected.push(event("channel_occupied", &channel, ""));
+    }
+    expected.sort();
+    assert!(eventually(Duration::from_secs(10), || received().len() >= expected.len()), "{:?}", received());
+    assert_eq!(received(), expected);
+}
