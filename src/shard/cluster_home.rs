@@ -404,10 +404,16 @@ impl Shard {
             match replies.first().and_then(integer) {
                 Some(1) => registered = true,
                 Some(-1) => {
-                    // docs/cluster.md: cut off longer than lease_ms, its members were removed
-                    // cluster-wide by a reaper; it registers again (closing its clients is
-                    // still to do).
-                    tracing::error!(node = node_name, "this node's lease had expired and it was reaped");
+                    // docs/cluster.md, "When Redis is unreachable": cut off longer than
+                    // lease_ms, its members were removed cluster-wide by a reaper, so its
+                    // clients must not go on believing otherwise: every subscribed connection
+                    // is closed with 4200 (pusher-js reconnects and joins again), which also
+                    // empties this node's channel state. It registered again above.
+                    tracing::error!(
+                        node = node_name,
+                        "this node's lease had expired and it was reaped: closing its connections with 4200"
+                    );
+                    self.close_every_bucket();
                 }
                 _ => tracing::warn!(node = node_name, reply = ?replies.first(), "lease script failed"),
             }
@@ -417,6 +423,17 @@ impl Shard {
                 if self.reap(&dead).await.is_err() {
                     tracing::warn!(dead, "reaping stopped by the link; the next claim continues");
                 }
+            }
+        }
+    }
+
+    /// Closes every subscribed connection of every shard with 4200, bucket by bucket.
+    fn close_every_bucket(&self) {
+        let buckets = self.cluster_handle().buckets;
+        let apps = self.apps();
+        for app in apps.list.iter().filter(|a| !a.removed) {
+            for number in 0..buckets {
+                self.bucket_gap(app.index, number);
             }
         }
     }

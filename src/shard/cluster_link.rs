@@ -151,7 +151,7 @@ impl Shard {
     }
 
     /// A bucket of `app` may have lost messages: its connections on every shard are closed.
-    fn bucket_gap(&self, app: AppIndex, number: u16) {
+    pub(super) fn bucket_gap(&self, app: AppIndex, number: u16) {
         self.close_bucket(app, number);
         for target in (0..self.mesh.shards()).filter(|&t| t != self.index) {
             self.mesh_send(target, MeshMessage::BucketGap { app, bucket: number });

@@ -366,3 +366,20 @@ fn lifecycle_webhooks_once_cluster_wide() {
     assert!(eventually(Duration::from_secs(10), || received().len() >= expected.len()), "{:?}", received());
     assert_eq!(received(), expected);
 }
+
+/// A node that finds its lease gone at renewal (it was cut off longer than lease_ms and
+/// reaped) closes its subscribed connections with 4200 instead of keeping members that the
+/// cluster already removed.
+#[test]
+fn reaped_node_closes_its_connections() {
+    let redis = RedisServer::start();
+    let node = node(&redis, "reaped", |_| {});
+    let (mut ws, id) = connect(node.addr);
+    join(&mut ws, &id, "presence-room", "1");
+    // What a reaper does first: the lease is taken out of `P:nodes`.
+    crate::cluster::run(|| async {
+        let mut link = ringwire::cluster::link::Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+        link.command(&[b"DEL", b"reaped:nodes"]).await.unwrap();
+    });
+    assert_eq!(recv_close(&mut ws), 4200);
+}
