@@ -26,6 +26,10 @@ use super::outbound::Unavailable;
 /// One command: its arguments, the name first.
 pub type Command = Vec<Vec<u8>>;
 
+/// What a request's outcome is handed to when it must be handled before the supervisor reads
+/// anything more from Redis (`Commands::request_then`).
+pub type OnReplies = Box<dyn FnOnce(Result<Vec<Reply>, Unavailable>)>;
+
 /// A group of commands waiting for the supervisor.
 #[derive(Debug)]
 pub struct Request {
@@ -37,6 +41,9 @@ pub struct Request {
 impl Request {
     /// Tells the sender the replies (one per command, in order) or that the link failed.
     pub fn complete(self, result: Result<Vec<Reply>, Unavailable>) {
+        if let Some(on_replies) = self.done.on_replies.take() {
+            return on_replies(result);
+        }
         *self.done.result.borrow_mut() = Some(result);
         if let Some(waker) = self.done.waker.take() {
             waker.wake();
@@ -53,6 +60,8 @@ impl Request {
 struct Done {
     result: RefCell<Option<Result<Vec<Reply>, Unavailable>>>,
     waker: Cell<Option<Waker>>,
+    /// Called instead of storing the result, for `request_then`.
+    on_replies: Cell<Option<OnReplies>>,
 }
 
 impl std::fmt::Debug for Done {
@@ -94,6 +103,18 @@ pub struct Commands {
 }
 
 impl Commands {
+    /// Queues a group of commands whose outcome is handed to `on_replies` by the supervisor
+    /// itself, right after Redis answered and before it reads any further push or reply: what
+    /// `on_replies` sees of this shard's bucket messages is exactly what Redis had published
+    /// before it ran these commands, or less (never more). While the link is down,
+    /// `on_replies` gets `Unavailable` at once.
+    pub fn request_then(&self, commands: Vec<Command>, on_replies: OnReplies) {
+        match self.request(commands) {
+            Ok(Pending(done)) => done.on_replies.set(Some(on_replies)),
+            Err(unavailable) => on_replies(Err(unavailable)),
+        }
+    }
+
     /// Queues a group of commands; `Unavailable` at once while the link is down.
     pub fn request(&self, commands: Vec<Command>) -> Result<Pending, Unavailable> {
         assert!(!commands.is_empty() && commands.iter().all(|c| !c.is_empty()), "a request has named commands");
@@ -194,6 +215,16 @@ mod tests {
             commands.set_up(false);
             assert_eq!(third.replies().await, Err(Unavailable));
             assert!(!commands.is_up());
+            // request_then: the outcome goes to the callback when the supervisor completes it.
+            commands.set_up(true);
+            let outcome = Rc::new(RefCell::new(None));
+            let seen = outcome.clone();
+            commands.request_then(ping(), Box::new(move |result| *seen.borrow_mut() = Some(result)));
+            let mut batch = Vec::new();
+            commands.take_batch(1024, &mut batch);
+            assert!(outcome.borrow().is_none());
+            batch.pop().unwrap().complete(Err(Unavailable));
+            assert_eq!(outcome.borrow_mut().take(), Some(Err(Unavailable)));
         });
     }
 }

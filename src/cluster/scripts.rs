@@ -45,18 +45,28 @@ end
 
 /// `presence_join`. KEYS: node's users in the channel, users (user → nodes), members
 /// (user → info), script incarnation, bucket's `:seq`. ARGV: user, info, members_max,
-/// bucket channel, message, incarnation candidate. Returns 1 (new member cluster-wide, message
-/// published), 0 (already a member), -1 (the channel is full).
+/// bucket channel, message, incarnation candidate. Returns `{-1}` when the channel is full,
+/// else `{decision, incarnation, sequence, members}`: decision 1 (a new member cluster-wide,
+/// its message published) or 0, and one atomic snapshot of the members (`HGETALL`) with the
+/// script sender's last number in the bucket (0 and "" before its first message), which places
+/// the snapshot in the bucket's stream (docs/cluster.md, "The join's place in the stream").
 const PRESENCE_JOIN: &str = r#"
-if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 1 then return 0 end
-if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[3]) then
-  return -1
+local decision = 0
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 then
+  if redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 and redis.call('HLEN', KEYS[3]) >= tonumber(ARGV[3]) then
+    return {-1}
+  end
+  redis.call('SADD', KEYS[1], ARGV[1])
+  if redis.call('HINCRBY', KEYS[2], ARGV[1], 1) == 1 then
+    redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
+    publish(KEYS[4], KEYS[5], ARGV[4], ARGV[5], ARGV[6])
+    decision = 1
+  end
 end
-redis.call('SADD', KEYS[1], ARGV[1])
-if redis.call('HINCRBY', KEYS[2], ARGV[1], 1) ~= 1 then return 0 end
-redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-publish(KEYS[4], KEYS[5], ARGV[4], ARGV[5], ARGV[6])
-return 1
+local incarnation = redis.call('GET', KEYS[4]) or ''
+local sequence = 0
+if incarnation ~= '' then sequence = tonumber(redis.call('HGET', KEYS[5], incarnation .. ':65535') or 0) end
+return {decision, incarnation, sequence, redis.call('HGETALL', KEYS[3])}
 "#;
 
 /// `presence_leave`. KEYS: as `presence_join`, then the node's tag set and the channel's
@@ -346,8 +356,9 @@ pub struct Member<'a> {
     pub user_id: &'a str,
 }
 
-/// `SADD P:n:{node}:keys entry` (before the script, so a reaper finds the contribution), the
-/// `presence_join` script (`frame`: the `member_added` frame), and `HGETALL` of the members.
+/// `SADD P:n:{node}:keys entry` (before the script, so a reaper finds the contribution) and
+/// the `presence_join` script (`frame`: the `member_added` frame); read its answer with
+/// `JoinAnswer::read`.
 /// `frame` reaches every subscriber but `joiner`.
 pub fn presence_join(
     member: &Member,
@@ -375,7 +386,6 @@ pub fn presence_join(
     vec![
         vec![b"SADD".to_vec(), node_entries(&keys.prefix, &name).into_bytes(), keys.entry.clone().into_bytes()],
         scripts().presence_join.call(&script_keys, &args),
-        vec![b"HGETALL".to_vec(), keys.members().into_bytes()],
     ]
 }
 
@@ -468,6 +478,44 @@ pub fn strings(reply: &Reply) -> Option<Vec<&[u8]>> {
         .collect()
 }
 
+/// What `presence_join` answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JoinAnswer {
+    /// The channel is full.
+    Full,
+    /// Joined.
+    Joined {
+        /// The user is a new member cluster-wide (its `member_added` was published).
+        new_member: bool,
+        /// The script sender's last number in the channel's bucket when the members were read
+        /// (`None` before its first message there), so the snapshot's place in the stream.
+        position: Option<(u64, u64)>,
+        /// The `presence` object of `subscription_succeeded`.
+        snapshot: String,
+    },
+}
+
+impl JoinAnswer {
+    /// Reads the script's reply; `None` for anything it does not answer.
+    pub fn read(reply: &Reply) -> Option<JoinAnswer> {
+        let Reply::Array(items) = reply else { return None };
+        match items.as_slice() {
+            [Reply::Integer(-1)] => Some(JoinAnswer::Full),
+            [Reply::Integer(decision @ (0 | 1)), Reply::BulkString(incarnation), Reply::Integer(sequence), members] => {
+                let position = match (&incarnation[..], *sequence) {
+                    (b"", _) | (_, 0) => None,
+                    (hex, sequence) => {
+                        let incarnation = u64::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                        Some((incarnation, u64::try_from(sequence).ok()?))
+                    }
+                };
+                Some(JoinAnswer::Joined { new_member: *decision == 1, position, snapshot: presence_snapshot(members)? })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// The `presence` object of `subscription_succeeded` from `HGETALL {k}:members` (user, info
 /// pairs; the infos are JSON as the members' first connections sent them). `None` if the
 /// reply is not such a list.
@@ -513,6 +561,26 @@ mod tests {
         assert_eq!(presence_snapshot(&Reply::Array(vec![])).unwrap(), r#"{"presence":{"ids":[],"hash":{},"count":0}}"#);
         assert_eq!(presence_snapshot(&Reply::Array(vec![bulk("1")])), None);
         assert_eq!(presence_snapshot(&Reply::Error("ERR".into())), None);
+    }
+
+    /// The join script's answers: full, or a snapshot placed in the stream (or before it).
+    #[test]
+    fn join_answers() {
+        let members = Reply::Array(vec![bulk("1"), bulk("null")]);
+        let snapshot = r#"{"presence":{"ids":["1"],"hash":{"1":null},"count":1}}"#.to_string();
+        let answer = |items: Vec<Reply>| JoinAnswer::read(&Reply::Array(items));
+        assert_eq!(answer(vec![Reply::Integer(-1)]), Some(JoinAnswer::Full));
+        assert_eq!(
+            answer(vec![Reply::Integer(1), bulk("00000000000000ff"), Reply::Integer(7), members.clone()]),
+            Some(JoinAnswer::Joined { new_member: true, position: Some((255, 7)), snapshot: snapshot.clone() })
+        );
+        assert_eq!(
+            answer(vec![Reply::Integer(0), bulk(""), Reply::Integer(0), members.clone()]),
+            Some(JoinAnswer::Joined { new_member: false, position: None, snapshot })
+        );
+        assert_eq!(answer(vec![Reply::Integer(2), bulk(""), Reply::Integer(0), members.clone()]), None);
+        assert_eq!(answer(vec![Reply::Integer(0), bulk("xyz"), Reply::Integer(3), members]), None);
+        assert_eq!(JoinAnswer::read(&Reply::Error("NOSCRIPT".into())), None);
     }
 
     /// The keys of one channel share a hash tag, and the reaper's entry splits back into app

@@ -63,6 +63,9 @@ pub trait Events {
     fn link_up(&mut self);
     /// A link failed; messages may be missed until the next `link_up`.
     fn link_down(&mut self, error: &LinkError);
+    /// A barrier found `sender`'s last number in `bucket` to be `last` (what the detector
+    /// goes on from: numbers up to it count as seen).
+    fn resynced(&mut self, _bucket: BucketId, _sender: Sender, _last: u64) {}
 }
 
 /// Why a bucket counts as gapped.
@@ -282,6 +285,12 @@ impl<E: Events> Supervisor<E> {
             let id = self.buckets[index].id;
             // A pair that is not two bulk strings is left out, so the count tells.
             let unreadable = pairs.clone().count() * 2 != items.len();
+            for (field, value) in pairs.clone() {
+                let last = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+                if let (Some(sender), Some(last)) = (bucket::parse_sequence_field(field), last) {
+                    self.events.resynced(id, sender, last);
+                }
+            }
             let found = self.detector.resync(id, barrier, pairs);
             if let Some(reason) = found.or(unreadable.then_some(GapReason::Unreadable)) {
                 self.events.gap(id, Gap::Barrier(reason));

@@ -16,6 +16,7 @@
 //! Invariant: what this node contributes to Redis is in `P:n:{node}:keys` before the script
 //! that contributes it runs, so a reaper finds every contribution of a dead node.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::rc::Rc;
 use std::time::Duration;
@@ -27,11 +28,14 @@ use super::mesh::{HomeJoin, JoinReply};
 use super::presence::Joined;
 use super::Shard;
 use crate::apps::AppIndex;
+use crate::cluster::bucket;
 use crate::cluster::commands::Command;
 use crate::cluster::link::Reply;
 use crate::cluster::message::Kind;
+use crate::cluster::message::{Sender, SCRIPT_SHARD};
 use crate::cluster::outbound::Unavailable;
-use crate::cluster::scripts::{self, integer, strings, ChannelKeys, Member};
+use crate::cluster::scripts::{self, integer, strings, ChannelKeys, JoinAnswer, Member};
+use crate::cluster::sequence::BucketId;
 use crate::pusher::channel::{self, ChannelKind};
 use crate::pusher::message;
 
@@ -45,9 +49,32 @@ enum Retry {
     Occupancy(AppIndex, Box<str>),
 }
 
+/// A join answer waiting for the bucket's stream to reach the snapshot it carries.
+struct Held {
+    app: AppIndex,
+    bucket: u16,
+    /// The script sender (incarnation, number) the snapshot was taken at; `None`: before it.
+    position: Option<(u64, u64)>,
+    /// The joining shard.
+    to: usize,
+    reply: JoinReply,
+}
+
+/// Removes and returns the entries of `list` that `matches`, keeping the others in order.
+fn take_matching(list: &mut Vec<Held>, matches: impl Fn(&Held) -> bool) -> Vec<Held> {
+    let (taken, kept) = std::mem::take(list).into_iter().partition(|h| matches(h));
+    *list = kept;
+    taken
+}
+
 /// The cluster-side state of a shard: transitions waiting for the link, and its randomness.
 #[derive(Default)]
 pub(super) struct ClusterHome {
+    /// Per (app, bucket) this shard receives: the script sender's last message delivered.
+    script_seen: HashMap<(AppIndex, u16), (u64, u64)>,
+    /// Join answers waiting for their place in the stream. Bounded by the joins in flight
+    /// (each waits at most until the next message, gap or barrier of its bucket).
+    held: Vec<Held>,
     /// Transitions to run again at the next `link_up`. Bounded by the presence members and
     /// channels this shard is home for (each at most once).
     retries: Vec<Retry>,
@@ -107,6 +134,7 @@ impl Shard {
 
     /// The link is up again: runs the transitions that could not run while it was down.
     pub(super) fn cluster_link_up(&self) {
+        self.release_held_joins(None);
         let retries = std::mem::take(&mut self.cluster_handle().home.borrow_mut().retries);
         for retry in retries {
             match retry {
@@ -125,9 +153,10 @@ impl Shard {
 
     // ---- presence ----------------------------------------------------------------------
 
-    /// Home shard, cluster mode: counts the member on this node; its first connection here
-    /// runs `presence_join` (which announces it if it is new cluster-wide); then answers the
-    /// joining shard with the members of every node (`HGETALL`, after the script).
+    /// Home shard, cluster mode: counts the member on this node and runs `presence_join`
+    /// (which announces the member if it is new cluster-wide and answers the members of every
+    /// node); the answer goes to the joining shard at the snapshot's place in the bucket's
+    /// stream (`place_join_answer`).
     pub(super) fn cluster_presence_join(&self, join: HomeJoin) {
         let cluster = self.cluster_handle();
         let (user_id, info) = join.member.clone().expect("a presence join");
@@ -136,27 +165,21 @@ impl Shard {
         let joined = self.state.borrow_mut().home.presence.join(join.app, &join.channel, &user_id, &info, usize::MAX);
         let first_here = joined == Joined::NewMember;
         let keys = self.channel_keys(join.app, &join.channel);
-        let commands = if first_here {
-            let member = Member { node: &cluster.node, keys: &keys, channel: &join.channel, user_id: &user_id };
-            let frame = message::member_added(&join.channel, &user_id, &info);
+        let member = Member { node: &cluster.node, keys: &keys, channel: &join.channel, user_id: &user_id };
+        let frame = message::member_added(&join.channel, &user_id, &info);
+        let commands = {
             let rng = &mut cluster.home.borrow_mut().rng;
             scripts::presence_join(&member, &info, members_max, &frame, join.socket_id, rng)
-        } else {
-            vec![vec![b"HGETALL".to_vec(), keys.members().into_bytes()]]
         };
         let cache = if join.cache { self.cache_frames(join.app, &join.channel) } else { Vec::new() };
-        match cluster.commands.request(commands) {
-            Err(Unavailable) => {
-                let frame = unavailable_frame(&join.channel);
-                self.refuse_join(join, first_here, frame);
-            }
-            Ok(pending) => self.spawn_task(|shard| async move {
-                let replies = pending.replies().await;
-                shard.finish_presence_join(join, first_here, replies, cache, members_max);
-            }),
-        }
+        let Some(shard) = cluster.shard.upgrade() else { return };
+        let on_replies = Box::new(move |replies: Result<Vec<Reply>, Unavailable>| {
+            shard.finish_presence_join(join, first_here, replies, cache, members_max);
+        });
+        cluster.commands.request_then(commands, on_replies);
     }
 
+    /// Runs inside the supervisor, right after Redis answered (`Commands::request_then`).
     fn finish_presence_join(
         &self,
         join: HomeJoin,
@@ -165,37 +188,96 @@ impl Shard {
         cache: Vec<Bytes>,
         members_max: usize,
     ) {
-        let outcome = replies.ok().and_then(|replies| {
-            let decided = if first_here { Some(integer(replies.get(1)?)?) } else { None };
-            Some((decided, scripts::presence_snapshot(replies.last()?)?))
-        });
-        let Some((decided, snapshot)) = outcome else {
-            tracing::warn!(shard = self.index, channel = &*join.channel, "presence join script failed");
-            let frame = unavailable_frame(&join.channel);
-            return self.refuse_join(join, first_here, frame);
+        let answer = replies.ok().and_then(|replies| JoinAnswer::read(replies.last()?));
+        let (new_member, position, snapshot) = match answer {
+            None => {
+                tracing::warn!(shard = self.index, channel = &*join.channel, "presence join script failed");
+                let frame = unavailable_frame(&join.channel);
+                return self.refuse_join(join, first_here, frame);
+            }
+            Some(JoinAnswer::Full) => {
+                let reason = format!("presence channel is full: at most {members_max} members");
+                let frame = message::error(None, &reason, Some(&join.channel));
+                return self.refuse_join(join, first_here, frame);
+            }
+            Some(JoinAnswer::Joined { new_member, position, snapshot }) => (new_member, position, snapshot),
         };
-        if decided == Some(-1) {
-            let reason = format!("presence channel is full: at most {members_max} members");
-            let frame = message::error(None, &reason, Some(&join.channel));
-            return self.refuse_join(join, first_here, frame);
-        }
-        if decided == Some(1) {
+        if new_member {
             let (user_id, _) = join.member.as_ref().expect("a presence join");
-            let kind = LifecycleKind::MemberAdded(user_id.clone());
-            self.decided(join.app, &*join.channel, kind);
+            self.decided(join.app, &*join.channel, LifecycleKind::MemberAdded(user_id.clone()));
         }
         let mut frames = vec![message::presence_subscription_succeeded(&join.channel, &snapshot)];
         frames.extend(cache);
-        self.answer_join(join, frames, true);
+        let number = bucket::of_channel(&join.channel, self.cluster_handle().buckets);
+        let (app, to) = (join.app, join.from);
+        let HomeJoin { conn, socket_id, ticket, channel, .. } = join;
+        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: true };
+        self.place_join_answer(Held { app, bucket: number, position, to, reply });
     }
 
-    /// Takes back this node's count of a join that was not accepted, and refuses it.
+    /// Answers a join once this shard has delivered the bucket's stream up to the snapshot's
+    /// place (now, if it has): the joining connection is routed exactly between the member
+    /// events its list already reflects and those it does not, because this shard forwards
+    /// both the bucket's messages and the answer through the same mesh ring (docs/cluster.md,
+    /// "The join's place in the stream"). The answer never comes too late: it is handled
+    /// before the supervisor reads anything Redis published after the snapshot.
+    fn place_join_answer(&self, held: Held) {
+        let reached = match held.position {
+            None => true,
+            Some((incarnation, sequence)) => {
+                let home = self.cluster_handle().home.borrow();
+                home.script_seen.get(&(held.app, held.bucket)).is_some_and(|&(i, s)| i == incarnation && s >= sequence)
+            }
+        };
+        if reached {
+            return self.apply(vec![HomeEffect::Reply { to: held.to, reply: held.reply }]);
+        }
+        self.cluster_handle().home.borrow_mut().held.push(held);
+    }
+
+    /// The bucket shard delivered a script message (or learned the script sender's number at
+    /// a barrier): join answers waiting for that place go out now.
+    pub(super) fn script_message_seen(&self, bucket: BucketId, sender: Sender, sequence: u64) {
+        if sender.shard != SCRIPT_SHARD {
+            return;
+        }
+        let released = {
+            let mut home = self.cluster_handle().home.borrow_mut();
+            home.script_seen.insert((bucket.app, bucket.number), (sender.incarnation, sequence));
+            let waiting = |h: &Held| {
+                h.app == bucket.app
+                    && h.bucket == bucket.number
+                    && h.position.is_some_and(|(i, s)| i == sender.incarnation && s <= sequence)
+            };
+            take_matching(&mut home.held, waiting)
+        };
+        self.release(released);
+    }
+
+    /// Join answers waiting in `bucket` (or in every bucket) go out now: after a gap (the
+    /// bucket's connections are being closed with 4200) or a barrier (which passed every
+    /// message published before it, or found a gap).
+    pub(super) fn release_held_joins(&self, bucket: Option<BucketId>) {
+        let released = {
+            let mut home = self.cluster_handle().home.borrow_mut();
+            take_matching(&mut home.held, |h| bucket.is_none_or(|b| h.app == b.app && h.bucket == b.number))
+        };
+        self.release(released);
+    }
+
+    fn release(&self, released: Vec<Held>) {
+        for held in released {
+            self.apply(vec![HomeEffect::Reply { to: held.to, reply: held.reply }]);
+        }
+    }
+
     /// Creates the lifecycle webhook of a transition Redis decided (not through `apply`, which
     /// sends node-level occupancy changes to Redis).
     fn decided(&self, app: AppIndex, channel: impl AsRef<str>, kind: LifecycleKind) {
         self.lifecycle(app, || kind.event(channel.as_ref()));
     }
 
+    /// Takes back this node's count of a join that was not accepted, and refuses it.
     fn refuse_join(&self, join: HomeJoin, first_here: bool, frame: Bytes) {
         let (user_id, _) = join.member.as_ref().expect("a presence join");
         let last_here = self.state.borrow_mut().home.presence.leave(join.app, &join.channel, user_id);

@@ -21,7 +21,7 @@ use crate::apps::AppIndex;
 use crate::cluster::bucket;
 use crate::cluster::commands::Commands;
 use crate::cluster::link::LinkError;
-use crate::cluster::message::{Header, Kind};
+use crate::cluster::message::{Header, Kind, Sender};
 use crate::cluster::outbound::{Outbound, Unavailable};
 use crate::cluster::sequence::BucketId;
 use crate::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
@@ -77,9 +77,11 @@ impl Events for ShardEvents {
             Kind::Publication | Kind::ClientEvent | Kind::SubscriptionCount => {
                 self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
             }
-            // Decided once cluster-wide by a script (`shard::cluster_home`).
+            // Decided once cluster-wide by a script (`shard::cluster_home`); join answers
+            // waiting for this place in the stream follow it.
             Kind::MemberAdded | Kind::MemberRemoved => {
-                self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
+                self.shard.broadcast(bucket.app, header.channel, frame, header.exclude);
+                self.shard.script_message_seen(bucket, header.sender, header.sequence);
             }
             other => tracing::debug!(kind = ?other, node = header.node_id, "cluster message kind not wired; ignored"),
         }
@@ -94,6 +96,11 @@ impl Events for ShardEvents {
             "messages may be missed in a bucket: closing its connections with 4200"
         );
         self.shard.bucket_gap(bucket.app, bucket.number);
+        self.shard.release_held_joins(Some(bucket));
+    }
+
+    fn resynced(&mut self, bucket: BucketId, sender: Sender, last: u64) {
+        self.shard.script_message_seen(bucket, sender, last);
     }
 
     fn link_up(&mut self) {

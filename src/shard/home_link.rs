@@ -15,6 +15,7 @@ use super::mesh::{HomeJoin, JoinReply, MeshMessage, Watcher};
 use super::presence;
 use super::Shard;
 use crate::apps::AppIndex;
+use crate::cluster::bucket;
 use crate::metrics::ShardMetrics;
 use crate::pusher::channel::ChannelKind;
 
@@ -90,7 +91,7 @@ impl Shard {
 
     /// Sends a join to the channel's home shard (or handles it here).
     pub fn home_join(&self, join: HomeJoin) {
-        let home = presence::home(join.app, &join.channel, self.mesh.shards());
+        let home = self.channel_home(join.app, &join.channel);
         if home == self.index {
             self.home_join_at_home(join);
         } else {
@@ -173,7 +174,7 @@ impl Shard {
 
     /// Sends a presence leave to the channel's home shard (or handles it here).
     pub fn presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
-        let home = presence::home(app, &channel, self.mesh.shards());
+        let home = self.channel_home(app, &channel);
         if home != self.index {
             return self.mesh_send(home, MeshMessage::PresenceLeave { app, channel, user_id });
         }
@@ -197,7 +198,7 @@ impl Shard {
         if !config.counts_subscriptions && !cluster {
             return;
         }
-        let home = presence::home(app, channel, self.mesh.shards());
+        let home = self.channel_home(app, channel);
         if home != self.index {
             return self.mesh_send(home, MeshMessage::SubscriptionDelta { app, channel: channel.into(), delta });
         }
@@ -222,7 +223,7 @@ impl Shard {
 
     /// Keeps `frame` as the last event of a cache channel, on its home shard.
     pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
-        let home = presence::home(app, channel, self.mesh.shards());
+        let home = self.channel_home(app, channel);
         if home == self.index {
             let expires = Instant::now() + Duration::from_secs(self.apps().get(app).config.cache_ttl_s);
             self.state.borrow_mut().home.cache_store(app, channel, frame, data, expires);
@@ -239,6 +240,18 @@ impl Shard {
     /// Drops expired cache events, a bounded slice per call (see `HomeState::sweep_cache`).
     pub(super) fn sweep_cache(&self, now: Instant) {
         self.state.borrow_mut().home.sweep_cache(now);
+    }
+}
+
+impl Shard {
+    /// The home shard of a channel: `presence::home`, except in cluster mode, where it is the
+    /// shard that receives the channel's bucket from Redis, so that a presence join's answer
+    /// can be placed in the bucket's stream (`shard::cluster_home`).
+    fn channel_home(&self, app: AppIndex, channel: &str) -> usize {
+        match self.cluster() {
+            Some(cluster) => usize::from(bucket::of_channel(channel, cluster.buckets)) % self.mesh.shards(),
+            None => presence::home(app, channel, self.mesh.shards()),
+        }
     }
 }
 

@@ -383,3 +383,71 @@ fn reaped_node_closes_its_connections() {
     });
     assert_eq!(recv_close(&mut ws), 4200);
 }
+
+/// A member list followed by its member events adds up to the members, also for connections
+/// that join while members on other nodes come and go: each joiner applies the events it gets
+/// after its subscription_succeeded to the list in it, and must end with the members the
+/// cluster has (no event missed, none counted twice).
+#[test]
+fn joiners_see_consistent_members_under_churn() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "churn", |_| {})).collect();
+    let room = "presence-churn";
+    let (stop, done) = (std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false)), std::sync::mpsc::channel());
+    let churner = {
+        let (addr, stop, done) = (nodes[1].addr, stop.clone(), done.0);
+        std::thread::spawn(move || {
+            let mut round = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (mut ws, id) = connect(addr);
+                join(&mut ws, &id, room, &format!("churn-{}", round % 4));
+                drop(ws);
+                round += 1;
+            }
+            done.send(round).unwrap();
+        })
+    };
+    let mut joiners = Vec::new();
+    for i in 0..40 {
+        let (mut ws, id) = connect(nodes[0].addr);
+        let members: std::collections::BTreeSet<String> =
+            join(&mut ws, &id, room, &format!("joiner-{i}")).into_iter().collect();
+        joiners.push((ws, members, i));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    churner.join().unwrap();
+    let rounds = done.1.recv().unwrap();
+    assert!(rounds > 10, "the churn ran ({rounds} rounds)");
+    // Every churn connection is closed; wait until the cluster agrees, then drain each joiner
+    // up to a marker published after that.
+    let members = || {
+        let (_, users) = api(nodes[0].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
+        users["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap().to_string()).collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || members().iter().all(|m| m.starts_with("joiner-"))),
+        "{:?}",
+        members()
+    );
+    assert_eq!(publish(nodes[0].addr, &[room], "marker", "0", None).0, 200);
+    let expected: std::collections::BTreeSet<String> = members().into_iter().collect();
+    for (ws, view, i) in &mut joiners {
+        loop {
+            let message = recv_json(ws);
+            let data: Value = message["data"].as_str().map(|d| serde_json::from_str(d).unwrap()).unwrap_or(Value::Null);
+            match message["event"].as_str().unwrap() {
+                "marker" => break,
+                "pusher_internal:member_added" => {
+                    let id = data["user_id"].as_str().unwrap().to_string();
+                    assert!(view.insert(id.clone()), "joiner-{i}: member_added of {id}, already listed");
+                }
+                "pusher_internal:member_removed" => {
+                    let id = data["user_id"].as_str().unwrap().to_string();
+                    assert!(view.remove(&id), "joiner-{i}: member_removed of {id}, not listed");
+                }
+                other => panic!("joiner-{i}: {other}"),
+            }
+        }
+        assert_eq!(view, &expected, "joiner-{i}");
+    }
+}
