@@ -451,3 +451,27 @@ fn joiners_see_consistent_members_under_churn() {
         assert_eq!(view, &expected, "joiner-{i}");
     }
 }
+
+/// A member's last connection that leaves while its node's link is down is not forgotten: the
+/// node runs the leave when its link is back, and the other nodes get member_removed.
+#[test]
+fn leave_during_outage_runs_when_the_link_is_back() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "retry", |_| {})).collect();
+    let room = "presence-retry";
+    let (mut leaving, leaving_id) = connect(nodes[0].addr);
+    join(&mut leaving, &leaving_id, room, "1");
+    let (mut observer, observer_id) = connect(nodes[1].addr);
+    assert_eq!(sorted(join(&mut observer, &observer_id, room, "2")), ["1", "2"]);
+    // Redis stops answering every client for 1.5 s: both nodes' heartbeats take their links down.
+    crate::cluster::run(|| async {
+        let mut link = ringwire::cluster::link::Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+        link.command(&[b"CLIENT", b"PAUSE", b"1500", b"ALL"]).await.unwrap();
+    });
+    wait_ready(nodes[0].addr, 503);
+    drop(leaving);
+    wait_ready(nodes[0].addr, 200);
+    assert_eq!(recv_text(&mut observer), member_removed(room, "1"));
+    let (status, users) = api(nodes[1].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
+    assert_eq!((status, users), (200, json!({"users": [{"id": "2"}]})));
+}
