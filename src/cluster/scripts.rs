@@ -117,11 +117,18 @@ for _, count in ipairs(redis.call('HVALS', KEYS[1])) do sum = sum + tonumber(cou
 return sum
 "#;
 
-/// `lease`. KEYS: `P:nodes`. ARGV: node, lease_ms, 1 to register (else renew). Returns 1, or
-/// -1 when a renewal finds the lease gone (the node was reaped; it registers again).
+/// `lease`. KEYS: `P:nodes`. ARGV: node, lease_ms, 1 to register (else renew), the node's
+/// `node_id/`. Returns 1, or -1 when a renewal finds the lease gone (the node was reaped; it
+/// registers again). Registering ends the leases of earlier incarnations of the same `node_id`
+/// at once (a restarted node: they are dead), so `claim_dead` takes them next.
 const LEASE: &str = r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+if ARGV[3] == '1' then
+  for _, node in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+    if node ~= ARGV[1] and string.sub(node, 1, #ARGV[4]) == ARGV[4] then redis.call('ZADD', KEYS[1], 0, node) end
+  end
+end
 local held = redis.call('ZSCORE', KEYS[1], ARGV[1])
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 if not held and ARGV[3] ~= '1' then return -1 end
@@ -445,11 +452,13 @@ pub fn subscribers(keys: &ChannelKeys, node_name: &str, count: u64) -> Command {
 }
 
 /// The `lease` script: registers (`register`) or renews this node's lease.
-pub fn lease(prefix: &str, node_name: &str, lease_ms: u64, register: bool) -> Command {
+pub fn lease(prefix: &str, node: &NodeIdentity, lease_ms: u64, register: bool) -> Command {
     let (nodes, _) = leases(prefix);
     let lease_ms = lease_ms.to_string();
     let register: &[u8] = if register { b"1" } else { b"0" };
-    scripts().lease.call(&[&nodes], &[node_name.as_bytes(), lease_ms.as_bytes(), register])
+    let (name, earlier) = (node_name(node), format!("{}/", node.node_id));
+    let args: [&[u8]; 4] = [name.as_bytes(), lease_ms.as_bytes(), register, earlier.as_bytes()];
+    scripts().lease.call(&[&nodes], &args)
 }
 
 /// The `claim_dead` script.

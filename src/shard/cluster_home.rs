@@ -480,7 +480,7 @@ impl Shard {
                 continue;
             }
             let node_name = scripts::node_name(&cluster.node);
-            let lease = scripts::lease(&cluster.prefix, &node_name, lease_ms, !registered);
+            let lease = scripts::lease(&cluster.prefix, &cluster.node, lease_ms, !registered);
             let claim = scripts::claim_dead(&cluster.prefix, lease_ms);
             let Ok(replies) = self.cluster_request(vec![lease, claim]).await else { continue };
             match replies.first().and_then(integer) {

@@ -261,29 +261,36 @@ fn subscription_count_events_are_cluster_wide() {
     }
 }
 
-/// A node killed with SIGKILL: within lease_ms plus slack its member is removed with one
-/// member_removed at the other nodes' subscribers, and the channel it alone occupied is vacated.
-#[test]
-fn dead_node_is_reaped_once() {
-    let redis = RedisServer::start();
-    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "reap", |_| {})).collect();
-    let dir = temp_dir("cluster-reap");
+/// A node as its own process (the binary) on `redis`, keys under `prefix`, with extra
+/// `[cluster]` lines; returns once its links are up.
+fn node_process(redis: &RedisServer, prefix: &str, cluster: &str) -> (std::process::Child, SocketAddr) {
+    let dir = temp_dir(&format!("cluster-{prefix}"));
     let config_path = dir.join("ringwire.toml");
     let config = format!(
-        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n\n[cluster]\nredis_url = \"redis://{}\"\nprefix = \"reap\"\n\
-         lease_ms = 1000\n\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n",
+        "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n\n[cluster]\nredis_url = \"redis://{}\"\nprefix = \"{prefix}\"\n\
+         {cluster}\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n",
         redis.addr
     );
     std::fs::write(&config_path, config).unwrap();
-    let (mut child, mut stdout) = spawn_node(&config_path, &dir.join("stderr.log"));
+    let (child, mut stdout) = spawn_node(&config_path, &dir.join("stderr.log"));
     let mut line = String::new();
     while !line.contains("listening on ") {
         line.clear();
         assert!(stdout.read_line(&mut line).unwrap() > 0, "the node printed its address");
     }
     let rest = &line[line.find("listening on ").unwrap() + "listening on ".len()..];
-    let doomed: SocketAddr = rest.split(' ').next().unwrap().parse().unwrap();
-    wait_ready(doomed, 200);
+    let addr: SocketAddr = rest.split(' ').next().unwrap().parse().unwrap();
+    wait_ready(addr, 200);
+    (child, addr)
+}
+
+/// A node killed with SIGKILL: within lease_ms plus slack its member is removed with one
+/// member_removed at the other nodes' subscribers, and the channel it alone occupied is vacated.
+#[test]
+fn dead_node_is_reaped_once() {
+    let redis = RedisServer::start();
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "reap", |_| {})).collect();
+    let (mut child, doomed) = node_process(&redis, "reap", "lease_ms = 1000\n");
 
     let room = "presence-room";
     let (mut a, a_id) = connect(nodes[0].addr);
@@ -474,4 +481,29 @@ fn leave_during_outage_runs_when_the_link_is_back() {
     assert_eq!(recv_text(&mut observer), member_removed(room, "1"));
     let (status, users) = api(nodes[1].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
     assert_eq!((status, users), (200, json!({"users": [{"id": "2"}]})));
+}
+
+/// A node restarted with the same `node_id` reaps its previous incarnation at once, long
+/// before that one's lease (60 s here) would have run out: its member is removed once.
+#[test]
+fn restarted_node_reaps_its_previous_incarnation() {
+    let redis = RedisServer::start();
+    let observer_node = node(&redis, "phoenix", |_| {});
+    let room = "presence-room";
+    let (mut observer, observer_id) = connect(observer_node.addr);
+    join(&mut observer, &observer_id, room, "1");
+    let settings = "node_id = \"phoenix-1\"\nlease_ms = 60000\n";
+    let (mut first, addr) = node_process(&redis, "phoenix", settings);
+    let (mut gone, gone_id) = connect(addr);
+    join(&mut gone, &gone_id, room, "9");
+    assert_eq!(recv_text(&mut observer), member_added(room, "9"));
+    let _ = first.kill();
+    let _ = first.wait();
+    let (mut second, _) = node_process(&redis, "phoenix", settings);
+    let restarted = Instant::now();
+    assert_eq!(recv_text(&mut observer), member_removed(room, "9"));
+    assert!(restarted.elapsed() < Duration::from_secs(5), "reaped after {:?}", restarted.elapsed());
+    marker(observer_node.addr, room, 1, &mut [&mut observer]);
+    let _ = second.kill();
+    let _ = second.wait();
 }
