@@ -262,13 +262,13 @@ fn subscription_count_events_are_cluster_wide() {
 }
 
 /// A node as its own process (the binary) on `redis`, keys under `prefix`, with extra
-/// `[cluster]` lines; returns once its links are up.
-fn node_process(redis: &RedisServer, prefix: &str, cluster: &str) -> (std::process::Child, SocketAddr) {
+/// `[cluster]` lines and lines after its app; returns once its links are up.
+fn node_process(redis: &RedisServer, prefix: &str, cluster: &str, tail: &str) -> (std::process::Child, SocketAddr) {
     let dir = temp_dir(&format!("cluster-{prefix}"));
     let config_path = dir.join("ringwire.toml");
     let config = format!(
         "[server]\nbind = \"127.0.0.1:0\"\nshards = 2\n\n[cluster]\nredis_url = \"redis://{}\"\nprefix = \"{prefix}\"\n\
-         {cluster}\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n",
+         {cluster}\n[[apps]]\nid = \"{APP_ID}\"\nkey = \"{KEY}\"\nsecret = \"{SECRET}\"\n{tail}",
         redis.addr
     );
     std::fs::write(&config_path, config).unwrap();
@@ -290,7 +290,7 @@ fn node_process(redis: &RedisServer, prefix: &str, cluster: &str) -> (std::proce
 fn dead_node_is_reaped_once() {
     let redis = RedisServer::start();
     let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "reap", |_| {})).collect();
-    let (mut child, doomed) = node_process(&redis, "reap", "lease_ms = 1000\n");
+    let (mut child, doomed) = node_process(&redis, "reap", "lease_ms = 1000\n", "");
 
     let room = "presence-room";
     let (mut a, a_id) = connect(nodes[0].addr);
@@ -493,17 +493,76 @@ fn restarted_node_reaps_its_previous_incarnation() {
     let (mut observer, observer_id) = connect(observer_node.addr);
     join(&mut observer, &observer_id, room, "1");
     let settings = "node_id = \"phoenix-1\"\nlease_ms = 60000\n";
-    let (mut first, addr) = node_process(&redis, "phoenix", settings);
+    let (mut first, addr) = node_process(&redis, "phoenix", settings, "");
     let (mut gone, gone_id) = connect(addr);
     join(&mut gone, &gone_id, room, "9");
     assert_eq!(recv_text(&mut observer), member_added(room, "9"));
     let _ = first.kill();
     let _ = first.wait();
-    let (mut second, _) = node_process(&redis, "phoenix", settings);
+    let (mut second, _) = node_process(&redis, "phoenix", settings, "");
     let restarted = Instant::now();
     assert_eq!(recv_text(&mut observer), member_removed(room, "9"));
     assert!(restarted.elapsed() < Duration::from_secs(5), "reaped after {:?}", restarted.elapsed());
     marker(observer_node.addr, room, 1, &mut [&mut observer]);
     let _ = second.kill();
     let _ = second.wait();
+}
+
+/// The transitions a reaper decides for a killed node make their lifecycle webhooks once: one
+/// member_removed for its member, one channel_vacated for the channel only it occupied.
+#[test]
+fn reaped_transitions_make_webhooks_once() {
+    let redis = RedisServer::start();
+    let receiver = Receiver::start();
+    let url = format!("http://{}/lifecycle", receiver.addr);
+    let hooked = |c: &mut ringwire::Config| {
+        c.webhooks.data_dir = temp_dir("cluster-reaped-hooks");
+        c.webhooks.allow_private_targets = true;
+        c.webhooks.batch_ms = 10;
+        c.apps[0].webhooks = vec![ringwire::config::WebhookConfig::pusher(url.clone())];
+    };
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "reaphooks", hooked)).collect();
+    let tail = format!(
+        "[[apps.webhooks]]\nurl = \"{url}\"\nformat = \"pusher\"\n\n[webhooks]\ndata_dir = \"{}\"\n\
+         allow_private_targets = true\nbatch_ms = 10\n",
+        temp_dir("cluster-reaped-process").display()
+    );
+    let (mut child, doomed) = node_process(&redis, "reaphooks", "lease_ms = 1000\n", &tail);
+    let room = "presence-room";
+    let (mut a, a_id) = connect(nodes[0].addr);
+    join(&mut a, &a_id, room, "1");
+    let (mut gone, gone_id) = connect(doomed);
+    join(&mut gone, &gone_id, room, "9");
+    subscribe(&mut gone, "only-there");
+    assert_eq!(recv_text(&mut a), member_added(room, "9"));
+    let event = |name: &str, channel: &str, user: &str| (name.to_string(), channel.to_string(), user.to_string());
+    let mut expected = vec![
+        event("channel_occupied", room, ""),
+        event("member_added", room, "1"),
+        event("member_added", room, "9"),
+        event("channel_occupied", "only-there", ""),
+    ];
+    let received = || {
+        let mut events = receiver.lifecycle_events();
+        events.sort();
+        events
+    };
+    expected.sort();
+    assert!(eventually(Duration::from_secs(10), || received() == expected), "{:?}", received());
+
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(recv_text(&mut a), member_removed(room, "9"));
+    expected.extend([event("member_removed", room, "9"), event("channel_vacated", "only-there", "")]);
+    // Markers occupied on both live nodes: once they are in, so would be any duplicate.
+    let mut markers = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let (mut ws, _) = connect(node.addr);
+        subscribe(&mut ws, &format!("marker-{i}"));
+        markers.push(ws);
+        expected.push(event("channel_occupied", &format!("marker-{i}"), ""));
+    }
+    expected.sort();
+    assert!(eventually(Duration::from_secs(10), || received().len() >= expected.len()), "{:?}", received());
+    assert_eq!(received(), expected);
 }
