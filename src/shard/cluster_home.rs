@@ -467,6 +467,27 @@ impl Shard {
 
     // ---- lease and reaper -----------------------------------------------------------------
 
+    /// Shutdown, after the connections' leaves reached their home shards: waits (until
+    /// `deadline`) until Redis ran every script this shard queued, so the lifecycle webhooks
+    /// they decide are created before the WAL commit; shard 0 also ends the node's lease, so
+    /// another node reaps whatever is left at once instead of after `lease_ms`.
+    pub(super) async fn cluster_shutdown(&self, deadline: std::time::Instant) {
+        let cluster = self.cluster_handle();
+        let mut commands = vec![vec![b"PING".to_vec()]];
+        if self.index == 0 {
+            let (nodes, _) = scripts::leases(&cluster.prefix);
+            let node = scripts::node_name(&cluster.node).into_bytes();
+            commands.push(vec![b"ZADD".to_vec(), nodes.into_bytes(), b"XX".to_vec(), b"0".to_vec(), node]);
+        }
+        let Ok(pending) = cluster.commands.request(commands) else { return };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if monoio::time::timeout(left, pending.replies()).await.is_err() {
+            tracing::warn!(shard = self.index, "scripts still in flight at exit; the lease covers them");
+        }
+        // The tasks handling earlier replies were woken before this one: let them run.
+        super::yield_back().await;
+    }
+
     /// Shard 0: registers this node's lease as soon as the link is up, renews it every
     /// `lease_ms / 3`, and each time claims and reaps one dead node, if any.
     async fn lease_loop(self: Rc<Self>) {

@@ -689,6 +689,9 @@ impl Shard {
         while !self.mesh.quiescent() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
+        if self.cluster().is_some() {
+            self.cluster_shutdown(deadline).await;
+        }
         let lsn = self.lifecycle_lsn_max.get();
         if let (Some(webhooks), true) = (self.webhooks(), lsn > 0) {
             match monoio::time::timeout(grace, webhooks.commit(lsn)).await {

@@ -566,3 +566,35 @@ fn reaped_transitions_make_webhooks_once() {
     assert!(eventually(Duration::from_secs(10), || received().len() >= expected.len()), "{:?}", received());
     assert_eq!(received(), expected);
 }
+
+/// A node that shuts down gracefully ends its lease on the way out (its lease_ms is 60 s
+/// here), so another node reaps it at its next claim: only the live node's lease is left.
+#[test]
+fn graceful_exit_ends_the_lease() {
+    let redis = RedisServer::start();
+    let staying = node(&redis, "exit", |_| {});
+    let leaving = node(&redis, "exit", |c| c.cluster.lease_ms = 60_000);
+    let (mut observer, observer_id) = connect(staying.addr);
+    join(&mut observer, &observer_id, "presence-room", "1");
+    let (mut member, member_id) = connect(leaving.addr);
+    join(&mut member, &member_id, "presence-room", "2");
+    assert_eq!(recv_text(&mut observer), member_added("presence-room", "2"));
+    let leases = || {
+        crate::cluster::run(|| async {
+            let mut link =
+                ringwire::cluster::link::Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+            let reply = link.command(&[b"ZRANGE", b"exit:nodes", b"0", b"-1"]).await.unwrap();
+            let reaping = link.command(&[b"ZCARD", b"exit:reaping"]).await.unwrap();
+            (format!("{reply:?}").matches("BulkString").count(), reaping)
+        })
+    };
+    assert_eq!(leases().0, 2);
+    // The member answers the server's close, as a browser does, so its leave is not cut short.
+    let stopping = std::thread::spawn(move || drop(leaving));
+    assert_eq!(recv_close(&mut member), 4200);
+    let _ = member.flush();
+    stopping.join().unwrap();
+    assert_eq!(recv_text(&mut observer), member_removed("presence-room", "2"));
+    let zero = ringwire::cluster::link::Reply::Integer(0);
+    assert!(eventually(Duration::from_secs(5), || leases() == (1, zero.clone())), "{:?}", leases());
+}
