@@ -555,8 +555,12 @@ impl Shard {
             .map(|(app, channel)| (app.to_string(), channel.to_string()))
             .collect();
         for (app_id, channel) in entries {
-            if channel::validate(&channel).is_err() {
-                tracing::warn!(dead, channel, "a dead node's entry names no valid channel; skipped");
+            // Redis is shared: what it holds is checked like a message before it is used.
+            let app_id_fits = (1..=crate::cluster::message::APP_ID_BYTES_MAX).contains(&app_id.len());
+            if channel::validate(&channel).is_err() || !app_id_fits {
+                tracing::warn!(dead, app_id, channel, "a dead node's entry names no valid app and channel; skipped");
+                let entry = format!("{app_id}\n{channel}").into_bytes();
+                self.cluster_request(vec![vec![b"SREM".to_vec(), entries_key.clone().into_bytes(), entry]]).await?;
                 continue;
             }
             let keys = ChannelKeys::new(&prefix, &app_id, &channel, buckets);

@@ -598,3 +598,41 @@ fn graceful_exit_ends_the_lease() {
     let zero = ringwire::cluster::link::Reply::Integer(0);
     assert!(eventually(Duration::from_secs(5), || leases() == (1, zero.clone())), "{:?}", leases());
 }
+
+/// The reaper reads what Redis holds like input: a dead node's entries that name no valid app
+/// or channel are skipped (no panic), and its valid ones are still reaped.
+#[test]
+fn reaper_skips_garbage_and_reaps_the_rest() {
+    let redis = RedisServer::start();
+    let live = node(&redis, "ghost", |_| {});
+    let room = "presence-room";
+    let (mut observer, observer_id) = connect(live.addr);
+    join(&mut observer, &observer_id, room, "1");
+    let ghost = "ghost/0000000000000001";
+    let k = format!("{{ghost:c:{APP_ID}:{room}}}");
+    crate::cluster::run(|| async {
+        let mut link = ringwire::cluster::link::Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+        let long_app = format!("{}\n{room}", "a".repeat(300));
+        let long_app_users = format!("{{ghost:c:{}:{room}}}:node:{ghost}", "a".repeat(300));
+        let valid = format!("{APP_ID}\n{room}");
+        let entries = format!("ghost:n:{ghost}:keys");
+        let (node_users, users, members) = (format!("{k}:node:{ghost}"), format!("{k}:users"), format!("{k}:members"));
+        let commands: Vec<Vec<&[u8]>> = vec![
+            vec![b"SADD", entries.as_bytes(), b"no newline", b"1\nnot a channel!", b"\nempty-app", long_app.as_bytes()],
+            vec![b"SADD", entries.as_bytes(), valid.as_bytes()],
+            vec![b"SADD", node_users.as_bytes(), b"9"],
+            vec![b"SADD", long_app_users.as_bytes(), b"9"],
+            vec![b"HSET", users.as_bytes(), b"9", b"1"],
+            vec![b"HSET", members.as_bytes(), b"9", b"null"],
+            vec![b"ZADD", b"ghost:nodes", b"0", ghost.as_bytes()],
+        ];
+        for command in commands {
+            link.command(&command).await.unwrap();
+        }
+    });
+    assert_eq!(recv_text(&mut observer), member_removed(room, "9"));
+    let (status, users) = api(live.addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
+    assert_eq!((status, users), (200, json!({"users": [{"id": "1"}]})));
+    let health = http(live.addr, "GET", "/health", b"");
+    assert_eq!(health.0, 200, "{health:?}");
+}
