@@ -11,7 +11,9 @@
 //!
 //! Ordering: a home shard queues its scripts on its own command link in the order it sees the
 //! transitions and Redis runs them in that order, so a join followed by a leave of the same
-//! user can never be applied the other way round. Replies are handled by one task per request.
+//! user can never be applied the other way round. A join's reply is handled inside the
+//! supervisor, before it reads on (docs/cluster.md, "The join's place in the stream"); other
+//! replies by one task per request.
 //!
 //! Invariant: what this node contributes to Redis is in `P:n:{node}:keys` before the script
 //! that contributes it runs, so a reaper finds every contribution of a dead node.
@@ -25,14 +27,12 @@ use bytes::Bytes;
 
 use super::home::{HomeEffect, LifecycleKind};
 use super::mesh::{HomeJoin, JoinReply};
-use super::presence::Joined;
 use super::Shard;
 use crate::apps::AppIndex;
 use crate::cluster::bucket;
 use crate::cluster::commands::Command;
 use crate::cluster::link::Reply;
-use crate::cluster::message::Kind;
-use crate::cluster::message::{Sender, SCRIPT_SHARD};
+use crate::cluster::message::{Kind, Sender, SCRIPT_SHARD};
 use crate::cluster::outbound::Unavailable;
 use crate::cluster::scripts::{self, integer, strings, ChannelKeys, JoinAnswer, Member};
 use crate::cluster::sequence::BucketId;
@@ -67,7 +67,8 @@ fn take_matching(list: &mut Vec<Held>, matches: impl Fn(&Held) -> bool) -> Vec<H
     taken
 }
 
-/// The cluster-side state of a shard: transitions waiting for the link, and its randomness.
+/// The cluster-side state of a shard: where its buckets' script streams are, join answers
+/// waiting for them, transitions waiting for the link, and its randomness.
 #[derive(Default)]
 pub(super) struct ClusterHome {
     /// Per (app, bucket) this shard receives: the script sender's last message delivered.
@@ -161,9 +162,9 @@ impl Shard {
         let cluster = self.cluster_handle();
         let (user_id, info) = join.member.clone().expect("a presence join");
         let members_max = self.apps().get(join.app).config.presence_members_max;
-        // The member limit is cluster-wide, so it is the script's to check.
-        let joined = self.state.borrow_mut().home.presence.join(join.app, &join.channel, &user_id, &info, usize::MAX);
-        let first_here = joined == Joined::NewMember;
+        // Counted on this node for its leaves; whether the member is new (or the channel full)
+        // is the script's to decide, cluster-wide, so the local answer does not matter here.
+        let _ = self.state.borrow_mut().home.presence.join(join.app, &join.channel, &user_id, &info, usize::MAX);
         let keys = self.channel_keys(join.app, &join.channel);
         let member = Member { node: &cluster.node, keys: &keys, channel: &join.channel, user_id: &user_id };
         let frame = message::member_added(&join.channel, &user_id, &info);
@@ -174,7 +175,7 @@ impl Shard {
         let cache = if join.cache { self.cache_frames(join.app, &join.channel) } else { Vec::new() };
         let Some(shard) = cluster.shard.upgrade() else { return };
         let on_replies = Box::new(move |replies: Result<Vec<Reply>, Unavailable>| {
-            shard.finish_presence_join(join, first_here, replies, cache, members_max);
+            shard.finish_presence_join(join, replies, cache, members_max);
         });
         cluster.commands.request_then(commands, on_replies);
     }
@@ -183,7 +184,6 @@ impl Shard {
     fn finish_presence_join(
         &self,
         join: HomeJoin,
-        first_here: bool,
         replies: Result<Vec<Reply>, Unavailable>,
         cache: Vec<Bytes>,
         members_max: usize,
@@ -193,12 +193,12 @@ impl Shard {
             None => {
                 tracing::warn!(shard = self.index, channel = &*join.channel, "presence join script failed");
                 let frame = unavailable_frame(&join.channel);
-                return self.refuse_join(join, first_here, frame);
+                return self.refuse_join(join, frame);
             }
             Some(JoinAnswer::Full) => {
                 let reason = format!("presence channel is full: at most {members_max} members");
                 let frame = message::error(None, &reason, Some(&join.channel));
-                return self.refuse_join(join, first_here, frame);
+                return self.refuse_join(join, frame);
             }
             Some(JoinAnswer::Joined { new_member, position, snapshot }) => (new_member, position, snapshot),
         };
@@ -271,17 +271,18 @@ impl Shard {
         }
     }
 
-    /// Creates the lifecycle webhook of a transition Redis decided (not through `apply`, which
-    /// sends node-level occupancy changes to Redis).
+    /// Creates a lifecycle webhook at once: for a transition Redis decided, or a cache miss
+    /// (not through `apply`, which sends node-level occupancy changes to Redis).
     fn decided(&self, app: AppIndex, channel: impl AsRef<str>, kind: LifecycleKind) {
         self.lifecycle(app, || kind.event(channel.as_ref()));
     }
 
-    /// Takes back this node's count of a join that was not accepted, and refuses it.
-    fn refuse_join(&self, join: HomeJoin, first_here: bool, frame: Bytes) {
+    /// Takes back this node's count of a join that was not accepted, and refuses it. Another
+    /// connection of the same user may have been counted meanwhile: its own script (queued
+    /// after this one) decides for it, so nothing else is undone here.
+    fn refuse_join(&self, join: HomeJoin, frame: Bytes) {
         let (user_id, _) = join.member.as_ref().expect("a presence join");
-        let last_here = self.state.borrow_mut().home.presence.leave(join.app, &join.channel, user_id);
-        debug_assert!(!first_here || last_here, "nothing else counts on a refused first join");
+        self.state.borrow_mut().home.presence.leave(join.app, &join.channel, user_id);
         self.answer_join(join, vec![frame], false);
     }
 

@@ -636,3 +636,40 @@ fn reaper_skips_garbage_and_reaps_the_rest() {
     let health = http(live.addr, "GET", "/health", b"");
     assert_eq!(health.0, 200, "{health:?}");
 }
+
+/// Two connections of one user join a full channel on one node at once (both counted here
+/// before Redis answers the first): both are refused, the node stays up, and the user can join
+/// once there is room.
+#[test]
+fn full_channel_refuses_a_users_two_connections_at_once() {
+    let redis = RedisServer::start();
+    let limited = |c: &mut ringwire::Config| c.apps[0].presence_members_max = 2;
+    let node = node(&redis, "full2", limited);
+    let room = "presence-full";
+    let (mut a, a_id) = connect(node.addr);
+    join(&mut a, &a_id, room, "1");
+    let (mut b, b_id) = connect(node.addr);
+    join(&mut b, &b_id, room, "2");
+    assert_eq!(recv_text(&mut a), member_added(room, "2"));
+    // Writes wait in Redis for 300 ms, so both joins are counted on the node before either
+    // script runs.
+    crate::cluster::run(|| async {
+        let mut link = ringwire::cluster::link::Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+        link.command(&[b"CLIENT", b"PAUSE", b"300", b"WRITE"]).await.unwrap();
+    });
+    let mut tabs: Vec<(Ws, String)> = (0..2).map(|_| connect(node.addr)).collect();
+    for (ws, id) in &mut tabs {
+        presence_subscribe(ws, id, room, "3");
+    }
+    let full = format!(
+        r#"{{"event":"pusher:error","channel":"{room}","data":{{"code":null,"message":"presence channel is full: at most 2 members"}}}}"#
+    );
+    for (ws, _) in &mut tabs {
+        assert_eq!(recv_text(ws), full);
+    }
+    assert_eq!(http(node.addr, "GET", "/health", b"").0, 200);
+    drop(b);
+    assert_eq!(recv_text(&mut a), member_removed(room, "2"));
+    let (mut again, again_id) = connect(node.addr);
+    assert_eq!(sorted(join(&mut again, &again_id, room, "3")), ["1", "3"]);
+}
