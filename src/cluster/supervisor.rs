@@ -11,12 +11,15 @@
 //! It is also the shard's only sender to Redis: the shard's API publishes and client events wait
 //! in its `Outbound` queue, and it writes them in batches, one `MULTI`, an `SPUBLISH` per
 //! message (numbered per bucket), one `HSET` of the bucket's latest number, `EXEC`; each sender
-//! learns the outcome after `EXEC` (docs/cluster.md, "Gap detection").
+//! learns the outcome after `EXEC` (docs/cluster.md, "Gap detection"). The shard's scripts and
+//! queries wait in its `Commands` queue; the supervisor loads the scripts at every connect and
+//! runs queued commands in one pipeline per batch, handing each group its replies before it
+//! reads anything further from Redis (what `Commands::request_then` relies on).
 //!
 //! Owns no shard state: what a message or a gap does to connections is the `Events`
 //! implementation's. Invariant: the link is reported up only after every bucket of the shard is
-//! subscribed and its barrier has passed, and down from the first error on; the outbound queue
-//! accepts messages exactly while it is up.
+//! subscribed and its barrier has passed, and down from the first error on; the outbound and
+//! command queues accept work exactly while it is up.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
