@@ -343,6 +343,12 @@ fn lifecycle_webhooks_once_cluster_wide() {
         join(&mut ws, &id, room, user);
         sockets.push(ws);
     }
+    // Every node's occupancy is in Redis (each node writes its count after its occupy script),
+    // so the channel cannot look vacant in between while the sockets close.
+    let info =
+        || api(nodes[0].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}"), &[("info", "subscription_count")]);
+    let all_in = (200, json!({"occupied": true, "subscription_count": 3}));
+    assert!(eventually(Duration::from_secs(5), || info() == all_in), "{:?}", info());
     drop(sockets);
     let event = |name: &str, channel: &str, user: &str| (name.to_string(), channel.to_string(), user.to_string());
     let mut expected = vec![
