@@ -192,8 +192,17 @@ impl Shard {
         let (new_member, position, snapshot) = match answer {
             None => {
                 tracing::warn!(shard = self.index, channel = &*join.channel, "presence join script failed");
-                let frame = unavailable_frame(&join.channel);
-                return self.refuse_join(join, frame);
+                let (app, channel) = (join.app, join.channel.clone());
+                let (user_id, _) = join.member.clone().expect("a presence join");
+                let frame = unavailable_frame(&channel);
+                self.refuse_join(join, frame);
+                // Redis may have run the script without its answer arriving (the link failed
+                // after writing it): take the member back, now or when the link is up again.
+                // A script that never ran makes this leave decide nothing.
+                if !self.state.borrow().home.presence.contains(app, &channel, &user_id) {
+                    self.run_presence_leave(app, channel, user_id);
+                }
+                return;
             }
             Some(JoinAnswer::Full) => {
                 let reason = format!("presence channel is full: at most {members_max} members");

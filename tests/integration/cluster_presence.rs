@@ -704,3 +704,41 @@ fn full_channel_refuses_a_users_two_connections_at_once() {
     let (mut again, again_id) = connect(node.addr);
     assert_eq!(sorted(join(&mut again, &again_id, room, "3")), ["1", "3"]);
 }
+
+/// A join whose script Redis ran but whose answer the node never got is refused at the client
+/// and taken back in Redis: the member does not stay listed forever. (The answer is lost here
+/// by a member list over `cluster.reply_bytes_max`, written behind the nodes' backs; config
+/// validation refuses limits that would allow one, so in production it is a link failing
+/// between the script and its answer.)
+#[test]
+fn join_with_a_lost_answer_is_taken_back() {
+    let redis = RedisServer::start();
+    let small_replies = |c: &mut ringwire::Config| {
+        c.cluster.reply_bytes_max = 65_536;
+        c.apps[0].presence_members_max = 10_000;
+    };
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "lost", small_replies)).collect();
+    let room = "presence-lost";
+    let (mut observer, observer_id) = connect(nodes[1].addr);
+    join(&mut observer, &observer_id, room, "2");
+    // Members written behind the nodes' backs make the list about 200 KB.
+    let members = format!("{{lost:c:{APP_ID}:{room}}}:members");
+    let fill = b"for i = 1, 3000 do redis.call('HSET', KEYS[1], 'filler-' .. i, '{\"pad\":\"0123456789012345678901234567890123456789\"}') end";
+    redis_command(&redis, &[b"EVAL", fill, b"1", members.as_bytes()]);
+    let (mut joiner, joiner_id) = connect(nodes[0].addr);
+    presence_subscribe(&mut joiner, &joiner_id, room, "1");
+    assert_eq!(
+        recv_text(&mut joiner),
+        format!(
+            r#"{{"event":"pusher:error","channel":"{room}","data":{{"code":null,"message":"presence unavailable: cluster unavailable, retry"}}}}"#
+        )
+    );
+    let listed = || {
+        let (status, users) = api(nodes[1].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
+        let ids: Vec<String> = users["users"].as_array().map_or(Vec::new(), |list| {
+            list.iter().map(|u| u["id"].as_str().unwrap().to_string()).filter(|id| !id.starts_with("filler-")).collect()
+        });
+        (status, ids)
+    };
+    assert!(eventually(Duration::from_secs(5), || listed() == (200, vec!["2".to_string()])), "{:?}", listed());
+}
