@@ -188,14 +188,19 @@ impl Shard {
         cache: Vec<Bytes>,
         members_max: usize,
     ) {
-        let answer = replies.ok().and_then(|replies| JoinAnswer::read(replies.last()?));
+        // Err(true): the link failed (the client is sent to reconnect); Err(false): Redis
+        // answered something else than the script's answer.
+        let answer = match replies {
+            Err(Unavailable) => Err(true),
+            Ok(replies) => replies.last().and_then(JoinAnswer::read).ok_or(false),
+        };
         let (new_member, position, snapshot) = match answer {
-            None => {
-                tracing::warn!(shard = self.index, channel = &*join.channel, "presence join script failed");
+            Err(reconnect) => {
+                tracing::warn!(shard = self.index, channel = &*join.channel, reconnect, "presence join not decided");
                 let (app, channel) = (join.app, join.channel.clone());
                 let (user_id, _) = join.member.clone().expect("a presence join");
-                let frame = unavailable_frame(&channel);
-                self.refuse_join(join, frame);
+                let frames = if reconnect { Vec::new() } else { vec![unavailable_frame(&channel)] };
+                self.refuse_join(join, frames, reconnect);
                 // Redis may have run the script without its answer arriving (the link failed
                 // after writing it): take the member back, now or when the link is up again.
                 // A script that never ran makes this leave decide nothing.
@@ -204,12 +209,12 @@ impl Shard {
                 }
                 return;
             }
-            Some(JoinAnswer::Full) => {
+            Ok(JoinAnswer::Full) => {
                 let reason = format!("presence channel is full: at most {members_max} members");
                 let frame = message::error(None, &reason, Some(&join.channel));
-                return self.refuse_join(join, frame);
+                return self.refuse_join(join, vec![frame], false);
             }
-            Some(JoinAnswer::Joined { new_member, position, snapshot }) => (new_member, position, snapshot),
+            Ok(JoinAnswer::Joined { new_member, position, snapshot }) => (new_member, position, snapshot),
         };
         if new_member {
             let (user_id, _) = join.member.as_ref().expect("a presence join");
@@ -220,7 +225,7 @@ impl Shard {
         let number = bucket::of_channel(&join.channel, self.cluster_handle().buckets);
         let (app, to) = (join.app, join.from);
         let HomeJoin { conn, socket_id, ticket, channel, .. } = join;
-        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: true };
+        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: true, reconnect: false };
         self.place_join_answer(Held { app, bucket: number, position, to, reply });
     }
 
@@ -289,15 +294,11 @@ impl Shard {
     /// Takes back this node's count of a join that was not accepted, and refuses it. Another
     /// connection of the same user may have been counted meanwhile: its own script (queued
     /// after this one) decides for it, so nothing else is undone here.
-    fn refuse_join(&self, join: HomeJoin, frame: Bytes) {
+    fn refuse_join(&self, join: HomeJoin, frames: Vec<Bytes>, reconnect: bool) {
         let (user_id, _) = join.member.as_ref().expect("a presence join");
         self.state.borrow_mut().home.presence.leave(join.app, &join.channel, user_id);
-        self.answer_join(join, vec![frame], false);
-    }
-
-    fn answer_join(&self, join: HomeJoin, frames: Vec<Bytes>, accepted: bool) {
         let HomeJoin { from, conn, socket_id, ticket, channel, .. } = join;
-        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted };
+        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: false, reconnect };
         self.apply(vec![HomeEffect::Reply { to: from, reply }]);
     }
 
@@ -638,7 +639,10 @@ impl Shard {
     }
 }
 
-/// The `pusher:error` a presence join gets when Redis could not decide it.
+/// Why a presence subscribe is refused with 4200 while Redis cannot decide it.
+pub(super) const PRESENCE_UNAVAILABLE: &str = "presence unavailable while the cluster link is down, reconnect";
+
+/// The `pusher:error` a presence join gets when Redis answered it with something unexpected.
 fn unavailable_frame(channel: &str) -> Bytes {
     message::error(None, "presence unavailable: cluster unavailable, retry", Some(channel))
 }

@@ -180,7 +180,7 @@ impl HomeState {
         let HomeJoin { from, conn, socket_id, ticket, channel, .. } = join;
         effects.push(HomeEffect::Reply {
             to: from,
-            reply: JoinReply { conn, socket_id, ticket, channel, frames, accepted },
+            reply: JoinReply { conn, socket_id, ticket, channel, frames, accepted, reconnect: false },
         });
         effects
     }

@@ -118,7 +118,7 @@ impl Shard {
     /// is already on its way), even when the client has subscribed again meanwhile. So the
     /// router, the connection's channels and the home shard's count always change together.
     pub(super) fn joined(&self, reply: JoinReply) {
-        let JoinReply { conn: key, socket_id, ticket, channel, frames, accepted } = reply;
+        let JoinReply { conn: key, socket_id, ticket, channel, frames, accepted, reconnect } = reply;
         let answered = self.state.borrow_mut().joins.answered(ticket, accepted);
         match answered {
             Answered::Wanted => {}
@@ -154,6 +154,10 @@ impl Shard {
         // After the borrow: the count may be kept on this very shard.
         if let Some(app) = routed_app {
             self.subscription_changed(app, &channel, 1);
+        }
+        if reconnect {
+            let reason = super::cluster_home::PRESENCE_UNAVAILABLE;
+            self.refuse(key, super::cluster_link::MISSED_MESSAGES, reason);
         }
     }
 

@@ -97,7 +97,7 @@ impl Shard {
         // docs/cluster.md, "When Redis is unreachable": only Redis can decide a member, so the
         // client is sent to reconnect, preferably to a node whose link is up.
         if member.is_some() && self.cluster_down() {
-            let reason = "presence unavailable while the cluster link is down, reconnect";
+            let reason = super::cluster_home::PRESENCE_UNAVAILABLE;
             return self.refuse(key, super::cluster_link::MISSED_MESSAGES, reason);
         }
         if already {

@@ -176,8 +176,13 @@ fn member_limit_is_cluster_wide() {
     assert_eq!(sorted(join(&mut again, &again_id, room, "1")), ["1", "2"]);
 }
 
+/// What a presence subscribe gets, before close 4200, when Redis cannot decide it.
+const UNAVAILABLE_4200: &str = r#"{"event":"pusher:error","data":{"code":4200,"message":"presence unavailable while the cluster link is down, reconnect"}}"#;
+
 /// While a node's link to Redis is down, a presence subscribe there is refused with
-/// pusher:error 4200 and close 4200 (the client reconnects, to a healthy node).
+/// pusher:error 4200 and close 4200 (the client reconnects, to a healthy node), whichever of
+/// the node's shards noticed the outage first: the connection's (which refuses at once) or the
+/// channel's home shard (which refuses the join it cannot run).
 #[test]
 fn presence_subscribe_during_outage_is_4200() {
     let mut redis = RedisServer::start();
@@ -186,10 +191,7 @@ fn presence_subscribe_during_outage_is_4200() {
     redis.kill();
     wait_ready(node.addr, 503);
     presence_subscribe(&mut ws, &id, "presence-room", "1");
-    assert_eq!(
-        recv_text(&mut ws),
-        r#"{"event":"pusher:error","data":{"code":4200,"message":"presence unavailable while the cluster link is down, reconnect"}}"#
-    );
+    assert_eq!(recv_text(&mut ws), UNAVAILABLE_4200);
     assert_eq!(recv_close(&mut ws), 4200);
 }
 
@@ -503,12 +505,12 @@ fn leave_during_outage_runs_when_the_link_is_back() {
     drop(leaving);
     wait_ready(nodes[0].addr, 200);
     assert_eq!(recv_text(&mut observer), member_removed(room, "1"));
+    // User 3 may be gone too: its node may have been closed with 4200 by a gap (above).
     for node in &nodes {
         wait_ready(node.addr, 200);
         let (status, users) = api(node.addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
-        let mut ids: Vec<&str> = users["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap()).collect();
-        ids.sort();
-        assert_eq!((status, ids), (200, vec!["2", "3"]));
+        let ids: Vec<&str> = users["users"].as_array().unwrap().iter().map(|u| u["id"].as_str().unwrap()).collect();
+        assert!(status == 200 && ids.contains(&"2") && !ids.contains(&"1"), "{status} {ids:?}");
     }
 }
 
@@ -727,12 +729,8 @@ fn join_with_a_lost_answer_is_taken_back() {
     redis_command(&redis, &[b"EVAL", fill, b"1", members.as_bytes()]);
     let (mut joiner, joiner_id) = connect(nodes[0].addr);
     presence_subscribe(&mut joiner, &joiner_id, room, "1");
-    assert_eq!(
-        recv_text(&mut joiner),
-        format!(
-            r#"{{"event":"pusher:error","channel":"{room}","data":{{"code":null,"message":"presence unavailable: cluster unavailable, retry"}}}}"#
-        )
-    );
+    assert_eq!(recv_text(&mut joiner), UNAVAILABLE_4200);
+    assert_eq!(recv_close(&mut joiner), 4200);
     let listed = || {
         let (status, users) = api(nodes[1].addr, "GET", &format!("/apps/{APP_ID}/channels/{room}/users"), &[]);
         let ids: Vec<String> = users["users"].as_array().map_or(Vec::new(), |list| {
