@@ -189,7 +189,12 @@ fn presence_subscribe_during_outage_is_4200() {
     let node = node(&redis, "outage", |_| {});
     let (mut ws, id) = connect(node.addr);
     redis.kill();
-    wait_ready(node.addr, 503);
+    // Both shards' links are down (not only the first to notice).
+    let both_down = || {
+        let (status, body) = http(node.addr, "GET", "/ready", b"");
+        status == 503 && serde_json::from_str::<Value>(&body).unwrap()["cluster_link_down"] == json!([0, 1])
+    };
+    assert!(eventually(Duration::from_secs(5), both_down));
     presence_subscribe(&mut ws, &id, "presence-room", "1");
     assert_eq!(recv_text(&mut ws), UNAVAILABLE_4200);
     assert_eq!(recv_close(&mut ws), 4200);
