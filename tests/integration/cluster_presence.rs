@@ -255,8 +255,8 @@ fn queries_are_cluster_wide_on_every_node() {
     for node in &nodes {
         let want = (200, json!({"occupied": false}));
         assert!(eventually(Duration::from_secs(5), || channel(node.addr, "news", "") == want));
-        let all = api(node.addr, "GET", &format!("/apps/{APP_ID}/channels"), &[]);
-        assert_eq!(all, (200, json!({"channels": {}})));
+        let all = || api(node.addr, "GET", &format!("/apps/{APP_ID}/channels"), &[]);
+        assert!(eventually(Duration::from_secs(5), || all() == (200, json!({"channels": {}}))), "{:?}", all());
     }
 }
 
