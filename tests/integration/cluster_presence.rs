@@ -495,7 +495,11 @@ fn joiners_see_consistent_members_under_churn() {
 #[test]
 fn leave_during_outage_runs_when_the_link_is_back() {
     let redis = RedisServer::start();
-    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "retry", |_| {})).collect();
+    // A second, not half a second, before a silent Redis counts as down, so that only the pause
+    // below takes the links down (on a starved machine a shorter one also trips later, and a
+    // gap then rightly closes the observer with 4200).
+    let patient = |c: &mut ringwire::Config| c.cluster.command_timeout_ms = 1_000;
+    let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "retry", patient)).collect();
     let room = "presence-retry";
     let (mut leaving, leaving_id) = connect(nodes[0].addr);
     join(&mut leaving, &leaving_id, room, "1");
@@ -504,8 +508,8 @@ fn leave_during_outage_runs_when_the_link_is_back() {
     let (mut elsewhere, elsewhere_id) = connect(nodes[1].addr);
     assert_eq!(sorted(join(&mut elsewhere, &elsewhere_id, room, "3")), ["1", "2", "3"]);
     assert_eq!(recv_text(&mut observer), member_added(room, "3"));
-    // Redis stops answering every client for 1.5 s: both nodes' heartbeats take their links down.
-    redis_command(&redis, &[b"CLIENT", b"PAUSE", b"1500", b"ALL"]);
+    // Redis stops answering every client for 2.5 s: both nodes' heartbeats take their links down.
+    redis_command(&redis, &[b"CLIENT", b"PAUSE", b"2500", b"ALL"]);
     wait_ready(nodes[0].addr, 503);
     drop(leaving);
     wait_ready(nodes[0].addr, 200);
