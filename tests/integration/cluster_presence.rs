@@ -497,8 +497,12 @@ fn leave_during_outage_runs_when_the_link_is_back() {
     let redis = RedisServer::start();
     // A second, not half a second, before a silent Redis counts as down, so that only the pause
     // below takes the links down (on a starved machine a shorter one also trips later, and a
-    // gap then rightly closes the observer with 4200).
-    let patient = |c: &mut ringwire::Config| c.cluster.command_timeout_ms = 1_000;
+    // gap then rightly closes the observer with 4200); and leases that outlast the pause (a
+    // node cut off longer than lease_ms is rightly reaped, its members removed).
+    let patient = |c: &mut ringwire::Config| {
+        c.cluster.command_timeout_ms = 1_000;
+        c.cluster.lease_ms = 10_000;
+    };
     let nodes: Vec<TestServer> = (0..2).map(|_| node(&redis, "retry", patient)).collect();
     let room = "presence-retry";
     let (mut leaving, leaving_id) = connect(nodes[0].addr);
