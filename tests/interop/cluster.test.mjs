@@ -2,8 +2,9 @@
 // redis-server that this file starts, pusher-js and Laravel Echo clients spread over the nodes,
 // the Node and Python server SDKs talking to whichever node (docs/cluster.md). What is wired
 // today is proven here: fan-out from any node's API to every node, order, socket_id exclusion,
-// client events relayed across nodes, Echo's private channels and whispers across nodes.
-// Presence, cache channels and users are still per node and are not tested across nodes yet.
+// client events relayed across nodes, Echo's private channels and whispers across nodes,
+// presence members and Echo's presence rooms across nodes, cache channels across nodes, the
+// channel queries of the Node SDK on any node, and the 503 of an outage.
 //
 // Needs redis-server on PATH (scripts/test installs it with scripts/redis install).
 
@@ -81,12 +82,14 @@ async function ready(node) {
   });
 }
 
-/** The channel authorizer an app's backend runs, with the Node SDK. */
-function channelAuth(sdk) {
+/** The channel authorizer an app's backend runs, with the Node SDK (`user` signs the
+ * channel_data of presence channels). */
+function channelAuth(sdk, user) {
   return {
     customHandler: ({ socketId, channelName }, callback) => {
       try {
-        callback(null, sdk.authorizeChannel(socketId, channelName));
+        const presence = channelName.startsWith('presence-') ? user : undefined;
+        callback(null, sdk.authorizeChannel(socketId, channelName, presence));
       } catch (err) {
         callback(err, null);
       }
@@ -99,7 +102,7 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     redis = await startRedis();
     const cluster = `\n[cluster]\nredis_url = "redis://127.0.0.1:${redis.port}"\nprefix = "interop"\n`;
     for (let i = 0; i < NODES; i++) {
-      const node = ringwireProcess({ config: configToml({ app: 'enable_client_events = true' }) + cluster, prefix: `ringwire-cluster-${i}-` });
+      const node = ringwireProcess({ config: configToml({ app: 'enable_client_events = true\ncache_ttl_s = 60' }) + cluster, prefix: `ringwire-cluster-${i}-` });
       await node.start();
       await ready(node);
       nodes.push(node);
@@ -239,9 +242,115 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     echoC.disconnect();
   });
 
+  // Proves presence across nodes: Ada on node A and Bob on node B see each other in
+  // subscription_succeeded and member_added; Ada's second connection, on node C, adds no
+  // member; member_removed comes once, when her last connection leaves; GET /users and
+  // info=user_count agree on every node.
+  it('6. presence: one member list and one add/remove per user across nodes', BOUNDED, async () => {
+    const name = 'presence-cluster-lobby';
+    const ada = { user_id: 'ada', user_info: { name: 'Ada' } };
+    const bob = { user_id: 'bob', user_info: { name: 'Bob' } };
+    const join = async (index, user) => {
+      const client = await clientSets[index].connectedClient({ channelAuthorization: channelAuth(sdks[index], user) });
+      return { client, channel: await clientSets[index].subscribed(client, name) };
+    };
+    const ada1 = await join(0, ada);
+    assert.equal(ada1.channel.members.count, 1);
+    const added = clientSets[0].record(ada1.channel, 'pusher:member_added');
+    const removed = clientSets[0].record(ada1.channel, 'pusher:member_removed');
+    const bob1 = await join(1, bob);
+    const ids = [];
+    bob1.channel.members.each((member) => ids.push(member.id));
+    assert.deepEqual(ids.sort(), ['ada', 'bob']);
+    assert.deepEqual((await added.until(1))[0].data, { id: 'bob', info: { name: 'Bob' } });
+
+    const ada2 = await join(2, ada);
+    assert.equal(ada2.channel.members.count, 2);
+    const bobAdded = clientSets[1].record(bob1.channel, 'pusher:member_added');
+    const bobRemoved = clientSets[1].record(bob1.channel, 'pusher:member_removed');
+    for (const sdk of sdks) {
+      const { users } = await (await sdk.get({ path: `/channels/${name}/users` })).json();
+      assert.deepEqual(users.map((u) => u.id).sort(), ['ada', 'bob']);
+      const info = await (await sdk.get({ path: `/channels/${name}`, params: { info: 'user_count' } })).json();
+      assert.equal(info.user_count, 2);
+    }
+    clientSets[0].disconnect(ada1.client);
+    await sleep(SETTLE_MS);
+    assert.deepEqual(bobRemoved.got, [], 'Ada is still there on node C');
+    assert.equal(bob1.channel.members.count, 2);
+    clientSets[2].disconnect(ada2.client);
+    assert.deepEqual((await bobRemoved.until(1))[0].data, { id: 'ada', info: { name: 'Ada' } });
+    await sleep(SETTLE_MS);
+    assert.equal(bobAdded.got.length, 0, 'no member_added for a second connection of a member');
+    assert.equal(bobRemoved.got.length, 1);
+    assert.equal(removed.got.length, 0);
+    clientSets[1].disconnect(bob1.client);
+  });
+
+  // Proves cache channels across nodes: an event triggered through node A is the first thing a
+  // client subscribing on node C gets, and a cache channel with nothing cached answers
+  // pusher:cache_miss on any node.
+  it('7. cache channels: the last event reaches a new subscriber on another node', BOUNDED, async () => {
+    const missed = [];
+    const empty = await clientSets[1].connectedClient();
+    empty.bind('pusher:cache_miss', (data) => missed.push(data));
+    const emptyChannel = empty.subscribe('cache-cluster-nothing');
+    emptyChannel.bind('pusher:cache_miss', () => missed.push('channel'));
+    await until('cache_miss on node B', () => missed.length > 0);
+
+    await sdks[0].trigger('cache-cluster-prices', 'price', { usd: 42 });
+    const late = await clientSets[2].connectedClient();
+    const lateChannel = late.subscribe('cache-cluster-prices');
+    const prices = clientSets[2].recordData(lateChannel, 'price');
+    assert.deepEqual(await prices.until(1), [{ usd: 42 }]);
+    clientSets[1].disconnect(empty);
+    clientSets[2].disconnect(late);
+  });
+
+  // Proves Laravel Echo's presence API across nodes: join('room') on node A and node B gives
+  // here() with both users and joining() on the first.
+  it('8. Laravel Echo: a presence room across nodes', BOUNDED, async () => {
+    const make = (index, user) => {
+      const instance = new Echo({
+        broadcaster: 'pusher',
+        Pusher,
+        key: 'ringwire-demo-key',
+        ...clientOptions(nodes[index]),
+        authorizer: (channel) => ({
+          authorize: (socketId, callback) => {
+            try {
+              callback(null, sdks[index].authorizeChannel(socketId, channel.name, { user_id: user.id, user_info: user }));
+            } catch (err) {
+              callback(err, null);
+            }
+          },
+        }),
+      });
+      clientSets[index].clients.add(instance.connector.pusher);
+      return instance;
+    };
+    const taylor = { id: 1, name: 'Taylor' };
+    const abigail = { id: 2, name: 'Abigail' };
+    const echoA = make(0, taylor);
+    const echoB = make(1, abigail);
+    const hereA = [];
+    const joiningA = [];
+    echoA.join('cluster-room').here((members) => hereA.push(members)).joining((member) => joiningA.push(member));
+    await until('here() on node A', () => hereA.length === 1);
+    assert.deepEqual(hereA[0], [taylor]);
+    const hereB = [];
+    echoB.join('cluster-room').here((members) => hereB.push(members));
+    await until('here() on node B', () => hereB.length === 1);
+    assert.deepEqual([...hereB[0]].sort((x, y) => x.id - y.id), [taylor, abigail]);
+    await until('joining() on node A', () => joiningA.length === 1);
+    assert.deepEqual(joiningA[0], abigail);
+    echoA.disconnect();
+    echoB.disconnect();
+  });
+
   // Proves the outage contract as the Node SDK sees it: with Redis gone, a trigger through any
   // node is refused with 503 (the SDK raises, so the app retries), and /ready answers 503.
-  it('6. while Redis is down, triggers are refused with 503 and /ready is 503', BOUNDED, async () => {
+  it('9. while Redis is down, triggers are refused with 503 and /ready is 503', BOUNDED, async () => {
     redis.redis.kill('SIGSTOP');
     try {
       await until('node A to notice', async () => {
