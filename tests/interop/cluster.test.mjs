@@ -143,6 +143,10 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     const data = { hello: 'from python on node C' };
     const printed = await runPythonSdk({ host: nodes[2].host, port: nodes[2].port, data });
     assert.deepEqual(printed.trigger, {});
+    // Node C's answer is the cluster's: the channel is occupied (its subscribers are on A, B
+    // and C). Subscription counts reach Redis once a second, so they are not compared here.
+    assert.equal(printed.channel_info.occupied, true);
+    assert.ok('py-room' in printed.channels_info.channels, JSON.stringify(printed.channels_info));
     for (const r of fromPython) assert.deepEqual(await r.until(1), [data]);
     await sleep(SETTLE_MS);
     for (const r of [...greetings, ...fromPython]) assert.equal(r.got.length, 1, 'delivered once');
