@@ -753,3 +753,44 @@ fn join_with_a_lost_answer_is_taken_back() {
     };
     assert!(eventually(Duration::from_secs(5), || listed() == (200, vec!["2".to_string()])), "{:?}", listed());
 }
+
+/// Standard Webhooks of published events are created once cluster-wide: by the node that
+/// accepted the publish, in its own WAL; the nodes that only deliver the event create none.
+/// Three nodes with the same endpoint, events published through each: one delivery per event.
+#[test]
+fn standard_webhooks_once_per_publish() {
+    let redis = RedisServer::start();
+    let receiver = Receiver::start();
+    let url = format!("http://{}/events", receiver.addr);
+    let hooked = |c: &mut ringwire::Config| {
+        c.webhooks.data_dir = temp_dir("cluster-standard");
+        c.webhooks.allow_private_targets = true;
+        c.webhooks.batch_ms = 10;
+        c.apps[0].webhooks = vec![ringwire::config::WebhookConfig {
+            id: Some("events".into()),
+            ..ringwire::config::WebhookConfig::standard(url.clone(), WHSEC)
+        }];
+    };
+    let nodes: Vec<TestServer> = (0..3).map(|_| node(&redis, "standard", hooked)).collect();
+    let mut subscribers: Vec<Ws> = Vec::new();
+    for node in &nodes {
+        let (mut ws, _) = connect(node.addr);
+        subscribe(&mut ws, "orders");
+        subscribers.push(ws);
+    }
+    for (n, node) in nodes.iter().enumerate() {
+        assert_eq!(publish(node.addr, &["orders"], "placed", &n.to_string(), None).0, 200);
+    }
+    for ws in &mut subscribers {
+        for _ in 0..3 {
+            assert_eq!(recv_json(ws)["event"], "placed");
+        }
+    }
+    let requests = receiver.wait_for(3, Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(500));
+    let requests = if receiver.requests().len() > requests.len() { receiver.requests() } else { requests };
+    let mut ids: Vec<&str> = requests.iter().map(|r| r.header("webhook-id").expect("webhook-id")).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!((requests.len(), ids.len()), (3, 3), "one delivery per event, not one per node");
+}
