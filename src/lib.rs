@@ -31,7 +31,8 @@
 //! - `target`: webhook URLs, CIDR blocks, the SSRF guard; a leaf that `config` validates with.
 //! - `redis_url`: what `cluster.redis_url` means; a leaf that `config` validates with.
 //! - `cluster`: cluster mode on Redis — `link` (RESP2 connection), `supervisor`, `message`,
-//!   `bucket`, `sequence`, `outbound`, `users` (watchlist scripts), `limits`.
+//!   `bucket`, `sequence`, `outbound` and `commands` (a shard's queues to its link), `scripts`,
+//!   `users` (watchlist scripts), `limits`.
 //! - `doctor`: the host checked against the config (`ringwire doctor`, the start-up log) —
 //!   `host` (facts gathered once), `checks` (pure verdicts with their fixes).
 //!

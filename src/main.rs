@@ -106,7 +106,7 @@ fn main() -> ExitCode {
     // Only the embedded default's demo credentials are public knowledge; a user's secret
     // must not end up in a terminal scrollback or a log collector's copy of stdout.
     let app_lines = app_lines(&config.apps, path.is_none());
-    log_host_findings(&config);
+    log_host_findings(&config, path.is_none());
     run(config, app_lines, path.cloned())
 }
 
@@ -122,13 +122,17 @@ fn app_lines(apps: &[ringwire::config::AppConfig], show_secrets: bool) -> Vec<St
 }
 
 /// Logs, once at start, what `ringwire doctor` would report as not ok, under the limits this
-/// process really runs with (a systemd unit's differ from a login shell's).
-fn log_host_findings(config: &Config) {
+/// process really runs with (a systemd unit's differ from a login shell's). On the embedded
+/// default config (a first try on a laptop, sized for production) problems are warnings: the
+/// node runs, and an ERROR line is not what a newcomer's first start should print.
+fn log_host_findings(config: &Config, embedded_default: bool) {
     let report = ringwire::doctor::diagnose(config, &ringwire::doctor::Host::gather(config));
     for finding in report.not_ok() {
         let fix = finding.fix.as_deref().unwrap_or("");
         match finding.verdict {
-            ringwire::doctor::Verdict::Problem => tracing::error!(check = finding.check, fix, "{}", finding.message),
+            ringwire::doctor::Verdict::Problem if !embedded_default => {
+                tracing::error!(check = finding.check, fix, "{}", finding.message)
+            }
             _ => tracing::warn!(check = finding.check, fix, "{}", finding.message),
         }
     }

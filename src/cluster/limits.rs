@@ -5,8 +5,7 @@
 //! Sans-IO: builders return the commands (`EVAL`: short scripts, no `SCRIPT LOAD` state to
 //! lose when Redis restarts), readers take `Reply`s.
 
-use bytes::Bytes;
-
+use super::commands::Command;
 use super::link::Reply;
 use super::NodeIdentity;
 
@@ -44,14 +43,14 @@ return sum
 "#;
 
 /// The `EVAL` that admits `events` published events of `app_id` under `limit` per second.
-pub fn admit_events(prefix: &str, app_id: &str, events: u32, limit: u32) -> Vec<Bytes> {
+pub fn admit_events(prefix: &str, app_id: &str, events: u32, limit: u32) -> Command {
     vec![
-        Bytes::from_static(b"EVAL"),
-        Bytes::from_static(RATE.as_bytes()),
-        Bytes::from_static(b"1"),
-        Bytes::from(format!("{prefix}:a:{app_id}:rate")),
-        Bytes::from(events.to_string()),
-        Bytes::from(limit.to_string()),
+        b"EVAL".to_vec(),
+        RATE.as_bytes().to_vec(),
+        b"1".to_vec(),
+        format!("{prefix}:a:{app_id}:rate").into_bytes(),
+        events.to_string().into_bytes(),
+        limit.to_string().into_bytes(),
     ]
 }
 
@@ -66,21 +65,15 @@ pub fn admitted(reply: &Reply) -> Result<bool, String> {
 
 /// The `EVAL` that writes this node's live connections of `app_id` and reads the others'
 /// (entries older than `stale_ms` are dropped).
-pub fn share_connections(
-    prefix: &str,
-    app_id: &str,
-    node: &NodeIdentity,
-    connections: u32,
-    stale_ms: u64,
-) -> Vec<Bytes> {
+pub fn share_connections(prefix: &str, app_id: &str, node: &NodeIdentity, connections: u32, stale_ms: u64) -> Command {
     vec![
-        Bytes::from_static(b"EVAL"),
-        Bytes::from_static(CONNECTIONS.as_bytes()),
-        Bytes::from_static(b"1"),
-        Bytes::from(format!("{prefix}:a:{app_id}:conns")),
-        Bytes::from(format!("{}/{:016x}", node.node_id, node.incarnation)),
-        Bytes::from(connections.to_string()),
-        Bytes::from(stale_ms.to_string()),
+        b"EVAL".to_vec(),
+        CONNECTIONS.as_bytes().to_vec(),
+        b"1".to_vec(),
+        format!("{prefix}:a:{app_id}:conns").into_bytes(),
+        format!("{}/{:016x}", node.node_id, node.incarnation).into_bytes(),
+        connections.to_string().into_bytes(),
+        stale_ms.to_string().into_bytes(),
     ]
 }
 
@@ -100,7 +93,7 @@ mod tests {
     /// replies other than the expected integers are reasons, never panics.
     #[test]
     fn calls_and_replies() {
-        let text = |c: &[Bytes], i: usize| String::from_utf8(c[i].to_vec()).unwrap();
+        let text = |c: &[Vec<u8>], i: usize| String::from_utf8(c[i].clone()).unwrap();
         let rate = admit_events("rw", "app", 3, 10);
         assert_eq!((3..6).map(|i| text(&rate, i)).collect::<Vec<_>>(), ["rw:a:app:rate", "3", "10"]);
         let node = NodeIdentity { node_id: "n1".into(), incarnation: 0xabc };

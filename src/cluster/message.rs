@@ -96,7 +96,9 @@ impl Kind {
         let (channel, user_id, exclude, frame) = match self {
             Kind::Publication => (Yes, No, Maybe, Yes),
             Kind::ClientEvent => (Yes, No, Yes, Yes),
-            Kind::MemberAdded | Kind::MemberRemoved => (Yes, Yes, No, Yes),
+            // member_added skips the joining connection, as on a single node.
+            Kind::MemberAdded => (Yes, Yes, Maybe, Yes),
+            Kind::MemberRemoved => (Yes, Yes, No, Yes),
             Kind::SubscriptionCount => (Yes, No, No, Yes),
             Kind::UserEvent => (No, Yes, Maybe, Yes),
             Kind::TerminateUser => (No, Yes, No, No),
@@ -372,6 +374,7 @@ mod tests {
             publication(),
             Header { exclude, ..Header { channel: "private-chat", ..header(Kind::ClientEvent) } },
             Header { channel: "presence-room", user_id: "u1", ..header(Kind::MemberAdded) },
+            Header { channel: "presence-room", user_id: "u1", exclude, ..header(Kind::MemberAdded) },
             Header { channel: "presence-room", user_id: "u1", ..header(Kind::MemberRemoved) },
             Header { channel: "chat", ..header(Kind::SubscriptionCount) },
             Header { user_id: "u1", exclude, ..header(Kind::UserEvent) },

@@ -1,21 +1,26 @@
 //! Cluster mode: several nodes sharing one Redis act as one Pusher app (docs/cluster.md).
 //!
-//! Today this module owns the Redis link and the pieces the fan-out is built from (what
-//! `cluster.redis_url` means is the leaf `crate::redis_url`, which config validates with):
-//! `link` (one connection from a shard's runtime to Redis: pipelined commands, or sharded
-//! pub/sub pushes), `message` (the bucket message format,//! sans-IO), `bucket` (channel → bucket, Redis names), `sequence` (gap detection, pure),
-//! `outbound` (a shard's messages waiting for its command link) and `supervisor` (a shard's two
-//! links: reconnects, re-subscribes, checks sequences, publishes the outbound batches). It never
-//! touches shard state: `shard::cluster_link` connects it to the shard (docs/cluster.md).
+//! This module owns the Redis link and the pieces fan-out and channel state are built from
+//! (what `cluster.redis_url` means is the leaf `crate::redis_url`, which config validates
+//! with): `link` (one connection from a shard's runtime to Redis: pipelined commands, or
+//! sharded pub/sub pushes), `message` (the bucket message format, sans-IO), `bucket` (channel →
+//! bucket, Redis names), `sequence` (gap detection, pure), `outbound` (a shard's messages
+//! waiting for its command link), `commands` (a shard's scripts and queries waiting for it),
+//! `scripts` (the Lua scripts that decide cluster-wide transitions, their keys and calls) and
+//! `supervisor` (a shard's two links: reconnects, re-subscribes, checks sequences, publishes
+//! the outbound batches, runs the commands). It never touches shard state: `shard::cluster_link`
+//! and `shard::cluster_home` connect it to the shard (docs/cluster.md).
 //!
 //! Invariant: a link belongs to one shard's runtime and is used by that shard only; shards
 //! never share a Redis connection (the thread-per-core rule).
 
 pub mod bucket;
+pub mod commands;
 pub mod limits;
 pub mod link;
 pub mod message;
 pub mod outbound;
+pub mod scripts;
 pub mod sequence;
 pub mod supervisor;
 pub mod users;

@@ -27,7 +27,6 @@ use bytes::Bytes;
 use crate::apps::AppIndex;
 use crate::pusher::message::SocketId;
 
-use super::link::Reply;
 use super::message::Kind;
 
 /// Why a message was not published cluster-wide: the link is down, or failed with it in flight
@@ -105,61 +104,6 @@ impl Sent {
     }
 }
 
-/// Commands a shard wants answered on its command link, outside any transaction (reads such
-/// as a cache channel's `GET`): no number, no `MULTI`.
-#[derive(Debug)]
-pub struct Request {
-    /// Each command's arguments, sent in this order in one pipeline.
-    pub commands: Vec<Vec<Bytes>>,
-    answer: Rc<Answer>,
-}
-
-impl Request {
-    /// The bytes the commands add to a pipeline (arguments plus RESP framing).
-    pub fn pipeline_bytes(&self) -> usize {
-        self.commands.iter().flatten().map(|arg| arg.len() + 16).sum::<usize>() + 16 * self.commands.len()
-    }
-
-    /// Tells the asker the replies, one per command, or that the link failed.
-    pub fn complete(self, result: Result<Vec<Reply>, Unavailable>) {
-        *self.answer.result.borrow_mut() = Some(result);
-        if let Some(waker) = self.answer.waker.take() {
-            waker.wake();
-        }
-    }
-}
-
-#[derive(Default)]
-struct Answer {
-    result: RefCell<Option<Result<Vec<Reply>, Unavailable>>>,
-    waker: Cell<Option<Waker>>,
-}
-
-impl std::fmt::Debug for Answer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Answer").field("result", &self.result.borrow()).finish_non_exhaustive()
-    }
-}
-
-/// An asker's handle on its queued request.
-#[derive(Debug)]
-#[must_use = "the replies come through Asked::replies"]
-pub struct Asked(Rc<Answer>);
-
-impl Asked {
-    /// Resolves with the replies, in the order of the commands, or `Unavailable`.
-    pub async fn replies(self) -> Result<Vec<Reply>, Unavailable> {
-        poll_fn(|cx| match self.0.result.borrow_mut().take() {
-            Some(result) => Poll::Ready(result),
-            None => {
-                self.0.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await
-    }
-}
-
 /// Apps a reload adds, whose buckets the supervisor subscribes (and baselines) before the
 /// shard serves them; `done` learns when, or that the link failed first.
 pub struct NewApps {
@@ -180,8 +124,6 @@ struct State {
     queue: VecDeque<Outgoing>,
     /// Apps added by reloads, waiting for their subscriptions (at most one entry per reload).
     new_apps: Vec<NewApps>,
-    /// Requests waiting for the command link (bounded like `queue`: one per waiting asker).
-    requests: VecDeque<Request>,
     /// The supervisor, waiting for work.
     waker: Option<Waker>,
     up: bool,
@@ -257,21 +199,6 @@ impl Outbound {
         Ok(Sent(done))
     }
 
-    /// Queues commands to be answered on the command link; `Unavailable` at once while the
-    /// link is down.
-    pub fn request(&self, commands: Vec<Vec<Bytes>>) -> Result<Asked, Unavailable> {
-        let mut state = self.state.borrow_mut();
-        if !state.up {
-            return Err(Unavailable);
-        }
-        let answer = Rc::new(Answer::default());
-        state.requests.push_back(Request { commands, answer: answer.clone() });
-        if let Some(waker) = state.waker.take() {
-            waker.wake();
-        }
-        Ok(Asked(answer))
-    }
-
     /// Asks the supervisor to subscribe the buckets of apps a reload adds; `done` is told at
     /// once (`Unavailable`) while the link is down.
     pub fn add_apps(&self, new: NewApps) {
@@ -291,20 +218,6 @@ impl Outbound {
         std::mem::take(&mut self.state.borrow_mut().new_apps)
     }
 
-    /// Supervisor: takes queued requests in order while they fit in `bytes_max` (always at
-    /// least one, if any waits).
-    pub fn take_requests(&self, bytes_max: usize, requests: &mut Vec<Request>) {
-        let mut state = self.state.borrow_mut();
-        let mut bytes = 0;
-        while let Some(next) = state.requests.front() {
-            bytes += next.pipeline_bytes();
-            if bytes > bytes_max && !requests.is_empty() {
-                break;
-            }
-            requests.push(state.requests.pop_front().expect("front exists"));
-        }
-    }
-
     /// Whether messages are accepted now (the shard's link is up).
     pub fn is_up(&self) -> bool {
         self.state.borrow().up
@@ -312,13 +225,13 @@ impl Outbound {
 
     /// Supervisor: the link came up, or went down (then every queued message fails).
     pub fn set_up(&self, up: bool) {
-        let (failed, unanswered, unsubscribed) = {
+        let (failed, unsubscribed) = {
             let mut state = self.state.borrow_mut();
             state.up = up;
             if up {
                 return;
             }
-            (std::mem::take(&mut state.queue), std::mem::take(&mut state.requests), std::mem::take(&mut state.new_apps))
+            (std::mem::take(&mut state.queue), std::mem::take(&mut state.new_apps))
         };
         for new in unsubscribed {
             (new.done)(Err(Unavailable));
@@ -326,16 +239,13 @@ impl Outbound {
         for outgoing in failed {
             outgoing.complete(Err(Unavailable));
         }
-        for request in unanswered {
-            request.complete(Err(Unavailable));
-        }
     }
 
-    /// Supervisor: resolves when a message or a request waits.
+    /// Supervisor: resolves when a message or an app to add waits.
     pub async fn work(&self) {
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
-            if state.queue.is_empty() && state.requests.is_empty() && state.new_apps.is_empty() {
+            if state.queue.is_empty() && state.new_apps.is_empty() {
                 state.waker = Some(cx.waker().clone());
                 Poll::Pending
             } else {
@@ -410,28 +320,6 @@ mod tests {
             outbound.set_up(false);
             assert_eq!(sent.outcome().await, Err(Unavailable));
             assert!(!outbound.is_up());
-        });
-    }
-
-    /// Requests are answered in order with their replies; a link going down fails the
-    /// waiting ones, and a down link refuses new ones at once.
-    #[test]
-    fn requests_are_answered_or_failed() {
-        run(async {
-            let outbound = Outbound::default();
-            let get = || vec![vec![Bytes::from_static(b"GET"), Bytes::from_static(b"k")]];
-            assert_eq!(outbound.request(get()).err(), Some(Unavailable));
-            outbound.set_up(true);
-            let first = outbound.request(get()).unwrap();
-            let second = outbound.request(get()).unwrap();
-            outbound.work().await;
-            let mut requests = Vec::new();
-            outbound.take_requests(1, &mut requests);
-            assert_eq!(requests.len(), 1, "one request over the budget still goes alone");
-            requests.pop().unwrap().complete(Ok(vec![Reply::Null]));
-            assert_eq!(first.replies().await, Ok(vec![Reply::Null]));
-            outbound.set_up(false);
-            assert_eq!(second.replies().await, Err(Unavailable));
         });
     }
 

@@ -11,12 +11,15 @@
 //! It is also the shard's only sender to Redis: the shard's API publishes and client events wait
 //! in its `Outbound` queue, and it writes them in batches, one `MULTI`, an `SPUBLISH` per
 //! message (numbered per bucket), one `HSET` of the bucket's latest number, `EXEC`; each sender
-//! learns the outcome after `EXEC` (docs/cluster.md, "Gap detection").
+//! learns the outcome after `EXEC` (docs/cluster.md, "Gap detection"). The shard's scripts and
+//! queries wait in its `Commands` queue; the supervisor loads the scripts at every connect and
+//! runs queued commands in one pipeline per batch, handing each group its replies before it
+//! reads anything further from Redis (what `Commands::request_then` relies on).
 //!
 //! Owns no shard state: what a message or a gap does to connections is the `Events`
 //! implementation's. Invariant: the link is reported up only after every bucket of the shard is
-//! subscribed and its barrier has passed, and down from the first error on; the outbound queue
-//! accepts messages exactly while it is up.
+//! subscribed and its barrier has passed, and down from the first error on; the outbound and
+//! command queues accept work exactly while it is up.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -31,6 +34,7 @@ use crate::apps::AppIndex;
 use crate::metrics::ShardMetrics;
 
 use super::bucket;
+use super::commands::{Commands, Request};
 use super::link::{Link, LinkError, LinkOptions, Push, Pushes, Reply, Subscriptions};
 use super::message::{self, Header, MessageError, Sender};
 use super::outbound::{Outbound, Outgoing, Unavailable};
@@ -62,6 +66,9 @@ pub trait Events {
     fn link_up(&mut self);
     /// A link failed; messages may be missed until the next `link_up`.
     fn link_down(&mut self, error: &LinkError);
+    /// A barrier found `sender`'s last number in `bucket` to be `last` (what the detector
+    /// goes on from: numbers up to it count as seen).
+    fn resynced(&mut self, _bucket: BucketId, _sender: Sender, _last: u64) {}
 }
 
 /// Why a bucket counts as gapped.
@@ -154,6 +161,8 @@ pub struct Supervisor<E: Events> {
     baseline_done: bool,
     /// Messages this shard wants published.
     outbound: Rc<Outbound>,
+    /// Commands (scripts, queries) whose replies this shard awaits.
+    commands: Rc<Commands>,
     /// Per (app, bucket) this shard has sent to: names and last number. Numbers are never
     /// taken back, also when a batch fails (receivers then see a gap, never a reuse).
     sending: HashMap<(AppIndex, u16), Sending>,
@@ -213,6 +222,7 @@ impl<E: Events> Supervisor<E> {
             rng,
             baseline_done: false,
             outbound: Rc::new(Outbound::default()),
+            commands: Rc::new(Commands::default()),
             sending: HashMap::new(),
             sequence_field,
             adding: VecDeque::new(),
@@ -247,9 +257,15 @@ impl<E: Events> Supervisor<E> {
         self.outbound.clone()
     }
 
+    /// The queue through which the shard runs scripts and queries; hand it over before `run`.
+    pub fn commands(&self) -> Rc<Commands> {
+        self.commands.clone()
+    }
+
     fn set_down(&self, down: bool) {
         self.metrics[self.options.shard].cluster_link_down.store(u64::from(down), Ordering::Relaxed);
         self.outbound.set_up(!down);
+        self.commands.set_up(!down);
     }
 
     /// One connection of both links, until it fails.
@@ -269,6 +285,9 @@ impl<E: Events> Supervisor<E> {
             Err(error) => return error,
         }
         if let Err(error) = self.subscribe_and_sync(&mut command, &mut subscriptions, &mut pushes).await {
+            return error;
+        }
+        if let Err(error) = super::scripts::load(&mut command).await {
             return error;
         }
         self.set_down(false);
@@ -357,6 +376,12 @@ impl<E: Events> Supervisor<E> {
         let id = self.buckets[index].id;
         // A pair that is not two bulk strings is left out, so the count tells.
         let unreadable = pairs.clone().count() * 2 != items.len();
+        for (field, value) in pairs.clone() {
+            let last = std::str::from_utf8(value).ok().and_then(|v| v.parse().ok());
+            if let (Some(sender), Some(last)) = (bucket::parse_sequence_field(field), last) {
+                self.events.resynced(id, sender, last);
+            }
+        }
         let found = self.detector.resync(id, barrier, pairs);
         if let Some(reason) = found.or(unreadable.then_some(GapReason::Unreadable)) {
             self.events.gap(id, Gap::Barrier(reason));
@@ -457,7 +482,9 @@ impl<E: Events> Supervisor<E> {
         let mut ping_sent: Option<Instant> = None;
         let mut pongs: VecDeque<PingFor> = VecDeque::new();
         let outbound = self.outbound.clone();
+        let commands = self.commands.clone();
         let mut batch = Vec::new();
+        let mut requests = Vec::new();
         let mut next_tick = Instant::now() + tick;
         loop {
             // Kept across ticks and batches: dropping a read in flight would lose what it read.
@@ -483,10 +510,12 @@ impl<E: Events> Supervisor<E> {
                         if let Err(error) = self.send_batch(command, &mut batch).await {
                             return error;
                         }
-                        if let Err(error) = self.answer_requests(command).await {
+                        if let Err(error) = self.start_adding(subscriptions).await {
                             return error;
                         }
-                        if let Err(error) = self.start_adding(subscriptions).await {
+                    }
+                    _ = commands.work() => {
+                        if let Err(error) = self.run_requests(command, &mut requests).await {
                             return error;
                         }
                     }
@@ -584,40 +613,36 @@ impl<E: Events> Supervisor<E> {
         result
     }
 
-    /// Answers one batch of the outbound queue's requests in one pipeline round trip. An
-    /// error ends the session (the askers get `Unavailable`).
-    async fn answer_requests(&mut self, command: &mut Link) -> Result<(), LinkError> {
+    /// Runs one batch of the command queue in one pipeline and hands each request its
+    /// replies. An error ends the session (the requests in the batch get `Unavailable`).
+    async fn run_requests(&mut self, command: &mut Link, batch: &mut Vec<Request>) -> Result<(), LinkError> {
         let budget = self.options.link.pipeline_bytes_max.saturating_sub(PIPELINE_OVERHEAD_BYTES);
-        let mut requests = Vec::new();
-        self.outbound.take_requests(budget, &mut requests);
-        let (fit, oversize): (Vec<_>, Vec<_>) = requests.into_iter().partition(|r| r.pipeline_bytes() <= budget);
-        for request in oversize {
-            tracing::error!(bytes = request.pipeline_bytes(), "a request is over cluster.pipeline_bytes_max");
-            request.complete(Err(Unavailable));
-        }
-        if fit.is_empty() {
-            return Ok(());
-        }
-        let mut queued = Ok(());
-        for args in fit.iter().flat_map(|r| r.commands.iter()) {
-            let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
-            queued = queued.and_then(|()| command.queue(&args));
+        self.commands.take_batch(budget, batch);
+        let mut result = Ok(());
+        for request in batch.iter() {
+            for args in &request.commands {
+                let args: Vec<&[u8]> = args.iter().map(|a| &a[..]).collect();
+                if let Err(error) = command.queue(&args) {
+                    result = Err(error);
+                }
+            }
         }
         let mut replies = Vec::with_capacity(command.queued());
-        let result = match queued {
-            Ok(()) => command.flush(&mut replies).await,
-            Err(error) => Err(error),
-        };
-        if result.is_err() {
-            for request in fit {
+        if result.is_ok() {
+            result = command.flush(&mut replies).await;
+        }
+        if let Err(error) = result {
+            for request in batch.drain(..) {
                 request.complete(Err(Unavailable));
             }
-            return result;
+            // A group over the pipeline limit alone is refused; the link itself is fine then,
+            // but its queued commands were not sent, so it starts again clean.
+            return Err(error);
         }
         let mut replies = replies.into_iter();
-        for request in fit {
-            let mine: Vec<Reply> = replies.by_ref().take(request.commands.len()).collect();
-            request.complete(Ok(mine));
+        for request in batch.drain(..) {
+            let own: Vec<Reply> = replies.by_ref().take(request.commands.len()).collect();
+            request.complete(Ok(own));
         }
         Ok(())
     }

@@ -13,9 +13,8 @@
 //! Redis restart; the scripts are a few hundred bytes and run only at node-level transitions,
 //! not per message), readers take `Reply`s. To be unified with the presence scripts' loader.
 
-use bytes::Bytes;
-
 use super::bucket;
+use super::commands::Command;
 use super::link::Reply;
 use super::message::{self, Header, Kind, MessageError, Sender, SCRIPT_SHARD};
 use super::NodeIdentity;
@@ -105,12 +104,7 @@ pub struct Caller<'a> {
 /// The `EVAL` of `online` or `offline` for `user_id` of `app_id`. The message's sender and
 /// sequence are placeholders the script replaces. Fails only for a user id the message format
 /// refuses (no connection can sign in with one).
-pub fn call(
-    caller: &Caller<'_>,
-    app_id: &str,
-    user_id: &str,
-    transition: Transition,
-) -> Result<Vec<Bytes>, MessageError> {
+pub fn call(caller: &Caller<'_>, app_id: &str, user_id: &str, transition: Transition) -> Result<Command, MessageError> {
     let (script, kind, name) = match transition {
         Transition::Online => (ONLINE, Kind::UserOnline, "online"),
         Transition::Offline => (OFFLINE, Kind::UserOffline, "offline"),
@@ -134,27 +128,23 @@ pub fn call(
     bucket::sequence_key(caller.prefix, app_id, number, &mut sequence_key);
     let source = format!("{PUBLISH}{script}");
     Ok(vec![
-        Bytes::from_static(b"EVAL"),
-        Bytes::from(source),
-        Bytes::from_static(b"4"),
-        Bytes::from(online_key(caller.prefix, app_id)),
-        Bytes::from(node_key(caller.prefix, app_id, caller.node)),
-        Bytes::from(script_incarnation_key(caller.prefix)),
-        Bytes::from(sequence_key),
-        Bytes::copy_from_slice(user_id.as_bytes()),
-        Bytes::from(channel),
-        Bytes::from(payload),
-        Bytes::from(format!("{:016x}", caller.candidate.max(1))),
+        b"EVAL".to_vec(),
+        source.into_bytes(),
+        b"4".to_vec(),
+        online_key(caller.prefix, app_id).into_bytes(),
+        node_key(caller.prefix, app_id, caller.node).into_bytes(),
+        script_incarnation_key(caller.prefix).into_bytes(),
+        sequence_key.into_bytes(),
+        user_id.as_bytes().to_vec(),
+        channel.into_bytes(),
+        payload,
+        format!("{:016x}", caller.candidate.max(1)).into_bytes(),
     ])
 }
 
 /// `HEXISTS` of the user in the app's online hash: whether the user is online anywhere.
-pub fn is_online(prefix: &str, app_id: &str, user_id: &str) -> Vec<Bytes> {
-    vec![
-        Bytes::from_static(b"HEXISTS"),
-        Bytes::from(online_key(prefix, app_id)),
-        Bytes::copy_from_slice(user_id.as_bytes()),
-    ]
+pub fn is_online(prefix: &str, app_id: &str, user_id: &str) -> Command {
+    vec![b"HEXISTS".to_vec(), online_key(prefix, app_id).into_bytes(), user_id.as_bytes().to_vec()]
 }
 
 /// Reads the reply to `call` (whether a transition was decided) or to `is_online`; an error
@@ -197,7 +187,8 @@ mod tests {
             ]
         );
         assert_eq!(text(8), format!("rw:b:app:{number}"));
-        let (header, frame) = message::decode(&call[9]).unwrap();
+        let payload = bytes::Bytes::from(call[9].clone());
+        let (header, frame) = message::decode(&payload).unwrap();
         assert_eq!((header.kind, header.user_id, header.sender.shard), (Kind::UserOffline, "alice", SCRIPT_SHARD));
         assert_eq!(frame, pusher_message::watchlist_event("offline", &["alice"]));
         assert_eq!(text(10), "00000000000000ab");

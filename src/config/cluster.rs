@@ -92,8 +92,37 @@ impl Config {
                 return err(field, format!("must be between {min} and {max}"));
             }
         }
+        // A presence join's answer holds the channel's whole member list (docs/cluster.md):
+        // one over the limit would fail the link at every join of a full channel.
+        if cluster.redis_url.is_some() {
+            for app in &self.apps {
+                let needed = presence_reply_bytes(app.presence_members_max, app.presence_user_info_bytes_max);
+                if needed > cluster.reply_bytes_max as u128 {
+                    return err(
+                        "reply_bytes_max",
+                        format!(
+                            "must hold the member list of a full presence channel of app `{}`: at least {needed} \
+                             (presence_members_max × (presence_user_info_bytes_max + {MEMBER_OVERHEAD_BYTES}) + \
+                             {ANSWER_OVERHEAD_BYTES})",
+                            app.id
+                        ),
+                    );
+                }
+            }
+        }
         Ok(())
     }
+}
+
+/// Bytes a member adds to a presence join's answer beyond its `user_info`: the user id (at
+/// most 128 bytes) and the RESP framing of both bulk strings.
+const MEMBER_OVERHEAD_BYTES: u128 = 160;
+/// The rest of the answer: decision, incarnation, sequence, array headers.
+const ANSWER_OVERHEAD_BYTES: u128 = 1024;
+
+/// The largest presence join answer an app's limits allow.
+fn presence_reply_bytes(members_max: usize, user_info_bytes_max: usize) -> u128 {
+    members_max as u128 * (user_info_bytes_max as u128 + MEMBER_OVERHEAD_BYTES) + ANSWER_OVERHEAD_BYTES
 }
 
 fn name_problem(name: &str, extra: &[u8]) -> Option<String> {

@@ -109,6 +109,11 @@ fn cluster_errors_name_key_and_line() {
     check_error("[cluster]\n\nconnections_refresh_ms = 60001\n", "cluster.connections_refresh_ms", Some(3), "60000");
     let e = Config::from_toml("[cluster]\nconnections_refresh_ms = -1\n").unwrap_err();
     assert_eq!(e.line, Some(2), "{e}");
+    // The member list of a full presence channel must fit a reply, in cluster mode only.
+    let big = "[[apps]]\nid = \"a\"\nkey = \"k\"\nsecret = \"s\"\npresence_members_max = 100000\n";
+    let cluster = "[cluster]\nredis_url = \"redis://h\"\nreply_bytes_max = 65536\n";
+    check_error(&format!("{cluster}{big}"), "cluster.reply_bytes_max", Some(3), "at least 118401024");
+    assert!(Config::from_toml(big).is_ok(), "a single node has no such reply");
     let e = Config::from_toml("[cluster]\npipeline_bytes_max = -1\n").unwrap_err();
     assert_eq!(e.line, Some(2), "{e}");
     check_error("[cluster]\n\nbuckets = 70000\n", "cluster.buckets", Some(3), "between 1 and 4096");

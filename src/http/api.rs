@@ -589,6 +589,9 @@ async fn channels(shard: &Shard, app: &App, params: &Params) -> ApiResult {
     if info.cache {
         return Err(bad_request("info=cache applies to one channel: GET /apps/{id}/channels/{name}"));
     }
+    if shard.cluster().is_some() {
+        return cluster_channels(shard, app, &prefix, info.subscription_count, info.user_count).await;
+    }
     let user_counts: BTreeMap<Box<str>, u32> = if info.user_count {
         let query = Query::PresenceCounts { app: app.index, prefix: prefix.clone() };
         shard.query_all(query).await.ok_or_else(unavailable)?.into_counts().into_iter().collect()
@@ -625,14 +628,25 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
     if info.cache && !channel::is_cache(&name) {
         return Err(bad_request("info=cache applies only to cache channels"));
     }
-    let count = subscription_count(shard, app, &name).await.ok_or_else(unavailable)?;
+    // Cluster mode: counted in Redis (docs/cluster.md, "Cluster-wide queries").
+    let cluster = match shard.cluster() {
+        Some(_) => Some(shard.cluster_channel(&app.config.id, &name).await.map_err(cluster_unavailable)?),
+        None => None,
+    };
+    let count = match cluster {
+        Some(counts) => counts.subscription_count,
+        None => subscription_count(shard, app, &name).await.ok_or_else(unavailable)?,
+    };
     let mut body = serde_json::Map::new();
-    body.insert("occupied".into(), (count > 0).into());
+    body.insert("occupied".into(), cluster.map_or(count > 0, |c| c.occupied).into());
     if info.subscription_count {
         body.insert("subscription_count".into(), count.into());
     }
     if info.user_count {
-        let count = user_ids(shard, app, &name).await.ok_or_else(unavailable)?.len();
+        let count = match cluster {
+            Some(counts) => counts.user_count as usize,
+            None => user_ids(shard, app, &name).await?.len(),
+        };
         body.insert("user_count".into(), count.into());
     }
     if info.cache {
@@ -648,11 +662,31 @@ async fn channel_info(shard: &Shard, app: &App, name: &str, params: &Params) -> 
     Ok(Response::json(StatusCode::OK, &Value::Object(body)))
 }
 
-/// Members of a presence channel, from its home shard.
-async fn user_ids(shard: &Shard, app: &App, name: &str) -> Option<Vec<Box<str>>> {
+/// Members of a presence channel, from its home shard (from Redis in cluster mode).
+async fn user_ids(shard: &Shard, app: &App, name: &str) -> Result<Vec<Box<str>>, Response> {
+    if shard.cluster().is_some() {
+        return shard.cluster_users(&app.config.id, name).await.map_err(cluster_unavailable);
+    }
     let query = Query::PresenceUsers { app: app.index, name: name.to_string() };
-    let reply = shard.query_all(query).await?;
-    Some(reply.into_users())
+    let reply = shard.query_all(query).await.ok_or_else(unavailable)?;
+    Ok(reply.into_users())
+}
+
+/// `GET /channels` in cluster mode: the occupied channels and their counts, from Redis.
+async fn cluster_channels(shard: &Shard, app: &App, prefix: &str, subscriptions: bool, users: bool) -> ApiResult {
+    let listed = shard.cluster_channels(&app.config.id, prefix).await.map_err(cluster_unavailable)?;
+    let mut channels = serde_json::Map::new();
+    for (name, counts) in listed {
+        let mut attributes = serde_json::Map::new();
+        if subscriptions {
+            attributes.insert("subscription_count".into(), counts.subscription_count.into());
+        }
+        if users {
+            attributes.insert("user_count".into(), counts.user_count.into());
+        }
+        channels.insert(name, Value::Object(attributes));
+    }
+    Ok(Response::json(StatusCode::OK, &json!({ "channels": channels })))
 }
 
 async fn users(shard: &Shard, app: &App, name: &str) -> ApiResult {
@@ -661,7 +695,7 @@ async fn users(shard: &Shard, app: &App, name: &str) -> ApiResult {
     if ChannelKind::of(&name) != ChannelKind::Presence {
         return Err(bad_request("users are only listed for presence channels"));
     }
-    let ids = user_ids(shard, app, &name).await.ok_or_else(unavailable)?;
+    let ids = user_ids(shard, app, &name).await?;
     let users: Vec<Value> = ids.iter().map(|id| json!({ "id": id.as_ref() })).collect();
     Ok(Response::json(StatusCode::OK, &json!({ "users": users })))
 }

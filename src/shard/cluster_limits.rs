@@ -24,7 +24,7 @@ impl Shard {
         let limit = app.config.backend_events_per_second_max;
         let Some(cluster) = self.cluster().filter(|_| limit > 0) else { return Ok(true) };
         let command = limits::admit_events(&cluster.prefix, &app.config.id, events, limit);
-        let replies = cluster.outbound.request(vec![command])?.replies().await?;
+        let replies = cluster.commands.request(vec![command])?.replies().await?;
         match replies.first().map(limits::admitted) {
             Some(Ok(admitted)) => Ok(admitted),
             Some(Err(reason)) => {
@@ -63,7 +63,7 @@ impl Shard {
             .iter()
             .map(|a| limits::share_connections(&cluster.prefix, &a.config.id, node, a.connections(), stale_ms))
             .collect();
-        let Ok(asked) = cluster.outbound.request(commands) else { return };
+        let Ok(asked) = cluster.commands.request(commands) else { return };
         let Ok(replies) = asked.replies().await else { return };
         for (app, reply) in limited.iter().zip(&replies) {
             match limits::elsewhere(reply) {

@@ -3,10 +3,11 @@
 //! and relays this shard's client events through Redis.
 //!
 //! Wired: fan-out (kinds 1 and 2, `#server-to-user-` events among them, as kind 1 to the
-//! channel's subscribers exactly as on a single node), `terminate_connections` (kind 7),
-//! cache channels (each arriving publication kept on its home shard; a join this node holds
-//! nothing for reads Redis first) and watchlist events (kinds 8–9, to the user's home shard,
-//! `shard::cluster_watch`); the supervisor's other kinds are logged and ignored here.
+//! channel's subscribers exactly as on a single node), the channel state of
+//! `shard::cluster_home` (kinds 3–5), `terminate_connections` (kind 7), cache channels (each
+//! arriving publication kept on its home shard; a join this node holds nothing for reads Redis
+//! first) and watchlist events (kinds 8–9, to the user's home shard, `shard::cluster_watch`);
+//! the supervisor's other kinds are logged and ignored here.
 //!
 //! Invariant: in cluster mode every publish and client event reaches this node's own
 //! subscribers through Redis too (never directly), so all nodes see one order per bucket.
@@ -24,8 +25,9 @@ use super::router::ConnKey;
 use super::Shard;
 use crate::apps::AppIndex;
 use crate::cluster::bucket;
+use crate::cluster::commands::Commands;
 use crate::cluster::link::{LinkError, Reply};
-use crate::cluster::message::{self as cluster_message, Header, Kind};
+use crate::cluster::message::{self as cluster_message, Header, Kind, Sender};
 use crate::cluster::outbound::{NewApps, Outbound, Unavailable};
 use crate::cluster::sequence::BucketId;
 use crate::cluster::supervisor::{Events, Gap, Supervisor, SupervisorOptions};
@@ -45,19 +47,23 @@ type CacheChannel = (AppIndex, Box<str>);
 pub struct ClusterHandle {
     /// Where this shard's publishes and client events wait for the command link.
     pub outbound: Rc<Outbound>,
+    /// Where its scripts and queries wait for the command link.
+    pub commands: Rc<Commands>,
     /// `cluster.buckets`.
     pub buckets: u16,
     /// `cluster.prefix`, for the keys this shard reads.
     pub prefix: String,
+    /// This node.
+    pub node: NodeIdentity,
     /// The shard itself, for the tasks that wait on Redis for it (weak: the shard owns this).
     pub(super) shard: Weak<Shard>,
-    /// This node, for the keys of its contributions (users online).
-    pub(super) node: NodeIdentity,
     /// What this shard, as home of watched users, knows of their cluster-wide online state.
     pub(super) online: RefCell<ClusterOnline>,
     /// Cache joins waiting for their channel's `{k}:cache`, in arrival order: one read per
     /// channel however many clients join at once (a reconnect storm after a gap).
     cache_reads: RefCell<HashMap<CacheChannel, Vec<HomeJoin>>>,
+    /// Cluster-side state of the home shard (`shard::cluster_home`).
+    pub(super) home: RefCell<super::cluster_home::ClusterHome>,
 }
 
 impl ClusterHandle {
@@ -107,6 +113,13 @@ impl Events for ShardEvents {
                 }
                 self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
             }
+            Kind::SubscriptionCount => self.shard.broadcast(bucket.app, header.channel, frame, header.exclude),
+            // Decided once cluster-wide by a script (`shard::cluster_home`); join answers
+            // waiting for this place in the stream follow it.
+            Kind::MemberAdded | Kind::MemberRemoved => {
+                self.shard.broadcast(bucket.app, header.channel, frame, header.exclude);
+                self.shard.script_message_seen(bucket, header.sender, header.sequence);
+            }
             // The user's connections on every shard of this node, closed as on a single node.
             Kind::TerminateUser => self.shard.terminate_user(bucket.app, header.user_id),
             // Decided once cluster-wide by a script; the user's home shard tells the watchers.
@@ -128,10 +141,16 @@ impl Events for ShardEvents {
         );
         ShardMetrics::add(&self.shard.metrics().cluster_gaps_total, 1);
         self.shard.bucket_gap(bucket.app, bucket.number);
+        self.shard.release_held_joins(Some(bucket));
+    }
+
+    fn resynced(&mut self, bucket: BucketId, sender: Sender, last: u64) {
+        self.shard.script_message_seen(bucket, sender, last);
     }
 
     fn link_up(&mut self) {
         tracing::info!(shard = self.shard.index, "cluster link up");
+        self.shard.cluster_link_up();
         self.shard.users_register();
     }
 
@@ -153,18 +172,28 @@ impl Shard {
 
     /// Starts this shard's link supervisor (call once, inside the shard's runtime).
     pub fn start_cluster(self: &Rc<Self>, options: SupervisorOptions) {
-        let (buckets, prefix, node) = (options.buckets, options.prefix.clone(), options.node.clone());
+        let buckets = options.buckets;
+        let (prefix, node) = (options.prefix.clone(), options.node.clone());
         let rng = fastrand::Rng::new();
         let events = ShardEvents { shard: self.clone() };
         let supervisor = Supervisor::new(options, events, self.all_metrics.clone(), rng);
-        let (outbound, shard, cache_reads) = (supervisor.outbound(), Rc::downgrade(self), RefCell::default());
-        let online = RefCell::default();
-        let handle = ClusterHandle { outbound, buckets, prefix, shard, node, online, cache_reads };
+        let handle = ClusterHandle {
+            outbound: supervisor.outbound(),
+            commands: supervisor.commands(),
+            buckets,
+            prefix,
+            node,
+            shard: Rc::downgrade(self),
+            cache_reads: RefCell::default(),
+            home: RefCell::default(),
+            online: RefCell::default(),
+        };
         assert!(self.cluster_cell.set(handle).is_ok(), "the cluster link starts once");
         if self.index == 0 {
             self.start_connection_sharing();
         }
         monoio::spawn(supervisor.run());
+        self.start_cluster_home();
     }
 
     /// Relays a client event to the channel's other subscribers: through the mesh on a single
@@ -192,12 +221,11 @@ impl Shard {
         }
         let mut key = String::new();
         bucket::channel_key(&cluster.prefix, &self.apps().get(app).config.id, &channel, "cache", &mut key);
-        let key = Bytes::from(key);
-        let get = |command: &'static [u8]| vec![Bytes::from_static(command), key.clone()];
-        let asked = cluster.outbound.request(vec![get(b"GET"), get(b"PTTL")]);
+        let get = |command: &[u8]| vec![command.to_vec(), key.as_bytes().to_vec()];
+        let pending = cluster.commands.request(vec![get(b"GET"), get(b"PTTL")]);
         monoio::spawn(async move {
-            let replies = match asked {
-                Ok(asked) => asked.replies().await,
+            let replies = match pending {
+                Ok(pending) => pending.replies().await,
                 Err(unavailable) => Err(unavailable),
             };
             shard.cache_fetched(app, channel, replies);
@@ -233,7 +261,7 @@ impl Shard {
             }
         }
         for join in joins {
-            self.home_join_answer(join);
+            self.home_join_cached(join);
         }
     }
 
@@ -242,7 +270,7 @@ impl Shard {
         let reason = "cache channel unavailable: cluster unavailable, retry";
         let HomeJoin { from, conn, socket_id, ticket, channel, .. } = join;
         let frames = vec![message::error(None, reason, Some(&channel))];
-        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: false };
+        let reply = JoinReply { conn, socket_id, ticket, channel, frames, accepted: false, reconnect: false };
         match from == self.index {
             true => self.joined(reply),
             false => self.mesh_send(from, MeshMessage::Joined(Box::new(reply))),
@@ -270,7 +298,7 @@ impl Shard {
     }
 
     /// A bucket of `app` may have lost messages: its connections on every shard are closed.
-    fn bucket_gap(&self, app: AppIndex, number: u16) {
+    pub(super) fn bucket_gap(&self, app: AppIndex, number: u16) {
         self.close_bucket(app, number);
         for target in (0..self.mesh.shards()).filter(|&t| t != self.index) {
             self.mesh_send(target, MeshMessage::BucketGap { app, bucket: number });

@@ -154,7 +154,7 @@ impl Shard {
             Ok(command) => command,
             Err(error) => return tracing::error!(%error, "a signed-in user id the cluster message refuses"),
         };
-        let Ok(asked) = cluster.outbound.request(vec![command]) else {
+        let Ok(asked) = cluster.commands.request(vec![command]) else {
             return cluster.online.borrow_mut().unsynced(key);
         };
         monoio::spawn(async move {
@@ -224,7 +224,7 @@ impl Shard {
         let Some(cluster) = self.cluster() else { return };
         let Some(shard) = cluster.shard.upgrade() else { return };
         let command = users::is_online(&cluster.prefix, &self.apps().get(key.0).config.id, &key.1);
-        let asked = cluster.outbound.request(vec![command]);
+        let asked = cluster.commands.request(vec![command]);
         monoio::spawn(async move {
             let replies = match asked {
                 Ok(asked) => asked.replies().await,

@@ -180,7 +180,7 @@ impl HomeState {
         let HomeJoin { from, conn, socket_id, ticket, channel, .. } = join;
         effects.push(HomeEffect::Reply {
             to: from,
-            reply: JoinReply { conn, socket_id, ticket, channel, frames, accepted },
+            reply: JoinReply { conn, socket_id, ticket, channel, frames, accepted, reconnect: false },
         });
         effects
     }
@@ -240,6 +240,26 @@ impl HomeState {
             effects.push(HomeEffect::Lifecycle { app, channel, kind: LifecycleKind::SubscriptionCount(count) });
         }
         effects
+    }
+
+    /// Cluster mode: the counts that changed since the last call, as (app, channel, count);
+    /// channels that emptied are forgotten (their `vacate` clears their count in Redis).
+    pub fn take_subscription_counts(&mut self) -> Vec<(AppIndex, Box<str>, u64)> {
+        let mut counts = Vec::new();
+        for key in self.subscription_counts_changed.drain(..) {
+            match self.subscription_counts.get(&key).copied() {
+                Some(count) if count > 0 => counts.push((key.0, key.1, count as u64)),
+                _ => {
+                    self.subscription_counts.remove(&key);
+                }
+            }
+        }
+        counts
+    }
+
+    /// A channel's subscribers on all shards of this node, as counted here.
+    pub fn subscribers(&self, app: AppIndex, channel: &str) -> i64 {
+        self.subscription_counts.get(&(app, Box::<str>::from(channel))).copied().unwrap_or(0)
     }
 
     /// A connection of a user signed in (`online`) or a signed-in one ended; the watchers hear

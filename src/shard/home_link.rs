@@ -10,20 +10,30 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::home::{Answered, HomeEffect, JoinTicket};
+use super::home::{Answered, HomeEffect, JoinTicket, LifecycleKind};
 use super::mesh::{HomeJoin, JoinReply, MeshMessage, Watcher};
 use super::presence;
 use super::Shard;
 use crate::apps::AppIndex;
+use crate::cluster::bucket;
 use crate::metrics::ShardMetrics;
 use crate::pusher::channel::ChannelKind;
 
 impl Shard {
     /// Executes home effects in order. Call with no state borrowed: effects reach connections
     /// on this shard.
-    fn apply(&self, effects: Vec<HomeEffect>) {
+    pub(super) fn apply(&self, effects: Vec<HomeEffect>) {
         for effect in effects {
             match effect {
+                // Cluster mode: a node-level change of occupancy goes to Redis, which decides
+                // whether it is one cluster-wide (`shard::cluster_home`).
+                HomeEffect::Lifecycle {
+                    app,
+                    channel,
+                    kind: kind @ (LifecycleKind::Occupied | LifecycleKind::Vacated),
+                } if self.cluster().is_some() => {
+                    self.cluster_occupancy(app, channel, kind == LifecycleKind::Occupied);
+                }
                 HomeEffect::Broadcast { app, channel, frame, exclude } => self.broadcast(app, &channel, frame, exclude),
                 HomeEffect::SendTo { watcher, frame } => self.send_to(watcher, frame),
                 HomeEffect::Lifecycle { app, channel, kind } => {
@@ -87,7 +97,7 @@ impl Shard {
 
     /// Sends a join to the channel's home shard (or handles it here).
     pub fn home_join(&self, join: HomeJoin) {
-        let home = presence::home(join.app, &join.channel, self.mesh.shards());
+        let home = self.channel_home(join.app, &join.channel);
         if home == self.index {
             self.home_join_at_home(join);
         } else {
@@ -98,9 +108,20 @@ impl Shard {
     /// Home shard: counts a presence member (announcing a new one), looks up the cached event,
     /// and answers the joining shard with the frames for the connection.
     pub(super) fn home_join_at_home(&self, join: HomeJoin) {
-        // Cluster mode: a cache channel this node holds no event for may have one in Redis.
+        // Cluster mode: a cache channel this node holds no event for may have one in Redis;
+        // the join goes on once it is read.
         if join.cache && self.cluster().is_some() && self.cached(join.app, &join.channel).is_none() {
             return self.cache_join_from_redis(join);
+        }
+        self.home_join_cached(join);
+    }
+
+    /// Home shard: goes on with a join once its channel's cached event (if any) is here: a
+    /// presence join in cluster mode through Redis's member list (`shard::cluster_home`), any
+    /// other from this shard's home state.
+    pub(super) fn home_join_cached(&self, join: HomeJoin) {
+        if self.cluster().is_some() && join.member.is_some() {
+            return self.cluster_presence_join(join);
         }
         self.home_join_answer(join);
     }
@@ -120,7 +141,7 @@ impl Shard {
     /// is already on its way), even when the client has subscribed again meanwhile. So the
     /// router, the connection's channels and the home shard's count always change together.
     pub(super) fn joined(&self, reply: JoinReply) {
-        let JoinReply { conn: key, socket_id, ticket, channel, frames, accepted } = reply;
+        let JoinReply { conn: key, socket_id, ticket, channel, frames, accepted, reconnect } = reply;
         let answered = self.state.borrow_mut().joins.answered(ticket, accepted);
         match answered {
             Answered::Wanted => {}
@@ -157,6 +178,10 @@ impl Shard {
         if let Some(app) = routed_app {
             self.subscription_changed(app, &channel, 1);
         }
+        if reconnect {
+            let reason = super::cluster_home::PRESENCE_UNAVAILABLE;
+            self.refuse(key, super::cluster_link::MISSED_MESSAGES, reason);
+        }
     }
 
     /// A presence subscription ends: the member leaves now, or, while its join (`pending`,
@@ -176,9 +201,12 @@ impl Shard {
 
     /// Sends a presence leave to the channel's home shard (or handles it here).
     pub fn presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
-        let home = presence::home(app, &channel, self.mesh.shards());
+        let home = self.channel_home(app, &channel);
         if home != self.index {
             return self.mesh_send(home, MeshMessage::PresenceLeave { app, channel, user_id });
+        }
+        if self.cluster().is_some() {
+            return self.cluster_presence_leave(app, channel, user_id);
         }
         let effects = self.state.borrow_mut().home.presence_leave(app, channel, user_id);
         self.apply(effects);
@@ -192,22 +220,28 @@ impl Shard {
     pub fn subscription_changed(&self, app: AppIndex, channel: &str, delta: i32) {
         let apps = self.apps();
         let config = apps.get(app);
-        if !config.counts_subscriptions {
+        // In cluster mode every channel is counted: occupancy and counts are queried from Redis.
+        let cluster = self.cluster().is_some();
+        if !config.counts_subscriptions && !cluster {
             return;
         }
-        let home = presence::home(app, channel, self.mesh.shards());
+        let home = self.channel_home(app, channel);
         if home != self.index {
             return self.mesh_send(home, MeshMessage::SubscriptionDelta { app, channel: channel.into(), delta });
         }
         // subscription_count is never sent for presence channels, whose members are counted
         // by the presence protocol itself.
-        let announce = config.config.subscription_count_enabled && ChannelKind::of(channel) != ChannelKind::Presence;
+        let announce =
+            cluster || config.config.subscription_count_enabled && ChannelKind::of(channel) != ChannelKind::Presence;
         let effects = self.state.borrow_mut().home.count_subscriptions(app, channel, delta, announce);
         self.apply(effects);
     }
 
     /// Announces the counts that changed since the last tick (the throttle: once a second).
     pub(super) fn announce_subscription_counts(&self) {
+        if self.cluster().is_some() {
+            return self.cluster_announce_counts();
+        }
         let effects = self.state.borrow_mut().home.announce_subscription_counts();
         self.apply(effects);
     }
@@ -216,7 +250,7 @@ impl Shard {
 
     /// Keeps `frame` as the last event of a cache channel, on its home shard.
     pub fn cache_store(&self, app: AppIndex, channel: &str, frame: Bytes, data: &str) {
-        let home = presence::home(app, channel, self.mesh.shards());
+        let home = self.channel_home(app, channel);
         if home == self.index {
             // Cluster mode: an app another shard serves already and this one not yet (a reload
             // in progress) is not kept here; a later join, finding nothing, reads Redis.
@@ -236,6 +270,18 @@ impl Shard {
     /// Drops expired cache events, a bounded slice per call (see `HomeState::sweep_cache`).
     pub(super) fn sweep_cache(&self, now: Instant) {
         self.state.borrow_mut().home.sweep_cache(now);
+    }
+}
+
+impl Shard {
+    /// The home shard of a channel: `presence::home`, except in cluster mode, where it is the
+    /// shard that receives the channel's bucket from Redis, so that a presence join's answer
+    /// can be placed in the bucket's stream (`shard::cluster_home`).
+    fn channel_home(&self, app: AppIndex, channel: &str) -> usize {
+        match self.cluster() {
+            Some(cluster) => usize::from(bucket::of_channel(channel, cluster.buckets)) % self.mesh.shards(),
+            None => presence::home(app, channel, self.mesh.shards()),
+        }
     }
 }
 

@@ -228,6 +228,9 @@ pub struct JoinReply {
     pub frames: Vec<Bytes>,
     /// Whether the join was accepted.
     pub accepted: bool,
+    /// Refused because Redis could not decide it (cluster mode): the connection is closed with
+    /// 4200, so the client reconnects, preferably to a node whose link is up.
+    pub reconnect: bool,
 }
 
 /// A connection on some shard that watches a user's online state.

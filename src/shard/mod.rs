@@ -17,9 +17,11 @@
 //! shard per channel or user), `home_link` (routing to home shards, executing home effects),
 //! `accept` (the one accept rule: create webhook records, publish, commit, acknowledge),
 //! `cluster_link` (cluster mode: the shard's Redis link supervisor, fan-out through Redis, 4200
-//! on gaps).
+//! on gaps), `cluster_home` (cluster mode: presence and occupancy decided by scripts in Redis,
+//! the node's lease and the reaper, channel queries from Redis).
 
 pub mod accept;
+pub mod cluster_home;
 mod cluster_limits;
 pub mod cluster_link;
 mod cluster_watch;
@@ -704,6 +706,9 @@ impl Shard {
         let deadline = Instant::now() + grace;
         while !self.mesh.quiescent() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(1)).await;
+        }
+        if self.cluster().is_some() {
+            self.cluster_shutdown(deadline).await;
         }
         let lsn = self.lifecycle_lsn_max.get();
         if let (Some(webhooks), true) = (self.webhooks(), lsn > 0) {

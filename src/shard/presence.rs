@@ -110,6 +110,11 @@ impl PresenceTable {
         format!("{{\"presence\":{{\"ids\":[{}],\"hash\":{hash},\"count\":{}}}}}", ids.join(","), ids.len())
     }
 
+    /// Whether `user_id` is a member of the channel (with a connection counted here).
+    pub fn contains(&self, app: AppIndex, channel: &str, user_id: &str) -> bool {
+        self.channels.get(&(app, channel.into())).is_some_and(|m| m.contains_key(user_id))
+    }
+
     /// Member user ids of a channel, in join order.
     pub fn users(&self, app: AppIndex, channel: &str) -> Vec<Box<str>> {
         self.channels.get(&(app, channel.into())).map(|m| m.keys().cloned().collect()).unwrap_or_default()

@@ -101,6 +101,12 @@ impl Shard {
                 }
             }
         };
+        // docs/cluster.md, "When Redis is unreachable": only Redis can decide a member, so the
+        // client is sent to reconnect, preferably to a node whose link is up.
+        if member.is_some() && self.cluster_down() {
+            let reason = super::cluster_home::PRESENCE_UNAVAILABLE;
+            return self.refuse(key, super::cluster_link::MISSED_MESSAGES, reason);
+        }
         if already {
             if member.is_some() {
                 let reason = "already subscribed to this presence channel";

@@ -150,6 +150,11 @@ fn client_events_across_nodes() {
         send_json(ws, json!({"event": "pusher:subscribe", "data": data}));
         assert_eq!(recv_json(ws)["event"], "pusher_internal:subscription_succeeded");
     }
+    // Presence is cluster-wide: the member on node B is announced on node A.
+    assert_eq!(
+        recv_text(&mut sockets[0].0),
+        r#"{"event":"pusher_internal:member_added","channel":"presence-chat","data":"{\"user_id\":\"8\",\"user_info\":null}"}"#
+    );
     send_json(&mut sockets[1].0, json!({"event": "client-wave", "channel": "presence-chat", "data": {"hi": 1}}));
     assert_eq!(
         recv_text(&mut sockets[0].0),

@@ -234,3 +234,38 @@ fn startup_logs_findings_once() {
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].contains("WARN") && lines[0].contains(&format!("sysctl -w net.core.somaxconn={}", somaxconn + 1)));
 }
+
+/// The embedded default config (a first start, no file) logs a host problem as a warning, not
+/// an error, while a config file of the user's logs it as an error: here, an open-file limit
+/// below what the default's connection limits need.
+#[test]
+fn embedded_default_warns_instead_of_erroring() {
+    let run = |config: Option<&std::path::Path>| {
+        let config = config.map(|p| format!(" --config {}", p.display())).unwrap_or_default();
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("ulimit -n 1024 && exec {}{config}", env!("CARGO_BIN_EXE_ringwire")))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        child.wait().unwrap();
+        assert!(
+            first.starts_with("ringwire listening on"),
+            "did not start (is 127.0.0.1:6001 taken?): {first}\n{stderr}"
+        );
+        stderr.lines().find(|line| line.contains("open-file limit")).map(str::to_string).unwrap_or_default()
+    };
+    let embedded = run(None);
+    assert!(embedded.contains("WARN") && !embedded.contains("ERROR"), "{embedded}");
+    let dir = temp_dir("doctor-user-config");
+    let path = dir.join("ringwire.toml");
+    std::fs::write(&path, "[server]\nbind = \"127.0.0.1:0\"\n").unwrap();
+    let user = run(Some(&path));
+    assert!(user.contains("ERROR"), "{user}");
+}

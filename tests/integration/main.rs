@@ -4,6 +4,7 @@
 mod cluster;
 mod cluster_faults;
 mod cluster_nodes;
+mod cluster_presence;
 mod cluster_users;
 mod cluster_watch;
 mod dashboard;

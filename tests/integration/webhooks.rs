@@ -142,7 +142,12 @@ fn pusher_lifecycle_webhooks() {
 fn retries_follow_the_schedule() {
     let receiver = Receiver::start();
     receiver.script(&["HTTP/1.1 500 Oops", "HTTP/1.1 429 Slow down\r\nRetry-After: 1", "TIMEOUT"]);
-    let server = TestServer::start(|c| setup(c, "flaky", vec![standard(format!("http://{}/", receiver.addr))]));
+    let server = TestServer::start(|c| {
+        setup(c, "flaky", vec![standard(format!("http://{}/", receiver.addr))]);
+        // Far above schedule[3] = 300 ms, so that the floor shows plainly in the gap after the
+        // timeout (the receiver sees each request a few ms after the server starts its timer).
+        c.webhooks.retry_overload_floor_ms = 800;
+    });
     assert_eq!(publish(server.addr, &["c"], "e", "{}", None).0, 200);
     let requests = receiver.wait_for(4, Duration::from_secs(10));
     assert_eq!(requests.len(), 4, "{requests:?}");
@@ -152,7 +157,7 @@ fn retries_follow_the_schedule() {
     let gaps: Vec<u128> = requests.windows(2).map(|w| (w[1].at - w[0].at).as_millis()).collect();
     assert!((90..900).contains(&gaps[0]), "after a 500: schedule[1] = 100 ms, got {gaps:?}");
     assert!(gaps[1] >= 990, "after 429 + Retry-After: 1 s, got {gaps:?}");
-    assert!(gaps[2] >= 1000 + 390, "after a timeout (1 s): the 400 ms floor, got {gaps:?}");
+    assert!(gaps[2] >= 1000 + 700, "after a timeout (1 s): the 800 ms floor, not 300 ms, got {gaps:?}");
     std::thread::sleep(Duration::from_millis(200));
     let (status, attempts) = api(server.addr, "GET", &format!("/apps/1/webhooks/deliveries/{id}/attempts"), &[]);
     assert_eq!(status, 200, "{attempts}");

@@ -3,9 +3,10 @@
 // the Node and Python server SDKs talking to whichever node (docs/cluster.md). What is wired
 // today is proven here: fan-out from any node's API to every node, order, socket_id exclusion,
 // client events relayed across nodes, Echo's private channels and whispers across nodes,
-// sign-in with server-to-user events and watchlists across nodes, and the app limits
-// (max_connections, backend_events_per_second_max) counted over every node.
-// Presence is still per node and is not tested across nodes yet.
+// presence members and Echo's presence rooms across nodes, cache channels across nodes, the
+// channel queries of the Node SDK on any node, sign-in with server-to-user events and
+// watchlists across nodes, the app limits (max_connections, backend_events_per_second_max)
+// counted over every node, and the 503 of an outage.
 //
 // Needs redis-server on PATH (scripts/test installs it with scripts/redis install).
 
@@ -32,7 +33,7 @@ import {
 } from './harness.mjs';
 
 const NODES = 3;
-// A second app whose limits are counted over every node (test 7).
+// A second app whose limits are counted over every node (test 10).
 const LIMITED = { appId: '2', key: 'limited-key', secret: 'limited-secret' };
 const LIMITED_APP =
   `\n[[apps]]\nid = "${LIMITED.appId}"\nkey = "${LIMITED.key}"\nsecret = "${LIMITED.secret}"\n` +
@@ -88,12 +89,14 @@ async function ready(node) {
   });
 }
 
-/** The channel authorizer an app's backend runs, with the Node SDK. */
-function channelAuth(sdk) {
+/** The channel authorizer an app's backend runs, with the Node SDK (`user` signs the
+ * channel_data of presence channels). */
+function channelAuth(sdk, user) {
   return {
     customHandler: ({ socketId, channelName }, callback) => {
       try {
-        callback(null, sdk.authorizeChannel(socketId, channelName));
+        const presence = channelName.startsWith('presence-') ? user : undefined;
+        callback(null, sdk.authorizeChannel(socketId, channelName, presence));
       } catch (err) {
         callback(err, null);
       }
@@ -106,7 +109,7 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     redis = await startRedis();
     const cluster = `\n[cluster]\nredis_url = "redis://127.0.0.1:${redis.port}"\nprefix = "interop"\n`;
     for (let i = 0; i < NODES; i++) {
-      const node = ringwireProcess({ config: configToml({ app: `enable_client_events = true\n${LIMITED_APP}` }) + cluster, prefix: `ringwire-cluster-${i}-` });
+      const node = ringwireProcess({ config: configToml({ app: `enable_client_events = true\ncache_ttl_s = 60\n${LIMITED_APP}` }) + cluster, prefix: `ringwire-cluster-${i}-` });
       await node.start();
       await ready(node);
       nodes.push(node);
@@ -147,6 +150,10 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     const data = { hello: 'from python on node C' };
     const printed = await runPythonSdk({ host: nodes[2].host, port: nodes[2].port, data });
     assert.deepEqual(printed.trigger, {});
+    // Node C's answer is the cluster's: the channel is occupied (its subscribers are on A, B
+    // and C). Subscription counts reach Redis once a second, so they are not compared here.
+    assert.equal(printed.channel_info.occupied, true);
+    assert.ok('py-room' in printed.channels_info.channels, JSON.stringify(printed.channels_info));
     for (const r of fromPython) assert.deepEqual(await r.until(1), [data]);
     await sleep(SETTLE_MS);
     for (const r of [...greetings, ...fromPython]) assert.equal(r.got.length, 1, 'delivered once');
@@ -246,6 +253,112 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
     echoC.disconnect();
   });
 
+  // Proves presence across nodes: Ada on node A and Bob on node B see each other in
+  // subscription_succeeded and member_added; Ada's second connection, on node C, adds no
+  // member; member_removed comes once, when her last connection leaves; GET /users and
+  // info=user_count agree on every node.
+  it('6. presence: one member list and one add/remove per user across nodes', BOUNDED, async () => {
+    const name = 'presence-cluster-lobby';
+    const ada = { user_id: 'ada', user_info: { name: 'Ada' } };
+    const bob = { user_id: 'bob', user_info: { name: 'Bob' } };
+    const join = async (index, user) => {
+      const client = await clientSets[index].connectedClient({ channelAuthorization: channelAuth(sdks[index], user) });
+      return { client, channel: await clientSets[index].subscribed(client, name) };
+    };
+    const ada1 = await join(0, ada);
+    assert.equal(ada1.channel.members.count, 1);
+    const added = clientSets[0].record(ada1.channel, 'pusher:member_added');
+    const removed = clientSets[0].record(ada1.channel, 'pusher:member_removed');
+    const bob1 = await join(1, bob);
+    const ids = [];
+    bob1.channel.members.each((member) => ids.push(member.id));
+    assert.deepEqual(ids.sort(), ['ada', 'bob']);
+    assert.deepEqual((await added.until(1))[0].data, { id: 'bob', info: { name: 'Bob' } });
+
+    const ada2 = await join(2, ada);
+    assert.equal(ada2.channel.members.count, 2);
+    const bobAdded = clientSets[1].record(bob1.channel, 'pusher:member_added');
+    const bobRemoved = clientSets[1].record(bob1.channel, 'pusher:member_removed');
+    for (const sdk of sdks) {
+      const { users } = await (await sdk.get({ path: `/channels/${name}/users` })).json();
+      assert.deepEqual(users.map((u) => u.id).sort(), ['ada', 'bob']);
+      const info = await (await sdk.get({ path: `/channels/${name}`, params: { info: 'user_count' } })).json();
+      assert.equal(info.user_count, 2);
+    }
+    clientSets[0].disconnect(ada1.client);
+    await sleep(SETTLE_MS);
+    assert.deepEqual(bobRemoved.got, [], 'Ada is still there on node C');
+    assert.equal(bob1.channel.members.count, 2);
+    clientSets[2].disconnect(ada2.client);
+    assert.deepEqual((await bobRemoved.until(1))[0].data, { id: 'ada', info: { name: 'Ada' } });
+    await sleep(SETTLE_MS);
+    assert.equal(bobAdded.got.length, 0, 'no member_added for a second connection of a member');
+    assert.equal(bobRemoved.got.length, 1);
+    assert.equal(removed.got.length, 0);
+    clientSets[1].disconnect(bob1.client);
+  });
+
+  // Proves cache channels across nodes: an event triggered through node A is the first thing a
+  // client subscribing on node C gets, and a cache channel with nothing cached answers
+  // pusher:cache_miss on any node.
+  it('7. cache channels: the last event reaches a new subscriber on another node', BOUNDED, async () => {
+    const missed = [];
+    const empty = await clientSets[1].connectedClient();
+    empty.bind('pusher:cache_miss', (data) => missed.push(data));
+    const emptyChannel = empty.subscribe('cache-cluster-nothing');
+    emptyChannel.bind('pusher:cache_miss', () => missed.push('channel'));
+    await until('cache_miss on node B', () => missed.length > 0);
+
+    await sdks[0].trigger('cache-cluster-prices', 'price', { usd: 42 });
+    const late = await clientSets[2].connectedClient();
+    const lateChannel = late.subscribe('cache-cluster-prices');
+    const prices = clientSets[2].recordData(lateChannel, 'price');
+    assert.deepEqual(await prices.until(1), [{ usd: 42 }]);
+    clientSets[1].disconnect(empty);
+    clientSets[2].disconnect(late);
+  });
+
+  // Proves Laravel Echo's presence API across nodes: join('room') on node A and node B gives
+  // here() with both users and joining() on the first.
+  it('8. Laravel Echo: a presence room across nodes', BOUNDED, async () => {
+    const make = (index, user) => {
+      const instance = new Echo({
+        broadcaster: 'pusher',
+        Pusher,
+        key: 'ringwire-demo-key',
+        ...clientOptions(nodes[index]),
+        authorizer: (channel) => ({
+          authorize: (socketId, callback) => {
+            try {
+              callback(null, sdks[index].authorizeChannel(socketId, channel.name, { user_id: user.id, user_info: user }));
+            } catch (err) {
+              callback(err, null);
+            }
+          },
+        }),
+      });
+      clientSets[index].clients.add(instance.connector.pusher);
+      return instance;
+    };
+    const taylor = { id: 1, name: 'Taylor' };
+    const abigail = { id: 2, name: 'Abigail' };
+    const echoA = make(0, taylor);
+    const echoB = make(1, abigail);
+    const hereA = [];
+    const joiningA = [];
+    echoA.join('cluster-room').here((members) => hereA.push(members)).joining((member) => joiningA.push(member));
+    await until('here() on node A', () => hereA.length === 1);
+    assert.deepEqual(hereA[0], [taylor]);
+    const hereB = [];
+    echoB.join('cluster-room').here((members) => hereB.push(members));
+    await until('here() on node B', () => hereB.length === 1);
+    assert.deepEqual([...hereB[0]].sort((x, y) => x.id - y.id), [taylor, abigail]);
+    await until('joining() on node A', () => joiningA.length === 1);
+    assert.deepEqual(joiningA[0], abigail);
+    echoA.disconnect();
+    echoB.disconnect();
+  });
+
   /** The user authenticator an app's backend runs, with the Node SDK of node `index`. */
   function userAuth(index, userData) {
     return {
@@ -278,7 +391,7 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
   // on node A and bob's pusher.user.watchlist emits online once; carl, signing in on node C
   // while she is online, hears online at once; an event the SDK sends to her through node C
   // reaches her on A; when her connection goes, bob and carl hear offline once.
-  it('6. sign-in and watchlists across nodes', BOUNDED, async () => {
+  it('9. sign-in and watchlists across nodes', BOUNDED, async () => {
     const bob = await signedIn(1, { id: 'cl-bob', watchlist: ['cl-alice'] });
     const alice = await signedIn(0, { id: 'cl-alice' });
     assert.deepEqual((await bob.online.until(1))[0].data, { name: 'online', user_ids: ['cl-alice'] });
@@ -319,7 +432,7 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
   // pusher-js client on A and one on B, a client on C is refused with 4004 once C has read the
   // others' counts (refreshed every second); with backend_events_per_second_max 3, a batch of
   // 3 through node A and one more event through node B in the same second: the SDK gets 429.
-  it('7. app limits are counted over every node', BOUNDED, async () => {
+  it('10. app limits are counted over every node', BOUNDED, async () => {
     const held = [limitedClient(0), limitedClient(1)];
     for (const { outcome } of held) assert.equal(await outcome, 'connected');
     let refused;
@@ -351,7 +464,7 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
 
   // Proves the outage contract as the Node SDK sees it: with Redis gone, a trigger through any
   // node is refused with 503 (the SDK raises, so the app retries), and /ready answers 503.
-  it('8. while Redis is down, triggers are refused with 503 and /ready is 503', BOUNDED, async () => {
+  it('11. while Redis is down, triggers are refused with 503 and /ready is 503', BOUNDED, async () => {
     redis.redis.kill('SIGSTOP');
     try {
       await until('node A to notice', async () => {
