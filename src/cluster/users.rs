@@ -55,7 +55,7 @@ return 1
 "#;
 
 /// `offline`. KEYS and ARGV as `online`. Returns 1 when the user went offline cluster-wide
-/// (kind 9 published), else 0.
+/// (kind 9 published), else 0. The reaper runs it for a dead node's users.
 const OFFLINE: &str = r#"
 if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) > 0 then return 0 end
@@ -69,9 +69,10 @@ pub fn online_key(prefix: &str, app_id: &str) -> String {
     format!("{prefix}:a:{app_id}:online")
 }
 
-/// `{prefix}:a:{app_id}:online:{node_id}/{incarnation}`: the users this node holds.
-pub fn node_key(prefix: &str, app_id: &str, node: &NodeIdentity) -> String {
-    format!("{prefix}:a:{app_id}:online:{}/{:016x}", node.node_id, node.incarnation)
+/// `{prefix}:a:{app_id}:online:{node_id}/{incarnation}`: the users the node named `holder`
+/// (`scripts::node_name`) holds.
+pub fn node_key(prefix: &str, app_id: &str, holder: &str) -> String {
+    format!("{prefix}:a:{app_id}:online:{holder}")
 }
 
 /// `{prefix}:script_incarnation`: the script sender's id (docs/cluster.md, "Scripts are
@@ -95,8 +96,11 @@ pub struct Caller<'a> {
     pub prefix: &'a str,
     /// `cluster.buckets`.
     pub buckets: u16,
-    /// This node.
+    /// This node (the caller, named in the message).
     pub node: &'a NodeIdentity,
+    /// The node whose contribution changes (`scripts::node_name`): this one, or a dead one
+    /// being reaped.
+    pub holder: &'a str,
     /// Proposed script incarnation if Redis keeps none yet: random, never 0.
     pub candidate: u64,
 }
@@ -132,7 +136,7 @@ pub fn call(caller: &Caller<'_>, app_id: &str, user_id: &str, transition: Transi
         source.into_bytes(),
         b"4".to_vec(),
         online_key(caller.prefix, app_id).into_bytes(),
-        node_key(caller.prefix, app_id, caller.node).into_bytes(),
+        node_key(caller.prefix, app_id, caller.holder).into_bytes(),
         script_incarnation_key(caller.prefix).into_bytes(),
         sequence_key.into_bytes(),
         user_id.as_bytes().to_vec(),
@@ -162,7 +166,7 @@ mod tests {
     use super::*;
 
     fn caller(node: &NodeIdentity) -> Caller<'_> {
-        Caller { prefix: "rw", buckets: 64, node, candidate: 0xab }
+        Caller { prefix: "rw", buckets: 64, node, holder: "n1/0000000000001234", candidate: 0xab }
     }
 
     /// The call names the app's keys, the user's bucket and its `:seq`, and carries a kind 8/9

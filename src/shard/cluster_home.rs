@@ -591,6 +591,7 @@ impl Shard {
                 self.decided(app, channel, LifecycleKind::Vacated);
             }
         }
+        self.reap_online(dead).await?;
         let (_, reaping) = scripts::leases(&prefix);
         self.cluster_request(vec![
             vec![b"DEL".to_vec(), entries_key.into_bytes()],

@@ -22,11 +22,15 @@ use super::{presence, Shard};
 use crate::apps::AppIndex;
 use crate::cluster::link::Reply;
 use crate::cluster::outbound::Unavailable;
+use crate::cluster::scripts;
 use crate::cluster::users::{self, Caller, Transition};
 use crate::pusher::message;
 
 /// A user of an app.
 type UserKey = (AppIndex, Box<str>);
+
+/// Script calls per request when reaping a dead node's users.
+const REAP_GROUP: usize = 16;
 
 /// What a home shard knows of a watched user's cluster-wide state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,10 +148,12 @@ impl Shard {
         let Some(cluster) = self.cluster() else { return };
         let Some(shard) = cluster.shard.upgrade() else { return };
         let transition = if online { Transition::Online } else { Transition::Offline };
+        let holder = scripts::node_name(&cluster.node);
         let caller = Caller {
             prefix: &cluster.prefix,
             buckets: cluster.buckets,
             node: &cluster.node,
+            holder: &holder,
             candidate: fastrand::u64(1..),
         };
         let command = match users::call(&caller, &self.apps().get(key.0).config.id, &key.1, transition) {
@@ -194,6 +200,44 @@ impl Shard {
         for key in unread {
             self.read_online(key);
         }
+    }
+
+    /// Reaper: takes the dead node `dead`'s signed-in users offline (each `offline` once
+    /// cluster-wide, through the script) and deletes its sets, app by app. Idempotent: a
+    /// reaper that dies midway leaves what it did not take for the next one.
+    pub(super) async fn reap_online(&self, dead: &str) -> Result<(), Unavailable> {
+        let Some(cluster) = self.cluster() else { return Ok(()) };
+        let apps = self.apps();
+        for app in apps.list.iter().filter(|a| !a.removed) {
+            let key = users::node_key(&cluster.prefix, &app.config.id, dead);
+            let replies = cluster.commands.request(vec![vec![b"SMEMBERS".to_vec(), key.clone().into_bytes()]])?;
+            let replies = replies.replies().await?;
+            let Some(Reply::Array(members)) = replies.first() else { return Err(Unavailable) };
+            let caller = Caller {
+                prefix: &cluster.prefix,
+                buckets: cluster.buckets,
+                node: &cluster.node,
+                holder: dead,
+                candidate: fastrand::u64(1..),
+            };
+            // Redis is shared: a member that no connection could sign in as is skipped (the
+            // message format refuses it).
+            let calls: Vec<_> = members
+                .iter()
+                .filter_map(|m| match m {
+                    Reply::BulkString(user) => std::str::from_utf8(user).ok(),
+                    _ => None,
+                })
+                .filter_map(|user| users::call(&caller, &app.config.id, user, Transition::Offline).ok())
+                .collect();
+            // In groups, so a request stays well below `cluster.pipeline_bytes_max` (a script
+            // call is at most about 2 KiB; the smallest allowed pipeline is 64 KiB).
+            for group in calls.chunks(REAP_GROUP) {
+                cluster.commands.request(group.to_vec())?.replies().await?;
+            }
+            cluster.commands.request(vec![vec![b"DEL".to_vec(), key.into_bytes()]])?.replies().await?;
+        }
+        Ok(())
     }
 
     /// Home shard, cluster mode: starts or stops watching a user. The node's own count says

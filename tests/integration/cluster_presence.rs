@@ -42,7 +42,7 @@ fn redis_command(redis: &RedisServer, args: &[&[u8]]) -> ringwire::cluster::link
 
 /// Waits until `P:nodes` holds `count` leases (a node registers its lease just after its
 /// links come up).
-fn wait_leases(redis: &RedisServer, prefix: &str, count: i64) {
+pub(crate) fn wait_leases(redis: &RedisServer, prefix: &str, count: i64) {
     let key = format!("{prefix}:nodes");
     let want = ringwire::cluster::link::Reply::Integer(count);
     assert!(eventually(Duration::from_secs(5), || redis_command(redis, &[b"ZCARD", key.as_bytes()]) == want));
@@ -286,7 +286,12 @@ fn subscription_count_events_are_cluster_wide() {
 
 /// A node as its own process (the binary) on `redis`, keys under `prefix`, with extra
 /// `[cluster]` lines and lines after its app; returns once its links are up.
-fn node_process(redis: &RedisServer, prefix: &str, cluster: &str, tail: &str) -> (std::process::Child, SocketAddr) {
+pub(crate) fn node_process(
+    redis: &RedisServer,
+    prefix: &str,
+    cluster: &str,
+    tail: &str,
+) -> (std::process::Child, SocketAddr) {
     let dir = temp_dir(&format!("cluster-{prefix}"));
     let config_path = dir.join("ringwire.toml");
     let config = format!(

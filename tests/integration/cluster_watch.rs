@@ -363,3 +363,38 @@ fn wait_nodes_holding(redis: &RedisServer, prefix: &str, user: &str, count: i64)
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// A node killed with SIGKILL while a user is signed in only there: once its lease ends the
+/// reaper takes the user offline, so a watcher on another node hears `offline` once (the next
+/// event it gets is about another user).
+#[test]
+fn dead_node_users_go_offline_once() {
+    use crate::cluster_presence::{node_process, wait_leases};
+
+    let redis = RedisServer::start();
+    let url = format!("redis://{}", redis.addr);
+    let a = TestServer::start(move |c| {
+        c.cluster.redis_url = Some(url);
+        c.cluster.prefix = "watch-reap".into();
+        c.cluster.command_timeout_ms = 500;
+        c.cluster.connect_timeout_ms = 500;
+        c.cluster.lease_ms = 1_000;
+    });
+    crate::cluster_nodes::wait_ready(a.addr, 200);
+    let (mut doomed, doomed_addr) = node_process(&redis, "watch-reap", "lease_ms = 1000\n", "");
+    wait_leases(&redis, "watch-reap", 2);
+    let (mut bob, bob_id) = connect(a.addr);
+    signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice","zed"]}"#);
+    let (mut alice, alice_id) = connect(doomed_addr);
+    signin(&mut alice, &alice_id, r#"{"id":"alice"}"#);
+    assert_eq!(recv_text(&mut bob), watchlist("online", "alice"));
+    let _ = doomed.kill();
+    let _ = doomed.wait();
+    let killed = std::time::Instant::now();
+    assert_eq!(recv_text(&mut bob), watchlist("offline", "alice"));
+    let waited = killed.elapsed();
+    assert!(waited < std::time::Duration::from_millis(1_000 + 1_500), "offline after {waited:?}");
+    let (mut zed, zed_id) = connect(a.addr);
+    signin(&mut zed, &zed_id, r#"{"id":"zed"}"#);
+    assert_eq!(recv_text(&mut bob), watchlist("online", "zed"));
+}
