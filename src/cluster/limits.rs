@@ -2,17 +2,18 @@
 //! that count `backend_events_per_second_max` in Redis, exactly per second of Redis's clock,
 //! and that share each node's live connections for `max_connections`.
 //!
-//! Sans-IO: builders return the commands (`EVAL`: short scripts, no `SCRIPT LOAD` state to
-//! lose when Redis restarts), readers take `Reply`s.
+//! Sans-IO: builders return the commands (`EVALSHA` of the scripts `cluster::scripts` loads at
+//! every connect), readers take `Reply`s.
 
 use super::commands::Command;
 use super::link::Reply;
+use super::scripts::{self, scripts};
 use super::NodeIdentity;
 
 /// `rate`. KEYS: the app's rate key prefix (`…:rate`). ARGV: events, limit. Admits the events
 /// into the current second of Redis's clock unless they would pass the limit; returns 1
 /// (admitted, counted) or 0 (refused, not counted). The second's key expires after 2 s.
-const RATE: &str = r#"
+pub(super) const RATE: &str = r#"
 local key = KEYS[1] .. ':' .. redis.call('TIME')[1]
 local count = tonumber(redis.call('GET', key) or '0')
 if count + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
@@ -25,7 +26,7 @@ return 1
 /// (ms) an entry counts without being refreshed. Writes this node's entry as `count:ms` (Redis
 /// time), deletes entries not refreshed within the window (a node that died or left) and
 /// returns the sum of the other nodes' counts.
-const CONNECTIONS: &str = r#"
+pub(super) const CONNECTIONS: &str = r#"
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. ':' .. now)
@@ -42,16 +43,10 @@ end
 return sum
 "#;
 
-/// The `EVAL` that admits `events` published events of `app_id` under `limit` per second.
+/// The `EVALSHA` that admits `events` published events of `app_id` under `limit` per second.
 pub fn admit_events(prefix: &str, app_id: &str, events: u32, limit: u32) -> Command {
-    vec![
-        b"EVAL".to_vec(),
-        RATE.as_bytes().to_vec(),
-        b"1".to_vec(),
-        format!("{prefix}:a:{app_id}:rate").into_bytes(),
-        events.to_string().into_bytes(),
-        limit.to_string().into_bytes(),
-    ]
+    let (events, limit) = (events.to_string(), limit.to_string());
+    scripts().rate.call(&[&format!("{prefix}:a:{app_id}:rate")], &[events.as_bytes(), limit.as_bytes()])
 }
 
 /// Whether `admit_events` admitted; anything but 0 or 1 (an error reply) is a reason.
@@ -63,18 +58,12 @@ pub fn admitted(reply: &Reply) -> Result<bool, String> {
     }
 }
 
-/// The `EVAL` that writes this node's live connections of `app_id` and reads the others'
+/// The `EVALSHA` that writes this node's live connections of `app_id` and reads the others'
 /// (entries older than `stale_ms` are dropped).
 pub fn share_connections(prefix: &str, app_id: &str, node: &NodeIdentity, connections: u32, stale_ms: u64) -> Command {
-    vec![
-        b"EVAL".to_vec(),
-        CONNECTIONS.as_bytes().to_vec(),
-        b"1".to_vec(),
-        format!("{prefix}:a:{app_id}:conns").into_bytes(),
-        format!("{}/{:016x}", node.node_id, node.incarnation).into_bytes(),
-        connections.to_string().into_bytes(),
-        stale_ms.to_string().into_bytes(),
-    ]
+    let (node, connections, stale_ms) = (scripts::node_name(node), connections.to_string(), stale_ms.to_string());
+    let args: [&[u8]; 3] = [node.as_bytes(), connections.as_bytes(), stale_ms.as_bytes()];
+    scripts().connections.call(&[&format!("{prefix}:a:{app_id}:conns")], &args)
 }
 
 /// The other nodes' connections from `share_connections`' reply (saturating at `u32::MAX`).

@@ -168,7 +168,7 @@ impl Script {
     }
 
     /// `EVALSHA sha numkeys keys… args…`.
-    fn call(&self, keys: &[&str], args: &[&[u8]]) -> Command {
+    pub(super) fn call(&self, keys: &[&str], args: &[&[u8]]) -> Command {
         let mut command = Vec::with_capacity(3 + keys.len() + args.len());
         command.push(b"EVALSHA".to_vec());
         command.push(self.sha.as_bytes().to_vec());
@@ -188,10 +188,16 @@ pub struct Scripts {
     subscribers: Script,
     lease: Script,
     claim_dead: Script,
+    /// Watchlists (`cluster::users`).
+    pub(super) online: Script,
+    pub(super) offline: Script,
+    /// App limits (`cluster::limits`).
+    pub(super) rate: Script,
+    pub(super) connections: Script,
 }
 
 impl Scripts {
-    fn all(&self) -> [&Script; 7] {
+    fn all(&self) -> [&Script; 11] {
         [
             &self.presence_join,
             &self.presence_leave,
@@ -200,6 +206,10 @@ impl Scripts {
             &self.subscribers,
             &self.lease,
             &self.claim_dead,
+            &self.online,
+            &self.offline,
+            &self.rate,
+            &self.connections,
         ]
     }
 }
@@ -215,6 +225,10 @@ pub fn scripts() -> &'static Scripts {
         subscribers: Script::new("subscribers", SUBSCRIBERS, false),
         lease: Script::new("lease", LEASE, false),
         claim_dead: Script::new("claim_dead", CLAIM_DEAD, false),
+        online: Script::new("online", super::users::ONLINE, true),
+        offline: Script::new("offline", super::users::OFFLINE, true),
+        rate: Script::new("rate", super::limits::RATE, false),
+        connections: Script::new("connections", super::limits::CONNECTIONS, false),
     })
 }
 

@@ -9,45 +9,21 @@
 //! one by one (by the node at a reconnect, by a reaper when it died) and each script is
 //! idempotent: a `SADD` or `SREM` that changes nothing decides nothing.
 //!
-//! Sans-IO: builders return the commands (`EVAL`, so no `SCRIPT LOAD` state has to survive a
-//! Redis restart; the scripts are a few hundred bytes and run only at node-level transitions,
-//! not per message), readers take `Reply`s. To be unified with the presence scripts' loader.
+//! Sans-IO: builders return the commands (`EVALSHA` of the scripts `cluster::scripts` loads at
+//! every connect), readers take `Reply`s.
 
 use super::bucket;
 use super::commands::Command;
 use super::link::Reply;
 use super::message::{self, Header, Kind, MessageError, Sender, SCRIPT_SHARD};
+use super::scripts;
 use super::NodeIdentity;
 use crate::pusher::message as pusher_message;
 
-/// Shared by the scripts that publish: the script sender's incarnation (kept in Redis, 16 hex
-/// digits; the caller's candidate when none is kept) and its next number in the bucket are
-/// spliced into the caller's message (bytes 4–11 and 12–19, little-endian; Lua 5.1 numbers are
-/// doubles, so the incarnation is converted digit pair by digit pair and sequences stay exact
-/// below 2^53), which is then `SPUBLISH`ed.
-const PUBLISH: &str = r#"
-local function publish(incarnation_key, sequence_key, bucket, payload, candidate)
-  local incarnation = redis.call('GET', incarnation_key)
-  if not incarnation then
-    redis.call('SET', incarnation_key, candidate)
-    incarnation = candidate
-  end
-  local sequence = redis.call('HINCRBY', sequence_key, incarnation .. ':65535', 1)
-  local bytes = {}
-  for i = 15, 1, -2 do bytes[#bytes + 1] = string.char(tonumber(string.sub(incarnation, i, i + 1), 16)) end
-  local n = sequence
-  for _ = 1, 8 do
-    bytes[#bytes + 1] = string.char(n % 256)
-    n = math.floor(n / 256)
-  end
-  redis.call('SPUBLISH', bucket, string.sub(payload, 1, 4) .. table.concat(bytes) .. string.sub(payload, 21))
-end
-"#;
-
-/// `online`. KEYS: the app's online hash, this node's set, script incarnation, the bucket's
-/// `:seq`. ARGV: user, bucket channel, message, incarnation candidate. Returns 1 when the
+/// `online` (loaded with the other scripts by `cluster::scripts`, whose `publish` it calls).
+/// KEYS: the app's online hash, this node's set, script incarnation, the bucket's `:seq`. ARGV: user, bucket channel, message, incarnation candidate. Returns 1 when the
 /// user came online cluster-wide (kind 8 published), else 0.
-const ONLINE: &str = r#"
+pub(super) const ONLINE: &str = r#"
 if redis.call('SADD', KEYS[2], ARGV[1]) == 0 then return 0 end
 if redis.call('HINCRBY', KEYS[1], ARGV[1], 1) > 1 then return 0 end
 publish(KEYS[3], KEYS[4], ARGV[2], ARGV[3], ARGV[4])
@@ -56,7 +32,7 @@ return 1
 
 /// `offline`. KEYS and ARGV as `online`. Returns 1 when the user went offline cluster-wide
 /// (kind 9 published), else 0. The reaper runs it for a dead node's users.
-const OFFLINE: &str = r#"
+pub(super) const OFFLINE: &str = r#"
 if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
 if redis.call('HINCRBY', KEYS[1], ARGV[1], -1) > 0 then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -105,13 +81,14 @@ pub struct Caller<'a> {
     pub candidate: u64,
 }
 
-/// The `EVAL` of `online` or `offline` for `user_id` of `app_id`. The message's sender and
+/// The `EVALSHA` of `online` or `offline` for `user_id` of `app_id`. The message's sender and
 /// sequence are placeholders the script replaces. Fails only for a user id the message format
 /// refuses (no connection can sign in with one).
 pub fn call(caller: &Caller<'_>, app_id: &str, user_id: &str, transition: Transition) -> Result<Command, MessageError> {
+    let scripts = scripts::scripts();
     let (script, kind, name) = match transition {
-        Transition::Online => (ONLINE, Kind::UserOnline, "online"),
-        Transition::Offline => (OFFLINE, Kind::UserOffline, "offline"),
+        Transition::Online => (&scripts.online, Kind::UserOnline, "online"),
+        Transition::Offline => (&scripts.offline, Kind::UserOffline, "offline"),
     };
     let header = Header {
         kind,
@@ -130,20 +107,11 @@ pub fn call(caller: &Caller<'_>, app_id: &str, user_id: &str, transition: Transi
     let (mut channel, mut sequence_key) = (String::new(), String::new());
     bucket::channel_name(caller.prefix, app_id, number, &mut channel);
     bucket::sequence_key(caller.prefix, app_id, number, &mut sequence_key);
-    let source = format!("{PUBLISH}{script}");
-    Ok(vec![
-        b"EVAL".to_vec(),
-        source.into_bytes(),
-        b"4".to_vec(),
-        online_key(caller.prefix, app_id).into_bytes(),
-        node_key(caller.prefix, app_id, caller.holder).into_bytes(),
-        script_incarnation_key(caller.prefix).into_bytes(),
-        sequence_key.into_bytes(),
-        user_id.as_bytes().to_vec(),
-        channel.into_bytes(),
-        payload,
-        format!("{:016x}", caller.candidate.max(1)).into_bytes(),
-    ])
+    let (online, holder) = (online_key(caller.prefix, app_id), node_key(caller.prefix, app_id, caller.holder));
+    let keys = [online.as_str(), &holder, &script_incarnation_key(caller.prefix), &sequence_key];
+    let candidate = format!("{:016x}", caller.candidate.max(1));
+    let args: [&[u8]; 4] = [user_id.as_bytes(), channel.as_bytes(), &payload, candidate.as_bytes()];
+    Ok(script.call(&keys, &args))
 }
 
 /// `HEXISTS` of the user in the app's online hash: whether the user is online anywhere.
@@ -178,8 +146,9 @@ mod tests {
         let call = call(&caller(&node), "app", "alice", Transition::Offline).unwrap();
         let text = |i: usize| String::from_utf8(call[i].to_vec()).unwrap();
         let number = bucket::of_user("alice", 64);
-        assert_eq!(text(0), "EVAL");
-        assert!(text(1).contains("SREM"));
+        assert_eq!(text(0), "EVALSHA");
+        assert_eq!(text(1), scripts::scripts().offline.sha);
+        assert_eq!(text(2), "4");
         assert_eq!(
             (3..8).map(text).collect::<Vec<_>>(),
             [
