@@ -13,14 +13,16 @@ use ringwire::cluster::message::{self, Header, Kind, Sender};
 use crate::cluster::{options, run, RedisServer};
 use crate::support::*;
 
-/// A node of the cluster on `redis`, keys under `prefix`; returns once its links are up.
+/// A node of the cluster on `redis`, keys under `prefix`; returns once its links are up. The
+/// command timeout (the heartbeat's bound) is the default's: shorter ones flapped links on a
+/// loaded test machine; tests of a silent Redis set their own.
 pub(crate) fn node(redis: &RedisServer, prefix: &str) -> TestServer {
     let url = format!("redis://{}", redis.addr);
     let prefix = prefix.to_string();
     let server = TestServer::start(move |c| {
         c.cluster.redis_url = Some(url);
         c.cluster.prefix = prefix;
-        c.cluster.command_timeout_ms = 500;
+        c.cluster.command_timeout_ms = 2000;
         c.cluster.connect_timeout_ms = 500;
     });
     wait_ready(server.addr, 200);

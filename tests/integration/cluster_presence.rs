@@ -19,7 +19,7 @@ fn node(redis: &RedisServer, prefix: &str, change: impl FnOnce(&mut ringwire::Co
     let server = TestServer::start(move |c| {
         c.cluster.redis_url = Some(url);
         c.cluster.prefix = prefix;
-        c.cluster.command_timeout_ms = 500;
+        c.cluster.command_timeout_ms = 2000;
         c.cluster.connect_timeout_ms = 500;
         c.cluster.lease_ms = 1_000;
         change(c);

@@ -164,8 +164,6 @@ fn limited_node(redis: &RedisServer, prefix: &str, app: fn(&mut ringwire::config
     let server = TestServer::start(move |c| {
         c.cluster.redis_url = Some(url);
         c.cluster.prefix = prefix;
-        c.cluster.command_timeout_ms = 500;
-        c.cluster.connect_timeout_ms = 500;
         app(&mut c.apps[0]);
     });
     crate::cluster_nodes::wait_ready(server.addr, 200);
@@ -376,8 +374,6 @@ fn dead_node_users_go_offline_once() {
     let a = TestServer::start(move |c| {
         c.cluster.redis_url = Some(url);
         c.cluster.prefix = "watch-reap".into();
-        c.cluster.command_timeout_ms = 500;
-        c.cluster.connect_timeout_ms = 500;
         c.cluster.lease_ms = 1_000;
     });
     crate::cluster_nodes::wait_ready(a.addr, 200);
