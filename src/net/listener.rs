@@ -80,9 +80,9 @@ fn closed(shard: &Shard) {
 async fn connection<S: Transport>(shard: Rc<Shard>, stream: S) {
     let Some(upgrade) = conn::serve(&shard, stream).await else { return closed(&shard) };
     monoio::spawn(async move {
-        let Some(session) = conn::websocket(&shard, upgrade).await else { return closed(&shard) };
+        let Some(mut session) = conn::websocket(&shard, upgrade).await else { return closed(&shard) };
         monoio::spawn(async move {
-            conn::session(&shard, session).await;
+            conn::session(&shard, &mut session).await;
             closed(&shard);
         });
     });
