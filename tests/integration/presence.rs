@@ -492,7 +492,8 @@ fn signin_again_drops_previous_user_channel() {
 
 /// Graceful shutdown keeps every lifecycle event of the connections it closes: presence
 /// members on channels homed on both shards, from connections on both shards, are all
-/// removed and both channels vacated. The guarantee tested is durability: shutdown commits
+/// removed (at once, though their debounce window is a minute) and both channels vacated.
+/// The guarantee tested is durability: shutdown commits
 /// the events to the WAL (the endpoint is down during the first run), and a restart on the
 /// same data directory delivers every member_removed and channel_vacated.
 #[test]
@@ -505,6 +506,8 @@ fn graceful_shutdown_keeps_lifecycle_events() {
         c.webhooks.retry_schedule_ms = vec![0, 100, 100, 100, 100, 100, 100, 100, 100, 100];
         c.webhooks.retry_jitter_percent = 0;
         c.server.shutdown_grace_ms = 2000;
+        // A debounce far longer than the test: shutdown must run the pending leaves at once.
+        c.apps[0].presence_debounce_ms = 60_000;
     };
     let channels: Vec<String> = (0..2)
         .map(|home| {
