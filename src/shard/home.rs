@@ -136,7 +136,9 @@ pub struct HomeState {
     subscription_counts_changed: Vec<(AppIndex, Box<str>)>,
     /// Channels whose last subscriber left while members' removals were pending: vacated
     /// once those ran (member_removed, then channel_vacated), or never if a subscriber comes
-    /// back first. Invariant: each has a member in `presence` waiting out its debounce.
+    /// back first. Invariant: each has no subscriber counted here, and had a member waiting
+    /// out its debounce when it was held (one that came back since is followed by its
+    /// connection's count, which cancels the vacate).
     vacating: HashSet<(AppIndex, Box<str>)>,
     /// Signed-in connections per user, on all shards. Invariant: every count is at least 1.
     users_online: HashMap<(AppIndex, Box<str>), u32>,
