@@ -216,6 +216,8 @@ impl Shard {
     /// back (docs/cluster.md, "Presence debounce").
     fn presence_leave_later(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>, ticket: LeaveTicket) {
         let window = Duration::from_millis(self.apps().get(app).config.presence_debounce_ms);
+        // Only a shard whose background tasks run (every serving shard) has timers.
+        debug_assert!(self.me.get().is_some(), "a debounced leave on a shard without spawn_background");
         let Some(shard) = self.me.get().cloned() else { return };
         monoio::spawn(async move {
             monoio::time::sleep(window).await;
