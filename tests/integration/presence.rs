@@ -576,6 +576,7 @@ fn reconnect_within_debounce_is_silent() {
     assert_eq!(recv_json(&mut watcher)["event"], "pusher_internal:member_added");
     let added = |e: &[(String, String, String)]| e.iter().filter(|(n, _, _)| n == "member_added").count() == 2;
     wait_lifecycle(&receiver, added);
+    let left_at = std::time::Instant::now();
     drop(first);
     // The close reaches the server before the new join (its leave is in the home shard's
     // window when the join arrives).
@@ -583,6 +584,8 @@ fn reconnect_within_debounce_is_silent() {
     let (mut second, second_id) = connect_on(&server, 1);
     let data = join(&mut second, &second_id, channel, "u1");
     assert_eq!(data["presence"]["count"], 2, "{data}");
+    let rejoined = left_at.elapsed();
+    assert!(rejoined < Duration::from_millis(DEBOUNCE_MS), "the rejoin took {rejoined:?}: not within the window");
     // Nothing may arrive during the window nor once it has passed: only waiting shows that.
     assert_eq!(try_recv(&mut watcher, DEBOUNCE_MS + 500), None, "a reconnect within the window is silent");
     let events = receiver.lifecycle_events();
