@@ -48,6 +48,11 @@ pub struct AppConfig {
     /// Seconds a cache channel keeps its last event.
     #[serde(default = "default_cache_ttl_s")]
     pub cache_ttl_s: u64,
+    /// Milliseconds a member's last connection on a node stays counted after it leaves, so a
+    /// reconnect within the window causes no `member_removed`/`member_added` (Pusher's
+    /// presence debounce); 0 = off.
+    #[serde(default = "default_presence_debounce_ms")]
+    pub presence_debounce_ms: u64,
     /// Client events one connection may send per second; 0 = unlimited.
     #[serde(default = "default_client_events_per_second_max")]
     pub client_events_per_second_max: u32,
@@ -78,6 +83,9 @@ fn default_channels_per_connection_max() -> usize {
 fn default_cache_ttl_s() -> u64 {
     3600
 }
+fn default_presence_debounce_ms() -> u64 {
+    3000
+}
 fn default_client_events_per_second_max() -> u32 {
     10
 }
@@ -106,6 +114,7 @@ impl AppConfig {
             channels_per_connection_max: default_channels_per_connection_max(),
             backend_events_per_second_max: 0,
             cache_ttl_s: default_cache_ttl_s(),
+            presence_debounce_ms: default_presence_debounce_ms(),
             client_events_per_second_max: default_client_events_per_second_max(),
             authorized_connections_timeout_s: 0,
             webhooks: Vec::new(),

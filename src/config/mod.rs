@@ -209,10 +209,18 @@ impl Config {
                     return err(format!("apps[{i}].{field}"), "must be greater than 0".into());
                 }
             }
+            if app.presence_debounce_ms > PRESENCE_DEBOUNCE_MS_MAX {
+                let message = format!("at most {PRESENCE_DEBOUNCE_MS_MAX} (0 turns the debounce off)");
+                return err(format!("apps[{i}].presence_debounce_ms"), message);
+            }
         }
         Ok(())
     }
 }
+
+/// Longest presence debounce: a member who left stays listed this long at most (Pusher's own
+/// window is 3 s; a minute is already a stale member list, not a debounce).
+pub const PRESENCE_DEBOUNCE_MS_MAX: u64 = 60_000;
 
 /// Most DNS lookup threads (each blocked lookup holds one; more is a typo, not a need).
 pub const DNS_THREADS_MAX: usize = 64;

@@ -136,6 +136,21 @@ fn semantic_errors_name_key() {
     check_error("apps = []\n", "apps", Some(1), "at least one");
 }
 
+/// `presence_debounce_ms` refuses hostile values naming the key and line; 0 (off) is allowed.
+#[test]
+fn presence_debounce_is_bounded() {
+    let app = "[[apps]]\nid = \"1\"\nkey = \"k\"\nsecret = \"s\"\n";
+    let huge = format!("{app}presence_debounce_ms = 60001\n");
+    check_error(&huge, "apps[0].presence_debounce_ms", Some(5), "at most 60000");
+    let negative = Config::from_toml(&format!("{app}presence_debounce_ms = -1\n")).unwrap_err();
+    assert_eq!(negative.line, Some(5), "{negative}");
+    let text = Config::from_toml(&format!("{app}presence_debounce_ms = \"3s\"\n")).unwrap_err();
+    assert_eq!(text.line, Some(5), "{text}");
+    let off = Config::from_toml(&format!("{app}presence_debounce_ms = 0\n")).unwrap();
+    assert_eq!(off.apps[0].presence_debounce_ms, 0);
+    assert_eq!(Config::default().apps[0].presence_debounce_ms, 3000, "Pusher's window");
+}
+
 /// The DNS settings refuse hostile values (no threads, a thread per typo'd zero, no
 /// timeout) naming the key and line; a cache TTL of 0 (off) is allowed.
 #[test]

@@ -27,6 +27,7 @@ use bytes::Bytes;
 
 use super::home::{HomeEffect, LifecycleKind};
 use super::mesh::{HomeJoin, JoinReply};
+use super::presence::{LeaveTicket, Left};
 use super::Shard;
 use crate::apps::AppIndex;
 use crate::cluster::bucket;
@@ -316,11 +317,45 @@ impl Shard {
     }
 
     /// Home shard, cluster mode: one connection of a member left; the member's last
-    /// connection on this node runs `presence_leave`.
-    pub(super) fn cluster_presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
-        if self.state.borrow_mut().home.presence.leave(app, &channel, &user_id) {
-            self.run_presence_leave(app, channel, user_id);
+    /// connection on this node runs `presence_leave` — at once, or with `debounce` after the
+    /// window, unless the user joins again on this node meanwhile. Until then Redis still
+    /// counts the user on this node, so a rejoin on another node is no new member either.
+    pub(super) fn cluster_presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>, debounce: bool) {
+        let left = if debounce {
+            self.state.borrow_mut().home.presence.leave_later(app, &channel, &user_id)
+        } else if self.state.borrow_mut().home.presence.leave(app, &channel, &user_id) {
+            Left::Removed
+        } else {
+            Left::Stayed
+        };
+        match left {
+            Left::Stayed => {}
+            Left::Later(ticket) => self.apply(vec![HomeEffect::LeaveLater { app, channel, user_id, ticket }]),
+            Left::Removed => self.cluster_member_gone(app, channel, user_id),
         }
+    }
+
+    /// Home shard, cluster mode: a member's debounce window ended; if it did not come back on
+    /// this node, its `presence_leave` runs now.
+    pub(super) fn cluster_presence_leave_due(
+        &self,
+        app: AppIndex,
+        channel: Box<str>,
+        user_id: Box<str>,
+        ticket: LeaveTicket,
+    ) {
+        if self.state.borrow_mut().home.presence.leave_due(app, &channel, &user_id, ticket) {
+            self.cluster_member_gone(app, channel, user_id);
+        }
+    }
+
+    /// The member's last connection on this node is gone: `presence_leave`, then the
+    /// channel's `vacate` if it waited for this leave (queued after it, so Redis runs them in
+    /// that order).
+    fn cluster_member_gone(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {
+        self.run_presence_leave(app, channel.clone(), user_id);
+        let vacate = self.state.borrow_mut().home.vacate_after_leaves(app, channel);
+        self.apply(vacate.into_iter().collect());
     }
 
     fn run_presence_leave(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>) {

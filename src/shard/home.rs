@@ -10,14 +10,14 @@
 //! cluster-wide one) stand in for this one behind the same effects. Time comes in as an
 //! argument. Also here: `JoinTickets`, the joining side's record of the joins it sent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
 use bytes::Bytes;
 use indexmap::IndexMap;
 
 use super::mesh::{HomeJoin, JoinReply, Watcher};
-use super::presence::{Joined, PresenceTable};
+use super::presence::{Joined, LeaveTicket, Left, PresenceTable};
 use crate::apps::AppIndex;
 use crate::pusher::message::{self, SocketId};
 use crate::webhook::event::LifecycleEvent;
@@ -54,6 +54,18 @@ pub enum HomeEffect {
         channel: Box<str>,
         /// Which event.
         kind: LifecycleKind,
+    },
+    /// A member's last connection left: remove it (`presence_leave_due`) after the app's
+    /// `presence_debounce_ms`, unless it comes back first.
+    LeaveLater {
+        /// The app.
+        app: AppIndex,
+        /// The channel.
+        channel: Box<str>,
+        /// The member.
+        user_id: Box<str>,
+        /// Names this window.
+        ticket: LeaveTicket,
     },
     /// The answer to a join, for the connection's shard `to`.
     Reply {
@@ -122,6 +134,12 @@ pub struct HomeState {
     subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
     /// Channels whose count changed since the last announcement, each once.
     subscription_counts_changed: Vec<(AppIndex, Box<str>)>,
+    /// Channels whose last subscriber left while members' removals were pending: vacated
+    /// once those ran (member_removed, then channel_vacated), or never if a subscriber comes
+    /// back first. Invariant: each has no subscriber counted here, and had a member waiting
+    /// out its debounce when it was held (one that came back since is followed by its
+    /// connection's count, which cancels the vacate).
+    vacating: HashSet<(AppIndex, Box<str>)>,
     /// Signed-in connections per user, on all shards. Invariant: every count is at least 1.
     users_online: HashMap<(AppIndex, Box<str>), u32>,
     /// Watchers of each user. Invariant: no list is empty.
@@ -186,16 +204,64 @@ impl HomeState {
     }
 
     /// One connection of a member leaves; the user's last one removes the member, announced
-    /// with `member_removed`.
-    pub fn presence_leave(&mut self, app: AppIndex, channel: Box<str>, user_id: Box<str>) -> Vec<HomeEffect> {
-        if !self.presence.leave(app, &channel, &user_id) {
+    /// with `member_removed` — at once, or with `debounce` after a window (`LeaveLater`) in
+    /// which a join of the same user cancels it (Pusher's presence debounce).
+    pub fn presence_leave(
+        &mut self,
+        app: AppIndex,
+        channel: Box<str>,
+        user_id: Box<str>,
+        debounce: bool,
+    ) -> Vec<HomeEffect> {
+        let left = if debounce {
+            self.presence.leave_later(app, &channel, &user_id)
+        } else if self.presence.leave(app, &channel, &user_id) {
+            Left::Removed
+        } else {
+            Left::Stayed
+        };
+        match left {
+            Left::Stayed => Vec::new(),
+            Left::Later(ticket) => vec![HomeEffect::LeaveLater { app, channel, user_id, ticket }],
+            Left::Removed => self.member_removed(app, channel, user_id),
+        }
+    }
+
+    /// The debounce window `ticket` of a member ended: if no connection came back, the member
+    /// is removed now (`member_removed`, then `channel_vacated` if that was all that kept the
+    /// channel's vacate waiting).
+    pub fn presence_leave_due(
+        &mut self,
+        app: AppIndex,
+        channel: Box<str>,
+        user_id: Box<str>,
+        ticket: LeaveTicket,
+    ) -> Vec<HomeEffect> {
+        if !self.presence.leave_due(app, &channel, &user_id, ticket) {
             return Vec::new();
         }
+        self.member_removed(app, channel, user_id)
+    }
+
+    fn member_removed(&mut self, app: AppIndex, channel: Box<str>, user_id: Box<str>) -> Vec<HomeEffect> {
         let frame = message::member_removed(&channel, &user_id);
-        vec![
+        let mut effects = vec![
             HomeEffect::Broadcast { app, channel: channel.clone(), frame, exclude: None },
-            HomeEffect::Lifecycle { app, channel, kind: LifecycleKind::MemberRemoved(user_id) },
-        ]
+            HomeEffect::Lifecycle { app, channel: channel.clone(), kind: LifecycleKind::MemberRemoved(user_id) },
+        ];
+        effects.extend(self.vacate_after_leaves(app, channel));
+        effects
+    }
+
+    /// A member of `channel` was removed: a vacate that waited for the channel's pending
+    /// removals happens now if none is left (cluster mode calls this after its own leave).
+    pub fn vacate_after_leaves(&mut self, app: AppIndex, channel: Box<str>) -> Option<HomeEffect> {
+        let key = (app, channel);
+        if self.presence.has_leaving(app, &key.1) || !self.vacating.remove(&key) {
+            return None;
+        }
+        debug_assert!(self.subscribers(app, &key.1) <= 0, "an occupied channel's vacate is cancelled");
+        Some(HomeEffect::Lifecycle { app, channel: key.1, kind: LifecycleKind::Vacated })
     }
 
     /// A channel's subscriber count changed by `delta` on some shard: `channel_occupied` when
@@ -214,8 +280,18 @@ impl HomeState {
             self.subscription_counts_changed.push(key);
         }
         let kind = if before <= 0 && after > 0 {
+            // A subscriber within a pending vacate's window: the channel never emptied.
+            if self.vacating.remove(&(app, Box::<str>::from(channel))) {
+                return Vec::new();
+            }
             LifecycleKind::Occupied
         } else if before > 0 && after <= 0 {
+            // Members still waiting out their debounce leave first (member_removed, then
+            // channel_vacated): the vacate waits for them (`vacate_after_leaves`).
+            if self.presence.has_leaving(app, channel) {
+                self.vacating.insert((app, channel.into()));
+                return Vec::new();
+            }
             LifecycleKind::Vacated
         } else {
             return Vec::new();

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use super::home::{Answered, HomeEffect, JoinTicket, LifecycleKind};
 use super::mesh::{HomeJoin, JoinReply, MeshMessage, Watcher};
 use super::presence;
+use super::presence::LeaveTicket;
 use super::Shard;
 use crate::apps::AppIndex;
 use crate::cluster::bucket;
@@ -38,6 +39,9 @@ impl Shard {
                 HomeEffect::SendTo { watcher, frame } => self.send_to(watcher, frame),
                 HomeEffect::Lifecycle { app, channel, kind } => {
                     self.lifecycle(app, || kind.event(&channel));
+                }
+                HomeEffect::LeaveLater { app, channel, user_id, ticket } => {
+                    self.presence_leave_later(app, channel, user_id, ticket)
                 }
                 HomeEffect::Reply { to, reply } if to == self.index => self.joined(reply),
                 HomeEffect::Reply { to, reply } => self.mesh_send(to, MeshMessage::Joined(Box::new(reply))),
@@ -205,11 +209,45 @@ impl Shard {
         if home != self.index {
             return self.mesh_send(home, MeshMessage::PresenceLeave { app, channel, user_id });
         }
+        let debounce = self.apps().get(app).config.presence_debounce_ms > 0;
         if self.cluster().is_some() {
-            return self.cluster_presence_leave(app, channel, user_id);
+            return self.cluster_presence_leave(app, channel, user_id, debounce);
         }
-        let effects = self.state.borrow_mut().home.presence_leave(app, channel, user_id);
+        let effects = self.state.borrow_mut().home.presence_leave(app, channel, user_id, debounce);
         self.apply(effects);
+    }
+
+    /// Home shard: a member's last connection left; after the app's `presence_debounce_ms`
+    /// (read now, so a reload applies to the next leave) the member is removed unless it came
+    /// back (docs/cluster.md, "Presence debounce").
+    fn presence_leave_later(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>, ticket: LeaveTicket) {
+        let window = Duration::from_millis(self.apps().get(app).config.presence_debounce_ms);
+        // Only a shard whose background tasks run (every serving shard) has timers.
+        debug_assert!(self.me.get().is_some(), "a debounced leave on a shard without spawn_background");
+        let Some(shard) = self.me.get().cloned() else { return };
+        monoio::spawn(async move {
+            monoio::time::sleep(window).await;
+            if let Some(shard) = shard.upgrade() {
+                shard.presence_leave_due(app, channel, user_id, ticket);
+            }
+        });
+    }
+
+    /// Home shard: a member's debounce window ended; removes it unless it came back.
+    fn presence_leave_due(&self, app: AppIndex, channel: Box<str>, user_id: Box<str>, ticket: LeaveTicket) {
+        if self.cluster().is_some() {
+            return self.cluster_presence_leave_due(app, channel, user_id, ticket);
+        }
+        let effects = self.state.borrow_mut().home.presence_leave_due(app, channel, user_id, ticket);
+        self.apply(effects);
+    }
+
+    /// Shutdown: every member still waiting out its debounce is removed at once.
+    pub(super) fn presence_leave_all_now(&self) {
+        let leaving = self.state.borrow().home.presence.leaving();
+        for (app, channel, user_id, ticket) in leaving {
+            self.presence_leave_due(app, channel, user_id, ticket);
+        }
     }
 
     // ---- subscription_count ------------------------------------------------------------

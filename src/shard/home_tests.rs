@@ -61,6 +61,7 @@ fn describe(effects: &[HomeEffect]) -> Vec<String> {
                 format!("send {} {} {state}", watcher.socket_id.sequence, event(frame))
             }
             HomeEffect::Lifecycle { channel, kind, .. } => format!("webhook {channel} {kind:?}"),
+            HomeEffect::LeaveLater { channel, user_id, .. } => format!("leave later {channel} {user_id}"),
             HomeEffect::Reply { to, reply } => {
                 let frames: Vec<String> = reply.frames.iter().map(event).collect();
                 let verdict = if reply.accepted { "accepted" } else { "refused" };
@@ -109,14 +110,54 @@ fn member_removed_on_the_last_leave() {
     for n in [1, 2] {
         home.join(join(&mut tickets, 0, n, "presence-a", Some("u1"), false), 10, now);
     }
-    check(home.presence_leave(0, "presence-a".into(), "u1".into()), &[]);
+    check(home.presence_leave(0, "presence-a".into(), "u1".into(), false), &[]);
     check(
-        home.presence_leave(0, "presence-a".into(), "u1".into()),
+        home.presence_leave(0, "presence-a".into(), "u1".into(), false),
         &["broadcast presence-a pusher_internal:member_removed", r#"webhook presence-a MemberRemoved("u1")"#],
     );
-    check(home.presence_leave(0, "presence-a".into(), "u1".into()), &[]);
-    check(home.presence_leave(0, "presence-b".into(), "u9".into()), &[]);
+    check(home.presence_leave(0, "presence-a".into(), "u1".into(), false), &[]);
+    check(home.presence_leave(0, "presence-b".into(), "u9".into(), false), &[]);
     assert!(home.presence.entries().is_empty());
+}
+
+/// With the debounce, the last leave only schedules the removal and holds the channel's
+/// vacate; the removal then announces member_removed before channel_vacated.
+#[test]
+fn debounced_leave_removes_then_vacates() {
+    let (mut home, mut tickets, now) = (HomeState::default(), JoinTickets::default(), Instant::now());
+    home.join(join(&mut tickets, 0, 1, "presence-a", Some("u1"), false), 10, now);
+    check(home.count_subscriptions(0, "presence-a", 1, false), &["webhook presence-a Occupied"]);
+    let effects = home.presence_leave(0, "presence-a".into(), "u1".into(), true);
+    let [HomeEffect::LeaveLater { ticket, .. }] = effects[..] else { panic!("{:?}", describe(&effects)) };
+    check(home.count_subscriptions(0, "presence-a", -1, false), &[]);
+    assert!(home.presence.contains(0, "presence-a", "u1"), "still listed during the window");
+    check(
+        home.presence_leave_due(0, "presence-a".into(), "u1".into(), ticket),
+        &[
+            "broadcast presence-a pusher_internal:member_removed",
+            r#"webhook presence-a MemberRemoved("u1")"#,
+            "webhook presence-a Vacated",
+        ],
+    );
+    check(home.presence_leave_due(0, "presence-a".into(), "u1".into(), ticket), &[]);
+}
+
+/// A rejoin within the window cancels both the removal and the held vacate: no member
+/// events, no channel_vacated/channel_occupied pair.
+#[test]
+fn rejoin_within_the_window_cancels_removal_and_vacate() {
+    let (mut home, mut tickets, now) = (HomeState::default(), JoinTickets::default(), Instant::now());
+    home.join(join(&mut tickets, 0, 1, "presence-a", Some("u1"), false), 10, now);
+    check(home.count_subscriptions(0, "presence-a", 1, false), &["webhook presence-a Occupied"]);
+    check(home.presence_leave(0, "presence-a".into(), "u1".into(), true), &["leave later presence-a u1"]);
+    check(home.count_subscriptions(0, "presence-a", -1, false), &[]);
+    check(
+        home.join(join(&mut tickets, 1, 2, "presence-a", Some("u1"), false), 10, now),
+        &["reply to 1 for 2: accepted pusher_internal:subscription_succeeded"],
+    );
+    check(home.count_subscriptions(0, "presence-a", 1, false), &[]);
+    let leaving = home.presence.leaving();
+    assert!(leaving.is_empty(), "{leaving:?}");
 }
 
 /// A full presence channel refuses a new user (no announcement, no cache lookup) but not

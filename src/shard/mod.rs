@@ -143,6 +143,9 @@ pub struct Shard {
     /// The WAL position of the last lifecycle event created here, committed at shutdown.
     lifecycle_lsn_max: Cell<Lsn>,
     started: Instant,
+    /// This shard, for timers that outlive the call that starts them (set once, by
+    /// `spawn_background`).
+    me: OnceCell<std::rc::Weak<Shard>>,
 }
 
 impl Shard {
@@ -181,6 +184,7 @@ impl Shard {
             cluster_cell: OnceCell::new(),
             lifecycle_lsn_max: Cell::new(0),
             started: Instant::now(),
+            me: OnceCell::new(),
         }
     }
 
@@ -224,6 +228,7 @@ impl Shard {
 
     /// Starts the shard's background tasks. Call once, inside its runtime.
     pub fn spawn_background(self: &Rc<Self>) {
+        let _ = self.me.set(Rc::downgrade(self));
         monoio::spawn(self.clone().pump());
         monoio::spawn(self.clone().flusher());
         monoio::spawn(self.clone().ticker());
@@ -707,6 +712,8 @@ impl Shard {
         while !self.mesh.quiescent() && Instant::now() < deadline {
             monoio::time::sleep(Duration::from_millis(1)).await;
         }
+        // Members still waiting out their debounce leave now, not after the process is gone.
+        self.presence_leave_all_now();
         if self.cluster().is_some() {
             self.cluster_shutdown(deadline).await;
         }

@@ -166,11 +166,14 @@ impl Shard {
         let was_routed = state.router.unsubscribe(app, name, key);
         drop(state);
         ShardMetrics::sub(&self.metrics().subscriptions, 1);
-        if was_routed {
-            self.subscription_changed(app, name, -1);
-        }
+        // The member leaves before the channel empties (as at teardown), so the home shard
+        // knows of its pending removal when the count reaches 0 (member_removed, then
+        // channel_vacated).
         if let Some((channel, user_id)) = left {
             self.presence_leave_after(pending, app, channel, user_id);
+        }
+        if was_routed {
+            self.subscription_changed(app, name, -1);
         }
     }
 

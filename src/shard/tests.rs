@@ -20,7 +20,7 @@ const CHANNELS: [&str; 8] =
 const USERS: [&str; 3] = ["u0", "u1", "u2"];
 
 /// Two shards on one mesh with tiny rings (so outboxes are exercised) and two apps that count
-/// subscriptions, with presence channels limited to two members.
+/// subscriptions, with presence channels limited to two members and no presence debounce.
 fn shards() -> Vec<Shard> {
     let mut config = Config::default();
     let mut second = AppConfig::demo();
@@ -30,6 +30,9 @@ fn shards() -> Vec<Shard> {
     for app in &mut config.apps {
         app.subscription_count_enabled = true;
         app.presence_members_max = 2;
+        // Members leave at once: these shards run no timers (`spawn_background` is not
+        // called), and the model compares members with live connections.
+        app.presence_debounce_ms = 0;
     }
     let apps = Arc::new(Apps::new(&config.apps));
     let config = Arc::new(config);

@@ -799,3 +799,65 @@ fn standard_webhooks_once_per_publish() {
     ids.dedup();
     assert_eq!((requests.len(), ids.len()), (3, 3), "one delivery per event, not one per node");
 }
+
+/// Pusher's presence debounce across nodes: a user whose only connection (on node A) closes
+/// and who joins on node B within the window causes no member_removed/member_added at
+/// subscribers on any node and no member webhooks (node A still counts the user in Redis
+/// during the window); staying away afterwards makes exactly one member_removed and one
+/// webhook, after about the window.
+#[test]
+fn reconnect_on_another_node_within_debounce_is_silent() {
+    // Long enough that the rejoin below lands inside it on a loaded machine.
+    const DEBOUNCE_MS: u64 = 2_000;
+    let redis = RedisServer::start();
+    let receiver = Receiver::start();
+    let url = format!("http://{}/lifecycle", receiver.addr);
+    let hooked = |c: &mut ringwire::Config| {
+        c.webhooks.data_dir = temp_dir("cluster-debounce");
+        c.webhooks.allow_private_targets = true;
+        c.webhooks.batch_ms = 10;
+        c.apps[0].webhooks = vec![ringwire::config::WebhookConfig::pusher(url.clone())];
+        c.apps[0].presence_debounce_ms = DEBOUNCE_MS;
+    };
+    let nodes: Vec<TestServer> = (0..3).map(|_| node(&redis, "debounce", hooked)).collect();
+    let room = "presence-debounce";
+    // Watchers on node A (where the user leaves) and node C (where it is in neither place).
+    let (mut watcher_a, id) = connect(nodes[0].addr);
+    join(&mut watcher_a, &id, room, "wa");
+    let (mut watcher_c, id) = connect(nodes[2].addr);
+    join(&mut watcher_c, &id, room, "wc");
+    assert_eq!(recv_text(&mut watcher_a), member_added(room, "wc"));
+    let (mut on_a, id) = connect(nodes[0].addr);
+    join(&mut on_a, &id, room, "1");
+    assert_eq!(recv_text(&mut watcher_a), member_added(room, "1"));
+    assert_eq!(recv_text(&mut watcher_c), member_added(room, "1"));
+    let count = |name: &str| receiver.lifecycle_events().iter().filter(|(n, _, _)| n == name).count();
+    assert!(eventually(Duration::from_secs(5), || count("member_added") == 3), "{:?}", receiver.lifecycle_events());
+
+    let left_at = Instant::now();
+    drop(on_a);
+    // Node A has seen the close (its leave waits in the window) before the user comes back.
+    std::thread::sleep(Duration::from_millis(100));
+    let (mut on_b, id) = connect(nodes[1].addr);
+    assert_eq!(sorted(join(&mut on_b, &id, room, "1")), ["1", "wa", "wc"]);
+    let rejoined = left_at.elapsed();
+    assert!(rejoined < Duration::from_millis(DEBOUNCE_MS), "the rejoin took {rejoined:?}: not within the window");
+    // Past node A's window: had anything been announced, it would come before the marker.
+    std::thread::sleep(Duration::from_millis(DEBOUNCE_MS + 500));
+    marker(nodes[1].addr, room, 1, &mut [&mut watcher_a, &mut watcher_c, &mut on_b]);
+    assert_eq!(count("member_removed"), 0, "{:?}", receiver.lifecycle_events());
+    assert_eq!(count("member_added"), 3, "{:?}", receiver.lifecycle_events());
+
+    // Now the user stays away: one member_removed on every node, after about the window.
+    let left_at = Instant::now();
+    drop(on_b);
+    assert_eq!(recv_text(&mut watcher_a), member_removed(room, "1"));
+    assert!(left_at.elapsed() >= Duration::from_millis(DEBOUNCE_MS - 100), "{:?}", left_at.elapsed());
+    assert_eq!(recv_text(&mut watcher_c), member_removed(room, "1"));
+    marker(nodes[2].addr, room, 2, &mut [&mut watcher_a, &mut watcher_c]);
+    assert!(eventually(Duration::from_secs(5), || count("member_removed") == 1), "{:?}", receiver.lifecycle_events());
+    // A duplicate from another node would come with its next batch (10 ms): give it a few.
+    std::thread::sleep(Duration::from_millis(300));
+    let removed: Vec<_> = receiver.lifecycle_events().into_iter().filter(|(n, _, _)| n == "member_removed").collect();
+    assert_eq!(removed, [("member_removed".to_string(), room.to_string(), "1".to_string())]);
+}

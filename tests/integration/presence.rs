@@ -492,7 +492,8 @@ fn signin_again_drops_previous_user_channel() {
 
 /// Graceful shutdown keeps every lifecycle event of the connections it closes: presence
 /// members on channels homed on both shards, from connections on both shards, are all
-/// removed and both channels vacated. The guarantee tested is durability: shutdown commits
+/// removed (at once, though their debounce window is a minute) and both channels vacated.
+/// The guarantee tested is durability: shutdown commits
 /// the events to the WAL (the endpoint is down during the first run), and a restart on the
 /// same data directory delivers every member_removed and channel_vacated.
 #[test]
@@ -505,6 +506,8 @@ fn graceful_shutdown_keeps_lifecycle_events() {
         c.webhooks.retry_schedule_ms = vec![0, 100, 100, 100, 100, 100, 100, 100, 100, 100];
         c.webhooks.retry_jitter_percent = 0;
         c.server.shutdown_grace_ms = 2000;
+        // A debounce far longer than the test: shutdown must run the pending leaves at once.
+        c.apps[0].presence_debounce_ms = 60_000;
     };
     let channels: Vec<String> = (0..2)
         .map(|home| {
@@ -549,4 +552,90 @@ fn graceful_shutdown_keeps_lifecycle_events() {
     };
     let events = wait_lifecycle(&receiver, complete);
     assert!(complete(&events), "missing member_removed or channel_vacated after restart: {events:?}");
+}
+
+/// The presence debounce window of the tests below (shorter than Pusher's 3 s to keep them
+/// quick; the mechanism does not depend on its length).
+const DEBOUNCE_MS: u64 = 1_000;
+
+/// Pusher's presence debounce on one node: a user whose only connection closes and who joins
+/// again (from another shard) within the window causes no member_removed/member_added at
+/// another subscriber and no member webhooks; the member list never loses the user.
+#[test]
+fn reconnect_within_debounce_is_silent() {
+    let receiver = Receiver::start();
+    let server = TestServer::start(|c| {
+        lifecycle_hook(c, receiver.addr, "debounce-rejoin");
+        c.apps[0].presence_debounce_ms = DEBOUNCE_MS;
+    });
+    let channel = "presence-debounce";
+    let (mut watcher, watcher_id) = connect(server.addr);
+    join(&mut watcher, &watcher_id, channel, "watcher");
+    let (mut first, first_id) = connect_on(&server, 0);
+    join(&mut first, &first_id, channel, "u1");
+    assert_eq!(recv_json(&mut watcher)["event"], "pusher_internal:member_added");
+    let added = |e: &[(String, String, String)]| e.iter().filter(|(n, _, _)| n == "member_added").count() == 2;
+    wait_lifecycle(&receiver, added);
+    let left_at = std::time::Instant::now();
+    drop(first);
+    // The close reaches the server before the new join (its leave is in the home shard's
+    // window when the join arrives).
+    std::thread::sleep(Duration::from_millis(100));
+    let (mut second, second_id) = connect_on(&server, 1);
+    let data = join(&mut second, &second_id, channel, "u1");
+    assert_eq!(data["presence"]["count"], 2, "{data}");
+    let rejoined = left_at.elapsed();
+    assert!(rejoined < Duration::from_millis(DEBOUNCE_MS), "the rejoin took {rejoined:?}: not within the window");
+    // Nothing may arrive during the window nor once it has passed: only waiting shows that.
+    assert_eq!(try_recv(&mut watcher, DEBOUNCE_MS + 500), None, "a reconnect within the window is silent");
+    let events = receiver.lifecycle_events();
+    let members: Vec<_> = events.iter().filter(|(n, _, _)| n.starts_with("member_")).collect();
+    assert_eq!(members.len(), 2, "only the two joins: {events:?}");
+    // The member is still counted once: its real leave is announced after the window.
+    drop(second);
+    let removed = recv_json(&mut watcher);
+    assert_eq!(removed["event"], "pusher_internal:member_removed", "{removed}");
+    let removed = |e: &[(String, String, String)]| e.iter().any(|(n, _, _)| n == "member_removed");
+    let events = wait_lifecycle(&receiver, removed);
+    let u1: Vec<&str> = events.iter().filter(|(_, _, u)| u == "u1").map(|(n, _, _)| n.as_str()).collect();
+    assert_eq!(u1, ["member_added", "member_removed"], "{events:?}");
+}
+
+/// A member who stays away is removed after about the window (the client event and the
+/// webhook); the channel is vacated only after its last member's delayed removal, so the
+/// webhooks say member_removed, then channel_vacated, each once.
+#[test]
+fn leave_is_announced_after_the_window_then_vacated() {
+    let receiver = Receiver::start();
+    let server = TestServer::start(|c| {
+        lifecycle_hook(c, receiver.addr, "debounce-leave");
+        c.apps[0].presence_debounce_ms = DEBOUNCE_MS;
+    });
+    let channel = "presence-debounce-leave";
+    let (mut watcher, watcher_id) = connect(server.addr);
+    join(&mut watcher, &watcher_id, channel, "watcher");
+    let (mut leaver, leaver_id) = connect(server.addr);
+    join(&mut leaver, &leaver_id, channel, "u1");
+    assert_eq!(recv_json(&mut watcher)["event"], "pusher_internal:member_added");
+    let left_at = std::time::Instant::now();
+    drop(leaver);
+    let removed = recv_json(&mut watcher);
+    let waited = left_at.elapsed();
+    assert_eq!(removed["event"], "pusher_internal:member_removed", "{removed}");
+    assert!(waited >= Duration::from_millis(DEBOUNCE_MS - 100), "removed after the window, not {waited:?}");
+    assert!(waited < Duration::from_millis(DEBOUNCE_MS + 1_500), "removed soon after the window, not {waited:?}");
+    drop(watcher);
+    let vacated = |e: &[(String, String, String)]| e.iter().any(|(n, _, _)| n == "channel_vacated");
+    wait_lifecycle(&receiver, vacated);
+    // A late duplicate would come with the next batch: give it one.
+    std::thread::sleep(Duration::from_millis(200));
+    let events: Vec<(String, String)> = receiver
+        .lifecycle_events()
+        .into_iter()
+        .filter(|(n, _, _)| n != "member_added" && n != "channel_occupied")
+        .map(|(n, _, u)| (n, u))
+        .collect();
+    let expected = [("member_removed", "u1"), ("member_removed", "watcher"), ("channel_vacated", "")];
+    let expected: Vec<(String, String)> = expected.iter().map(|(n, u)| (n.to_string(), u.to_string())).collect();
+    assert_eq!(events, expected, "{events:?}");
 }

@@ -32,6 +32,9 @@ impl TestServer {
         config.server.shards = 2;
         config.server.shutdown_grace_ms = 300;
         config.server.shutdown_close_window_ms = 10;
+        // Presence debounce off: most tests check member events as they happen; the tests of
+        // the debounce set their window.
+        config.apps.iter_mut().for_each(|app| app.presence_debounce_ms = 0);
         if let Ok(driver) = std::env::var("RINGWIRE_TEST_DRIVER") {
             config.server.io_driver = if driver == "epoll" { IoDriver::Epoll } else { IoDriver::IoUring };
         }

@@ -31,8 +31,12 @@ import {
 
 const SETTLE_MS = 300; // how long "nothing more arrives" is watched for, after a sentinel
 
+// presence_debounce_ms = 0: tests 1 and 9 check member_removed as a user leaves, which the
+// default 3 s debounce would delay; webhooks.test.mjs covers the default window with pusher-js.
 const ringwire = ringwireProcess({
-  config: configToml({ app: 'enable_client_events = true\nsubscription_count_enabled = true\ncache_ttl_s = 60' }),
+  config: configToml({
+    app: 'enable_client_events = true\nsubscription_count_enabled = true\ncache_ttl_s = 60\npresence_debounce_ms = 0',
+  }),
   prefix: 'ringwire-protocol-',
 });
 const {

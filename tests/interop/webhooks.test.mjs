@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import Pusher from 'pusher-js';
 import { Webhook } from 'standardwebhooks';
 
-import { KEY, clientOptions, configToml, httpReceiver, pusherServer, spawnRingwire, until } from './harness.mjs';
+import { KEY, clientOptions, configToml, httpReceiver, pusherServer, sleep, spawnRingwire, until } from './harness.mjs';
 
 // Two secrets: the current one and one being rotated out; either must verify alone.
 const WHSEC_NEW = 'whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD';
@@ -85,5 +85,54 @@ describe('webhooks verified by the official libraries', () => {
     const forged = receiver.requests.find((r) => r.url === '/pusher');
     const bad = api.webhook({ headers: { ...forged.headers, 'x-pusher-signature': '0'.repeat(64) }, rawBody: forged.body });
     assert.equal(bad.isValid(), false);
+  });
+
+  // Proves Pusher's presence debounce at its default window (3 s, this server's config sets
+  // none): a pusher-js user who disconnects and reconnects within it is no member_removed or
+  // member_added at another client, and no member webhook; staying away is one of each.
+  it('a reconnect within the presence debounce makes no member events or webhooks', async () => {
+    const name = 'presence-debounce';
+    const connect = (user) => {
+      const client = new Pusher(KEY, {
+        ...clientOptions(ringwire),
+        channelAuthorization: {
+          customHandler: ({ socketId, channelName }, callback) =>
+            callback(null, api.authorizeChannel(socketId, channelName, user)),
+        },
+      });
+      const channel = client.subscribe(name);
+      const joined = new Promise((resolve) => channel.bind('pusher:subscription_succeeded', resolve));
+      return { client, channel, joined };
+    };
+    const memberEvents = () =>
+      receiver.requests
+        .filter((r) => r.url === '/pusher')
+        .flatMap((r) => JSON.parse(r.body).events)
+        .filter((e) => e.channel === name && e.name.startsWith('member_'))
+        .map((e) => `${e.name} ${e.user_id}`);
+    const observer = connect({ user_id: 'watcher' });
+    await observer.joined;
+    const seen = [];
+    observer.channel.bind('pusher:member_added', (m) => seen.push(`added ${m.id}`));
+    observer.channel.bind('pusher:member_removed', (m) => seen.push(`removed ${m.id}`));
+    const first = connect({ user_id: 'ada', user_info: { name: 'Ada' } });
+    await first.joined;
+    await until('ada added', () => seen.includes('added ada'));
+    await until('member webhooks', () => memberEvents().length === 2);
+    first.client.disconnect();
+    await sleep(100); // the server has seen the close before she comes back
+    const second = connect({ user_id: 'ada', user_info: { name: 'Ada' } });
+    const members = await second.joined;
+    assert.deepEqual(Object.keys(members.members).sort(), ['ada', 'watcher']);
+    // Past the window: nothing may have been announced (only waiting shows an absence).
+    await sleep(3500);
+    assert.deepEqual(seen, ['added ada']);
+    assert.deepEqual(memberEvents().sort(), ['member_added ada', 'member_added watcher']);
+    second.client.disconnect();
+    await until('ada removed', () => seen.includes('removed ada'), 10000);
+    await until('member_removed webhook', () => memberEvents().includes('member_removed ada'));
+    observer.client.disconnect();
+    assert.deepEqual(seen, ['added ada', 'removed ada']);
+    assert.deepEqual(memberEvents().filter((e) => e.startsWith('member_removed')), ['member_removed ada']);
   });
 });
