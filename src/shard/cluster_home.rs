@@ -74,7 +74,8 @@ fn take_matching(list: &mut Vec<Held>, matches: impl Fn(&Held) -> bool) -> Vec<H
 pub(super) struct ClusterHome {
     /// Per (app, bucket) this shard receives: the script sender's last message delivered.
     script_seen: HashMap<(AppIndex, u16), (u64, u64)>,
-    /// Join answers waiting for their place in the stream. Bounded by the joins in flight
+    /// Join answers waiting for their place in the stream (released by any script message of
+    /// their bucket at or past it, a gap or a barrier). Bounded by the joins in flight
     /// (each waits at most until the next message, gap or barrier of its bucket).
     held: Vec<Held>,
     /// Transitions to run again at the next `link_up`. Bounded by the presence members and
@@ -252,6 +253,29 @@ impl Shard {
 
     /// The bucket shard delivered a script message (or learned the script sender's number at
     /// a barrier): join answers waiting for that place go out now.
+    /// A script's message (any kind: member events and the watchlist's online/offline share
+    /// the script sender's stream) is about to be delivered: a join answer whose member list
+    /// is older than it goes out first, so that its connection, routed before the delivery,
+    /// gets this message (otherwise the answer would wait for a later member event and the
+    /// connection would miss this one).
+    pub(super) fn script_message_arriving(&self, bucket: BucketId, sender: Sender, sequence: u64) {
+        if sender.shard != SCRIPT_SHARD {
+            return;
+        }
+        let released = {
+            let mut home = self.cluster_handle().home.borrow_mut();
+            let older = |h: &Held| {
+                h.app == bucket.app
+                    && h.bucket == bucket.number
+                    && h.position.is_some_and(|(i, s)| i == sender.incarnation && s < sequence)
+            };
+            take_matching(&mut home.held, older)
+        };
+        self.release(released);
+    }
+
+    /// A script's message was delivered: join answers whose member list already reflects it
+    /// go out now (their connections must not get it again).
     pub(super) fn script_message_seen(&self, bucket: BucketId, sender: Sender, sequence: u64) {
         if sender.shard != SCRIPT_SHARD {
             return;

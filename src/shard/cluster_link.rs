@@ -95,8 +95,9 @@ struct ShardEvents {
     shard: Rc<Shard>,
 }
 
-impl Events for ShardEvents {
-    fn message(&mut self, bucket: BucketId, header: &Header<'_>, frame: Bytes) {
+impl ShardEvents {
+    /// Hands one bucket message to what it is for on this node.
+    fn deliver(&self, bucket: BucketId, header: &Header<'_>, frame: Bytes) {
         match header.kind {
             // The frame is a slice of the link's read buffer: every local subscriber, on
             // every shard, queues these same bytes.
@@ -114,11 +115,9 @@ impl Events for ShardEvents {
                 self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
             }
             Kind::SubscriptionCount => self.shard.broadcast(bucket.app, header.channel, frame, header.exclude),
-            // Decided once cluster-wide by a script (`shard::cluster_home`); join answers
-            // waiting for this place in the stream follow it.
+            // Decided once cluster-wide by a script (`shard::cluster_home`).
             Kind::MemberAdded | Kind::MemberRemoved => {
-                self.shard.broadcast(bucket.app, header.channel, frame, header.exclude);
-                self.shard.script_message_seen(bucket, header.sender, header.sequence);
+                self.shard.broadcast(bucket.app, header.channel, frame, header.exclude)
             }
             // The user's connections on every shard of this node, closed as on a single node.
             Kind::TerminateUser => self.shard.terminate_user(bucket.app, header.user_id),
@@ -129,6 +128,16 @@ impl Events for ShardEvents {
             }
             other => tracing::debug!(kind = ?other, node = header.node_id, "cluster message kind not wired; ignored"),
         }
+    }
+}
+
+impl Events for ShardEvents {
+    fn message(&mut self, bucket: BucketId, header: &Header<'_>, frame: Bytes) {
+        // Join answers held for their place in the script sender's stream (`shard::cluster_home`)
+        // follow every script message, whatever its kind.
+        self.shard.script_message_arriving(bucket, header.sender, header.sequence);
+        self.deliver(bucket, header, frame);
+        self.shard.script_message_seen(bucket, header.sender, header.sequence);
     }
 
     fn gap(&mut self, bucket: BucketId, gap: Gap) {

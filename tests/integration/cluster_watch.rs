@@ -394,3 +394,39 @@ fn dead_node_users_go_offline_once() {
     signin(&mut zed, &zed_id, r#"{"id":"zed"}"#);
     assert_eq!(recv_text(&mut bob), watchlist("online", "zed"));
 }
+
+/// A presence join answered while the last script message of its bucket was a watchlist
+/// event (kinds 8–9 share the script sender's stream with the member events) goes out at
+/// once; it used to wait for the next member event of the bucket, which a quiet channel may
+/// never send.
+#[test]
+fn presence_join_after_a_watchlist_event_of_its_bucket() {
+    use ringwire::cluster::bucket;
+
+    let redis = RedisServer::start();
+    let nodes = nodes(&redis, "heldjoin", 2);
+    let channel = "presence-quiet";
+    let target = bucket::of_channel(channel, 64);
+    let user = (0..).map(|n| format!("u{n}")).find(|u| bucket::of_user(u, 64) == target).unwrap();
+    let presence = |ws: &mut Ws, id: &str| {
+        let channel_data = json!({"user_id": "m", "user_info": {}}).to_string();
+        let auth = sign(&format!("{id}:{channel}:{channel_data}"));
+        send_json(
+            ws,
+            json!({"event": "pusher:subscribe", "data": {"channel": channel, "auth": auth, "channel_data": channel_data}}),
+        );
+        let reply = recv_json(ws);
+        assert_eq!(reply["event"], "pusher_internal:subscription_succeeded", "{reply}");
+    };
+    let (mut first, first_id) = connect(nodes[0].addr);
+    presence(&mut first, &first_id);
+    // A watcher on node A sees the user's online, so the script's kind 8 has reached node A.
+    let (mut watcher, watcher_id) = connect(nodes[0].addr);
+    signin(&mut watcher, &watcher_id, &format!(r#"{{"id":"w","watchlist":["{user}"]}}"#));
+    let (mut signed, signed_id) = connect(nodes[1].addr);
+    signin(&mut signed, &signed_id, &format!(r#"{{"id":"{user}"}}"#));
+    assert_eq!(recv_text(&mut watcher), watchlist("online", &user));
+    // A second tab of member m on node A: no member_added; its answer must not be held.
+    let (mut second, second_id) = connect(nodes[0].addr);
+    presence(&mut second, &second_id);
+}
