@@ -50,9 +50,10 @@ impl Request {
         }
     }
 
-    /// Bytes the group adds to a pipeline, roughly (arguments plus RESP framing).
+    /// Bytes the group adds to a pipeline, at least (arguments plus RESP framing: at most 16
+    /// bytes per argument and per command for any length a pipeline can hold).
     pub fn bytes(&self) -> usize {
-        self.commands.iter().flatten().map(|arg| arg.len() + 16).sum()
+        self.commands.iter().flatten().map(|arg| arg.len() + 16).sum::<usize>() + 16 * self.commands.len()
     }
 }
 

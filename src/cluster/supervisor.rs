@@ -618,6 +618,14 @@ impl<E: Events> Supervisor<E> {
     async fn run_requests(&mut self, command: &mut Link, batch: &mut Vec<Request>) -> Result<(), LinkError> {
         let budget = self.options.link.pipeline_bytes_max.saturating_sub(PIPELINE_OVERHEAD_BYTES);
         self.commands.take_batch(budget, batch);
+        // A request that alone overflows a pipeline is refused by itself: queueing it would end
+        // the session (and every other shard's work on this link) for one asker's sake.
+        let (fit, oversize): (Vec<Request>, Vec<Request>) = batch.drain(..).partition(|r| r.bytes() <= budget);
+        *batch = fit;
+        for request in oversize {
+            tracing::error!(bytes = request.bytes(), "a Redis request is over cluster.pipeline_bytes_max; refused");
+            request.complete(Err(Unavailable));
+        }
         let mut result = Ok(());
         for request in batch.iter() {
             for args in &request.commands {
@@ -635,8 +643,8 @@ impl<E: Events> Supervisor<E> {
             for request in batch.drain(..) {
                 request.complete(Err(Unavailable));
             }
-            // A group over the pipeline limit alone is refused; the link itself is fine then,
-            // but its queued commands were not sent, so it starts again clean.
+            // The link failed, or (despite the check above) the batch overflowed the pipeline:
+            // its queued commands were not sent, so it starts again clean.
             return Err(error);
         }
         let mut replies = replies.into_iter();

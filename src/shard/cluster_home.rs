@@ -510,13 +510,23 @@ impl Shard {
         if names.is_empty() {
             return Ok(Vec::new());
         }
-        let mut commands = Vec::with_capacity(names.len() * 2);
-        for name in &names {
-            let keys = ChannelKeys::new(&cluster.prefix, app_id, name, cluster.buckets);
-            commands.push(vec![b"HVALS".to_vec(), keys.subscribers().into_bytes()]);
-            commands.push(vec![b"HLEN".to_vec(), keys.members().into_bytes()]);
+        // One request per group of channels, all queued before the first is awaited (so they
+        // still share pipelines): one request for every channel would overflow
+        // `cluster.pipeline_bytes_max` past a few thousand occupied channels and be refused.
+        let mut pending = Vec::new();
+        for group in names.chunks(CHANNELS_PER_REQUEST) {
+            let mut commands = Vec::with_capacity(group.len() * 2);
+            for name in group {
+                let keys = ChannelKeys::new(&cluster.prefix, app_id, name, cluster.buckets);
+                commands.push(vec![b"HVALS".to_vec(), keys.subscribers().into_bytes()]);
+                commands.push(vec![b"HLEN".to_vec(), keys.members().into_bytes()]);
+            }
+            pending.push(cluster.commands.request(commands)?);
         }
-        let replies = self.cluster_request(commands).await?;
+        let mut replies = Vec::with_capacity(names.len() * 2);
+        for group in pending {
+            replies.extend(group.replies().await?);
+        }
         let mut channels = Vec::with_capacity(names.len());
         for (name, pair) in names.into_iter().zip(replies.chunks_exact(2)) {
             let subscription_count = sum_of(&pair[0]).ok_or(Unavailable)?;
@@ -680,24 +690,37 @@ impl Shard {
         if users.is_empty() {
             return Ok(());
         }
-        let commands = users
-            .iter()
-            .map(|user_id| {
-                let member = Member { node: &cluster.node, keys, channel, user_id };
-                let frame = message::member_removed(channel, user_id);
-                scripts::presence_leave(&member, dead, &frame, &mut cluster.home.borrow_mut().rng)
-            })
-            .collect();
-        let replies = self.cluster_request(commands).await?;
-        for (user_id, reply) in users.into_iter().zip(&replies) {
-            if let (Some(1), Some(app)) = (integer(reply), app) {
-                let kind = LifecycleKind::MemberRemoved(user_id.into());
-                self.decided(app, channel, kind);
+        // In groups: a dead node's members of one channel can be many thousands, and one
+        // request over `cluster.pipeline_bytes_max` would be refused whole.
+        for group in users.chunks(REAP_MEMBERS_GROUP) {
+            let commands = group
+                .iter()
+                .map(|user_id| {
+                    let member = Member { node: &cluster.node, keys, channel, user_id };
+                    let frame = message::member_removed(channel, user_id);
+                    scripts::presence_leave(&member, dead, &frame, &mut cluster.home.borrow_mut().rng)
+                })
+                .collect();
+            let replies = self.cluster_request(commands).await?;
+            for (user_id, reply) in group.iter().zip(&replies) {
+                if let (Some(1), Some(app)) = (integer(reply), app) {
+                    let kind = LifecycleKind::MemberRemoved(user_id.as_str().into());
+                    self.decided(app, channel, kind);
+                }
             }
         }
         Ok(())
     }
 }
+
+/// Channels counted per request of `GET /channels`: two commands each, keys of at most a
+/// few hundred bytes, so a group stays well under the smallest `cluster.pipeline_bytes_max`
+/// (64 KiB).
+const CHANNELS_PER_REQUEST: usize = 64;
+
+/// Members of one channel a reaper removes per request: each `presence_leave` call carries its
+/// frame and keys (about 1.2 KB), so 64 stay far below any sane `cluster.pipeline_bytes_max`.
+const REAP_MEMBERS_GROUP: usize = 64;
 
 /// Why a presence subscribe is refused with 4200 while Redis cannot decide it.
 pub(super) const PRESENCE_UNAVAILABLE: &str = "presence unavailable while the cluster link is down, reconnect";

@@ -861,3 +861,28 @@ fn reconnect_on_another_node_within_debounce_is_silent() {
     let removed: Vec<_> = receiver.lifecycle_events().into_iter().filter(|(n, _, _)| n == "member_removed").collect();
     assert_eq!(removed, [("member_removed".to_string(), room.to_string(), "1".to_string())]);
 }
+
+/// `GET /channels` with more occupied channels than one pipeline holds: answered whole (the
+/// counts go in groups), and the link stays up. One request for every channel used to be over
+/// `cluster.pipeline_bytes_max`, which ended the link's session at every poll.
+#[test]
+fn channel_list_larger_than_a_pipeline() {
+    let redis = RedisServer::start();
+    let node = node(&redis, "manychannels", |c| {
+        c.cluster.pipeline_bytes_max = 65_536;
+        c.websocket.messages_per_second_max = 0;
+    });
+    let names: Vec<String> = (0..400).map(|n| format!("busy-{n:03}-{}", "x".repeat(150))).collect();
+    // 100 channels per connection at most (the default limit).
+    let mut sockets: Vec<Ws> = (0..4).map(|_| connect(node.addr).0).collect();
+    for (n, name) in names.iter().enumerate() {
+        subscribe(&mut sockets[n / 100], name);
+    }
+    let list = || api(node.addr, "GET", &format!("/apps/{APP_ID}/channels"), &[("filter_by_prefix", "busy-")]);
+    assert!(eventually(Duration::from_secs(5), || list().1["channels"].as_object().is_some_and(|c| c.len() == 400)));
+    let (status, body) = list();
+    assert_eq!(status, 200);
+    let listed: Vec<&String> = body["channels"].as_object().unwrap().keys().collect();
+    assert_eq!(listed, names.iter().collect::<Vec<_>>());
+    assert_eq!(http(node.addr, "GET", "/ready", b"").0, 200, "the link stayed up");
+}
