@@ -65,6 +65,10 @@ pub struct NodeView {
     pub lease_remaining_ms: u64,
     /// Its last shared totals, in `NODE_TOTALS` order (0 until its first share).
     pub totals: [u64; 3],
+    /// When it last shared them (Redis time, ms; 0 until its first share): the page divides
+    /// the message totals' deltas by this one's, since shares come every
+    /// `cluster.connections_refresh_ms`, not at the page's polls.
+    pub shared_ms: u64,
     /// Its last shared connections per app, in the order of the read's app ids.
     pub apps: Vec<u64>,
 }
@@ -88,6 +92,7 @@ pub fn parse(replies: &[Reply], app_count: usize) -> Result<Vec<NodeView>, Strin
                 node,
                 lease_remaining_ms: expiry - now_ms,
                 totals: [0; 3],
+                shared_ms: 0,
                 apps: vec![0; app_count],
             })
         })
@@ -98,14 +103,15 @@ pub fn parse(replies: &[Reply], app_count: usize) -> Result<Vec<NodeView>, Strin
         index.insert(node.node.clone(), i);
     }
     for (total, reply) in replies[2..2 + NODE_TOTALS.len()].iter().enumerate() {
-        for (node, count) in counts(reply)? {
+        for (node, count, at_ms) in counts(reply)? {
             if let Some(&i) = index.get(&node) {
                 nodes[i].totals[total] = count;
+                nodes[i].shared_ms = nodes[i].shared_ms.max(at_ms);
             }
         }
     }
     for (app, reply) in replies[2 + NODE_TOTALS.len()..].iter().enumerate() {
-        for (node, count) in counts(reply)? {
+        for (node, count, _) in counts(reply)? {
             if let Some(&i) = index.get(&node) {
                 nodes[i].apps[app] = count;
             }
@@ -126,6 +132,7 @@ pub fn render(this_node: &str, nodes: &[NodeView], app_ids: &[&str]) -> Value {
                 "node": n.node,
                 "this": n.node == this_node,
                 "lease_remaining_ms": n.lease_remaining_ms,
+                "shared_ms": n.shared_ms,
                 "apps": apps_json(&mut n.apps.iter().copied()),
             });
             for (name, value) in NODE_TOTALS.iter().zip(n.totals) {
@@ -176,12 +183,15 @@ fn pairs(reply: &Reply) -> Result<Vec<(String, String)>, String> {
     items.chunks(2).map(|pair| Ok((text(&pair[0])?, text(&pair[1])?))).collect()
 }
 
-/// A `node → count:ms` hash as (node, count); malformed entries are skipped (the writers'
+/// A `node → count:ms` hash as (node, count, ms); malformed entries are skipped (the writers'
 /// script deletes them at its next run).
-fn counts(reply: &Reply) -> Result<Vec<(String, u64)>, String> {
+fn counts(reply: &Reply) -> Result<Vec<(String, u64, u64)>, String> {
     Ok(pairs(reply)?
         .into_iter()
-        .filter_map(|(node, value)| Some((node, value.split_once(':')?.0.parse().ok()?)))
+        .filter_map(|(node, value)| {
+            let (count, at_ms) = value.split_once(':')?;
+            Some((node, count.parse().ok()?, at_ms.parse().ok()?))
+        })
         .collect())
 }
 
@@ -205,7 +215,7 @@ mod tests {
         let time = Reply::Array(vec![bulk("1000"), bulk("500000")]);
         let leases = hash(&[("b/2", "1001000"), ("a/1", "1003500"), ("dead/3", "999000")]);
         let connections = hash(&[("a/1", "3:1"), ("b/2", "4:1"), ("dead/3", "100:1"), ("x", "junk")]);
-        let messages_in = hash(&[("a/1", "10:1")]);
+        let messages_in = hash(&[("a/1", "10:7")]);
         let messages_out = hash(&[]);
         let app = hash(&[("a/1", "2:1"), ("b/2", "4:1")]);
         let replies = [time, leases, connections, messages_in, messages_out, app];
@@ -213,8 +223,8 @@ mod tests {
         assert_eq!(
             nodes,
             [
-                NodeView { node: "a/1".into(), lease_remaining_ms: 3000, totals: [3, 10, 0], apps: vec![2] },
-                NodeView { node: "b/2".into(), lease_remaining_ms: 500, totals: [4, 0, 0], apps: vec![4] },
+                NodeView { node: "a/1".into(), lease_remaining_ms: 3000, totals: [3, 10, 0], shared_ms: 7, apps: vec![2] },
+                NodeView { node: "b/2".into(), lease_remaining_ms: 500, totals: [4, 0, 0], shared_ms: 1, apps: vec![4] },
             ]
         );
         let view = render("b/2", &nodes, &["app-1"]);
