@@ -223,8 +223,20 @@ mod tests {
         assert_eq!(
             nodes,
             [
-                NodeView { node: "a/1".into(), lease_remaining_ms: 3000, totals: [3, 10, 0], shared_ms: 7, apps: vec![2] },
-                NodeView { node: "b/2".into(), lease_remaining_ms: 500, totals: [4, 0, 0], shared_ms: 1, apps: vec![4] },
+                NodeView {
+                    node: "a/1".into(),
+                    lease_remaining_ms: 3000,
+                    totals: [3, 10, 0],
+                    shared_ms: 7,
+                    apps: vec![2]
+                },
+                NodeView {
+                    node: "b/2".into(),
+                    lease_remaining_ms: 500,
+                    totals: [4, 0, 0],
+                    shared_ms: 1,
+                    apps: vec![4]
+                },
             ]
         );
         let view = render("b/2", &nodes, &["app-1"]);
