@@ -4,7 +4,8 @@
 //!
 //! Owns the routes under `/dashboard`, their credential check (`auth`) and the snapshot
 //! (`snapshot`). Never touches sockets or shard state directly: data comes from one
-//! `Query::Dashboard` scatter-gather per snapshot and the counters in `metrics`; the webhook
+//! `Query::Dashboard` scatter-gather per snapshot and the counters in `metrics` (in cluster
+//! mode also one Redis pipeline for the cluster view, `cluster::dashboard`); the webhook
 //! buttons go through the same admin code path as the signed API (`http::api::webhooks_admin`),
 //! so no app secret ever reaches the browser.
 //!
