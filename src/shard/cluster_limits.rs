@@ -56,13 +56,13 @@ impl Shard {
         let Some(cluster) = self.cluster() else { return };
         let apps = self.apps();
         let dashboard = self.config().dashboard.enabled;
-        let limited: Vec<&App> =
+        let shared: Vec<&App> =
             apps.list.iter().filter(|a| !a.removed && (dashboard || a.config.max_connections > 0)).collect();
-        if limited.is_empty() {
+        if shared.is_empty() {
             return;
         }
         let node = &cluster.node;
-        let mut commands: Vec<_> = limited
+        let mut commands: Vec<_> = shared
             .iter()
             .map(|a| limits::share_connections(&cluster.prefix, &a.config.id, node, a.connections(), stale_ms))
             .collect();
@@ -75,7 +75,7 @@ impl Shard {
         }
         let Ok(asked) = cluster.commands.request(commands) else { return };
         let Ok(replies) = asked.replies().await else { return };
-        for (app, reply) in limited.iter().zip(&replies) {
+        for (app, reply) in shared.iter().zip(&replies) {
             match limits::elsewhere(reply) {
                 Ok(connections) => app.set_elsewhere(connections),
                 Err(reason) => tracing::error!(reason, app = app.config.id, "the connections script failed"),
