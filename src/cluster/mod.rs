@@ -5,7 +5,8 @@
 //! with): `link` (one connection from a shard's runtime to Redis: pipelined commands, or
 //! sharded pub/sub pushes), `message` (the bucket message format, sans-IO), `bucket` (channel →
 //! bucket, Redis names), `sequence` (gap detection, pure), `outbound` (a shard's messages
-//! waiting for its command link), `commands` (a shard's scripts and queries waiting for it),
+//! waiting for its command link), `commands` (a shard's scripts and queries waiting for it), `dashboard` (the
+//! dashboard's cluster view: what nodes share for it and its one read),
 //! `scripts` (the Lua scripts that decide cluster-wide transitions, their keys and calls) and
 //! `supervisor` (a shard's two links: reconnects, re-subscribes, checks sequences, publishes
 //! the outbound batches, runs the commands). It never touches shard state: `shard::cluster_link`
@@ -16,6 +17,7 @@
 
 pub mod bucket;
 pub mod commands;
+pub mod dashboard;
 pub mod limits;
 pub mod link;
 pub mod message;

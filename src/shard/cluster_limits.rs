@@ -50,22 +50,32 @@ impl Shard {
     }
 
     /// One refresh; while the link is down the last values stay (the node admits no new
-    /// WebSockets then anyway).
+    /// WebSockets then anyway). With the dashboard on, every app's connections are shared and
+    /// the node's totals too, in the same pipeline, for its cluster view (docs/dashboard.md).
     async fn share_connections(&self, stale_ms: u64) {
         let Some(cluster) = self.cluster() else { return };
         let apps = self.apps();
-        let limited: Vec<&App> = apps.list.iter().filter(|a| !a.removed && a.config.max_connections > 0).collect();
-        if limited.is_empty() {
+        let dashboard = self.config().dashboard.enabled;
+        let shared: Vec<&App> =
+            apps.list.iter().filter(|a| !a.removed && (dashboard || a.config.max_connections > 0)).collect();
+        if shared.is_empty() {
             return;
         }
         let node = &cluster.node;
-        let commands = limited
+        let mut commands: Vec<_> = shared
             .iter()
             .map(|a| limits::share_connections(&cluster.prefix, &a.config.id, node, a.connections(), stale_ms))
             .collect();
+        if dashboard {
+            let sum = |counter: fn(&crate::metrics::ShardMetrics) -> &std::sync::atomic::AtomicU64| -> u64 {
+                self.all_metrics.iter().map(|m| counter(m).load(std::sync::atomic::Ordering::Relaxed)).sum()
+            };
+            let totals = [sum(|m| &m.connections), sum(|m| &m.messages_in_total), sum(|m| &m.messages_out_total)];
+            commands.extend(crate::cluster::dashboard::share_totals(&cluster.prefix, node, totals, stale_ms));
+        }
         let Ok(asked) = cluster.commands.request(commands) else { return };
         let Ok(replies) = asked.replies().await else { return };
-        for (app, reply) in limited.iter().zip(&replies) {
+        for (app, reply) in shared.iter().zip(&replies) {
             match limits::elsewhere(reply) {
                 Ok(connections) => app.set_elsewhere(connections),
                 Err(reason) => tracing::error!(reason, app = app.config.id, "the connections script failed"),

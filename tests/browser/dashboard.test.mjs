@@ -190,6 +190,7 @@ test('logging in through the form shows the live dashboard', async () => {
   assert.ok(session.httpOnly && session.sameSite === 'Strict' && session.path === '/dashboard', JSON.stringify(session));
   assert.equal(await page.evaluate(() => document.cookie), '', 'the page cannot read the session cookie');
   await until('two shard rows', async () => (await page.$$('#shards tbody tr')).length === 2);
+  assert.ok(await page.$eval('#cluster', (e) => e.hidden), 'no Cluster panel on a single node');
 });
 
 test('published events move the counters', async () => {

@@ -333,3 +333,74 @@ fn hostile_requests_are_refused_cleanly() {
     assert_eq!(raw_http(server.addr, &raw).0, 401);
     assert_eq!(request(server.addr, "GET", "/health", &[], b"").status, 200, "the node still serves");
 }
+
+/// A node of a cluster on `redis` with the dashboard on, named `node_id`, sharing its counts
+/// every 100 ms; returns once its links are up.
+fn cluster_node(redis: &crate::cluster::RedisServer, node_id: &str) -> TestServer {
+    let (url, node_id) = (format!("redis://{}", redis.addr), node_id.to_string());
+    let server = TestServer::start(move |c| {
+        enable(c);
+        c.cluster.redis_url = Some(url);
+        c.cluster.prefix = "dash".into();
+        c.cluster.node_id = Some(node_id);
+        c.cluster.connections_refresh_ms = 100;
+        c.cluster.command_timeout_ms = 2000;
+        c.cluster.connect_timeout_ms = 500;
+    });
+    crate::cluster_nodes::wait_ready(server.addr, 200);
+    server
+}
+
+/// In cluster mode node A's snapshot lists every live node with its lease, its connections
+/// (in total and per app) and the sums, exactly; with Redis gone it still answers 200 with A's
+/// own numbers and says the cluster view is unavailable, with A's links down.
+#[test]
+fn cluster_view_lists_every_node_and_the_sums() {
+    let mut redis = crate::cluster::RedisServer::start();
+    let names = ["node-a", "node-b", "node-c"];
+    let nodes: Vec<TestServer> = names.iter().map(|n| cluster_node(&redis, n)).collect();
+    let mut clients = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for _ in 0..=i {
+            clients.push(connect(node.addr).0);
+        }
+    }
+    let connections = |s: &Value| s["cluster"]["sums"]["connections"].as_u64();
+    let view = snapshot_until(nodes[0].addr, "every node's connections shared", |s| connections(s) == Some(6));
+    let cluster = &view["cluster"];
+    assert_eq!(cluster["available"], json!(true), "{cluster}");
+    let listed: Vec<(String, u64, Value, bool)> = cluster["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            let name = n["node"].as_str().unwrap();
+            let id = name.split_once('/').unwrap().0.to_string();
+            (id, n["connections"].as_u64().unwrap(), n["apps"].clone(), n["this"].as_bool().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("node-a".to_string(), 1, json!({APP_ID: 1}), true),
+            ("node-b".to_string(), 2, json!({APP_ID: 2}), false),
+            ("node-c".to_string(), 3, json!({APP_ID: 3}), false),
+        ]
+    );
+    for node in cluster["nodes"].as_array().unwrap() {
+        let remaining = node["lease_remaining_ms"].as_u64().unwrap();
+        assert!(remaining > 0 && remaining <= 30_000, "{node}");
+    }
+    assert_eq!(cluster["sums"]["nodes"], json!(3));
+    assert_eq!(cluster["sums"]["apps"], json!({APP_ID: 6}));
+    assert_eq!(cluster["links"], json!([{"shard": 0, "up": true}, {"shard": 1, "up": true}]));
+
+    redis.kill();
+    let down = snapshot_until(nodes[0].addr, "the cluster view unavailable", |s| {
+        s["cluster"]["available"] == json!(false)
+            && s["cluster"]["links"].as_array().unwrap().iter().all(|l| l["up"] == json!(false))
+    });
+    assert_eq!(down["totals"]["connections"], json!(1), "this node's own numbers stay");
+    assert_eq!(down["cluster"]["reason"], json!("the Redis link is down"));
+    assert!(down["cluster"]["node"].as_str().unwrap().starts_with("node-a/"));
+}

@@ -75,6 +75,7 @@ function render(snapshot) {
     drawSparkline($(`canvas[data-spark="${name}"]`), history[name]);
   }
   renderShards(snapshot, seconds);
+  renderCluster(snapshot.cluster);
   for (const app of snapshot.apps) renderApp(app, seconds);
   $('#updated').textContent = new Date(snapshot.time_ms).toLocaleTimeString('en-GB');
   previous = snapshot;
@@ -141,6 +142,96 @@ function renderShards(snapshot, seconds) {
     number(s.mesh_outbox_depth), bytes(s.write_queue_bytes),
   ]);
   fillRows($('#shards tbody'), rows, 'no shards');
+}
+
+/** Per node: its last share seen and the message rates between its last two shares. Nodes
+ * share every `cluster.connections_refresh_ms`, not at this page's polls, so a rate is the
+ * delta of its totals over the time between its own shares, kept until the next share. */
+const clusterShares = new Map();
+
+function nodeRates(nodes) {
+  const live = new Set(nodes.map((n) => n.node));
+  for (const name of [...clusterShares.keys()]) if (!live.has(name)) clusterShares.delete(name);
+  for (const n of nodes) {
+    const known = clusterShares.get(n.node);
+    if (!known) {
+      clusterShares.set(n.node, { last: n, messages_in_total: null, messages_out_total: null });
+    } else if (n.shared_ms > known.last.shared_ms) {
+      const seconds = (n.shared_ms - known.last.shared_ms) / 1000;
+      for (const field of ['messages_in_total', 'messages_out_total']) {
+        known[field] = known.last.shared_ms > 0 ? Math.max(0, (n[field] - known.last[field]) / seconds) : null;
+      }
+      known.last = n;
+    }
+  }
+  return clusterShares;
+}
+
+/** The Cluster panel, only in cluster mode: every live node and the sums, or why the view is
+ * unavailable (this node's own numbers above stay). */
+function renderCluster(cluster) {
+  const panel = $('#cluster');
+  panel.hidden = !cluster;
+  if (!cluster) return;
+  const links = cluster.links.map((l) => {
+    const span = document.createElement('span');
+    span.className = `link ${l.up ? 'up' : 'down'}`;
+    span.textContent = `shard ${l.shard} ${l.up ? 'up' : 'down'}`;
+    return span;
+  });
+  $('#cluster-links').replaceChildren(...links);
+  const state = $('#cluster-state');
+  state.className = `cluster-state${cluster.available ? '' : ' unavailable'}`;
+  state.textContent = cluster.available
+    ? `${cluster.sums.nodes} ${cluster.sums.nodes === 1 ? 'node' : 'nodes'}`
+    : `view unavailable: ${cluster.reason}`;
+  const appIds = cluster.available ? Object.keys(cluster.sums.apps) : [];
+  const head = $('#cluster-nodes thead tr');
+  const shown = [...head.cells].slice(5).map((th) => th.dataset.app);
+  if (cluster.available && shown.join('\n') !== appIds.join('\n')) {
+    // One column per app; rebuilt only when the apps change, so numbers never move the layout.
+    [...head.cells].slice(5).forEach((th) => th.remove());
+    for (const id of appIds) {
+      const th = document.createElement('th');
+      th.dataset.app = id;
+      th.textContent = `App ${id}`;
+      head.append(th);
+    }
+  }
+  const nodes = cluster.available ? cluster.nodes : [];
+  const rates = nodeRates(nodes);
+  const nodeRate = (n, field) => (rates.get(n.node)[field] === null ? '–' : rate(rates.get(n.node)[field]));
+  const rows = nodes.map((n) => [
+    n.node, `${(n.lease_remaining_ms / 1000).toFixed(1)} s`, number(n.connections),
+    nodeRate(n, 'messages_in_total'), nodeRate(n, 'messages_out_total'),
+    ...appIds.map((id) => number(n.apps[id])),
+  ]);
+  const empty = cluster.available ? 'no live nodes' : 'cluster view unavailable while this node cannot reach Redis';
+  fillRows($('#cluster-nodes tbody'), rows, empty, (tr, _cells, index) => {
+    tr.dataset.node = nodes[index].node;
+    tr.classList.toggle('this', nodes[index].this);
+  });
+  const sums = cluster.available ? cluster.sums : null;
+  const foot = $('#cluster-nodes tfoot');
+  if (!sums) {
+    foot.replaceChildren();
+    return;
+  }
+  // The sums' rates add the nodes' own, so a node that joins or leaves makes no spike.
+  const sumRate = (field) => {
+    const known = nodes.map((n) => rates.get(n.node)[field]).filter((r) => r !== null);
+    return known.length === 0 ? '–' : rate(known.reduce((total, r) => total + r, 0));
+  };
+  const cells = ['All nodes', '', number(sums.connections), sumRate('messages_in_total'), sumRate('messages_out_total'),
+    ...appIds.map((id) => number(sums.apps[id]))];
+  const tr = document.createElement('tr');
+  tr.className = 'sums';
+  for (const text of cells) {
+    const td = document.createElement('td');
+    td.textContent = text;
+    tr.append(td);
+  }
+  foot.replaceChildren(tr);
 }
 
 function bytes(n) {

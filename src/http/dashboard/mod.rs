@@ -4,7 +4,8 @@
 //!
 //! Owns the routes under `/dashboard`, their credential check (`auth`) and the snapshot
 //! (`snapshot`). Never touches sockets or shard state directly: data comes from one
-//! `Query::Dashboard` scatter-gather per snapshot and the counters in `metrics`; the webhook
+//! `Query::Dashboard` scatter-gather per snapshot and the counters in `metrics` (in cluster
+//! mode also one Redis pipeline for the cluster view, `cluster::dashboard`); the webhook
 //! buttons go through the same admin code path as the signed API (`http::api::webhooks_admin`),
 //! so no app secret ever reaches the browser.
 //!
@@ -192,7 +193,39 @@ async fn snapshot_response(shard: &Shard) -> Response {
         channels_shown_max: shard.config().dashboard.channels_shown_max,
         now_ms,
     };
-    let mut response = Response::json(StatusCode::OK, &snapshot::render(&inputs, parts));
+    let mut body = snapshot::render(&inputs, parts);
+    if shard.cluster().is_some() {
+        body["cluster"] = cluster_view(shard).await;
+    }
+    let mut response = Response::json(StatusCode::OK, &body);
     response.extra_headers = PAGE_HEADERS.into();
     response
+}
+
+/// Cluster mode: the snapshot's `cluster` section (docs/dashboard.md, "Cluster"), read with one
+/// pipeline on this shard's command link. While the link is down, or Redis answers something
+/// unexpected, it says the view is unavailable and why; the rest of the snapshot is unchanged.
+async fn cluster_view(shard: &Shard) -> serde_json::Value {
+    use std::sync::atomic::Ordering;
+    let Some(cluster) = shard.cluster() else { return serde_json::Value::Null };
+    let links: Vec<serde_json::Value> = shard
+        .all_metrics
+        .iter()
+        .enumerate()
+        .map(|(i, m)| serde_json::json!({"shard": i, "up": m.cluster_link_down.load(Ordering::Relaxed) == 0}))
+        .collect();
+    let this_node = crate::cluster::scripts::node_name(&cluster.node);
+    let apps = shard.apps();
+    let app_ids: Vec<&str> = apps.list.iter().filter(|a| !a.removed).map(|a| a.config.id.as_str()).collect();
+    let read = crate::cluster::dashboard::read(&cluster.prefix, &app_ids);
+    let replies = match cluster.commands.request(read) {
+        Ok(pending) => pending.replies().await.map_err(|_| "the Redis link is down".to_string()),
+        Err(_) => Err("the Redis link is down".to_string()),
+    };
+    let mut view = match replies.and_then(|r| crate::cluster::dashboard::parse(&r, app_ids.len())) {
+        Ok(nodes) => crate::cluster::dashboard::render(&this_node, &nodes, &app_ids),
+        Err(reason) => serde_json::json!({"available": false, "node": this_node, "reason": reason}),
+    };
+    view["links"] = links.into();
+    view
 }
