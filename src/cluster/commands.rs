@@ -205,8 +205,8 @@ mod tests {
             let third = commands.request(ping()).unwrap();
             commands.work().await;
             let mut batch = Vec::new();
-            commands.take_batch(40, &mut batch);
-            assert_eq!(batch.len(), 2, "two 20-byte groups fit in 40 bytes");
+            commands.take_batch(72, &mut batch);
+            assert_eq!(batch.len(), 2, "two 36-byte groups (PING: 4 + 16 + 16) fit in 72 bytes");
             let pong = Reply::SimpleString(bytes::Bytes::from_static(b"PONG"));
             for request in batch {
                 request.complete(Ok(vec![pong.clone()]));
