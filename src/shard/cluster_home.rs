@@ -42,7 +42,7 @@ use crate::pusher::message;
 
 /// A node-level transition whose script could not run (the link was down or failed); run again
 /// at the next `link_up` if the local state still says so. Every script is idempotent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Retry {
     /// A member's last connection on this node left.
     Leave(AppIndex, Box<str>, Box<str>),
@@ -80,16 +80,15 @@ pub(super) struct ClusterHome {
     held: Vec<Held>,
     /// Transitions to run again at the next `link_up`. Bounded by the presence members and
     /// channels this shard is home for (each at most once).
-    retries: Vec<Retry>,
+    retries: indexmap::IndexSet<Retry>,
     /// Draws the script sender's incarnation candidates.
     rng: fastrand::Rng,
 }
 
 impl ClusterHome {
     fn retry(&mut self, retry: Retry) {
-        if !self.retries.contains(&retry) {
-            self.retries.push(retry);
-        }
+        // A set, in order: during an outage every transition lands here once.
+        self.retries.insert(retry);
     }
 }
 

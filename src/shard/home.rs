@@ -133,7 +133,7 @@ pub struct HomeState {
     /// whose count is announced (it is then in `subscription_counts_changed`).
     subscription_counts: HashMap<(AppIndex, Box<str>), i64>,
     /// Channels whose count changed since the last announcement, each once.
-    subscription_counts_changed: Vec<(AppIndex, Box<str>)>,
+    subscription_counts_changed: indexmap::IndexSet<(AppIndex, Box<str>)>,
     /// Channels whose last subscriber left while members' removals were pending: vacated
     /// once those ran (member_removed, then channel_vacated), or never if a subscriber comes
     /// back first. Invariant: each has no subscriber counted here, and had a member waiting
@@ -276,8 +276,10 @@ impl HomeState {
         if after <= 0 && !announce {
             self.subscription_counts.remove(&key);
         }
-        if announce && !self.subscription_counts_changed.contains(&key) {
-            self.subscription_counts_changed.push(key);
+        if announce {
+            // A set: in cluster mode every channel announces, and a reconnect storm changes
+            // thousands in one second (a list's `contains` made that quadratic).
+            self.subscription_counts_changed.insert(key);
         }
         let kind = if before <= 0 && after > 0 {
             // A subscriber within a pending vacate's window: the channel never emptied.
