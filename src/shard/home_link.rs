@@ -169,8 +169,9 @@ impl Shard {
                 conn.presence.retain(|(c, _)| *c != channel);
                 ShardMetrics::sub(&self.metrics().subscriptions, 1);
             }
+            let queue_max = self.write_queue_max();
             for frame in &frames {
-                self.enqueue(conn, frame, state.now_s);
+                self.enqueue(conn, frame, state.now_s, queue_max);
             }
             // A pending join is never in the router yet (subscribe refuses a channel the
             // connection already has), so a false here would be a bookkeeping bug.

@@ -259,18 +259,23 @@ impl Shard {
     fn send_locked(&self, state: &mut ShardState, key: ConnKey, frame: Bytes) {
         let now_s = state.now_s;
         if let Some(conn) = state.connections.get_mut(key) {
-            self.enqueue(conn, &frame, now_s);
+            self.enqueue(conn, &frame, now_s, self.write_queue_max());
         }
     }
 
-    /// Queues a shared frame on an open connection, enforcing the write-queue limit.
+    /// Queues a shared frame on an open connection, enforcing the write-queue limit
+    /// (`queue_max`, read once by the caller for all its recipients: the config is a `RefCell`
+    /// a reload may swap, not worth a borrow per delivery).
     #[inline]
-    fn enqueue(&self, conn: &mut Connection, frame: &Bytes, now_s: u64) {
-        if conn.enqueue(frame, now_s, self.config_cell.borrow().websocket.write_queue_bytes_max)
-            == Enqueued::SlowConsumer
-        {
+    fn enqueue(&self, conn: &mut Connection, frame: &Bytes, now_s: u64, queue_max: usize) {
+        if conn.enqueue(frame, now_s, queue_max) == Enqueued::SlowConsumer {
             ShardMetrics::add(&self.metrics().slow_consumer_closes_total, 1);
         }
+    }
+
+    /// The write-queue limit now in force (`websocket.write_queue_bytes_max`).
+    pub(super) fn write_queue_max(&self) -> usize {
+        self.config_cell.borrow().websocket.write_queue_bytes_max
     }
 
     /// Starts the closing handshake with `code` (after frames already queued).
@@ -363,10 +368,11 @@ impl Shard {
         let Some(subscribers) = state.router.subscribers(app, channel) else {
             return;
         };
+        let queue_max = self.write_queue_max();
         for &key in subscribers {
             let conn = &mut state.connections[key];
             if Some(conn.socket_id) != exclude {
-                self.enqueue(conn, frame, state.now_s);
+                self.enqueue(conn, frame, state.now_s, queue_max);
             }
         }
     }
