@@ -24,9 +24,9 @@ use crate::ws::handshake;
 use tungstenite::protocol::frame::coding::{Data, OpCode};
 
 /// Free space a WebSocket read asks for: tiny, because most connections mostly listen and
-/// the read that waits for their next message pins its buffer (512 bytes here cost 700 more
-/// bytes of RSS per idle connection than 64; BENCHMARKS.md). A longer message takes more
-/// reads, the buffer doubling as it grows.
+/// the read that waits for their next message pins its buffer (512 bytes here cost about 270
+/// more bytes of RSS per idle connection than 64, medians; BENCHMARKS.md). A longer message
+/// takes more reads, the buffer doubling as it grows.
 const WS_READ_SPARE: usize = 64;
 /// An empty WebSocket read buffer with more room than this is freed before the next read, so
 /// one large message does not leave a large buffer pinned for the connection's idle life.
