@@ -104,6 +104,29 @@ function channelAuth(sdk, user) {
   };
 }
 
+/** Laravel Echo on node `index`, authorizing with that node's Node SDK (`user` signs the
+ * channel_data of presence channels); its pusher-js is closed with the node's other clients. */
+function echoOn(index, user) {
+  const instance = new Echo({
+    broadcaster: 'pusher',
+    Pusher,
+    key: 'ringwire-demo-key',
+    ...clientOptions(nodes[index]),
+    authorizer: (channel) => ({
+      authorize: (socketId, callback) => {
+        try {
+          const presence = user && channel.name.startsWith('presence-') ? { user_id: user.id, user_info: user } : undefined;
+          callback(null, sdks[index].authorizeChannel(socketId, channel.name, presence));
+        } catch (err) {
+          callback(err, null);
+        }
+      },
+    }),
+  });
+  clientSets[index].clients.add(instance.connector.pusher);
+  return instance;
+}
+
 describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and the server SDKs', () => {
   before(async () => {
     redis = await startRedis();
@@ -212,27 +235,8 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
   // '.OrderShipped' triggered by the Node SDK through node A, and gets a whisper sent by an
   // Echo client on node C.
   it('5. Laravel Echo: a private channel and whispers across nodes', BOUNDED, async () => {
-    const make = (index) => {
-      const instance = new Echo({
-        broadcaster: 'pusher',
-        Pusher,
-        key: 'ringwire-demo-key',
-        ...clientOptions(nodes[index]),
-        authorizer: (channel) => ({
-          authorize: (socketId, callback) => {
-            try {
-              callback(null, sdks[index].authorizeChannel(socketId, channel.name));
-            } catch (err) {
-              callback(err, null);
-            }
-          },
-        }),
-      });
-      clientSets[index].clients.add(instance.connector.pusher);
-      return instance;
-    };
-    const echoB = make(1);
-    const echoC = make(2);
+    const echoB = echoOn(1);
+    const echoC = echoOn(2);
     const shipped = [];
     const whispers = [];
     echoB
@@ -321,29 +325,10 @@ describe('cluster: three nodes on one Redis, with pusher-js, Laravel Echo and th
   // Proves Laravel Echo's presence API across nodes: join('room') on node A and node B gives
   // here() with both users and joining() on the first.
   it('8. Laravel Echo: a presence room across nodes', BOUNDED, async () => {
-    const make = (index, user) => {
-      const instance = new Echo({
-        broadcaster: 'pusher',
-        Pusher,
-        key: 'ringwire-demo-key',
-        ...clientOptions(nodes[index]),
-        authorizer: (channel) => ({
-          authorize: (socketId, callback) => {
-            try {
-              callback(null, sdks[index].authorizeChannel(socketId, channel.name, { user_id: user.id, user_info: user }));
-            } catch (err) {
-              callback(err, null);
-            }
-          },
-        }),
-      });
-      clientSets[index].clients.add(instance.connector.pusher);
-      return instance;
-    };
     const taylor = { id: 1, name: 'Taylor' };
     const abigail = { id: 2, name: 'Abigail' };
-    const echoA = make(0, taylor);
-    const echoB = make(1, abigail);
+    const echoA = echoOn(0, taylor);
+    const echoB = echoOn(1, abigail);
     const hereA = [];
     const joiningA = [];
     echoA.join('cluster-room').here((members) => hereA.push(members)).joining((member) => joiningA.push(member));
