@@ -430,3 +430,37 @@ fn presence_join_after_a_watchlist_event_of_its_bucket() {
     let (mut second, second_id) = connect(nodes[0].addr);
     presence(&mut second, &second_id);
 }
+
+/// An `online` script answered with an error (here NOSCRIPT: the scripts were flushed from
+/// Redis) decided nothing; it runs again at the node's next link up, which loads the scripts
+/// again, and the watcher on the other node hears `online`. It used to be only logged, so the
+/// user never came online cluster-wide.
+#[test]
+fn online_script_error_runs_again_at_link_up() {
+    use crate::cluster_faults::{node_on, Proxy};
+    use crate::cluster_nodes::wait_ready;
+    use ringwire::cluster::link::Link;
+
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.addr);
+    let a = node_on(format!("redis://{}", proxy.addr), "watch-noscript");
+    let b = node_on(format!("redis://{}", redis.addr), "watch-noscript");
+    wait_ready(a.addr, 200);
+    wait_ready(b.addr, 200);
+    let (mut bob, bob_id) = connect(b.addr);
+    signin(&mut bob, &bob_id, r#"{"id":"bob","watchlist":["alice"]}"#);
+    let flushed = crate::cluster::run(|| async move {
+        let mut link = Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
+        link.command(&[b"SCRIPT", b"FLUSH"]).await.unwrap()
+    });
+    assert_eq!(flushed, ringwire::cluster::link::Reply::SimpleString(bytes::Bytes::from_static(b"OK")));
+    let (mut alice, alice_id) = connect(a.addr);
+    signin(&mut alice, &alice_id, r#"{"id":"alice"}"#);
+    // Node A reconnects (and loads the scripts) after a cut of its links.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    proxy.cut();
+    wait_ready(a.addr, 503);
+    proxy.heal();
+    wait_ready(a.addr, 200);
+    assert_eq!(recv_text(&mut bob), watchlist("online", "alice"));
+}
