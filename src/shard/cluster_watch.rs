@@ -176,7 +176,11 @@ impl Shard {
             // An error reply (e.g. NOSCRIPT after a `SCRIPT FLUSH`) decided nothing: run it again
             // at the next link_up, which loads the scripts again, as for a lost reply.
             Ok(Some(Err(reason))) => {
-                tracing::error!(reason, user = &*key.1, "the online/offline script failed; run again at the next link up");
+                tracing::error!(
+                    reason,
+                    user = &*key.1,
+                    "the online/offline script failed; run again at the next link up"
+                );
                 cluster.online.borrow_mut().unsynced(key)
             }
             Ok(None) | Err(Unavailable) => cluster.online.borrow_mut().unsynced(key),
