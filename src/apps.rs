@@ -121,6 +121,11 @@ impl App {
             change.restart("apps.webhooks");
             config.webhooks.clear();
         }
+        App::built(index, config)
+    }
+
+    /// A new app with zeroed counters (at start, or added by a reload).
+    fn built(index: AppIndex, config: AppConfig) -> App {
         let wants_lifecycle = has_lifecycle(&config.webhooks);
         App {
             index,
@@ -194,24 +199,8 @@ pub struct Apps {
 impl Apps {
     /// Builds the registry from validated configs.
     pub fn new(configs: &[AppConfig]) -> Apps {
-        let list: Vec<App> = configs
-            .iter()
-            .enumerate()
-            .map(|(i, config)| {
-                let wants_lifecycle = has_lifecycle(&config.webhooks);
-                App {
-                    index: i as AppIndex,
-                    config: config.clone(),
-                    secret_key: hmac::Key::new(hmac::HMAC_SHA256, config.secret.as_bytes()),
-                    wants_lifecycle,
-                    counts_subscriptions: config.subscription_count_enabled || wants_lifecycle,
-                    removed: false,
-                    connections: Arc::default(),
-                    backend_events: Arc::default(),
-                    elsewhere: Arc::default(),
-                }
-            })
-            .collect();
+        let list: Vec<App> =
+            configs.iter().enumerate().map(|(i, config)| App::built(i as AppIndex, config.clone())).collect();
         Apps::indexed(list)
     }
 
