@@ -17,6 +17,11 @@ use crate::support::*;
 /// command timeout (the heartbeat's bound) is the default's: shorter ones flapped links on a
 /// loaded test machine; tests of a silent Redis set their own.
 pub(crate) fn node(redis: &RedisServer, prefix: &str) -> TestServer {
+    node_with(redis, prefix, |_| {})
+}
+
+/// `node`, with the test's `change` to its config applied last.
+pub(crate) fn node_with(redis: &RedisServer, prefix: &str, change: impl FnOnce(&mut ringwire::Config)) -> TestServer {
     let url = format!("redis://{}", redis.addr);
     let prefix = prefix.to_string();
     let server = TestServer::start(move |c| {
@@ -24,9 +29,36 @@ pub(crate) fn node(redis: &RedisServer, prefix: &str) -> TestServer {
         c.cluster.prefix = prefix;
         c.cluster.command_timeout_ms = 2000;
         c.cluster.connect_timeout_ms = 500;
+        change(c);
     });
     wait_ready(server.addr, 200);
     server
+}
+
+/// Another node's shard sends two empty `kind` messages into `bucket` of the keys under
+/// `prefix`, numbered 1 and then 3: message 2 looks lost to every node (a gap).
+pub(crate) fn lose_a_message(redis: &RedisServer, prefix: &str, bucket: u16, kind: Kind) {
+    let prefix = prefix.to_string();
+    run(|| async move {
+        let mut link = Link::connect(redis.addr, &options()).await.unwrap();
+        let mut channel = String::new();
+        bucket::channel_name(&prefix, APP_ID, bucket, &mut channel);
+        for sequence in [1, 3] {
+            let header = Header {
+                kind,
+                sender: Sender { incarnation: 0x5eed, shard: 0 },
+                sequence,
+                node_id: "elsewhere",
+                app_id: APP_ID,
+                channel: "",
+                user_id: "nobody",
+                exclude: None,
+            };
+            let mut payload = Vec::new();
+            message::encode(&header, b"", &mut payload).unwrap();
+            link.command(&[b"SPUBLISH", channel.as_bytes(), &payload]).await.unwrap();
+        }
+    });
 }
 
 pub(crate) fn nodes(redis: &RedisServer, prefix: &str, count: usize) -> Vec<TestServer> {

@@ -14,18 +14,10 @@ use crate::support::*;
 
 /// A node on `redis` with keys under `prefix`; returns once its links are up.
 fn node(redis: &RedisServer, prefix: &str, change: impl FnOnce(&mut ringwire::Config)) -> TestServer {
-    let url = format!("redis://{}", redis.addr);
-    let prefix = prefix.to_string();
-    let server = TestServer::start(move |c| {
-        c.cluster.redis_url = Some(url);
-        c.cluster.prefix = prefix;
-        c.cluster.command_timeout_ms = 2000;
-        c.cluster.connect_timeout_ms = 500;
+    crate::cluster_nodes::node_with(redis, prefix, |c| {
         c.cluster.lease_ms = 1_000;
         change(c);
-    });
-    wait_ready(server.addr, 200);
-    server
+    })
 }
 
 fn nodes(redis: &RedisServer, prefix: &str) -> Vec<TestServer> {

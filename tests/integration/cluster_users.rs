@@ -89,8 +89,7 @@ fn terminate_connections_on_every_node() {
 #[test]
 fn gap_in_a_user_bucket_closes_the_user() {
     use ringwire::cluster::bucket;
-    use ringwire::cluster::link::Link;
-    use ringwire::cluster::message::{self, Header, Kind, Sender};
+    use ringwire::cluster::message::Kind;
 
     let redis = RedisServer::start();
     let nodes = nodes(&redis, "user-gap", 2);
@@ -108,26 +107,7 @@ fn gap_in_a_user_bucket_closes_the_user() {
         }
     }
     // Another node's shard, numbering its messages in alice's bucket: 1, then 3 (2 was lost).
-    crate::cluster::run(|| async {
-        let mut link = Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
-        let mut channel = String::new();
-        bucket::channel_name("user-gap", APP_ID, user_bucket, &mut channel);
-        for sequence in [1, 3] {
-            let header = Header {
-                kind: Kind::TerminateUser,
-                sender: Sender { incarnation: 0x5eed, shard: 0 },
-                sequence,
-                node_id: "elsewhere",
-                app_id: APP_ID,
-                channel: "",
-                user_id: "nobody",
-                exclude: None,
-            };
-            let mut payload = Vec::new();
-            message::encode(&header, b"", &mut payload).unwrap();
-            link.command(&[b"SPUBLISH", channel.as_bytes(), &payload]).await.unwrap();
-        }
-    });
+    crate::cluster_nodes::lose_a_message(&redis, "user-gap", user_bucket, Kind::TerminateUser);
     for (user, ws) in &mut signed_in {
         if *user == "alice" {
             assert_eq!(recv_close(ws), 4200);

@@ -77,8 +77,7 @@ fn watchlist_online_offline_across_nodes() {
 #[test]
 fn gap_in_a_watched_user_bucket_closes_the_watchers() {
     use ringwire::cluster::bucket;
-    use ringwire::cluster::link::Link;
-    use ringwire::cluster::message::{self, Header, Kind, Sender};
+    use ringwire::cluster::message::Kind;
 
     let redis = RedisServer::start();
     let nodes = nodes(&redis, "watch-gap", 2);
@@ -97,26 +96,7 @@ fn gap_in_a_watched_user_bucket_closes_the_watchers() {
         staying.push(ws);
     }
     // Another node's shard, numbering its messages in alice's bucket: 1, then 3 (2 was lost).
-    crate::cluster::run(|| async {
-        let mut link = Link::connect(redis.addr, &crate::cluster::options()).await.unwrap();
-        let mut channel = String::new();
-        bucket::channel_name("watch-gap", APP_ID, watched, &mut channel);
-        for sequence in [1, 3] {
-            let header = Header {
-                kind: Kind::TerminateUser,
-                sender: Sender { incarnation: 0x5eed, shard: 0 },
-                sequence,
-                node_id: "elsewhere",
-                app_id: APP_ID,
-                channel: "",
-                user_id: "nobody",
-                exclude: None,
-            };
-            let mut payload = Vec::new();
-            message::encode(&header, b"", &mut payload).unwrap();
-            link.command(&[b"SPUBLISH", channel.as_bytes(), &payload]).await.unwrap();
-        }
-    });
+    crate::cluster_nodes::lose_a_message(&redis, "watch-gap", watched, Kind::TerminateUser);
     for ws in &mut watching {
         assert_eq!(recv_close(ws), 4200);
     }
