@@ -168,15 +168,7 @@ impl Commands {
     /// Supervisor: takes queued requests in order while they fit in `bytes_max` (always at
     /// least one, if any waits).
     pub fn take_batch(&self, bytes_max: usize, batch: &mut Vec<Request>) {
-        let mut state = self.state.borrow_mut();
-        let mut bytes = 0;
-        while let Some(next) = state.queue.front() {
-            bytes += next.bytes();
-            if bytes > bytes_max && !batch.is_empty() {
-                break;
-            }
-            batch.push(state.queue.pop_front().expect("front exists"));
-        }
+        super::outbound::take_fitting(&mut self.state.borrow_mut().queue, bytes_max, Request::bytes, batch);
     }
 }
 

@@ -258,15 +258,26 @@ impl Outbound {
     /// Supervisor: takes queued messages in order while their `pipeline_bytes(overhead)` fit
     /// in `bytes_max` (always at least one, if any waits).
     pub fn take_batch(&self, bytes_max: usize, overhead: usize, batch: &mut Vec<Outgoing>) {
-        let mut state = self.state.borrow_mut();
-        let mut bytes = 0;
-        while let Some(next) = state.queue.front() {
-            bytes += next.pipeline_bytes(overhead);
-            if bytes > bytes_max && !batch.is_empty() {
-                break;
-            }
-            batch.push(state.queue.pop_front().expect("front exists"));
+        take_fitting(&mut self.state.borrow_mut().queue, bytes_max, |o| o.pipeline_bytes(overhead), batch);
+    }
+}
+
+/// Moves items from the front of `queue` to `batch` while their `bytes` add up to at most
+/// `bytes_max` — always at least one, if any waits (one too large goes alone, and its sender
+/// refuses it). The supervisor's batching rule for messages and for command requests.
+pub(super) fn take_fitting<T>(
+    queue: &mut VecDeque<T>,
+    bytes_max: usize,
+    bytes: impl Fn(&T) -> usize,
+    batch: &mut Vec<T>,
+) {
+    let mut total = 0;
+    while let Some(next) = queue.front() {
+        total += bytes(next);
+        if total > bytes_max && !batch.is_empty() {
+            break;
         }
+        batch.push(queue.pop_front().expect("front exists"));
     }
 }
 
